@@ -1,0 +1,122 @@
+"""The one hierarchy of xenmig errors, and its mapping onto the AMP wire."""
+
+from __future__ import annotations
+
+
+class XenmigError(Exception):
+    """
+    Base of every error xenmig raises on purpose.
+
+    The message says what happened, to what (migration id, device), and, where there
+    is something to do, what to do.
+    """
+
+
+class ConfigurationError(XenmigError):
+    """The daemon or the client was started with a setting that cannot work."""
+
+
+class ProtocolError(XenmigError):
+    """The peer sent something the protocol does not allow (a bad value, a bad order)."""
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks a protocol or stream version this side cannot accept."""
+
+
+class UnknownMigration(XenmigError):
+    """No session with that migration id exists on this host."""
+
+
+class DuplicateMigration(XenmigError):
+    """A session with that migration id already exists on this host."""
+
+
+class UnknownDevice(XenmigError):
+    """The session has no device of that name, or no handler for that kind."""
+
+
+class InvalidTransition(XenmigError):
+    """A session or device was asked to move to a state its machine does not allow."""
+
+
+class DeviceRefused(XenmigError):
+    """A target handler refused to accept a device at Prepare; the VM is unaffected."""
+
+
+class BadSpec(XenmigError):
+    """A device specification (kind, name, parameters) is malformed."""
+
+
+class PathNotAllowed(XenmigError):
+    """A destination resolves outside the allowed roots (``..``, absolute, symlink)."""
+
+
+class StreamError(XenmigError):
+    """A state stream was malformed, truncated, or ended early."""
+
+
+class DigestMismatch(StreamError):
+    """The digest of the received state differs from the one the source sent."""
+
+
+class BadToken(XenmigError):
+    """A stream token is unknown, used, expired, or presented by another peer."""
+
+
+class NotAuthorized(XenmigError):
+    """The peer's identity is not allowed to do what it asked."""
+
+
+class PhaseTimeout(XenmigError):
+    """A phase of a migration did not finish within its deadline."""
+
+
+class MigrationAborted(XenmigError):
+    """The migration was aborted; the message carries the reason."""
+
+
+class DeviceError(XenmigError):
+    """A device handler failed while taking out or putting back its state."""
+
+
+class CommitFailed(XenmigError):
+    """Installing the staged state at Commit failed on the target."""
+
+
+class PeerError(XenmigError):
+    """
+    The peer answered with an error that this side does not know by code.
+
+    Carries the peer's own message so the reason is never lost.
+    """
+
+
+_WIRE_CODES: dict[type[Exception], bytes] = {
+    ConfigurationError: b"CONFIGURATION",
+    ProtocolError: b"PROTOCOL",
+    VersionMismatch: b"VERSION_MISMATCH",
+    UnknownMigration: b"UNKNOWN_MIGRATION",
+    DuplicateMigration: b"DUPLICATE_MIGRATION",
+    UnknownDevice: b"UNKNOWN_DEVICE",
+    InvalidTransition: b"INVALID_TRANSITION",
+    DeviceRefused: b"DEVICE_REFUSED",
+    BadSpec: b"BAD_SPEC",
+    PathNotAllowed: b"PATH_NOT_ALLOWED",
+    StreamError: b"STREAM_ERROR",
+    DigestMismatch: b"DIGEST_MISMATCH",
+    BadToken: b"BAD_TOKEN",
+    NotAuthorized: b"NOT_AUTHORIZED",
+    PhaseTimeout: b"PHASE_TIMEOUT",
+    MigrationAborted: b"MIGRATION_ABORTED",
+    DeviceError: b"DEVICE_ERROR",
+    CommitFailed: b"COMMIT_FAILED",
+}
+
+#: Every error that may cross the wire, by its pinned AMP code.  Responders raise
+#: these classes; the other side re-raises the same class with the same message.
+#: AMP picks the first class in this order that matches a failure, so subclasses
+#: come before their bases (``DigestMismatch`` before ``StreamError``).
+WIRE_ERRORS: dict[type[Exception], bytes] = dict(
+    sorted(_WIRE_CODES.items(), key=lambda item: -len(item[0].__mro__))
+)

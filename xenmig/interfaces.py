@@ -1,0 +1,242 @@
+"""The contracts of xenmig's pluggable parts: device kinds, their two sides, contexts."""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+# Methods are written without ``self``, as zope.interface wants.  Every method that
+# does work returns a Deferred; cancelling that Deferred stops the work and leaves
+# the component as it was before the call.
+
+
+class IDeviceKind(Interface):
+    """
+    A kind of device state (``file``, ``vtpm``, ``disk``, ``devmodel``, ...).
+
+    Provided by plug-ins: a dropin module under ``twisted/plugins/`` holds an object
+    that provides both ``IPlugin`` and ``IDeviceKind``; xenmig finds it by ``kind``.
+    """
+
+    kind = Attribute("str: the name used in device specs, e.g. 'file'.")
+    summary = Attribute("str: one line describing what this kind migrates.")
+
+    def source(spec, context):
+        """
+        Build the source side of a device.
+
+        @param spec: the L{xenmig.model.DeviceSpec} the toolstack gave.
+        @param context: an L{ISourceContext}.
+        @return: an L{ISourceDevice}.
+        @raise xenmig.errors.BadSpec: if the parameters are wrong for this kind.
+        """
+
+    def target(description, context):
+        """
+        Build the target side of a device.
+
+        @param description: the L{xenmig.model.DeviceDescription} the source sent.
+        @param context: an L{ITargetContext}.
+        @return: an L{ITargetDevice}.
+        @raise xenmig.errors.BadSpec: if the parameters are wrong for this kind.
+        """
+
+
+class IRecordWriter(Interface):
+    """
+    Where a source device writes its state: one stream, framed as records.
+
+    Each write returns a Deferred that fires when the writer can take more
+    (backpressure): a device awaits it before producing the next chunk, so memory
+    stays bounded whatever the size of the state.
+    """
+
+    bytesWritten = Attribute("int: logical bytes (data and zero ranges) written.")
+
+    def writeData(offset, data):
+        """Write ``data`` (bytes) at ``offset``; a Deferred firing with None."""
+
+    def writeZero(offset, length):
+        """Declare ``length`` zero bytes at ``offset``; a Deferred firing with None."""
+
+    def writeMetadata(metadata):
+        """Write a small JSON-able dict; a Deferred firing with None."""
+
+
+class ISourceDevice(Interface):
+    """
+    The source side of one device: takes state out of a live component.
+
+    Order: C{describe} (VM running) -> C{accepted} -> zero or more C{sendRound}
+    (VM running, if C{precopy}) -> C{sendFinal} (VM paused) -> C{release} after a
+    commit, or C{rollback} after an abort at any point.
+    """
+
+    spec = Attribute("The L{xenmig.model.DeviceSpec} this device was built from.")
+    precopy = Attribute("bool: whether this device sends rounds while the VM runs.")
+
+    def describe():
+        """
+        Check the source component and describe the device, before the VM pauses.
+
+        @return: a Deferred firing with a L{xenmig.model.DeviceDescription}; failing
+            with L{xenmig.errors.DeviceError} if the component is not usable.
+        """
+
+    def accepted(params):
+        """
+        Learn that the target accepted the device, with the target's parameters.
+
+        @param params: the dict the target handler's C{accept} fired with.
+        @return: None.
+        """
+
+    def sendRound(writer, round):
+        """
+        Send one pre-copy round while the VM still runs (only if C{precopy}).
+
+        @param writer: an L{IRecordWriter}.
+        @param round: the round number, from 0.
+        @return: a Deferred firing with a L{xenmig.model.RoundResult}.
+        """
+
+    def sendFinal(writer):
+        """
+        Send the final state; the VM is paused and stays paused until commit or abort.
+
+        @return: a Deferred firing with the L{xenmig.model.ContentDigest} of the whole
+            logical content, which the framework sends in the END record.
+        """
+
+    def rollback():
+        """
+        Undo anything taken out: the source component is as it was before Prepare.
+
+        Called after an abort, at any point.  Must not fail for a device that never
+        started.  @return: a Deferred firing with None.
+        """
+
+    def release():
+        """
+        Let go of the source component after the target committed (stop the swtpm,
+        hand the VM back to the toolstack for destruction).
+
+        @return: a Deferred firing with None.
+        """
+
+
+class ITargetDevice(Interface):
+    """
+    The target side of one device: puts state back into a component.
+
+    Order: C{accept} -> C{receive} for each record -> C{finish} -> C{commit}, or
+    C{abort} at any point before C{commit} completes.
+    """
+
+    description = Attribute("The L{xenmig.model.DeviceDescription} from the source.")
+    requestMethods = Attribute(
+        "frozenset of str: the handler-scoped methods C{handleRequest} answers."
+    )
+
+    def accept():
+        """
+        Check that this host can take the device (space, keys, destination allowed).
+
+        @return: a Deferred firing with a dict of parameters for the source handler;
+            failing with L{xenmig.errors.DeviceRefused} (or L{PathNotAllowed}) if not.
+        """
+
+    def receive(record):
+        """
+        Take one record of the stream (DATA, ZERO, METADATA or ROUND).
+
+        @return: None if the device can take the next record now, or a Deferred that
+            fires when it can (the stream pauses meanwhile).
+        @raise xenmig.errors.StreamError: if the record is not acceptable.
+        """
+
+    def finish(end):
+        """
+        All records arrived: flush, verify and stage the state.
+
+        @param end: the L{xenmig.records.EndRecord} from the source.
+        @return: a Deferred firing with the L{xenmig.model.ContentDigest} of what was
+            staged, computed on this side; failing with L{xenmig.errors.StreamError}.
+        """
+
+    def commit():
+        """
+        Install the staged state: atomic rename, load into the component.
+
+        @return: a Deferred firing with a list of str naming what was installed.
+        """
+
+    def abort():
+        """
+        Discard everything staged; nothing may remain at the destination.
+
+        Called at any point before commit completes, possibly while a C{receive} or
+        C{finish} Deferred is outstanding.  @return: a Deferred firing with None.
+        """
+
+    def handleRequest(method, payload):
+        """
+        Answer a handler-scoped request from the peer source device.
+
+        @param method: one of C{requestMethods}.
+        @param payload: a small JSON-able dict.
+        @return: a Deferred firing with a small JSON-able dict.
+        """
+
+
+class ISourceContext(Interface):
+    """What the framework gives a source device."""
+
+    reactor = Attribute("The reactor.")
+    migrationId = Attribute("str: the id of this migration.")
+    domain = Attribute("str: the VM's name.")
+
+    def runInThread(function, *args, **kwargs):
+        """Run blocking ``function`` in xenmig's I/O thread pool; a Deferred."""
+
+    def callPeer(method, payload):
+        """
+        Send a handler-scoped request to the peer target device of this device.
+
+        @return: a Deferred firing with the peer's answer (a dict); available once the
+            target accepted the device.
+        """
+
+
+class ITargetContext(Interface):
+    """What the framework gives a target device."""
+
+    reactor = Attribute("The reactor.")
+    migrationId = Attribute("str: the id of this migration.")
+    domain = Attribute("str: the VM's name.")
+    peer = Attribute("str: the identity of the source host (from its certificate).")
+    stagingDir = Attribute(
+        "L{twisted.python.filepath.FilePath}: a directory, private to this device, "
+        "for staged state; removed by the framework after commit or abort."
+    )
+
+    def runInThread(function, *args, **kwargs):
+        """Run blocking ``function`` in xenmig's I/O thread pool; a Deferred."""
+
+    def resolveDestination(path):
+        """
+        Resolve a destination path against the allowed roots.
+
+        @return: a L{twisted.python.filepath.FilePath} inside an allowed root.
+        @raise xenmig.errors.PathNotAllowed: for ``..``, symlink or absolute escapes.
+        """
+
+
+class IConvergencePolicy(Interface):
+    """Decides when pre-copy rounds stop and the VM may be paused."""
+
+    def proceed(round, result):
+        """
+        @param round: the number of the round just sent, from 0.
+        @param result: its L{xenmig.model.RoundResult}.
+        @return: True to send another pre-copy round, False to stop.
+        """

@@ -1,0 +1,228 @@
+"""Frozen value objects: device specifications, descriptions, offers, progress."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from xenmig.errors import BadSpec
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+#: Parameter values: printable, no control characters, bounded.
+MAX_VALUE = 4096
+
+#: Keys that describe the target side of a device start with this prefix.
+TARGET_PREFIX = "target"
+
+
+def checkName(what: str, value: str) -> str:
+    """
+    Return ``value`` if it is a valid device, kind or domain name.
+
+    @raise BadSpec: naming ``what`` and the rule, if it is not.
+    """
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise BadSpec(
+            f"{what} {value!r} is invalid: use 1-64 letters, digits, '_', '.', '+' "
+            f"or '-', starting with a letter or digit"
+        )
+    return value
+
+
+def checkParams(what: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Return ``params`` if every key and value is well formed, else raise BadSpec."""
+    if not isinstance(params, dict):
+        raise BadSpec(f"{what}: parameters must be a mapping")
+    if len(params) > 64:
+        raise BadSpec(f"{what}: too many parameters ({len(params)}, at most 64)")
+    for key, value in params.items():
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise BadSpec(f"{what}: parameter name {key!r} is invalid")
+        if isinstance(value, bool | int):
+            continue
+        if not isinstance(value, str):
+            raise BadSpec(f"{what}: parameter {key} must be a string or a number")
+        if len(value) > MAX_VALUE or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise BadSpec(f"{what}: parameter {key} has a bad value")
+    return params
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """
+    What the toolstack asks to migrate: ``KIND:NAME:key=val,key=val``.
+
+    Keys starting with ``target`` describe the target side (``target=DST``,
+    ``target-ctrl=PATH``); the rest describe the source side.
+    """
+
+    kind: str
+    name: str
+    params: dict[str, str] = field(default_factory=dict)
+    targetParams: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checkName("device kind", self.kind)
+        checkName("device name", self.name)
+        checkParams(f"device {self.name}", self.params)
+        checkParams(f"device {self.name}", self.targetParams)
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceSpec:
+        """
+        Parse ``KIND:NAME[:key=val,key=val...]``.
+
+        @raise BadSpec: with the offending part named.
+        """
+        parts = text.split(":", 2)
+        if len(parts) < 2 or not parts[0] or not parts[1]:
+            raise BadSpec(f"device spec {text!r} is not KIND:NAME[:key=val,...]")
+        kind, name = parts[0], parts[1]
+        params: dict[str, str] = {}
+        targetParams: dict[str, str] = {}
+        if len(parts) == 3 and parts[2]:
+            for item in parts[2].split(","):
+                key, sep, value = item.partition("=")
+                key = key.strip()
+                if not sep or not key:
+                    raise BadSpec(f"device spec {text!r}: {item!r} is not key=val")
+                side = targetParams if key.startswith(TARGET_PREFIX) else params
+                if key in side:
+                    raise BadSpec(f"device spec {text!r}: {key} given twice")
+                side[key] = value
+        return cls(kind, name, params, targetParams)
+
+
+@dataclass(frozen=True)
+class DeviceDescription:
+    """What the source tells the target about one device at Prepare."""
+
+    kind: str
+    name: str
+    size: int
+    params: dict[str, Any] = field(default_factory=dict)
+    precopy: bool = False
+
+    def __post_init__(self) -> None:
+        checkName("device kind", self.kind)
+        checkName("device name", self.name)
+        checkParams(f"device {self.name}", self.params)
+        if not isinstance(self.size, int) or self.size < 0:
+            raise BadSpec(f"device {self.name}: size must be a non-negative integer")
+
+
+@dataclass(frozen=True)
+class DeviceOffer:
+    """A target handler's answer at Prepare: accepted (with parameters) or refused."""
+
+    name: str
+    accepted: bool
+    reason: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    """A snapshot of one device's transfer."""
+
+    name: str
+    kind: str
+    state: str
+    bytesDone: int
+    bytesExpected: int
+    rate: float = 0.0
+    digest: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """A snapshot of one migration session, as ``xenmig status`` shows it."""
+
+    migrationId: str
+    domain: str
+    phase: str
+    peer: str
+    reason: str
+    started: float
+    updated: float
+    devices: tuple[DeviceProgress, ...] = ()
+    installed: tuple[str, ...] = ()
+
+    def toJSON(self) -> dict[str, Any]:
+        """A plain dict, for ``--json`` output and the wire."""
+        return {
+            "migration_id": self.migrationId,
+            "domain": self.domain,
+            "phase": self.phase,
+            "peer": self.peer,
+            "reason": self.reason,
+            "started": self.started,
+            "updated": self.updated,
+            "installed": list(self.installed),
+            "devices": [
+                {
+                    "name": d.name,
+                    "kind": d.kind,
+                    "state": d.state,
+                    "bytes_done": d.bytesDone,
+                    "bytes_expected": d.bytesExpected,
+                    "rate": d.rate,
+                    "digest": d.digest,
+                    "reason": d.reason,
+                }
+                for d in self.devices
+            ],
+        }
+
+    @classmethod
+    def fromJSON(cls, data: dict[str, Any]) -> MigrationStatus:
+        """The inverse of ``toJSON``."""
+        devices = tuple(
+            DeviceProgress(
+                d["name"],
+                d["kind"],
+                d["state"],
+                d["bytes_done"],
+                d["bytes_expected"],
+                d.get("rate", 0.0),
+                d.get("digest", ""),
+                d.get("reason", ""),
+            )
+            for d in data.get("devices", [])
+        )
+        return cls(
+            data["migration_id"],
+            data["domain"],
+            data["phase"],
+            data.get("peer", ""),
+            data.get("reason", ""),
+            data.get("started", 0.0),
+            data.get("updated", 0.0),
+            devices,
+            tuple(data.get("installed", [])),
+        )
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one pre-copy round sent, and how much is still to send."""
+
+    bytesSent: int
+    remaining: int
+
+
+@dataclass(frozen=True)
+class ContentDigest:
+    """The digest of a device's whole logical content, and its size."""
+
+    size: int
+    algorithm: str
+    digest: bytes
+
+    @property
+    def hex(self) -> str:
+        """The digest as ``algorithm:hexdigits``, as reports show it."""
+        return f"{self.algorithm}:{self.digest.hex()}"
