@@ -17,7 +17,7 @@ class ConfigurationError(XenmigError):
 
 
 class ProtocolError(XenmigError):
-    """The peer sent something the protocol does not allow (a bad value, a bad order)."""
+    """The peer sent something the protocol does not allow (bad value or order)."""
 
 
 class VersionMismatch(ProtocolError):

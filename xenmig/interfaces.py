@@ -1,4 +1,4 @@
-"""The contracts of xenmig's pluggable parts: device kinds, their two sides, contexts."""
+"""The contracts of the pluggable parts: device kinds, their two sides, contexts."""
 
 from __future__ import annotations
 
