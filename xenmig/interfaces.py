@@ -222,6 +222,15 @@ class ITargetContext(Interface):
     def runInThread(function, *args, **kwargs):
         """Run blocking ``function`` in xenmig's I/O thread pool; a Deferred."""
 
+    def stagingPathFor(destination, suffix=""):
+        """
+        A path for staging the state that will be installed at ``destination``.
+
+        It lies on the same filesystem as ``destination`` (so the install is an atomic
+        rename) but never at ``destination`` itself, and the framework removes it
+        after an abort or a crash.  @return: a L{twisted.python.filepath.FilePath}.
+        """
+
     def resolveDestination(path):
         """
         Resolve a destination path against the allowed roots.

@@ -1,0 +1,250 @@
+"""Receiving a state file on the target: staged, written and hashed off the reactor."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections import deque
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+from xenmig.digest import ContentHasher, hashFile
+from xenmig.errors import CommitFailed, DeviceError, StreamError
+from xenmig.interfaces import ITargetContext
+from xenmig.model import ContentDigest
+from xenmig.records import DataRecord, ZeroRecord
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_ZEROS = bytes(1024 * 1024)
+
+
+def punchHole(fd: int, offset: int, length: int) -> None:
+    """Blocking: make ``length`` bytes at ``offset`` read as zeros, sparsely."""
+    result = _libc.fallocate(
+        fd,
+        _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+        ctypes.c_longlong(offset),
+        ctypes.c_longlong(length),
+    )
+    if result == 0:
+        return
+    if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(
+            fd, memoryview(_ZEROS)[: min(len(_ZEROS), end - offset)], offset
+        )
+
+
+def fsyncDirectory(path: str) -> None:
+    """Blocking: make a rename or unlink in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StagedFile:
+    """
+    A file being received into staging, then installed by an atomic rename.
+
+    Records are queued and written in batches in the thread pool, in arrival order,
+    and hashed as they are written.  ``receive`` returns a Deferred (backpressure)
+    while more than ``highWater`` bytes wait, so memory stays bounded.
+    """
+
+    def __init__(
+        self,
+        context: ITargetContext,
+        path: FilePath,
+        size: int,
+        highWater: int = 32 * 1024 * 1024,
+        lowWater: int = 8 * 1024 * 1024,
+    ) -> None:
+        self.context = context
+        self.path = path
+        self.size = size
+        self.highWater = highWater
+        self.lowWater = lowWater
+        self.hasher = ContentHasher()
+        self.bytesReceived = 0
+        self._fd: int | None = None
+        self._queue: deque[DataRecord | ZeroRecord] = deque()
+        self._queued = 0
+        self._inflight: Deferred[None] | None = None
+        self._written = 0  # the end of the highest range ever written
+        self._failure: Failure | None = None
+        self._waiters: list[Deferred[None]] = []
+        self._idleWaiters: list[Deferred[None]] = []
+
+    async def open(self) -> None:
+        """Create the staging file (owner-only) at its declared size, all holes."""
+        self._fd = await self.context.runInThread(self._create)
+
+    def _create(self) -> int:
+        fd = os.open(
+            self.path.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        os.ftruncate(fd, self.size)
+        return fd
+
+    def receive(self, record: DataRecord | ZeroRecord) -> Deferred[None] | None:
+        """Queue one record; a Deferred if the caller should wait before the next."""
+        if self._failure is not None:
+            self._failure.raiseException()
+        length = len(record.data) if isinstance(record, DataRecord) else record.length
+        if record.offset < 0 or record.offset + length > self.size:
+            raise StreamError(
+                f"record for {length} bytes at offset {record.offset} lies beyond the "
+                f"declared size of {self.size} bytes"
+            )
+        self.bytesReceived += length
+        self._queue.append(record)
+        self._queued += len(record.data) if isinstance(record, DataRecord) else 64
+        self._pump()
+        if self._queued > self.highWater:
+            waiter: Deferred[None] = Deferred()
+            self._waiters.append(waiter)
+            return waiter
+        return None
+
+    def _pump(self) -> None:
+        if self._inflight is not None or not self._queue or self._failure is not None:
+            return
+        batch = list(self._queue)
+        self._queue.clear()
+        self._inflight = self.context.runInThread(self._writeBatch, batch)
+        self._inflight.addCallbacks(self._batchWritten, self._failed, (batch,))
+
+    def _batchWritten(self, _: None, batch: list[DataRecord | ZeroRecord]) -> None:
+        self._inflight = None
+        self._queued -= sum(
+            len(r.data) if isinstance(r, DataRecord) else 64 for r in batch
+        )
+        if self._queued <= self.lowWater:
+            self._release(None)
+        self._pump()
+        self._settle()
+
+    def _failed(self, failure: Failure) -> None:
+        self._inflight = None
+        self._failure = failure
+        self._queue.clear()
+        self._release(failure)
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._inflight is None:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _release(self, result: Failure | None) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if result is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(result)
+
+    def _writeBatch(self, batch: list[DataRecord | ZeroRecord]) -> None:
+        fd = self._fd
+        assert fd is not None
+        try:
+            for record in batch:
+                if isinstance(record, DataRecord):
+                    self._pwriteAll(fd, record.data, record.offset)
+                    self.hasher.update(record.offset, record.data)
+                    end = record.offset + len(record.data)
+                else:
+                    if record.offset < self._written:
+                        punchHole(fd, record.offset, record.length)
+                    self.hasher.zeros(record.offset, record.length)
+                    end = record.offset + record.length
+                self._written = max(self._written, end)
+        except OSError as e:
+            raise DeviceError(self._describeError(e))
+
+    @staticmethod
+    def _pwriteAll(fd: int, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def _describeError(self, error: OSError) -> str:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return (
+                f"no space left on the target filesystem while writing "
+                f"{self.path.path}: free space there or choose another destination"
+            )
+        return f"writing {self.path.path} failed: {error.strerror}"
+
+    async def _idle(self) -> None:
+        """Wait until no batch is being written (errors are kept in ``_failure``)."""
+        if self._inflight is not None:
+            waiter: Deferred[None] = Deferred()
+            self._idleWaiters.append(waiter)
+            await waiter
+
+    async def finish(self) -> ContentDigest:
+        """Write out the queue, fsync, and return the digest of the staged content."""
+        await self._idle()
+        if self._failure is not None:
+            self._failure.raiseException()
+        await self.context.runInThread(os.fsync, self._fd)
+        if self.hasher.sequential:
+            return self.hasher.result(self.size)
+        return await self.context.runInThread(hashFile, self.path.path, self.size)
+
+    async def install(self, destination: FilePath, overwrite: bool = False) -> None:
+        """
+        Move the staged file to ``destination`` atomically and durably.
+
+        @raise CommitFailed: if ``destination`` exists and ``overwrite`` is false.
+        """
+        await self.context.runInThread(self._install, destination, overwrite)
+
+    def _install(self, destination: FilePath, overwrite: bool) -> None:
+        self._close()
+        try:
+            if overwrite:
+                os.replace(self.path.path, destination.path)
+            else:
+                os.link(self.path.path, destination.path)
+                os.unlink(self.path.path)
+        except FileExistsError:
+            raise CommitFailed(
+                f"{destination.path} appeared before commit; not replaced"
+            )
+        except OSError as e:
+            raise CommitFailed(f"installing {destination.path} failed: {e.strerror}")
+        fsyncDirectory(destination.dirname())
+
+    async def discard(self) -> None:
+        """Remove the staged file; nothing of it remains."""
+        self._queue.clear()
+        self._failure = self._failure or Failure(DeviceError("staging discarded"))
+        self._release(self._failure)
+        await self._idle()
+        await self.context.runInThread(self._discard)
+
+    def _discard(self) -> None:
+        self._close()
+        try:
+            os.unlink(self.path.path)
+        except FileNotFoundError:
+            pass
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
