@@ -84,6 +84,14 @@ class CommitFailed(XenmigError):
     """Installing the staged state at Commit failed on the target."""
 
 
+class CommitInDoubt(XenmigError):
+    """
+    Commit was sent but its answer never arrived and the target could not be asked:
+    the VM may run on the target.  Do not resume it on the source; ask the target
+    (``xenmig status``) first.
+    """
+
+
 class PeerError(XenmigError):
     """
     The peer answered with an error that this side does not know by code.

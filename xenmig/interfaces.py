@@ -77,6 +77,7 @@ class ISourceDevice(Interface):
     def describe():
         """
         Check the source component and describe the device, before the VM pauses.
+        The framework adds the spec's target parameters to the description's.
 
         @return: a Deferred firing with a L{xenmig.model.DeviceDescription}; failing
             with L{xenmig.errors.DeviceError} if the component is not usable.

@@ -1,0 +1,180 @@
+"""The AMP control commands between a source and a target, and for local toolstacks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.protocols import amp
+
+from xenmig.errors import WIRE_ERRORS, ProtocolError
+
+#: The control protocol version this side speaks.
+PROTOCOL_VERSION = 1
+#: Versions a target accepts: its own and the previous one.
+ACCEPTED_PROTOCOL_VERSIONS = frozenset({PROTOCOL_VERSION})
+#: Largest JSON value in a single AMP argument (AMP's own limit is 65,535 bytes).
+MAX_JSON = 60 * 1024
+
+
+class JSON(amp.Argument):
+    """A small JSON value (a dict by default) in one AMP value."""
+
+    def __init__(self, kind: type = dict, optional: bool = False) -> None:
+        super().__init__(optional)
+        self.kind = kind
+
+    def toString(self, inObject: Any) -> bytes:
+        data = json.dumps(inObject, sort_keys=True, separators=(",", ":")).encode()
+        if len(data) > MAX_JSON:
+            raise ProtocolError(f"JSON value of {len(data)} bytes exceeds {MAX_JSON}")
+        return data
+
+    def fromString(self, inString: bytes) -> Any:
+        try:
+            value = json.loads(inString.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ProtocolError(f"malformed JSON argument: {e}")
+        if not isinstance(value, self.kind):
+            raise ProtocolError(f"JSON argument must be a {self.kind.__name__}")
+        return value
+
+
+_DEVICE = [
+    (b"kind", amp.Unicode()),
+    (b"name", amp.Unicode()),
+    (b"size", amp.Integer()),
+    (b"precopy", amp.Boolean()),
+    (b"params", JSON()),
+]
+
+_OFFER = [
+    (b"name", amp.Unicode()),
+    (b"accepted", amp.Boolean()),
+    (b"reason", amp.Unicode()),
+    (b"params", JSON()),
+]
+
+
+class Prepare(amp.Command):
+    """
+    Open a migration session: describe every device; each target handler accepts
+    or refuses it.  Sent before the VM is paused, so a refusal costs nothing.
+    If any device is refused, the target keeps no session and answers every
+    device's offer (the refused ones carry the reason).
+    """
+
+    commandName = b"xenmig-prepare"
+    arguments = [
+        (b"migration_id", amp.Unicode()),
+        (b"domain", amp.Unicode()),
+        (b"protocol_version", amp.Integer()),
+        (b"devices", amp.AmpList(_DEVICE)),
+    ]
+    response = [
+        (b"protocol_version", amp.Integer()),
+        (b"offers", amp.AmpList(_OFFER)),
+    ]
+    errors = WIRE_ERRORS
+
+
+class OpenStream(amp.Command):
+    """Ask for a one-time token to open the state stream of one device."""
+
+    commandName = b"xenmig-open-stream"
+    arguments = [(b"migration_id", amp.Unicode()), (b"device", amp.Unicode())]
+    response = [(b"token", amp.String())]
+    errors = WIRE_ERRORS
+
+
+class StartStream(amp.ProtocolSwitchCommand):
+    """
+    Sent on a new connection: present a stream token; after the answer, the
+    connection carries the raw records of that device's stream.
+    """
+
+    commandName = b"xenmig-start-stream"
+    arguments = [(b"token", amp.String())]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = WIRE_ERRORS
+
+
+class DeviceReady(amp.Command):
+    """
+    Wait until the target has received, verified and staged one device's state.
+    Answers the digest the target computed, for the source to compare.
+    """
+
+    commandName = b"xenmig-device-ready"
+    arguments = [(b"migration_id", amp.Unicode()), (b"device", amp.Unicode())]
+    response = [
+        (b"size", amp.Integer()),
+        (b"algorithm", amp.Unicode()),
+        (b"digest", amp.String()),
+    ]
+    errors = WIRE_ERRORS
+
+
+class Commit(amp.Command):
+    """The point of no return: install every staged state and release the VM."""
+
+    commandName = b"xenmig-commit"
+    arguments = [(b"migration_id", amp.Unicode())]
+    response = [(b"installed", amp.ListOf(amp.Unicode()))]
+    errors = WIRE_ERRORS
+
+
+class Abort(amp.Command):
+    """Abort a migration before Commit, discarding everything staged."""
+
+    commandName = b"xenmig-abort"
+    arguments = [(b"migration_id", amp.Unicode()), (b"reason", amp.Unicode())]
+    response = [(b"phase", amp.Unicode())]
+    errors = WIRE_ERRORS
+
+
+class QueryMigration(amp.Command):
+    """The status of one migration: phase, per-device bytes and rate, reason."""
+
+    commandName = b"xenmig-query"
+    arguments = [(b"migration_id", amp.Unicode())]
+    response = [(b"status", JSON())]
+    errors = WIRE_ERRORS
+
+
+class ListMigrations(amp.Command):
+    """The status of the most recent migrations this host knows, newest first."""
+
+    commandName = b"xenmig-list"
+    arguments = [(b"limit", amp.Integer(optional=True))]
+    response = [(b"migrations", JSON(list))]
+    errors = WIRE_ERRORS
+
+
+class AwaitRestored(amp.Command):
+    """
+    Local toolstack only: wait until a migration of ``domain`` has committed.
+    Answers its id and what was installed; fails if it aborts or on time-out.
+    """
+
+    commandName = b"xenmig-await-restored"
+    arguments = [(b"domain", amp.Unicode()), (b"timeout", amp.Float())]
+    response = [
+        (b"migration_id", amp.Unicode()),
+        (b"installed", amp.ListOf(amp.Unicode())),
+    ]
+    errors = WIRE_ERRORS
+
+
+class DeviceRequest(amp.Command):
+    """A handler-scoped request, routed to the peer handler of the same device."""
+
+    commandName = b"xenmig-device-request"
+    arguments = [
+        (b"migration_id", amp.Unicode()),
+        (b"device", amp.Unicode()),
+        (b"method", amp.Unicode()),
+        (b"payload", JSON()),
+    ]
+    response = [(b"payload", JSON())]
+    errors = WIRE_ERRORS

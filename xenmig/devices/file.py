@@ -1,0 +1,189 @@
+"""The ``file`` device kind: any opaque state file, sent sparsely, installed whole."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.plugin import IPlugin
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from xenmig.errors import BadSpec, DeviceError, DeviceRefused, StreamError
+from xenmig.interfaces import (
+    IDeviceKind,
+    IRecordWriter,
+    ISourceContext,
+    ISourceDevice,
+    ITargetContext,
+    ITargetDevice,
+)
+from xenmig.model import (
+    ContentDigest,
+    DeviceDescription,
+    DeviceSpec,
+    RoundResult,
+)
+from xenmig.records import DataRecord, EndRecord, Record, ZeroRecord
+from xenmig.sparse import sendFile
+from xenmig.staging import StagedFile
+
+YES = frozenset({"1", "yes", "true", "on"})
+
+
+def freeBytes(path: str) -> int:
+    """Blocking: bytes available to unprivileged writers on ``path``'s filesystem."""
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+@implementer(ISourceDevice)
+class FileSource:
+    """Sends one file, read-only, with holes and zero chunks as ZERO records."""
+
+    precopy = False
+
+    def __init__(self, spec: DeviceSpec, context: ISourceContext) -> None:
+        self.spec = spec
+        self.context = context
+        path = spec.params.get("path")
+        if not path:
+            raise BadSpec(f"device {spec.name}: the file kind needs path=SOURCE_FILE")
+        if "target" not in spec.targetParams:
+            raise BadSpec(f"device {spec.name}: the file kind needs target=DESTINATION")
+        self.path = path
+
+    def describe(self) -> Deferred[DeviceDescription]:
+        return self.context.runInThread(self._describe)
+
+    def _describe(self) -> DeviceDescription:
+        try:
+            stat = os.stat(self.path)
+        except OSError as e:
+            raise DeviceError(f"device {self.spec.name}: {self.path}: {e.strerror}")
+        if not os.path.isfile(self.path):
+            raise DeviceError(f"device {self.spec.name}: {self.path} is not a file")
+        if not os.access(self.path, os.R_OK):
+            raise DeviceError(f"device {self.spec.name}: {self.path} is not readable")
+        params = {"allocated": stat.st_blocks * 512}
+        return DeviceDescription("file", self.spec.name, stat.st_size, params)
+
+    def accepted(self, params: dict[str, Any]) -> None:
+        pass
+
+    def sendRound(self, writer: IRecordWriter, round: int) -> Deferred[RoundResult]:
+        raise NotImplementedError("the file kind has no pre-copy rounds")
+
+    def sendFinal(self, writer: IRecordWriter) -> Deferred[ContentDigest]:
+        return Deferred.fromCoroutine(self._sendFinal(writer))
+
+    async def _sendFinal(self, writer: IRecordWriter) -> ContentDigest:
+        digest = await sendFile(self.context, writer, self.path)
+        size = os.stat(self.path).st_size
+        if size != digest.size:
+            raise DeviceError(
+                f"device {self.spec.name}: {self.path} changed size from "
+                f"{digest.size} to {size} bytes while it was sent"
+            )
+        return digest
+
+    def rollback(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(_nothing())
+
+    def release(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(_nothing())
+
+
+async def _nothing() -> None:
+    return None
+
+
+@implementer(ITargetDevice)
+class FileTarget:
+    """Receives one file into staging; installs it at ``target`` on commit."""
+
+    requestMethods = frozenset({"free-space"})
+
+    def __init__(self, description: DeviceDescription, context: ITargetContext) -> None:
+        self.description = description
+        self.context = context
+        target = description.params.get("target")
+        if not isinstance(target, str) or not target:
+            raise BadSpec(f"device {description.name}: target=DESTINATION is missing")
+        self.overwrite = str(description.params.get("target-overwrite", "")) in YES
+        self.destination: FilePath = context.resolveDestination(target)
+        self.staged: StagedFile | None = None
+
+    def accept(self) -> Deferred[dict[str, Any]]:
+        return Deferred.fromCoroutine(self._accept())
+
+    async def _accept(self) -> dict[str, Any]:
+        name = self.description.name
+        if not self.overwrite and await self.context.runInThread(
+            os.path.lexists, self.destination.path
+        ):
+            raise DeviceRefused(
+                f"{self.destination.path} already exists (ask for target-overwrite=yes "
+                f"to replace it)"
+            )
+        need = int(self.description.params.get("allocated", self.description.size))
+        free = await self.context.runInThread(freeBytes, self.destination.dirname())
+        if need > free:
+            raise DeviceRefused(
+                f"{self.destination.dirname()} has {free} bytes free, {need} needed"
+            )
+        path = self.context.stagingPathFor(self.destination)
+        self.staged = StagedFile(self.context, path, self.description.size)
+        await self.staged.open()
+        return {"destination": self.destination.path, "name": name}
+
+    def receive(self, record: Record) -> Deferred[None] | None:
+        if isinstance(record, DataRecord | ZeroRecord):
+            assert self.staged is not None
+            return self.staged.receive(record)
+        return None
+
+    def finish(self, end: EndRecord) -> Deferred[ContentDigest]:
+        assert self.staged is not None
+        if end.size != self.description.size:
+            raise StreamError(
+                f"the source sent {end.size} bytes, {self.description.size} declared"
+            )
+        return Deferred.fromCoroutine(self.staged.finish())
+
+    def commit(self) -> Deferred[list[str]]:
+        return Deferred.fromCoroutine(self._commit())
+
+    async def _commit(self) -> list[str]:
+        assert self.staged is not None
+        await self.staged.install(self.destination, self.overwrite)
+        return [self.destination.path]
+
+    def abort(self) -> Deferred[None]:
+        if self.staged is None:
+            return Deferred.fromCoroutine(_nothing())
+        return Deferred.fromCoroutine(self.staged.discard())
+
+    def handleRequest(self, method: str, payload: dict[str, Any]) -> Deferred[dict]:
+        d = self.context.runInThread(freeBytes, self.destination.dirname())
+        return d.addCallback(lambda free: {"free": free})
+
+
+@implementer(IPlugin, IDeviceKind)
+class FileKind:
+    """Any opaque state file: ``file:NAME:path=SRC,target=DST[,target-overwrite=1]``."""
+
+    kind = "file"
+    summary = "an opaque state file, sent sparsely and installed atomically"
+
+    def source(self, spec: DeviceSpec, context: ISourceContext) -> FileSource:
+        return FileSource(spec, context)
+
+    def target(
+        self, description: DeviceDescription, context: ITargetContext
+    ) -> FileTarget:
+        return FileTarget(description, context)
+
+
+fileKind = FileKind()

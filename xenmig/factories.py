@@ -1,0 +1,39 @@
+"""Factories for the daemon's listening sockets: TLS control/streams and local."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Factory
+
+from xenmig.protocol import ControlProtocol, LocalControlProtocol
+from xenmig.target import MigrationTarget
+
+
+class ControlFactory(Factory):
+    """
+    Builds a L{ControlProtocol} for every connection to the daemon's port.  Each
+    connection is a control connection until a StartStream switches it to a
+    state stream.
+    """
+
+    def __init__(self, target: MigrationTarget, tls: bool = True) -> None:
+        self.target = target
+        self.tls = tls
+
+    def buildProtocol(self, addr: Any) -> ControlProtocol:
+        protocol = ControlProtocol(
+            self.target, self.tls, self.target.config.timeouts.handshake
+        )
+        protocol.factory = self
+        return protocol
+
+
+class LocalControlFactory(Factory):
+    """Builds the protocol of the owner-only local socket for the target toolstack."""
+
+    def __init__(self, target: MigrationTarget) -> None:
+        self.target = target
+
+    def buildProtocol(self, addr: Any) -> LocalControlProtocol:
+        return LocalControlProtocol(self.target)

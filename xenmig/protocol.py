@@ -1,0 +1,278 @@
+"""The target's protocols: AMP control (TLS and local), and the raw state stream."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from xenmig import amp_commands as commands
+from xenmig.errors import NotAuthorized, StreamError, XenmigError
+from xenmig.model import DeviceOffer
+from xenmig.records import EndRecord, Record, RecordParser
+from xenmig.session import FINAL, Phase, TargetSession
+from xenmig.target import MigrationTarget
+from xenmig.tls import peerIdentity
+
+log = Logger()
+
+
+def _offerBox(offer: DeviceOffer) -> dict[str, Any]:
+    return {
+        "name": offer.name,
+        "accepted": offer.accepted,
+        "reason": offer.reason,
+        "params": offer.params,
+    }
+
+
+class StatusResponders:
+    """Responders shared by the TLS control protocol and the local socket."""
+
+    target: MigrationTarget
+
+    @commands.QueryMigration.responder
+    def queryMigration(self, migration_id: str) -> dict[str, Any]:
+        return {"status": self.target.query(migration_id)}
+
+    @commands.ListMigrations.responder
+    def listMigrations(self, limit: int | None = None) -> dict[str, Any]:
+        return {"migrations": self.target.list(limit or 50)}
+
+
+@implementer(IHandshakeListener)
+class ControlProtocol(StatusResponders, amp.AMP):
+    """
+    The AMP control connection from a source host.  It parses commands and hands
+    them to the L{MigrationTarget}, with the peer's certificate identity.
+
+    A session is tied to the connection that prepared it: if that connection is
+    lost before Commit arrives, the session aborts (the source then learns the
+    outcome with QueryMigration on a new connection).
+    """
+
+    def __init__(
+        self, target: MigrationTarget, tls: bool = True, handshakeTimeout: float = 30.0
+    ) -> None:
+        super().__init__()
+        self.target = target
+        self.tls = tls
+        self.handshakeTimeout = handshakeTimeout
+        self.peer: str | None = None
+        self.prepared: set[str] = set()
+        self._handshakeTimer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.tls:
+            self._handshakeTimer = self.target.clock.callLater(
+                self.handshakeTimeout, self._handshakeExpired
+            )
+        else:
+            self.peer = peerIdentity(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        if self._handshakeTimer is not None and self._handshakeTimer.active():
+            self._handshakeTimer.cancel()
+        self._handshakeTimer = None
+        self.peer = peerIdentity(self.transport)
+        log.debug("control connection from {peer}", peer=self.peer)
+
+    def _handshakeExpired(self) -> None:
+        self._handshakeTimer = None
+        log.warn(
+            "TLS handshake from {address} not finished in {seconds} s; dropped",
+            address=self.transport.getPeer(),
+            seconds=self.handshakeTimeout,
+        )
+        self.transport.abortConnection()
+
+    def _peer(self) -> str:
+        if self.peer is None:
+            raise NotAuthorized("the TLS handshake has not completed")
+        return self.peer
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._handshakeTimer is not None and self._handshakeTimer.active():
+            self._handshakeTimer.cancel()
+        for migrationId in self.prepared:
+            session = self.target.sessions.get(migrationId)
+            if session is not None and session.phase not in FINAL:
+                if session.phase is not Phase.COMMITTING:
+                    session.abort("the source's control connection was lost")
+        super().connectionLost(reason)
+
+    @commands.Prepare.responder
+    async def prepare(
+        self,
+        migration_id: str,
+        domain: str,
+        protocol_version: int,
+        devices: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        version, offers = await self.target.prepare(
+            self._peer(), migration_id, domain, protocol_version, devices
+        )
+        if all(offer.accepted for offer in offers):
+            self.prepared.add(migration_id)
+        return {"protocol_version": version, "offers": [_offerBox(o) for o in offers]}
+
+    @commands.OpenStream.responder
+    def openStream(self, migration_id: str, device: str) -> dict[str, Any]:
+        return {"token": self.target.openStream(self._peer(), migration_id, device)}
+
+    @commands.StartStream.responder
+    def startStream(self, token: bytes) -> StreamReceiver:
+        session, device = self.target.claimToken(self._peer(), token)
+        return StreamReceiver(session, device, self.target.config.timeouts.idle)
+
+    @commands.DeviceReady.responder
+    async def deviceReady(self, migration_id: str, device: str) -> dict[str, Any]:
+        digest = await self.target.deviceReady(self._peer(), migration_id, device)
+        return {
+            "size": digest.size,
+            "algorithm": digest.algorithm,
+            "digest": digest.digest,
+        }
+
+    @commands.Commit.responder
+    async def commit(self, migration_id: str) -> dict[str, Any]:
+        return {"installed": await self.target.commit(self._peer(), migration_id)}
+
+    @commands.Abort.responder
+    async def abort(self, migration_id: str, reason: str) -> dict[str, Any]:
+        return {"phase": await self.target.abort(self._peer(), migration_id, reason)}
+
+    @commands.DeviceRequest.responder
+    async def deviceRequest(
+        self, migration_id: str, device: str, method: str, payload: dict[str, Any]
+    ) -> dict[str, Any]:
+        answer = await self.target.deviceRequest(
+            self._peer(), migration_id, device, method, payload
+        )
+        return {"payload": answer}
+
+
+class LocalControlProtocol(StatusResponders, amp.AMP):
+    """The owner-only local socket: the target toolstack's view of the daemon."""
+
+    def __init__(self, target: MigrationTarget) -> None:
+        super().__init__()
+        self.target = target
+
+    @commands.AwaitRestored.responder
+    async def awaitRestored(self, domain: str, timeout: float) -> dict[str, Any]:
+        session = await self.target.awaitRestored(domain, timeout)
+        return {"migration_id": session.migrationId, "installed": session.installed}
+
+    @commands.Abort.responder
+    async def abort(self, migration_id: str, reason: str) -> dict[str, Any]:
+        return {"phase": await self.target.abort(None, migration_id, reason)}
+
+
+class StreamReceiver(Protocol, TimeoutMixin):
+    """
+    The raw stream of one device, after StartStream.  It parses records and hands
+    them to the session; when the device asks to wait, it pauses the transport.
+    Idle for longer than ``idleTimeout`` (reset on every chunk), it aborts.
+    """
+
+    def __init__(self, session: TargetSession, device: str, idleTimeout: float) -> None:
+        self.session = session
+        self.device = device
+        self.idleTimeout = idleTimeout
+        self.parser = RecordParser()
+        self.ended = False
+        self.callLater = session.clock.callLater  # TimeoutMixin's clock
+        self._records: deque[Record] = deque()
+        self._waiting: Deferred[None] | None = None
+        self._received = 0
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idleTimeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self._received += len(data)
+        if self.ended:
+            self._fail(StreamError(f"device {self.device}: data after the END record"))
+            return
+        try:
+            self._records.extend(self.parser.feed(data))
+        except XenmigError as e:
+            self._fail(e)
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._records and self._waiting is None and not self.ended:
+            record = self._records.popleft()
+            try:
+                if isinstance(record, EndRecord):
+                    self._end(record)
+                    return
+                waiting = self.session.recordReceived(self.device, record)
+            except XenmigError as e:
+                self._fail(e)
+                return
+            if waiting is not None:
+                self._pause(waiting)
+
+    def _pause(self, waiting: Deferred[None]) -> None:
+        self._waiting = waiting
+        self.transport.pauseProducing()
+        # While paused we wait on the device, not the network: no idle time-out.
+        self.setTimeout(None)
+        waiting.addCallbacks(self._resume, self._deviceFailed)
+
+    def _resume(self, _: None) -> None:
+        self._waiting = None
+        self.setTimeout(self.idleTimeout)
+        self.transport.resumeProducing()
+        self._drain()
+
+    def _deviceFailed(self, failure: Failure) -> None:
+        self._waiting = None
+        self._fail(failure.value)
+
+    def _end(self, end: EndRecord) -> None:
+        self.ended = True
+        self.setTimeout(None)
+        self.session.streamEnded(self.device, end)
+        self.transport.loseConnection()
+
+    def _fail(self, error: BaseException) -> None:
+        self.setTimeout(None)
+        self.ended = True
+        log.warn(
+            "migration {migration_id}: stream of {device} failed: {error}",
+            migration_id=self.session.migrationId,
+            device=self.device,
+            error=str(error),
+        )
+        self.session.deviceFailed(self.device, error)
+        self.transport.abortConnection()
+
+    def timeoutConnection(self) -> None:
+        self.ended = True
+        self.session.streamLost(
+            self.device, f"was idle for more than {self.idleTimeout:g} seconds"
+        )
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        self.setTimeout(None)
+        if not self.ended:
+            self.session.streamLost(
+                self.device,
+                f"was cut off after {self._received} bytes "
+                f"({reason.getErrorMessage()})",
+            )

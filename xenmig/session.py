@@ -1,0 +1,419 @@
+"""The target side of one migration: its state machine, devices, and resume gate."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from xenmig.errors import (
+    DigestMismatch,
+    InvalidTransition,
+    MigrationAborted,
+    PhaseTimeout,
+    StreamError,
+    UnknownDevice,
+    XenmigError,
+)
+from xenmig.interfaces import ITargetDevice
+from xenmig.model import (
+    ContentDigest,
+    DeviceDescription,
+    DeviceProgress,
+    MigrationStatus,
+)
+from xenmig.records import EndRecord, Record
+
+log = Logger()
+
+
+class Phase(enum.Enum):
+    """The phases of a migration on the target."""
+
+    PREPARED = "PREPARED"
+    RECEIVING = "RECEIVING"
+    READY = "READY"
+    COMMITTING = "COMMITTING"
+    COMMITTED = "COMMITTED"
+    ABORTED = "ABORTED"
+
+
+#: The one transition table: every phase and where it may go.
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.PREPARED: frozenset({Phase.RECEIVING, Phase.ABORTED}),
+    Phase.RECEIVING: frozenset({Phase.READY, Phase.ABORTED}),
+    Phase.READY: frozenset({Phase.COMMITTING, Phase.ABORTED}),
+    Phase.COMMITTING: frozenset({Phase.COMMITTED, Phase.ABORTED}),
+    Phase.COMMITTED: frozenset(),
+    Phase.ABORTED: frozenset(),
+}
+
+#: Phases after which nothing more happens.
+FINAL = frozenset({Phase.COMMITTED, Phase.ABORTED})
+
+
+class DeviceState(enum.Enum):
+    """The states of one device's transfer on the target."""
+
+    ACCEPTED = "ACCEPTED"
+    RECEIVING = "RECEIVING"
+    VERIFYING = "VERIFYING"
+    READY = "READY"
+    COMMITTED = "COMMITTED"
+    ABORTED = "ABORTED"
+
+
+DEVICE_TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
+    DeviceState.ACCEPTED: frozenset({DeviceState.RECEIVING, DeviceState.ABORTED}),
+    DeviceState.RECEIVING: frozenset({DeviceState.VERIFYING, DeviceState.ABORTED}),
+    DeviceState.VERIFYING: frozenset({DeviceState.READY, DeviceState.ABORTED}),
+    DeviceState.READY: frozenset({DeviceState.COMMITTED, DeviceState.ABORTED}),
+    DeviceState.COMMITTED: frozenset(),
+    DeviceState.ABORTED: frozenset(),
+}
+
+
+class TargetDeviceSlot:
+    """One device of a target session: its handler, state and progress."""
+
+    def __init__(
+        self, device: ITargetDevice, description: DeviceDescription, clock: IReactorTime
+    ) -> None:
+        self.device = device
+        self.description = description
+        self.state = DeviceState.ACCEPTED
+        self.bytesDone = 0
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.digest: ContentDigest | None = None
+        self.streaming = False
+        self._clock = clock
+        self._ready: list[Deferred[ContentDigest]] = []
+
+    @property
+    def name(self) -> str:
+        return self.description.name
+
+    def moveTo(self, state: DeviceState) -> None:
+        """Change state, or raise InvalidTransition naming the device."""
+        if state not in DEVICE_TRANSITIONS[self.state]:
+            raise InvalidTransition(
+                f"device {self.name} cannot go from {self.state.value} to {state.value}"
+            )
+        self.state = state
+
+    def progress(self) -> DeviceProgress:
+        end = self.finished or self._clock.seconds()
+        elapsed = end - self.started if self.started is not None else 0.0
+        return DeviceProgress(
+            name=self.name,
+            kind=self.description.kind,
+            state=self.state.value,
+            bytesDone=self.bytesDone,
+            bytesExpected=self.description.size,
+            rate=self.bytesDone / elapsed if elapsed > 0 else 0.0,
+            digest=self.digest.hex if self.digest else "",
+        )
+
+    def whenReady(self) -> Deferred[ContentDigest]:
+        if self.state in (DeviceState.READY, DeviceState.COMMITTED):
+            assert self.digest is not None
+            return succeed(self.digest)
+        d: Deferred[ContentDigest] = Deferred()
+        self._ready.append(d)
+        return d
+
+    def settle(self, result: ContentDigest | Failure) -> None:
+        waiters, self._ready = self._ready, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+
+class TargetSession:
+    """
+    One migration on the target: PREPARED -> RECEIVING -> READY -> COMMITTED,
+    or ABORTED from any phase before COMMITTED.
+
+    It does no I/O of its own: handlers do, and ``onChange`` (the journal, the
+    resume gate) hears of every phase change.  Each phase has a deadline on the
+    injected clock; expiry aborts the session with a reason naming the phase.
+    """
+
+    def __init__(
+        self,
+        migrationId: str,
+        domain: str,
+        peer: str,
+        slots: list[TargetDeviceSlot],
+        clock: IReactorTime,
+        deadlines: dict[Phase, float],
+        onChange: Callable[[TargetSession], Deferred[None] | None] = lambda s: None,
+    ) -> None:
+        self.migrationId = migrationId
+        self.domain = domain
+        self.peer = peer
+        self.devices = {slot.name: slot for slot in slots}
+        self.phase = Phase.PREPARED
+        self.reason = ""
+        self.installed: list[str] = []
+        self.clock = clock
+        self.started = self.updated = clock.seconds()
+        self._deadlines = deadlines
+        self._timer: IDelayedCall | None = None
+        self._onChange = onChange
+        self._aborting: Deferred[None] | None = None
+        self._errorType: type[XenmigError] = MigrationAborted
+        self._armDeadline()
+
+    # -- the machine ---------------------------------------------------------------
+
+    def _moveTo(self, phase: Phase) -> Deferred[None] | None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise InvalidTransition(
+                f"migration {self.migrationId} cannot go from {self.phase.value} "
+                f"to {phase.value}"
+            )
+        log.info(
+            "migration {migration_id}: {old} -> {new}",
+            migration_id=self.migrationId,
+            old=self.phase.value,
+            new=phase.value,
+        )
+        self.phase = phase
+        self.updated = self.clock.seconds()
+        self._armDeadline()
+        return self._onChange(self)
+
+    def _armDeadline(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        seconds = self._deadlines.get(self.phase)
+        if seconds and self.phase not in FINAL:
+            self._timer = self.clock.callLater(seconds, self._expired, self.phase)
+
+    def _expired(self, phase: Phase) -> None:
+        self._timer = None
+        self.abort(
+            f"the {phase.value} phase did not finish within "
+            f"{self._deadlines[phase]:g} seconds",
+            PhaseTimeout,
+        )
+
+    def device(self, name: str) -> TargetDeviceSlot:
+        """The slot of device ``name``, or UnknownDevice."""
+        try:
+            return self.devices[name]
+        except KeyError:
+            raise UnknownDevice(f"migration {self.migrationId} has no device {name!r}")
+
+    def checkActive(self) -> None:
+        """Raise MigrationAborted (or InvalidTransition) if the session is over."""
+        if self.phase is Phase.ABORTED:
+            raise MigrationAborted(
+                f"migration {self.migrationId} was aborted: {self.reason}"
+            )
+        if self.phase in (Phase.COMMITTING, Phase.COMMITTED):
+            raise InvalidTransition(
+                f"migration {self.migrationId} is {self.phase.value}; no more changes"
+            )
+
+    # -- streams -------------------------------------------------------------------
+
+    def streamStarted(self, name: str) -> None:
+        """A stream for device ``name`` opened."""
+        self.checkActive()
+        slot = self.device(name)
+        if slot.streaming or slot.state is not DeviceState.ACCEPTED:
+            raise StreamError(f"device {name} already had its stream")
+        slot.streaming = True
+        slot.moveTo(DeviceState.RECEIVING)
+        slot.started = self.clock.seconds()
+        if self.phase is Phase.PREPARED:
+            self._moveTo(Phase.RECEIVING)
+
+    def recordReceived(self, name: str, record: Record) -> Deferred[None] | None:
+        """Hand one record to the device; a Deferred means: pause the stream."""
+        self.checkActive()
+        slot = self.device(name)
+        if slot.state is not DeviceState.RECEIVING:
+            raise StreamError(f"device {name} is {slot.state.value}, not receiving")
+        size = getattr(record, "data", None)
+        slot.bytesDone += (
+            len(size) if size is not None else getattr(record, "length", 0)
+        )
+        return slot.device.receive(record)
+
+    def streamEnded(self, name: str, end: EndRecord) -> Deferred[None]:
+        """The END record arrived: verify the device and maybe the whole session."""
+        self.checkActive()
+        slot = self.device(name)
+        slot.moveTo(DeviceState.VERIFYING)
+        slot.streaming = False
+        d = Deferred.fromCoroutine(self._verify(slot, end))
+        return d
+
+    async def _verify(self, slot: TargetDeviceSlot, end: EndRecord) -> None:
+        try:
+            digest = await slot.device.finish(end)
+            expected = ContentDigest(end.size, end.algorithm, end.digest)
+            if digest != expected:
+                raise DigestMismatch(
+                    f"device {slot.name}: the received state does not match the "
+                    f"source (source {expected.hex}, {expected.size} bytes; target "
+                    f"{digest.hex}, {digest.size} bytes)"
+                )
+        except Exception as e:
+            self.deviceFailed(slot.name, e)
+            return
+        if self.phase is not Phase.RECEIVING:
+            return
+        slot.digest = digest
+        slot.finished = self.clock.seconds()
+        slot.moveTo(DeviceState.READY)
+        slot.settle(digest)
+        if all(s.state is DeviceState.READY for s in self.devices.values()):
+            self._moveTo(Phase.READY)
+
+    def streamLost(self, name: str, why: str) -> None:
+        """A device's stream ended before its END record: abort."""
+        slot = self.devices.get(name)
+        if slot is None or not slot.streaming or self.phase in FINAL:
+            return
+        slot.streaming = False
+        self.abort(f"the stream of device {name} {why}")
+
+    def deviceFailed(self, name: str, error: BaseException) -> None:
+        """A device failed: abort the whole session with its reason."""
+        if self.phase in FINAL or self.phase is Phase.COMMITTING:
+            return
+        reason = str(error) if isinstance(error, XenmigError) else repr(error)
+        if name not in reason:
+            reason = f"device {name}: {reason}"
+        self.abort(reason, type(error) if isinstance(error, XenmigError) else None)
+
+    def awaitReady(self, name: str) -> Deferred[ContentDigest]:
+        """A Deferred firing with the device's verified digest, once READY."""
+        if self.phase is Phase.ABORTED:
+            return fail(self._errorType(self._abortMessage()))
+        return self.device(name).whenReady()
+
+    # -- the gate ------------------------------------------------------------------
+
+    async def commit(self) -> list[str]:
+        """
+        Install every device's staged state; the point of no return.
+
+        @return: what was installed.
+        @raise InvalidTransition: unless READY (all devices verified).
+        """
+        if self.phase is Phase.COMMITTED:
+            return list(self.installed)
+        if self.phase is not Phase.READY:
+            self.checkActive()
+            raise InvalidTransition(
+                f"migration {self.migrationId} is {self.phase.value}: commit needs "
+                f"every device READY ("
+                + ", ".join(f"{s.name} {s.state.value}" for s in self.devices.values())
+                + ")"
+            )
+        await self._moveTo(Phase.COMMITTING)  # durable before anything is installed
+        for slot in self.devices.values():
+            try:
+                self.installed.extend(await slot.device.commit())
+            except Exception as e:
+                log.failure(
+                    "migration {migration_id}: commit of {device} failed",
+                    migration_id=self.migrationId,
+                    device=slot.name,
+                )
+                await self._abortCommitting(slot.name, e)
+                raise
+            slot.moveTo(DeviceState.COMMITTED)
+        await self._moveTo(Phase.COMMITTED)
+        return list(self.installed)
+
+    async def _abortCommitting(self, name: str, error: BaseException) -> None:
+        done = ", ".join(self.installed) or "nothing"
+        self.reason = f"commit of device {name} failed: {error}; installed: {done}"
+        await self._abortDevices()
+        await self._moveTo(Phase.ABORTED)
+
+    def abort(
+        self, reason: str, errorType: type[XenmigError] | None = None
+    ) -> Deferred[None]:
+        """
+        Abort before commit: every device discards its staging.  Idempotent.
+
+        @raise InvalidTransition: once committing or committed.
+        """
+        if self.phase in (Phase.COMMITTING, Phase.COMMITTED):
+            raise InvalidTransition(
+                f"migration {self.migrationId} is {self.phase.value}; it cannot be "
+                f"aborted"
+            )
+        if self._aborting is not None:
+            return self._aborting
+        self.reason = reason
+        self._errorType = errorType or MigrationAborted
+        log.warn(
+            "migration {migration_id} aborted: {reason}",
+            migration_id=self.migrationId,
+            reason=reason,
+        )
+        self._aborting = Deferred.fromCoroutine(self._abort())
+        return self._aborting
+
+    async def _abort(self) -> None:
+        failure = Failure(self._errorType(self._abortMessage()))
+        for slot in self.devices.values():
+            slot.settle(failure)
+        changed = self._moveTo(Phase.ABORTED)
+        await self._abortDevices()
+        if changed is not None:
+            await changed
+
+    async def _abortDevices(self) -> None:
+        for slot in self.devices.values():
+            if slot.state in (DeviceState.ABORTED, DeviceState.COMMITTED):
+                continue
+            slot.moveTo(DeviceState.ABORTED)
+            try:
+                await slot.device.abort()
+            except Exception:
+                log.failure(
+                    "migration {migration_id}: abort of {device} failed",
+                    migration_id=self.migrationId,
+                    device=slot.name,
+                )
+
+    def _abortMessage(self) -> str:
+        return f"migration {self.migrationId} was aborted: {self.reason}"
+
+    # -- status --------------------------------------------------------------------
+
+    def status(self) -> MigrationStatus:
+        """A snapshot for status queries."""
+        return MigrationStatus(
+            migrationId=self.migrationId,
+            domain=self.domain,
+            phase=self.phase.value,
+            peer=self.peer,
+            reason=self.reason,
+            started=self.started,
+            updated=self.updated,
+            devices=tuple(slot.progress() for slot in self.devices.values()),
+            installed=tuple(self.installed),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What the journal keeps of this session."""
+        return self.status().toJSON()

@@ -1,0 +1,492 @@
+"""The target's core: sessions, stream tokens, device contexts and the resume gate."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from xenmig.amp_commands import ACCEPTED_PROTOCOL_VERSIONS, PROTOCOL_VERSION
+from xenmig.destinations import resolveDestination
+from xenmig.errors import (
+    BadSpec,
+    BadToken,
+    DeviceRefused,
+    DuplicateMigration,
+    MigrationAborted,
+    NotAuthorized,
+    PhaseTimeout,
+    UnknownDevice,
+    UnknownMigration,
+    VersionMismatch,
+    XenmigError,
+)
+from xenmig.interfaces import IDeviceKind, ITargetContext, ITargetDevice
+from xenmig.journal import Journal, removeTree
+from xenmig.model import DeviceDescription, DeviceOffer, checkName
+from xenmig.session import FINAL, Phase, TargetDeviceSlot, TargetSession
+
+log = Logger()
+
+_MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every bound on waiting, in seconds; each expiry aborts with its name."""
+
+    handshake: float = 30.0
+    call: float = 60.0
+    idle: float = 60.0
+    prepared: float = 600.0
+    receiving: float = 3600.0
+    ready: float = 600.0
+    token: float = 60.0
+
+    def deadlines(self) -> dict[Phase, float]:
+        return {
+            Phase.PREPARED: self.prepared,
+            Phase.RECEIVING: self.receiving,
+            Phase.READY: self.ready,
+        }
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """What the target daemon was configured with."""
+
+    stateDir: FilePath
+    allowedRoots: tuple[FilePath, ...] = ()
+    onCommit: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    maxSessions: int = 16
+
+    @property
+    def roots(self) -> tuple[FilePath, ...]:
+        return self.allowedRoots or (self.stateDir.child("devices"),)
+
+
+@implementer(ITargetContext)
+class TargetContext:
+    """What a target device gets from the framework."""
+
+    def __init__(
+        self,
+        target: MigrationTarget,
+        migrationId: str,
+        domain: str,
+        peer: str,
+        name: str,
+    ) -> None:
+        self.reactor = target.reactor
+        self.migrationId = migrationId
+        self.domain = domain
+        self.peer = peer
+        self.stagingDir = target.stagingRoot.child(migrationId).child(name)
+        self.externalStaging: list[str] = []
+        self._target = target
+        self._name = name
+
+    def runInThread(self, function: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return self._target.runInThread(function, *args, **kw)
+
+    def resolveDestination(self, path: str) -> FilePath:
+        return resolveDestination(path, self._target.config.roots)
+
+    def stagingPathFor(self, destination: FilePath, suffix: str = "") -> FilePath:
+        name = f"{self._name}{suffix}.part"
+        try:
+            sameDevice = (
+                os.stat(self.stagingDir.path).st_dev
+                == os.stat(destination.dirname()).st_dev
+            )
+        except OSError:
+            sameDevice = False
+        if sameDevice:
+            return self.stagingDir.child(name)
+        path = destination.sibling(
+            f".{destination.basename()}.xenmig-{self.migrationId}{suffix}.part"
+        )
+        self.externalStaging.append(path.path)
+        return path
+
+
+@dataclass
+class _Token:
+    migrationId: str
+    device: str
+    peer: str
+    expires: float
+
+
+class MigrationTarget:
+    """
+    Everything a target host knows about its migrations.  The AMP protocols call
+    it; it calls the handlers, the journal, and the on-commit hook.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: TargetConfig,
+        kinds: dict[str, IDeviceKind],
+        runInThread: Callable[..., Deferred[Any]],
+        runHook: Callable[[str, dict[str, str]], Deferred[int]] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.config = config
+        self.kinds = kinds
+        self.runInThread = runInThread
+        self.runHook = runHook
+        self.stagingRoot = config.stateDir.child("staging")
+        self.journal = Journal(config.stateDir.child("sessions"), runInThread)
+        self.sessions: dict[str, TargetSession] = {}
+        self.history: dict[str, dict[str, Any]] = {}
+        self._contexts: dict[str, list[TargetContext]] = {}
+        self._tokens: dict[bytes, _Token] = {}
+        self._waiters: list[tuple[str, Deferred[TargetSession]]] = []
+        self.stagingRoot.makedirs(ignoreExistingDirectory=True)
+        os.chmod(self.stagingRoot.path, 0o700)
+
+    def recover(self) -> None:
+        """Blocking, at start-up: abort and clean what a previous run left."""
+        for record in self.journal.recover(self.clock.seconds()):
+            self.history[record["migration_id"]] = record
+        for child in self.stagingRoot.children():
+            removeTree(child.path)
+
+    # -- prepare -------------------------------------------------------------------
+
+    async def prepare(
+        self,
+        peer: str,
+        migrationId: str,
+        domain: str,
+        version: int,
+        devices: list[dict[str, Any]],
+    ) -> tuple[int, list[DeviceOffer]]:
+        """Open a session if every device is accepted; otherwise refuse them all."""
+        if version not in ACCEPTED_PROTOCOL_VERSIONS:
+            raise VersionMismatch(
+                f"control protocol version {version} is not supported; this host "
+                f"speaks {PROTOCOL_VERSION}: upgrade the older host"
+            )
+        self._checkNew(migrationId, domain, devices)
+        descriptions = [self._describe(d) for d in devices]
+        contexts = [
+            TargetContext(self, migrationId, domain, peer, d.name) for d in descriptions
+        ]
+        self._contexts[migrationId] = contexts
+        offers, accepted = await self._offer(descriptions, contexts)
+        if len(accepted) < len(descriptions):
+            await self._refuse(migrationId, domain, peer, offers, accepted)
+            return PROTOCOL_VERSION, offers
+        slots = [TargetDeviceSlot(dev, dev.description, self.clock) for dev in accepted]
+        session = TargetSession(
+            migrationId,
+            domain,
+            peer,
+            slots,
+            self.clock,
+            self.config.timeouts.deadlines(),
+            self._changed,
+        )
+        self.sessions[migrationId] = session
+        await self._changed(session)
+        log.info(
+            "migration {migration_id} of {domain} prepared from {peer}: {devices}",
+            migration_id=migrationId,
+            domain=domain,
+            peer=peer,
+            devices=", ".join(f"{d.kind}:{d.name}" for d in descriptions),
+        )
+        return PROTOCOL_VERSION, offers
+
+    def _checkNew(self, migrationId: str, domain: str, devices: list[Any]) -> None:
+        if not isinstance(migrationId, str) or not _MIGRATION_ID.match(migrationId):
+            raise BadSpec(f"migration id {migrationId!r} is invalid")
+        checkName("domain", domain)
+        if migrationId in self.sessions or migrationId in self.history:
+            raise DuplicateMigration(f"migration {migrationId} already exists here")
+        active = [s for s in self.sessions.values() if s.phase not in FINAL]
+        if len(active) >= self.config.maxSessions:
+            raise DeviceRefused(
+                f"this host already runs {len(active)} migrations (the limit); "
+                f"retry later"
+            )
+        if any(s.domain == domain for s in active):
+            raise DuplicateMigration(f"domain {domain} is already being migrated here")
+        names = [d.get("name") for d in devices]
+        if not devices or len(devices) > 64 or len(set(names)) != len(names):
+            raise BadSpec("a migration needs 1 to 64 devices with distinct names")
+
+    def _describe(self, device: dict[str, Any]) -> DeviceDescription:
+        return DeviceDescription(
+            kind=device["kind"],
+            name=device["name"],
+            size=device["size"],
+            params=device["params"],
+            precopy=device["precopy"],
+        )
+
+    async def _offer(
+        self, descriptions: list[DeviceDescription], contexts: list[TargetContext]
+    ) -> tuple[list[DeviceOffer], list[ITargetDevice]]:
+        offers: list[DeviceOffer] = []
+        accepted: list[ITargetDevice] = []
+        for description, context in zip(descriptions, contexts, strict=True):
+            name = description.name
+            kind = self.kinds.get(description.kind)
+            if kind is None:
+                reason = f"no handler for device kind {description.kind!r} on this host"
+                offers.append(DeviceOffer(name, False, reason))
+                continue
+            try:
+                await self.runInThread(_makePrivateDir, context.stagingDir.path)
+                device = kind.target(description, context)
+                params = await device.accept()
+            except XenmigError as e:
+                offers.append(DeviceOffer(name, False, f"device {name}: {e}"))
+                continue
+            accepted.append(device)
+            offers.append(DeviceOffer(name, True, "", params or {}))
+        return offers, accepted
+
+    async def _refuse(
+        self,
+        migrationId: str,
+        domain: str,
+        peer: str,
+        offers: list[DeviceOffer],
+        accepted: list[ITargetDevice],
+    ) -> None:
+        for device in accepted:
+            await device.abort()
+        await self.runInThread(removeTree, self.stagingRoot.child(migrationId).path)
+        reasons = "; ".join(o.reason for o in offers if not o.accepted)
+        log.warn(
+            "migration {migration_id} of {domain} from {peer} refused: {reasons}",
+            migration_id=migrationId,
+            domain=domain,
+            peer=peer,
+            reasons=reasons,
+        )
+        del self._contexts[migrationId]
+
+    # -- streams -------------------------------------------------------------------
+
+    def session(self, migrationId: str, peer: str | None = None) -> TargetSession:
+        """The session, if ``peer`` (when given) is the host that prepared it."""
+        session = self.sessions.get(migrationId)
+        if session is None:
+            if migrationId in self.history:
+                raise MigrationAborted(
+                    f"migration {migrationId} ended before this daemon started: "
+                    f"{self.history[migrationId].get('reason', '')}"
+                )
+            raise UnknownMigration(f"no migration {migrationId!r} on this host")
+        if peer is not None and peer != session.peer:
+            raise NotAuthorized(
+                f"migration {migrationId} belongs to {session.peer}, not {peer}"
+            )
+        return session
+
+    def openStream(self, peer: str, migrationId: str, device: str) -> bytes:
+        """A one-time token for the stream of ``device``, bound to ``peer``."""
+        session = self.session(migrationId, peer)
+        session.checkActive()
+        session.device(device)
+        self._expireTokens()
+        token = secrets.token_bytes(32)
+        expires = self.clock.seconds() + self.config.timeouts.token
+        self._tokens[token] = _Token(migrationId, device, peer, expires)
+        return token
+
+    def claimToken(self, peer: str, token: bytes) -> tuple[TargetSession, str]:
+        """Use a stream token: the session and the device whose stream this is."""
+        self._expireTokens()
+        claim = self._tokens.pop(token, None)
+        if claim is None:
+            raise BadToken("the stream token is unknown, used or expired")
+        if claim.peer != peer:
+            log.warn(
+                "migration {migration_id}: {peer} presented a token issued to {owner}",
+                migration_id=claim.migrationId,
+                peer=peer,
+                owner=claim.peer,
+            )
+            raise BadToken("the stream token was issued to another host")
+        session = self.session(claim.migrationId, peer)
+        session.streamStarted(claim.device)
+        return session, claim.device
+
+    def _expireTokens(self) -> None:
+        now = self.clock.seconds()
+        for token in [t for t, c in self._tokens.items() if c.expires < now]:
+            del self._tokens[token]
+
+    # -- verification, commit, abort ------------------------------------------------
+
+    def deviceReady(self, peer: str, migrationId: str, device: str) -> Deferred[Any]:
+        """A Deferred firing with the device's verified ContentDigest."""
+        return self.session(migrationId, peer).awaitReady(device)
+
+    async def commit(self, peer: str, migrationId: str) -> list[str]:
+        """Install everything and release the VM; what was installed."""
+        return await self.session(migrationId, peer).commit()
+
+    async def abort(self, peer: str | None, migrationId: str, reason: str) -> str:
+        """Abort a session; its phase afterwards."""
+        session = self.session(migrationId, peer)
+        if session.phase is not Phase.ABORTED:
+            who = f"by {peer}" if peer else "locally"
+            await session.abort(f"aborted {who}: {reason}")
+        return session.phase.value
+
+    async def deviceRequest(
+        self, peer: str, migrationId: str, device: str, method: str, payload: dict
+    ) -> dict[str, Any]:
+        """Route a handler-scoped request to the target device."""
+        session = self.session(migrationId, peer)
+        session.checkActive()
+        handler = session.device(device).device
+        if method not in handler.requestMethods:
+            raise UnknownDevice(f"device {device} has no request method {method!r}")
+        return await handler.handleRequest(method, payload)
+
+    # -- status and the resume gate -------------------------------------------------
+
+    def query(self, migrationId: str) -> dict[str, Any]:
+        if migrationId in self.sessions:
+            return self.sessions[migrationId].status().toJSON()
+        if migrationId in self.history:
+            return self.history[migrationId]
+        raise UnknownMigration(f"no migration {migrationId!r} on this host")
+
+    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        records = dict(self.history)
+        records.update({k: s.status().toJSON() for k, s in self.sessions.items()})
+        ordered = sorted(records.values(), key=lambda r: r.get("started", 0))
+        return ordered[::-1][: max(1, min(limit, 200))]
+
+    def awaitRestored(self, domain: str, timeout: float) -> Deferred[TargetSession]:
+        """
+        Fire once a migration of ``domain`` has committed: at once if the latest
+        one did; fail if the one under way aborts, or after ``timeout`` seconds.
+        """
+        latest = self._latest(domain)
+        if latest is not None and latest.phase is Phase.COMMITTED:
+            return succeed(latest)
+        d: Deferred[TargetSession] = Deferred(lambda d: self._forget(d))
+        self._waiters.append((domain, d))
+
+        def timedOut(failure: Failure, timeout: float) -> Failure:
+            if failure.check(CancelledError):
+                return Failure(
+                    PhaseTimeout(
+                        f"no migration of {domain} committed within {timeout:g} s"
+                    )
+                )
+            return failure
+
+        d.addTimeout(timeout, self.clock)
+        d.addErrback(timedOut, timeout)
+        return d
+
+    def _forget(self, waiter: Deferred[TargetSession]) -> None:
+        self._waiters = [(dom, d) for dom, d in self._waiters if d is not waiter]
+
+    def _latest(self, domain: str) -> TargetSession | None:
+        sessions = [s for s in self.sessions.values() if s.domain == domain]
+        return max(sessions, key=lambda s: s.started) if sessions else None
+
+    def _changed(self, session: TargetSession) -> Deferred[None]:
+        """Every phase change: journal it; at the end, clean, release, hook."""
+        record = session.summary()
+        contexts = self._contexts.get(session.migrationId, [])
+        record["staging"] = [self.stagingRoot.child(session.migrationId).path] + [
+            p for c in contexts for p in c.externalStaging
+        ]
+        d = self.journal.write(session.migrationId, record)
+        if session.phase in FINAL:
+            d.addCallback(lambda _: self._finished(session))
+        return d
+
+    def _finished(self, session: TargetSession) -> Deferred[None]:
+        mid = session.migrationId
+        contexts = self._contexts.pop(mid, [])
+        paths = [self.stagingRoot.child(mid).path]
+        paths += [p for c in contexts for p in c.externalStaging]
+        d = self.runInThread(lambda: [removeTree(p) for p in paths])
+        d.addCallback(lambda _: self._release(session))
+        return d
+
+    def _release(self, session: TargetSession) -> None:
+        matching = [(dom, d) for dom, d in self._waiters if dom == session.domain]
+        self._waiters = [(dom, d) for dom, d in self._waiters if dom != session.domain]
+        for _, waiter in matching:
+            if session.phase is Phase.COMMITTED:
+                waiter.callback(session)
+            else:
+                waiter.errback(
+                    MigrationAborted(
+                        f"migration {session.migrationId} of {session.domain} "
+                        f"aborted: {session.reason}"
+                    )
+                )
+        if session.phase is Phase.COMMITTED:
+            self._runCommitHook(session)
+
+    def _runCommitHook(self, session: TargetSession) -> None:
+        if not self.config.onCommit or self.runHook is None:
+            return
+        env = {
+            "XENMIG_MIGRATION_ID": session.migrationId,
+            "XENMIG_DOMAIN": session.domain,
+            "XENMIG_PEER": session.peer,
+            "XENMIG_INSTALLED": "\n".join(session.installed),
+        }
+
+        def done(code: int) -> None:
+            log.info(
+                "migration {migration_id}: on-commit hook exited {code}",
+                migration_id=session.migrationId,
+                code=code,
+            )
+
+        self.runHook(self.config.onCommit, env).addCallbacks(
+            done,
+            lambda f: log.failure(
+                "migration {migration_id}: on-commit hook failed",
+                f,
+                migration_id=session.migrationId,
+            ),
+        )
+
+    def closeAll(self, reason: str) -> Deferred[None]:
+        """Abort every session that has not committed (daemon shutting down)."""
+        pending = [
+            s.abort(reason)
+            for s in self.sessions.values()
+            if s.phase not in FINAL and s.phase is not Phase.COMMITTING
+        ]
+        return (
+            gatherResults(pending).addCallback(lambda _: None)
+            if pending
+            else succeed(None)
+        )
+
+
+def _makePrivateDir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=False)

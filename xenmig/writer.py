@@ -1,0 +1,137 @@
+"""The source end of a state stream: records written with producer backpressure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from xenmig.errors import StreamError
+from xenmig.interfaces import IRecordWriter
+from xenmig.model import ContentDigest
+from xenmig.records import (
+    encodeData,
+    encodeEnd,
+    encodeKeepalive,
+    encodeMetadata,
+    encodeRound,
+    encodeStreamHeader,
+    encodeZero,
+)
+
+
+@implementer(IRecordWriter, IPushProducer)
+class StreamSender(Protocol):
+    """
+    Writes one device's records to its stream connection.
+
+    It registers itself as a streaming producer of the transport: when the
+    transport's buffer fills, writes return Deferreds that fire only once the
+    transport drains, so the device stops reading its source meanwhile.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.bytesWritten = 0
+        self.dataBytes = 0
+        self.opened: Deferred[StreamSender] = Deferred()
+        self._paused = False
+        self._waiters: list[Deferred[None]] = []
+        self._lost: Failure | None = None
+        self._done = False
+
+    # -- protocol and producer ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        self.transport.write(encodeStreamHeader())
+        self.opened.callback(self)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not self._paused:
+                waiter.callback(None)
+            else:
+                self._waiters.append(waiter)
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        if self._done and not self._waiters:
+            return
+        self._lost = Failure(
+            StreamError(
+                f"the stream of device {self.device} was lost after "
+                f"{self.bytesWritten} bytes: {reason.getErrorMessage()}"
+            )
+        )
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(self._lost)
+
+    # -- IRecordWriter ----------------------------------------------------------------
+
+    def _write(self, parts: list[bytes]) -> Deferred[None]:
+        if self._lost is not None:
+            return _failed(self._lost)
+        if self._done:
+            return _failed(Failure(StreamError(f"device {self.device}: stream closed")))
+        self.transport.writeSequence(parts)
+        if not self._paused:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
+        self.bytesWritten += len(data)
+        self.dataBytes += len(data)
+        return self._write(encodeData(offset, data))
+
+    def writeZero(self, offset: int, length: int) -> Deferred[None]:
+        self.bytesWritten += length
+        return self._write(encodeZero(offset, length))
+
+    def writeMetadata(self, metadata: dict[str, Any]) -> Deferred[None]:
+        return self._write(encodeMetadata(metadata))
+
+    # -- framework records ------------------------------------------------------------
+
+    def writeRound(self, round: int, final: bool) -> Deferred[None]:
+        """Mark the start of a round."""
+        return self._write(encodeRound(round, final))
+
+    def keepalive(self) -> None:
+        """Reset the target's idle timer while the toolstack pauses the VM."""
+        if self._lost is None and not self._done and not self._paused:
+            self.transport.writeSequence(encodeKeepalive())
+
+    def finish(self, digest: ContentDigest) -> Deferred[None]:
+        """Write the END record and close the stream once it is flushed."""
+        d = self._write(encodeEnd(digest.size, digest.algorithm, digest.digest))
+        self._done = True
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        return d
+
+    def abort(self) -> None:
+        """Drop the stream at once (the migration is being aborted)."""
+        self._done = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+def _failed(failure: Failure) -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    d.errback(failure)
+    return d
