@@ -1,0 +1,193 @@
+"""
+Fakes for tests of device handlers and of one layer of xenmig.
+
+Handler authors use them to drive a source and a target device against each
+other without a daemon: L{PipeWriter} hands every record the source writes
+straight to the target device, with its backpressure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from xenmig.destinations import resolveDestination
+from xenmig.interfaces import (
+    IRecordWriter,
+    ISourceContext,
+    ITargetContext,
+    ITargetDevice,
+)
+from xenmig.model import ContentDigest
+from xenmig.records import (
+    DataRecord,
+    EndRecord,
+    MetadataRecord,
+    Record,
+    RoundRecord,
+    ZeroRecord,
+)
+
+
+def _runner(reactor: Any) -> Callable[..., Deferred[Any]]:
+    def run(function: Callable[..., Any], *args: Any, **kw: Any) -> Deferred[Any]:
+        return deferToThreadPool(
+            reactor, reactor.getThreadPool(), function, *args, **kw
+        )
+
+    return run
+
+
+@implementer(ISourceContext)
+class FakeSourceContext:
+    """A source context on the real reactor's thread pool; peer calls are scripted."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        migrationId: str = "test-migration",
+        domain: str = "vm",
+        peer: Callable[[str, dict[str, Any]], Any] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.migrationId = migrationId
+        self.domain = domain
+        self.runInThread = _runner(reactor)
+        self._peer = peer
+
+    def callPeer(self, method: str, payload: dict[str, Any]) -> Deferred[dict]:
+        if self._peer is None:
+            raise NotImplementedError("no peer in this fake")
+        return succeed(self._peer(method, payload))
+
+
+@implementer(ITargetContext)
+class FakeTargetContext:
+    """A target context with real directories: a staging dir and allowed roots."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        roots: list[str],
+        stagingDir: str | None = None,
+        migrationId: str = "test-migration",
+        domain: str = "vm",
+        peer: str = "source.test",
+    ) -> None:
+        self.reactor = reactor
+        self.migrationId = migrationId
+        self.domain = domain
+        self.peer = peer
+        self.roots = [FilePath(r) for r in roots]
+        self.stagingDir = FilePath(stagingDir or tempfile.mkdtemp(prefix="staging-"))
+        self.stagingDir.makedirs(ignoreExistingDirectory=True)
+        self.externalStaging: list[str] = []
+        self.runInThread = _runner(reactor)
+
+    def resolveDestination(self, path: str) -> FilePath:
+        return resolveDestination(path, self.roots)
+
+    def stagingPathFor(self, destination: FilePath, suffix: str = "") -> FilePath:
+        same = (
+            os.stat(self.stagingDir.path).st_dev
+            == os.stat(destination.dirname()).st_dev
+        )
+        if same:
+            return self.stagingDir.child(destination.basename() + suffix + ".part")
+        path = destination.sibling(f".{destination.basename()}{suffix}.part")
+        self.externalStaging.append(path.path)
+        return path
+
+    def cleanup(self) -> None:
+        """Remove the staging directory, as the framework does after a session."""
+        shutil.rmtree(self.stagingDir.path, ignore_errors=True)
+        for path in self.externalStaging:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+@implementer(IRecordWriter)
+class MemoryWriter:
+    """Collects records in a list (small states only)."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.bytesWritten = 0
+
+    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
+        self.bytesWritten += len(data)
+        self.records.append(DataRecord(offset, bytes(data)))
+        return succeed(None)
+
+    def writeZero(self, offset: int, length: int) -> Deferred[None]:
+        self.bytesWritten += length
+        self.records.append(ZeroRecord(offset, length))
+        return succeed(None)
+
+    def writeMetadata(self, metadata: dict[str, Any]) -> Deferred[None]:
+        self.records.append(MetadataRecord(dict(metadata)))
+        return succeed(None)
+
+
+@implementer(IRecordWriter)
+class PipeWriter:
+    """
+    Hands each record straight to a target device, waiting when it asks to:
+    a stream without the network, for handler tests.
+    """
+
+    def __init__(self, target: ITargetDevice) -> None:
+        self.target = target
+        self.bytesWritten = 0
+        self.dataBytes = 0
+        self.records = 0
+
+    def _deliver(self, record: Record) -> Deferred[None]:
+        self.records += 1
+        waiting = self.target.receive(record)
+        return waiting if waiting is not None else succeed(None)
+
+    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
+        self.bytesWritten += len(data)
+        self.dataBytes += len(data)
+        return self._deliver(DataRecord(offset, bytes(data)))
+
+    def writeZero(self, offset: int, length: int) -> Deferred[None]:
+        self.bytesWritten += length
+        return self._deliver(ZeroRecord(offset, length))
+
+    def writeMetadata(self, metadata: dict[str, Any]) -> Deferred[None]:
+        return self._deliver(MetadataRecord(dict(metadata)))
+
+    def writeRound(self, round: int, final: bool) -> Deferred[None]:
+        return self._deliver(RoundRecord(round, final))
+
+    def finish(self, digest: ContentDigest) -> Deferred[ContentDigest]:
+        """Send the END record; the target's digest (compare it with ``digest``)."""
+        return self.target.finish(
+            EndRecord(digest.size, digest.algorithm, digest.digest)
+        )
+
+
+def requirePrograms(*names: str) -> None:
+    """
+    In a test: skip when one of the external programs ``names`` is missing, with
+    the reason; under CI (``CI=true``) fail instead, since CI must install them.
+    """
+    import pytest
+
+    missing = [name for name in names if shutil.which(name) is None]
+    if not missing:
+        return
+    message = f"needs {', '.join(missing)} (install: see scripts/bootstrap)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("CI must have every program: " + message)
+    pytest.skip(message)
