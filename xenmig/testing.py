@@ -21,12 +21,14 @@ from zope.interface import implementer
 
 from xenmig.destinations import resolveDestination
 from xenmig.interfaces import (
+    IDeviceKind,
     IRecordWriter,
     ISourceContext,
+    ISourceDevice,
     ITargetContext,
     ITargetDevice,
 )
-from xenmig.model import ContentDigest
+from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec
 from xenmig.records import (
     DataRecord,
     EndRecord,
@@ -191,3 +193,121 @@ def requirePrograms(*names: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail("CI must have every program: " + message)
     pytest.skip(message)
+
+
+@implementer(ITargetDevice)
+class MemoryTarget:
+    """A target device that keeps the state in memory: for tests of the framework."""
+
+    requestMethods = frozenset({"echo"})
+
+    def __init__(self, description: Any, context: Any = None) -> None:
+        self.description = description
+        self.context = context
+        self.data = bytearray(description.size)
+        self.records: list[Record] = []
+        self.hold: Deferred[None] | None = None
+        self.failCommit: Exception | None = None
+        self.committed = False
+        self.aborted = False
+        self.refuse: str | None = description.params.get("refuse")
+
+    def accept(self) -> Deferred[dict[str, Any]]:
+        if self.refuse:
+            from xenmig.errors import DeviceRefused
+
+            raise DeviceRefused(self.refuse)
+        return succeed({"accepted-by": "memory"})
+
+    def receive(self, record: Record) -> Deferred[None] | None:
+        self.records.append(record)
+        if isinstance(record, DataRecord):
+            end = record.offset + len(record.data)
+            if end > len(self.data):
+                from xenmig.errors import StreamError
+
+                raise StreamError(f"{end} bytes exceed the declared size")
+            self.data[record.offset : end] = record.data
+        return self.hold
+
+    def finish(self, end: EndRecord) -> Deferred[ContentDigest]:
+        from xenmig.digest import hashBytes
+
+        return succeed(hashBytes(bytes(self.data)))
+
+    def commit(self) -> Deferred[list[str]]:
+        if self.failCommit is not None:
+            raise self.failCommit
+        self.committed = True
+        return succeed([f"memory:{self.description.name}"])
+
+    def abort(self) -> Deferred[None]:
+        self.aborted = True
+        return succeed(None)
+
+    def handleRequest(self, method: str, payload: dict[str, Any]) -> Deferred[dict]:
+        return succeed({"echo": payload})
+
+
+@implementer(ISourceDevice)
+class MemorySource:
+    """A source device whose state is the text of its ``data=`` parameter."""
+
+    precopy = False
+
+    def __init__(self, spec: DeviceSpec, context: Any = None) -> None:
+        self.spec = spec
+        self.context = context
+        self.data = spec.params.get("data", "").encode()
+        self.rolledBack = False
+        self.released = False
+        self.peerParams: dict[str, Any] | None = None
+
+    def describe(self) -> Deferred[DeviceDescription]:
+        return succeed(DeviceDescription("memory", self.spec.name, len(self.data)))
+
+    def accepted(self, params: dict[str, Any]) -> None:
+        self.peerParams = params
+
+    def sendRound(self, writer: IRecordWriter, round: int) -> Deferred[Any]:
+        raise NotImplementedError("no pre-copy")
+
+    def sendFinal(self, writer: IRecordWriter) -> Deferred[ContentDigest]:
+        return Deferred.fromCoroutine(self._send(writer))
+
+    async def _send(self, writer: IRecordWriter) -> ContentDigest:
+        from xenmig.digest import hashBytes
+
+        for offset in range(0, len(self.data), 4096):
+            await writer.writeData(offset, self.data[offset : offset + 4096])
+        return hashBytes(self.data)
+
+    def rollback(self) -> Deferred[None]:
+        self.rolledBack = True
+        return succeed(None)
+
+    def release(self) -> Deferred[None]:
+        self.released = True
+        return succeed(None)
+
+
+@implementer(IDeviceKind)
+class MemoryKind:
+    """The ``memory`` kind: not a plug-in; tests hand it to clients and targets."""
+
+    kind = "memory"
+    summary = "state held in memory, for tests"
+
+    def __init__(self) -> None:
+        self.sources: list[MemorySource] = []
+        self.targets: list[MemoryTarget] = []
+
+    def source(self, spec: DeviceSpec, context: Any) -> MemorySource:
+        device = MemorySource(spec, context)
+        self.sources.append(device)
+        return device
+
+    def target(self, description: DeviceDescription, context: Any) -> MemoryTarget:
+        device = MemoryTarget(description, context)
+        self.targets.append(device)
+        return device

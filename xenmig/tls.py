@@ -1,0 +1,323 @@
+"""Mutual TLS for the daemon and the client: identities, authorities, options."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import (
+    PrivateKeyTypes,
+    PublicKeyTypes,
+)
+from cryptography.x509.oid import NameOID
+from OpenSSL.crypto import X509
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IOpenSSLClientConnectionCreator,
+    IReactorSSL,
+    ISSLTransport,
+    ITransport,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    PrivateCertificate,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.python.filepath import FilePath
+
+from xenmig.errors import ConfigurationError, NotAuthorized
+
+# Loading reads files with blocking calls: do it at start-up, before the reactor
+# runs (as makeService and the CLI do), never from inside a callback.
+
+#: Below this, no connection is made; the highest version both sides know
+#: (TLS 1.3) is negotiated.
+MINIMUM_TLS = TLSVersion.TLSv1_2
+
+AnyPath = FilePath[str] | str | os.PathLike[str]
+
+
+def loadIdentity(
+    certPath: AnyPath,
+    keyPath: AnyPath | None = None,
+    now: datetime.datetime | None = None,
+) -> PrivateCertificate:
+    """
+    Read this host's certificate and private key.
+
+    @param certPath: a PEM file whose first certificate is this host's; it also
+        holds the private key unless C{keyPath} is given.
+    @param keyPath: a PEM file holding the private key, or L{None}.
+    @param now: the time to check validity against (default: the current time).
+    @raise ConfigurationError: naming the file, if a file is missing or
+        unreadable, holds no PEM certificate or key, if the key does not match
+        the certificate, or the certificate is expired or not yet valid.
+    """
+    certFile = _asPath(certPath)
+    certData = _read(certFile, "certificate")
+    certificate = _certificates(certData, certFile)[0]
+    keyFile = certFile if keyPath is None else _asPath(keyPath)
+    keyData = certData if keyPath is None else _read(keyFile, "key")
+    key = _privateKey(keyData, keyFile)
+    if _spki(key.public_key()) != _spki(certificate.public_key()):
+        raise ConfigurationError(
+            f"the private key in {keyFile.path} does not match the certificate"
+            f" in {certFile.path}"
+        )
+    _checkValidity(certificate, certFile, now)
+    return PrivateCertificate.loadPEM(_certificatePEM(certificate) + _keyPEM(key))
+
+
+def loadAuthority(
+    caPath: AnyPath, now: datetime.datetime | None = None
+) -> list[Certificate]:
+    """
+    Read the certificate authorities that peers' certificates must chain to.
+
+    @param caPath: a PEM file holding one or more CA certificates.
+    @param now: the time to check validity against (default: the current time).
+    @raise ConfigurationError: naming the file, if it is missing or unreadable,
+        holds no PEM certificate, a certificate that is not a CA, or one that is
+        expired or not yet valid.
+    """
+    caFile = _asPath(caPath)
+    authorities = _certificates(_read(caFile, "CA"), caFile)
+    for authority in authorities:
+        _checkAuthority(authority, caFile)
+        _checkValidity(authority, caFile, now)
+    return [Certificate.loadPEM(_certificatePEM(each)) for each in authorities]
+
+
+def serverOptions(
+    identity: PrivateCertificate, authorities: Sequence[Certificate]
+) -> CertificateOptions:
+    """
+    TLS settings for the daemon: a client certificate chaining to one of
+    C{authorities} is required; TLS 1.2 at least, TLS 1.3 when both can.
+    """
+    return CertificateOptions(
+        privateKey=identity.privateKey.original,
+        certificate=identity.original,
+        trustRoot=_trustRoot(authorities),
+        raiseMinimumTo=MINIMUM_TLS,
+    )
+
+
+def clientOptions(
+    hostname: str, identity: PrivateCertificate, authorities: Sequence[Certificate]
+) -> IOpenSSLClientConnectionCreator:
+    """
+    TLS settings for connecting to the daemon at C{hostname}.
+
+    The daemon's certificate must chain to one of C{authorities} and name
+    C{hostname} (a DNS name or an IP address) in its subjectAltName; this side
+    presents C{identity}.
+    """
+    return optionsForClientTLS(
+        hostname,
+        trustRoot=_trustRoot(authorities),
+        clientCertificate=identity,
+        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS},
+    )
+
+
+def serverEndpoint(
+    reactor: IReactorSSL, port: int, interface: str, options: CertificateOptions
+) -> SSL4ServerEndpoint:
+    """
+    The daemon's listening endpoint (an endpoint string cannot require client
+    certificates, so it is built here).
+    """
+    return SSL4ServerEndpoint(reactor, port, options, interface=interface)
+
+
+def peerIdentity(transport: ITransport) -> str:
+    """
+    Name the peer of a connection whose TLS handshake is complete.
+
+    @return: the first DNS subjectAltName of the peer's certificate, else its
+        common name; ``plaintext:<address>`` if the transport is not TLS.
+    @raise NotAuthorized: if the peer presented no certificate (or the
+        handshake is not complete), or the certificate names no host.
+    """
+    if not ISSLTransport.providedBy(transport):
+        # The host alone: a peer's control and stream connections differ in port.
+        address = transport.getPeer()
+        return "plaintext:" + str(getattr(address, "host", None) or repr(address))
+    return certificateIdentity(_peerCertificate(ISSLTransport(transport)))
+
+
+def peerFingerprint(transport: ITransport) -> str:
+    """
+    The SHA-256 of the peer certificate's DER form, in lowercase hex.
+
+    @return: the fingerprint; the empty string if the transport is not TLS.
+    @raise NotAuthorized: if the peer presented no certificate (or the
+        handshake is not complete).
+    """
+    if not ISSLTransport.providedBy(transport):
+        return ""
+    der = _peerCertificate(ISSLTransport(transport)).public_bytes(
+        serialization.Encoding.DER
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def certificateIdentity(certificate: x509.Certificate) -> str:
+    """
+    The host a certificate names: its first DNS subjectAltName, else its CN.
+
+    @raise NotAuthorized: if it names neither.
+    """
+    try:
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    names += [
+        str(attribute.value)
+        for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ]
+    if not names:
+        raise NotAuthorized(
+            f"the peer certificate ({certificate.subject.rfc4514_string()}) names"
+            " no host: it has neither a DNS subjectAltName nor a common name"
+        )
+    return names[0]
+
+
+def _peerCertificate(transport: ISSLTransport) -> x509.Certificate:
+    """The peer's certificate, as a C{cryptography} object."""
+    certificate = cast("X509 | None", transport.getPeerCertificate())
+    if certificate is None:
+        raise NotAuthorized(
+            f"the peer at {_describeAddress(transport.getPeer())} presented no"
+            " certificate (or the TLS handshake is not complete)"
+        )
+    return certificate.to_cryptography()
+
+
+def _describeAddress(address: IAddress) -> str:
+    """C{host:port} for an IP address, C{[host]:port} for IPv6, else the repr."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        return repr(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _trustRoot(authorities: Sequence[Certificate]) -> IOpenSSLTrustRoot:
+    """Trust exactly C{authorities}; refuse an empty list, which trusts no one."""
+    if not authorities:
+        raise ConfigurationError(
+            "no certificate authority given: every peer would be refused;"
+            " give the CA certificate file (--ca)"
+        )
+    return trustRootFromCertificates(authorities)
+
+
+def _checkValidity(
+    certificate: x509.Certificate, path: FilePath[str], now: datetime.datetime | None
+) -> None:
+    """Refuse a certificate that is expired or not yet valid at C{now}."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    subject = certificate.subject.rfc4514_string()
+    if now < certificate.not_valid_before_utc:
+        raise ConfigurationError(
+            f"the certificate {subject} in {path.path} is not valid until"
+            f" {certificate.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC;"
+            " check this host's clock"
+        )
+    if now > certificate.not_valid_after_utc:
+        raise ConfigurationError(
+            f"the certificate {subject} in {path.path} expired on"
+            f" {certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC;"
+            " issue a new one"
+        )
+
+
+def _checkAuthority(certificate: x509.Certificate, path: FilePath[str]) -> None:
+    """Refuse a certificate that is not marked as a certificate authority."""
+    try:
+        isCA = certificate.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        ).value.ca
+    except x509.ExtensionNotFound:
+        isCA = False
+    if not isCA:
+        raise ConfigurationError(
+            f"the certificate {certificate.subject.rfc4514_string()} in {path.path}"
+            " is not a CA certificate; give the CA's ca.pem"
+        )
+
+
+def _certificates(data: bytes, path: FilePath[str]) -> list[x509.Certificate]:
+    """Every PEM certificate in C{data}, read from C{path}."""
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigurationError(f"{path.path} holds no PEM certificate")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigurationError(f"{path.path} holds a malformed PEM certificate")
+
+
+def _privateKey(data: bytes, path: FilePath[str]) -> PrivateKeyTypes:
+    """The first PEM private key in C{data}, read from C{path}."""
+    if b"PRIVATE KEY-----" not in data:
+        raise ConfigurationError(
+            f"{path.path} holds no PEM private key; add the key to it or give"
+            " the key file separately (--key)"
+        )
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ConfigurationError(
+            f"the private key in {path.path} is encrypted; xenmig needs it"
+            " unencrypted (protect the file with mode 0600)"
+        )
+    except ValueError:
+        raise ConfigurationError(f"{path.path} holds a malformed PEM private key")
+
+
+def _read(path: FilePath[str], what: str) -> bytes:
+    """The bytes of C{path}, or a ConfigurationError naming it."""
+    try:
+        return path.getContent()
+    except FileNotFoundError:
+        raise ConfigurationError(f"{what} file {path.path} does not exist")
+    except OSError as e:
+        raise ConfigurationError(f"cannot read {what} file {path.path}: {e.strerror}")
+
+
+def _spki(publicKey: PublicKeyTypes) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key, to compare keys."""
+    return publicKey.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _certificatePEM(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _keyPEM(key: PrivateKeyTypes) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _asPath(path: AnyPath) -> FilePath[str]:
+    """A FilePath for a FilePath, a str or a path-like object."""
+    return path if isinstance(path, FilePath) else FilePath(os.fspath(path))
