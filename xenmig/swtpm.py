@@ -624,6 +624,7 @@ class SwtpmProcess:
         key: KeyOption | None = None,
         migrationKey: KeyOption | None = None,
         flags: Sequence[str] = (),
+        server: bool = True,
         executable: str = "swtpm",
         startTimeout: float = 10.0,
         stopGrace: float = 3.0,
@@ -636,6 +637,7 @@ class SwtpmProcess:
             socketDir = tempfile.mkdtemp(prefix="xenmig-swtpm-")
         self.socketDir = socketDir or stateDir
         self.key, self.migrationKey, self.flags = key, migrationKey, tuple(flags)
+        self.server = server
         self.executable = executable
         self.startTimeout, self.stopGrace = startTimeout, stopGrace
         self.serverPath = os.path.join(self.socketDir, "tpm.sock")
@@ -660,11 +662,11 @@ class SwtpmProcess:
             "--tpm2",
             "--tpmstate",
             f"dir={self.stateDir}",
-            "--server",
-            f"type=unixio,path={self.serverPath}",
             "--ctrl",
             f"type=unixio,path={self.ctrlPath}",
         ]
+        if self.server:  # without it, the TPM socket comes over CMD_SET_DATAFD
+            args += ["--server", f"type=unixio,path={self.serverPath}"]
         if self.key is not None:
             args += ["--key", self.key.argument()]
         if self.migrationKey is not None:

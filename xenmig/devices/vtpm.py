@@ -1,0 +1,662 @@
+"""The ``vtpm`` device kind: a running swtpm's state, restored into a resuming swtpm."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from xenmig.digest import ALGORITHM, hashBytes
+from xenmig.errors import (
+    BadSpec,
+    CommitFailed,
+    DeviceError,
+    DeviceRefused,
+    DigestMismatch,
+    StreamError,
+    UnknownDevice,
+)
+from xenmig.interfaces import (
+    IDeviceKind,
+    IRecordWriter,
+    ISourceContext,
+    ISourceDevice,
+    ITargetContext,
+    ITargetDevice,
+)
+from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
+from xenmig.records import DataRecord, EndRecord, MetadataRecord, Record, ZeroRecord
+from xenmig.swtpm import (
+    BLOB_NAMES,
+    BLOB_TYPES,
+    CAPS_FOR_MIGRATION,
+    CONFIG_FLAG_FILE_KEY,
+    CONFIG_FLAG_MIGRATION_KEY,
+    INIT_FLAG_DELETE_VOLATILE,
+    MAX_BLOB,
+    KeyOption,
+    StateBlob,
+    SwtpmBusy,
+    SwtpmControl,
+    SwtpmError,
+    SwtpmNotRunning,
+    SwtpmProcess,
+    swtpmFeatures,
+)
+
+log = Logger()
+
+YES = frozenset({"1", "yes", "true", "on"})
+#: A vTPM's state is a few KiB (permanent about 2 KB, volatile about 10 KB).
+SIZE_ESTIMATE = 16 * 1024
+#: The largest DATA record the source writes.
+CHUNK = 1024 * 1024
+#: The metadata key that announces one blob, and the format of that announcement.
+BLOB_KEY = "vtpm-blob"
+FORMAT = 1
+
+SOURCE_PARAMS = frozenset({"ctrl", "key", "qemu", "timeout"})
+TARGET_PARAMS = frozenset(
+    {
+        "target-ctrl",
+        "target-statedir",
+        "target-key",
+        "target-migration-key",
+        "target-key-mode",
+        "target-key-format",
+        "target-allow-unencrypted",
+        "target-overwrite",
+        "target-timeout",
+    }
+)
+
+
+class VTPMOwnedByQEMU(DeviceError):
+    """The vTPM is attached to QEMU, whose own stream carries its state."""
+
+
+def _named(name: str, error: SwtpmError) -> SwtpmError:
+    """The same error, of the same class, with the device named first."""
+    copy = type(error).__new__(type(error))
+    copy.__dict__.update(error.__dict__)
+    Exception.__init__(copy, f"vtpm device {name}: {error}")
+    return copy
+
+
+def _seconds(name: str, params: dict[str, Any], key: str, default: float) -> float:
+    value = params.get(key, default)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise BadSpec(f"vtpm device {name}: {key}={value!r} is not a number of seconds")
+    return seconds
+
+
+def _qemuMessage(name: str, why: str) -> str:
+    return (
+        f"vtpm device {name}: {why}; QEMU carries the TPM state inside its own "
+        f"migration stream (the devmodel device), so migrating it here as well would "
+        f"move the same TPM twice: leave the vtpm device out of this migration"
+    )
+
+
+async def controlSocketHolders(reactor: Any, path: str) -> list[tuple[str, int]]:
+    """
+    The processes connected to the unix control socket ``path`` (name, pid).
+
+    Uses ``ss -xpn``; an empty list when ``ss`` is missing or shows nothing.
+    """
+    ss = shutil.which("ss")
+    if ss is None:
+        return []
+    out, _, code = await getProcessOutputAndValue(ss, ["-xpn"], reactor=reactor)
+    if code != 0:
+        return []
+    rows = [line.split() for line in out.decode("utf-8", "replace").splitlines()[1:]]
+    # Netid State Recv-Q Send-Q Local Inode Peer PeerInode Process
+    peers = {row[7] for row in rows if len(row) >= 8 and row[4] == path}
+    holders = []
+    for row in rows:
+        if len(row) >= 9 and row[4] != path and row[5] in peers:
+            for name, pid in re.findall(r'\("([^"]*)",pid=(\d+)', " ".join(row[8:])):
+                holders.append((name, int(pid)))
+    return holders
+
+
+# -- source --------------------------------------------------------------------------
+
+
+@implementer(ISourceDevice)
+class VTPMSource:
+    """Takes the three state blobs out of a running swtpm through its control socket."""
+
+    precopy = False
+
+    def __init__(self, spec: DeviceSpec, context: ISourceContext) -> None:
+        self.spec = spec
+        self.context = context
+        name = spec.name
+        unknown = set(spec.params) - SOURCE_PARAMS
+        if unknown:
+            raise BadSpec(
+                f"vtpm device {name}: unknown parameter(s) {', '.join(sorted(unknown))}"
+                f" (known: {', '.join(sorted(SOURCE_PARAMS))})"
+            )
+        ctrl = spec.params.get("ctrl")
+        if not ctrl:
+            raise BadSpec(
+                f"vtpm device {name}: needs ctrl=PATH, the swtpm's control socket"
+            )
+        modes = {"target-ctrl", "target-statedir"} & set(spec.targetParams)
+        if len(modes) != 1:
+            raise BadSpec(
+                f"vtpm device {name}: give exactly one of target-ctrl=PATH (a fresh "
+                f"swtpm the target toolstack started) or target-statedir=DIR"
+            )
+        self.qemu = str(spec.params.get("qemu", "")).lower() in YES
+        self.expectKey = bool(spec.params.get("key"))
+        timeout = _seconds(name, spec.params, "timeout", 5.0)
+        self.control = SwtpmControl(context.reactor, str(ctrl), timeout)
+
+    async def _guard(self, work: Any) -> Any:
+        try:
+            return await work
+        except SwtpmError as e:
+            raise _named(self.spec.name, e)
+
+    def describe(self) -> Deferred[DeviceDescription]:
+        return Deferred.fromCoroutine(self._guard(self._describe()))
+
+    async def _describe(self) -> DeviceDescription:
+        name = self.spec.name
+        if self.qemu:
+            raise VTPMOwnedByQEMU(_qemuMessage(name, "it is attached to QEMU (qemu=1)"))
+        try:
+            caps = await self.control.getCapability()
+        except SwtpmBusy:
+            await self._refuseIfQEMU()
+            raise
+        missing = CAPS_FOR_MIGRATION & ~caps
+        if missing:
+            raise DeviceError(
+                f"vtpm device {name}: the swtpm at {self.control.address} lacks the "
+                f"state-blob control commands (capabilities 0x{caps:x}): upgrade swtpm"
+            )
+        config = await self.control.getConfig()
+        await self.control.getEstablished()  # fails with SwtpmNotRunning if stopped
+        if self.expectKey and not config & CONFIG_FLAG_FILE_KEY:
+            raise DeviceError(
+                f"vtpm device {name}: key= was given but the swtpm at "
+                f"{self.control.address} runs without --key: check its command line"
+            )
+        params: dict[str, Any] = dict(self.spec.targetParams)
+        params.update(
+            format=FORMAT,
+            file_key=bool(config & CONFIG_FLAG_FILE_KEY),
+            migration_key=bool(config & CONFIG_FLAG_MIGRATION_KEY),
+        )
+        return DeviceDescription("vtpm", name, SIZE_ESTIMATE, params)
+
+    async def _refuseIfQEMU(self) -> None:
+        holders = await controlSocketHolders(self.context.reactor, self.control.address)
+        qemus = [f"{n} (pid {pid})" for n, pid in holders if "qemu" in n.lower()]
+        if qemus:
+            raise VTPMOwnedByQEMU(
+                _qemuMessage(
+                    self.spec.name,
+                    f"its control socket {self.control.address} is held by "
+                    f"{', '.join(qemus)}",
+                )
+            )
+
+    def accepted(self, params: dict[str, Any]) -> None:
+        pass
+
+    def sendRound(self, writer: IRecordWriter, round: int) -> Deferred[RoundResult]:
+        return fail(DeviceError(f"vtpm device {self.spec.name}: no pre-copy rounds"))
+
+    def sendFinal(self, writer: IRecordWriter) -> Deferred[ContentDigest]:
+        return Deferred.fromCoroutine(self._guard(self._sendFinal(writer)))
+
+    async def _sendFinal(self, writer: IRecordWriter) -> ContentDigest:
+        blobs = await self.control.getStateBlobs(decrypt=True)
+        offset = 0
+        for blob in blobs:
+            await writer.writeMetadata(
+                {
+                    BLOB_KEY: blob.name,
+                    "type": blob.blobType,
+                    "flags": blob.flags,
+                    "offset": offset,
+                    "length": len(blob.data),
+                    "digest": hashBytes(blob.data).hex,
+                }
+            )
+            for start in range(0, len(blob.data), CHUNK):
+                await writer.writeData(offset + start, blob.data[start : start + CHUNK])
+            offset += len(blob.data)
+        log.info(
+            "vtpm {device}: sent {size} bytes of state ({sizes})",
+            device=self.spec.name,
+            size=offset,
+            sizes=", ".join(f"{b.name} {len(b.data)}" for b in blobs),
+        )
+        return hashBytes(b"".join(blob.data for blob in blobs))
+
+    def rollback(self) -> Deferred[None]:
+        # GET_STATEBLOB changes nothing in the TPM (tested): nothing to undo.
+        return succeed(None)
+
+    def release(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._guard(self._release()))
+
+    async def _release(self) -> None:
+        try:
+            await self.control.shutdown()
+        except SwtpmError as e:
+            raise DeviceError(
+                f"vtpm device {self.spec.name}: the source swtpm could not be shut "
+                f"down after the commit ({e}): the target runs this TPM now; stop the "
+                f"source swtpm yourself"
+            )
+
+
+# -- target --------------------------------------------------------------------------
+
+
+@implementer(ITargetDevice)
+class VTPMTarget:
+    """Receives the blobs, verifies them, and loads them into a swtpm at commit."""
+
+    requestMethods: frozenset[str] = frozenset()
+
+    def __init__(self, description: DeviceDescription, context: ITargetContext):
+        self.description = description
+        self.context = context
+        params = description.params
+        name = self.name = description.name
+        unknown = {k for k in params if k.startswith("target")} - TARGET_PARAMS
+        if unknown:
+            raise BadSpec(
+                f"vtpm device {name}: unknown parameter(s) {', '.join(sorted(unknown))}"
+            )
+        timeout = _seconds(name, params, "target-timeout", 5.0)
+        ctrl, statedir = params.get("target-ctrl"), params.get("target-statedir")
+        if bool(ctrl) == bool(statedir):
+            raise BadSpec(
+                f"vtpm device {name}: give exactly one of target-ctrl=PATH or "
+                f"target-statedir=DIR"
+            )
+        self.control: SwtpmControl | None = None
+        self.destination: FilePath | None = None
+        self.key = self.migrationKey = None
+        if ctrl:
+            if {"target-key", "target-migration-key"} & set(params):
+                raise BadSpec(
+                    f"vtpm device {name}: target-key and target-migration-key apply to "
+                    f"target-statedir; with target-ctrl, start that swtpm with --key "
+                    f"and --migration-key yourself"
+                )
+            self.control = SwtpmControl(context.reactor, str(ctrl), timeout)
+        else:
+            self.destination = context.resolveDestination(str(statedir))
+            mode = str(params.get("target-key-mode", "aes-256-cbc"))
+            form = str(params.get("target-key-format", "binary"))
+            if params.get("target-key"):
+                self.key = KeyOption(str(params["target-key"]), mode, form)
+            if params.get("target-migration-key"):
+                self.migrationKey = KeyOption(
+                    str(params["target-migration-key"]), mode, form
+                )
+        self.timeout = timeout
+        self.allowUnencrypted = str(params.get("target-allow-unencrypted")) in YES
+        self.overwrite = str(params.get("target-overwrite")) in YES
+        self.receiver = BlobReceiver(name)
+        self.blobs: list[StateBlob] | None = None
+        self.staged: FilePath | None = None
+        self.swtpm: SwtpmProcess | None = None
+
+    # accept
+
+    def accept(self) -> Deferred[dict[str, Any]]:
+        return Deferred.fromCoroutine(self._accept())
+
+    async def _accept(self) -> dict[str, Any]:
+        try:
+            if self.control is not None:
+                return await self._acceptControl(self.control)
+            return await self._acceptStateDir()
+        except SwtpmError as e:
+            raise DeviceRefused(str(_named(self.name, e)))
+
+    def _needKeys(self, fileKey: bool, migrationKey: bool, where: str) -> None:
+        params = self.description.params
+        if params.get("migration_key") and not migrationKey:
+            raise DeviceRefused(
+                f"vtpm device {self.name}: the source swtpm encrypts its state with a "
+                f"migration key, and {where} has none: give it the same key "
+                f"(swtpm --migration-key, or target-migration-key=FILE)"
+            )
+        if params.get("file_key") and not fileKey and not self.allowUnencrypted:
+            raise DeviceRefused(
+                f"vtpm device {self.name}: the source keeps its TPM state encrypted "
+                f"(--key) and {where} would store it in plain: give it a state key "
+                f"(swtpm --key, or target-key=FILE), or target-allow-unencrypted=1"
+            )
+
+    async def _acceptControl(self, control: SwtpmControl) -> dict[str, Any]:
+        caps = await control.getCapability()
+        if CAPS_FOR_MIGRATION & ~caps:
+            raise DeviceRefused(
+                f"vtpm device {self.name}: the swtpm at {control.address} lacks the "
+                f"state-blob control commands: upgrade swtpm on this host"
+            )
+        await self._checkNotRunning(control)
+        config = await control.getConfig()
+        self._needKeys(
+            bool(config & CONFIG_FLAG_FILE_KEY),
+            bool(config & CONFIG_FLAG_MIGRATION_KEY),
+            f"the target swtpm at {control.address}",
+        )
+        return {"mode": "ctrl"}
+
+    async def _checkNotRunning(self, control: SwtpmControl) -> None:
+        try:
+            await control.getEstablished()
+        except SwtpmNotRunning:
+            return
+        raise DeviceRefused(
+            f"vtpm device {self.name}: the swtpm at {control.address} already runs a "
+            f"TPM; start a fresh swtpm without INIT (no --flags startup-*, no QEMU "
+            f"attached) for the incoming VM"
+        )
+
+    async def _acceptStateDir(self) -> dict[str, Any]:
+        assert self.destination is not None
+        features = await swtpmFeatures(self.context.reactor)
+        if self.migrationKey is not None and not features.migrationKey:
+            raise DeviceRefused(
+                f"vtpm device {self.name}: target-migration-key was given but "
+                f"{features.executable} has no --migration-key: upgrade swtpm"
+            )
+        self._needKeys(
+            self.key is not None, self.migrationKey is not None, "target-statedir"
+        )
+        problem = await self.context.runInThread(self._checkDestination)
+        if problem:
+            raise DeviceRefused(f"vtpm device {self.name}: {problem}")
+        return {"mode": "statedir"}
+
+    def _checkDestination(self) -> str:
+        assert self.destination is not None
+        path = self.destination.path
+        for key in (self.key, self.migrationKey):
+            if key is not None and not os.access(key.path, os.R_OK):
+                return f"the key file {key.path} is missing or unreadable on this host"
+        if not os.path.isdir(os.path.dirname(path)):
+            return f"the parent directory of {path} does not exist"
+        if os.path.lexists(path) and not self.overwrite:
+            return f"{path} already exists (ask for target-overwrite=1 to replace it)"
+        return ""
+
+    # receive and verify
+
+    def receive(self, record: Record) -> None:
+        self.receiver.receive(record)
+        return None
+
+    def finish(self, end: EndRecord) -> Deferred[ContentDigest]:
+        return Deferred.fromCoroutine(self._finish(end))
+
+    async def _finish(self, end: EndRecord) -> ContentDigest:
+        blobs, digest = self.receiver.finish(end)
+        try:
+            if self.control is not None:
+                await self.control.getCapability()  # still there, and free
+                await self._checkNotRunning(self.control)
+            else:
+                await self._materialise(blobs)
+        except SwtpmError as e:
+            raise _named(self.name, e)
+        self.blobs = blobs
+        return digest
+
+    async def _materialise(self, blobs: list[StateBlob]) -> None:
+        """Have a short-lived swtpm write the state files into staging."""
+        state = self.context.stagingDir.child("swtpm-state")
+        await self.context.runInThread(state.makedirs, True)
+        sockets = await self.context.runInThread(tempfile.mkdtemp, "", "xenmig-vtpm-")
+        self.swtpm = SwtpmProcess(
+            self.context.reactor,
+            state.path,
+            socketDir=sockets,
+            key=self.key,
+            migrationKey=self.migrationKey,
+            controlTimeout=self.timeout,
+        )
+        try:
+            # swtpm keeps SET blobs in memory until INIT; the resumed copy runs no
+            # TPM command: STORE_VOLATILE writes its state out and it ends.
+            await self.swtpm.start()
+            await self.swtpm.control.loadStateBlobs(blobs, initFlags=0)
+            await self.swtpm.control.storeVolatile()
+            await self.swtpm.shutdown()
+        finally:
+            await self.swtpm.stop()
+            await self.context.runInThread(shutil.rmtree, sockets, True)
+        await self.context.runInThread(_syncStateDir, state.path)
+        self.staged = state
+
+    # commit and abort
+
+    def commit(self) -> Deferred[list[str]]:
+        return Deferred.fromCoroutine(self._commit())
+
+    async def _commit(self) -> list[str]:
+        if self.blobs is None:
+            raise CommitFailed(f"vtpm device {self.name}: commit before finish")
+        if self.control is not None:
+            try:
+                await self.control.loadStateBlobs(self.blobs, INIT_FLAG_DELETE_VOLATILE)
+            except SwtpmError as e:
+                raise CommitFailed(
+                    f"vtpm device {self.name}: loading the state into the swtpm at "
+                    f"{self.control.address} failed: {e}"
+                )
+            return [f"vtpm {self.name} resumed in swtpm at {self.control.address}"]
+        assert self.staged is not None and self.destination is not None
+        try:
+            await self.context.runInThread(
+                _install, self.staged.path, self.destination.path, self.overwrite
+            )
+        except OSError as e:
+            raise CommitFailed(
+                f"vtpm device {self.name}: installing {self.destination.path} failed: "
+                f"{e}"
+            )
+        return [self.destination.path]
+
+    def abort(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._abort())
+
+    async def _abort(self) -> None:
+        # Nothing was set into a target swtpm before commit; only our own helper
+        # swtpm and the staged files (inside stagingDir) may exist.
+        if self.swtpm is not None:
+            await self.swtpm.stop()
+        if self.staged is not None:
+            await self.context.runInThread(shutil.rmtree, self.staged.path, True)
+            self.staged = None
+
+    def handleRequest(self, method: str, payload: dict[str, Any]) -> Deferred[dict]:
+        return fail(UnknownDevice(f"vtpm device {self.name} answers no {method!r}"))
+
+
+def _syncStateDir(path: str) -> None:
+    """Blocking: drop swtpm's lock file and make the state files durable."""
+    lock = os.path.join(path, ".lock")
+    if os.path.lexists(lock):
+        os.remove(lock)
+    for name in os.listdir(path):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _syncDir(path)
+
+
+def _syncDir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install(staged: str, destination: str, overwrite: bool) -> None:
+    """Blocking: put a copy of the staged state directory at ``destination``."""
+    parent, base = os.path.split(destination)
+    incoming = tempfile.mkdtemp(prefix=f".{base}.incoming.", dir=parent)
+    try:
+        shutil.copytree(staged, incoming, dirs_exist_ok=True)
+        _syncStateDir(incoming)
+        old = None
+        if os.path.lexists(destination):
+            if not overwrite:
+                raise FileExistsError(errno.EEXIST, "appeared meanwhile", destination)
+            old = tempfile.mkdtemp(prefix=f".{base}.old.", dir=parent)
+            os.rename(destination, os.path.join(old, base))
+        os.rename(incoming, destination)
+    except BaseException:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
+    _syncDir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- the stream of blobs -------------------------------------------------------------
+
+
+class BlobReceiver:
+    """
+    Collects and checks the blobs of one vTPM stream; does no I/O.
+
+    Each blob is announced by a METADATA record (type, flags, offset, length,
+    digest) and followed by DATA records at consecutive offsets.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.announced: list[dict[str, Any]] = []
+        self.data = bytearray()
+        self.declared = 0
+
+    def receive(self, record: Record) -> None:
+        """Take one record; raise L{StreamError} if it does not fit."""
+        if isinstance(record, MetadataRecord):
+            if BLOB_KEY in record.metadata:
+                self._announce(record.metadata)
+        elif isinstance(record, DataRecord):
+            self._append(record.offset, record.data)
+        elif isinstance(record, ZeroRecord):
+            self._append(record.offset, bytes(min(record.length, MAX_BLOB + 1)))
+
+    def _announce(self, metadata: dict[str, Any]) -> None:
+        where = f"vtpm device {self.name}"
+        index = len(self.announced)
+        if index >= len(BLOB_TYPES):
+            raise StreamError(f"{where}: more than {len(BLOB_TYPES)} blobs announced")
+        fields = (metadata.get(k) for k in ("type", "flags", "offset", "length"))
+        blobType, flags, offset, length = fields
+        if not all(isinstance(v, int) for v in (blobType, flags, offset, length)):
+            raise StreamError(f"{where}: malformed blob announcement {metadata!r}")
+        assert isinstance(length, int)
+        if blobType != BLOB_TYPES[index] or metadata[BLOB_KEY] != BLOB_NAMES[index + 1]:
+            raise StreamError(f"{where}: blob {metadata[BLOB_KEY]!r} out of order")
+        if offset != self.declared or len(self.data) != self.declared:
+            raise StreamError(f"{where}: blob {metadata[BLOB_KEY]} at a wrong offset")
+        if not 0 <= length <= MAX_BLOB:
+            raise StreamError(f"{where}: blob {metadata[BLOB_KEY]} of {length} bytes")
+        if not isinstance(metadata.get("digest"), str):
+            raise StreamError(f"{where}: blob {metadata[BLOB_KEY]} has no digest")
+        self.announced.append(dict(metadata))
+        self.declared += length
+
+    def _append(self, offset: int, data: bytes) -> None:
+        if offset != len(self.data) or offset + len(data) > self.declared:
+            raise StreamError(
+                f"vtpm device {self.name}: {len(data)} bytes at offset {offset} do not "
+                f"follow the announced blobs ({len(self.data)} of {self.declared} "
+                f"bytes received)"
+            )
+        self.data += data
+
+    def finish(self, end: EndRecord) -> tuple[list[StateBlob], ContentDigest]:
+        """The verified blobs and their content digest; StreamError if any is bad."""
+        where = f"vtpm device {self.name}"
+        if len(self.announced) != len(BLOB_TYPES) or len(self.data) != self.declared:
+            raise StreamError(
+                f"{where}: the state is truncated ({len(self.announced)} of "
+                f"{len(BLOB_TYPES)} blobs, {len(self.data)} of {self.declared} bytes); "
+                f"the target TPM was not initialised"
+            )
+        if end.size != len(self.data):
+            raise StreamError(
+                f"{where}: the source sent {end.size} bytes, {len(self.data)} arrived"
+            )
+        blobs = []
+        for meta in self.announced:
+            start = meta["offset"]
+            data = bytes(self.data[start : start + meta["length"]])
+            if hashBytes(data).hex != meta["digest"]:
+                raise DigestMismatch(
+                    f"{where}: the {meta[BLOB_KEY]} blob differs from what the source "
+                    f"sent (digest mismatch): the state was damaged in transit; the "
+                    f"target TPM was not initialised"
+                )
+            blobs.append(StateBlob(meta["type"], meta["flags"], data))
+        digest = hashBytes(bytes(self.data))
+        if end.algorithm == ALGORITHM and end.digest != digest.digest:
+            raise DigestMismatch(
+                f"{where}: the state's digest differs from the source's"
+            )
+        return blobs, digest
+
+
+# -- the plug-in ---------------------------------------------------------------------
+
+
+@implementer(IPlugin, IDeviceKind)
+class VTPMKind:
+    """
+    A running swtpm vTPM: ``vtpm:NAME:ctrl=PATH,target-ctrl=PATH`` or
+    ``vtpm:NAME:ctrl=PATH,target-statedir=DIR[,target-key=FILE]``.
+    """
+
+    kind = "vtpm"
+    summary = "a swtpm virtual TPM, moved through its control channel and resumed"
+
+    def source(self, spec: DeviceSpec, context: ISourceContext) -> VTPMSource:
+        return VTPMSource(spec, context)
+
+    def target(
+        self, description: DeviceDescription, context: ITargetContext
+    ) -> VTPMTarget:
+        return VTPMTarget(description, context)
+
+
+vtpmKind = VTPMKind()
