@@ -35,7 +35,7 @@ def resolveDestination(path: str, roots: Sequence[FilePath]) -> FilePath:
         raise PathNotAllowed(f"destination {path!r} contains '..'")
     absolute = path if path.startswith("/") else os.path.join(roots[0].path, path)
     parent, name = os.path.split(os.path.normpath(absolute))
-    if not name:
+    if not name or path.endswith("/"):
         raise PathNotAllowed(f"destination {path!r} names a directory, not a file")
     realParent = os.path.realpath(parent)
     allowed = [os.path.realpath(root.path) for root in roots]

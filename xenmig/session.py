@@ -175,7 +175,7 @@ class TargetSession:
 
     # -- the machine ---------------------------------------------------------------
 
-    def _moveTo(self, phase: Phase) -> Deferred[None] | None:
+    def _moveTo(self, phase: Phase) -> Deferred[None]:
         if phase not in TRANSITIONS[self.phase]:
             raise InvalidTransition(
                 f"migration {self.migrationId} cannot go from {self.phase.value} "
@@ -190,7 +190,8 @@ class TargetSession:
         self.phase = phase
         self.updated = self.clock.seconds()
         self._armDeadline()
-        return self._onChange(self)
+        changed = self._onChange(self)
+        return changed if changed is not None else succeed(None)
 
     def _armDeadline(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -378,8 +379,7 @@ class TargetSession:
             slot.settle(failure)
         changed = self._moveTo(Phase.ABORTED)
         await self._abortDevices()
-        if changed is not None:
-            await changed
+        await changed
 
     async def _abortDevices(self) -> None:
         for slot in self.devices.values():

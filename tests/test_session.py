@@ -1,0 +1,190 @@
+"""The target session's state machine, its journal, and recovery after a restart."""
+
+import json
+import os
+
+import pytest
+from twisted.internet import task
+from twisted.internet.defer import maybeDeferred
+from twisted.python.filepath import FilePath
+
+from xenmig.digest import hashBytes
+from xenmig.errors import InvalidTransition, MigrationAborted
+from xenmig.journal import Journal
+from xenmig.model import DeviceDescription
+from xenmig.records import DataRecord, EndRecord
+from xenmig.session import (
+    DEVICE_TRANSITIONS,
+    TRANSITIONS,
+    DeviceState,
+    Phase,
+    TargetDeviceSlot,
+    TargetSession,
+)
+from xenmig.target import MigrationTarget, TargetConfig
+from xenmig.testing import MemoryTarget
+
+
+def sync(function, *args, **kw):
+    return maybeDeferred(function, *args, **kw)
+
+
+def makeSession(clock, names=("a",), deadlines=None, changes=None):
+    slots = []
+    for name in names:
+        description = DeviceDescription("memory", name, 3)
+        slots.append(TargetDeviceSlot(MemoryTarget(description), description, clock))
+    record = changes.append if changes is not None else (lambda s: None)
+    return TargetSession(
+        "m1",
+        "vm1",
+        "source.test",
+        slots,
+        clock,
+        deadlines or {},
+        lambda s: record(s.phase),
+    )
+
+
+def deliver(session, name, data=b"abc"):
+    session.streamStarted(name)
+    session.recordReceived(name, DataRecord(0, data))
+    digest = hashBytes(data)
+    return session.streamEnded(name, EndRecord(digest.size, "blake3", digest.digest))
+
+
+def test_transitionTable():
+    """Final phases lead nowhere; every phase before commit can abort."""
+    assert TRANSITIONS[Phase.COMMITTED] == frozenset()
+    assert TRANSITIONS[Phase.ABORTED] == frozenset()
+    for phase in (Phase.PREPARED, Phase.RECEIVING, Phase.READY, Phase.COMMITTING):
+        assert Phase.ABORTED in TRANSITIONS[phase]
+    assert DEVICE_TRANSITIONS[DeviceState.COMMITTED] == frozenset()
+
+
+def test_readyOnlyWhenAllDevicesVerified():
+    """The session is READY only after every device has been verified."""
+    clock = task.Clock()
+    changes = []
+    session = makeSession(clock, ("a", "b"), changes=changes)
+    deliver(session, "a")
+    assert session.phase is Phase.RECEIVING
+    deliver(session, "b")
+    assert session.phase is Phase.READY
+    assert changes == [Phase.RECEIVING, Phase.READY]
+
+
+def test_commitThenAbortIsRefused():
+    """After commit, abort is an illegal transition that changes nothing."""
+    clock = task.Clock()
+    session = makeSession(clock)
+    deliver(session, "a")
+    installed = []
+    maybeDeferred(lambda: session.commit()).addCallback(installed.append)
+    assert session.phase is Phase.COMMITTED
+    with pytest.raises(InvalidTransition, match="cannot be aborted"):
+        session.abort("too late")
+    assert session.phase is Phase.COMMITTED
+
+
+def test_abortIsIdempotent():
+    """Aborting twice keeps the first reason and aborts each device once."""
+    clock = task.Clock()
+    session = makeSession(clock)
+    session.abort("first")
+    session.abort("second")
+    assert session.reason == "first"
+    assert session.devices["a"].device.aborted
+    with pytest.raises(MigrationAborted, match="first"):
+        session.checkActive()
+
+
+def test_streamAfterAbortRefused():
+    """A stream cannot start on an aborted session."""
+    clock = task.Clock()
+    session = makeSession(clock)
+    session.abort("gone")
+    with pytest.raises(MigrationAborted):
+        session.streamStarted("a")
+
+
+def test_readyDeadline():
+    """A READY session not committed in time aborts, naming READY."""
+    clock = task.Clock()
+    session = makeSession(clock, deadlines={Phase.READY: 5})
+    deliver(session, "a")
+    clock.advance(5)
+    assert session.phase is Phase.ABORTED
+    assert "READY phase did not finish within 5 seconds" in session.reason
+    assert not clock.getDelayedCalls()
+
+
+def test_commitFailureAborts():
+    """A device failing to install aborts the session with the reason and what was
+    installed."""
+    clock = task.Clock()
+    session = makeSession(clock, ("a", "b"))
+    deliver(session, "a")
+    deliver(session, "b")
+    session.devices["b"].device.failCommit = OSError("disk gone")
+    failures = []
+    maybeDeferred(lambda: session.commit()).addErrback(failures.append)
+    assert failures and failures[0].check(OSError)
+    assert session.phase is Phase.ABORTED
+    assert "commit of device b failed: disk gone; installed: memory:a" in session.reason
+
+
+def test_journalWriteAndRecover(tmp_path):
+    """Recovery aborts unfinished sessions, removes their staging, keeps committed."""
+    journal = Journal(FilePath(str(tmp_path / "sessions")), sync)
+    staging = tmp_path / "staging" / "m-open"
+    staging.mkdir(parents=True)
+    (staging / "dev.part").write_bytes(b"half")
+    external = tmp_path / ".out.xenmig-m-open.part"
+    external.write_bytes(b"half")
+    journal.write(
+        "m-open",
+        {
+            "migration_id": "m-open",
+            "phase": "RECEIVING",
+            "staging": [str(staging), str(external)],
+            "devices": [{"name": "dev", "state": "RECEIVING"}],
+            "started": 1,
+        },
+    )
+    journal.write(
+        "m-done",
+        {"migration_id": "m-done", "phase": "COMMITTED", "staging": [], "started": 2},
+    )
+    records = Journal(FilePath(str(tmp_path / "sessions")), sync).recover(now=10)
+    byId = {r["migration_id"]: r for r in records}
+    assert byId["m-open"]["phase"] == "ABORTED"
+    assert "restarted while the migration was RECEIVING" in byId["m-open"]["reason"]
+    assert byId["m-open"]["devices"][0]["state"] == "ABORTED"
+    assert byId["m-done"]["phase"] == "COMMITTED"
+    assert not staging.exists() and not external.exists()
+    onDisk = json.loads((tmp_path / "sessions" / "m-open.json").read_text())
+    assert onDisk["phase"] == "ABORTED"
+
+
+def test_corruptJournalRemoved(tmp_path):
+    """An unreadable journal record is removed rather than stopping the daemon."""
+    directory = tmp_path / "sessions"
+    directory.mkdir()
+    (directory / "bad.json").write_text("{not json")
+    assert Journal(FilePath(str(directory)), sync).recover(now=1) == []
+    assert not (directory / "bad.json").exists()
+
+
+def test_targetRecoverCleansStaging(tmp_path):
+    """A restarted target removes every staging directory and reports old sessions."""
+    state = tmp_path / "state"
+    (state / "staging" / "orphan").mkdir(parents=True)
+    journal = Journal(FilePath(str(state / "sessions")), sync)
+    journal.write("m9", {"migration_id": "m9", "phase": "READY", "started": 1})
+    target = MigrationTarget(task.Clock(), TargetConfig(FilePath(str(state))), {}, sync)
+    target.recover()
+    assert os.listdir(state / "staging") == []
+    assert target.query("m9")["phase"] == "ABORTED"
+    with pytest.raises(MigrationAborted, match="ended before this daemon started"):
+        target.session("m9")
