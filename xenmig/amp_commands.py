@@ -95,7 +95,7 @@ class StartStream(amp.ProtocolSwitchCommand):
 
     commandName = b"xenmig-start-stream"
     arguments = [(b"token", amp.String())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []  # type: ignore[var-annotated]
     errors = WIRE_ERRORS
 
 

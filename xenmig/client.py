@@ -153,9 +153,8 @@ class MigrationClient:
     async def call(self, protocol: amp.AMP, command: type, **kw: Any) -> dict[str, Any]:
         """One AMP call, bounded by the call time-out."""
         d = protocol.callRemote(command, **kw)
-        return await _timeout(
-            d, self.timeouts.call, self.reactor, command.commandName.decode()
-        )
+        name = getattr(command, "commandName", b"command").decode()
+        return await _timeout(d, self.timeouts.call, self.reactor, name)
 
     async def query(self, migrationId: str) -> dict[str, Any]:
         """The target's status of a migration, on a fresh connection."""
@@ -166,7 +165,7 @@ class MigrationClient:
             )
             return answer["status"]
         finally:
-            protocol.transport.loseConnection()
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
 
     async def listMigrations(self, limit: int = 50) -> list[dict[str, Any]]:
         """The target's most recent migrations."""
@@ -175,7 +174,7 @@ class MigrationClient:
             answer = await self.call(protocol, commands.ListMigrations, limit=limit)
             return answer["migrations"]
         finally:
-            protocol.transport.loseConnection()
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
 
     async def abortMigration(self, migrationId: str, reason: str) -> str:
         """Abort a migration on the target by id; its phase afterwards."""
@@ -186,7 +185,7 @@ class MigrationClient:
             )
             return answer["phase"]
         finally:
-            protocol.transport.loseConnection()
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
 
     async def prepare(
         self,
@@ -275,7 +274,7 @@ class SourceMigration:
         try:
             await self._prepareRemote()
         except BaseException:
-            self.control.transport.loseConnection()
+            self.control.transport.loseConnection()  # type: ignore[union-attr]
             self.phase = "ABORTED"
             raise
         self.phase = "PREPARED"
@@ -400,7 +399,12 @@ class SourceMigration:
         senders = [r.sender for r in self.devices.values() if r.sender is not None]
         if not senders:
             return
-        self._keepalive = LoopingCall(lambda: [s.keepalive() for s in senders])
+
+        def keepalive() -> None:
+            for sender in senders:
+                sender.keepalive()
+
+        self._keepalive = LoopingCall(keepalive)
         self._keepalive.clock = self.reactor
         self._keepalive.start(self.client.timeouts.keepalive, now=False)
 
@@ -519,7 +523,7 @@ class SourceMigration:
 
     async def _release(self) -> None:
         if self.control is not None:
-            self.control.transport.loseConnection()
+            self.control.transport.loseConnection()  # type: ignore[union-attr]
         for run in self.devices.values():
             try:
                 await run.device.release()
@@ -567,7 +571,7 @@ class SourceMigration:
                     migration_id=self.migrationId,
                     error=str(e),
                 )
-            self.control.transport.loseConnection()
+            self.control.transport.loseConnection()  # type: ignore[union-attr]
         for run in self.devices.values():
             try:
                 await run.device.rollback()

@@ -66,6 +66,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
         self.target = target
         self.tls = tls
         self.handshakeTimeout = handshakeTimeout
+        self.transport: Any = None
         self.peer: str | None = None
         self.prepared: set[str] = set()
         self._handshakeTimer: IDelayedCall | None = None
@@ -100,7 +101,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
             raise NotAuthorized("the TLS handshake has not completed")
         return self.peer
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         if self._handshakeTimer is not None and self._handshakeTimer.active():
             self._handshakeTimer.cancel()
         for migrationId in self.prepared:
@@ -191,7 +192,8 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self.idleTimeout = idleTimeout
         self.parser = RecordParser()
         self.ended = False
-        self.callLater = session.clock.callLater  # TimeoutMixin's clock
+        self.transport: Any = None
+        self.callLater = session.clock.callLater  # type: ignore[method-assign,assignment]
         self._records: deque[Record] = deque()
         self._waiting: Deferred[None] | None = None
         self._received = 0
@@ -241,7 +243,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def _deviceFailed(self, failure: Failure) -> None:
         self._waiting = None
-        self._fail(failure.value)
+        self._fail(failure.value or StreamError("device failed"))
 
     def _end(self, end: EndRecord) -> None:
         self.ended = True

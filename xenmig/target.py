@@ -428,7 +428,12 @@ class MigrationTarget:
         contexts = self._contexts.pop(mid, [])
         paths = [self.stagingRoot.child(mid).path]
         paths += [p for c in contexts for p in c.externalStaging]
-        d = self.runInThread(lambda: [removeTree(p) for p in paths])
+
+        def clean() -> None:
+            for path in paths:
+                removeTree(path)
+
+        d = self.runInThread(clean)
         d.addCallback(lambda _: self._release(session))
         return d
 

@@ -34,6 +34,8 @@ class StreamSender(Protocol):
     transport drains, so the device stops reading its source meanwhile.
     """
 
+    transport: Any  # ITCPTransport & IProducer once connected
+
     def __init__(self, device: str) -> None:
         self.device = device
         self.bytesWritten = 0
