@@ -165,7 +165,7 @@ class MigrationClient:
             )
             return answer["status"]
         finally:
-            protocol.transport.loseConnection()  # type: ignore[union-attr]
+            _hangUp(protocol)
 
     async def listMigrations(self, limit: int = 50) -> list[dict[str, Any]]:
         """The target's most recent migrations."""
@@ -174,7 +174,7 @@ class MigrationClient:
             answer = await self.call(protocol, commands.ListMigrations, limit=limit)
             return answer["migrations"]
         finally:
-            protocol.transport.loseConnection()  # type: ignore[union-attr]
+            _hangUp(protocol)
 
     async def abortMigration(self, migrationId: str, reason: str) -> str:
         """Abort a migration on the target by id; its phase afterwards."""
@@ -185,7 +185,7 @@ class MigrationClient:
             )
             return answer["phase"]
         finally:
-            protocol.transport.loseConnection()  # type: ignore[union-attr]
+            _hangUp(protocol)
 
     async def prepare(
         self,
@@ -274,7 +274,7 @@ class SourceMigration:
         try:
             await self._prepareRemote()
         except BaseException:
-            self.control.transport.loseConnection()  # type: ignore[union-attr]
+            _hangUp(self.control)
             self.phase = "ABORTED"
             raise
         self.phase = "PREPARED"
@@ -523,7 +523,7 @@ class SourceMigration:
 
     async def _release(self) -> None:
         if self.control is not None:
-            self.control.transport.loseConnection()  # type: ignore[union-attr]
+            _hangUp(self.control)
         for run in self.devices.values():
             try:
                 await run.device.release()
@@ -571,7 +571,7 @@ class SourceMigration:
                     migration_id=self.migrationId,
                     error=str(e),
                 )
-            self.control.transport.loseConnection()  # type: ignore[union-attr]
+            _hangUp(self.control)
         for run in self.devices.values():
             try:
                 await run.device.rollback()
@@ -642,6 +642,12 @@ class SourceMigration:
                 for r in self.devices.values()
             ],
         }
+
+
+def _hangUp(protocol: amp.AMP | None) -> None:
+    """Close an AMP connection, unless it is gone (AMP then drops its transport)."""
+    if protocol is not None and protocol.transport is not None:
+        protocol.transport.loseConnection()
 
 
 async def _gather(coroutines: list[Any]) -> list[Any]:

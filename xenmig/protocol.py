@@ -34,8 +34,12 @@ def _offerBox(offer: DeviceOffer) -> dict[str, Any]:
     }
 
 
-class StatusResponders:
-    """Responders shared by the TLS control protocol and the local socket."""
+class StatusResponders(amp.CommandLocator):
+    """
+    Responders shared by the TLS control protocol and the local socket.  (A
+    CommandLocator itself: AMP's metaclass registers a plain mixin's responders
+    on whichever locator class happens to be defined next, not on its users.)
+    """
 
     target: MigrationTarget
 

@@ -45,6 +45,7 @@ class StreamSender(Protocol):
         self._waiters: list[Deferred[None]] = []
         self._lost: Failure | None = None
         self._done = False
+        self._disconnected = False
 
     # -- protocol and producer ------------------------------------------------------
 
@@ -69,6 +70,7 @@ class StreamSender(Protocol):
         self._paused = True
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        self._disconnected = True
         if self._done and not self._waiters:
             return
         self._lost = Failure(
@@ -129,7 +131,8 @@ class StreamSender(Protocol):
     def abort(self) -> None:
         """Drop the stream at once (the migration is being aborted)."""
         self._done = True
-        if self.transport is not None:
+        # A TLS transport whose connection is gone fails in abortConnection.
+        if self.transport is not None and not self._disconnected:
             self.transport.abortConnection()
 
 
