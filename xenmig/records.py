@@ -168,11 +168,13 @@ def encodeRecord(record: Record) -> list[bytes]:
 # -- decoding -----------------------------------------------------------------------
 
 
-def _decodeBody(recordType: int, body: bytes) -> Record | None:
+def _decodeBody(recordType: int, view: memoryview) -> Record | None:
     if recordType == TYPE_DATA:
-        if len(body) < 8:
-            raise StreamError(f"DATA record of {len(body)} bytes has no offset")
-        return DataRecord(_U64.unpack_from(body)[0], body[8:])
+        if len(view) < 8:
+            raise StreamError(f"DATA record of {len(view)} bytes has no offset")
+        # The data stays a view of the received buffer: no copy on the hot path.
+        return DataRecord(_U64.unpack_from(view)[0], view[8:])  # type: ignore[arg-type]
+    body = bytes(view)
     if recordType == TYPE_ZERO:
         if len(body) != _ZERO_BODY.size:
             raise StreamError(f"ZERO record has {len(body)} bytes, expected 16")
@@ -221,7 +223,8 @@ class RecordParser:
     Incremental parser: feed it bytes as they arrive, take out whole records.
 
     It holds at most one record (``maxBody`` bytes) beyond what it was fed, whatever
-    the length of the stream.
+    the length of the stream.  Chunks are kept as they arrive and joined once per
+    completed record, so a large record costs one copy, not one per chunk.
     """
 
     def __init__(self, maxBody: int = DEFAULT_MAX_BODY) -> None:
@@ -229,12 +232,14 @@ class RecordParser:
         self.version: int | None = None
         self.options = 0
         self.bytesParsed = 0
-        self._buffer = bytearray()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._needed = HEADER_SIZE  # bytes required before parsing can progress
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet parsed into a record."""
-        return len(self._buffer)
+        return self._size
 
     def feed(self, data: bytes) -> list[Record]:
         """
@@ -243,37 +248,54 @@ class RecordParser:
         @raise StreamError: for a malformed header or record.
         @raise VersionMismatch: for a stream version this side does not accept.
         """
-        self._buffer += data
+        if self.version is None and self._size + len(data) < HEADER_SIZE:
+            prefix = b"".join(self._chunks) + data
+            if not MAGIC.startswith(prefix[: len(MAGIC)]):
+                raise StreamError("stream does not start with the xenmig magic")
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size < self._needed:
+            return []
+        buffer = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        view = memoryview(buffer)
+        cursor = 0
+        if self.version is None:
+            self._parseHeader(buffer)
+            cursor = HEADER_SIZE
         records: list[Record] = []
-        if self.version is None and not self._parseHeader():
-            return records
-        buffer = self._buffer
-        while len(buffer) >= RECORD_HEADER_SIZE:
-            recordType, _flags, length = _RECORD_HEADER.unpack_from(buffer)
-            if length > self.maxBody:
-                raise StreamError(
-                    f"record type 0x{recordType:08x} of {length} bytes exceeds the "
-                    f"limit of {self.maxBody} bytes"
-                )
-            if recordType == TYPE_METADATA and length > MAX_METADATA:
-                raise StreamError(f"METADATA record of {length} bytes is too large")
-            total = RECORD_HEADER_SIZE + length + (-length % 8)
-            if len(buffer) < total:
+        while True:
+            available = len(buffer) - cursor
+            if available < RECORD_HEADER_SIZE:
+                self._needed = RECORD_HEADER_SIZE
                 break
-            body = bytes(buffer[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + length])
-            del buffer[:total]
-            self.bytesParsed += total
-            record = _decodeBody(recordType, body)
+            recordType, _flags, length = _RECORD_HEADER.unpack_from(buffer, cursor)
+            self._checkLength(recordType, length)
+            total = RECORD_HEADER_SIZE + length + (-length % 8)
+            if available < total:
+                self._needed = total
+                break
+            start = cursor + RECORD_HEADER_SIZE
+            record = _decodeBody(recordType, view[start : start + length])
+            cursor += total
             if record is not None:
                 records.append(record)
+        self.bytesParsed += cursor
+        rest = buffer[cursor:] if cursor < len(buffer) else b""
+        self._chunks = [rest] if rest else []
+        self._size = len(rest)
         return records
 
-    def _parseHeader(self) -> bool:
-        if len(self._buffer) < HEADER_SIZE:
-            if not MAGIC.startswith(bytes(self._buffer[: len(MAGIC)])):
-                raise StreamError("stream does not start with the xenmig magic")
-            return False
-        magic, version, options = _STREAM_HEADER.unpack_from(self._buffer)
+    def _checkLength(self, recordType: int, length: int) -> None:
+        if length > self.maxBody:
+            raise StreamError(
+                f"record type 0x{recordType:08x} of {length} bytes exceeds the "
+                f"limit of {self.maxBody} bytes"
+            )
+        if recordType == TYPE_METADATA and length > MAX_METADATA:
+            raise StreamError(f"METADATA record of {length} bytes is too large")
+
+    def _parseHeader(self, buffer: bytes) -> None:
+        magic, version, options = _STREAM_HEADER.unpack_from(buffer)
         if magic != MAGIC:
             raise StreamError("stream does not start with the xenmig magic")
         if version not in ACCEPTED_STREAM_VERSIONS:
@@ -282,7 +304,4 @@ class RecordParser:
                 f"stream version {version} is not supported (this host accepts "
                 f"{accepted})"
             )
-        del self._buffer[:HEADER_SIZE]
-        self.bytesParsed += HEADER_SIZE
         self.version, self.options = version, options
-        return True

@@ -52,6 +52,11 @@ def fsyncDirectory(path: str) -> None:
         os.close(fd)
 
 
+def _weight(record: DataRecord | ZeroRecord) -> int:
+    """The memory a queued record holds."""
+    return len(record.data) if isinstance(record, DataRecord) else 64
+
+
 class StagedFile:
     """
     A file being received into staging, then installed by an atomic rename.
@@ -66,14 +71,16 @@ class StagedFile:
         context: ITargetContext,
         path: FilePath,
         size: int,
-        highWater: int = 32 * 1024 * 1024,
-        lowWater: int = 8 * 1024 * 1024,
+        highWater: int = 16 * 1024 * 1024,
+        lowWater: int = 12 * 1024 * 1024,
+        maxBatch: int = 4 * 1024 * 1024,
     ) -> None:
         self.context = context
         self.path = path
         self.size = size
         self.highWater = highWater
         self.lowWater = lowWater
+        self.maxBatch = maxBatch
         self.hasher = ContentHasher()
         self.bytesReceived = 0
         self._fd: int | None = None
@@ -108,7 +115,7 @@ class StagedFile:
             )
         self.bytesReceived += length
         self._queue.append(record)
-        self._queued += len(record.data) if isinstance(record, DataRecord) else 64
+        self._queued += _weight(record)
         self._pump()
         if self._queued > self.highWater:
             waiter: Deferred[None] = Deferred()
@@ -119,16 +126,19 @@ class StagedFile:
     def _pump(self) -> None:
         if self._inflight is not None or not self._queue or self._failure is not None:
             return
-        batch = list(self._queue)
-        self._queue.clear()
+        # Bounded batches: the network keeps filling the queue while one is written.
+        batch: list[DataRecord | ZeroRecord] = []
+        size = 0
+        while self._queue and size < self.maxBatch:
+            record = self._queue.popleft()
+            batch.append(record)
+            size += _weight(record)
         self._inflight = self.context.runInThread(self._writeBatch, batch)
         self._inflight.addCallbacks(self._batchWritten, self._failed, (batch,))
 
     def _batchWritten(self, _: None, batch: list[DataRecord | ZeroRecord]) -> None:
         self._inflight = None
-        self._queued -= sum(
-            len(r.data) if isinstance(r, DataRecord) else 64 for r in batch
-        )
+        self._queued -= sum(_weight(r) for r in batch)
         if self._queued <= self.lowWater:
             self._release(None)
         self._pump()
