@@ -1,5 +1,6 @@
 """The built-in xenmig device kinds, registered as plugins providing IDeviceKind."""
 
 from xenmig.devices.file import fileKind
+from xenmig.devices.vtpm import vtpmKind
 
-__all__ = ["fileKind"]
+__all__ = ["fileKind", "vtpmKind"]
