@@ -121,12 +121,19 @@ class StreamSender(Protocol):
             self.transport.writeSequence(encodeKeepalive())
 
     def finish(self, digest: ContentDigest) -> Deferred[None]:
-        """Write the END record and close the stream once it is flushed."""
-        d = self._write(encodeEnd(digest.size, digest.algorithm, digest.digest))
+        """
+        Write the END record and close the stream once the transport has flushed
+        it.  Whether it arrived intact, the target says in its DeviceReady answer.
+        """
+        if self._lost is not None:
+            return _failed(self._lost)
+        self.transport.writeSequence(
+            encodeEnd(digest.size, digest.algorithm, digest.digest)
+        )
         self._done = True
         self.transport.unregisterProducer()
         self.transport.loseConnection()
-        return d
+        return succeed(None)
 
     def abort(self) -> None:
         """Drop the stream at once (the migration is being aborted)."""
