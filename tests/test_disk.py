@@ -596,6 +596,8 @@ async def test_stream_lost_mid_round_leaves_nothing(tmp_path: Any) -> None:
     migration.writer.failAfter = 10
     with pytest.raises(ConnectionError):
         await migration.rounds(FixedRounds(1))
+    with pytest.raises(DeviceError, match="earlier round failed"):
+        await migration.source.sendFinal(migration.writer)
     await migration.target.abort()
     await migration.source.rollback()
     assert os.listdir(tmp_path / "dest") == []
@@ -634,13 +636,12 @@ def test_scan_pieces_follow_extents(tmp_path: Any) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         blocks = BlockMap(3 * MiB + 1000)
-        scans = BlockScanner(fd, blocks, "test").scan(0, blocks.count, True)
+        content = ContentStream()
+        scans = BlockScanner(fd, blocks, "test").scan(0, blocks.count, content)
         layout = [
             [(p.offset, p.length, p.data is not None) for p in s.pieces] for s in scans
         ]
-        again = BlockScanner(fd, blocks, "test").scan(0, blocks.count, False)
-        content = ContentStream()
-        content.feed(scans)
+        again = BlockScanner(fd, blocks, "test").scan(0, blocks.count)
     finally:
         os.close(fd)
     assert layout[0] == [

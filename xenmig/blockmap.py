@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,16 +36,13 @@ class BlockScan:
     """
     One block as a scan saw it.
 
-    ``pieces`` is empty when the block did not change since its digest was recorded;
-    ``content`` holds the block's bytes (None: all zeros) when the scan was asked to
-    keep them, for the content digest.
+    ``pieces`` is empty when the block did not change since its digest was recorded.
     """
 
     index: int
     offset: int
     length: int
     pieces: tuple[Piece, ...]
-    content: bytes | None = None
 
 
 class BlockMap:
@@ -123,6 +121,7 @@ class BlockScanner:
         self.describe = describe
         self.growable = growable
         self.maxSize = blocks.size if maxSize is None else maxSize
+        self._buffers = _BufferPool(blocks.blockSize)
 
     def currentSize(self) -> int:
         """Blocking: the image's size now."""
@@ -163,12 +162,15 @@ class BlockScanner:
             f"during the migration: the image {what}; the migration cannot go on"
         )
 
-    def scan(self, first: int, last: int, keep: bool) -> list[BlockScan]:
+    def scan(
+        self, first: int, last: int, content: ContentStream | None = None
+    ) -> list[BlockScan]:
         """
         Read blocks ``first`` to ``last`` (exclusive), holes skipped, and record the
         digest of every block that changed since its digest was recorded.
 
-        @param keep: also return every block's content, for the content digest.
+        @param content: hash every block's content into it too (it must be at the
+            start of ``first``: passes that hash content scan one batch at a time).
         @raise DeviceError: if the image was resized or truncated.
         """
         self.checkSize(exact=False)
@@ -178,43 +180,68 @@ class BlockScanner:
         extents = list(dataExtents(self.fd, start, end))
         scans = []
         cursor = 0
-        for index in range(first, last):
-            blockStart, blockEnd = blocks.blockRange(index)
-            while cursor < len(extents) and extents[cursor][1] <= blockStart:
-                cursor += 1
-            inside = _clip(extents, cursor, blockStart, blockEnd)
-            scans.append(self._scanBlock(index, blockStart, blockEnd, inside, keep))
+        buffer = self._buffers.take()
+        try:
+            for index in range(first, last):
+                blockStart, blockEnd = blocks.blockRange(index)
+                while cursor < len(extents) and extents[cursor][1] <= blockStart:
+                    cursor += 1
+                inside = _clip(extents, cursor, blockStart, blockEnd)
+                scans.append(self._scanBlock(index, inside, buffer, content))
+        finally:
+            self._buffers.give(buffer)
         return scans
 
     def _scanBlock(
         self,
         index: int,
-        start: int,
-        end: int,
         extents: list[tuple[int, int]],
-        keep: bool,
+        buffer: memoryview,
+        content: ContentStream | None,
     ) -> BlockScan:
+        start, end = self.blocks.blockRange(index)
         length = end - start
         zero = self.blocks.zeroDigest(index)
-        data: bytes | None = None
+        data: memoryview | None = None
         digest = zero
         if extents:
-            data = os.pread(self.fd, length, start)
-            if len(data) != length:
+            data = buffer[:length]
+            read = os.preadv(self.fd, [data], start)
+            if read != length:
                 raise DeviceError(
-                    f"{self.describe} ended at {start + len(data)} bytes, inside block "
+                    f"{self.describe} ended at {start + read} bytes, inside block "
                     f"{index}: it was truncated under the sender"
                 )
             digest = blake3.blake3(data).digest()
             if digest == zero:
                 data = None
+        if content is not None:
+            content.update(start, data, length)
         if digest == self.blocks.digest(index):
-            return BlockScan(index, start, length, (), data if keep else None)
+            return BlockScan(index, start, length, ())
         self.blocks.record(index, digest)
-        pieces = _pieces(start, data, extents) if data is not None else None
-        if pieces is None:
-            pieces = (Piece(start, length),)
-        return BlockScan(index, start, length, pieces, data if keep else None)
+        if data is None:
+            return BlockScan(index, start, length, (Piece(start, length),))
+        return BlockScan(index, start, length, _pieces(start, data, extents))
+
+
+class _BufferPool:
+    """Reusable block buffers: reads fault no new pages in, pass after pass."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[memoryview] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> memoryview:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return memoryview(bytearray(self.size))
+
+    def give(self, buffer: memoryview) -> None:
+        with self._lock:
+            self._free.append(buffer)
 
 
 def _clip(
@@ -230,14 +257,15 @@ def _clip(
 
 
 def _pieces(
-    start: int, data: bytes, extents: list[tuple[int, int]]
+    start: int, data: memoryview, extents: list[tuple[int, int]]
 ) -> tuple[Piece, ...]:
     """
     Split a block read whole into DATA pieces (its data extents) and zero pieces
     (its holes), so the target allocates what the source allocates.
 
     A hole that does not read as zeros (written between the extent walk and the
-    read) is sent as data: what is sent is always exactly what was read.
+    read) is sent as data: what is sent is always exactly what was read.  Pieces
+    are copies: the buffer is read into again.
     """
     pieces: list[Piece] = []
     position = start
@@ -255,8 +283,9 @@ def _pieces(
     return tuple(pieces)
 
 
-def _piece(offset: int, chunk: bytes) -> Piece:
-    """A zero piece if ``chunk`` is all zeros (one memcmp), else a DATA piece."""
+def _piece(offset: int, view: memoryview) -> Piece:
+    """A zero piece if ``view`` is all zeros (one memcmp), else a DATA piece."""
+    chunk = view.tobytes()
     if chunk == (_ZEROS if len(chunk) == BLOCK_SIZE else bytes(len(chunk))):
         return Piece(offset, len(chunk))
     return Piece(offset, len(chunk), chunk)
@@ -274,16 +303,15 @@ class ContentStream:
         self._hash = blake3.blake3(max_threads=maxThreads)
         self.position = 0
 
-    def feed(self, scans: list[BlockScan]) -> None:
-        """Blocking: hash the content of ``scans`` (kept by a scan), in order."""
-        for scan in scans:
-            if scan.offset != self.position:
-                raise ValueError(f"content fed at {scan.offset}, not {self.position}")
-            if scan.content is None:
-                _hashZeros(self._hash.update, scan.length)
-            else:
-                self._hash.update(scan.content)
-            self.position += scan.length
+    def update(self, offset: int, data: memoryview | None, length: int) -> None:
+        """Blocking: hash ``data`` (None: ``length`` zeros), which is at ``offset``."""
+        if offset != self.position:
+            raise ValueError(f"content fed at {offset}, expected {self.position}")
+        if data is None:
+            _hashZeros(self._hash.update, length)
+        else:
+            self._hash.update(data)
+        self.position += length
 
     def result(self) -> ContentDigest:
         """The digest of everything fed."""

@@ -168,6 +168,7 @@ class DiskSource:
         self._scanner: BlockScanner | None = None
         self._baseline = False
         self._busy: Deferred[Any] | None = None
+        self._broken = ""
         self._threads: set[Deferred[Any]] = set()
         self._closed = False
 
@@ -265,14 +266,25 @@ class DiskSource:
         return digest
 
     def _start(self, coroutine: Any) -> Deferred[Any]:
-        if self._busy is not None:
+        refusal = ""
+        if self._closed:
+            refusal = "the device was already released or rolled back"
+        elif self._busy is not None:
+            refusal = "a round is already being sent"
+        elif self._broken:
+            refusal = f"an earlier round failed ({self._broken}); start over"
+        if refusal:
             coroutine.close()
-            return fail(DeviceError(f"{self._name}: a round is already being sent"))
+            return fail(DeviceError(f"{self._name}: {refusal}"))
         d = Deferred.fromCoroutine(coroutine)
         self._busy = d
 
         def done(result: object) -> object:
             self._busy = None
+            if isinstance(result, Failure):
+                # Digests were recorded for blocks that may never have arrived:
+                # the block map no longer tells what the target holds.
+                self._broken = result.getErrorMessage() or repr(result.value)
             return result
 
         return d.addBoth(done)
@@ -296,33 +308,26 @@ class DiskSource:
             for first in range(0, count, self.batchBlocks)
         )
         pending: deque[Deferred[list[BlockScan]]] = deque()
-        hashing: Deferred[None] | None = None
         sender = _PieceSender(writer)
+        # Content is hashed in the scanning thread, in offset order: one scan at a
+        # time then (its records are still written while the next scan reads).
+        depth = 1 if content is not None else self.depth
 
         def submit() -> None:
             first, last = batches.popleft()
-            pending.append(self._thread(scanner.scan, first, last, content is not None))
+            pending.append(self._thread(scanner.scan, first, last, content))
 
         try:
-            while batches and len(pending) < self.depth:
+            while batches and len(pending) < depth:
                 submit()
             while pending:
                 scans = await pending.popleft()
                 if batches:
                     submit()
-                if content is not None:
-                    if hashing is not None:
-                        await hashing
-                    hashing = self._thread(content.feed, scans)
                 await sender.send(scans)
             await sender.flush()
-            if hashing is not None:
-                await hashing
         finally:
-            leftover: list[Deferred[Any]] = [*pending]
-            if hashing is not None:
-                leftover.append(hashing)
-            for d in leftover:
+            for d in pending:
                 d.addErrback(lambda _: None)
         tally = sender.tally
         self.history.append(
