@@ -20,7 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    gatherResults,
+)
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory
@@ -68,7 +73,7 @@ def _timeout(d: Deferred[Any], seconds: float, clock: Any, what: str) -> Deferre
     """Bound ``d``; on expiry it fails with PhaseTimeout naming ``what``."""
 
     def expired(failure: Failure) -> Failure:
-        if failure.check(CancelledError):
+        if failure.check(CancelledError, TimeoutError):  # addTimeout's own error
             return Failure(PhaseTimeout(f"{what} did not finish within {seconds:g} s"))
         return failure
 

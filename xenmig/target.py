@@ -9,7 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -392,7 +398,7 @@ class MigrationTarget:
         self._waiters.append((domain, d))
 
         def timedOut(failure: Failure, timeout: float) -> Failure:
-            if failure.check(CancelledError):
+            if failure.check(CancelledError, TimeoutError):  # addTimeout's error
                 return Failure(
                     PhaseTimeout(
                         f"no migration of {domain} committed within {timeout:g} s"
