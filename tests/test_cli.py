@@ -1,0 +1,523 @@
+"""The ``xenmig`` command line: arguments, and real migrations into a real daemon."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from daemons import CLIENT, PKI, Daemon, MiB, sparseFile
+from twisted.internet.task import Clock
+
+from xenmig import cli
+from xenmig.digest import hashFile
+from xenmig.model import DeviceProgress, MigrationStatus
+from xenmig.processes import ProcessFailed, runShell
+from xenmig.progress import ProgressDisplay, RateMeter, formatBytes, statusTable
+
+
+def xenmig(*args: str, cwd: Path | None = None, timeout: float = 60) -> Any:
+    """Run ``python -m xenmig.cli ARGS``; the completed process (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "xenmig.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, certs: PKI) -> Iterator[Daemon]:
+    """One real ``twistd xenmig`` daemon for the module (distinct domains per test)."""
+    running = Daemon(tmp_path_factory.mktemp("daemon"), certs).start()
+    yield running
+    running.stop()
+
+
+def tlsArgs(daemon: Daemon) -> list[str]:
+    where = daemon.pki.ca
+    return [
+        "--target",
+        f"127.0.0.1:{daemon.port}",
+        "--ca",
+        str(where / "ca.pem"),
+        "--cert",
+        str(where / f"{CLIENT}.pem"),
+        "--key",
+        str(where / f"{CLIENT}.key"),
+    ]
+
+
+def sourceFile(tmp_path: Path, name: str = "state.img") -> Path:
+    """A 6 MiB file: data, a hole, data."""
+    return sparseFile(tmp_path / name, 6 * MiB, [(0, MiB), (5 * MiB, 6 * MiB)])
+
+
+def fileDevice(source: Path, destination: Path, name: str = "blob") -> str:
+    return f"file:{name}:path={source},target={destination}"
+
+
+# -- arguments and configuration errors ------------------------------------------------
+
+
+def test_missing_cert_file_is_one_line_exit_2(tmp_path: Path, certs: PKI) -> None:
+    """A --cert file that does not exist exits 2 with one line naming it."""
+    result = xenmig(
+        "migrate",
+        "--target",
+        "127.0.0.1:1",
+        "--ca",
+        str(certs.ca / "ca.pem"),
+        "--cert",
+        str(tmp_path / "missing.pem"),
+        "--domain",
+        "vm",
+        "--device",
+        fileDevice(tmp_path / "a", tmp_path / "b"),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"xenmig migrate: error: certificate file {tmp_path / 'missing.pem'} "
+        f"does not exist"
+    ]
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("file", "is not KIND:NAME"),
+        ("file:blob:path", "is not key=val"),
+        ("nosuchkind:blob:path=a,target=b", "no device kind 'nosuchkind'"),
+        ("file:blob:target=/x", "the file kind needs path=SOURCE_FILE"),
+    ],
+)
+def test_bad_device_spec_exits_2(
+    tmp_path: Path, certs: PKI, device: str, message: str
+) -> None:
+    """A malformed or unusable --device exits 2 with one line saying why."""
+    result = xenmig(
+        "migrate",
+        "--target",
+        "127.0.0.1:1",
+        "--insecure-plaintext",
+        "--domain",
+        "vm",
+        "--device",
+        device,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+@pytest.mark.parametrize("target", ["host:99999", "host:http", ":8002", "a b:1"])
+def test_bad_target_exits_2(target: str) -> None:
+    """A --target that is not HOST:PORT exits 2 with one line."""
+    result = xenmig(
+        "migrate",
+        "--target",
+        target,
+        "--insecure-plaintext",
+        "--domain",
+        "vm",
+        "--device",
+        "file:b:path=a,target=b",
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "argument --target" in lines[0]
+
+
+def test_live_needs_both_commands() -> None:
+    """--live without --pause-command and --resume-command is a usage error."""
+    result = xenmig(
+        "migrate",
+        "--target",
+        "127.0.0.1:1",
+        "--insecure-plaintext",
+        "--domain",
+        "vm",
+        "--device",
+        "file:b:path=a,target=b",
+        "--live",
+    )
+    assert result.returncode == 2
+    assert "--live needs --pause-command and --resume-command" in result.stderr
+
+
+def test_tls_files_required_without_plaintext() -> None:
+    """Without --ca/--cert (and no --insecure-plaintext) the command exits 2."""
+    result = xenmig("status", "--target", "127.0.0.1:1")
+    assert result.returncode == 2
+    assert "--ca and --cert are required" in result.stderr
+
+
+def test_parse_target() -> None:
+    """HOST:PORT splits at the last colon; a bare host gets port 8002."""
+    assert cli.parseTarget("hostb.example:9000") == ("hostb.example", 9000)
+    assert cli.parseTarget("10.0.0.2") == ("10.0.0.2", 8002)
+
+
+def test_kinds_lists_file() -> None:
+    """``xenmig kinds`` lists the built-in file kind with its summary."""
+    result = xenmig("kinds")
+    assert result.returncode == 0
+    assert any(line.startswith("file ") for line in result.stdout.splitlines())
+
+
+def test_pki_is_delegated(tmp_path: Path) -> None:
+    """``xenmig pki init-ca`` writes the CA via xenmig.pki."""
+    result = xenmig("pki", "init-ca", "--dir", str(tmp_path / "ca"))
+    assert result.returncode == 0
+    assert (tmp_path / "ca" / "ca.pem").exists()
+
+
+def test_status_without_daemon_exits_2(tmp_path: Path) -> None:
+    """``status --state-dir`` where no daemon runs exits 2 naming the socket."""
+    result = xenmig("status", "--state-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "no daemon socket at" in result.stderr
+
+
+# -- migrations into a real daemon -----------------------------------------------------
+
+
+def test_migrate_json_commits(daemon: Daemon, tmp_path: Path) -> None:
+    """``migrate --json`` commits over mutual TLS; the report's digest is the file's."""
+    source = sourceFile(tmp_path)
+    destination = daemon.dest / "json.img"
+    result = xenmig(
+        "migrate",
+        *tlsArgs(daemon),
+        "--domain",
+        "vm-json",
+        "--device",
+        fileDevice(source, destination),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    digest = hashFile(str(source))
+    assert report["phase"] == "COMMITTED"
+    assert report["exit_status"] == 0
+    assert report["devices"][0]["digest"] == digest.hex
+    assert report["devices"][0]["bytes"] == 6 * MiB
+    assert report["installed"] == [str(destination)]
+    assert set(report["durations"]) >= {"prepare", "transfer", "commit", "total"}
+    assert hashFile(str(destination)) == digest
+
+
+def test_refused_device_exits_1(daemon: Daemon, tmp_path: Path) -> None:
+    """A destination outside the allowed roots: exit 1, the reason, nothing there."""
+    source = sourceFile(tmp_path)
+    destination = tmp_path / "outside" / "x.img"
+    result = xenmig(
+        "migrate",
+        *tlsArgs(daemon),
+        "--domain",
+        "vm-refused",
+        "--device",
+        fileDevice(source, destination),
+    )
+    assert result.returncode == 1
+    assert "outside the allowed roots" in result.stderr
+    assert "the VM may be resumed here" in result.stderr
+    assert not destination.exists()
+
+
+def test_status_shows_committed_migration(daemon: Daemon, tmp_path: Path) -> None:
+    """``status --state-dir`` lists a committed migration; ``status ID`` details it."""
+    result = xenmig(
+        "migrate",
+        *tlsArgs(daemon),
+        "--domain",
+        "vm-status",
+        "--migration-id",
+        "status-1",
+        "--device",
+        fileDevice(sourceFile(tmp_path), daemon.dest / "status.img"),
+    )
+    assert result.returncode == 0, result.stderr
+    table = xenmig("status", "--state-dir", str(daemon.stateDir))
+    assert table.returncode == 0
+    row = next(line for line in table.stdout.splitlines() if "status-1" in line)
+    assert "vm-status" in row and "COMMITTED" in row and "6.0 MiB / 6.0 MiB" in row
+    detail = xenmig("status", "status-1", "--state-dir", str(daemon.stateDir), "--json")
+    status = json.loads(detail.stdout)
+    assert status["phase"] == "COMMITTED"
+    assert status["installed"] == [str(daemon.dest / "status.img")]
+    remote = xenmig("status", "status-1", *tlsArgs(daemon))
+    assert remote.returncode == 0 and "phase      COMMITTED" in remote.stdout
+
+
+def test_await_returns_after_commit(daemon: Daemon, tmp_path: Path) -> None:
+    """``await --domain`` on the target exits 0 with the id once the domain commits."""
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xenmig.cli",
+            "await",
+            "--domain",
+            "vm-await",
+            "--state-dir",
+            str(daemon.stateDir),
+            "--timeout",
+            "60",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        result = xenmig(
+            "migrate",
+            *tlsArgs(daemon),
+            "--domain",
+            "vm-await",
+            "--migration-id",
+            "await-1",
+            "--device",
+            fileDevice(sourceFile(tmp_path), daemon.dest / "await.img"),
+        )
+        assert result.returncode == 0, result.stderr
+        out, err = waiter.communicate(timeout=30)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert waiter.returncode == 0, err
+    answer = json.loads(out)
+    assert answer["migration_id"] == "await-1"
+    assert answer["installed"] == [str(daemon.dest / "await.img")]
+
+
+def test_await_times_out(daemon: Daemon) -> None:
+    """``await`` for a domain nothing migrates exits 1 with the time-out reason."""
+    result = xenmig(
+        "await",
+        "--domain",
+        "vm-never",
+        "--state-dir",
+        str(daemon.stateDir),
+        "--timeout",
+        "0.5",
+    )
+    assert result.returncode == 1
+    assert "no migration of vm-never committed within 0.5 s" in result.stderr
+
+
+def test_abort_during_live_pause(daemon: Daemon, tmp_path: Path) -> None:
+    """``xenmig abort`` (run as the pause command) aborts: exit 1, VM resumed."""
+    destination = daemon.dest / "aborted.img"
+    resumed = tmp_path / "resumed"
+    pause = (
+        f"{sys.executable} -m xenmig.cli abort abort-1 --state-dir "
+        f"{daemon.stateDir} --reason 'operator says no' > {tmp_path / 'abort.out'}"
+    )
+    result = xenmig(
+        "migrate",
+        *tlsArgs(daemon),
+        "--domain",
+        "vm-abort",
+        "--migration-id",
+        "abort-1",
+        "--device",
+        fileDevice(sourceFile(tmp_path), destination),
+        "--live",
+        "--pause-command",
+        pause,
+        "--resume-command",
+        f"touch {resumed}",
+    )
+    assert result.returncode == 1
+    assert (tmp_path / "abort.out").read_text() == "migration abort-1: ABORTED\n"
+    assert "operator says no" in result.stderr
+    assert resumed.exists()
+    assert not destination.exists()
+    status = xenmig("status", "abort-1", "--state-dir", str(daemon.stateDir), "--json")
+    assert json.loads(status.stdout)["phase"] == "ABORTED"
+
+
+def test_abort_unknown_migration_exits_1(daemon: Daemon) -> None:
+    """``xenmig abort`` of an id the daemon does not know exits 1 saying so."""
+    result = xenmig("abort", "no-such-id", "--state-dir", str(daemon.stateDir))
+    assert result.returncode == 1
+    assert "no migration 'no-such-id'" in result.stderr
+
+
+def test_live_runs_pause_command(daemon: Daemon, tmp_path: Path) -> None:
+    """``--live`` runs the pause command, then transfers and commits; no resume."""
+    paused, resumed = tmp_path / "paused", tmp_path / "resumed"
+    destination = daemon.dest / "live.img"
+    result = xenmig(
+        "migrate",
+        *tlsArgs(daemon),
+        "--domain",
+        "vm-live",
+        "--device",
+        fileDevice(sourceFile(tmp_path), destination),
+        "--live",
+        "--max-rounds",
+        "2",
+        "--pause-command",
+        f"touch {paused}",
+        "--resume-command",
+        f"touch {resumed}",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert paused.exists() and not resumed.exists()
+    assert report["live"]["pause"]["status"] == 0
+    assert report["paused_window"] is not None
+    assert destination.exists()
+
+
+def test_live_resumes_after_failure(daemon: Daemon, tmp_path: Path) -> None:
+    """A failure after the pause (the source vanished) aborts and runs the resume."""
+    source = sourceFile(tmp_path)
+    resumed = tmp_path / "resumed"
+    destination = daemon.dest / "live-fail.img"
+    result = xenmig(
+        "migrate",
+        *tlsArgs(daemon),
+        "--domain",
+        "vm-live-fail",
+        "--device",
+        fileDevice(source, destination),
+        "--live",
+        "--pause-command",
+        f"rm {source}",
+        "--resume-command",
+        f"touch {resumed}",
+    )
+    assert result.returncode == 1
+    assert "the VM was resumed here" in result.stderr
+    assert resumed.exists()
+    assert not destination.exists()
+
+
+def test_failed_pause_command_aborts(daemon: Daemon, tmp_path: Path) -> None:
+    """A pause command that fails aborts the migration and runs the resume."""
+    resumed = tmp_path / "resumed"
+    result = xenmig(
+        "migrate",
+        *tlsArgs(daemon),
+        "--domain",
+        "vm-pause-fail",
+        "--device",
+        fileDevice(sourceFile(tmp_path), daemon.dest / "pause-fail.img"),
+        "--live",
+        "--pause-command",
+        "exit 7",
+        "--resume-command",
+        f"touch {resumed}",
+    )
+    assert result.returncode == 1
+    assert "exited with status 7" in result.stderr
+    assert resumed.exists()
+    assert not (daemon.dest / "pause-fail.img").exists()
+
+
+# -- progress, tables and child processes (no daemon) ----------------------------------
+
+
+def test_progress_bars_redraw_on_the_clock() -> None:
+    """On a terminal the bars are redrawn each interval and stop with the display."""
+    clock, out = Clock(), io.StringIO()
+    done = {"blob": 0}
+    display = ProgressDisplay(clock, out, bars=True, interval=1.0, width=200)
+    display.start(lambda: [("blob", done["blob"], 4 * MiB)])
+    done["blob"] = 2 * MiB
+    clock.advance(1.0)
+    done["blob"] = 4 * MiB
+    clock.advance(1.0)
+    display.stop()
+    assert "  50% 2.0 MiB / 4.0 MiB 2.0 MiB/s" in out.getvalue()
+    assert out.getvalue().rstrip().endswith("100% 4.0 MiB / 4.0 MiB 2.0 MiB/s")
+    assert not clock.getDelayedCalls()
+
+
+def test_progress_without_terminal_prints_phases_only() -> None:
+    """Off a terminal only phase lines are written; no timer is started."""
+    clock, out = Clock(), io.StringIO()
+    display = ProgressDisplay(clock, out, bars=False, prefix="xenmig migrate")
+    display.start(lambda: [("blob", 1, 2)])
+    display.phase("committing")
+    display.stop()
+    assert out.getvalue() == "xenmig migrate: committing\n"
+    assert not clock.getDelayedCalls()
+
+
+def test_rate_meter_freezes_at_completion() -> None:
+    """A complete device keeps its average rate instead of decaying to zero."""
+    meter = RateMeter(window=2.0)
+    assert meter.sample(0.0, 0, 100) == 0.0
+    assert meter.sample(1.0, 50, 100) == 50.0
+    assert meter.sample(2.0, 100, 100) == 50.0
+    assert meter.sample(10.0, 100, 100) == 50.0
+
+
+def test_status_table_has_one_row_per_device() -> None:
+    """The status table shows id, phase, peer and each device's bytes and reason."""
+    status = MigrationStatus(
+        "m1",
+        "vm1",
+        "ABORTED",
+        "hosta",
+        "cut off",
+        0.0,
+        0.0,
+        (
+            DeviceProgress("a", "file", "ABORTED", MiB, 2 * MiB),
+            DeviceProgress("b", "file", "ABORTED", 0, MiB),
+        ),
+    )
+    lines = statusTable([status]).splitlines()
+    assert lines[0].split() == [
+        "MIGRATION",
+        "DOMAIN",
+        "PHASE",
+        "PEER",
+        "DEVICE",
+        "BYTES",
+        "RATE",
+        "REASON",
+    ]
+    assert lines[1].split()[:5] == ["m1", "vm1", "ABORTED", "hosta", "file:a"]
+    assert lines[1].endswith("cut off")
+    assert lines[2].split()[0] == "file:b"
+    assert formatBytes(MiB) == "1.0 MiB"
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_shell_reports_status() -> None:
+    """runShell waits for /bin/sh -c and gives its exit status and output."""
+    from twisted.internet import reactor
+
+    child = await runShell(reactor, "echo hello; exit 4", timeout=10)
+    assert child.status == 4
+    assert child.tail() == "hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_shell_stops_a_command_that_hangs() -> None:
+    """A command that outlives its time-out is terminated and reported."""
+    from twisted.internet import reactor
+
+    with pytest.raises(ProcessFailed, match="did not finish within 0.3 s"):
+        await runShell(reactor, "exec sleep 30", timeout=0.3)

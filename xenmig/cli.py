@@ -1,0 +1,834 @@
+"""
+The ``xenmig`` command line: migrate, status, abort, await, pki, kinds and demo.
+
+Exit statuses: 0 success (a committed migration); 1 the migration aborted (the
+source may resume its VM) or the step failed; 2 a usage or configuration error;
+3 the commit is in doubt (do not resume the VM on the source: ask the target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
+from twisted.internet.task import react
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.protocols import amp
+from zope.interface import provider
+
+from xenmig import amp_commands as commands
+from xenmig.errors import (
+    BadSpec,
+    CommitInDoubt,
+    ConfigurationError,
+    PhaseTimeout,
+    XenmigError,
+)
+from xenmig.model import DeviceSpec, MigrationStatus
+from xenmig.processes import fireOnce
+from xenmig.progress import (
+    ProgressDisplay,
+    formatBytes,
+    formatRate,
+    formatSeconds,
+    statusDetail,
+    statusTable,
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_IN_DOUBT = 3
+
+DEFAULT_PORT = 8002
+DEFAULT_STATE_DIR = "/var/lib/xenmig"
+_MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class UsageError(Exception):
+    """The command line cannot work; the message is one line for the operator."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one line (and exit status 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+# -- argument types --------------------------------------------------------------------
+
+
+def parseTarget(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``HOST``, port 8002) -> ``(host, port)``."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(DEFAULT_PORT)
+    if not host or any(c.isspace() or c in "/[]@" for c in host):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be 1-65535")
+    return host, int(port)
+
+
+def parseDevice(text: str) -> DeviceSpec:
+    """A ``--device KIND:NAME:key=val,...`` argument."""
+    try:
+        return DeviceSpec.parse(text)
+    except BadSpec as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def parseMigrationId(text: str) -> str:
+    if not _MIGRATION_ID.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a migration id (1-64 letters, digits, '_', '.', '-')"
+        )
+    return text
+
+
+def positive(kind: type) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+# -- the parser ------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log what happens (structured events) to stderr",
+    )
+
+
+def _remote(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument(
+        "--target",
+        required=required,
+        type=parseTarget,
+        metavar="HOST:PORT",
+        help="the target daemon (port 8002 if left out)",
+    )
+    parser.add_argument("--ca", metavar="FILE", help="PEM bundle of the CA(s)")
+    parser.add_argument(
+        "--cert", metavar="FILE", help="this host's certificate (and key, unless --key)"
+    )
+    parser.add_argument("--key", metavar="FILE", help="this host's private key")
+    parser.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name or address in the target's certificate (default: HOST)",
+    )
+    parser.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="DEVELOPMENT ONLY: no TLS, to a daemon on loopback",
+    )
+
+
+def _local(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"the local daemon's state directory (default {DEFAULT_STATE_DIR})",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    """The whole ``xenmig`` command line."""
+    top = _Parser(
+        prog="xenmig",
+        description="Migrate VM device state between hosts (see doc/cli.md).",
+        epilog="exit status: 0 success, 1 aborted/failed, 2 usage or configuration "
+        "error, 3 commit in doubt",
+    )
+    top.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    migrate = sub.add_parser("migrate", help="migrate device state to a target host")
+    _common(migrate)
+    _remote(migrate, required=True)
+    migrate.add_argument("--domain", required=True, help="the VM's name")
+    migrate.add_argument(
+        "--device",
+        action="append",
+        required=True,
+        type=parseDevice,
+        metavar="KIND:NAME:key=val,...",
+        help="a device (repeatable); target-side keys start with 'target'",
+    )
+    migrate.add_argument("--migration-id", type=parseMigrationId, metavar="ID")
+    migrate.add_argument(
+        "--json", action="store_true", help="print the report as JSON on stdout"
+    )
+    migrate.add_argument(
+        "--live",
+        action="store_true",
+        help="pre-copy while the VM runs, then pause it with --pause-command",
+    )
+    migrate.add_argument("--pause-command", metavar="CMD", help="pauses the VM")
+    migrate.add_argument(
+        "--resume-command", metavar="CMD", help="resumes the VM here after a failure"
+    )
+    migrate.add_argument(
+        "--max-rounds", type=positive(int), metavar="N", help="pre-copy rounds at most"
+    )
+    migrate.add_argument(
+        "--convergence",
+        metavar="rounds=N,threshold=SIZE,shrink=F",
+        help="pre-copy convergence policy",
+    )
+    migrate.add_argument(
+        "--command-timeout",
+        type=positive(float),
+        default=120.0,
+        metavar="S",
+        help="seconds the pause and resume commands may take (default 120)",
+    )
+    migrate.set_defaults(main=_migrate)
+
+    status = sub.add_parser("status", help="show migrations on a target host")
+    _common(status)
+    status.add_argument("migration_id", nargs="?", metavar="ID")
+    _local(status)
+    _remote(status, required=False)
+    status.add_argument("--json", action="store_true", help="print JSON on stdout")
+    status.add_argument("--limit", type=positive(int), default=50, metavar="N")
+    status.set_defaults(main=_status)
+
+    abort = sub.add_parser("abort", help="abort a migration before it commits")
+    _common(abort)
+    abort.add_argument("migration_id", metavar="ID")
+    abort.add_argument("--reason", default="aborted by the operator", metavar="TEXT")
+    _local(abort)
+    _remote(abort, required=False)
+    abort.set_defaults(main=_abort)
+
+    wait = sub.add_parser(
+        "await", help="on the target: wait until a migration of a domain commits"
+    )
+    _common(wait)
+    wait.add_argument("--domain", required=True, help="the VM's name")
+    wait.add_argument(
+        "--timeout", type=positive(float), default=3600.0, metavar="S", help="seconds"
+    )
+    _local(wait)
+    wait.add_argument("--json", action="store_true", help="print JSON on stdout")
+    wait.set_defaults(main=_await)
+
+    sub.add_parser(
+        "pki", help="make the CA and host certificates (xenmig pki --help)"
+    ).set_defaults(main=None)
+
+    kinds = sub.add_parser("kinds", help="list the installed device kinds")
+    _common(kinds)
+    kinds.set_defaults(main=_kinds)
+
+    demo = sub.add_parser(
+        "demo", help="run two daemons here and migrate real state between them"
+    )
+    _common(demo)
+    demo.add_argument("--keep", action="store_true", help="keep the temp directory")
+    demo.add_argument(
+        "--size-mib", type=positive(int), default=64, metavar="N", help="file size"
+    )
+    demo.set_defaults(main=_demo)
+    return top
+
+
+# -- entry point -----------------------------------------------------------------------
+
+
+def run(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``xenmig`` console script."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["pki"]:
+        from xenmig import pki
+
+        sys.exit(pki.main(arguments[1:]))
+    try:
+        args = parser().parse_args(arguments)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    startLogging(args.verbose)
+    react(_entry, (args,))
+
+
+def startLogging(verbose: bool) -> None:
+    """The CLI's only log observer: text events on stderr, or nothing at all."""
+    if verbose:
+        observer = FilteringLogObserver(
+            textFileLogObserver(sys.stderr),
+            [LogLevelFilterPredicate(LogLevel.info)],
+        )
+        globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    else:
+        globalLogBeginner.beginLoggingTo(
+            [_discard], discardBuffer=True, redirectStandardIO=False
+        )
+
+
+@provider(ILogObserver)
+def _discard(event: dict[str, Any]) -> None:
+    """Without --verbose the command line logs nothing."""
+
+
+def say(args: argparse.Namespace, message: str) -> None:
+    """One line for the operator on stderr, named after the subcommand."""
+    print(f"xenmig {args.command}: {message}", file=sys.stderr, flush=True)
+
+
+async def _entry(reactor: Any, args: argparse.Namespace) -> NoReturn:
+    """Run the subcommand; map configuration errors onto exit status 2."""
+    try:
+        code = await args.main(reactor, args)
+    except (UsageError, ConfigurationError, BadSpec) as e:
+        say(args, f"error: {e}")
+        code = EXIT_USAGE
+    raise SystemExit(code)
+
+
+# -- connections -----------------------------------------------------------------------
+
+
+def clientTLS(args: argparse.Namespace) -> Any:
+    """
+    The TLS options for ``--target`` (None with ``--insecure-plaintext``).
+    Reads the files at once (before the reactor runs).
+
+    @raise UsageError, ConfigurationError: one line naming the problem.
+    """
+    from xenmig import tls
+
+    host, _ = args.target
+    if args.insecure_plaintext:
+        if not _isLoopback(host):
+            raise UsageError("--insecure-plaintext only connects to loopback")
+        return None
+    if not (args.ca and args.cert):
+        raise UsageError(
+            "--ca and --cert are required with --target (mutual TLS); "
+            "make them with 'xenmig pki'"
+        )
+    identity = tls.loadIdentity(args.cert, args.key)
+    authorities = tls.loadAuthority(args.ca)
+    return tls.clientOptions(args.server_name or host, identity, authorities)
+
+
+def _isLoopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def remoteClient(reactor: Any, args: argparse.Namespace) -> Any:
+    """A MigrationClient for ``--target`` with the TLS options of the command line."""
+    from xenmig.client import MigrationClient
+
+    host, port = args.target
+    return MigrationClient(reactor, host, port, tls=clientTLS(args))
+
+
+class LocalControl:
+    """
+    The daemon's owner-only local socket (``STATE_DIR/control.sock``): status,
+    abort and AwaitRestored for the toolstack of the target host.
+    """
+
+    def __init__(self, reactor: Any, stateDir: str, timeout: float = 30.0) -> None:
+        self.reactor = reactor
+        self.path = os.path.join(os.path.abspath(stateDir), "control.sock")
+        self.timeout = timeout
+
+    async def connect(self) -> amp.AMP:
+        """
+        @raise ConfigurationError: if there is no socket, or it refuses us.
+        """
+        if not os.path.exists(self.path):
+            raise ConfigurationError(
+                f"no daemon socket at {self.path}: is 'twistd xenmig' running with "
+                f"--state-dir {os.path.dirname(self.path)}?"
+            )
+        endpoint = UNIXClientEndpoint(self.reactor, self.path, timeout=self.timeout)
+        try:
+            return await connectProtocol(endpoint, amp.AMP())
+        except ConnectError as e:
+            raise ConfigurationError(f"cannot connect to {self.path}: {e}")
+
+    async def call(
+        self, command: type[amp.Command], seconds: float | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        """One command on a fresh connection, bounded by ``seconds``."""
+        protocol = await self.connect()
+        seconds = seconds or self.timeout
+        try:
+            d = protocol.callRemote(command, **kw)
+            d.addTimeout(seconds, self.reactor)
+            try:
+                return await d
+            except defer.TimeoutError:
+                raise PhaseTimeout(
+                    f"the daemon did not answer within {seconds:g} s ({self.path})"
+                )
+        finally:
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+
+    async def query(self, migrationId: str) -> dict[str, Any]:
+        answer = await self.call(commands.QueryMigration, migration_id=migrationId)
+        return answer["status"]
+
+    async def listMigrations(self, limit: int = 50) -> list[dict[str, Any]]:
+        answer = await self.call(commands.ListMigrations, limit=limit)
+        return answer["migrations"]
+
+    async def abortMigration(self, migrationId: str, reason: str) -> str:
+        answer = await self.call(
+            commands.Abort, migration_id=migrationId, reason=reason
+        )
+        return answer["phase"]
+
+    async def awaitRestored(self, domain: str, timeout: float) -> dict[str, Any]:
+        return await self.call(
+            commands.AwaitRestored,
+            seconds=timeout + 30.0,
+            domain=domain,
+            timeout=timeout,
+        )
+
+
+def _daemon(reactor: Any, args: argparse.Namespace) -> Any:
+    """The daemon the command speaks to: ``--target`` over TLS, else the local one."""
+    if args.target is not None:
+        return remoteClient(reactor, args)
+    return LocalControl(reactor, args.state_dir)
+
+
+def _where(args: argparse.Namespace) -> str:
+    if args.target is not None:
+        return "{}:{}".format(*args.target)
+    return os.path.join(args.state_dir, "control.sock")
+
+
+def describeError(error: BaseException) -> str:
+    """A one-line description of a failure, whatever its type."""
+    from OpenSSL.SSL import Error as TLSError
+    from service_identity import VerificationError
+
+    if isinstance(error, XenmigError):
+        return str(error)
+    if isinstance(error, VerificationError):
+        return (
+            "the target's certificate does not name the host connected to: give "
+            "--server-name with a name from its certificate"
+        )
+    if isinstance(error, TLSError):
+        reasons = " ".join(str(part[-1]) for part in error.args[0] if part)
+        for clue, meaning in _TLS_REASONS:
+            if clue in reasons:
+                return f"TLS failed ({reasons}): {meaning}"
+        return f"TLS failed ({reasons}); check --ca, --cert, --key and --server-name"
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split())
+
+
+_TLS_REASONS = [
+    (
+        "unknown ca",
+        "the target does not trust this host's certificate (--cert is not "
+        "issued by a CA the target's --ca holds)",
+    ),
+    (
+        "certificate verify failed",
+        "the target's certificate does not chain to --ca",
+    ),
+    ("certificate required", "the target requires this host's certificate"),
+]
+
+
+# -- xenmig migrate --------------------------------------------------------------------
+
+
+class PauseFailed(XenmigError):
+    """The toolstack's pause command failed or did not finish in time."""
+
+
+class MigrateCommand:
+    """
+    One ``xenmig migrate``: prepare, [pre-copy, pause the VM,] transfer, commit;
+    on a failure, abort (and with ``--live``, resume the VM here).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        client: Any,
+        args: argparse.Namespace,
+        display: ProgressDisplay,
+        policy: Any = None,
+    ) -> None:
+        from xenmig.client import SourceMigration
+
+        self.reactor = reactor
+        self.args = args
+        self.display = display
+        self.policy = policy
+        self.target = "{}:{}".format(*args.target)
+        migrationId = args.migration_id or uuid.uuid4().hex
+        self.migration = SourceMigration(client, args.domain, migrationId)
+        self.pause: dict[str, Any] | None = None
+        self.resumed: bool | None = None
+        self.interrupted = False
+        self.done: Deferred[None] = Deferred()
+
+    async def run(self) -> int:
+        """Migrate; print the outcome; the exit status."""
+        trigger = self.reactor.addSystemEventTrigger(
+            "before", "shutdown", self._interrupt
+        )
+        try:
+            code = await self._run()
+        finally:
+            self.display.stop()
+            if not self.interrupted:
+                self.reactor.removeSystemEventTrigger(trigger)
+        self._output(code)
+        self.done.callback(None)
+        return code
+
+    async def _run(self) -> int:
+        migration = self.migration
+        try:
+            self.display.phase(
+                f"migration {migration.migrationId} of {self.args.domain} to "
+                f"{self.target}: preparing {len(self.args.device)} device(s)"
+            )
+            await migration.prepare(self.args.device)
+            self.display.phase("the target accepted every device")
+            if self.args.live:
+                await self._precopy()
+                await self._pauseVM()
+            await self._transfer()
+        except Exception as e:
+            return await self._failed(e)
+        try:
+            self.display.phase("committing")
+            await migration.commit()
+        except CommitInDoubt as e:
+            return self._inDoubt(e)
+        except Exception as e:
+            return await self._failed(e)
+        self.display.phase("committed: the VM now belongs to the target")
+        return EXIT_OK
+
+    async def _precopy(self) -> None:
+        self.display.phase("pre-copy while the VM runs")
+        self.display.start(self.migration.progress)
+        rounds = await self.migration.precopy(self.policy)
+        self.display.stop()
+        for name, sent in rounds.items():
+            self.display.phase(
+                f"{name}: {len(sent)} pre-copy round(s), {formatBytes(sum(sent))}"
+            )
+
+    async def _pauseVM(self) -> None:
+        from xenmig.processes import runShell
+
+        command = self.args.pause_command
+        self.display.phase(f"pausing the VM: {command}")
+        started = self.reactor.seconds()
+        self.pause = {"command": command, "status": None, "seconds": None}
+        child = await runShell(
+            self.reactor, command, self.args.command_timeout, echo=sys.stderr
+        )
+        self.pause["status"] = child.status
+        self.pause["seconds"] = round(self.reactor.seconds() - started, 6)
+        if child.status != 0:
+            raise PauseFailed(
+                f"the pause command {command!r} exited with status {child.status}"
+            )
+        self.migration.paused()
+        self.display.phase(f"VM paused ({formatSeconds(self.pause['seconds'])})")
+
+    async def _transfer(self) -> None:
+        self.display.phase("transferring the final state")
+        self.display.start(self.migration.progress)
+        digests = await self.migration.transfer()
+        self.display.stop()
+        for name, digest in digests.items():
+            self.display.phase(f"{name}: verified by the target ({digest.hex})")
+
+    def _inDoubt(self, error: CommitInDoubt) -> int:
+        self.display.stop()
+        say(self.args, f"COMMIT IN DOUBT: {error}")
+        say(
+            self.args,
+            f"do NOT resume the VM here: it may already run on the target; ask "
+            f"with 'xenmig status {self.migration.migrationId} --target "
+            f"{self.target} --ca ... --cert ...' (COMMITTED: destroy it here; "
+            f"ABORTED: resume it here)",
+        )
+        return EXIT_IN_DOUBT
+
+    async def _failed(self, error: BaseException) -> int:
+        self.display.stop()
+        migration = self.migration
+        contacted = migration.control is not None
+        reason = "interrupted on the source" if self.interrupted else ""
+        reason = reason or describeError(error)
+        if migration.phase not in ("ABORTED", "COMMITTED", "IN-DOUBT"):
+            await migration.abort(reason)
+        say(
+            self.args,
+            f"migration {migration.migrationId} aborted: {migration.reason or reason}",
+        )
+        if self.pause is not None:
+            await self._resumeVM()
+        elif self.args.live:
+            say(self.args, "the VM was not paused: it keeps running here")
+        else:
+            say(
+                self.args,
+                "nothing was installed on the target; the VM may be resumed here",
+            )
+        if isinstance(error, BadSpec) and not contacted:
+            return EXIT_USAGE
+        return EXIT_FAILED
+
+    async def _resumeVM(self) -> None:
+        from xenmig.processes import ProcessFailed, runShell
+
+        command = self.args.resume_command
+        say(self.args, f"resuming the VM here: {command}")
+        try:
+            child = await runShell(
+                self.reactor, command, self.args.command_timeout, echo=sys.stderr
+            )
+            status: Any = child.status
+        except ProcessFailed as e:
+            status = str(e)
+        self.resumed = status == 0
+        if self.resumed:
+            say(self.args, "the VM was resumed here")
+        else:
+            say(
+                self.args,
+                f"THE RESUME COMMAND FAILED ({status}): resume the VM here by hand "
+                f"(nothing was installed on the target)",
+            )
+
+    def _interrupt(self) -> Deferred[None] | None:
+        """Before the reactor stops (SIGINT, SIGTERM): abort unless committing."""
+        if self.done.called:
+            return None
+        self.interrupted = True
+        migration = self.migration
+        committing = "commit" in migration.times
+        if migration.phase not in ("ABORTED", "COMMITTED", "IN-DOUBT") and not (
+            committing
+        ):
+            Deferred.fromCoroutine(
+                migration.abort("interrupted on the source")
+            ).addErrback(lambda _: None)
+        waiter: Deferred[None] = Deferred()
+        self.done.addBoth(lambda result: fireOnce(waiter, None))
+        waiter.addTimeout(self.migration.client.timeouts.commit + 30, self.reactor)
+        return waiter.addErrback(lambda _: None)
+
+    def report(self, code: int) -> dict[str, Any]:
+        """The client's report, with the target, exit status and the VM's pause."""
+        report = self.migration.report()
+        report["target"] = self.target
+        report["exit_status"] = code
+        if self.args.live:
+            report["live"] = {"pause": self.pause, "resumed": self.resumed}
+        return report
+
+    def _output(self, code: int) -> None:
+        if self.args.json:
+            print(json.dumps(self.report(code), indent=2), flush=True)
+        elif code == EXIT_OK:
+            print(summary(self.report(code)), flush=True)
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A committed migration in a few lines: devices, bytes, time, rate, digest."""
+    durations = report["durations"]
+    lines = [
+        f"committed migration {report['migration_id']} of {report['domain']} to "
+        f"{report.get('target', 'the target')} in {formatSeconds(durations['total'])}"
+        f" (paused window {formatSeconds(report['paused_window'])})"
+    ]
+    for device in report["devices"]:
+        seconds = device["seconds"] or 0.0
+        rate = device["bytes"] / seconds if seconds else 0.0
+        lines.append(
+            f"  {device['kind']}:{device['name']}  {formatBytes(device['bytes'])} "
+            f"({formatBytes(device['data_bytes'])} of data) in "
+            f"{formatSeconds(seconds)}, {formatRate(rate)}, {device['digest']}"
+        )
+    lines += [f"  installed {path}" for path in report["installed"]]
+    return "\n".join(lines)
+
+
+# -- subcommands -----------------------------------------------------------------------
+
+
+async def _migrate(reactor: Any, args: argparse.Namespace) -> int:
+    from xenmig.client import MigrationClient, SourceContext
+    from xenmig.plugins import deviceKinds
+
+    if args.live and not (args.pause_command and args.resume_command):
+        raise UsageError("--live needs --pause-command and --resume-command")
+    if not args.live and (args.pause_command or args.resume_command):
+        raise UsageError("--pause-command and --resume-command need --live")
+    kinds = deviceKinds()
+    for spec in args.device:
+        if spec.kind not in kinds:
+            known = ", ".join(sorted(kinds)) or "none"
+            raise UsageError(
+                f"device {spec.name}: no device kind {spec.kind!r} here "
+                f"(known: {known})"
+            )
+    for spec in args.device:  # the kind's own checks (it raises BadSpec)
+        kinds[spec.kind].source(spec, SourceContext(None, reactor, spec.name))
+    names = [spec.name for spec in args.device]
+    if len(set(names)) != len(names):
+        raise UsageError("two --device options have the same NAME")
+    policy = _policy(args)
+    host, port = args.target
+    client = MigrationClient(reactor, host, port, tls=clientTLS(args), kinds=kinds)
+    bars = sys.stderr.isatty()
+    display = ProgressDisplay(reactor, sys.stderr, bars, prefix="xenmig migrate")
+    return await MigrateCommand(reactor, client, args, display, policy).run()
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    from xenmig.convergence import ConvergencePolicy
+
+    if args.convergence and args.max_rounds:
+        raise UsageError("give --convergence or --max-rounds, not both")
+    if args.convergence:
+        return ConvergencePolicy.parse(args.convergence)
+    if args.max_rounds:
+        return ConvergencePolicy(maxRounds=args.max_rounds)
+    return None
+
+
+async def _status(reactor: Any, args: argparse.Namespace) -> int:
+    daemon = _daemon(reactor, args)
+    try:
+        if args.migration_id:
+            records = [await daemon.query(args.migration_id)]
+        else:
+            records = await daemon.listMigrations(args.limit)
+    except ConfigurationError:
+        raise
+    except Exception as e:
+        say(args, f"{_where(args)}: {describeError(e)}")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(records[0] if args.migration_id else records, indent=2))
+        return EXIT_OK
+    statuses = [MigrationStatus.fromJSON(r) for r in records]
+    if args.migration_id:
+        print(statusDetail(statuses[0]))
+    else:
+        print(statusTable(statuses))
+    return EXIT_OK
+
+
+async def _abort(reactor: Any, args: argparse.Namespace) -> int:
+    daemon = _daemon(reactor, args)
+    try:
+        phase = await daemon.abortMigration(args.migration_id, args.reason)
+    except ConfigurationError:
+        raise
+    except Exception as e:
+        say(args, f"migration {args.migration_id}: {describeError(e)}")
+        return EXIT_FAILED
+    print(f"migration {args.migration_id}: {phase}")
+    return EXIT_OK if phase == "ABORTED" else EXIT_FAILED
+
+
+async def _await(reactor: Any, args: argparse.Namespace) -> int:
+    control = LocalControl(reactor, args.state_dir)
+    try:
+        answer = await control.awaitRestored(args.domain, args.timeout)
+    except ConfigurationError:
+        raise
+    except Exception as e:
+        reason = describeError(e)
+        if args.json:
+            result = {"domain": args.domain, "committed": False, "reason": reason}
+            print(json.dumps(result, indent=2))
+        say(args, f"{args.domain}: not restored: {reason}")
+        return EXIT_FAILED
+    installed = list(answer["installed"])
+    if args.json:
+        result = {
+            "domain": args.domain,
+            "committed": True,
+            "migration_id": answer["migration_id"],
+            "installed": installed,
+        }
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"migration {answer['migration_id']} of {args.domain} committed")
+        for path in installed:
+            print(f"  installed {path}")
+    return EXIT_OK
+
+
+async def _kinds(reactor: Any, args: argparse.Namespace) -> int:
+    from xenmig.plugins import deviceKinds
+
+    kinds = deviceKinds()
+    width = max((len(name) for name in kinds), default=0)
+    for name in sorted(kinds):
+        print(f"{name.ljust(width)}  {getattr(kinds[name], 'summary', '')}")
+    return EXIT_OK
+
+
+async def _demo(reactor: Any, args: argparse.Namespace) -> int:
+    from xenmig.demo import runDemo
+
+    return await runDemo(reactor, sizeMiB=args.size_mib, keep=args.keep)
+
+
+if __name__ == "__main__":
+    run()

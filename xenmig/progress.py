@@ -1,0 +1,245 @@
+"""What the operator sees: progress bars or phase lines, sizes, rates, status tables."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from twisted.internet.task import LoopingCall
+
+from xenmig.model import MigrationStatus
+
+#: ``(device, bytes done, bytes expected)`` for every device of a migration.
+Snapshot = Sequence[tuple[str, int, int]]
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def formatBytes(count: float) -> str:
+    """``67108864`` -> ``"64.0 MiB"``."""
+    value = float(count)
+    for unit in _UNITS:
+        if abs(value) < 1024 or unit == _UNITS[-1]:
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def formatRate(bytesPerSecond: float) -> str:
+    """``1.5e6`` -> ``"1.4 MiB/s"``."""
+    return formatBytes(bytesPerSecond) + "/s"
+
+
+def formatSeconds(seconds: float | None) -> str:
+    """``0.123`` -> ``"0.12 s"``; ``95`` -> ``"1:35"``; None -> ``"-"``."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    minutes, rest = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{rest:02d}" if hours else f"{minutes}:{rest:02d}"
+
+
+class RateMeter:
+    """
+    A device's transfer rate over the last few seconds of samples; once the
+    device is complete, its average rate from the first sample on.
+    """
+
+    def __init__(self, window: float = 3.0) -> None:
+        self.window = window
+        self.samples: deque[tuple[float, int]] = deque()
+        self.start: tuple[float, int] | None = None
+        self.final: float | None = None
+
+    def sample(self, now: float, done: int, expected: int = 0) -> float:
+        """Record ``done`` of ``expected`` bytes at ``now``; bytes per second."""
+        if self.final is not None:
+            return self.final
+        if self.start is None:
+            self.start = (now, done)
+        if expected and done >= expected and now > self.start[0]:
+            self.final = (done - self.start[1]) / (now - self.start[0])
+            return self.final
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        first, last = self.samples[0], self.samples[-1]
+        elapsed = last[0] - first[0]
+        return (last[1] - first[1]) / elapsed if elapsed > 0 else 0.0
+
+
+class ProgressDisplay:
+    """
+    Shows a migration's progress on ``stream``.
+
+    On a terminal (``bars=True``): one line per device (a bar, bytes done of
+    expected, rate, ETA), redrawn in place every ``interval`` seconds by a
+    LoopingCall on the injected ``reactor``.  Otherwise only the phase lines.
+    Phase lines (L{phase}) are printed in both cases, above the bars.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        stream: TextIO,
+        bars: bool,
+        prefix: str = "xenmig",
+        interval: float = 0.2,
+        width: int | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.stream = stream
+        self.bars = bars
+        self.prefix = prefix
+        self.interval = interval
+        self.width = width
+        self.source: Callable[[], Snapshot] | None = None
+        self._meters: dict[str, RateMeter] = {}
+        self._drawn = 0
+        self._loop: LoopingCall | None = None
+
+    def phase(self, message: str) -> None:
+        """Print one line about the migration (above the bars, if any)."""
+        self._erase()
+        self.stream.write(f"{self.prefix}: {message}\n")
+        self.stream.flush()
+        if self._loop is not None:
+            self.redraw()
+
+    def start(self, source: Callable[[], Snapshot]) -> None:
+        """Start redrawing the bars of ``source`` (on a terminal only)."""
+        self.source = source
+        self._meters = {}
+        if not self.bars or self._loop is not None:
+            return
+        self._loop = LoopingCall(self.redraw)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=True)
+
+    def stop(self) -> None:
+        """Draw the bars a last time and leave them on the screen."""
+        if self._loop is None:
+            return
+        self._loop.stop()
+        self._loop = None
+        self.redraw()
+        self._drawn = 0
+
+    def redraw(self) -> None:
+        """Draw every device's line in place of the previous ones."""
+        if self.source is None:
+            return
+        lines = self.lines(self.source(), self.reactor.seconds())
+        self._erase()
+        width = self.width or shutil.get_terminal_size().columns
+        for line in lines:
+            self.stream.write(line[: max(width - 1, 20)] + "\n")
+        self.stream.flush()
+        self._drawn = len(lines)
+
+    def lines(self, snapshot: Snapshot, now: float) -> list[str]:
+        """The text of each device's bar at ``now``."""
+        names = max((len(name) for name, _, _ in snapshot), default=0)
+        result = []
+        for name, done, expected in snapshot:
+            meter = self._meters.setdefault(name, RateMeter())
+            rate = meter.sample(now, done, expected)
+            result.append(_barLine(name.ljust(names), done, expected, rate))
+        return result
+
+    def _erase(self) -> None:
+        if self._drawn:
+            self.stream.write(f"\x1b[{self._drawn}A\x1b[J")
+            self._drawn = 0
+
+
+def _barLine(name: str, done: int, expected: int, rate: float) -> str:
+    fraction = min(done / expected, 1.0) if expected else (1.0 if done else 0.0)
+    filled = int(fraction * 20)
+    bar = "#" * filled + "." * (20 - filled)
+    eta = (expected - done) / rate if rate > 0 and expected > done else None
+    return (
+        f"  {name} [{bar}] {fraction:4.0%} {formatBytes(done)} / "
+        f"{formatBytes(expected)} {formatRate(rate)}"
+        + (f"  ETA {formatSeconds(eta)}" if eta is not None else "")
+    )
+
+
+# -- status tables ---------------------------------------------------------------------
+
+
+def _when(timestamp: float) -> str:
+    if not timestamp:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def statusTable(migrations: Sequence[MigrationStatus]) -> str:
+    """
+    A table of migrations, one line per device: id, domain, phase, peer, device,
+    bytes done / expected, rate and reason.
+    """
+    header = ("MIGRATION", "DOMAIN", "PHASE", "PEER", "DEVICE", "BYTES", "RATE")
+    rows: list[tuple[str, ...]] = []
+    for status in migrations:
+        devices = status.devices or ()
+        first = (status.migrationId, status.domain, status.phase, status.peer or "-")
+        blank = ("", "", "", "")
+        if not devices:
+            rows.append((*first, "-", "-", "-", status.reason))
+        for index, device in enumerate(devices):
+            rows.append(
+                (
+                    *(first if index == 0 else blank),
+                    f"{device.kind}:{device.name}",
+                    f"{formatBytes(device.bytesDone)} / "
+                    f"{formatBytes(device.bytesExpected)}",
+                    formatRate(device.rate),
+                    (status.reason if index == 0 else "") or device.reason,
+                )
+            )
+    widths = [
+        max([len(header[i])] + [len(row[i]) for row in rows])
+        for i in range(len(header))
+    ]
+    cells = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    lines = [cells + "  REASON"]
+    for row in rows:
+        cells = "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True))
+        lines.append((cells + "  " + row[-1]).rstrip())
+    if not migrations:
+        lines.append("(no migrations)")
+    return "\n".join(lines)
+
+
+def statusDetail(status: MigrationStatus) -> str:
+    """One migration in detail: every field, every device with its digest."""
+    lines = [
+        f"migration  {status.migrationId}",
+        f"domain     {status.domain}",
+        f"phase      {status.phase}",
+        f"peer       {status.peer or '-'}",
+        f"started    {_when(status.started)}",
+        f"updated    {_when(status.updated)}",
+    ]
+    if status.reason:
+        lines.append(f"reason     {status.reason}")
+    for path in status.installed:
+        lines.append(f"installed  {path}")
+    for device in status.devices:
+        lines.append(f"device     {device.kind}:{device.name}  {device.state}")
+        lines.append(
+            f"  bytes    {formatBytes(device.bytesDone)} / "
+            f"{formatBytes(device.bytesExpected)}  ({device.bytesDone} / "
+            f"{device.bytesExpected})  {formatRate(device.rate)}"
+        )
+        if device.digest:
+            lines.append(f"  digest   {device.digest}")
+        if device.reason:
+            lines.append(f"  reason   {device.reason}")
+    return "\n".join(lines)
