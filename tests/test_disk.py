@@ -25,7 +25,13 @@ from xenmig.blockmap import BLOCK_SIZE, BlockMap, BlockScanner, ContentStream
 from xenmig.convergence import ConvergencePolicy, FixedRounds
 from xenmig.devices.disk import DiskSource, DiskTarget, diskKind, probeImage
 from xenmig.digest import hashFile
-from xenmig.errors import BadSpec, DeviceError, DeviceRefused, PathNotAllowed
+from xenmig.errors import (
+    BadSpec,
+    DeviceError,
+    DeviceRefused,
+    PathNotAllowed,
+    StreamError,
+)
 from xenmig.interfaces import (
     IConvergencePolicy,
     IDeviceKind,
@@ -431,6 +437,26 @@ async def test_live_rounds_send_only_changed_blocks(tmp_path: Any) -> None:
     assert final.zeroBytes == 2 * MiB - 4096  # block 5, and block 20 but its data
     assert digest == await digestOf(image)
     assert await digestOf(str(tmp_path / "dest" / "out.img")) == digest
+    staged = migration.target.staged
+    assert staged is not None and staged.content is not None  # hashed behind
+
+
+@pytest_twisted.ensureDeferred
+async def test_record_below_final_marker_is_refused(tmp_path: Any) -> None:
+    """In the final round, a record below a final_through marker is a StreamError."""
+    image = str(tmp_path / "a.img")
+    sparseImage(image, 8 * MiB, [(0, 8 * MiB)])
+    migration = await prepare(tmp_path, image)
+    await migration.rounds(FixedRounds(1))
+    migration.writer.startRound(1, True)
+    await migration.writer.writeMetadata({"final_through": 4 * MiB})
+    with pytest.raises(StreamError, match="device d0: .*below the final_through"):
+        await migration.writer.writeData(MiB, b"late")
+    with pytest.raises(StreamError, match="out of order"):
+        await migration.writer.writeMetadata({"final_through": MiB})
+    await migration.target.abort()
+    await migration.source.rollback()
+    assert os.listdir(tmp_path / "dest") == []
 
 
 @pytest_twisted.ensureDeferred

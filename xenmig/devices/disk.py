@@ -72,6 +72,8 @@ SCAN_DEPTH = 2
 #: fraction, for filesystem metadata and for blocks the guest allocates meanwhile.
 SPACE_MARGIN = 16 * 1024 * 1024
 SPACE_MARGIN_FRACTION = 32
+#: Metadata key of the final round: every byte below this offset has been sent.
+FINAL_THROUGH = "final_through"
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,10 @@ class DiskSource:
         # Content is hashed in the scanning thread, in offset order: one scan at a
         # time then (its records are still written while the next scan reads).
         depth = 1 if content is not None else self.depth
+        # A final pass over blocks sent before tells the target how far it got, so
+        # the target can hash the image behind it (a first pass arrives in order:
+        # the target hashes it as it writes).
+        marking = final and self._baseline
 
         def submit() -> None:
             first, last = batches.popleft()
@@ -325,6 +331,8 @@ class DiskSource:
                 if batches:
                     submit()
                 await sender.send(scans)
+                if marking:
+                    await sender.mark(scanner.blocks.blockRange(scans[-1].index)[1])
             await sender.flush()
         finally:
             for d in pending:
@@ -413,6 +421,11 @@ class _PieceSender:
                     await self.writer.writeData(piece.offset, piece.data)
                     self.tally.dataBytes += piece.length
 
+    async def mark(self, offset: int) -> None:
+        """Tell the target that everything below ``offset`` has been sent."""
+        await self.flush()
+        await self.writer.writeMetadata({FINAL_THROUGH: offset})
+
     async def flush(self) -> None:
         if self._zeroLength:
             start, length = self._zeroStart, self._zeroLength
@@ -467,6 +480,7 @@ class DiskTarget:
         self.destination: FilePath | None = None
         self.staged: ImageStaging | None = None
         self.round = -1
+        self.final = False
 
     @property
     def _name(self) -> str:
@@ -527,15 +541,28 @@ class DiskTarget:
         if isinstance(record, DataRecord | ZeroRecord):
             if self.staged is None:
                 raise StreamError(f"{self._name}: a record arrived before accept")
+            if record.offset < self.staged.finalThrough:
+                raise StreamError(
+                    f"{self._name}: a record at {record.offset} arrived below the "
+                    f"final_through marker {self.staged.finalThrough}"
+                )
             try:
                 waiting = self.staged.receive(record)
             except XenmigError as e:
                 raise _named(self._name, e)
             return waiting.addErrback(self._namedFailure) if waiting else None
         if isinstance(record, RoundRecord):
-            self.round = record.round
+            self.round, self.final = record.round, record.final
+            if record.round > 0 and self.staged is not None:
+                self.staged.flushInBackground()
             return None
         if isinstance(record, MetadataRecord):
+            through = record.metadata.get(FINAL_THROUGH)
+            if self.final and self.staged is not None and isinstance(through, int):
+                try:
+                    self.staged.markFinal(through)
+                except XenmigError as e:
+                    raise _named(self._name, e)
             return None
         raise StreamError(f"{self._name}: unexpected {type(record).__name__}")
 
@@ -575,22 +602,94 @@ class DiskTarget:
 
 class ImageStaging(StagedFile):
     """
-    A L{StagedFile} whose final size arrives with the END record: a qcow2
-    container grows while the guest runs, so it is staged at its growth limit and
-    cut to the source's final size before it is hashed.  Rounds rewrite earlier
-    blocks, so the content is usually hashed again; that is done sparsely, on
-    several cores (L{hashSparseFile}).
+    A L{StagedFile} for images received in rounds.
+
+    - Its final size arrives with the END record: a qcow2 container grows while
+      the guest runs, so it is staged at its growth limit and cut at the end.
+    - Rounds rewrite earlier blocks, so the content must be hashed again from the
+      file.  The final round comes in offset order with C{final_through} markers:
+      everything below a marker is final, and is hashed in the background while
+      the rest arrives, so little is left to hash once END arrives.
+    - Each pre-copy round is fsynced in the background as the next one starts.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.content: ContentStream | None = None
+        self.finalThrough = 0
+        self._hashing: Deferred[None] | None = None
+        self._flushing: Deferred[None] | None = None
+        self._reader: int | None = None  # the staged file is open write-only
+
+    def _hashThrough(self, stop: int) -> None:
+        """Blocking: hash the staged content up to ``stop``."""
+        assert self.content is not None
+        if self._reader is None:
+            self._reader = os.open(self.path.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.content.hashFile(self._reader, stop)
+
+    def _closeReader(self) -> None:
+        if self._reader is not None:
+            os.close(self._reader)
+            self._reader = None
+
+    def markFinal(self, offset: int) -> None:
+        """Everything below ``offset`` is final: hash it in the background."""
+        if offset < self.finalThrough or offset > self.size:
+            raise StreamError(f"final_through marker {offset} is out of order")
+        self.finalThrough = offset
+        if self.content is None:
+            self.content = ContentStream()
+        if self._hashing is None:
+            self._hashing = Deferred.fromCoroutine(self._hashAhead())
+
+    async def _hashAhead(self) -> None:
+        content = self.content
+        assert content is not None
+        try:
+            while content.position < self.finalThrough and self._failure is None:
+                through = self.finalThrough
+                await self._idle()  # the records before the marker are written
+                if self._fd is None or self._failure is not None:
+                    break
+                await self.context.runInThread(self._hashThrough, through)
+        finally:
+            self._hashing = None
+
+    def flushInBackground(self) -> None:
+        """Start writing what arrived so far to disk, so the last fsync is short."""
+        if self._flushing is not None or self._fd is None or self._failure:
+            return
+        flushing = self.context.runInThread(os.fsync, self._fd)
+
+        def done(result: object) -> None:
+            self._flushing = None
+
+        self._flushing = flushing.addBoth(done)
+
+    async def _quiet(self) -> None:
+        """Wait for background hashing and flushing to let go of the file."""
+        while self._hashing is not None or self._flushing is not None:
+            for work in (self._hashing, self._flushing):
+                if work is not None:
+                    await DeferredList([work], consumeErrors=True)
 
     async def finishAt(self, size: int) -> ContentDigest:
         """Write out the queue, cut to ``size``, fsync; the staged content digest."""
         await self._idle()
+        await self._quiet()
         if self._failure is not None:
             self._failure.raiseException()
         await self.context.runInThread(self._cut, size)
-        sequential = self.hasher.sequential and self.hasher.position <= size
         self.size = size
-        if sequential:
+        content = self.content
+        if content is not None and content.position <= size:
+            try:
+                await self.context.runInThread(self._hashThrough, size)
+            finally:
+                self._closeReader()
+            return content.result()
+        if self.hasher.sequential and self.hasher.position <= size:
             return self.hasher.result(size)
         return await self.context.runInThread(hashSparseFile, self.path.path, size)
 
@@ -599,6 +698,12 @@ class ImageStaging(StagedFile):
         assert fd is not None
         os.ftruncate(fd, size)
         os.fsync(fd)
+
+    async def discard(self) -> None:
+        self._failure = self._failure or Failure(DeviceError("staging discarded"))
+        await self._quiet()
+        self._closeReader()
+        await super().discard()
 
 
 def _named(name: str, error: XenmigError) -> XenmigError:
