@@ -521,3 +521,32 @@ async def test_run_shell_stops_a_command_that_hangs() -> None:
 
     with pytest.raises(ProcessFailed, match="did not finish within 0.3 s"):
         await runShell(reactor, "exec sleep 30", timeout=0.3)
+
+
+def test_sigterm_aborts_and_resumes(daemon: Daemon, tmp_path: Path) -> None:
+    """SIGTERM to ``xenmig migrate`` aborts the migration on the target and resumes."""
+    resumed = tmp_path / "resumed"
+    destination = daemon.dest / "interrupted.img"
+    result = xenmig(
+        "migrate",
+        *tlsArgs(daemon),
+        "--domain",
+        "vm-interrupted",
+        "--migration-id",
+        "interrupted-1",
+        "--device",
+        fileDevice(sourceFile(tmp_path), destination),
+        "--live",
+        "--pause-command",
+        "kill -TERM $PPID",
+        "--resume-command",
+        f"touch {resumed}",
+    )
+    assert result.returncode == 1
+    assert "aborted: interrupted on the source" in result.stderr
+    assert resumed.exists()
+    assert not destination.exists()
+    status = xenmig(
+        "status", "interrupted-1", "--state-dir", str(daemon.stateDir), "--json"
+    )
+    assert json.loads(status.stdout)["phase"] == "ABORTED"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,9 @@ def test_demo_runs_and_cleans_up() -> None:
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "all migrations committed and verified" in out
-    assert out.count("has the original digest") == 2
+    assert out.count("verified blob: ") == 2
+    if shutil.which("swtpm") and shutil.which("tpm2_pcrread"):
+        assert out.count("verified tpm0: a swtpm on ") == 2
     assert out.count("AwaitRestored fired, status COMMITTED, digests agree") == 2
     pids = [int(p) for p in re.findall(r"\(pid (\d+)\) answers over mutual TLS", out)]
     assert len(pids) == 2
@@ -50,6 +53,29 @@ def test_demo_keep_leaves_the_workspace(tmp_path: Path) -> None:
         assert (workspace / "hosta.test/daemon.log").exists()
     finally:
         subprocess.run(["rm", "-rf", str(workspace)], check=True)
+
+
+def test_registered_kind_joins_the_demo(tmp_path: Path) -> None:
+    """A kind made known by a dropin on the plugin path joins the demo (disk)."""
+    plugins = tmp_path / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "xenmig_demo_disk.py").write_text(
+        "from xenmig.devices.disk import diskKind\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(tmp_path), env.get("PYTHONPATH", "")])
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "xenmig.cli", "demo", "--size-mib", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("verified disk0: ") == 2
+    assert "disk0: pre-copy rounds of" in result.stdout
 
 
 def test_file_entry_is_always_available() -> None:

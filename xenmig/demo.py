@@ -120,6 +120,9 @@ class DemoDevice:
         """Check the target's state; one line saying what was verified."""
         raise NotImplementedError
 
+    async def cleanup(self) -> None:
+        """Stop whatever the entry started (its processes), success or not."""
+
 
 class FileDemo(DemoDevice):
     """
@@ -170,6 +173,10 @@ class FileDemo(DemoDevice):
         )
 
 
+def _sizes(counts: list[int]) -> str:
+    return ", ".join(formatBytes(c) for c in counts) or "nothing"
+
+
 def _writeSparse(path: str, size: int, hole: tuple[int, int]) -> None:
     """Blocking: random data, then a hole over ``hole``, then random data."""
     with open(path, "wb") as f:
@@ -183,9 +190,146 @@ def _writeSparse(path: str, size: int, hole: tuple[int, int]) -> None:
         f.truncate(size)
 
 
+class DiskDemo(FileDemo):
+    """
+    The ``disk`` kind: a sparse raw image, with pre-copy rounds while the "VM"
+    runs; sent A->B and back like the file, every copy with the original digest.
+    """
+
+    kind = "disk"
+    name = "disk0"
+
+    def __init__(self, sizeMiB: int = 64) -> None:
+        super().__init__(sizeMiB)
+        self.description = f"a {formatBytes(self.size)} sparse raw disk image"
+
+    async def setup(self, run: DemoRun, leg: Leg) -> DeviceSpec:
+        if leg.number == 1:
+            self.current = os.path.join(leg.source.home, "disk0.raw")
+            await run.inThread(_writeSparse, self.current, self.size, self._hole())
+            self.digest = await run.inThread(hashFile, self.current)
+        destination = os.path.join(leg.target.root, f"disk0-from-{leg.source.name}.raw")
+        return DeviceSpec.parse(
+            f"disk:{self.name}:path={self.current},target={destination},format=raw"
+        )
+
+    async def verify(self, run: DemoRun, leg: Leg, installed: list[str]) -> str:
+        path = next((p for p in installed if "disk0-from-" in p), None)
+        if path is None:
+            raise DemoFailed(f"the target installed no disk image: {installed}")
+        digest = await run.inThread(hashFile, path)
+        if digest != self.digest:
+            raise DemoFailed(
+                f"{path} has digest {digest.hex}, the original {self.digest.hex}"
+            )
+        self.current = path
+        return f"{self.name}: {path} has the original digest"
+
+
+class VTPMDemo(DemoDevice):
+    """
+    The ``vtpm`` kind: a running swtpm with an extended PCR on host A; its state is
+    installed as a swtpm state directory on B, where a swtpm resumes it (no
+    TPM2_Startup, same PCR); that swtpm is then migrated back to A.
+    """
+
+    kind = "vtpm"
+    name = "tpm0"
+    programs = ("swtpm", "tpm2_startup", "tpm2_pcrextend", "tpm2_pcrread")
+    description = "a running swtpm TPM 2 with PCR 16 extended"
+
+    def __init__(self) -> None:
+        self.running: Any = None
+        self.started: list[Any] = []
+        self.pcrs = ""
+
+    async def setup(self, run: DemoRun, leg: Leg) -> DeviceSpec:
+        if leg.number == 1:
+            self.running = await self._swtpm(run, leg.source.home, "vtpm-source")
+            await self.running.control.init()
+            await self._tpm2(run, "tpm2_startup", "-c")
+            extend = "16:sha256=" + os.urandom(32).hex()
+            await self._tpm2(run, "tpm2_pcrextend", extend)
+            self.pcrs = await self._tpm2(run, "tpm2_pcrread", "sha256:16")
+        statedir = os.path.join(leg.target.root, f"vtpm-from-{leg.source.name}")
+        return DeviceSpec.parse(
+            f"vtpm:{self.name}:ctrl={self.running.ctrlPath},target-statedir={statedir}"
+        )
+
+    async def verify(self, run: DemoRun, leg: Leg, installed: list[str]) -> str:
+        from xenmig.swtpm import (
+            TPM2_STARTUP_CLEAR,
+            TPM_RC_INITIALIZE,
+            responseCode,
+            tpmCommand,
+        )
+
+        source = self.running
+        await _bounded(run.reactor, source.whenEnded(), 10.0)
+        if source.running:
+            raise DemoFailed(f"the source swtpm on {leg.source.name} still runs")
+        statedir = os.path.join(leg.target.root, f"vtpm-from-{leg.source.name}")
+        if statedir not in installed:
+            raise DemoFailed(f"the target installed no vTPM state dir: {installed}")
+        self.running = await self._swtpm(run, statedir)
+        await self.running.control.init(1)  # resume; delete the volatile state
+        startup = await tpmCommand(
+            run.reactor, self.running.serverPath, TPM2_STARTUP_CLEAR
+        )
+        if responseCode(startup) != TPM_RC_INITIALIZE:
+            raise DemoFailed("the TPM on the target did not resume (it took Startup)")
+        pcrs = await self._tpm2(run, "tpm2_pcrread", "sha256:16")
+        if pcrs != self.pcrs:
+            raise DemoFailed(
+                f"PCR 16 on {leg.target.name} is {pcrs!r}, not {self.pcrs!r}"
+            )
+        value = pcrs.split(":")[-1].strip()[:18]
+        return (
+            f"{self.name}: a swtpm on {leg.target.name} resumed the state (no "
+            f"Startup, PCR 16 = {value}...); the source swtpm exited"
+        )
+
+    async def cleanup(self) -> None:
+        for process in self.started:
+            await process.stop()
+
+    async def _swtpm(self, run: DemoRun, home: str, name: str = "") -> Any:
+        from xenmig.swtpm import SwtpmProcess
+
+        state = os.path.join(home, name) if name else home
+        os.makedirs(state, exist_ok=True)
+        process = SwtpmProcess(run.reactor, state)
+        self.started.append(process)
+        await process.start()
+        return process
+
+    async def _tpm2(self, run: DemoRun, tool: str, *args: str) -> str:
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        env = dict(os.environ, TPM2TOOLS_TCTI=f"swtpm:path={self.running.serverPath}")
+        out, err, code = await getProcessOutputAndValue(
+            tool, args, env=env, reactor=run.reactor
+        )
+        if code != 0:
+            raise DemoFailed(f"{tool} {' '.join(args)} exited {code}: {err.decode()}")
+        return out.decode()
+
+
+async def _bounded(reactor: Any, d: Deferred[Any], seconds: float) -> None:
+    """Wait for ``d`` at most ``seconds`` (then go on: the caller checks)."""
+    from xenmig.processes import fireOnce
+
+    waiter: Deferred[None] = Deferred()
+    d.addBoth(lambda _: fireOnce(waiter, None))
+    call = reactor.callLater(seconds, fireOnce, waiter, None)
+    await waiter
+    if call.active():
+        call.cancel()
+
+
 def demoDevices(sizeMiB: int) -> list[DemoDevice]:
     """Every entry of the demo (some may not be available here)."""
-    return [FileDemo(sizeMiB)]
+    return [FileDemo(sizeMiB), VTPMDemo(), DiskDemo(sizeMiB)]
 
 
 class DemoRun:
@@ -228,6 +372,8 @@ class DemoRun:
             self.say(f"FAILED: {type(e).__name__}: {e}")
         finally:
             self.display.stop()
+            for device in self.devices:
+                await device.cleanup()
             await self._stopDaemons()
             self._cleanUp(ok)
         return 0 if ok else 1
@@ -304,6 +450,11 @@ class DemoRun:
         restored = Deferred.fromCoroutine(self._awaitRestored(target))
         try:
             await migration.prepare(specs)
+            self.display.start(migration.progress)
+            rounds = await migration.precopy()  # devices that can, "VM" running
+            self.display.stop()
+            for name, sent in rounds.items():
+                self.say(f"  {name}: pre-copy rounds of {_sizes(sent)}")
             migration.paused()  # a real toolstack pauses the VM here
             self.display.start(migration.progress)
             await migration.transfer()
