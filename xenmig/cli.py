@@ -39,6 +39,7 @@ from xenmig.errors import (
     BadSpec,
     CommitInDoubt,
     ConfigurationError,
+    MigrationAborted,
     PhaseTimeout,
     XenmigError,
 )
@@ -538,11 +539,15 @@ class MigrateCommand:
                 f"{self.target}: preparing {len(self.args.device)} device(s)"
             )
             await migration.prepare(self.args.device)
+            self._goOn()
             self.display.phase("the target accepted every device")
             if self.args.live:
                 await self._precopy()
+                self._goOn()  # never pause the VM after an interrupt
                 await self._pauseVM()
+                self._goOn()
             await self._transfer()
+            self._goOn()
         except Exception as e:
             return await self._failed(e)
         try:
@@ -554,6 +559,11 @@ class MigrateCommand:
             return await self._failed(e)
         self.display.phase("committed: the VM now belongs to the target")
         return EXIT_OK
+
+    def _goOn(self) -> None:
+        """Stop between steps once interrupted (SIGINT, SIGTERM)."""
+        if self.interrupted:
+            raise MigrationAborted("interrupted on the source")
 
     async def _precopy(self) -> None:
         self.display.phase("pre-copy while the VM runs")

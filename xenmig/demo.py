@@ -141,6 +141,7 @@ class FileDemo(DemoDevice):
         )
         self.digest: Any = None
         self.current = ""
+        self.sparse = False
 
     def _hole(self) -> tuple[int, int]:
         start = (self.size * 3 // 8) & ~0xFFFF
@@ -151,6 +152,7 @@ class FileDemo(DemoDevice):
             self.current = os.path.join(leg.source.home, "blob.img")
             await run.inThread(_writeSparse, self.current, self.size, self._hole())
             self.digest = await run.inThread(hashFile, self.current)
+            self.sparse = await run.inThread(_allocated, self.current) < self.size
         destination = os.path.join(leg.target.root, f"blob-from-{leg.source.name}.img")
         return DeviceSpec.parse(
             f"file:{self.name}:path={self.current},target={destination}"
@@ -165,12 +167,19 @@ class FileDemo(DemoDevice):
             raise DemoFailed(
                 f"{path} has digest {digest.hex}, the original {self.digest.hex}"
             )
-        allocated = (await run.inThread(os.stat, path)).st_blocks * 512
+        allocated = await run.inThread(_allocated, path)
+        if self.sparse and allocated >= self.size:
+            raise DemoFailed(f"{path} lost its hole: {allocated} bytes allocated")
         self.current = path
         return (
             f"{self.name}: {path} has the original digest ({formatBytes(digest.size)},"
             f" {formatBytes(allocated)} allocated)"
         )
+
+
+def _allocated(path: str) -> int:
+    """Blocking: the bytes a file really occupies on disk."""
+    return os.stat(path).st_blocks * 512
 
 
 def _sizes(counts: list[int]) -> str:
