@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -121,7 +120,6 @@ class BlockScanner:
         self.describe = describe
         self.growable = growable
         self.maxSize = blocks.size if maxSize is None else maxSize
-        self._buffers = _BufferPool(blocks.blockSize)
 
     def currentSize(self) -> int:
         """Blocking: the image's size now."""
@@ -180,37 +178,33 @@ class BlockScanner:
         extents = list(dataExtents(self.fd, start, end))
         scans = []
         cursor = 0
-        buffer = self._buffers.take()
-        try:
-            for index in range(first, last):
-                blockStart, blockEnd = blocks.blockRange(index)
-                while cursor < len(extents) and extents[cursor][1] <= blockStart:
-                    cursor += 1
-                inside = _clip(extents, cursor, blockStart, blockEnd)
-                scans.append(self._scanBlock(index, inside, buffer, content))
-        finally:
-            self._buffers.give(buffer)
+        for index in range(first, last):
+            blockStart, blockEnd = blocks.blockRange(index)
+            while cursor < len(extents) and extents[cursor][1] <= blockStart:
+                cursor += 1
+            inside = _clip(extents, cursor, blockStart, blockEnd)
+            scans.append(self._scanBlock(index, inside, content))
         return scans
 
     def _scanBlock(
         self,
         index: int,
         extents: list[tuple[int, int]],
-        buffer: memoryview,
         content: ContentStream | None,
     ) -> BlockScan:
         start, end = self.blocks.blockRange(index)
         length = end - start
         zero = self.blocks.zeroDigest(index)
-        data: memoryview | None = None
+        data: bytes | None = None
         digest = zero
         if extents:
-            data = buffer[:length]
-            read = os.preadv(self.fd, [data], start)
-            if read != length:
+            # A fresh buffer per block: a changed block's data goes to the writer
+            # as it is, and the allocator recycles the unchanged ones' at once.
+            data = os.pread(self.fd, length, start)
+            if len(data) != length:
                 raise DeviceError(
-                    f"{self.describe} ended at {start + read} bytes, inside block "
-                    f"{index}: it was truncated under the sender"
+                    f"{self.describe} ended at {start + len(data)} bytes, inside "
+                    f"block {index}: it was truncated under the sender"
                 )
             digest = blake3.blake3(data).digest()
             if digest == zero:
@@ -223,25 +217,6 @@ class BlockScanner:
         if data is None:
             return BlockScan(index, start, length, (Piece(start, length),))
         return BlockScan(index, start, length, _pieces(start, data, extents))
-
-
-class _BufferPool:
-    """Reusable block buffers: reads fault no new pages in, pass after pass."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._free: list[memoryview] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> memoryview:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return memoryview(bytearray(self.size))
-
-    def give(self, buffer: memoryview) -> None:
-        with self._lock:
-            self._free.append(buffer)
 
 
 def _clip(
@@ -257,15 +232,14 @@ def _clip(
 
 
 def _pieces(
-    start: int, data: memoryview, extents: list[tuple[int, int]]
+    start: int, data: bytes, extents: list[tuple[int, int]]
 ) -> tuple[Piece, ...]:
     """
     Split a block read whole into DATA pieces (its data extents) and zero pieces
     (its holes), so the target allocates what the source allocates.
 
     A hole that does not read as zeros (written between the extent walk and the
-    read) is sent as data: what is sent is always exactly what was read.  Pieces
-    are copies: the buffer is read into again.
+    read) is sent as data: what is sent is always exactly what was read.
     """
     pieces: list[Piece] = []
     position = start
@@ -283,9 +257,8 @@ def _pieces(
     return tuple(pieces)
 
 
-def _piece(offset: int, view: memoryview) -> Piece:
-    """A zero piece if ``view`` is all zeros (one memcmp), else a DATA piece."""
-    chunk = view.tobytes()
+def _piece(offset: int, chunk: bytes) -> Piece:
+    """A zero piece if ``chunk`` is all zeros (one memcmp), else a DATA piece."""
     if chunk == (_ZEROS if len(chunk) == BLOCK_SIZE else bytes(len(chunk))):
         return Piece(offset, len(chunk))
     return Piece(offset, len(chunk), chunk)
@@ -303,7 +276,7 @@ class ContentStream:
         self._hash = blake3.blake3(max_threads=maxThreads)
         self.position = 0
 
-    def update(self, offset: int, data: memoryview | None, length: int) -> None:
+    def update(self, offset: int, data: bytes | None, length: int) -> None:
         """Blocking: hash ``data`` (None: ``length`` zeros), which is at ``offset``."""
         if offset != self.position:
             raise ValueError(f"content fed at {offset}, expected {self.position}")
@@ -325,7 +298,7 @@ class ContentStream:
                 data = os.pread(fd, min(chunk, extentEnd - start), start)
                 if not data:
                     raise OSError(f"the file shrank at {start} while it was hashed")
-                self.update(start, memoryview(data), len(data))
+                self.update(start, data, len(data))
                 start += len(data)
         self.update(self.position, None, stop - self.position)
 
