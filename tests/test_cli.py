@@ -566,3 +566,84 @@ def test_doc_covers_every_subcommand_and_option() -> None:
             continue
         mentioned = set(re.findall(r"(--[a-z][a-z-]+)", section))
         assert mentioned <= set(parsers[name]._option_string_actions), name
+
+
+class FakeMigration:
+    """A SourceMigration stand-in whose commit's answer never comes."""
+
+    def __init__(self, commitError: Exception) -> None:
+        from xenmig.client import ClientTimeouts
+
+        self.migrationId = "doubt-1"
+        self.phase = "NEW"
+        self.reason = ""
+        self.times: dict[str, float] = {}
+        self.control = object()
+        self.client = type("Client", (), {"timeouts": ClientTimeouts()})()
+        self.commitError = commitError
+        self.aborted: list[str] = []
+
+    async def prepare(self, specs: Any) -> None:
+        self.phase = "PREPARED"
+
+    async def precopy(self, policy: Any = None) -> dict[str, list[int]]:
+        self.phase = "PRECOPIED"
+        return {}
+
+    def paused(self) -> None:
+        pass
+
+    async def transfer(self) -> dict[str, Any]:
+        self.phase = "READY"
+        return {}
+
+    async def commit(self) -> list[str]:
+        self.times["commit"] = 0.0
+        self.phase = "IN-DOUBT"
+        raise self.commitError
+
+    async def abort(self, reason: str) -> None:
+        self.aborted.append(reason)
+
+    def progress(self) -> list[tuple[str, int, int]]:
+        return []
+
+    def report(self) -> dict[str, Any]:
+        return {"migration_id": self.migrationId, "phase": self.phase}
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_in_doubt_exits_3_without_resuming(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A commit in doubt exits 3, says not to resume, and never runs the resume."""
+    import argparse
+
+    from twisted.internet import reactor
+
+    from xenmig.errors import CommitInDoubt
+
+    resumed = tmp_path / "resumed"
+    args = argparse.Namespace(
+        command="migrate",
+        target=("127.0.0.1", 9),
+        domain="vm-doubt",
+        device=[],
+        migration_id="doubt-1",
+        live=True,
+        pause_command="true",
+        resume_command=f"touch {resumed}",
+        command_timeout=10.0,
+        json=True,
+    )
+    display = ProgressDisplay(reactor, io.StringIO(), bars=False)
+    fake = FakeMigration(CommitInDoubt("no answer to the commit"))
+    command = cli.MigrateCommand(reactor, fake, args, display)  # type: ignore[arg-type]
+    assert await command.run() == 3
+    out, err = capsys.readouterr()
+    assert "COMMIT IN DOUBT: no answer to the commit" in err
+    assert "do NOT resume the VM here" in err
+    assert "xenmig status doubt-1 --target 127.0.0.1:9" in err
+    assert json.loads(out)["exit_status"] == 3
+    assert not resumed.exists()
+    assert fake.aborted == []

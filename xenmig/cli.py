@@ -16,7 +16,7 @@ import re
 import sys
 import uuid
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -53,6 +53,9 @@ from xenmig.progress import (
     statusDetail,
     statusTable,
 )
+
+if TYPE_CHECKING:
+    from xenmig.client import SourceMigration
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -497,20 +500,17 @@ class MigrateCommand:
     def __init__(
         self,
         reactor: Any,
-        client: Any,
+        migration: SourceMigration,
         args: argparse.Namespace,
         display: ProgressDisplay,
         policy: Any = None,
     ) -> None:
-        from xenmig.client import SourceMigration
-
         self.reactor = reactor
+        self.migration = migration
         self.args = args
         self.display = display
         self.policy = policy
         self.target = "{}:{}".format(*args.target)
-        migrationId = args.migration_id or uuid.uuid4().hex
-        self.migration = SourceMigration(client, args.domain, migrationId)
         self.pause: dict[str, Any] | None = None
         self.resumed: bool | None = None
         self.interrupted = False
@@ -719,7 +719,7 @@ def summary(report: dict[str, Any]) -> str:
 
 
 async def _migrate(reactor: Any, args: argparse.Namespace) -> int:
-    from xenmig.client import MigrationClient, SourceContext
+    from xenmig.client import MigrationClient, SourceContext, SourceMigration
     from xenmig.plugins import deviceKinds
 
     if args.live and not (args.pause_command and args.resume_command):
@@ -742,9 +742,11 @@ async def _migrate(reactor: Any, args: argparse.Namespace) -> int:
     policy = _policy(args)
     host, port = args.target
     client = MigrationClient(reactor, host, port, tls=clientTLS(args), kinds=kinds)
+    migrationId = args.migration_id or uuid.uuid4().hex
+    migration = SourceMigration(client, args.domain, migrationId)
     bars = sys.stderr.isatty()
     display = ProgressDisplay(reactor, sys.stderr, bars, prefix="xenmig migrate")
-    return await MigrateCommand(reactor, client, args, display, policy).run()
+    return await MigrateCommand(reactor, migration, args, display, policy).run()
 
 
 def _policy(args: argparse.Namespace) -> Any:
