@@ -411,7 +411,8 @@ class _PieceSender:
             for piece in scan.pieces:
                 if piece.data is None:
                     self.tally.zeroBytes += piece.length
-                    if self._zeroStart + self._zeroLength == piece.offset:
+                    end = self._zeroStart + self._zeroLength
+                    if self._zeroLength and end == piece.offset:
                         self._zeroLength += piece.length
                         continue
                     await self.flush()
