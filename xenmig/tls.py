@@ -6,7 +6,7 @@ import datetime
 import hashlib
 import os
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -106,10 +106,9 @@ def serverOptions(
     C{authorities} is required; TLS 1.2 at least, TLS 1.3 when both can.
     """
     return CertificateOptions(
-        privateKey=identity.privateKey.original,
-        certificate=identity.original,
         trustRoot=_trustRoot(authorities),
         raiseMinimumTo=MINIMUM_TLS,
+        **_ownCertificate(identity),
     )
 
 
@@ -123,12 +122,29 @@ def clientOptions(
     C{hostname} (a DNS name or an IP address) in its subjectAltName; this side
     presents C{identity}.
     """
+    # Not clientCertificate=identity: see _ownCertificate.
     return optionsForClientTLS(
         hostname,
         trustRoot=_trustRoot(authorities),
-        clientCertificate=identity,
-        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS},
+        extraCertificateOptions={
+            "raiseMinimumTo": MINIMUM_TLS,
+            **_ownCertificate(identity),
+        },
     )
+
+
+def _ownCertificate(identity: PrivateCertificate) -> dict[str, Any]:
+    """
+    C{CertificateOptions} arguments presenting C{identity}.
+
+    They are C{cryptography} objects, which pyOpenSSL takes as they are: the
+    pyOpenSSL objects Twisted would pass make pyOpenSSL 26 warn ("Passing
+    pyOpenSSL X509 objects is deprecated") on every new TLS context.
+    """
+    return {
+        "privateKey": identity.privateKey.original.to_cryptography_key(),
+        "certificate": identity.original.to_cryptography(),
+    }
 
 
 def serverEndpoint(
@@ -146,7 +162,8 @@ def peerIdentity(transport: ITransport) -> str:
     Name the peer of a connection whose TLS handshake is complete.
 
     @return: the first DNS subjectAltName of the peer's certificate, else its
-        common name; ``plaintext:<address>`` if the transport is not TLS.
+        common name; ``plaintext:<host>`` (the peer's address without its
+        port, the same for all of one peer's connections) if it is not TLS.
     @raise NotAuthorized: if the peer presented no certificate (or the
         handshake is not complete), or the certificate names no host.
     """
