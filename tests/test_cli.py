@@ -318,7 +318,8 @@ def test_await_times_out(daemon: Daemon) -> None:
         "0.5",
     )
     assert result.returncode == 1
-    assert "no migration of vm-never committed within 0.5 s" in result.stderr
+    assert result.stderr.startswith("xenmig await: vm-never: not restored: ")
+    assert "within 0.5 s" in result.stderr
 
 
 def test_abort_during_live_pause(daemon: Daemon, tmp_path: Path) -> None:
@@ -497,6 +498,7 @@ def test_status_table_has_one_row_per_device() -> None:
         "DEVICE",
         "BYTES",
         "RATE",
+        "ETA",
         "REASON",
     ]
     assert lines[1].split()[:5] == ["m1", "vm1", "ABORTED", "hosta", "file:a"]

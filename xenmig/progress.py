@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from twisted.internet.task import LoopingCall
 
-from xenmig.model import MigrationStatus
+from xenmig.model import DeviceProgress, MigrationStatus
 
 #: ``(device, bytes done, bytes expected)`` for every device of a migration.
 Snapshot = Sequence[tuple[str, int, int]]
@@ -184,14 +184,14 @@ def statusTable(migrations: Sequence[MigrationStatus]) -> str:
     A table of migrations, one line per device: id, domain, phase, peer, device,
     bytes done / expected, rate and reason.
     """
-    header = ("MIGRATION", "DOMAIN", "PHASE", "PEER", "DEVICE", "BYTES", "RATE")
+    header = ("MIGRATION", "DOMAIN", "PHASE", "PEER", "DEVICE", "BYTES", "RATE", "ETA")
     rows: list[tuple[str, ...]] = []
     for status in migrations:
         devices = status.devices or ()
         first = (status.migrationId, status.domain, status.phase, status.peer or "-")
         blank = ("", "", "", "")
         if not devices:
-            rows.append((*first, "-", "-", "-", status.reason))
+            rows.append((*first, "-", "-", "-", "-", status.reason))
         for index, device in enumerate(devices):
             rows.append(
                 (
@@ -200,6 +200,7 @@ def statusTable(migrations: Sequence[MigrationStatus]) -> str:
                     f"{formatBytes(device.bytesDone)} / "
                     f"{formatBytes(device.bytesExpected)}",
                     formatRate(device.rate),
+                    _eta(device),
                     (status.reason if index == 0 else "") or device.reason,
                 )
             )
@@ -215,6 +216,14 @@ def statusTable(migrations: Sequence[MigrationStatus]) -> str:
     if not migrations:
         lines.append("(no migrations)")
     return "\n".join(lines)
+
+
+def _eta(device: DeviceProgress) -> str:
+    """The time left for a device still receiving, at its rate so far."""
+    left = device.bytesExpected - device.bytesDone
+    if device.state != "RECEIVING" or device.rate <= 0 or left <= 0:
+        return "-"
+    return formatSeconds(left / device.rate)
 
 
 def statusDetail(status: MigrationStatus) -> str:
@@ -237,6 +246,7 @@ def statusDetail(status: MigrationStatus) -> str:
             f"  bytes    {formatBytes(device.bytesDone)} / "
             f"{formatBytes(device.bytesExpected)}  ({device.bytesDone} / "
             f"{device.bytesExpected})  {formatRate(device.rate)}"
+            + (f"  ETA {_eta(device)}" if _eta(device) != "-" else "")
         )
         if device.digest:
             lines.append(f"  digest   {device.digest}")
