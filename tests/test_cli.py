@@ -304,6 +304,19 @@ def test_await_returns_after_commit(daemon: Daemon, tmp_path: Path) -> None:
     answer = json.loads(out)
     assert answer["migration_id"] == "await-1"
     assert answer["installed"] == [str(daemon.dest / "await.img")]
+    again = xenmig(
+        "await",
+        "--domain",
+        "vm-await",
+        "--migration-id",
+        "await-1",
+        "--state-dir",
+        str(daemon.stateDir),
+        "--timeout",
+        "5",
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("migration await-1 of vm-await committed\n")
 
 
 def test_await_times_out(daemon: Daemon) -> None:

@@ -246,6 +246,12 @@ def parser() -> argparse.ArgumentParser:
     _common(wait)
     wait.add_argument("--domain", required=True, help="the VM's name")
     wait.add_argument(
+        "--migration-id",
+        type=parseMigrationId,
+        metavar="ID",
+        help="wait for this migration (even if already claimed)",
+    )
+    wait.add_argument(
         "--timeout", type=positive(float), default=3600.0, metavar="S", help="seconds"
     )
     _local(wait)
@@ -426,12 +432,16 @@ class LocalControl:
         )
         return answer["phase"]
 
-    async def awaitRestored(self, domain: str, timeout: float) -> dict[str, Any]:
+    async def awaitRestored(
+        self, domain: str, timeout: float, migrationId: str | None = None
+    ) -> dict[str, Any]:
+        which = {"migration_id": migrationId} if migrationId else {}
         return await self.call(
             commands.AwaitRestored,
             seconds=timeout + 30.0,
             domain=domain,
             timeout=timeout,
+            **which,
         )
 
 
@@ -800,7 +810,9 @@ async def _abort(reactor: Any, args: argparse.Namespace) -> int:
 async def _await(reactor: Any, args: argparse.Namespace) -> int:
     control = LocalControl(reactor, args.state_dir)
     try:
-        answer = await control.awaitRestored(args.domain, args.timeout)
+        answer = await control.awaitRestored(
+            args.domain, args.timeout, args.migration_id
+        )
     except ConfigurationError:
         raise
     except Exception as e:
