@@ -1,0 +1,426 @@
+"""
+End-to-end benchmark of the ``file`` kind against a plain-socket copy, same run.
+
+    python bench/bench_file.py [--size-mib 1024] [--runs 3] [--client process|cli]
+                               [--dir DIR] [--cache DIR] [--profile]
+
+(a) Reference: a sender process streams the file over plain TCP on 127.0.0.1 to
+    a receiver process, which writes it to DIR and fsyncs it (no TLS, no
+    framing, no hashing).
+(b) xenmig: a real ``twistd xenmig`` daemon, a client process (the
+    MigrationClient API, or ``xenmig migrate`` with ``--client cli``), mutual
+    TLS, and the file installed into DIR: the wall time from Prepare to the
+    Commit's answer, the daemon's peak RSS (VmHWM), and the digest of the result.
+
+Both write to DIR (default: tmpfs, so that the disk does not dominate).  The
+dense random source file is made once and kept in the cache dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+BLOCK = MiB
+HERE = Path(__file__).resolve()
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+GOAL_RSS = 150 * 1000 * 1000
+GOAL_RATIO = 0.40
+
+
+def _tmpfsOr(path: str, fallback: str) -> str:
+    return path if os.path.isdir(os.path.dirname(path)) else fallback
+
+
+DEFAULT_DIR = _tmpfsOr("/dev/shm/xenmig-bench", "/tmp/xenmig-bench")
+DEFAULT_CACHE = _tmpfsOr("/dev/shm/xenmig-bench-cache", "/tmp/xenmig-bench-cache")
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def freePort() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sourceFile(cache: Path, size: int) -> Path:
+    """The dense random file of ``size`` bytes, made once and then reused."""
+    path = cache / f"dense-{size // MiB}MiB.bin"
+    if path.exists() and path.stat().st_size == size:
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    need = size + 64 * MiB
+    if shutil.disk_usage(cache).free < need:
+        raise SystemExit(f"bench: {cache} has less than {need // MiB} MiB free")
+    print(f"making {path} ({size // MiB} MiB of random data) ...", flush=True)
+    partial = path.with_suffix(".part")
+    with open(partial, "wb") as f:
+        for _ in range(size // (8 * MiB)):
+            f.write(os.urandom(8 * MiB))
+        f.write(os.urandom(size % (8 * MiB)))
+    partial.rename(path)
+    return path
+
+
+def peakRSS(pid: int) -> int:
+    """VmHWM of a live process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
+def minorFaults(pid: int) -> int:
+    """Minor page faults of a live process so far."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def cpuSeconds(pid: int) -> float:
+    """User + system CPU time of a live process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rate(size: int, seconds: float) -> float:
+    return size / seconds / 1e6
+
+
+# -- (a) the plain-socket reference ----------------------------------------------------
+
+
+def receive(port: int, output: str) -> None:
+    """Child: accept one connection, write what arrives to ``output``, fsync."""
+    listener = socket.create_server(("127.0.0.1", port))
+    print("listening", flush=True)
+    connection, _ = listener.accept()
+    started = time.monotonic()
+    buffer = bytearray(BLOCK)
+    view = memoryview(buffer)
+    total = 0
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    while True:
+        n = connection.recv_into(buffer)
+        if not n:
+            break
+        os.write(fd, view[:n])
+        total += n
+    os.fsync(fd)
+    os.close(fd)
+    elapsed = time.monotonic() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"bytes": total, "seconds": elapsed, "rss": usage.ru_maxrss}))
+
+
+def send(port: int, source: str) -> None:
+    """Child: stream ``source`` to 127.0.0.1:``port``."""
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        with open(source, "rb", buffering=0) as f:
+            buffer = bytearray(BLOCK)
+            while n := f.readinto(buffer):
+                connection.sendall(memoryview(buffer)[:n])
+
+
+def reference(source: Path, work: Path) -> dict[str, Any]:
+    """One plain-socket copy; its figures."""
+    port = freePort()
+    output = work / "reference.bin"
+    receiver = subprocess.Popen(
+        [sys.executable, str(HERE), "_receive", str(port), str(output)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert receiver.stdout is not None
+    assert receiver.stdout.readline().strip() == "listening"
+    sender = subprocess.run(
+        [sys.executable, str(HERE), "_send", str(port), str(source)], check=True
+    )
+    assert sender.returncode == 0
+    result = json.loads(receiver.stdout.read())
+    receiver.wait()
+    size = source.stat().st_size
+    if result["bytes"] != size:
+        raise SystemExit(f"bench: the reference copied {result['bytes']} of {size}")
+    output.unlink()
+    return result
+
+
+# -- (b) xenmig ------------------------------------------------------------------------
+
+
+class Daemon:
+    """A ``twistd -n xenmig`` process for the benchmark."""
+
+    def __init__(self, work: Path, profile: bool) -> None:
+        from xenmig import pki
+
+        self.work = work
+        self.pki = work / "pki"
+        pki.initCA(self.pki)
+        pki.issueHost(self.pki, "target.test", ["127.0.0.1"])
+        pki.issueHost(self.pki, "source.test")
+        self.dest = work / "dest"
+        self.dest.mkdir()
+        self.state = work / "state"
+        self.port = freePort()
+        self.log = work / "daemon.log"
+        self.stats = work / "daemon.pstats"
+        self.clientStats = work / "client.pstats"
+        self.profile = profile
+        profiling = (
+            [f"--profile={self.stats}", "--profiler=cprofile", "--savestats"]
+            if profile
+            else []
+        )
+        argv = [
+            *TWISTD,
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.log}",
+            *profiling,
+            "xenmig",
+            f"--port={self.port}",
+            "--interface=127.0.0.1",
+            f"--state-dir={self.state}",
+            f"--allow-root={self.dest}",
+            f"--ca={self.pki / 'ca.pem'}",
+            f"--cert={self.pki / 'target.test.pem'}",
+            f"--key={self.pki / 'target.test.key'}",
+        ]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, cwd=work)
+        deadline = time.monotonic() + 30
+        while "LocalControlFactory starting" not in self._log():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("bench: the daemon did not start:\n" + self._log())
+            time.sleep(0.05)
+
+    def _log(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self) -> None:
+        """SIGTERM (which also writes the profile), SIGKILL after 60 s."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def clientArgv(daemon: Daemon, how: str, source: Path, target: Path) -> list[str]:
+    device = f"file:blob:path={source},target={target}"
+    if how == "cli":
+        return [
+            sys.executable,
+            "-c",
+            "from xenmig.cli import run; run()",
+            "migrate",
+            f"--target=127.0.0.1:{daemon.port}",
+            f"--ca={daemon.pki / 'ca.pem'}",
+            f"--cert={daemon.pki / 'source.test.pem'}",
+            f"--key={daemon.pki / 'source.test.key'}",
+            "--domain=bench",
+            f"--device={device}",
+            "--json",
+        ]
+    profiling = (
+        ["-m", "cProfile", "-o", str(daemon.clientStats)] if daemon.profile else []
+    )
+    return [
+        sys.executable,
+        *profiling,
+        str(HERE),
+        "_client",
+        str(daemon.port),
+        str(daemon.pki),
+    ]
+
+
+def migrate(daemon: Daemon, how: str, source: Path, run: int) -> dict[str, Any]:
+    """One migration by a client process; its figures (the client's from wait4)."""
+    target = daemon.dest / f"run{run}.bin"
+    argv = clientArgv(daemon, how, source, target)
+    if how != "cli":
+        argv += [str(source), str(target)]
+    cpuBefore = cpuSeconds(daemon.process.pid)
+    with tempfile.TemporaryFile() as errors:
+        client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
+        assert client.stdout is not None
+        output = client.stdout.read()
+        _, status, usage = os.wait4(client.pid, 0)
+        client.returncode = os.waitstatus_to_exitcode(status)
+        if client.returncode != 0:
+            errors.seek(0)
+            problem = (output + errors.read()).decode(errors="replace")
+            raise SystemExit(f"bench: the migration failed:\n{problem}")
+    report = json.loads(output)
+    return {
+        "seconds": report.get("seconds") or report["durations"]["total"],
+        "target": target,
+        "daemon_cpu": cpuSeconds(daemon.process.pid) - cpuBefore,
+        "client_rss": usage.ru_maxrss * 1024,
+        "client_cpu": usage.ru_utime + usage.ru_stime,
+        "client_faults": usage.ru_minflt,
+    }
+
+
+async def _client(reactor: Any, port: int, where: Path, source: str, target: str):
+    """Child: one migration with the MigrationClient API; JSON figures."""
+    from xenmig import tls
+    from xenmig.client import MigrationClient
+    from xenmig.model import DeviceSpec
+
+    identity = tls.loadIdentity(where / "source.test.pem", where / "source.test.key")
+    options = tls.clientOptions(
+        "127.0.0.1", identity, tls.loadAuthority(where / "ca.pem")
+    )
+    client = MigrationClient(reactor, "127.0.0.1", port, tls=options)
+    spec = DeviceSpec.parse(f"file:blob:path={source},target={target}")
+    started = time.monotonic()
+    migration = await client.prepare("bench", [spec])
+    await migration.transfer()
+    await migration.commit()
+    report = migration.report()
+    report["seconds"] = time.monotonic() - started
+    print(json.dumps(report))
+
+
+def runClient(argv: list[str]) -> None:
+    from twisted.internet import defer, task
+
+    port, where, source, target = int(argv[0]), Path(argv[1]), argv[2], argv[3]
+    task.react(
+        lambda reactor: defer.Deferred.fromCoroutine(
+            _client(reactor, port, where, source, target)
+        )
+    )
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+def bench(
+    daemon: Daemon, how: str, source: Path, expected: Any, run: int
+) -> tuple[float, float]:
+    """One plain copy then one migration (a busy machine slows both); seconds."""
+    from xenmig.digest import hashFile
+
+    size = source.stat().st_size
+    plain = reference(source, daemon.work)["seconds"]
+    faults = minorFaults(daemon.process.pid)
+    result = migrate(daemon, how, source, run)
+    faults = minorFaults(daemon.process.pid) - faults
+    if hashFile(str(result["target"])) != expected:
+        raise SystemExit("bench: the migrated file's digest differs")
+    result["target"].unlink()
+    ours = result["seconds"]
+    print(
+        f"run {run}: plain socket {plain:.3f} s {rate(size, plain):5.0f} MB/s | "
+        f"xenmig {ours:.3f} s {rate(size, ours):4.0f} MB/s, digest ok | "
+        f"ratio {plain / ours:.0%}"
+    )
+    print(
+        f"       daemon CPU {result['daemon_cpu']:.2f} s, {faults} page faults; "
+        f"client CPU {result['client_cpu']:.2f} s, "
+        f"{result['client_faults']} page faults, "
+        f"peak RSS {result['client_rss'] / 1e6:.0f} MB"
+    )
+    return plain, ours
+
+
+def summarize(size: int, pairs: list[tuple[float, float]], rss: int) -> None:
+    plain = statistics.median(p for p, _ in pairs)
+    ours = statistics.median(o for _, o in pairs)
+    ratio = statistics.median(p / o for p, o in pairs)
+    print(
+        f"\nmedian of {len(pairs)}: plain socket {rate(size, plain):.0f} MB/s, "
+        f"xenmig {rate(size, ours):.0f} MB/s, ratio {ratio:.0%} "
+        f"(goal >= {GOAL_RATIO:.0%}: {'met' if ratio >= GOAL_RATIO else 'MISSED'})"
+    )
+    print(
+        f"daemon peak RSS {rss / 1e6:.0f} MB (goal < {GOAL_RSS / 1e6:.0f} MB: "
+        f"{'met' if rss < GOAL_RSS else 'MISSED'})"
+    )
+
+
+def showProfile(what: str, path: Path, limit: int = 25) -> None:
+    """Print a cProfile file (the main thread only), by own and cumulative time."""
+    if not path.exists():
+        print(f"\n(no {what} profile: {path} is missing)")
+        return
+    stats = pstats.Stats(str(path))
+    print(f"\n== {what} profile ({path}): by own time ==")
+    stats.sort_stats("tottime").print_stats(limit)
+    print("== by cumulative time ==")
+    stats.sort_stats("cumulative").print_stats(limit)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument(
+        "--runs", type=int, default=3, help="pairs of copies (default 3)"
+    )
+    parser.add_argument("--client", choices=["process", "cli"], default="process")
+    parser.add_argument("--dir", default=DEFAULT_DIR, help="where copies are written")
+    parser.add_argument("--cache", default=DEFAULT_CACHE, help="the source file")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile daemon and client"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    args = parser.parse_args()
+
+    size = args.size_mib * MiB
+    source = sourceFile(Path(args.cache), size)
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(args.dir).free < size + 256 * MiB:
+        raise SystemExit(f"bench: {args.dir} needs {size // MiB + 256} MiB free")
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=args.dir))
+    from xenmig.digest import hashFile
+
+    expected = hashFile(str(source))
+    print(f"source {source}, {size // MiB} MiB; copies to {work}")
+    try:
+        daemon = Daemon(work, args.profile)
+        try:
+            pairs = [
+                bench(daemon, args.client, source, expected, run)
+                for run in range(args.runs)
+            ]
+            rss = peakRSS(daemon.process.pid)
+        finally:
+            daemon.stop()
+        summarize(size, pairs, rss)
+        if args.profile:
+            showProfile("daemon", daemon.stats)
+            showProfile("client", daemon.clientStats)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_receive":
+        receive(int(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_send":
+        send(int(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_client":
+        runClient(sys.argv[2:])
+    else:
+        main()
