@@ -38,6 +38,7 @@ from daemons import (  # noqa: E402
 from xenmig import amp_commands as commands  # noqa: E402
 from xenmig.client import ClientTimeouts  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
+from xenmig.errors import PhaseTimeout
 from xenmig.model import DeviceSpec  # noqa: E402
 from xenmig.sparse import dataExtents  # noqa: E402
 from xenmig.writer import StreamSender  # noqa: E402
@@ -302,8 +303,12 @@ async def test_commit_releases_waiter_and_runs_hook(
         "XENMIG_INSTALLED": str(destination),
         "XENMIG_PEER": "source.test",
     }
+    # The VM is released once: asking again waits for the next migration ...
+    with pytest.raises(PhaseTimeout, match="did not commit within 1 seconds"):
+        await daemon.local(reactor, commands.AwaitRestored, domain="vm8", timeout=1.0)
+    # ... while naming this migration still answers for it.
     again = await daemon.local(
-        reactor, commands.AwaitRestored, domain="vm8", timeout=1.0
+        reactor, commands.AwaitRestored, domain="vm8", timeout=1.0, migration_id=mid
     )
     assert again["migration_id"] == mid
     await settled(reactor)

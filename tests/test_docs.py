@@ -438,8 +438,10 @@ class Daemon:
         )
         self.target.recover()
 
-    def runHook(self, command: str, env: dict[str, str]) -> Deferred[int]:
-        d = runHook(reactor, command, env)
+    def runHook(
+        self, command: str, env: dict[str, str], migrationId: str
+    ) -> Deferred[int]:
+        d = runHook(reactor, command, env, migrationId)
         self.hooks.append(d)
         return d
 

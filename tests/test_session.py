@@ -9,7 +9,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.python.filepath import FilePath
 
 from xenmig.digest import hashBytes
-from xenmig.errors import InvalidTransition, MigrationAborted
+from xenmig.errors import CommitFailed, InvalidTransition, MigrationAborted
 from xenmig.journal import Journal
 from xenmig.model import DeviceDescription
 from xenmig.records import DataRecord, EndRecord
@@ -129,7 +129,8 @@ def test_commitFailureAborts():
     session.devices["b"].device.failCommit = OSError("disk gone")
     failures = []
     maybeDeferred(lambda: session.commit()).addErrback(failures.append)
-    assert failures and failures[0].check(OSError)
+    assert failures and failures[0].check(CommitFailed)
+    assert "not released" in str(failures[0].value)
     assert session.phase is Phase.ABORTED
     assert "commit of device b failed: disk gone; installed: memory:a" in session.reason
 
@@ -186,5 +187,5 @@ def test_targetRecoverCleansStaging(tmp_path):
     target.recover()
     assert os.listdir(state / "staging") == []
     assert target.query("m9")["phase"] == "ABORTED"
-    with pytest.raises(MigrationAborted, match="ended before this daemon started"):
+    with pytest.raises(MigrationAborted, match="restarted while the migration was"):
         target.session("m9")

@@ -11,7 +11,7 @@ from xenmig.errors import WIRE_ERRORS, ProtocolError
 
 #: The control protocol version this side speaks.
 PROTOCOL_VERSION = 1
-#: Versions a target accepts: its own and the previous one.
+#: Versions a target accepts: its own (and the previous one, once there is one).
 ACCEPTED_PROTOCOL_VERSIONS = frozenset({PROTOCOL_VERSION})
 #: Largest JSON value in a single AMP argument (AMP's own limit is 65,535 bytes).
 MAX_JSON = 60 * 1024
@@ -155,10 +155,16 @@ class AwaitRestored(amp.Command):
     """
     Local toolstack only: wait until a migration of ``domain`` has committed.
     Answers its id and what was installed; fails if it aborts or on time-out.
+    Each commit is handed out once (the VM is resumed once); naming a
+    ``migration_id`` asks about that one, claimed or not.
     """
 
     commandName = b"xenmig-await-restored"
-    arguments = [(b"domain", amp.Unicode()), (b"timeout", amp.Float())]
+    arguments = [
+        (b"domain", amp.Unicode()),
+        (b"timeout", amp.Float()),
+        (b"migration_id", amp.Unicode(optional=True)),
+    ]
     response = [
         (b"migration_id", amp.Unicode()),
         (b"installed", amp.ListOf(amp.Unicode())),

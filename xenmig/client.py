@@ -29,7 +29,6 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -244,7 +243,6 @@ class SourceMigration:
         self.times: dict[str, float] = {}
         self.pausedAt: float | None = None
         self.control: amp.AMP | None = None
-        self._keepalive: LoopingCall | None = None
 
     def _mark(self, event: str) -> None:
         self.times[event] = time.monotonic()
@@ -341,7 +339,7 @@ class SourceMigration:
             migration_id=self.migrationId,
             device=run.name,
         )
-        sender = StreamSender(run.name)
+        sender = StreamSender(run.name, self.reactor, self.client.timeouts.keepalive)
         protocol = await self.client.connect()
         await self.client.call(
             protocol,
@@ -371,11 +369,10 @@ class SourceMigration:
         policy = policy or ConvergencePolicy()
         runs = [r for r in self.devices.values() if r.device.precopy]
         try:
-            await _gather([self._precopy(r, policy) for r in runs])
+            await _gather([self._precopy(r, _fresh(policy)) for r in runs])
         except BaseException as e:
             await self._failed(e)
             raise
-        self._startKeepalive()
         self.phase = "PRECOPIED"
         self._mark("precopied")
         return {r.name: list(r.rounds or []) for r in runs}
@@ -400,24 +397,6 @@ class SourceMigration:
                 return
             round += 1
 
-    def _startKeepalive(self) -> None:
-        senders = [r.sender for r in self.devices.values() if r.sender is not None]
-        if not senders:
-            return
-
-        def keepalive() -> None:
-            for sender in senders:
-                sender.keepalive()
-
-        self._keepalive = LoopingCall(keepalive)
-        self._keepalive.clock = self.reactor
-        self._keepalive.start(self.client.timeouts.keepalive, now=False)
-
-    def _stopKeepalive(self) -> None:
-        if self._keepalive is not None and self._keepalive.running:
-            self._keepalive.stop()
-        self._keepalive = None
-
     # -- the paused part -------------------------------------------------------------
 
     def paused(self) -> None:
@@ -436,7 +415,6 @@ class SourceMigration:
             self._require("PREPARED")
         if self.pausedAt is None:
             self.paused()
-        self._stopKeepalive()
         self._mark("transfer")
         self.phase = "TRANSFER"
         try:
@@ -483,8 +461,11 @@ class SourceMigration:
         self._mark("commit")
         assert self.control is not None
         try:
-            answer = await self.client.call(
-                self.control, commands.Commit, migration_id=self.migrationId
+            answer = await _timeout(
+                self.control.callRemote(commands.Commit, migration_id=self.migrationId),
+                self.client.timeouts.commit,
+                self.reactor,
+                "commit",
             )
             installed = answer["installed"]
         except (MigrationAborted, XenmigError) as e:
@@ -557,7 +538,6 @@ class SourceMigration:
             return
         self.phase = "ABORTED"
         self.reason = self.reason or str(error) or repr(error)
-        self._stopKeepalive()
         for run in self.devices.values():
             if run.sender is not None:
                 run.sender.abort()
@@ -647,6 +627,12 @@ class SourceMigration:
                 for r in self.devices.values()
             ],
         }
+
+
+def _fresh(policy: IConvergencePolicy) -> IConvergencePolicy:
+    """A policy per device: policies may remember the rounds they have seen."""
+    fresh = getattr(policy, "fresh", None)
+    return fresh() if callable(fresh) else policy
 
 
 def _hangUp(protocol: amp.AMP | None) -> None:

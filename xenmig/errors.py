@@ -92,6 +92,13 @@ class CommitInDoubt(XenmigError):
     """
 
 
+class InternalError(XenmigError):
+    """
+    Something failed on the peer that it did not expect (a bug, a resource
+    exhausted); the message carries what it was.  The peer keeps serving.
+    """
+
+
 class PeerError(XenmigError):
     """
     The peer answered with an error that this side does not know by code.
@@ -119,6 +126,7 @@ _WIRE_CODES: dict[type[Exception], bytes] = {
     MigrationAborted: b"MIGRATION_ABORTED",
     DeviceError: b"DEVICE_ERROR",
     CommitFailed: b"COMMIT_FAILED",
+    InternalError: b"INTERNAL",
 }
 
 #: Every error that may cross the wire, by its pinned AMP code.  Responders raise

@@ -14,13 +14,15 @@ log = Logger()
 
 
 class _HookProtocol(ProcessProtocol):
-    def __init__(self, command: str) -> None:
+    def __init__(self, command: str, migrationId: str) -> None:
         self.command = command
+        self.migrationId = migrationId
         self.done: Deferred[int] = Deferred()
 
     def outReceived(self, data: bytes) -> None:
         log.info(
-            "hook {command}: {output}",
+            "migration {migration_id}: hook {command}: {output}",
+            migration_id=self.migrationId,
             command=self.command,
             output=data.decode(errors="replace").rstrip(),
         )
@@ -33,14 +35,18 @@ class _HookProtocol(ProcessProtocol):
 
 
 def runHook(
-    reactor: Any, command: str, env: dict[str, str], timeout: float = 300.0
+    reactor: Any,
+    command: str,
+    env: dict[str, str],
+    migrationId: str = "",
+    timeout: float = 300.0,
 ) -> Deferred[int]:
     """
     Run ``command`` with ``/bin/sh -c``, with ``env`` added to the daemon's
     environment; a Deferred firing with its exit code (-1 if killed by a signal).
     After ``timeout`` seconds it is terminated, then killed.
     """
-    protocol = _HookProtocol(command)
+    protocol = _HookProtocol(command, migrationId)
     process = reactor.spawnProcess(
         protocol, "/bin/sh", ["/bin/sh", "-c", command], env={**os.environ, **env}
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -15,7 +17,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig import amp_commands as commands
-from xenmig.errors import NotAuthorized, StreamError, XenmigError
+from xenmig.errors import (
+    WIRE_ERRORS,
+    InternalError,
+    NotAuthorized,
+    StreamError,
+    XenmigError,
+)
 from xenmig.model import DeviceOffer
 from xenmig.records import EndRecord, Record, RecordParser
 from xenmig.session import FINAL, Phase, TargetSession
@@ -23,6 +31,34 @@ from xenmig.target import MigrationTarget
 from xenmig.tls import peerIdentity
 
 log = Logger()
+
+
+def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
+    """
+    Let declared errors through; turn anything else into InternalError, logged,
+    so the peer sees what failed (not AMP's UNKNOWN) and the connection stays.
+    """
+
+    @functools.wraps(responder)
+    def guarded(self: Any, **kw: Any) -> Deferred[Any]:
+        def unexpected(failure: Failure) -> Failure:
+            if failure.check(*WIRE_ERRORS):
+                return failure
+            log.failure(
+                "{command} failed unexpectedly",
+                failure,
+                command=responder.__name__,
+                migration_id=kw.get("migration_id", ""),
+            )
+            return Failure(
+                InternalError(
+                    f"{responder.__name__} failed on the target: {failure.value!r}"
+                )
+            )
+
+        return maybeDeferred(responder, self, **kw).addErrback(unexpected)
+
+    return guarded
 
 
 def _offerBox(offer: DeviceOffer) -> dict[str, Any]:
@@ -44,10 +80,12 @@ class StatusResponders(amp.CommandLocator):
     target: MigrationTarget
 
     @commands.QueryMigration.responder
+    @_guarded
     def queryMigration(self, migration_id: str) -> dict[str, Any]:
         return {"status": self.target.query(migration_id)}
 
     @commands.ListMigrations.responder
+    @_guarded
     def listMigrations(self, limit: int | None = None) -> dict[str, Any]:
         return {"migrations": self.target.list(limit or 50)}
 
@@ -116,6 +154,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
         super().connectionLost(reason)
 
     @commands.Prepare.responder
+    @_guarded
     async def prepare(
         self,
         migration_id: str,
@@ -131,15 +170,18 @@ class ControlProtocol(StatusResponders, amp.AMP):
         return {"protocol_version": version, "offers": [_offerBox(o) for o in offers]}
 
     @commands.OpenStream.responder
+    @_guarded
     def openStream(self, migration_id: str, device: str) -> dict[str, Any]:
         return {"token": self.target.openStream(self._peer(), migration_id, device)}
 
     @commands.StartStream.responder
+    @_guarded
     def startStream(self, token: bytes) -> StreamReceiver:
         session, device = self.target.claimToken(self._peer(), token)
         return StreamReceiver(session, device, self.target.config.timeouts.idle)
 
     @commands.DeviceReady.responder
+    @_guarded
     async def deviceReady(self, migration_id: str, device: str) -> dict[str, Any]:
         digest = await self.target.deviceReady(self._peer(), migration_id, device)
         return {
@@ -149,14 +191,17 @@ class ControlProtocol(StatusResponders, amp.AMP):
         }
 
     @commands.Commit.responder
+    @_guarded
     async def commit(self, migration_id: str) -> dict[str, Any]:
         return {"installed": await self.target.commit(self._peer(), migration_id)}
 
     @commands.Abort.responder
+    @_guarded
     async def abort(self, migration_id: str, reason: str) -> dict[str, Any]:
         return {"phase": await self.target.abort(self._peer(), migration_id, reason)}
 
     @commands.DeviceRequest.responder
+    @_guarded
     async def deviceRequest(
         self, migration_id: str, device: str, method: str, payload: dict[str, Any]
     ) -> dict[str, Any]:
@@ -174,11 +219,15 @@ class LocalControlProtocol(StatusResponders, amp.AMP):
         self.target = target
 
     @commands.AwaitRestored.responder
-    async def awaitRestored(self, domain: str, timeout: float) -> dict[str, Any]:
-        session = await self.target.awaitRestored(domain, timeout)
-        return {"migration_id": session.migrationId, "installed": session.installed}
+    @_guarded
+    async def awaitRestored(
+        self, domain: str, timeout: float, migration_id: str | None = None
+    ) -> dict[str, Any]:
+        release = await self.target.awaitRestored(domain, timeout, migration_id)
+        return {"migration_id": release.migrationId, "installed": release.installed}
 
     @commands.Abort.responder
+    @_guarded
     async def abort(self, migration_id: str, reason: str) -> dict[str, Any]:
         return {"phase": await self.target.abort(None, migration_id, reason)}
 
@@ -223,11 +272,23 @@ class StreamReceiver(Protocol, TimeoutMixin):
             record = self._records.popleft()
             try:
                 if isinstance(record, EndRecord):
+                    if self._records or self.parser.buffered:
+                        raise StreamError(
+                            f"device {self.device}: data after the END record"
+                        )
                     self._end(record)
                     return
                 waiting = self.session.recordReceived(self.device, record)
             except XenmigError as e:
                 self._fail(e)
+                return
+            except Exception as e:
+                log.failure(
+                    "migration {migration_id}: device {device} failed on a record",
+                    migration_id=self.session.migrationId,
+                    device=self.device,
+                )
+                self._fail(InternalError(f"the handler failed: {e!r}"))
                 return
             if waiting is not None:
                 self._pause(waiting)

@@ -26,7 +26,7 @@ from xenmig.errors import StreamError, VersionMismatch
 
 MAGIC = b"XENMIGST"
 STREAM_VERSION = 1
-#: Versions a receiver accepts: its own and the previous one.
+#: Versions a receiver accepts: its own (and the previous one, once there is one).
 ACCEPTED_STREAM_VERSIONS = frozenset({STREAM_VERSION})
 
 OPTIONAL = 0x8000_0000

@@ -6,12 +6,13 @@ import enum
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xenmig.errors import (
+    CommitFailed,
     DigestMismatch,
     InvalidTransition,
     MigrationAborted,
@@ -190,6 +191,9 @@ class TargetSession:
         self.phase = phase
         self.updated = self.clock.seconds()
         self._armDeadline()
+        return self._persist()
+
+    def _persist(self) -> Deferred[None]:
         changed = self._onChange(self)
         return changed if changed is not None else succeed(None)
 
@@ -198,7 +202,8 @@ class TargetSession:
             self._timer.cancel()
         self._timer = None
         seconds = self._deadlines.get(self.phase)
-        if seconds and self.phase not in FINAL:
+        # COMMITTING cannot abort: its bound applies to each device's commit.
+        if seconds and self.phase not in FINAL and self.phase is not Phase.COMMITTING:
             self._timer = self.clock.callLater(seconds, self._expired, self.phase)
 
     def _expired(self, phase: Phase) -> None:
@@ -327,17 +332,27 @@ class TargetSession:
                 + ")"
             )
         await self._moveTo(Phase.COMMITTING)  # durable before anything is installed
+        bound = self._deadlines.get(Phase.COMMITTING)
         for slot in self.devices.values():
             try:
-                self.installed.extend(await slot.device.commit())
+                installing = slot.device.commit()
+                if bound:
+                    installing.addTimeout(bound, self.clock)
+                self.installed.extend(await installing)
+                await self._persist()  # the journal knows what is installed
             except Exception as e:
+                if isinstance(e, TimeoutError):
+                    e = CommitFailed(f"did not finish within {bound:g} seconds")
                 log.failure(
                     "migration {migration_id}: commit of {device} failed",
                     migration_id=self.migrationId,
                     device=slot.name,
                 )
                 await self._abortCommitting(slot.name, e)
-                raise
+                raise CommitFailed(
+                    f"migration {self.migrationId}: {self.reason}; the VM was not "
+                    f"released on the target"
+                ) from e
             slot.moveTo(DeviceState.COMMITTED)
         await self._moveTo(Phase.COMMITTED)
         return list(self.installed)

@@ -60,6 +60,13 @@ class Options(usage.Options):
             float,
         ],
         ["token-timeout", None, 60.0, "Seconds a stream token stays valid.", float],
+        [
+            "commit-timeout",
+            None,
+            300.0,
+            "Seconds each device may take to install.",
+            float,
+        ],
         ["max-sessions", None, 16, "Concurrent migrations accepted.", int],
         ["io-threads", None, 8, "Threads for file I/O and hashing.", int],
     ]
@@ -133,6 +140,7 @@ def _config(options: Options, state: FilePath) -> TargetConfig:
         receiving=options["receive-timeout"],
         ready=options["ready-timeout"],
         token=options["token-timeout"],
+        commit=options["commit-timeout"],
     )
     return TargetConfig(
         stateDir=state,
@@ -201,7 +209,7 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
         config,
         deviceKinds(),
         runInThread,
-        lambda command, env: runHook(reactor, command, env),
+        lambda command, env, migrationId: runHook(reactor, command, env, migrationId),
     )
     target.recover()
     TargetService(target).setServiceParent(top)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -9,40 +10,37 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    TimeoutError,
-    gatherResults,
-    succeed,
-)
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from xenmig.amp_commands import ACCEPTED_PROTOCOL_VERSIONS, PROTOCOL_VERSION
+from xenmig.amp_commands import ACCEPTED_PROTOCOL_VERSIONS, MAX_JSON, PROTOCOL_VERSION
 from xenmig.destinations import resolveDestination
 from xenmig.errors import (
     BadSpec,
     BadToken,
     DeviceRefused,
     DuplicateMigration,
+    InvalidTransition,
     MigrationAborted,
     NotAuthorized,
-    PhaseTimeout,
     UnknownDevice,
     UnknownMigration,
     VersionMismatch,
     XenmigError,
 )
+from xenmig.gate import Release, ResumeGate
 from xenmig.interfaces import IDeviceKind, ITargetContext, ITargetDevice
-from xenmig.journal import Journal, removeTree
+from xenmig.journal import KEEP_FINISHED, Journal, removeTree
 from xenmig.model import DeviceDescription, DeviceOffer, checkName
 from xenmig.session import FINAL, Phase, TargetDeviceSlot, TargetSession
 
 log = Logger()
+
+#: Finished sessions kept as live objects; older ones become journal records.
+KEEP_IN_MEMORY = 32
 
 _MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -52,18 +50,19 @@ class Timeouts:
     """Every bound on waiting, in seconds; each expiry aborts with its name."""
 
     handshake: float = 30.0
-    call: float = 60.0
     idle: float = 60.0
     prepared: float = 600.0
     receiving: float = 3600.0
     ready: float = 600.0
     token: float = 60.0
+    commit: float = 300.0
 
     def deadlines(self) -> dict[Phase, float]:
         return {
             Phase.PREPARED: self.prepared,
             Phase.RECEIVING: self.receiving,
             Phase.READY: self.ready,
+            Phase.COMMITTING: self.commit,
         }
 
 
@@ -147,7 +146,7 @@ class MigrationTarget:
         config: TargetConfig,
         kinds: dict[str, IDeviceKind],
         runInThread: Callable[..., Deferred[Any]],
-        runHook: Callable[[str, dict[str, str]], Deferred[int]] | None = None,
+        runHook: Callable[[str, dict[str, str], str], Deferred[int]] | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -161,7 +160,7 @@ class MigrationTarget:
         self.history: dict[str, dict[str, Any]] = {}
         self._contexts: dict[str, list[TargetContext]] = {}
         self._tokens: dict[bytes, _Token] = {}
-        self._waiters: list[tuple[str, Deferred[TargetSession]]] = []
+        self.gate = ResumeGate(self.clock, self._claimed)
         self.stagingRoot.makedirs(ignoreExistingDirectory=True)
         os.chmod(self.stagingRoot.path, 0o700)
 
@@ -169,6 +168,8 @@ class MigrationTarget:
         """Blocking, at start-up: abort and clean what a previous run left."""
         for record in self.journal.recover(self.clock.seconds()):
             self.history[record["migration_id"]] = record
+            if record.get("phase") == "COMMITTED":
+                self.gate.committed(_release(record), bool(record.get("claimed")))
         for child in self.stagingRoot.children():
             removeTree(child.path)
 
@@ -194,7 +195,12 @@ class MigrationTarget:
             TargetContext(self, migrationId, domain, peer, d.name) for d in descriptions
         ]
         self._contexts[migrationId] = contexts
-        offers, accepted = await self._offer(descriptions, contexts)
+        accepted: list[ITargetDevice] = []
+        try:
+            offers = await self._offer(descriptions, contexts, accepted)
+        except BaseException:
+            await self._refuse(migrationId, domain, peer, [], accepted)
+            raise
         if len(accepted) < len(descriptions):
             await self._refuse(migrationId, domain, peer, offers, accepted)
             return PROTOCOL_VERSION, offers
@@ -247,10 +253,13 @@ class MigrationTarget:
         )
 
     async def _offer(
-        self, descriptions: list[DeviceDescription], contexts: list[TargetContext]
-    ) -> tuple[list[DeviceOffer], list[ITargetDevice]]:
+        self,
+        descriptions: list[DeviceDescription],
+        contexts: list[TargetContext],
+        accepted: list[ITargetDevice],
+    ) -> list[DeviceOffer]:
+        """Ask every handler; the accepting ones are appended to ``accepted``."""
         offers: list[DeviceOffer] = []
-        accepted: list[ITargetDevice] = []
         for description, context in zip(descriptions, contexts, strict=True):
             name = description.name
             kind = self.kinds.get(description.kind)
@@ -265,9 +274,18 @@ class MigrationTarget:
             except XenmigError as e:
                 offers.append(DeviceOffer(name, False, f"device {name}: {e}"))
                 continue
+            except Exception as e:
+                log.failure(
+                    "migration {migration_id}: device {device} failed at prepare",
+                    migration_id=context.migrationId,
+                    device=name,
+                )
+                reason = f"device {name}: the {description.kind} handler failed: {e!r}"
+                offers.append(DeviceOffer(name, False, reason))
+                continue
             accepted.append(device)
             offers.append(DeviceOffer(name, True, "", params or {}))
-        return offers, accepted
+        return offers
 
     async def _refuse(
         self,
@@ -278,9 +296,17 @@ class MigrationTarget:
         accepted: list[ITargetDevice],
     ) -> None:
         for device in accepted:
-            await device.abort()
-        await self.runInThread(removeTree, self.stagingRoot.child(migrationId).path)
-        reasons = "; ".join(o.reason for o in offers if not o.accepted)
+            try:
+                await device.abort()
+            except Exception:
+                log.failure(
+                    "migration {migration_id}: abort after a refusal failed",
+                    migration_id=migrationId,
+                )
+        contexts = self._contexts.pop(migrationId, [])
+        paths = [self.stagingRoot.child(migrationId).path]
+        await self.runInThread(_removeAll, paths + _external(contexts))
+        reasons = "; ".join(o.reason for o in offers if not o.accepted) or "error"
         log.warn(
             "migration {migration_id} of {domain} from {peer} refused: {reasons}",
             migration_id=migrationId,
@@ -288,7 +314,6 @@ class MigrationTarget:
             peer=peer,
             reasons=reasons,
         )
-        del self._contexts[migrationId]
 
     # -- streams -------------------------------------------------------------------
 
@@ -296,10 +321,12 @@ class MigrationTarget:
         """The session, if ``peer`` (when given) is the host that prepared it."""
         session = self.sessions.get(migrationId)
         if session is None:
-            if migrationId in self.history:
+            record = self.history.get(migrationId)
+            if record is not None and record.get("phase") == "COMMITTED":
+                raise InvalidTransition(f"migration {migrationId} has committed")
+            if record is not None:
                 raise MigrationAborted(
-                    f"migration {migrationId} ended before this daemon started: "
-                    f"{self.history[migrationId].get('reason', '')}"
+                    f"migration {migrationId} was aborted: {record.get('reason', '')}"
                 )
             raise UnknownMigration(f"no migration {migrationId!r} on this host")
         if peer is not None and peer != session.peer:
@@ -349,7 +376,15 @@ class MigrationTarget:
         return self.session(migrationId, peer).awaitReady(device)
 
     async def commit(self, peer: str, migrationId: str) -> list[str]:
-        """Install everything and release the VM; what was installed."""
+        """
+        Install everything and release the VM; what was installed.  Idempotent: a
+        commit asked again (its answer was lost) answers the same.
+        """
+        record = self.history.get(migrationId)
+        if record is not None and record.get("phase") == "COMMITTED":
+            if record.get("peer") != peer:
+                raise NotAuthorized(f"migration {migrationId} is not {peer}'s")
+            return list(record.get("installed", []))
         return await self.session(migrationId, peer).commit()
 
     async def abort(self, peer: str | None, migrationId: str, reason: str) -> str:
@@ -381,41 +416,42 @@ class MigrationTarget:
         raise UnknownMigration(f"no migration {migrationId!r} on this host")
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        """
+        The most recent migrations, newest first: at most ``limit``, and no more
+        than fit in one AMP answer.
+        """
         records = dict(self.history)
         records.update({k: s.status().toJSON() for k, s in self.sessions.items()})
-        ordered = sorted(records.values(), key=lambda r: r.get("started", 0))
-        return ordered[::-1][: max(1, min(limit, 200))]
+        ordered = sorted(records.values(), key=lambda r: r.get("started", 0))[::-1]
+        chosen: list[dict[str, Any]] = []
+        budget = MAX_JSON - 1024
+        for record in ordered[: max(1, min(limit, KEEP_FINISHED))]:
+            budget -= len(json.dumps(record)) + 2
+            if budget < 0:
+                break
+            chosen.append(record)
+        return chosen
 
-    def awaitRestored(self, domain: str, timeout: float) -> Deferred[TargetSession]:
-        """
-        Fire once a migration of ``domain`` has committed: at once if the latest
-        one did; fail if the one under way aborts, or after ``timeout`` seconds.
-        """
-        latest = self._latest(domain)
-        if latest is not None and latest.phase is Phase.COMMITTED:
-            return succeed(latest)
-        d: Deferred[TargetSession] = Deferred(lambda d: self._forget(d))
-        self._waiters.append((domain, d))
+    def awaitRestored(
+        self, domain: str, timeout: float, migrationId: str | None = None
+    ) -> Deferred[Release]:
+        """See L{ResumeGate.wait}."""
+        return self.gate.wait(domain, timeout, migrationId)
 
-        def timedOut(failure: Failure, timeout: float) -> Failure:
-            if failure.check(CancelledError, TimeoutError):  # addTimeout's error
-                return Failure(
-                    PhaseTimeout(
-                        f"no migration of {domain} committed within {timeout:g} s"
-                    )
+    def _claimed(self, migrationId: str) -> None:
+        """The toolstack took the VM of ``migrationId``: journal the claim."""
+        record = self.history.get(migrationId)
+        if record is None and migrationId in self.sessions:
+            record = self.sessions[migrationId].summary()
+        if record is not None:
+            record["claimed"] = True
+            self.journal.write(migrationId, record).addErrback(
+                lambda f: log.failure(
+                    "migration {migration_id}: journal write failed",
+                    f,
+                    migration_id=migrationId,
                 )
-            return failure
-
-        d.addTimeout(timeout, self.clock)
-        d.addErrback(timedOut, timeout)
-        return d
-
-    def _forget(self, waiter: Deferred[TargetSession]) -> None:
-        self._waiters = [(dom, d) for dom, d in self._waiters if d is not waiter]
-
-    def _latest(self, domain: str) -> TargetSession | None:
-        sessions = [s for s in self.sessions.values() if s.domain == domain]
-        return max(sessions, key=lambda s: s.started) if sessions else None
+            )
 
     def _changed(self, session: TargetSession) -> Deferred[None]:
         """Every phase change: journal it; at the end, clean, release, hook."""
@@ -431,33 +467,33 @@ class MigrationTarget:
 
     def _finished(self, session: TargetSession) -> Deferred[None]:
         mid = session.migrationId
-        contexts = self._contexts.pop(mid, [])
         paths = [self.stagingRoot.child(mid).path]
-        paths += [p for c in contexts for p in c.externalStaging]
-
-        def clean() -> None:
-            for path in paths:
-                removeTree(path)
-
-        d = self.runInThread(clean)
+        paths += _external(self._contexts.pop(mid, []))
+        d = self.runInThread(_removeAll, paths)
         d.addCallback(lambda _: self._release(session))
         return d
 
     def _release(self, session: TargetSession) -> None:
-        matching = [(dom, d) for dom, d in self._waiters if dom == session.domain]
-        self._waiters = [(dom, d) for dom, d in self._waiters if dom != session.domain]
-        for _, waiter in matching:
-            if session.phase is Phase.COMMITTED:
-                waiter.callback(session)
-            else:
-                waiter.errback(
-                    MigrationAborted(
-                        f"migration {session.migrationId} of {session.domain} "
-                        f"aborted: {session.reason}"
-                    )
-                )
         if session.phase is Phase.COMMITTED:
+            self.gate.committed(_release(session.summary()))
             self._runCommitHook(session)
+        else:
+            self.gate.aborted(session.migrationId, session.domain, session.reason)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep finished sessions as records, and only the most recent ones."""
+        finished = sorted(
+            (s for s in self.sessions.values() if s.phase in FINAL),
+            key=lambda s: s.updated,
+        )
+        for session in finished[:-KEEP_IN_MEMORY]:
+            del self.sessions[session.migrationId]
+            self.history[session.migrationId] = session.summary()
+        for migrationId in sorted(
+            self.history, key=lambda k: self.history[k].get("started", 0)
+        )[:-KEEP_FINISHED]:
+            del self.history[migrationId]
 
     def _runCommitHook(self, session: TargetSession) -> None:
         if not self.config.onCommit or self.runHook is None:
@@ -476,7 +512,7 @@ class MigrationTarget:
                 code=code,
             )
 
-        self.runHook(self.config.onCommit, env).addCallbacks(
+        self.runHook(self.config.onCommit, env, session.migrationId).addCallbacks(
             done,
             lambda f: log.failure(
                 "migration {migration_id}: on-commit hook failed",
@@ -501,3 +537,18 @@ class MigrationTarget:
 
 def _makePrivateDir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=False)
+
+
+def _external(contexts: list[TargetContext]) -> list[str]:
+    return [path for context in contexts for path in context.externalStaging]
+
+
+def _removeAll(paths: list[str]) -> None:
+    for path in paths:
+        removeTree(path)
+
+
+def _release(record: dict[str, Any]) -> Release:
+    return Release(
+        record["migration_id"], record["domain"], tuple(record.get("installed", []))
+    )

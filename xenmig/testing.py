@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
@@ -68,7 +68,7 @@ class FakeSourceContext:
     def callPeer(self, method: str, payload: dict[str, Any]) -> Deferred[dict]:
         if self._peer is None:
             raise NotImplementedError("no peer in this fake")
-        return succeed(self._peer(method, payload))
+        return maybeDeferred(self._peer, method, payload)
 
 
 @implementer(ITargetContext)

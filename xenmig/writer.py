@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -31,13 +32,22 @@ class StreamSender(Protocol):
 
     It registers itself as a streaming producer of the transport: when the
     transport's buffer fills, writes return Deferreds that fire only once the
-    transport drains, so the device stops reading its source meanwhile.
+    transport drains, so the device stops reading its source meanwhile.  When
+    the device writes nothing for ``keepalive`` seconds (the toolstack pausing
+    the VM, a slow component), it sends a KEEPALIVE record so that the target's
+    idle time-out measures the network, not the device.
     """
 
     transport: Any  # ITCPTransport & IProducer once connected
 
-    def __init__(self, device: str) -> None:
+    def __init__(
+        self, device: str, clock: IReactorTime | None = None, keepalive: float = 10.0
+    ) -> None:
         self.device = device
+        self.clock = clock
+        self.keepaliveInterval = keepalive
+        self._timer: LoopingCall | None = None
+        self._wrote = False
         self.bytesWritten = 0
         self.dataBytes = 0
         self.opened: Deferred[StreamSender] = Deferred()
@@ -52,6 +62,10 @@ class StreamSender(Protocol):
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
         self.transport.write(encodeStreamHeader())
+        if self.clock is not None and self.keepaliveInterval > 0:
+            self._timer = LoopingCall(self._tick)
+            self._timer.clock = self.clock
+            self._timer.start(self.keepaliveInterval, now=False)
         self.opened.callback(self)
 
     def pauseProducing(self) -> None:
@@ -71,6 +85,7 @@ class StreamSender(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         self._disconnected = True
+        self._stopTimer()
         if self._done and not self._waiters:
             return
         self._lost = Failure(
@@ -91,6 +106,7 @@ class StreamSender(Protocol):
         if self._done:
             return _failed(Failure(StreamError(f"device {self.device}: stream closed")))
         self.transport.writeSequence(parts)
+        self._wrote = True
         if not self._paused:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
@@ -115,8 +131,18 @@ class StreamSender(Protocol):
         """Mark the start of a round."""
         return self._write(encodeRound(round, final))
 
+    def _tick(self) -> None:
+        if not self._wrote:
+            self.keepalive()
+        self._wrote = False
+
+    def _stopTimer(self) -> None:
+        if self._timer is not None and self._timer.running:
+            self._timer.stop()
+        self._timer = None
+
     def keepalive(self) -> None:
-        """Reset the target's idle timer while the toolstack pauses the VM."""
+        """Reset the target's idle timer: a KEEPALIVE record, unless paused."""
         if self._lost is None and not self._done and not self._paused:
             self.transport.writeSequence(encodeKeepalive())
 
@@ -131,6 +157,7 @@ class StreamSender(Protocol):
             encodeEnd(digest.size, digest.algorithm, digest.digest)
         )
         self._done = True
+        self._stopTimer()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
         return succeed(None)
@@ -138,6 +165,7 @@ class StreamSender(Protocol):
     def abort(self) -> None:
         """Drop the stream at once (the migration is being aborted)."""
         self._done = True
+        self._stopTimer()
         # A TLS transport whose connection is gone fails in abortConnection.
         if self.transport is not None and not self._disconnected:
             self.transport.abortConnection()
