@@ -59,6 +59,16 @@ SCRIPT = textwrap.dedent(
         except RuntimeError as e:
             results["reactorThread"] = str(e)
 
+    # A child whose pipes close before it exits: reaped without SIGCHLD handlers.
+    from twisted.internet.utils import getProcessOutputAndValue
+    from xenmig.blocking import _THREAD
+
+    child = _THREAD.call(
+        getProcessOutputAndValue, "/bin/sh", ["-c", "echo hi; sleep 0.05"],
+        reactor=reactor,
+    )
+    results["child"] = [child[0].decode(), child[2]]
+
     done = threading.Event()
     reactor.callFromThread(lambda: (fromReactorThread(), done.set()))
     done.wait(10)
@@ -109,3 +119,4 @@ def test_blocking_client_migrates_from_a_thread(daemon: Daemon, tmp_path: Path) 
     assert "outside the allowed roots" in results["refused"]
     assert not outside.exists()
     assert "from the reactor thread" in results["reactorThread"]
+    assert results["child"] == ["hi\n", 0]

@@ -23,9 +23,10 @@ Usage, from any thread but the reactor's::
             raise
 
 Threads: the first client starts Twisted's global reactor in one background
-thread (``installSignalHandlers=False``; signals stay with the application) and
-every call is handed to it with ``blockingCallFromThread``; the calling thread
-blocks until the step finishes and gets its result or its exception.  Each
+thread (``installSignalHandlers=False``; signals stay with the application, and
+ended child processes are reaped by polling instead of on SIGCHLD) and every call
+is handed to it with ``blockingCallFromThread``; the calling thread blocks until
+the step finishes and gets its result or its exception.  Each
 method may be called from any thread except the reactor's own (that would
 deadlock: it raises instead).  Steps of *one* migration must be called in
 order, not concurrently; different migrations may run from different threads
@@ -47,6 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import blockingCallFromThread
 
 from xenmig.client import ClientTimeouts, MigrationClient, SourceMigration
@@ -54,6 +56,9 @@ from xenmig.interfaces import IConvergencePolicy, IDeviceKind
 from xenmig.model import ContentDigest, DeviceSpec
 
 T = TypeVar("T")
+
+#: Seconds between two reapings of ended child processes (see _startReaper).
+REAP_INTERVAL = 0.2
 
 
 class ReactorThread:
@@ -63,6 +68,7 @@ class ReactorThread:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._reaper: LoopingCall | None = None
 
     @property
     def reactor(self) -> Any:
@@ -91,8 +97,22 @@ class ReactorThread:
                     daemon=True,
                 )
                 self._thread.start()
+                reactor.callFromThread(self._startReaper, reactor)
                 _registerExit(shutdown)
         return self.reactor
+
+    def _startReaper(self, reactor: Any) -> None:
+        """
+        Without signal handlers no SIGCHLD tells Twisted a child has exited: a
+        child whose pipes close before it exits (a shell running a background
+        job, swtpm, qemu) would never be reaped, and its processEnded never
+        come.  Reap every few tenths of a second instead.
+        """
+        from twisted.internet.process import reapAllProcesses
+
+        self._reaper = LoopingCall(reapAllProcesses)
+        self._reaper.clock = reactor
+        self._reaper.start(REAP_INTERVAL, now=False)
 
     def call(self, function: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """
