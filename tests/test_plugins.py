@@ -30,7 +30,7 @@ from xenmig.testing import (
 )
 
 #: Every kind xenmig ships; each must be found through the plug-in system.
-BUILT_IN = {"file", "vtpm"}
+BUILT_IN = {"disk", "file", "vtpm"}
 
 
 def test_twistdPluginFound():

@@ -62,8 +62,12 @@ class StagedFile:
     A file being received into staging, then installed by an atomic rename.
 
     Records are queued and written in batches in the thread pool, in arrival order,
-    and hashed as they are written.  ``receive`` returns a Deferred (backpressure)
-    while more than ``highWater`` bytes wait, so memory stays bounded.
+    and hashed as they are written (unless ``hashing`` is false: an owner that
+    hashes the content itself).  ``receive`` returns a Deferred (backpressure)
+    while more than ``highWater`` bytes wait, so memory stays bounded.  Records may
+    reach up to ``maxSize`` (default ``size``), for state whose final size is only
+    known at the end (``finish(size)`` cuts the file to it).  Subclasses may use
+    ``fd`` (opened read-write), ``failure`` and ``drained()``.
     """
 
     def __init__(
@@ -74,10 +78,14 @@ class StagedFile:
         highWater: int = 16 * 1024 * 1024,
         lowWater: int = 12 * 1024 * 1024,
         maxBatch: int = 4 * 1024 * 1024,
+        maxSize: int | None = None,
+        hashing: bool = True,
     ) -> None:
         self.context = context
         self.path = path
         self.size = size
+        self.maxSize = max(size, maxSize or 0)
+        self.hashing = hashing
         self.highWater = highWater
         self.lowWater = lowWater
         self.maxBatch = maxBatch
@@ -98,7 +106,7 @@ class StagedFile:
 
     def _create(self) -> int:
         fd = os.open(
-            self.path.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            self.path.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
         )
         os.ftruncate(fd, self.size)
         return fd
@@ -108,10 +116,10 @@ class StagedFile:
         if self._failure is not None:
             self._failure.raiseException()
         length = len(record.data) if isinstance(record, DataRecord) else record.length
-        if record.offset < 0 or record.offset + length > self.size:
+        if record.offset < 0 or record.offset + length > self.maxSize:
             raise StreamError(
                 f"record for {length} bytes at offset {record.offset} lies beyond the "
-                f"declared size of {self.size} bytes"
+                f"declared size of {self.maxSize} bytes"
             )
         self.bytesReceived += length
         self._queue.append(record)
@@ -172,12 +180,14 @@ class StagedFile:
             for record in batch:
                 if isinstance(record, DataRecord):
                     self._pwriteAll(fd, record.data, record.offset)
-                    self.hasher.update(record.offset, record.data)
+                    if self.hashing:
+                        self.hasher.update(record.offset, record.data)
                     end = record.offset + len(record.data)
                 else:
                     if record.offset < self._written:
                         punchHole(fd, record.offset, record.length)
-                    self.hasher.zeros(record.offset, record.length)
+                    if self.hashing:
+                        self.hasher.zeros(record.offset, record.length)
                     end = record.offset + record.length
                 self._written = max(self._written, end)
         except OSError as e:
@@ -205,15 +215,36 @@ class StagedFile:
             self._idleWaiters.append(waiter)
             await waiter
 
-    async def finish(self) -> ContentDigest:
-        """Write out the queue, fsync, and return the digest of the staged content."""
+    @property
+    def fd(self) -> int | None:
+        """The staging file's descriptor (read-write), once open and until closed."""
+        return self._fd
+
+    @property
+    def failure(self) -> Failure | None:
+        """Why writing failed, if it did."""
+        return self._failure
+
+    async def drained(self) -> None:
+        """Wait until every queued record is written; raise if writing failed."""
         await self._idle()
         if self._failure is not None:
             self._failure.raiseException()
+
+    async def finish(self, size: int | None = None) -> ContentDigest:
+        """
+        Write out the queue, cut the file to ``size`` (default: the declared size),
+        fsync, and return the digest of the staged content.
+        """
+        size = self.size if size is None else size
+        await self.drained()
+        if size != self.size:
+            await self.context.runInThread(os.ftruncate, self._fd, size)
+            self.size = size
         await self.context.runInThread(os.fsync, self._fd)
-        if self.hasher.sequential:
-            return self.hasher.result(self.size)
-        return await self.context.runInThread(hashFile, self.path.path, self.size)
+        if self.hashing and self.hasher.sequential and self.hasher.position <= size:
+            return self.hasher.result(size)
+        return await self.context.runInThread(hashFile, self.path.path, size)
 
     async def install(self, destination: FilePath, overwrite: bool = False) -> None:
         """
