@@ -27,6 +27,8 @@ def test_demo_runs_and_cleans_up() -> None:
     if shutil.which("swtpm") and shutil.which("tpm2_pcrread"):
         assert out.count("verified tpm0: a swtpm on ") == 2
     assert out.count("AwaitRestored fired, status COMMITTED, digests agree") == 2
+    assert re.search(r"demo-1-\d+ +demo-vm +COMMITTED +hosta\.test +file:blob", out)
+    assert re.search(r"demo-2-\d+ +demo-vm +COMMITTED +hostb\.test +file:blob", out)
     pids = [int(p) for p in re.findall(r"\(pid (\d+)\) answers over mutual TLS", out)]
     assert len(pids) == 2
     for pid in pids:

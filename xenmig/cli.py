@@ -347,6 +347,7 @@ def clientTLS(args: argparse.Namespace) -> Any:
     if args.insecure_plaintext:
         if not _isLoopback(host):
             raise UsageError("--insecure-plaintext only connects to loopback")
+        say(args, "INSECURE: plaintext, no authentication (development only)")
         return None
     if not (args.ca and args.cert):
         raise UsageError(

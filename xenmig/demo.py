@@ -29,10 +29,16 @@ from twisted.internet.threads import deferToThreadPool
 from xenmig import pki, tls
 from xenmig.client import ClientTimeouts, MigrationClient, SourceMigration
 from xenmig.digest import hashFile
-from xenmig.model import DeviceSpec
+from xenmig.model import DeviceSpec, MigrationStatus
 from xenmig.plugins import deviceKinds
 from xenmig.processes import Daemon, freePort
-from xenmig.progress import ProgressDisplay, formatBytes, formatRate, formatSeconds
+from xenmig.progress import (
+    ProgressDisplay,
+    formatBytes,
+    formatRate,
+    formatSeconds,
+    statusTable,
+)
 
 MiB = 1024 * 1024
 DOMAIN = "demo-vm"
@@ -408,6 +414,7 @@ class DemoRun:
         for leg in (Leg(1, first, second), Leg(2, second, first)):
             self.legs.append(leg)
             await self._migrate(leg)
+        await self._daemonViews()
         self._summary()
 
     async def _makeHosts(self) -> None:
@@ -541,6 +548,19 @@ class DemoRun:
                 f"{formatSeconds(leg.report['durations']['total'])}\n"
             )
         self.out.write("all migrations committed and verified\n")
+        self.out.flush()
+
+    async def _daemonViews(self) -> None:
+        """Each daemon's own list of what it received (``xenmig status``)."""
+        from xenmig.cli import LocalControl
+
+        for host in self.hosts:
+            records = await LocalControl(self.reactor, host.stateDir).listMigrations()
+            table = statusTable([MigrationStatus.fromJSON(r) for r in records])
+            self.out.write(
+                f"\n{host.name}: xenmig status --state-dir {host.stateDir}\n"
+            )
+            self.out.write("".join(f"  {line}\n" for line in table.splitlines()))
         self.out.flush()
 
     async def _stopDaemons(self) -> None:
