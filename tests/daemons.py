@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,7 @@ class ChildProcess(ProcessProtocol):
 
     def kill(self) -> None:
         """SIGKILL this child (by its pid)."""
+        assert self.transport is not None
         self.transport.signalProcess("KILL")
 
     def text(self) -> str:
@@ -343,8 +344,8 @@ class Daemon:
 
     def leftovers(self) -> list[str]:
         """Everything staged: under ``STATE_DIR/staging`` and ``*.part`` in ``dest``."""
-        staged = [str(p) for p in (self.stateDir / "staging").rglob("*")]
-        return staged + [str(p) for p in self.dest.rglob("*.part")]
+        staged = _tree(self.stateDir / "staging")
+        return staged + [p for p in _tree(self.dest) if p.endswith(".part")]
 
     # -- talking to it ---------------------------------------------------------------
 
@@ -399,6 +400,14 @@ class Daemon:
             return status if done >= least and status["phase"] == "RECEIVING" else None
 
         return await eventually(reactor, check, timeout, f"{least} bytes received")
+
+
+def _tree(root: Path) -> list[str]:
+    """Every path under ``root``; parts the daemon removes meanwhile are skipped."""
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        found += [os.path.join(directory, n) for n in subdirectories + files]
+    return found
 
 
 # -- state files -----------------------------------------------------------------------
@@ -512,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     migrate.add_argument("--delay", type=float, default=0.0)
     args = parser.parse_args(argv)
 
-    def run(reactor: Any) -> Awaitable[None]:
+    def run(reactor: Any) -> Deferred[None]:
         return Deferred.fromCoroutine(_migrate(reactor, args))
 
     react(run)

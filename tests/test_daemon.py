@@ -314,6 +314,24 @@ async def test_commit_releases_waiter_and_runs_hook(
     await settled(reactor)
 
 
+@pytest_twisted.ensureDeferred
+async def test_await_after_commit(daemon: Daemon, tmp_path: Path) -> None:
+    """AwaitRestored asked after a commit answers at once with what was installed."""
+    source = sparseFile(tmp_path / "source.img", 4 * MiB, [(0, MiB)])
+    destination = daemon.dest / "vm9.img"
+    migration = await migrate(daemon, source, destination, "vm9")
+
+    answer = await daemon.local(
+        reactor, commands.AwaitRestored, domain="vm9", timeout=5.0
+    )
+
+    assert answer == {
+        "migration_id": migration.migrationId,
+        "installed": [str(destination)],
+    }
+    await settled(reactor)
+
+
 # -- start-up ------------------------------------------------------------------------
 
 
