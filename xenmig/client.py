@@ -66,6 +66,7 @@ class ClientTimeouts:
     ready: float = 3600.0
     commit: float = 120.0
     keepalive: float = 10.0
+    abort: float = 10.0
 
 
 def _timeout(d: Deferred[Any], seconds: float, clock: Any, what: str) -> Deferred[Any]:
@@ -538,16 +539,18 @@ class SourceMigration:
             return
         self.phase = "ABORTED"
         self.reason = self.reason or str(error) or repr(error)
-        for run in self.devices.values():
-            if run.sender is not None:
-                run.sender.abort()
+        # Abort first, so the target records this reason, not "stream cut off".
         if self.control is not None:
             try:
-                await self.client.call(
-                    self.control,
-                    commands.Abort,
-                    migration_id=self.migrationId,
-                    reason=self.reason[:2000],
+                await _timeout(
+                    self.control.callRemote(
+                        commands.Abort,
+                        migration_id=self.migrationId,
+                        reason=self.reason[:2000],
+                    ),
+                    self.client.timeouts.abort,
+                    self.reactor,
+                    "abort",
                 )
             except Exception as e:
                 log.info(
@@ -556,6 +559,10 @@ class SourceMigration:
                     migration_id=self.migrationId,
                     error=str(e),
                 )
+        for run in self.devices.values():
+            if run.sender is not None:
+                run.sender.abort()
+        if self.control is not None:
             _hangUp(self.control)
         for run in self.devices.values():
             try:
