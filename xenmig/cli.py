@@ -53,6 +53,7 @@ from xenmig.progress import (
     statusDetail,
     statusTable,
 )
+from xenmig.tuning import tuneAllocator
 
 if TYPE_CHECKING:
     from xenmig.client import SourceMigration
@@ -294,6 +295,7 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
         print(e, file=sys.stderr)
         sys.exit(EXIT_USAGE)
     startLogging(args.verbose)
+    tuneAllocator()
     react(_entry, (args,))
 
 

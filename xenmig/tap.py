@@ -20,6 +20,7 @@ from xenmig.factories import ControlFactory, LocalControlFactory
 from xenmig.hooks import runHook
 from xenmig.plugins import deviceKinds
 from xenmig.target import MigrationTarget, TargetConfig, Timeouts
+from xenmig.tuning import tuneAllocator
 
 log = Logger()
 
@@ -181,6 +182,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """Build the daemon; a misconfiguration stops start-up with one clear line."""
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
+    tuneAllocator()
     try:
         return _makeService(options, reactor)
     except ConfigurationError as e:

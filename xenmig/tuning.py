@@ -1,0 +1,39 @@
+"""Process-wide tuning that xenmig's entry points apply (and only they)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+from twisted.logger import Logger
+
+log = Logger()
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tuneAllocator(
+    mmapThreshold: int = 32 * 1024 * 1024, trimThreshold: int = 128 * 1024 * 1024
+) -> bool:
+    """
+    Keep megabyte-sized buffers (records, file chunks, TLS output) on the heap.
+
+    glibc serves allocations above 128 KiB with a fresh ``mmap`` and unmaps them
+    when freed, so every 1 MiB record costs hundreds of page faults: measured
+    here, that was 40% of the sending process's CPU.  Raising the thresholds makes
+    the allocator reuse freed buffers; memory stays bounded by the peak in use.
+    Returns False where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, mmapThreshold)
+        and mallopt(_M_TRIM_THRESHOLD, trimThreshold)
+    )
