@@ -37,7 +37,7 @@ def faults(mode):
 
 
 def test_fewerPageFaults():
-    """With the tuning, the sending pattern causes a tenth of the page faults or less."""
+    """With the tuning, the sending pattern costs a tenth of the page faults or less."""
     plain, tuned = faults("plain"), faults("tuned")
     assert plain > 200 * 100  # hundreds of faults per MiB without the tuning
     assert tuned * 10 < plain
