@@ -31,6 +31,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from xenmig import pki, tls
+from xenmig.bulk import sslContext
 from xenmig.client import MigrationClient
 from xenmig.devices.file import FileKind, FileSource
 from xenmig.interfaces import IDeviceKind, IRecordWriter
@@ -87,6 +88,13 @@ class PKI:
         where = self.rogue if rogue else self.ca
         identity = tls.loadIdentity(where / f"{CLIENT}.pem", where / f"{CLIENT}.key")
         return tls.clientOptions("127.0.0.1", identity, self.authorities)
+
+    def clientSSL(self) -> Any:
+        """The same identity as an ``ssl`` context, for threaded streams."""
+        identity = tls.loadIdentity(
+            self.ca / f"{CLIENT}.pem", self.ca / f"{CLIENT}.key"
+        )
+        return sslContext(identity, self.authorities)
 
     def anonymousTLS(self) -> Any:
         """Client options that trust the daemon but present no certificate."""
@@ -350,9 +358,15 @@ class Daemon:
     # -- talking to it ---------------------------------------------------------------
 
     def client(self, reactor: Any, tlsOptions: Any = None, **kw: Any) -> Any:
-        """A MigrationClient for this daemon, as ``source.test`` by default."""
-        options = tlsOptions if tlsOptions is not None else self.pki.clientTLS()
-        return MigrationClient(reactor, "127.0.0.1", self.port, tls=options, **kw)
+        """
+        A MigrationClient for this daemon, as ``source.test`` by default, with
+        threaded streams (as the command line) unless other options are given.
+        """
+        if tlsOptions is None:
+            tlsOptions = self.pki.clientTLS()
+            kw.setdefault("sslContext", self.pki.clientSSL())
+            kw.setdefault("serverName", "127.0.0.1")
+        return MigrationClient(reactor, "127.0.0.1", self.port, tls=tlsOptions, **kw)
 
     async def local(self, reactor: Any, command: type, **kw: Any) -> dict[str, Any]:
         """One AMP call on the daemon's local (owner-only) socket."""

@@ -3,6 +3,7 @@
 import importlib
 import sys
 
+import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.plugin import IPlugin, getPlugins
@@ -54,11 +55,13 @@ def test_builtInKindsFound():
         assert verifyObject(IPlugin, kind)
 
 
-def test_dropinImports():
-    """The device dropin imports without error (a failing dropin vanishes silently)."""
-    sys.modules.pop("twisted.plugins.xenmig_devices", None)
-    module = importlib.import_module("twisted.plugins.xenmig_devices")
-    assert module.fileKind.kind == "file"
+@pytest.mark.parametrize("kind", sorted(BUILT_IN))
+def test_dropinImports(kind):
+    """Each kind's dropin imports without error (a failing one vanishes silently)."""
+    name = f"twisted.plugins.xenmig_{kind}"
+    sys.modules.pop(name, None)
+    module = importlib.import_module(name)
+    assert getattr(module, f"{kind}Kind").kind == kind
 
 
 def test_fileImplementations(tmp_path):

@@ -336,10 +336,11 @@ async def _entry(reactor: Any, args: argparse.Namespace) -> NoReturn:
 # -- connections -----------------------------------------------------------------------
 
 
-def clientTLS(args: argparse.Namespace) -> Any:
+def clientTLS(args: argparse.Namespace) -> dict[str, Any]:
     """
-    The TLS options for ``--target`` (None with ``--insecure-plaintext``).
-    Reads the files at once (before the reactor runs).
+    The TLS keyword arguments of L{MigrationClient} for ``--target``: Twisted
+    options for control, an C{ssl} context for the threaded state streams
+    (``tls=None`` with ``--insecure-plaintext``).  Reads the files at once.
 
     @raise UsageError, ConfigurationError: one line naming the problem.
     """
@@ -350,15 +351,22 @@ def clientTLS(args: argparse.Namespace) -> Any:
         if not _isLoopback(host):
             raise UsageError("--insecure-plaintext only connects to loopback")
         say(args, "INSECURE: plaintext, no authentication (development only)")
-        return None
+        return {"tls": None}
     if not (args.ca and args.cert):
         raise UsageError(
             "--ca and --cert are required with --target (mutual TLS); "
             "make them with 'xenmig pki'"
         )
+    from xenmig.bulk import sslContext
+
     identity = tls.loadIdentity(args.cert, args.key)
     authorities = tls.loadAuthority(args.ca)
-    return tls.clientOptions(args.server_name or host, identity, authorities)
+    name = args.server_name or host
+    return {
+        "tls": tls.clientOptions(name, identity, authorities),
+        "sslContext": sslContext(identity, authorities),
+        "serverName": name,
+    }
 
 
 def _isLoopback(host: str) -> bool:
@@ -373,7 +381,7 @@ def remoteClient(reactor: Any, args: argparse.Namespace) -> Any:
     from xenmig.client import MigrationClient
 
     host, port = args.target
-    return MigrationClient(reactor, host, port, tls=clientTLS(args))
+    return MigrationClient(reactor, host, port, **clientTLS(args))
 
 
 class LocalControl:
@@ -754,7 +762,7 @@ async def _migrate(reactor: Any, args: argparse.Namespace) -> int:
         raise UsageError("two --device options have the same NAME")
     policy = _policy(args)
     host, port = args.target
-    client = MigrationClient(reactor, host, port, tls=clientTLS(args), kinds=kinds)
+    client = MigrationClient(reactor, host, port, kinds=kinds, **clientTLS(args))
     migrationId = args.migration_id or uuid.uuid4().hex
     migration = SourceMigration(client, args.domain, migrationId)
     bars = sys.stderr.isatty()

@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from xenmig import pki, tls
+from xenmig.bulk import sslContext
 from xenmig.client import ClientTimeouts, MigrationClient, SourceMigration
 from xenmig.digest import hashFile
 from xenmig.model import DeviceSpec, MigrationStatus
@@ -80,7 +81,15 @@ class DemoHost:
         identity = tls.loadIdentity(self.cert, self.key)
         authorities = tls.loadAuthority(os.path.join(self.pkiDir, pki.CA_CERTIFICATE))
         options = tls.clientOptions(target.name, identity, authorities)
-        return MigrationClient(reactor, "127.0.0.1", target.port, tls=options, **kw)
+        return MigrationClient(
+            reactor,
+            "127.0.0.1",
+            target.port,
+            tls=options,
+            sslContext=sslContext(identity, authorities),
+            serverName=target.name,
+            **kw,
+        )
 
 
 @dataclass

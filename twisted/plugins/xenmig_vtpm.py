@@ -1,0 +1,5 @@
+"""The built-in ``vtpm`` device kind, as a plugin providing IDeviceKind."""
+
+from xenmig.devices.vtpm import vtpmKind
+
+__all__ = ["vtpmKind"]
