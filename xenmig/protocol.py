@@ -32,6 +32,9 @@ from xenmig.tls import peerIdentity
 
 log = Logger()
 
+#: How much a stream connection reads per system call.
+READ_SIZE = 1024 * 1024
+
 
 def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
     """
@@ -253,6 +256,10 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
+        # Bulk: read up to a megabyte per system call, not Twisted's 64 KiB.
+        tcp = getattr(self.transport, "transport", self.transport)
+        if hasattr(tcp, "bufferSize"):
+            tcp.bufferSize = READ_SIZE
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
