@@ -283,14 +283,23 @@ def migrate(daemon: Daemon, how: str, source: Path, run: int) -> dict[str, Any]:
 async def _client(reactor: Any, port: int, where: Path, source: str, target: str):
     """Child: one migration with the MigrationClient API; JSON figures."""
     from xenmig import tls
+    from xenmig.bulk import sslContext
     from xenmig.client import MigrationClient
     from xenmig.model import DeviceSpec
 
     identity = tls.loadIdentity(where / "source.test.pem", where / "source.test.key")
-    options = tls.clientOptions(
-        "127.0.0.1", identity, tls.loadAuthority(where / "ca.pem")
+    authorities = tls.loadAuthority(where / "ca.pem")
+    options = tls.clientOptions("127.0.0.1", identity, authorities)
+    # As ``xenmig migrate`` does: threaded streams (unless XENMIG_BENCH_REACTOR).
+    threaded = not os.environ.get("XENMIG_BENCH_REACTOR")
+    client = MigrationClient(
+        reactor,
+        "127.0.0.1",
+        port,
+        tls=options,
+        sslContext=sslContext(identity, authorities) if threaded else None,
+        serverName="127.0.0.1",
     )
-    client = MigrationClient(reactor, "127.0.0.1", port, tls=options)
     spec = DeviceSpec.parse(f"file:blob:path={source},target={target}")
     started = time.monotonic()
     migration = await client.prepare("bench", [spec])
@@ -303,6 +312,10 @@ async def _client(reactor: Any, port: int, where: Path, source: str, target: str
 
 def runClient(argv: list[str]) -> None:
     from twisted.internet import defer, task
+
+    from xenmig.tuning import tuneAllocator
+
+    tuneAllocator()  # as the xenmig command line does
 
     port, where, source, target = int(argv[0]), Path(argv[1]), argv[2], argv[3]
     task.react(
