@@ -3,9 +3,11 @@
 import pytest
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.test import iosim
 
@@ -426,3 +428,35 @@ def test_endRecordVerifies(target, clock, kind):
     assert session.phase is Phase.READY
     assert isinstance(kind.targets[0].records[0], DataRecord)
     assert not isinstance(kind.targets[0].records[-1], EndRecord)
+
+
+def test_endWaitingBehindPausedDevice(target, clock, kind):
+    """A stream closed right after its END, while the device holds it paused, ends
+    READY once the device catches up, not cut off."""
+    protocol, transport, session = receiver(target, clock)
+    kind.targets[0].hold = Deferred()
+    digest = hashBytes(STATE)
+    protocol.dataReceived(
+        encodeStreamHeader()
+        + b"".join(encodeData(0, STATE))
+        + b"".join(encodeEnd(digest.size, digest.algorithm, digest.digest))
+    )
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert session.phase is Phase.RECEIVING
+    hold, kind.targets[0].hold = kind.targets[0].hold, None
+    hold.callback(None)
+    assert session.phase is Phase.READY
+
+
+def test_cutOffBehindPausedDevice(target, clock, kind):
+    """A stream closed before its END, while the device holds it paused, aborts
+    once the waiting records are handed over."""
+    protocol, transport, session = receiver(target, clock)
+    kind.targets[0].hold = Deferred()
+    protocol.dataReceived(encodeStreamHeader() + b"".join(encodeData(0, b"abc")))
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert session.phase is Phase.RECEIVING
+    hold, kind.targets[0].hold = kind.targets[0].hold, None
+    hold.callback(None)
+    assert session.phase is Phase.ABORTED
+    assert "was cut off" in session.reason

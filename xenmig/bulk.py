@@ -87,6 +87,81 @@ def _identityPEM(identity: PrivateCertificate) -> bytes:
     )
 
 
+class _Channel:
+    """A blocking byte channel: plain TCP, or TLS through memory BIOs."""
+
+    def __init__(self, sock: socket.socket, tls: ssl.SSLObject | None = None) -> None:
+        self.sock = sock
+        self.tls = tls
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+
+    @classmethod
+    def open(cls, sock: socket.socket, endpoint: StreamEndpoint) -> _Channel:
+        """Wrap ``sock``; for TLS, run the handshake."""
+        if endpoint.context is None:
+            return cls(sock)
+        channel = cls(sock)
+        channel.tls = endpoint.context.wrap_bio(
+            channel.incoming, channel.outgoing, server_hostname=endpoint.serverName
+        )
+        channel._pump(channel.tls.do_handshake)
+        return channel
+
+    def _pump(self, operation: Any) -> Any:
+        """Run a TLS ``operation``, feeding the network to it until it completes."""
+        while True:
+            try:
+                result = operation()
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = self.sock.recv(65536)
+                if not data:
+                    raise StreamError("the target closed the stream connection")
+                self.incoming.write(data)
+                continue
+            self._flush()
+            return result
+
+    def _flush(self) -> None:
+        if self.outgoing.pending:
+            self.sock.sendall(self.outgoing.read())
+
+    def send(self, parts: list[bytes]) -> None:
+        """Send ``parts``: encrypted together, one system call (TLS)."""
+        if self.tls is None:
+            for part in parts:
+                self.sock.sendall(part)
+            return
+        for part in parts:
+            self.tls.write(part)  # into the memory BIO: never blocks
+        self._flush()
+
+    def recv(self, length: int) -> bytes:
+        if self.tls is None:
+            return self.sock.recv(length)
+        tls = self.tls
+        return self._pump(lambda: tls.read(length))
+
+    def close(self) -> None:
+        """Close cleanly: TLS close_notify, then end the sending side."""
+        if self.tls is not None:
+            try:
+                self.tls.unwrap()
+            except ssl.SSLWantReadError:
+                pass  # the peer's close_notify is not waited for
+            self._flush()
+        self.sock.shutdown(socket.SHUT_WR)
+        self.sock.close()
+
+    def abort(self) -> None:
+        """Unblock any system call on the socket at once (from another thread)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 @dataclass(frozen=True)
 class StreamEndpoint:
     """Where and how a threaded stream connects: the daemon's address and TLS."""
@@ -97,10 +172,10 @@ class StreamEndpoint:
     serverName: str
     timeout: float = 30.0
 
-    def connect(self, token: bytes) -> socket.socket:
+    def connect(self, token: bytes) -> _Channel:
         """
         Blocking: connect, handshake, present ``token`` with StartStream, and
-        return the socket, now carrying the raw stream.
+        return the channel, now carrying the raw stream.
 
         @raise XenmigError: the class the target answered (BadToken, ...).
         @raise OSError: for a connection or TLS failure.
@@ -108,44 +183,42 @@ class StreamEndpoint:
         raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock: socket.socket = raw
-            if self.context is not None:
-                sock = self.context.wrap_socket(raw, server_hostname=self.serverName)
+            channel = _Channel.open(raw, self)
             box = amp.AmpBox(_command=StartStream.commandName, _ask=b"1", token=token)
-            sock.sendall(box.serialize())
-            answer = _readBox(sock)
+            channel.send([box.serialize()])
+            answer = _readBox(channel)
         except BaseException:
             raw.close()
             raise
         if b"_error" in answer:
-            sock.close()
+            raw.close()
             code = answer.get(b"_error_code", b"")
             text = answer.get(b"_error_description", b"").decode("utf-8", "replace")
             raise _CODES.get(code, PeerError)(text or code.decode("ascii", "replace"))
-        sock.settimeout(None)
-        return sock
+        raw.settimeout(None)
+        return channel
 
 
-def _readBox(sock: socket.socket) -> dict[bytes, bytes]:
+def _readBox(channel: _Channel) -> dict[bytes, bytes]:
     """Blocking: read one AMP box (the answer to StartStream)."""
     box: dict[bytes, bytes] = {}
     total = 0
     while True:
-        (keyLength,) = struct.unpack(">H", _readExactly(sock, 2))
+        (keyLength,) = struct.unpack(">H", _readExactly(channel, 2))
         if keyLength == 0:
             return box
-        key = _readExactly(sock, keyLength)
-        (valueLength,) = struct.unpack(">H", _readExactly(sock, 2))
-        box[key] = _readExactly(sock, valueLength)
+        key = _readExactly(channel, keyLength)
+        (valueLength,) = struct.unpack(">H", _readExactly(channel, 2))
+        box[key] = _readExactly(channel, valueLength)
         total += keyLength + valueLength
         if total > _MAX_ANSWER:
             raise StreamError("the answer to StartStream is too long")
 
 
-def _readExactly(sock: socket.socket, length: int) -> bytes:
+def _readExactly(channel: _Channel, length: int) -> bytes:
     data = b""
     while len(data) < length:
-        more = sock.recv(length - len(data))
+        more = channel.recv(length - len(data))
         if not more:
             raise StreamError("the target closed the stream connection")
         data += more
@@ -184,7 +257,7 @@ class ThreadedStreamSender:
         self._waiters: list[Deferred[None]] = []
         self._lost: Failure | None = None
         self._done = False
-        self._socket: socket.socket | None = None
+        self._channel: _Channel | None = None
         self._thread: threading.Thread | None = None
         self._finished: Deferred[None] = Deferred()
 
@@ -204,36 +277,32 @@ class ThreadedStreamSender:
 
     def _run(self, endpoint: StreamEndpoint, token: bytes, opened: Deferred) -> None:
         try:
-            self._socket = endpoint.connect(token)
+            self._channel = endpoint.connect(token)
         except BaseException as e:
             self.reactor.callFromThread(self._opened, opened, Failure(e))
             return
         self.reactor.callFromThread(self._opened, opened, None)
         try:
-            self._socket.sendall(encodeStreamHeader())
-            self._sendQueue(self._socket)
-            self._socket.close()
+            self._channel.send([encodeStreamHeader()])
+            self._sendQueue(self._channel)
+            self._channel.close()
             self.reactor.callFromThread(self._finished.callback, None)
         except BaseException as e:
             self.reactor.callFromThread(self._connectionLost, e)
 
-    def _sendQueue(self, sock: socket.socket) -> None:
+    def _sendQueue(self, channel: _Channel) -> None:
         while True:
             try:
                 item = self._queue.get(timeout=self.keepaliveInterval)
             except queue.Empty:
-                for part in encodeKeepalive():
-                    sock.sendall(part)
+                channel.send(encodeKeepalive())
                 continue
             if item is _FINISH:
-                sock.shutdown(socket.SHUT_WR)
                 return
             if item is None:  # aborted
                 raise StreamError("the stream was aborted")
-            size = 0
-            for part in item:
-                sock.sendall(part)
-                size += len(part)
+            channel.send(item)
+            size = sum(len(part) for part in item)
             with self._lock:
                 self._queued -= size
                 drained = self._queued <= self.lowWater
@@ -322,11 +391,8 @@ class ThreadedStreamSender:
         self._done = True
         self._finished.addErrback(lambda _: None)  # nobody waits for it now
         self._queue.put(None)
-        if self._socket is not None:
-            try:
-                self._socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if self._channel is not None:
+            self._channel.abort()
 
 
 def _failed(failure: Failure) -> Deferred[None]:

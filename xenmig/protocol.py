@@ -253,6 +253,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self._records: deque[Record] = deque()
         self._waiting: Deferred[None] | None = None
         self._received = 0
+        self._gone: Failure | None = None  # the connection closed, records may wait
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
@@ -309,9 +310,11 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def _resume(self, _: None) -> None:
         self._waiting = None
-        self.setTimeout(self.idleTimeout)
-        self.transport.resumeProducing()
+        if self._gone is None:
+            self.setTimeout(self.idleTimeout)
+            self.transport.resumeProducing()
         self._drain()
+        self._checkGone()
 
     def _deviceFailed(self, failure: Failure) -> None:
         self._waiting = None
@@ -321,7 +324,8 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self.ended = True
         self.setTimeout(None)
         self.session.streamEnded(self.device, end)
-        self.transport.loseConnection()
+        if self._gone is None:
+            self.transport.loseConnection()
 
     def _fail(self, error: BaseException) -> None:
         self.setTimeout(None)
@@ -333,7 +337,8 @@ class StreamReceiver(Protocol, TimeoutMixin):
             error=str(error),
         )
         self.session.deviceFailed(self.device, error)
-        self.transport.abortConnection()
+        if self._gone is None:
+            self.transport.abortConnection()
 
     def timeoutConnection(self) -> None:
         self.ended = True
@@ -343,10 +348,18 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        # Records may still wait for a paused device: the END among them, if the
+        # sender closed right after it.  Decide once they are handed over.
         self.setTimeout(None)
-        if not self.ended:
-            self.session.streamLost(
-                self.device,
-                f"was cut off after {self._received} bytes "
-                f"({reason.getErrorMessage()})",
-            )
+        self._gone = reason
+        self._checkGone()
+
+    def _checkGone(self) -> None:
+        if self._gone is None or self.ended or self._waiting is not None:
+            return
+        self.ended = True
+        self.session.streamLost(
+            self.device,
+            f"was cut off after {self._received} bytes "
+            f"({self._gone.getErrorMessage()})",
+        )

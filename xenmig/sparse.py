@@ -13,19 +13,24 @@ from xenmig.model import ContentDigest
 
 #: The size of one DATA record the source sends.
 CHUNK = 1024 * 1024
+#: Records read per system call (and thread hop).
+READ_RECORDS = 4
 
 
 _ZEROS = bytes(CHUNK)
 
 
-def isZero(data: bytes) -> bool:
+def isZero(data: bytes | memoryview) -> bool:
     """
-    Whether ``data`` is all zero bytes.  A comparison with a zero buffer stops at
-    the first non-zero byte (at once, for real data) and runs at memcmp speed.
+    Whether ``data`` is all zero bytes.  A prefix decides at once for most real
+    data; otherwise a comparison with a zero buffer runs at memcmp speed.
     """
-    if len(data) == len(_ZEROS):
-        return data == _ZEROS
-    return data == bytes(len(data))
+    if bytes(data[:64]) != _ZEROS[: min(64, len(data))]:
+        return False
+    whole = data.tobytes() if isinstance(data, memoryview) else data
+    if len(whole) == len(_ZEROS):
+        return whole == _ZEROS
+    return whole == bytes(len(whole))
 
 
 def nextDataExtent(fd: int, position: int, end: int) -> tuple[int, int] | None:
@@ -60,11 +65,12 @@ def dataExtents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
 
 
 def readChunk(
-    fd: int, offset: int, length: int, hasher: ContentHasher | None
-) -> tuple[bytes, bool]:
+    fd: int, offset: int, length: int, hasher: ContentHasher | None, record: int = CHUNK
+) -> list[tuple[int, memoryview, bool]]:
     """
-    Blocking: read ``length`` bytes at ``offset``, feed them to ``hasher``, and say
-    whether they are all zeros.
+    Blocking: read ``length`` bytes at ``offset``, cut them into records of at
+    most ``record`` bytes, feed them to ``hasher``, and say of each whether it is
+    all zeros: a list of ``(offset, data, zero)``.
 
     @raise xenmig.errors.DeviceError: if the file is shorter than expected (it was
         truncated under the sender).
@@ -75,13 +81,18 @@ def readChunk(
             f"file ended at {offset + len(data)} bytes while reading {length} bytes "
             f"at {offset}: it was truncated during the transfer"
         )
-    zero = isZero(data)
-    if hasher is not None:
-        if zero:
-            hasher.zeros(offset, length)
-        else:
-            hasher.update(offset, data)
-    return data, zero
+    view = memoryview(data)
+    pieces = []
+    for start in range(0, length, record):
+        piece = view[start : start + record]
+        zero = isZero(piece)
+        if hasher is not None:
+            if zero:
+                hasher.zeros(offset + start, len(piece))
+            else:
+                hasher.update(offset + start, piece)
+        pieces.append((offset + start, piece, zero))
+    return pieces
 
 
 async def sendRange(
@@ -126,24 +137,27 @@ async def _sendExtent(
     """Send one data extent, reading the next chunk while the previous is written."""
     sent = 0
     offset = start
+    size = chunk * READ_RECORDS
     reading = context.runInThread(
-        readChunk, fd, offset, min(chunk, end - offset), hasher
+        readChunk, fd, offset, min(size, end - offset), hasher, chunk
     )
     while reading is not None:
-        data, zero = await reading
-        current = offset
-        offset += len(data)
+        pieces = await reading
+        offset += sum(len(data) for _, data, _ in pieces)
         # Reads stay in order (the hasher needs that); only the write overlaps.
         reading = (
-            context.runInThread(readChunk, fd, offset, min(chunk, end - offset), hasher)
+            context.runInThread(
+                readChunk, fd, offset, min(size, end - offset), hasher, chunk
+            )
             if offset < end
             else None
         )
-        if zero:
-            await writer.writeZero(current, len(data))
-        else:
-            await writer.writeData(current, data)
-            sent += len(data)
+        for current, data, zero in pieces:
+            if zero:
+                await writer.writeZero(current, len(data))
+            else:
+                await writer.writeData(current, data)  # type: ignore[arg-type]
+                sent += len(data)
     return sent
 
 
