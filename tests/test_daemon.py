@@ -198,6 +198,24 @@ async def test_client_killed_mid_transfer(
     await eventually(reactor, lambda: not daemon.leftovers(), what="staging removed")
     assert not destination.exists()
     assert daemon.journal(mid)["phase"] == "ABORTED"
+    # What the operator sees: `xenmig status` on the target shows it, and why.
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xenmig.cli",
+            "status",
+            "--state-dir",
+            str(daemon.stateDir),
+            mid,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "ABORTED" in shown.stdout
+    assert re.search(r"connection was lost|stream of device blob", shown.stdout)
     await settled(reactor)
 
 
