@@ -3,7 +3,12 @@ The source's API for a toolstack: prepare, pre-copy, transfer, commit or abort.
 
 A toolstack drives a migration in phases around the moment it pauses the VM::
 
-    client = MigrationClient(reactor, "target.example", 8002, tls=...)
+    identity, cas = tls.loadIdentity(CERT, KEY), tls.loadAuthority(CA)
+    client = MigrationClient(
+        reactor, "target.example", 8002,
+        tls=tls.clientOptions("target.example", identity, cas),   # control
+        sslContext=bulk.sslContext(identity, cas),                 # state streams
+    )
     migration = await client.prepare("vm1", [DeviceSpec.parse("file:blob:...")])
     await migration.precopy()        # VM still running (devices that can)
     ...                              # the toolstack pauses the VM
