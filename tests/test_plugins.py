@@ -31,7 +31,7 @@ from xenmig.testing import (
 )
 
 #: Every kind xenmig ships; each must be found through the plug-in system.
-BUILT_IN = {"disk", "file", "vtpm"}
+BUILT_IN = {"devmodel", "disk", "file", "vtpm"}
 
 
 def test_twistdPluginFound():

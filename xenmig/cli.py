@@ -205,6 +205,12 @@ def parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--pause-command", metavar="CMD", help="pauses the VM")
     migrate.add_argument(
+        "--domain-control",
+        metavar="xl|qmp:PATH|none",
+        help="pause the VM (and resume it after a failure, release it after the "
+        "commit) through xl or QEMU's QMP, instead of commands",
+    )
+    migrate.add_argument(
         "--resume-command", metavar="CMD", help="resumes the VM here after a failure"
     )
     migrate.add_argument(
@@ -257,6 +263,16 @@ def parser() -> argparse.ArgumentParser:
     )
     _local(wait)
     wait.add_argument("--json", action="store_true", help="print JSON on stdout")
+    wait.add_argument(
+        "--resume",
+        action="store_true",
+        help="once committed, resume the VM here through --domain-control",
+    )
+    wait.add_argument(
+        "--domain-control",
+        metavar="xl|qmp:PATH",
+        help="how --resume resumes the VM (default xl)",
+    )
     wait.set_defaults(main=_await)
 
     sub.add_parser(
@@ -525,12 +541,15 @@ class MigrateCommand:
         args: argparse.Namespace,
         display: ProgressDisplay,
         policy: Any = None,
+        control: Any = None,
     ) -> None:
         self.reactor = reactor
         self.migration = migration
         self.args = args
         self.display = display
         self.policy = policy
+        self.control = control  # an IDomainControl, or None
+        self.released: bool | None = None
         self.target = "{}:{}".format(*args.target)
         self.pause: dict[str, Any] | None = None
         self.resumed: bool | None = None
@@ -565,6 +584,7 @@ class MigrateCommand:
             if self.args.live:
                 await self._precopy()
                 self._goOn()  # never pause the VM after an interrupt
+            if self.args.live or self.control is not None:
                 await self._pauseVM()
                 self._goOn()
             await self._transfer()
@@ -579,6 +599,8 @@ class MigrateCommand:
         except Exception as e:
             return await self._failed(e)
         self.display.phase("committed: the VM now belongs to the target")
+        if self.control is not None:
+            await self._releaseVM()
         return EXIT_OK
 
     def _goOn(self) -> None:
@@ -600,17 +622,24 @@ class MigrateCommand:
         from xenmig.processes import runShell
 
         command = self.args.pause_command
+        if self.control is not None:
+            command = self.control.description
         self.display.phase(f"pausing the VM: {command}")
         started = self.reactor.seconds()
         self.pause = {"command": command, "status": None, "seconds": None}
-        child = await runShell(
-            self.reactor, command, self.args.command_timeout, echo=sys.stderr
-        )
-        self.pause["status"] = child.status
+        if self.control is not None:
+            await self.control.pause()  # DomainControlError says what failed
+            status: int | None = 0
+        else:
+            child = await runShell(
+                self.reactor, command, self.args.command_timeout, echo=sys.stderr
+            )
+            status = child.status
+        self.pause["status"] = status
         self.pause["seconds"] = round(self.reactor.seconds() - started, 6)
-        if child.status != 0:
+        if status != 0:
             raise PauseFailed(
-                f"the pause command {command!r} exited with status {child.status}"
+                f"the pause command {command!r} exited with status {status}"
             )
         self.migration.paused()
         self.display.phase(f"VM paused ({formatSeconds(self.pause['seconds'])})")
@@ -664,13 +693,19 @@ class MigrateCommand:
         from xenmig.processes import ProcessFailed, runShell
 
         command = self.args.resume_command
+        if self.control is not None:
+            command = self.control.description
         say(self.args, f"resuming the VM here: {command}")
         try:
-            child = await runShell(
-                self.reactor, command, self.args.command_timeout, echo=sys.stderr
-            )
-            status: Any = child.status
-        except ProcessFailed as e:
+            if self.control is not None:
+                await self.control.resume()
+                status: Any = 0
+            else:
+                child = await runShell(
+                    self.reactor, command, self.args.command_timeout, echo=sys.stderr
+                )
+                status = child.status
+        except (ProcessFailed, XenmigError) as e:
             status = str(e)
         self.resumed = status == 0
         if self.resumed:
@@ -681,6 +716,17 @@ class MigrateCommand:
                 f"THE RESUME COMMAND FAILED ({status}): resume the VM here by hand "
                 f"(nothing was installed on the target)",
             )
+
+    async def _releaseVM(self) -> None:
+        """After the commit: let the domain control release the VM here."""
+        assert self.control is not None
+        try:
+            await self.control.release()
+            self.released = True
+            self.display.phase(f"released the VM here ({self.control.description})")
+        except XenmigError as e:
+            self.released = False
+            say(self.args, f"the VM runs on the target; releasing it here failed: {e}")
 
     def _interrupt(self) -> Deferred[None] | None:
         """Before the reactor stops (SIGINT, SIGTERM): abort unless committing."""
@@ -705,8 +751,13 @@ class MigrateCommand:
         report = self.migration.report()
         report["target"] = self.target
         report["exit_status"] = code
-        if self.args.live:
+        if self.args.live or self.control is not None:
             report["live"] = {"pause": self.pause, "resumed": self.resumed}
+        if self.control is not None:
+            report["domain_control"] = {
+                "control": self.control.description,
+                "released": self.released,
+            }
         return report
 
     def _output(self, code: int) -> None:
@@ -743,8 +794,17 @@ async def _migrate(reactor: Any, args: argparse.Namespace) -> int:
     from xenmig.client import MigrationClient, SourceContext, SourceMigration
     from xenmig.plugins import deviceKinds
 
-    if args.live and not (args.pause_command and args.resume_command):
-        raise UsageError("--live needs --pause-command and --resume-command")
+    control = _domainControl(args, reactor)
+    if control is not None and (args.pause_command or args.resume_command):
+        raise UsageError("give --domain-control or the pause and resume commands")
+    if (
+        args.live
+        and control is None
+        and not (args.pause_command and args.resume_command)
+    ):
+        raise UsageError(
+            "--live needs --pause-command and --resume-command (or --domain-control)"
+        )
     if not args.live and (args.pause_command or args.resume_command):
         raise UsageError("--pause-command and --resume-command need --live")
     kinds = deviceKinds()
@@ -767,7 +827,17 @@ async def _migrate(reactor: Any, args: argparse.Namespace) -> int:
     migration = SourceMigration(client, args.domain, migrationId)
     bars = sys.stderr.isatty()
     display = ProgressDisplay(reactor, sys.stderr, bars, prefix="xenmig migrate")
-    return await MigrateCommand(reactor, migration, args, display, policy).run()
+    command = MigrateCommand(reactor, migration, args, display, policy, control)
+    return await command.run()
+
+
+def _domainControl(args: argparse.Namespace, reactor: Any) -> Any:
+    """The IDomainControl of ``--domain-control`` (None for none or absent)."""
+    from xenmig.domains import parseDomainControl
+
+    if not args.domain_control:
+        return None
+    return parseDomainControl(args.domain_control, reactor, args.domain)
 
 
 def _policy(args: argparse.Namespace) -> Any:
@@ -819,6 +889,7 @@ async def _abort(reactor: Any, args: argparse.Namespace) -> int:
 
 
 async def _await(reactor: Any, args: argparse.Namespace) -> int:
+    resumer = _resumer(args, reactor)
     control = LocalControl(reactor, args.state_dir)
     try:
         answer = await control.awaitRestored(
@@ -834,6 +905,7 @@ async def _await(reactor: Any, args: argparse.Namespace) -> int:
         say(args, f"{args.domain}: not restored: {reason}")
         return EXIT_FAILED
     installed = list(answer["installed"])
+    resumed = await _resumeHere(args, resumer) if resumer is not None else None
     if args.json:
         result = {
             "domain": args.domain,
@@ -841,12 +913,45 @@ async def _await(reactor: Any, args: argparse.Namespace) -> int:
             "migration_id": answer["migration_id"],
             "installed": installed,
         }
+        if resumer is not None:
+            result["resumed"] = resumed
         print(json.dumps(result, indent=2))
     else:
         print(f"migration {answer['migration_id']} of {args.domain} committed")
         for path in installed:
             print(f"  installed {path}")
-    return EXIT_OK
+        if resumed:
+            print(f"  resumed the VM ({resumer.description})")
+    return EXIT_FAILED if resumed is False else EXIT_OK
+
+
+def _resumer(args: argparse.Namespace, reactor: Any) -> Any:
+    """The IDomainControl that ``await --resume`` resumes the VM with, or None."""
+    from xenmig.domains import parseDomainControl
+
+    if not args.resume:
+        if args.domain_control:
+            raise UsageError("--domain-control needs --resume")
+        return None
+    control = parseDomainControl(args.domain_control or "xl", reactor, args.domain)
+    if control is None:
+        raise UsageError("--resume needs a domain control: xl or qmp:PATH")
+    return control
+
+
+async def _resumeHere(args: argparse.Namespace, control: Any) -> bool:
+    """Resume the committed VM on this host; whether that worked."""
+    try:
+        await control.resume()
+    except XenmigError as e:
+        say(
+            args,
+            f"{args.domain}: COMMITTED, BUT RESUMING IT FAILED ({e}): the VM's state "
+            f"is installed here; resume it by hand",
+        )
+        return False
+    say(args, f"{args.domain}: resumed ({control.description})")
+    return True
 
 
 async def _kinds(reactor: Any, args: argparse.Namespace) -> int:

@@ -250,3 +250,42 @@ class IConvergencePolicy(Interface):
         @param result: its L{xenmig.model.RoundResult}.
         @return: True to send another pre-copy round, False to stop.
         """
+
+
+class IDomainControl(Interface):
+    """
+    How xenmig pauses, resumes and releases a whole VM for its toolstack.
+
+    Implementations speak to the hypervisor's own tool (``xl``) or to the VM's QEMU
+    (QMP).  The resume gate uses them: the source pauses the VM before the final
+    transfer and resumes it only after an abort; the target resumes it only after
+    the commit.  Every method is bounded; cancelling its Deferred stops waiting
+    (an external program is terminated) but cannot take back what the hypervisor
+    already did.
+    """
+
+    description = Attribute("str: what is controlled, e.g. 'xl domain vm1'.")
+
+    def pause():
+        """
+        Stop the VM's virtual CPUs; its state stays, ready to be resumed.
+
+        @return: a Deferred firing with None once the VM no longer runs, failing
+            with L{xenmig.errors.XenmigError} (the tool's own message) if not.
+        """
+
+    def resume():
+        """
+        Let the VM's virtual CPUs run again (on the source after an abort, on the
+        target after the commit).
+
+        @return: a Deferred firing with None once the VM runs.
+        """
+
+    def release():
+        """
+        Let go of the VM after a commit elsewhere: destroy it, or end its QEMU.
+        A VM that is already gone counts as released.
+
+        @return: a Deferred firing with None.
+        """

@@ -1,0 +1,5 @@
+"""The built-in ``devmodel`` device kind, as a plugin providing IDeviceKind."""
+
+from xenmig.devices.devmodel import devmodelKind
+
+__all__ = ["devmodelKind"]
