@@ -46,13 +46,17 @@ PROGRAMS = (testguest.QEMU, "swtpm", "tpm2_startup", "tpm2_pcrextend", "tpm2_pcr
 FAILURES = ("refuse", "drop")
 DISK_SIZE = 16 * MiB
 #: The writer standing in for the guest's disk writes: 4 KiB at a random block
-#: every 2 ms until SIGTERM.
+#: every 2 ms until SIGTERM; it says "writing" after its first write.
 _WRITER = """
 import os, random, sys, time
 fd = os.open(sys.argv[1], os.O_WRONLY)
 blocks = int(sys.argv[2]) // 4096
+first = True
 while True:
     os.pwrite(fd, os.urandom(4096), random.randrange(blocks) * 4096)
+    if first:
+        print("writing", flush=True)
+        first = False
     time.sleep(0.002)
 """
 
@@ -350,8 +354,8 @@ class WholeVM:
         outcome.diskBefore = (await self.inThread(hashFile, self.disk)).hex
         await source.countsPast(0)
         await migration.prepare(self.specs())
-        self.awaiter = self._awaitOnTarget()
-        self.writer = self._startWriter()
+        self.awaiter = self._awaitOnTarget(migration.migrationId)
+        self.writer = await self._startWriter()
         try:
             await migration.precopy(ConvergencePolicy(maxRounds=3, threshold=0))
         finally:
@@ -379,19 +383,28 @@ class WholeVM:
         await self._observeAfter(outcome)
         return outcome
 
-    def _startWriter(self) -> ChildProcess:
+    async def _startWriter(self) -> ChildProcess:
+        """Start the guest's stand-in writer; return once it writes."""
         child = ChildProcess("disk writer")
         argv = [sys.executable, "-c", _WRITER, self.disk, str(DISK_SIZE)]
         self.reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ))
+        deadline = self.reactor.seconds() + 10
+        while b"writing" not in child.output:
+            if child.status is not None or self.reactor.seconds() > deadline:
+                raise ScenarioFailed(f"the disk writer did not start: {child.tail()}")
+            await deferLater(self.reactor, 0.01, lambda: None)
         return child
 
-    def _awaitOnTarget(self) -> ChildProcess:
-        """The target toolstack: ``xenmig await --resume`` through QMP."""
+    def _awaitOnTarget(self, migrationId: str) -> ChildProcess:
+        """
+        The target toolstack: ``xenmig await --resume`` through QMP, for this
+        migration by its id (answered even if it ended before the question).
+        """
         assert self.target is not None
         child = ChildProcess("xenmig await", keep=400)
         argv = [
             sys.executable, "-m", "xenmig.cli", "await",
-            "--domain", self.domain,
+            "--domain", self.domain, "--migration-id", migrationId,
             "--state-dir", self.targetStateDir,
             "--timeout", "60",
             "--resume", "--domain-control", f"qmp:{self.target.qmpPath}",
@@ -503,7 +516,7 @@ class WholeVM:
         )
         check(
             outcome.counterAfter > outcome.counterAtPause,
-            f"the guest counts on on the target ({outcome.counterAfter})",
+            f"the guest keeps counting on the target ({outcome.counterAfter})",
             "the guest does not count on the target",
         )
         check(
