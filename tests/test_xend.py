@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -263,3 +264,71 @@ def test_xendSequenceThroughADaemon(daemon: Daemon, tmp_path: Path) -> None:
     assert hashFile(str(daemon.dest / "a")) == hashFile(str(first))
     assert results["refused"] == -1
     assert "outside the allowed roots" in results["reason"]
+
+
+# -- the example of doc/toolstacks.md ------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "doc" / "examples"))
+xend_save = importlib.import_module("xend_save")
+
+
+class FakeDomain:
+    """A domain as xend's example drives it: suspended, then resumed or destroyed."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.name = "vm1"
+        self.calls = calls
+
+    def suspend(self) -> None:
+        self.calls.append("suspend")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+    def destroy(self) -> None:
+        self.calls.append("destroy")
+
+
+def memory(calls: list[str], failAt: bool | None = None) -> Any:
+    def send(final: bool) -> None:
+        calls.append("memory final" if final else "memory live")
+        if final is failAt:
+            raise OSError("the memory stream broke")
+
+    return send
+
+
+def test_exampleMigratesThenDestroys() -> None:
+    """The example commits after the last memory and then destroys the domain."""
+    client = FakeClient()
+    h, _ = hooks(client)
+    xend_save.migrateDomain(
+        h, FakeDomain(client.calls), CONFIGS, "hostb", memory(client.calls)
+    )
+    assert client.calls == [
+        "prepare", "precopy", "memory live", "suspend", "paused", "transfer",
+        "memory final", "commit", "destroy",
+    ]  # fmt: skip
+
+
+def test_exampleResumesWhenTheMemoryFails() -> None:
+    """A memory stream that breaks after the devices: abort, and resume the domain."""
+    client = FakeClient()
+    h, _ = hooks(client)
+    with pytest.raises(OSError, match="the memory stream broke"):
+        xend_save.migrateDomain(
+            h, FakeDomain(client.calls), CONFIGS, "hostb", memory(client.calls, True)
+        )
+    assert client.calls[-3:] == ["memory final", "abort", "resume"]
+    assert "commit" not in client.calls
+
+
+def test_exampleNeitherResumesNorDestroysInDoubt() -> None:
+    """A commit in doubt leaves the domain suspended for the operator."""
+    client = FakeClient(commit=CommitInDoubt("no answer"))
+    h, _ = hooks(client)
+    with pytest.raises(CommitInDoubt):
+        xend_save.migrateDomain(
+            h, FakeDomain(client.calls), CONFIGS, "hostb", memory(client.calls)
+        )
+    assert client.calls[-1] == "commit"
