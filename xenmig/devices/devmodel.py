@@ -631,17 +631,20 @@ class DevmodelTarget:
         await self.staged.discard()  # QEMU holds the state now
 
     async def _refusal(self, error: DeviceError, logStart: int) -> str:
-        """QEMU's own words for a failed load: its error, or its log's new lines."""
+        """QEMU's own words for a failed load: its log's new lines, or its error."""
         where = f"devmodel device {self.name}: the target QEMU at {self.qmpPath}"
         said = await self.context.runInThread(_tail, self.logPath, logStart)
         if said:
             return f"{where} refused the state: {said}"
-        if isinstance(error, QEMUMigrationFailed) and self.logPath is None:
-            return (
-                f"{where} refused the state: {error} (give target-log=PATH, where "
-                f"QEMU's standard error goes, to see QEMU's reason)"
-            )
-        return f"{where} refused the state: {error}"
+        if isinstance(error, QEMUMigrationFailed):
+            hint = ""
+            if self.logPath is None:
+                hint = (
+                    " (give target-log=PATH, where QEMU's standard error goes, to "
+                    "see QEMU's reason)"
+                )
+            return f"{where} refused the state: {error}{hint}"
+        return f"{where} could not load the state: {error}"
 
     # commit and abort
 
