@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 
@@ -50,3 +51,49 @@ def resolveDestination(path: str, roots: Sequence[FilePath]) -> FilePath:
     if os.path.islink(destination):
         raise PathNotAllowed(f"destination {path!r} is a symbolic link")
     return FilePath(destination)
+
+
+def openResolvedDirectory(path: str) -> int:
+    """
+    Blocking: open the directory ``path`` — absolute, and resolved when it was
+    checked (as L{resolveDestination} returns it) — walking it from ``/`` one
+    component at a time without following any symbolic link.
+
+    Use the descriptor (``dir_fd=``) to install: a component replaced by a
+    symbolic link since the check (to lead outside the roots) is refused here,
+    and a directory moved away after this call takes nothing of ours along.
+
+    @raise PathNotAllowed: if a component is now a symbolic link, is missing,
+        or is not a directory.
+    """
+    if not os.path.isabs(path) or ".." in path.split("/"):
+        raise PathNotAllowed(f"destination directory {path!r} is not resolved")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open("/", flags)
+    walked = ""
+    try:
+        for part in [p for p in path.split("/") if p and p != "."]:
+            walked += "/" + part
+            try:
+                child = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                raise PathNotAllowed(_changed(path, walked, e))
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _changed(path: str, walked: str, error: OSError) -> str:
+    if error.errno in (errno.ELOOP, errno.ENOTDIR):
+        what = "is no longer a directory (a symbolic link or a file)"
+    elif error.errno == errno.ENOENT:
+        what = "no longer exists"
+    else:
+        what = f"cannot be opened ({error.strerror})"
+    return (
+        f"destination directory {path} changed since it was checked: {walked} "
+        f"{what}; nothing was installed"
+    )

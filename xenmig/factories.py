@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.internet.protocol import Factory
 
+from xenmig.limits import ConnectionGate, ConnectionLimits
 from xenmig.protocol import ControlProtocol, LocalControlProtocol
 from xenmig.target import MigrationTarget
 
@@ -17,13 +18,24 @@ class ControlFactory(Factory):
     state stream.
     """
 
-    def __init__(self, target: MigrationTarget, tls: bool = True) -> None:
+    def __init__(
+        self,
+        target: MigrationTarget,
+        tls: bool = True,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         self.target = target
         self.tls = tls
+        self.limits = limits or ConnectionLimits()
+        self.gate = ConnectionGate(self.limits, target.clock)
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
         protocol = ControlProtocol(
-            self.target, self.tls, self.target.config.timeouts.handshake
+            self.target,
+            self.tls,
+            self.target.config.timeouts.handshake,
+            self.gate,
+            self.limits.idle,
         )
         protocol.factory = self
         return protocol

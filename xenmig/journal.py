@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from xenmig.staging import fsyncDirectory
@@ -68,22 +69,31 @@ class Journal:
     def write(self, migrationId: str, record: dict[str, Any]) -> Deferred[None]:
         """Write ``record`` after any earlier write of the same session; durable."""
         data = json.dumps(record, sort_keys=True, indent=1).encode()
-        previous = self._pending.get(migrationId)
         path = self.path(migrationId)
+        # Each write has its own turn: a Deferred of ours that fires (with None,
+        # never failing) once it is written, and that the next write waits on.
+        previous = self._pending.get(migrationId)
+        turn: Deferred[None] = Deferred()
+        self._pending[migrationId] = turn
+        written: Deferred[None] = Deferred()
 
-        def write(_: object = None) -> Deferred[None]:
-            return self._run(writeAtomically, path, data)
-
-        d = write() if previous is None else previous.addBoth(write)
-        self._pending[migrationId] = d
-
-        def done(result: object) -> object:
-            if self._pending.get(migrationId) is d:
+        def settle(result: object) -> None:
+            if self._pending.get(migrationId) is turn:
                 del self._pending[migrationId]
-            return result
+            turn.callback(None)
+            if isinstance(result, Failure):
+                written.errback(result)
+            else:
+                written.callback(None)
 
-        d.addBoth(done)
-        return d
+        def write(_: object = None) -> None:
+            self._run(writeAtomically, path, data).addBoth(settle)
+
+        if previous is None:
+            write()
+        else:
+            previous.addCallback(write)
+        return written
 
     def load(self) -> list[dict[str, Any]]:
         """Blocking, at start-up: every readable session record, oldest first."""

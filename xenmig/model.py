@@ -12,6 +12,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _KEY = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 #: Parameter values: printable, no control characters, bounded.
 MAX_VALUE = 4096
+#: Integers (sizes, offsets, parameter values) fit in a signed 64-bit off_t.
+MAX_INT = 2**63 - 1
 
 #: Keys that describe the target side of a device start with this prefix.
 TARGET_PREFIX = "target"
@@ -40,13 +42,33 @@ def checkParams(what: str, params: dict[str, Any]) -> dict[str, Any]:
     for key, value in params.items():
         if not isinstance(key, str) or not _KEY.match(key):
             raise BadSpec(f"{what}: parameter name {key!r} is invalid")
-        if isinstance(value, bool | int):
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            if not -MAX_INT <= value <= MAX_INT:
+                raise BadSpec(f"{what}: parameter {key} is out of range")
             continue
         if not isinstance(value, str):
             raise BadSpec(f"{what}: parameter {key} must be a string or a number")
         if len(value) > MAX_VALUE or any(ord(c) < 32 or ord(c) == 127 for c in value):
             raise BadSpec(f"{what}: parameter {key} has a bad value")
     return params
+
+
+def intParam(what: str, params: dict[str, Any], key: str, default: int) -> int:
+    """
+    The non-negative integer parameter ``key`` (``default`` if absent).
+
+    @raise BadSpec: naming ``what`` and the key, if it is not one.
+    """
+    value = params.get(key, default)
+    if isinstance(value, str) and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadSpec(f"{what}: parameter {key} must be a whole number")
+    if not 0 <= value <= MAX_INT:
+        raise BadSpec(f"{what}: parameter {key} is out of range")
+    return value
 
 
 @dataclass(frozen=True)
@@ -109,8 +131,10 @@ class DeviceDescription:
         checkName("device kind", self.kind)
         checkName("device name", self.name)
         checkParams(f"device {self.name}", self.params)
-        if not isinstance(self.size, int) or self.size < 0:
-            raise BadSpec(f"device {self.name}: size must be a non-negative integer")
+        if not isinstance(self.size, int) or not 0 <= self.size <= MAX_INT:
+            raise BadSpec(
+                f"device {self.name}: size must be an integer from 0 to {MAX_INT}"
+            )
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -17,18 +18,26 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig import amp_commands as commands
+from xenmig import tls as _tls
 from xenmig.errors import (
     WIRE_ERRORS,
     InternalError,
     NotAuthorized,
+    ProtocolError,
     StreamError,
     XenmigError,
+)
+from xenmig.limits import (
+    MAX_BOX_BYTES,
+    MAX_COMMANDS_IN_FLIGHT,
+    ConnectionGate,
+    bounded,
 )
 from xenmig.model import DeviceOffer
 from xenmig.records import EndRecord, Record, RecordParser
 from xenmig.session import FINAL, Phase, TargetSession
 from xenmig.target import MigrationTarget
-from xenmig.tls import peerIdentity
+from xenmig.tls import peerFingerprint, peerIdentity
 
 log = Logger()
 
@@ -46,7 +55,7 @@ def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
     def guarded(self: Any, **kw: Any) -> Deferred[Any]:
         def unexpected(failure: Failure) -> Failure:
             if failure.check(*WIRE_ERRORS):
-                return failure
+                return _boundedFailure(failure)
             log.failure(
                 "{command} failed unexpectedly",
                 failure,
@@ -62,6 +71,27 @@ def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
         return maybeDeferred(responder, self, **kw).addErrback(unexpected)
 
     return guarded
+
+
+def _boundedFailure(failure: Failure) -> Failure:
+    """
+    The same error with its message cut to a length AMP can always carry (a
+    message may quote what the peer sent).
+    """
+    error = failure.value
+    message = str(error)
+    if error is None or len(message) == len(bounded(message)):
+        return failure
+    copy = type(error).__new__(type(error))
+    copy.__dict__.update(error.__dict__)
+    Exception.__init__(copy, bounded(message))
+    return Failure(copy)
+
+
+def _describeParseError(error: Exception) -> str:
+    if isinstance(error, KeyError):
+        return f"the argument {error.args[0]!r} is missing"
+    return f"{type(error).__name__}: {error}"
 
 
 def _offerBox(offer: DeviceOffer) -> dict[str, Any]:
@@ -81,16 +111,59 @@ class StatusResponders(amp.CommandLocator):
     """
 
     target: MigrationTarget
+    _inFlight = 0
+
+    def _viewer(self) -> str | None:
+        """Who asks for status: None for the local toolstack (sees all)."""
+        return None
 
     @commands.QueryMigration.responder
     @_guarded
     def queryMigration(self, migration_id: str) -> dict[str, Any]:
-        return {"status": self.target.query(migration_id)}
+        return {"status": self.target.query(migration_id, self._viewer())}
 
     @commands.ListMigrations.responder
     @_guarded
     def listMigrations(self, limit: int | None = None) -> dict[str, Any]:
-        return {"migrations": self.target.list(limit or 50)}
+        return {"migrations": self.target.list(limit or 50, self._viewer())}
+
+    def locateResponder(self, name: bytes) -> Callable[..., Any] | None:
+        """
+        Only this class's commands (no ``amp_*`` fallback); arguments that do
+        not parse are answered with a declared PROTOCOL error naming them (not
+        AMP's UNKNOWN, which drops the connection); at most
+        L{MAX_COMMANDS_IN_FLIGHT} commands are answered at once.
+        """
+        responder = amp.CommandLocator.locateResponder(self, name)
+        if responder is None:
+            return None
+        command = name.decode("ascii", "replace")
+
+        def parsed(box: amp.AmpBox) -> Any:
+            if self._inFlight >= MAX_COMMANDS_IN_FLIGHT:
+                return _protocolError(
+                    f"{command}: {self._inFlight} commands are already in progress "
+                    f"on this connection (at most {MAX_COMMANDS_IN_FLIGHT})"
+                )
+            try:
+                d = responder(box)
+            except Exception as e:
+                return _protocolError(
+                    f"{command}: malformed arguments: {_describeParseError(e)}"
+                )
+            self._inFlight += 1
+            return d.addBoth(self._answered)
+
+        return parsed
+
+    def _answered(self, result: Any) -> Any:
+        self._inFlight -= 1
+        return result
+
+
+def _protocolError(message: str) -> Deferred[Any]:
+    error = ProtocolError(bounded(message))
+    return fail(amp.RemoteAmpError(b"PROTOCOL", str(error), local=Failure(error)))
 
 
 @implementer(IHandshakeListener)
@@ -105,32 +178,132 @@ class ControlProtocol(StatusResponders, amp.AMP):
     """
 
     def __init__(
-        self, target: MigrationTarget, tls: bool = True, handshakeTimeout: float = 30.0
+        self,
+        target: MigrationTarget,
+        tls: bool = True,
+        handshakeTimeout: float = 30.0,
+        gate: ConnectionGate | None = None,
+        idleTimeout: float | None = None,
     ) -> None:
         super().__init__()
         self.target = target
         self.tls = tls
         self.handshakeTimeout = handshakeTimeout
+        self.gate = gate
+        self.idleTimeout = idleTimeout
         self.transport: Any = None
         self.peer: str | None = None
+        self.fingerprint = ""
         self.prepared: set[str] = set()
         self._handshakeTimer: IDelayedCall | None = None
+        self._idleTimer: IDelayedCall | None = None
+        self._address = ""
+        self._admitted = False
+        self._handshaking = False
+        self._boxBytes = 0
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        address = self.transport.getPeer()
+        self._address = str(getattr(address, "host", address))
+        if self.gate is not None:
+            if not self.gate.admit(self._address, handshake=self.tls):
+                self.transport.abortConnection()
+                return
+            self._admitted = True
         if self.tls:
+            self._handshaking = True
             self._handshakeTimer = self.target.clock.callLater(
                 self.handshakeTimeout, self._handshakeExpired
             )
         else:
             self.peer = peerIdentity(self.transport)
+            self._armIdle()
 
     def handshakeCompleted(self) -> None:
         if self._handshakeTimer is not None and self._handshakeTimer.active():
             self._handshakeTimer.cancel()
         self._handshakeTimer = None
-        self.peer = peerIdentity(self.transport)
+        if self._handshaking and self._admitted and self.gate is not None:
+            self.gate.authenticated(self._address)
+        self._handshaking = False
+        try:
+            self.peer = peerIdentity(self.transport)
+            self.fingerprint = peerFingerprint(self.transport)
+        except NotAuthorized as e:
+            log.warn(
+                "refused a connection from {address}: {e}", address=self._address, e=e
+            )
+            self.transport.abortConnection()
+            return
         log.debug("control connection from {peer}", peer=self.peer)
+        try:
+            self.target.authorize(self.peer, self.fingerprint)  # logs a refusal
+        except NotAuthorized:
+            pass  # every command says why; the idle time-out closes it
+        self._armIdle()
+
+    # -- bounds on what a connection holds ---------------------------------------
+
+    def _armIdle(self) -> None:
+        if self.idleTimeout is None:
+            return
+        if self._idleTimer is not None and self._idleTimer.active():
+            self._idleTimer.reset(self.idleTimeout)
+        else:
+            self._idleTimer = self.target.clock.callLater(
+                self.idleTimeout, self._idleExpired
+            )
+
+    def _stopIdle(self) -> None:
+        if self._idleTimer is not None and self._idleTimer.active():
+            self._idleTimer.cancel()
+        self._idleTimer = None
+
+    def _idleExpired(self) -> None:
+        self._idleTimer = None
+        busy = self._inFlight or any(
+            (s := self.target.sessions.get(m)) is not None and s.phase not in FINAL
+            for m in self.prepared
+        )
+        if busy:
+            self._armIdle()
+            return
+        log.info(
+            "control connection from {peer} idle for {seconds} s; closed",
+            peer=self.peer or self._address,
+            seconds=self.idleTimeout,
+        )
+        self.transport.loseConnection()
+
+    def stringReceived(self, string: bytes) -> None:
+        self._boxBytes += len(string) + 2
+        if self._boxBytes > MAX_BOX_BYTES:
+            self._drop(f"an AMP box of more than {MAX_BOX_BYTES} bytes")
+            return
+        super().stringReceived(string)
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        self._boxBytes = 0
+        self._armIdle()
+        if amp.COMMAND not in box:
+            # This side never asks: an answer or an error box is out of place.
+            self._drop("an AMP box that is not a command")
+            return
+        super().ampBoxReceived(box)
+
+    def _drop(self, what: str) -> None:
+        log.warn(
+            "dropping the connection from {peer}: it sent {what}",
+            peer=self.peer or self._address,
+            what=what,
+        )
+        self.transport.abortConnection()
+
+    def _viewer(self) -> str | None:
+        peer = self._peer()
+        self.target.authorize(peer, self.fingerprint)
+        return peer
 
     def _handshakeExpired(self) -> None:
         self._handshakeTimer = None
@@ -149,12 +322,29 @@ class ControlProtocol(StatusResponders, amp.AMP):
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         if self._handshakeTimer is not None and self._handshakeTimer.active():
             self._handshakeTimer.cancel()
+        self._stopIdle()
+        if self._admitted and self.gate is not None:
+            self._admitted = False
+            self.gate.closed(self._address, self._handshaking)
+        if self.tls and self.peer is None and self._handshaking:
+            self._logHandshakeFailure(reason)
         for migrationId in self.prepared:
             session = self.target.sessions.get(migrationId)
             if session is not None and session.phase not in FINAL:
                 if session.phase is not Phase.COMMITTING:
                     session.abort("the source's control connection was lost")
         super().connectionLost(reason)
+
+    def _logHandshakeFailure(self, reason: Failure) -> None:
+        refusal = _tls.handshakeRefusal(self.transport)
+        if refusal is None and not reason.check(SSL.Error):
+            return  # closed or timed out (logged then): nothing to explain
+        why = refusal or reason.getErrorMessage()
+        log.warn(
+            "TLS handshake from {address} failed: {why}",
+            address=self._address,
+            why=bounded(why, 500),
+        )
 
     @commands.Prepare.responder
     @_guarded
@@ -166,7 +356,12 @@ class ControlProtocol(StatusResponders, amp.AMP):
         devices: list[dict[str, Any]],
     ) -> dict[str, Any]:
         version, offers = await self.target.prepare(
-            self._peer(), migration_id, domain, protocol_version, devices
+            self._peer(),
+            migration_id,
+            domain,
+            protocol_version,
+            devices,
+            self.fingerprint,
         )
         if all(offer.accepted for offer in offers):
             self.prepared.add(migration_id)
@@ -175,13 +370,22 @@ class ControlProtocol(StatusResponders, amp.AMP):
     @commands.OpenStream.responder
     @_guarded
     def openStream(self, migration_id: str, device: str) -> dict[str, Any]:
-        return {"token": self.target.openStream(self._peer(), migration_id, device)}
+        token = self.target.openStream(
+            self._peer(), migration_id, device, self.fingerprint
+        )
+        return {"token": token}
 
     @commands.StartStream.responder
     @_guarded
     def startStream(self, token: bytes) -> StreamReceiver:
-        session, device = self.target.claimToken(self._peer(), token)
-        return StreamReceiver(session, device, self.target.config.timeouts.idle)
+        session, device = self.target.claimToken(self._peer(), token, self.fingerprint)
+        self._stopIdle()  # the stream has its own idle time-out
+        return StreamReceiver(
+            session,
+            device,
+            self.target.config.timeouts.idle,
+            self.target.chargeStream(session.migrationId),
+        )
 
     @commands.DeviceReady.responder
     @_guarded
@@ -242,8 +446,15 @@ class StreamReceiver(Protocol, TimeoutMixin):
     Idle for longer than ``idleTimeout`` (reset on every chunk), it aborts.
     """
 
-    def __init__(self, session: TargetSession, device: str, idleTimeout: float) -> None:
+    def __init__(
+        self,
+        session: TargetSession,
+        device: str,
+        idleTimeout: float,
+        charge: Callable[[int], None] | None = None,
+    ) -> None:
         self.session = session
+        self.charge = charge
         self.device = device
         self.idleTimeout = idleTimeout
         self.parser = RecordParser()
@@ -269,6 +480,8 @@ class StreamReceiver(Protocol, TimeoutMixin):
             self._fail(StreamError(f"device {self.device}: data after the END record"))
             return
         try:
+            if self.charge is not None:
+                self.charge(len(data))
             self._records.extend(self.parser.feed(data))
         except XenmigError as e:
             self._fail(e)

@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
+from xenmig.destinations import openResolvedDirectory
 from xenmig.digest import ContentHasher, hashFile
 from xenmig.errors import CommitFailed, DeviceError, StreamError
 from xenmig.interfaces import ITargetContext
@@ -281,19 +282,25 @@ class StagedFile:
 
     def _install(self, destination: FilePath, overwrite: bool) -> None:
         self._close()
+        # By a descriptor of the directory, walked again without following
+        # symbolic links: one swapped in since Prepare cannot lead elsewhere.
+        directory = openResolvedDirectory(destination.dirname())
+        name = destination.basename()
         try:
             if overwrite:
-                os.replace(self.path.path, destination.path)
+                os.replace(self.path.path, name, dst_dir_fd=directory)
             else:
-                os.link(self.path.path, destination.path)
+                os.link(self.path.path, name, dst_dir_fd=directory)
                 os.unlink(self.path.path)
+            os.fsync(directory)
         except FileExistsError:
             raise CommitFailed(
                 f"{destination.path} appeared before commit; not replaced"
             )
         except OSError as e:
             raise CommitFailed(f"installing {destination.path} failed: {e.strerror}")
-        fsyncDirectory(destination.dirname())
+        finally:
+            os.close(directory)
 
     async def discard(self) -> None:
         """Remove the staged file; nothing of it remains."""

@@ -5,19 +5,23 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import signal
 import socket
 from typing import Any
 
 from twisted.application import internet, service
+from twisted.internet import task
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import threadpool, usage
 from twisted.python.filepath import FilePath
 
+from xenmig.authz import PolicySource
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
 from xenmig.hooks import runHook
+from xenmig.limits import ConnectionLimits
 from xenmig.plugins import deviceKinds
 from xenmig.target import MigrationTarget, TargetConfig, Timeouts
 from xenmig.tuning import tuneAllocator
@@ -26,6 +30,10 @@ log = Logger()
 
 DEFAULT_PORT = 8002
 DEFAULT_STATE_DIR = "/var/lib/xenmig"
+#: Seconds between two looks at the peers file's modification time.
+PEERS_CHECK_INTERVAL = 2.0
+#: Seconds between two checks of this host's certificate's expiry.
+EXPIRY_CHECK_INTERVAL = 24 * 3600.0
 
 
 class Options(usage.Options):
@@ -70,6 +78,30 @@ class Options(usage.Options):
         ],
         ["max-sessions", None, 16, "Concurrent migrations accepted.", int],
         ["io-threads", None, 8, "Threads for file I/O and hashing.", int],
+        [
+            "peers",
+            None,
+            None,
+            "TOML file of the peers allowed to migrate here, and their limits.",
+        ],
+        ["max-devices", None, 64, "Devices (and streams) of one migration.", int],
+        ["max-connections", None, 512, "Connections open at once.", int],
+        ["max-handshakes", None, 64, "TLS handshakes in progress at once.", int],
+        [
+            "per-address-handshakes",
+            None,
+            8,
+            "TLS handshakes in progress from one address.",
+            int,
+        ],
+        [
+            "control-idle-timeout",
+            None,
+            300.0,
+            "Seconds a control connection with nothing running may stay silent.",
+            float,
+        ],
+        ["tls-minimum", None, "1.2", "Lowest TLS version accepted: 1.2 or 1.3."],
     ]
     optFlags = [
         [
@@ -88,6 +120,18 @@ class Options(usage.Options):
         self["allow-root"].append(path)
 
     def postOptions(self) -> None:
+        for name in (
+            "max-sessions",
+            "max-devices",
+            "max-connections",
+            "max-handshakes",
+            "per-address-handshakes",
+            "io-threads",
+        ):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be 1 or more")
+        if self["tls-minimum"] not in TLS_VERSIONS:
+            raise usage.UsageError("--tls-minimum must be 1.2 or 1.3")
         if self["insecure-plaintext"]:
             if not self["interface"]:
                 self["interface"] = "127.0.0.1"
@@ -95,6 +139,15 @@ class Options(usage.Options):
                 raise usage.UsageError("--insecure-plaintext binds to loopback only")
         elif not (self["ca"] and self["cert"]):
             raise usage.UsageError("--ca and --cert are required (mutual TLS)")
+
+
+def _tlsVersions() -> dict[str, Any]:
+    from twisted.internet.ssl import TLSVersion
+
+    return {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+
+
+TLS_VERSIONS = ("1.2", "1.3")
 
 
 def _isLoopback(address: str) -> bool:
@@ -149,6 +202,7 @@ def _config(options: Options, state: FilePath) -> TargetConfig:
         onCommit=options["on-commit"],
         timeouts=timeouts,
         maxSessions=options["max-sessions"],
+        maxDevices=options["max-devices"],
     )
 
 
@@ -165,6 +219,80 @@ class ThreadPoolService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class PolicyService(service.Service):
+    """
+    Keeps the peers file in force up to date: read again on SIGHUP, and when
+    its modification time, size or inode changes (looked at every
+    L{PEERS_CHECK_INTERVAL} seconds), in the I/O thread pool.
+    """
+
+    def __init__(self, source: PolicySource, reactor: Any, runInThread: Any) -> None:
+        self.source = source
+        self.reactor = reactor
+        self.runInThread = runInThread
+        self._loop = task.LoopingCall(self.check)
+        self._loop.clock = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.source.path is None:
+            return
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        self._loop.start(PEERS_CHECK_INTERVAL, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        log.info("SIGHUP: reading the peers file again")
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> Any:
+        return self.runInThread(self.source.reload).addErrback(
+            lambda f: log.failure("reading the peers file failed", f)
+        )
+
+    def check(self) -> Any:
+        def reloadIfChanged() -> None:
+            if self.source.changed():
+                self.source.reload()
+
+        return self.runInThread(reloadIfChanged).addErrback(
+            lambda f: log.failure("checking the peers file failed", f)
+        )
+
+
+class ExpiryService(service.Service):
+    """Warns, at start and then daily, when this host's certificate expires soon."""
+
+    def __init__(self, identity: Any, reactor: Any) -> None:
+        self.identity = identity
+        self._loop = task.LoopingCall(self.check)
+        self._loop.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(EXPIRY_CHECK_INTERVAL, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+    def check(self) -> None:
+        from xenmig import tls
+
+        warning = tls.expiryWarning(self.identity)
+        if warning:
+            log.warn("{warning}", warning=warning)
 
 
 class TargetService(service.Service):
@@ -194,6 +322,9 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
 
     state = _stateDir(options["state-dir"])
     config = _config(options, state)
+    kinds = deviceKinds()
+    policies = PolicySource(options["peers"], config.roots, kinds)
+    policies.load()
     if not options["insecure-plaintext"]:
         identity = tls.loadIdentity(options["cert"], options["key"])
         authorities = tls.loadAuthority(options["ca"])
@@ -209,27 +340,49 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     target = MigrationTarget(
         reactor,
         config,
-        deviceKinds(),
+        kinds,
         runInThread,
         lambda command, env, migrationId: runHook(reactor, command, env, migrationId),
+        policies,
     )
     target.recover()
     TargetService(target).setServiceParent(top)
+    PolicyService(policies, reactor, runInThread).setServiceParent(top)
+    if options["peers"] is None:
+        log.warn(
+            "no --peers file: any host whose certificate chains to --ca may migrate "
+            "to this host, any kind, into any --allow-root (see doc/security.md)"
+        )
+    else:
+        log.info(
+            "peers file {path}: {count} peer(s) may migrate to this host",
+            path=options["peers"],
+            count=len(policies.policy.entries),
+        )
+    limits = ConnectionLimits(
+        connections=options["max-connections"],
+        handshakes=options["max-handshakes"],
+        handshakesPerAddress=options["per-address-handshakes"],
+        idle=options["control-idle-timeout"] or None,
+    )
 
     if options["insecure-plaintext"]:
         log.warn("INSECURE: plaintext, unauthenticated control on loopback")
         endpoint: Any = TCP4ServerEndpoint(
             reactor, options["port"], interface=options["interface"]
         )
-        factory = ControlFactory(target, tls=False)
+        factory = ControlFactory(target, tls=False, limits=limits)
     else:
         endpoint = tls.serverEndpoint(
             reactor,
             options["port"],
             options["interface"],
-            tls.serverOptions(identity, authorities),
+            tls.serverOptions(
+                identity, authorities, _tlsVersions()[options["tls-minimum"]]
+            ),
         )
-        factory = ControlFactory(target, tls=True)
+        factory = ControlFactory(target, tls=True, limits=limits)
+        ExpiryService(identity, reactor).setServiceParent(top)
     listener = internet.StreamServerEndpointService(endpoint, factory)
     listener._raiseSynchronously = True
     listener.setServiceParent(top)

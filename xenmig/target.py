@@ -17,6 +17,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from xenmig.amp_commands import ACCEPTED_PROTOCOL_VERSIONS, MAX_JSON, PROTOCOL_VERSION
+from xenmig.authz import Grant, PeerPolicy, PolicySource
 from xenmig.destinations import resolveDestination
 from xenmig.errors import (
     BadSpec,
@@ -26,6 +27,7 @@ from xenmig.errors import (
     InvalidTransition,
     MigrationAborted,
     NotAuthorized,
+    StreamError,
     UnknownDevice,
     UnknownMigration,
     VersionMismatch,
@@ -34,6 +36,7 @@ from xenmig.errors import (
 from xenmig.gate import Release, ResumeGate
 from xenmig.interfaces import IDeviceKind, ITargetContext, ITargetDevice
 from xenmig.journal import KEEP_FINISHED, Journal, removeTree
+from xenmig.limits import bounded
 from xenmig.model import DeviceDescription, DeviceOffer, checkName
 from xenmig.session import FINAL, Phase, TargetDeviceSlot, TargetSession
 
@@ -75,6 +78,8 @@ class TargetConfig:
     onCommit: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     maxSessions: int = 16
+    #: Devices (so streams) of one migration.
+    maxDevices: int = 64
 
     @property
     def roots(self) -> tuple[FilePath, ...]:
@@ -92,6 +97,7 @@ class TargetContext:
         domain: str,
         peer: str,
         name: str,
+        roots: tuple[FilePath, ...] | None = None,
     ) -> None:
         self.reactor = target.reactor
         self.migrationId = migrationId
@@ -101,12 +107,13 @@ class TargetContext:
         self.externalStaging: list[str] = []
         self._target = target
         self._name = name
+        self.roots = roots or target.config.roots
 
     def runInThread(self, function: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return self._target.runInThread(function, *args, **kw)
 
     def resolveDestination(self, path: str) -> FilePath:
-        return resolveDestination(path, self._target.config.roots)
+        return resolveDestination(path, self.roots)
 
     def stagingPathFor(self, destination: FilePath, suffix: str = "") -> FilePath:
         name = f"{self._name}{suffix}.part"
@@ -147,6 +154,7 @@ class MigrationTarget:
         kinds: dict[str, IDeviceKind],
         runInThread: Callable[..., Deferred[Any]],
         runHook: Callable[[str, dict[str, str], str], Deferred[int]] | None = None,
+        policy: PolicySource | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -160,6 +168,9 @@ class MigrationTarget:
         self.history: dict[str, dict[str, Any]] = {}
         self._contexts: dict[str, list[TargetContext]] = {}
         self._tokens: dict[bytes, _Token] = {}
+        self._received: dict[str, int] = {}
+        self._budgets: dict[str, int] = {}
+        self.policies = policy or PolicySource(None, config.roots)
         self.gate = ResumeGate(self.clock, self._claimed)
         self.stagingRoot.makedirs(ignoreExistingDirectory=True)
         os.chmod(self.stagingRoot.path, 0o700)
@@ -173,6 +184,73 @@ class MigrationTarget:
         for child in self.stagingRoot.children():
             removeTree(child.path)
 
+    # -- authorization -------------------------------------------------------------
+
+    @property
+    def policy(self) -> PeerPolicy:
+        """The host-pair policy in force (see L{xenmig.authz})."""
+        return self.policies.policy
+
+    def authorize(self, peer: str, fingerprint: str = "") -> Grant:
+        """
+        What ``peer`` (with that certificate fingerprint) may do; asked afresh
+        for every command, so a reloaded peers file applies at once.
+
+        @raise NotAuthorized: logged, if the peers file does not list it.
+        """
+        try:
+            return self.policy.authorize(peer, fingerprint)
+        except NotAuthorized as e:
+            log.warn("refused {peer}: {reason}", peer=peer, reason=str(e))
+            raise
+
+    def _checkGrant(
+        self, grant: Grant, descriptions: list[DeviceDescription], migrationId: str
+    ) -> None:
+        """Refuse kinds, counts and sizes beyond what the peer may send here."""
+        peer = grant.identity
+        for description in descriptions:
+            if not grant.allowsKind(description.kind):
+                allowed = ", ".join(sorted(grant.kinds or ())) or "none"
+                raise NotAuthorized(
+                    f"migration {migrationId}: {peer} may not migrate devices of "
+                    f"kind {description.kind!r} (device {description.name}) to this "
+                    f"host; its kinds are: {allowed} ({grant.entry})"
+                )
+        mine = [
+            s for s in self.sessions.values() if s.peer == peer and s.phase not in FINAL
+        ]
+        if grant.maxSessions is not None and len(mine) >= grant.maxSessions:
+            raise DeviceRefused(
+                f"{peer} already runs {len(mine)} migration(s) here, its limit "
+                f"(max-sessions of {grant.entry}); retry later"
+            )
+        declared = sum(_declaredBytes(d) for d in descriptions)
+        if grant.maxBytes is not None and declared > grant.maxBytes:
+            raise DeviceRefused(
+                f"migration {migrationId}: the devices declare {declared} bytes, "
+                f"more than the {grant.maxBytes} bytes {peer} may send here "
+                f"(max-bytes of {grant.entry})"
+            )
+
+    def chargeStream(self, migrationId: str) -> Callable[[int], None]:
+        """
+        A function each stream of ``migrationId`` calls with the bytes it
+        received: it raises StreamError once they pass the peer's max-bytes.
+        """
+
+        def charge(count: int) -> None:
+            total = self._received.get(migrationId, 0) + count
+            self._received[migrationId] = total
+            budget = self._budgets.get(migrationId)
+            if budget is not None and total > budget:
+                raise StreamError(
+                    f"migration {migrationId}: the source sent more than the "
+                    f"{budget} bytes it may send here (max-bytes of the peers file)"
+                )
+
+        return charge
+
     # -- prepare -------------------------------------------------------------------
 
     async def prepare(
@@ -182,8 +260,10 @@ class MigrationTarget:
         domain: str,
         version: int,
         devices: list[dict[str, Any]],
+        fingerprint: str = "",
     ) -> tuple[int, list[DeviceOffer]]:
         """Open a session if every device is accepted; otherwise refuse them all."""
+        grant = self.authorize(peer, fingerprint)
         if version not in ACCEPTED_PROTOCOL_VERSIONS:
             raise VersionMismatch(
                 f"control protocol version {version} is not supported; this host "
@@ -191,8 +271,10 @@ class MigrationTarget:
             )
         self._checkNew(migrationId, domain, devices)
         descriptions = [self._describe(d) for d in devices]
+        self._checkGrant(grant, descriptions, migrationId)
         contexts = [
-            TargetContext(self, migrationId, domain, peer, d.name) for d in descriptions
+            TargetContext(self, migrationId, domain, peer, d.name, grant.roots)
+            for d in descriptions
         ]
         self._contexts[migrationId] = contexts
         accepted: list[ITargetDevice] = []
@@ -215,6 +297,8 @@ class MigrationTarget:
             self._changed,
         )
         self.sessions[migrationId] = session
+        if grant.maxBytes is not None:
+            self._budgets[migrationId] = grant.maxBytes
         await self._changed(session)
         log.info(
             "migration {migration_id} of {domain} prepared from {peer}: {devices}",
@@ -240,8 +324,9 @@ class MigrationTarget:
         if any(s.domain == domain for s in active):
             raise DuplicateMigration(f"domain {domain} is already being migrated here")
         names = [d.get("name") for d in devices]
-        if not devices or len(devices) > 64 or len(set(names)) != len(names):
-            raise BadSpec("a migration needs 1 to 64 devices with distinct names")
+        most = self.config.maxDevices
+        if not devices or len(devices) > most or len(set(names)) != len(names):
+            raise BadSpec(f"a migration needs 1 to {most} devices with distinct names")
 
     def _describe(self, device: dict[str, Any]) -> DeviceDescription:
         return DeviceDescription(
@@ -335,19 +420,34 @@ class MigrationTarget:
             )
         return session
 
-    def openStream(self, peer: str, migrationId: str, device: str) -> bytes:
-        """A one-time token for the stream of ``device``, bound to ``peer``."""
+    def openStream(
+        self, peer: str, migrationId: str, device: str, fingerprint: str = ""
+    ) -> bytes:
+        """
+        A one-time token for the stream of ``device``, bound to ``peer``; it
+        replaces any earlier token of that device.
+        """
+        self.authorize(peer, fingerprint)
         session = self.session(migrationId, peer)
         session.checkActive()
         session.device(device)
         self._expireTokens()
+        for old in [
+            t
+            for t, c in self._tokens.items()
+            if (c.migrationId, c.device) == (migrationId, device)
+        ]:
+            del self._tokens[old]
         token = secrets.token_bytes(32)
         expires = self.clock.seconds() + self.config.timeouts.token
         self._tokens[token] = _Token(migrationId, device, peer, expires)
         return token
 
-    def claimToken(self, peer: str, token: bytes) -> tuple[TargetSession, str]:
+    def claimToken(
+        self, peer: str, token: bytes, fingerprint: str = ""
+    ) -> tuple[TargetSession, str]:
         """Use a stream token: the session and the device whose stream this is."""
+        self.authorize(peer, fingerprint)
         self._expireTokens()
         claim = self._tokens.pop(token, None)
         if claim is None:
@@ -392,7 +492,7 @@ class MigrationTarget:
         session = self.session(migrationId, peer)
         if session.phase is not Phase.ABORTED:
             who = f"by {peer}" if peer else "locally"
-            await session.abort(f"aborted {who}: {reason}")
+            await session.abort(f"aborted {who}: {bounded(reason, 1000)}")
         return session.phase.value
 
     async def deviceRequest(
@@ -408,20 +508,35 @@ class MigrationTarget:
 
     # -- status and the resume gate -------------------------------------------------
 
-    def query(self, migrationId: str) -> dict[str, Any]:
+    def query(self, migrationId: str, viewer: str | None = None) -> dict[str, Any]:
+        """
+        The status of a migration.  With a peers file in force, a remote
+        ``viewer`` sees only its own migrations.
+        """
+        record: dict[str, Any] | None = None
         if migrationId in self.sessions:
-            return self.sessions[migrationId].status().toJSON()
-        if migrationId in self.history:
-            return self.history[migrationId]
-        raise UnknownMigration(f"no migration {migrationId!r} on this host")
+            record = self.sessions[migrationId].status().toJSON()
+        elif migrationId in self.history:
+            record = self.history[migrationId]
+        if record is None or not self._visible(record, viewer):
+            raise UnknownMigration(
+                f"no migration {bounded(repr(migrationId), 200)} on this host"
+            )
+        return record
 
-    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+    def _visible(self, record: dict[str, Any], viewer: str | None) -> bool:
+        if viewer is None or not self.policy.restricted:
+            return True
+        return record.get("peer") == viewer
+
+    def list(self, limit: int = 50, viewer: str | None = None) -> list[dict[str, Any]]:
         """
         The most recent migrations, newest first: at most ``limit``, and no more
-        than fit in one AMP answer.
+        than fit in one AMP answer (a remote ``viewer``: see L{query}).
         """
         records = dict(self.history)
         records.update({k: s.status().toJSON() for k, s in self.sessions.items()})
+        records = {k: r for k, r in records.items() if self._visible(r, viewer)}
         ordered = sorted(records.values(), key=lambda r: r.get("started", 0))[::-1]
         chosen: list[dict[str, Any]] = []
         budget = MAX_JSON - 1024
@@ -469,6 +584,8 @@ class MigrationTarget:
         mid = session.migrationId
         paths = [self.stagingRoot.child(mid).path]
         paths += _external(self._contexts.pop(mid, []))
+        self._received.pop(mid, None)
+        self._budgets.pop(mid, None)
         d = self.runInThread(_removeAll, paths)
         d.addCallback(lambda _: self._release(session))
         return d
@@ -533,6 +650,14 @@ class MigrationTarget:
             if pending
             else succeed(None)
         )
+
+
+def _declaredBytes(description: DeviceDescription) -> int:
+    """The most a device says it may send: its size, or a larger ``max_size``."""
+    most = description.params.get("max_size")
+    if isinstance(most, int) and not isinstance(most, bool):
+        return max(description.size, most)
+    return description.size
 
 
 def _makePrivateDir(path: str) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import os
-from collections.abc import Sequence
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from cryptography import x509
@@ -15,7 +18,13 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from OpenSSL.crypto import X509
+from service_identity import VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import (
@@ -26,6 +35,7 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.ssl import (
+    AcceptableCiphers,
     Certificate,
     CertificateOptions,
     PrivateCertificate,
@@ -33,16 +43,33 @@ from twisted.internet.ssl import (
     optionsForClientTLS,
     trustRootFromCertificates,
 )
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+from zope.interface import implementer
 
 from xenmig.errors import ConfigurationError, NotAuthorized
 
 # Loading reads files with blocking calls: do it at start-up, before the reactor
 # runs (as makeService and the CLI do), never from inside a callback.
 
+log = Logger()
+
 #: Below this, no connection is made; the highest version both sides know
 #: (TLS 1.3) is negotiated.
 MINIMUM_TLS = TLSVersion.TLSv1_2
+#: The TLS 1.2 cipher suites allowed: forward secret key exchange and AEAD only.
+#: (OpenSSL's TLS 1.3 suites are all of that kind and stay as they are.)
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+#: How long before its certificate expires the daemon starts warning.
+EXPIRY_WARNING = datetime.timedelta(days=30)
+#: The last certificate refusals this process saw, newest last (for the CLI).
+recentRefusals: deque[str] = deque(maxlen=8)
+
+_X509_V_ERR_CERT_NOT_YET_VALID = 9
+_X509_V_ERR_CERT_HAS_EXPIRED = 10
+#: Why the peer's certificate of a failed server-side handshake was refused.
+_refusals: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 AnyPath = FilePath[str] | str | os.PathLike[str]
 
@@ -99,38 +126,232 @@ def loadAuthority(
 
 
 def serverOptions(
-    identity: PrivateCertificate, authorities: Sequence[Certificate]
+    identity: PrivateCertificate,
+    authorities: Sequence[Certificate],
+    minimum: TLSVersion = MINIMUM_TLS,
 ) -> CertificateOptions:
     """
     TLS settings for the daemon: a client certificate chaining to one of
-    C{authorities} is required; TLS 1.2 at least, TLS 1.3 when both can.
+    C{authorities} is required; TLS 1.2 at least (or C{minimum}), TLS 1.3
+    when both can; forward-secret AEAD cipher suites only.  Why a peer's
+    certificate was refused is kept for L{handshakeRefusal}.
     """
-    return CertificateOptions(
+    return _ServerOptions(
         trustRoot=_trustRoot(authorities),
-        raiseMinimumTo=MINIMUM_TLS,
+        raiseMinimumTo=minimum,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
         **_ownCertificate(identity),
     )
 
 
 def clientOptions(
-    hostname: str, identity: PrivateCertificate, authorities: Sequence[Certificate]
+    hostname: str,
+    identity: PrivateCertificate,
+    authorities: Sequence[Certificate],
+    pins: Sequence[str] = (),
 ) -> IOpenSSLClientConnectionCreator:
     """
     TLS settings for connecting to the daemon at C{hostname}.
 
     The daemon's certificate must chain to one of C{authorities} and name
-    C{hostname} (a DNS name or an IP address) in its subjectAltName; this side
-    presents C{identity}.
+    C{hostname} (a DNS name or an IP address) in its subjectAltName; if
+    C{pins} are given (SHA-256 fingerprints, hex), it must also be one of
+    them.  This side presents C{identity}.  A certificate that does not
+    chain (expired, not yet valid, another CA) fails the handshake with
+    C{SSL.Error}, its reason logged and kept in L{recentRefusals}; a name
+    that does not match fails it with C{VerificationError}, a pin that does
+    not match with L{NotAuthorized}.
     """
     # Not clientCertificate=identity: see _ownCertificate.
-    return optionsForClientTLS(
+    inner = optionsForClientTLS(
         hostname,
         trustRoot=_trustRoot(authorities),
         extraCertificateOptions={
             "raiseMinimumTo": MINIMUM_TLS,
+            "acceptableCiphers": AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
             **_ownCertificate(identity),
         },
     )
+    return _CheckedClientOptions(inner, hostname, [parsePin(p) for p in pins])
+
+
+def parsePin(text: str) -> str:
+    """
+    A SHA-256 certificate fingerprint given as hex (colons allowed), as
+    lowercase hex.
+
+    @raise ConfigurationError: if it is not one.
+    """
+    pin = text.replace(":", "").strip().lower()
+    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+        raise ConfigurationError(
+            f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons "
+            f"allowed: openssl x509 -noout -fingerprint -sha256 -in CERT)"
+        )
+    return pin
+
+
+def certificateFingerprint(certificate: x509.Certificate) -> str:
+    """The SHA-256 of a certificate's DER form, in lowercase hex."""
+    return hashlib.sha256(
+        certificate.public_bytes(serialization.Encoding.DER)
+    ).hexdigest()
+
+
+def handshakeRefusal(transport: Any) -> str | None:
+    """
+    Why the daemon refused the peer certificate of a connection whose TLS
+    handshake failed (C{transport} is its TLS transport), if it did.
+    """
+    return _refusals.get(transport)
+
+
+def expiryWarning(
+    identity: PrivateCertificate, now: datetime.datetime | None = None
+) -> str | None:
+    """A warning if C{identity}'s certificate expires within L{EXPIRY_WARNING}."""
+    certificate = identity.original.to_cryptography()
+    now = now or datetime.datetime.now(datetime.UTC)
+    left = certificate.not_valid_after_utc - now
+    if left > EXPIRY_WARNING:
+        return None
+    return (
+        f"this host's certificate {certificate.subject.rfc4514_string()} expires "
+        f"on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC (in "
+        f"{max(left.days, 0)} days): issue a new one (xenmig pki issue) and restart"
+    )
+
+
+class _ServerOptions(CertificateOptions):
+    """CertificateOptions that remember why a peer's certificate was refused."""
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        connection = super().serverConnectionForTLS(protocol)
+        mode = connection.get_context().get_verify_mode()
+        connection.set_verify(mode, _serverCallback(protocol))
+        return connection
+
+
+def _serverCallback(protocol: Any) -> Callable[..., bool]:
+    reference = weakref.ref(protocol)
+
+    def verify(conn: Any, cert: X509, error: int, depth: int, ok: int) -> bool:
+        if not ok:
+            transport = reference()
+            why = _describeRefusal("the peer's", cert, error, depth)
+            if transport is not None:
+                _refusals[transport] = why
+        return bool(ok)
+
+    return verify
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _CheckedClientOptions:
+    """
+    The client's connection creator: Twisted's, with a verify callback that
+    checks the name (as Twisted's does), the pins, and says why a certificate
+    was refused.
+    """
+
+    def __init__(
+        self, inner: IOpenSSLClientConnectionCreator, hostname: str, pins: list[str]
+    ) -> None:
+        self.inner = inner
+        self.hostname = hostname
+        self.pins = frozenset(pins)
+        try:
+            self._address: Any = ipaddress.ip_address(hostname)
+        except ValueError:
+            self._address = None
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = self.inner.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            self._callback(tlsProtocol),
+        )
+        return connection
+
+    def _callback(self, tlsProtocol: Any) -> Callable[..., bool]:
+        reference = weakref.ref(tlsProtocol)
+
+        def verify(conn: Any, cert: X509, error: int, depth: int, ok: int) -> bool:
+            try:
+                if not ok:
+                    _remember(_describeRefusal("the target's", cert, error, depth))
+                    return False
+                if depth != 0:
+                    return True
+                problem = self._checkLeaf(cert.to_cryptography())
+            except Exception:
+                log.failure("while verifying the target's certificate")
+                return False
+            if problem is not None:
+                _remember(str(problem.value))
+                protocol = reference()
+                if protocol is not None:
+                    protocol.failVerification(problem)
+                return False
+            return True
+
+        return verify
+
+    def _checkLeaf(self, certificate: x509.Certificate) -> Failure | None:
+        try:
+            if self._address is not None:
+                verify_certificate_ip_address(certificate, str(self._address))
+            else:
+                verify_certificate_hostname(certificate, self.hostname)
+        except VerificationError:
+            return Failure()
+        fingerprint = certificateFingerprint(certificate)
+        if self.pins and fingerprint not in self.pins:
+            return Failure(
+                NotAuthorized(
+                    f"the target's certificate "
+                    f"({certificate.subject.rfc4514_string()}, sha256 {fingerprint}) "
+                    f"is not the one pinned with --pin-sha256"
+                )
+            )
+        return None
+
+
+def _remember(why: str) -> None:
+    recentRefusals.append(why)
+    log.warn("TLS: {why}", why=why)
+
+
+def _describeRefusal(whose: str, cert: X509, error: int, depth: int) -> str:
+    """A sentence saying why OpenSSL refused a certificate of a chain."""
+    certificate = cert.to_cryptography()
+    subject = certificate.subject.rfc4514_string()
+    if error == _X509_V_ERR_CERT_HAS_EXPIRED:
+        return (
+            f"{whose} certificate {subject} expired on "
+            f"{certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC; "
+            f"it must be renewed"
+        )
+    if error == _X509_V_ERR_CERT_NOT_YET_VALID:
+        return (
+            f"{whose} certificate {subject} is not valid until "
+            f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC; check "
+            f"the clocks of both hosts"
+        )
+    return (
+        f"{whose} certificate {subject} (depth {depth} of its chain) was refused: "
+        f"{_verifyErrorString(error)}"
+    )
+
+
+def _verifyErrorString(error: int) -> str:
+    """OpenSSL's text for an X509_V_ERR code."""
+    try:
+        from OpenSSL._util import ffi, lib
+
+        return ffi.string(lib.X509_verify_cert_error_string(error)).decode()
+    except Exception:
+        return f"X509 verify error {error}"
 
 
 def _ownCertificate(identity: PrivateCertificate) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from xenmig.model import (
     DeviceDescription,
     DeviceSpec,
     RoundResult,
+    intParam,
 )
 from xenmig.records import DataRecord, EndRecord, Record, ZeroRecord
 from xenmig.sparse import sendFile
@@ -127,7 +128,12 @@ class FileTarget:
                 f"{self.destination.path} already exists (ask for target-overwrite=yes "
                 f"to replace it)"
             )
-        need = int(self.description.params.get("allocated", self.description.size))
+        need = intParam(
+            f"device {name}",
+            self.description.params,
+            "allocated",
+            self.description.size,
+        )
         free = await self.context.runInThread(freeBytes, self.destination.dirname())
         if need > free:
             raise DeviceRefused(
@@ -141,6 +147,15 @@ class FileTarget:
     def receive(self, record: Record) -> Deferred[None] | None:
         if isinstance(record, DataRecord | ZeroRecord):
             assert self.staged is not None
+            length = (
+                len(record.data) if isinstance(record, DataRecord) else record.length
+            )
+            if self.staged.bytesReceived + length > self.description.size:
+                # Each byte is sent once, as data or as zeros: more is not this file.
+                raise StreamError(
+                    f"device {self.description.name}: the source sent more than "
+                    f"the {self.description.size} bytes it declared"
+                )
             return self.staged.receive(record)
         return None
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 from typing import Any
 
@@ -16,6 +18,7 @@ from twisted.plugin import IPlugin
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from xenmig.destinations import openResolvedDirectory
 from xenmig.digest import ALGORITHM, hashBytes
 from xenmig.errors import (
     BadSpec,
@@ -91,6 +94,21 @@ def _named(name: str, error: SwtpmError) -> SwtpmError:
     copy.__dict__.update(error.__dict__)
     Exception.__init__(copy, f"vtpm device {name}: {error}")
     return copy
+
+
+#: swtpm's --key modes and formats (a value is put into its option string).
+KEY_MODES = frozenset({"aes-128-cbc", "aes-256-cbc"})
+KEY_FORMATS = frozenset({"binary", "hex"})
+
+
+def _keyPath(context: ITargetContext, value: Any) -> str:
+    """A key file the peer names: inside its roots, and no option separator."""
+    path = context.resolveDestination(str(value)).path
+    if "," in path:
+        raise BadSpec(
+            f"the key file {path!r} has a ',' in its name (swtpm splits on it)"
+        )
+    return path
 
 
 def _seconds(name: str, params: dict[str, Any], key: str, default: float) -> float:
@@ -309,16 +327,26 @@ class VTPMTarget:
                     f"target-statedir; with target-ctrl, start that swtpm with --key "
                     f"and --migration-key yourself"
                 )
-            self.control = SwtpmControl(context.reactor, str(ctrl), timeout)
+            # A peer names the socket: it must lie within its roots like any path.
+            socket = context.resolveDestination(str(ctrl)).path
+            self.control = SwtpmControl(context.reactor, socket, timeout)
         else:
             self.destination = context.resolveDestination(str(statedir))
             mode = str(params.get("target-key-mode", "aes-256-cbc"))
             form = str(params.get("target-key-format", "binary"))
+            if mode not in KEY_MODES or form not in KEY_FORMATS:
+                raise BadSpec(
+                    f"vtpm device {name}: target-key-mode must be one of "
+                    f"{', '.join(sorted(KEY_MODES))} and target-key-format one of "
+                    f"{', '.join(sorted(KEY_FORMATS))}"
+                )
             if params.get("target-key"):
-                self.key = KeyOption(str(params["target-key"]), mode, form)
+                self.key = KeyOption(
+                    _keyPath(context, params["target-key"]), mode, form
+                )
             if params.get("target-migration-key"):
                 self.migrationKey = KeyOption(
-                    str(params["target-migration-key"]), mode, form
+                    _keyPath(context, params["target-migration-key"]), mode, form
                 )
         self.timeout = timeout
         self.allowUnencrypted = str(params.get("target-allow-unencrypted")) in YES
@@ -527,25 +555,71 @@ def _syncDir(path: str) -> None:
 
 
 def _install(staged: str, destination: str, overwrite: bool) -> None:
-    """Blocking: put a copy of the staged state directory at ``destination``."""
+    """
+    Blocking: put a copy of the staged state directory at ``destination``,
+    owner-only (directory 0700, files 0600).  Everything happens through a
+    descriptor of the parent directory walked without following symbolic
+    links, so a link swapped in since Prepare cannot lead the state elsewhere.
+    """
     parent, base = os.path.split(destination)
-    incoming = tempfile.mkdtemp(prefix=f".{base}.incoming.", dir=parent)
+    directory = openResolvedDirectory(parent)
+    token = secrets.token_hex(4)
+    incoming, old = f".{base}.incoming.{token}", None
     try:
-        shutil.copytree(staged, incoming, dirs_exist_ok=True)
-        _syncStateDir(incoming)
-        old = None
-        if os.path.lexists(destination):
-            if not overwrite:
-                raise FileExistsError(errno.EEXIST, "appeared meanwhile", destination)
-            old = tempfile.mkdtemp(prefix=f".{base}.old.", dir=parent)
-            os.rename(destination, os.path.join(old, base))
-        os.rename(incoming, destination)
-    except BaseException:
-        shutil.rmtree(incoming, ignore_errors=True)
-        raise
-    _syncDir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        os.mkdir(incoming, 0o700, dir_fd=directory)
+        try:
+            _copyState(staged, directory, incoming)
+            if _existsIn(directory, base):
+                if not overwrite:
+                    raise FileExistsError(
+                        errno.EEXIST, "appeared meanwhile", destination
+                    )
+                old = f".{base}.old.{token}"
+                os.rename(base, old, src_dir_fd=directory, dst_dir_fd=directory)
+            os.rename(incoming, base, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True, dir_fd=directory)
+            raise
+        os.fsync(directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True, dir_fd=directory)
+    finally:
+        os.close(directory)
+
+
+def _existsIn(directory: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _copyState(staged: str, directory: int, name: str) -> None:
+    """Blocking: copy swtpm's state files (not its lock) into ``name``, 0600."""
+    target = os.open(
+        name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory
+    )
+    try:
+        for entry in os.scandir(staged):
+            if entry.name == ".lock":
+                continue
+            if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", entry.path)
+            with open(entry.path, "rb") as source:
+                data = source.read()
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            fd = os.open(entry.name, flags, 0o600, dir_fd=target)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.fsync(target)
+    finally:
+        os.close(target)
 
 
 # -- the stream of blobs -------------------------------------------------------------
