@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import blake3
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -21,7 +22,14 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from xenmig.blockmap import BLOCK_SIZE, BlockMap, BlockScanner, ContentStream
+from xenmig.blockmap import (
+    BLOCK_SIZE,
+    BlockMap,
+    BlockScanner,
+    hashImage,
+    treeAlgorithm,
+    treeDigest,
+)
 from xenmig.convergence import ConvergencePolicy, FixedRounds
 from xenmig.devices.disk import DiskSource, DiskTarget, diskKind, probeImage
 from xenmig.digest import hashFile
@@ -32,6 +40,7 @@ from xenmig.errors import (
     PathNotAllowed,
     StreamError,
 )
+from xenmig.imagestaging import BlockDigests
 from xenmig.interfaces import (
     IConvergencePolicy,
     IDeviceKind,
@@ -49,6 +58,7 @@ from xenmig.records import (
     RoundRecord,
     ZeroRecord,
 )
+from xenmig.testing import requirePrograms
 
 MiB = 1024 * 1024
 CI = os.environ.get("CI") == "true"
@@ -221,11 +231,7 @@ async def prepare(
 
 def needQemu() -> None:
     """Skip (or, on CI, fail) when qemu-img or qemu-io is missing."""
-    if shutil.which("qemu-img") and shutil.which("qemu-io"):
-        return
-    if CI:
-        pytest.fail("qemu-img/qemu-io are missing on CI: .ci/run installs qemu-utils")
-    pytest.skip("qemu-img/qemu-io not installed (apt-get install qemu-utils)")
+    requirePrograms("qemu-img", "qemu-io")
 
 
 async def run(*argv: str) -> tuple[int, str]:
@@ -259,7 +265,13 @@ def allocated(path: str) -> int:
 
 
 async def digestOf(path: str) -> ContentDigest:
+    """The plain content digest of a file (to tell that it did not change)."""
     return await deferToThread(hashFile, path)
+
+
+async def treeOf(path: str) -> ContentDigest:
+    """The disk kind's content digest of an image, computed independently."""
+    return await deferToThread(hashImage, path)
 
 
 # -- plumbing -----------------------------------------------------------------------
@@ -342,7 +354,8 @@ async def test_sparse_raw_gib_migrates_identical_and_sparse(tmp_path: Any) -> No
     await migration.rounds(FixedRounds(1))
     digest = await migration.final()
     destination = str(tmp_path / "dest" / "out.img")
-    assert digest == before == await digestOf(image)
+    assert before == await digestOf(image) == await digestOf(destination)
+    assert digest == await treeOf(image) == await treeOf(destination)
     code, output = await run(
         "qemu-img", "compare", "-f", "raw", "-F", "raw", image, destination
     )
@@ -435,25 +448,98 @@ async def test_live_rounds_send_only_changed_blocks(tmp_path: Any) -> None:
     final = migration.source.history[-1]
     assert (final.final, final.dataBytes, final.changedBlocks) == (True, 4096, 2)
     assert final.zeroBytes == 2 * MiB - 4096  # block 5, and block 20 but its data
-    assert digest == await digestOf(image)
-    assert await digestOf(str(tmp_path / "dest" / "out.img")) == digest
+    assert digest == await treeOf(image)
+    assert await treeOf(str(tmp_path / "dest" / "out.img")) == digest
+    assert await digestOf(str(tmp_path / "dest" / "out.img")) == await digestOf(image)
+    # Every block's digest came from the records: nothing was read back.
     staged = migration.target.staged
-    assert staged is not None and staged.content is not None  # hashed behind
+    assert staged is not None and staged.blocks.table(64 * MiB)[1] == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_record_below_final_marker_is_refused(tmp_path: Any) -> None:
-    """In the final round, a record below a final_through marker is a StreamError."""
+async def test_irregular_records_are_hashed_from_the_file(tmp_path: Any) -> None:
+    """Records that do not cover a block from its start in order still give the
+    right digest: those blocks are read back from the staged file."""
     image = str(tmp_path / "a.img")
-    sparseImage(image, 8 * MiB, [(0, 8 * MiB)])
+    size = 6 * MiB + 5000
+    sparseImage(image, size, [(0, size)])
+    migration = await prepare(tmp_path, image)
+    writer, target = migration.writer, migration.target
+    expected = bytearray(size)  # what the staged image must hold
+    rng = random.Random(7)
+
+    async def data(offset: int, length: int) -> None:
+        chunk = rng.randbytes(length)
+        expected[offset : offset + length] = chunk
+        await writer.writeData(offset, chunk)
+
+    async def zeros(offset: int, length: int) -> None:
+        expected[offset : offset + length] = bytes(length)
+        await writer.writeZero(offset, length)
+
+    writer.startRound(0, False)
+    await data(0, MiB)  # block 0, whole
+    await data(MiB, MiB // 2)  # block 1, only its first half
+    await zeros(2 * MiB, 3 * MiB)  # blocks 2-4, whole zeros
+    await data(5 * MiB + 100, 1000)  # block 5, from its middle
+    await data(6 * MiB, 5000)  # the short last block, whole
+    writer.startRound(1, True)
+    await data(2 * MiB, 4096)  # block 2 from its start, then its rest as zeros
+    await zeros(2 * MiB + 4096, MiB - 4096)
+    await zeros(3 * MiB + 8192, 4096)  # block 3: a stray write in its middle
+    model = tmp_path / "model.img"
+    model.write_bytes(bytes(expected))
+    want = await treeOf(str(model))
+    staged = target.staged
+    assert staged is not None
+    digest = await target.finish(EndRecord(size, want.algorithm, want.digest))
+    assert digest == want
+    assert staged.blocks.table(size)[1] == [1, 3, 5]
+    await target.commit()
+    await migration.source.release()
+    assert (tmp_path / "dest" / "out.img").read_bytes() == bytes(expected)
+
+
+@pytest_twisted.ensureDeferred
+async def test_end_with_another_digest_algorithm_is_refused(tmp_path: Any) -> None:
+    """An END record with a plain blake3 digest fails the device, naming both."""
+    image = str(tmp_path / "a.img")
+    sparseImage(image, 2 * MiB, [(0, MiB)])
     migration = await prepare(tmp_path, image)
     await migration.rounds(FixedRounds(1))
+    with pytest.raises(StreamError, match="device d0: .*'blake3'; .*'blake3-blocks"):
+        migration.target.finish(EndRecord(2 * MiB, "blake3", bytes(32)))
+    await migration.target.abort()
+    await migration.source.rollback()
+    assert os.listdir(tmp_path / "dest") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_during_final_pass_fails(tmp_path: Any) -> None:
+    """An image written while the final round reads it (the VM was not really
+    paused) fails the device instead of sending a torn image."""
+    image = str(tmp_path / "a.img")
+    sparseImage(image, 16 * MiB, [(0, 16 * MiB)])
+    source = DiskSource(
+        makeSpec(image, str(tmp_path / "dest" / "out.img")),
+        FakeSourceContext(),
+        batchBlocks=1,
+        depth=1,
+    )
+    migration = await prepare(tmp_path, image, source=source)
+    await migration.rounds(FixedRounds(1))
+    pwrite(image, b"\x09" * 4096, 0)  # the last write before the pause ...
+    os.utime(image, ns=(0, 0))  # ... long ago: a later write changes the mtime
+    first = migration.writer.dataRecords + 1  # the final round's first record
+
+    def guestStillWrites(records: int) -> None:
+        if records == first:
+            pwrite(image, b"x", 9 * MiB)
+
+    migration.writer.onData = guestStillWrites
     migration.writer.startRound(1, True)
-    await migration.writer.writeMetadata({"final_through": 4 * MiB})
-    with pytest.raises(StreamError, match="device d0: .*below the final_through"):
-        await migration.writer.writeData(MiB, b"late")
-    with pytest.raises(StreamError, match="out of order"):
-        await migration.writer.writeMetadata({"final_through": MiB})
+    with pytest.raises(DeviceError, match="device d0: .*written while its final"):
+        await migration.source.sendFinal(migration.writer)
     await migration.target.abort()
     await migration.source.rollback()
     assert os.listdir(tmp_path / "dest") == []
@@ -466,8 +552,9 @@ async def test_final_without_precopy_sends_everything(tmp_path: Any) -> None:
     sparseImage(image, 8 * MiB + 12345, [(3 * MiB, 100000), (8 * MiB, 12345)])
     migration = await prepare(tmp_path, image)
     digest = await migration.final()
-    assert digest == await digestOf(image)
-    assert digest == await digestOf(str(tmp_path / "dest" / "out.img"))
+    assert digest == await treeOf(image)
+    assert digest == await treeOf(str(tmp_path / "dest" / "out.img"))
+    assert digest.algorithm == treeAlgorithm(BLOCK_SIZE) == "blake3-blocks-1024k"
 
 
 # -- refusals at Prepare ------------------------------------------------------------
@@ -503,7 +590,7 @@ async def test_existing_destination_is_refused_unless_overwrite(tmp_path: Any) -
     assert existing.read_bytes() == b"old"
     migration = await prepare(tmp_path, image, target_overwrite="yes")
     digest = await migration.final()
-    assert await digestOf(str(existing)) == digest
+    assert await treeOf(str(existing)) == digest
     assert os.listdir(existing.parent) == ["out.img"]
 
 
@@ -603,7 +690,12 @@ async def test_image_truncated_during_round_fails(tmp_path: Any) -> None:
         depth=1,
     )
     migration = await prepare(tmp_path, image, source=source)
-    migration.writer.onData = lambda n: n == 4 and os.truncate(image, 10 * MiB)
+
+    def truncate(records: int) -> None:
+        if records == 4:
+            os.truncate(image, 10 * MiB)
+
+    migration.writer.onData = truncate
     with pytest.raises(DeviceError, match="device d0: .*truncated"):
         await migration.rounds(FixedRounds(1))
     await migration.target.abort()
@@ -640,7 +732,7 @@ async def test_rollback_during_a_round_stops_it(tmp_path: Any) -> None:
     migration = await prepare(tmp_path, image)
     stalled: Deferred[None] = Deferred()
     original = migration.writer.writeData
-    migration.writer.writeData = lambda o, d: stalled  # type: ignore[method-assign]
+    migration.writer.writeData = lambda offset, data: stalled  # type: ignore
     migration.writer.startRound(0, False)
     running = migration.source.sendRound(migration.writer, 0)
     await migration.source.rollback()
@@ -662,8 +754,7 @@ def test_scan_pieces_follow_extents(tmp_path: Any) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         blocks = BlockMap(3 * MiB + 1000)
-        content = ContentStream()
-        scans = BlockScanner(fd, blocks, "test").scan(0, blocks.count, content)
+        scans = BlockScanner(fd, blocks, "test").scan(0, blocks.count)
         layout = [
             [(p.offset, p.length, p.data is not None) for p in s.pieces] for s in scans
         ]
@@ -679,8 +770,85 @@ def test_scan_pieces_follow_extents(tmp_path: Any) -> None:
     assert layout[2][1] == (2 * MiB + 4096, 4096, True)
     assert layout[3] == [(3 * MiB, 1000, False)]
     assert [s.pieces for s in again] == [(), (), (), ()]
-    assert content.result() == hashFile(path)
+    assert blocks.contentDigest() == hashImage(path)
     assert blocks.count == 4 and BLOCK_SIZE == MiB
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_block_digests_follow_any_records(seed: int) -> None:
+    """Whatever records arrive (whole blocks in order, from a block's middle,
+    partial, zeros across blocks), the table's digests plus the blocks it says to
+    read back give the digest of the content written."""
+    rng = random.Random(seed)
+    blockSize = 16384
+    size = rng.choice([10 * blockSize, 10 * blockSize + 5000])
+    count = -(-size // blockSize)
+    model = bytearray(size)
+    digests = BlockDigests(blockSize)
+    irregular = False
+
+    def write(offset: int, length: int, zero: bool) -> None:
+        data = None if zero else rng.randbytes(length)
+        model[offset : offset + length] = data or bytes(length)
+        digests.add(offset, length, data)
+
+    for _ in range(rng.randrange(1, 12)):
+        kind = rng.random()
+        if kind < 0.5:  # a pass over some blocks, as a source sends them
+            first = rng.randrange(0, count)
+            for index in range(first, rng.randrange(first, count) + 1):
+                start = index * blockSize
+                stop = min(start + blockSize, size)
+                cut = rng.randrange(start, stop + 1)
+                if cut > start:
+                    write(start, cut - start, rng.random() < 0.3)
+                if stop > cut:
+                    write(cut, stop - cut, rng.random() < 0.5)
+        else:  # anything
+            irregular = True
+            offset = rng.randrange(0, size - 1)
+            write(
+                offset,
+                rng.randrange(1, min(3 * blockSize, size - offset) + 1),
+                rng.random() < 0.4,
+            )
+    table, unknown = digests.table(size)
+    assert irregular or unknown == []  # whole blocks in order: nothing to read
+    for index in unknown:
+        chunk = bytes(model[index * blockSize : (index + 1) * blockSize])
+        table[index * 32 : (index + 1) * 32] = blake3.blake3(chunk).digest()
+    want = b"".join(
+        blake3.blake3(bytes(model[start : start + blockSize])).digest()
+        for start in range(0, size, blockSize)
+    )
+    assert treeDigest(size, blockSize, table) == treeDigest(size, blockSize, want)
+
+
+def test_block_digests_of_whole_passes_need_no_reading() -> None:
+    """Passes of whole blocks (a short last one included, and holes never sent)
+    give every digest without reading the staged file."""
+    blockSize, size = 16384, 4 * 16384 + 100
+    digests = BlockDigests(blockSize)
+    model = bytearray(size)
+    for _ in range(2):  # two rounds: blocks 0, 1 and the tail; block 2 a hole
+        for index in (0, 1, 4):
+            start = index * blockSize
+            chunk = random.randbytes(min(blockSize, size - start) - 10)
+            model[start : start + len(chunk)] = chunk
+            digests.add(start, len(chunk), chunk)
+            digests.add(start + len(chunk), 10)
+        digests.add(3 * blockSize, blockSize)  # zeros, whole
+    table, unknown = digests.table(size)
+    assert unknown == []
+    want = b"".join(
+        blake3.blake3(bytes(model[start : start + blockSize])).digest()
+        for start in range(0, size, blockSize)
+    )
+    assert table == want
+    assert BlockDigests(blockSize).table(size)[0] == b"".join(
+        blake3.blake3(bytes(min(blockSize, size - start))).digest()
+        for start in range(0, size, blockSize)
+    )
 
 
 def test_probe_reads_qcow2_backing_file(tmp_path: Any) -> None:

@@ -1,14 +1,17 @@
-"""Per-block digests of an image: the source's dirty map, without hypervisor help."""
+"""
+Per-block digests of an image: the source's dirty map, without hypervisor help,
+and the disk kind's content digest, a tree over those block digests.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import struct
 from dataclasses import dataclass
+from functools import cache
 
 import blake3
 
-from xenmig.digest import ALGORITHM
 from xenmig.errors import DeviceError
 from xenmig.model import ContentDigest
 from xenmig.sparse import dataExtents
@@ -17,8 +20,44 @@ from xenmig.sparse import dataExtents
 BLOCK_SIZE = 1024 * 1024
 DIGEST_SIZE = 32
 _ZEROS = bytes(BLOCK_SIZE)
+#: The unit in which a hole written during a scan is split into data and zeros.
+PAGE = 4096
 #: The digest of a block whose content the target does not have yet.
 UNKNOWN = b"\xff" * DIGEST_SIZE
+#: The disk kind's content digest (see L{treeDigest}): the algorithm name starts so.
+TREE_ALGORITHM = "blake3-blocks"
+_TREE_DOMAIN = b"xenmig blake3-blocks v1\n"
+
+
+def treeAlgorithm(blockSize: int) -> str:
+    """The name of the tree digest over blocks of ``blockSize`` (in END records)."""
+    return f"{TREE_ALGORITHM}-{blockSize // 1024}k"
+
+
+def treeDigest(size: int, blockSize: int, digests: bytes | bytearray) -> ContentDigest:
+    """
+    The content digest of an image of ``size`` bytes from the blake3 digests of its
+    blocks (``digests``: 32 bytes for each block, in order; a shorter last block is
+    hashed as it is): blake3 over a header naming the size and block size, then the
+    block digests.
+
+    Like the plain content digest it covers the logical bytes (holes as zeros, a
+    sparse image and its dense copy agree), but both sides get it from block
+    digests they already have: the source from its block map, the target from the
+    records as it writes them.  Only the blocks that changed are hashed again.
+    """
+    count = -(-size // blockSize)
+    if len(digests) != count * DIGEST_SIZE:
+        raise ValueError(f"{count} block digests expected, {len(digests)} bytes given")
+    tree = blake3.blake3(_TREE_DOMAIN + struct.pack(">QQ", size, blockSize))
+    tree.update(digests)
+    return ContentDigest(size, treeAlgorithm(blockSize), tree.digest())
+
+
+@cache
+def zeroDigest(length: int) -> bytes:
+    """The blake3 digest of ``length`` zero bytes (a hole of one block)."""
+    return blake3.blake3(bytes(length)).digest()
 
 
 @dataclass(frozen=True)
@@ -60,7 +99,7 @@ class BlockMap:
         self.size = 0
         self.count = 0
         self._digests = bytearray()
-        self._zeroDigest = blake3.blake3(bytes(blockSize)).digest()
+        self._zeroDigest = zeroDigest(blockSize)
         self._tailZeroDigest = self._zeroDigest
         self.resize(size)
 
@@ -78,7 +117,7 @@ class BlockMap:
                 self.record(index, UNKNOWN)
         self.size = size
         tail = size - (self.count - 1) * self.blockSize if self.count else 0
-        self._tailZeroDigest = blake3.blake3(bytes(tail)).digest()
+        self._tailZeroDigest = zeroDigest(tail)
 
     def blockRange(self, index: int) -> tuple[int, int]:
         """The ``(start, stop)`` byte range of block ``index``."""
@@ -96,6 +135,20 @@ class BlockMap:
     def record(self, index: int, digest: bytes) -> None:
         """Record that the target now holds content with ``digest`` in ``index``."""
         self._digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = digest
+
+    def contentDigest(self) -> ContentDigest:
+        """
+        The content digest (L{treeDigest}) of what the target holds once a whole
+        pass has recorded every block.
+
+        @raise ValueError: if a block has no digest yet.
+        """
+        position = self._digests.find(UNKNOWN)
+        while position != -1:
+            if position % DIGEST_SIZE == 0:
+                raise ValueError(f"block {position // DIGEST_SIZE} was never hashed")
+            position = self._digests.find(UNKNOWN, position + 1)
+        return treeDigest(self.size, self.blockSize, self._digests)
 
 
 class BlockScanner:
@@ -120,6 +173,7 @@ class BlockScanner:
         self.describe = describe
         self.growable = growable
         self.maxSize = blocks.size if maxSize is None else maxSize
+        self._modified = 0
 
     def currentSize(self) -> int:
         """Blocking: the image's size now."""
@@ -132,12 +186,31 @@ class BlockScanner:
         @return: the size the pass covers.
         @raise DeviceError: if the image was resized in a way it may not be.
         """
-        size = self.currentSize()
+        st = os.fstat(self.fd)
+        size = st.st_size
         if size != self.blocks.size:
             if not self.growable or size > self.maxSize:
                 self._resized(size)
             self.blocks.resize(size)
+        self._modified = st.st_mtime_ns
         return size
+
+    def checkUntouched(self) -> None:
+        """
+        Blocking: after a pass that the image must not change under (the final
+        one, the VM paused): fail if it was resized or written since the pass
+        started.  The modification time catches a writer that the pause did not
+        stop, unless its writes fell within the clock tick the pass started in.
+
+        @raise DeviceError: naming the image.
+        """
+        self.checkSize()
+        if os.fstat(self.fd).st_mtime_ns != self._modified:
+            raise DeviceError(
+                f"{self.describe} was written while its final round was read: "
+                f"something still writes to it after the pause (is the VM really "
+                f"paused?); the migration cannot go on"
+            )
 
     def checkSize(self, exact: bool = True) -> None:
         """
@@ -160,15 +233,14 @@ class BlockScanner:
             f"during the migration: the image {what}; the migration cannot go on"
         )
 
-    def scan(
-        self, first: int, last: int, content: ContentStream | None = None
-    ) -> list[BlockScan]:
+    def scan(self, first: int, last: int, budget: int | None = None) -> list[BlockScan]:
         """
         Read blocks ``first`` to ``last`` (exclusive), holes skipped, and record the
         digest of every block that changed since its digest was recorded.
 
-        @param content: hash every block's content into it too (it must be at the
-            start of ``first``: passes that hash content scan one batch at a time).
+        @param budget: stop early, after the block that brings the changed data
+            held to ``budget`` bytes (at least one block is scanned): the scans
+            returned end before ``last`` then.
         @raise DeviceError: if the image was resized or truncated.
         """
         self.checkSize(exact=False)
@@ -178,19 +250,23 @@ class BlockScanner:
         extents = list(dataExtents(self.fd, start, end))
         scans = []
         cursor = 0
+        held = 0
         for index in range(first, last):
             blockStart, blockEnd = blocks.blockRange(index)
             while cursor < len(extents) and extents[cursor][1] <= blockStart:
                 cursor += 1
             inside = _clip(extents, cursor, blockStart, blockEnd)
-            scans.append(self._scanBlock(index, inside, content))
+            scan = self._scanBlock(index, inside)
+            scans.append(scan)
+            held += sum(len(p.data) for p in scan.pieces if p.data is not None)
+            if budget is not None and held >= budget:
+                break
         return scans
 
     def _scanBlock(
         self,
         index: int,
         extents: list[tuple[int, int]],
-        content: ContentStream | None,
     ) -> BlockScan:
         start, end = self.blocks.blockRange(index)
         length = end - start
@@ -209,8 +285,6 @@ class BlockScanner:
             digest = blake3.blake3(data).digest()
             if digest == zero:
                 data = None
-        if content is not None:
-            content.update(start, data, length)
         if digest == self.blocks.digest(index):
             return BlockScan(index, start, length, ())
         self.blocks.record(index, digest)
@@ -239,15 +313,16 @@ def _pieces(
     (its holes), so the target allocates what the source allocates.
 
     A hole that does not read as zeros (written between the extent walk and the
-    read) is sent as data: what is sent is always exactly what was read.
+    read) is sent as the pages that hold data: what is sent is always exactly
+    what was read, and the target allocates no more than the guest wrote.
     """
     pieces: list[Piece] = []
     position = start
     end = start + len(data)
     for extentStart, extentEnd in [*extents, (end, end)]:
         if extentStart > position:
-            pieces.append(
-                _piece(position, data[position - start : extentStart - start])
+            pieces += _holePieces(
+                position, data[position - start : extentStart - start]
             )
         if extentEnd > extentStart:
             pieces.append(
@@ -257,6 +332,27 @@ def _pieces(
     return tuple(pieces)
 
 
+def _holePieces(offset: int, chunk: bytes) -> list[Piece]:
+    """A hole as read: one zero piece, or, if written meanwhile, its pages."""
+    if chunk == bytes(len(chunk)):
+        return [Piece(offset, len(chunk))]
+    pieces: list[Piece] = []
+    runStart, runZero = 0, chunk[:PAGE] == _ZEROS[:PAGE]
+    for page in range(PAGE, len(chunk) + PAGE, PAGE):
+        zero = page < len(chunk) and chunk[page : page + PAGE] == _ZEROS[:PAGE]
+        if page < len(chunk) and zero == runZero:
+            continue
+        stop = min(page, len(chunk))
+        if runZero:
+            pieces.append(Piece(offset + runStart, stop - runStart))
+        else:
+            pieces.append(
+                Piece(offset + runStart, stop - runStart, chunk[runStart:stop])
+            )
+        runStart, runZero = stop, zero
+    return pieces
+
+
 def _piece(offset: int, chunk: bytes) -> Piece:
     """A zero piece if ``chunk`` is all zeros (one memcmp), else a DATA piece."""
     if chunk == (_ZEROS if len(chunk) == BLOCK_SIZE else bytes(len(chunk))):
@@ -264,67 +360,21 @@ def _piece(offset: int, chunk: bytes) -> Piece:
     return Piece(offset, len(chunk), chunk)
 
 
-class ContentStream:
+def hashImage(path: str, blockSize: int = BLOCK_SIZE) -> ContentDigest:
     """
-    The content digest (blake3 over the logical bytes, zeros included) fed block by
-    block in offset order, hashed on several cores.
-
-    Produces the same digest as L{xenmig.digest.ContentHasher}.
+    Blocking: the content digest (L{treeDigest}) of the file at ``path`` as it is
+    now, every block read: what the disk kind reports for that image.
     """
-
-    def __init__(self, maxThreads: int = blake3.blake3.AUTO) -> None:
-        self._hash = blake3.blake3(max_threads=maxThreads)
-        self.position = 0
-
-    def update(self, offset: int, data: bytes | None, length: int) -> None:
-        """Blocking: hash ``data`` (None: ``length`` zeros), which is at ``offset``."""
-        if offset != self.position:
-            raise ValueError(f"content fed at {offset}, expected {self.position}")
-        if data is None:
-            _hashZeros(self._hash.update, length)
-        else:
-            self._hash.update(data)
-        self.position += length
-
-    def hashFile(self, fd: int, stop: int, chunk: int = 4 * BLOCK_SIZE) -> None:
-        """
-        Blocking: hash the file at ``fd`` from ``position`` to ``stop`` (zeros past
-        its end), holes as zeros without reading them.
-        """
-        end = min(stop, os.fstat(fd).st_size)
-        for start, extentEnd in dataExtents(fd, self.position, end):
-            self.update(self.position, None, start - self.position)
-            while start < extentEnd:
-                data = os.pread(fd, min(chunk, extentEnd - start), start)
-                if not data:
-                    raise OSError(f"the file shrank at {start} while it was hashed")
-                self.update(start, data, len(data))
-                start += len(data)
-        self.update(self.position, None, stop - self.position)
-
-    def result(self) -> ContentDigest:
-        """The digest of everything fed."""
-        return ContentDigest(self.position, ALGORITHM, self._hash.digest())
-
-
-def hashSparseFile(path: str, size: int) -> ContentDigest:
-    """
-    Blocking: the content digest of the first ``size`` bytes of ``path`` (zero-padded
-    past its end), on several cores, holes hashed as zeros without reading them.
-
-    The same digest as L{xenmig.digest.hashFile}, faster on sparse images.
-    """
-    content = ContentStream()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        content.hashFile(fd, size)
+        size = os.fstat(fd).st_size
+        digests = bytearray()
+        for start in range(0, size, blockSize):
+            length = min(blockSize, size - start)
+            data = os.pread(fd, length, start)
+            if len(data) != length:
+                raise OSError(f"{path} shrank at {start + len(data)} while hashed")
+            digests += blake3.blake3(data).digest()
     finally:
         os.close(fd)
-    return content.result()
-
-
-def _hashZeros(update: Callable[[bytes], object], length: int) -> None:
-    while length:
-        chunk = min(length, BLOCK_SIZE)
-        update(_ZEROS if chunk == BLOCK_SIZE else _ZEROS[:chunk])
-        length -= chunk
+    return treeDigest(size, blockSize, digests)

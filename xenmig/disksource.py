@@ -1,0 +1,402 @@
+"""The source side of the ``disk`` kind: block scans, rounds and the final pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from xenmig.blockmap import BLOCK_SIZE, BlockMap, BlockScan, BlockScanner
+from xenmig.errors import BadSpec, DeviceError
+from xenmig.interfaces import IRecordWriter, ISourceContext, ISourceDevice
+from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
+
+log = Logger()
+T = TypeVar("T")
+
+KIND = "disk"
+FORMATS = frozenset({"raw", "qcow2"})
+SOURCE_KEYS = frozenset({"path", "format"})
+TARGET_KEYS = frozenset({"target", "target-overwrite"})
+QCOW2_MAGIC = b"QFI\xfb"
+#: magic, version, backing file offset and length, cluster bits, virtual size.
+_QCOW2_HEADER = struct.Struct(">4sIQIIQ")
+#: Blocks one thread call scans at most, the changed data it may hold before it
+#: returns early, and the calls kept in flight.  Few calls for a pass that finds
+#: little (each one costs a round trip through a busy reactor), bounded memory
+#: for one that finds much.
+BATCH_BLOCKS = 128
+BATCH_BYTES = 16 * 1024 * 1024
+SCAN_DEPTH = 2
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the first bytes of an image say about it."""
+
+    format: str
+    backing: str = ""
+    virtualSize: int = 0
+
+
+def probeImage(fd: int) -> ImageInfo:
+    """Blocking: the format, backing file and virtual size of the image at ``fd``."""
+    header = os.pread(fd, _QCOW2_HEADER.size, 0)
+    if len(header) < _QCOW2_HEADER.size or header[:4] != QCOW2_MAGIC:
+        return ImageInfo("raw")
+    _, _, offset, length, _, virtualSize = _QCOW2_HEADER.unpack(header)
+    backing = ""
+    if offset and 0 < length <= 1023:
+        backing = os.pread(fd, length, offset).decode("utf-8", "replace")
+    return ImageInfo("qcow2", backing, virtualSize)
+
+
+def growthLimit(size: int, info: ImageInfo) -> int:
+    """
+    The largest size the image may reach while the guest runs: a raw image keeps
+    its size; a qcow2 container grows by at most every guest cluster once more,
+    plus its metadata (L2 and refcount tables, at most 1/8 of that here).
+    """
+    if info.format != "qcow2":
+        return size
+    return size + info.virtualSize + info.virtualSize // 8 + 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one round of one disk sent (the final round has ``final`` set)."""
+
+    round: int
+    final: bool
+    dataBytes: int
+    zeroBytes: int
+    changedBlocks: int
+    seconds: float
+
+
+@dataclass
+class _Tally:
+    dataBytes: int = 0
+    zeroBytes: int = 0
+    changedBlocks: int = 0
+
+
+@implementer(ISourceDevice)
+class DiskSource:
+    """
+    Sends an image file read-only: a full sparse pass, rounds of changed blocks
+    while the VM runs, and the last changes once it is paused.
+
+    Changed blocks are found by comparing per-block digests (L{BlockMap}), so this
+    works on any file, without help from the hypervisor.
+    """
+
+    precopy = True
+
+    def __init__(
+        self,
+        spec: DeviceSpec,
+        context: ISourceContext,
+        blockSize: int = BLOCK_SIZE,
+        batchBlocks: int = BATCH_BLOCKS,
+        depth: int = SCAN_DEPTH,
+        batchBytes: int = BATCH_BYTES,
+    ) -> None:
+        self.spec = spec
+        self.context = context
+        self.path = _sourceParams(spec)
+        self.format = spec.params.get("format", "")
+        self.blockSize = blockSize
+        self.batchBlocks = batchBlocks
+        self.batchBytes = batchBytes
+        self.depth = depth
+        self.history: list[RoundStats] = []
+        self._fd: int | None = None
+        self._scanner: BlockScanner | None = None
+        self._baseline = False
+        self._busy: Deferred[Any] | None = None
+        self._broken = ""
+        self._threads: set[Deferred[Any]] = set()
+        self._closed = False
+
+    @property
+    def _name(self) -> str:
+        return f"device {self.spec.name}"
+
+    def describe(self) -> Deferred[DeviceDescription]:
+        return self._thread(self._describe)
+
+    def _describe(self) -> DeviceDescription:
+        st, info = self._open()
+        scanner = self._scanner
+        assert scanner is not None
+        params: dict[str, Any] = {
+            "format": info.format,
+            "allocated": st.st_blocks * 512,
+            "max_size": scanner.maxSize,
+            "block_size": self.blockSize,
+            **self.spec.targetParams,
+        }
+        if info.backing:
+            params["backing"] = info.backing
+        return DeviceDescription(KIND, self.spec.name, st.st_size, params, precopy=True)
+
+    def _open(self) -> tuple[os.stat_result, ImageInfo]:
+        """Blocking: open the image read-only (once) and check it."""
+        if self._closed:
+            raise DeviceError(f"{self._name}: the device was already released")
+        fd = self._fd
+        if fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise DeviceError(
+                    f"{self._name}: cannot open {self.path}: {e.strerror}"
+                )
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DeviceError(f"{self._name}: {self.path} is not a regular file")
+            info = probeImage(fd)
+            if self.format == "qcow2" and info.format != "qcow2":
+                raise DeviceError(f"{self._name}: {self.path} is not a qcow2 image")
+        except BaseException:
+            if self._fd is None:
+                os.close(fd)
+            raise
+        # A raw image that happens to start like a qcow2 one is the user's call.
+        info = dataclasses.replace(info, format=self.format or info.format)
+        if self._fd is None:
+            self._fd = fd
+            self._scanner = BlockScanner(
+                fd,
+                BlockMap(st.st_size, self.blockSize),
+                f"{self._name}: {self.path}",
+                growable=info.format == "qcow2",
+                maxSize=growthLimit(st.st_size, info),
+            )
+        return st, info
+
+    def accepted(self, params: dict[str, Any]) -> None:
+        log.debug(
+            "disk {device} accepted by the target: {params}",
+            device=self.spec.name,
+            params=params,
+        )
+
+    def sendRound(self, writer: IRecordWriter, round: int) -> Deferred[RoundResult]:
+        return self._start(self._sendRound(writer, round))
+
+    async def _sendRound(self, writer: IRecordWriter, round: int) -> RoundResult:
+        first = not self._baseline
+        tally = await self._pass(writer, round, final=False)
+        self._baseline = True
+        # Until a round compares digests there is no measure of the rate of change:
+        # the first full pass reports what it sent as the estimate.
+        changed = tally.dataBytes + tally.zeroBytes
+        remaining = tally.dataBytes if first else changed
+        return RoundResult(tally.dataBytes, remaining)
+
+    def sendFinal(self, writer: IRecordWriter) -> Deferred[ContentDigest]:
+        return self._start(self._sendFinal(writer))
+
+    async def _sendFinal(self, writer: IRecordWriter) -> ContentDigest:
+        round = len([r for r in self.history if not r.final])
+        await self._pass(writer, round, final=True)
+        self._baseline = True
+        scanner = self._scanner
+        assert scanner is not None
+        # The guest is paused: the image may not have moved during the final pass.
+        await self._thread(scanner.checkUntouched)
+        # Every block's digest is now the one of its content at the pause, as the
+        # target holds it: the content digest is the tree over them.
+        return scanner.blocks.contentDigest()
+
+    def _start(self, coroutine: Any) -> Deferred[Any]:
+        refusal = ""
+        if self._closed:
+            refusal = "the device was already released or rolled back"
+        elif self._busy is not None:
+            refusal = "a round is already being sent"
+        elif self._broken:
+            refusal = f"an earlier round failed ({self._broken}); start over"
+        if refusal:
+            coroutine.close()
+            return fail(DeviceError(f"{self._name}: {refusal}"))
+        d = Deferred.fromCoroutine(coroutine)
+        self._busy = d
+
+        def done(result: object) -> object:
+            self._busy = None
+            if isinstance(result, Failure):
+                # Digests were recorded for blocks that may never have arrived:
+                # the block map no longer tells what the target holds.
+                self._broken = result.getErrorMessage() or repr(result.value)
+            return result
+
+        return d.addBoth(done)
+
+    async def _pass(
+        self,
+        writer: IRecordWriter,
+        round: int,
+        final: bool,
+    ) -> _Tally:
+        """Scan every block and send the changed ones, in offset order."""
+        await self._thread(self._open)
+        scanner = self._scanner
+        assert scanner is not None
+        started = time.monotonic()
+        await self._thread(scanner.startPass)
+        count = scanner.blocks.count
+        batches = deque(
+            (first, min(first + self.batchBlocks, count))
+            for first in range(0, count, self.batchBlocks)
+        )
+        # Scans in flight, in offset order, with the block each should reach.
+        pending: deque[tuple[Deferred[list[BlockScan]], int]] = deque()
+        sender = _PieceSender(writer)
+
+        def submit(first: int, last: int, next: bool = False) -> None:
+            scan = self._thread(scanner.scan, first, last, self.batchBytes)
+            if next:  # the rest of a batch that returned early comes first
+                pending.appendleft((scan, last))
+            else:
+                pending.append((scan, last))
+
+        try:
+            while batches and len(pending) < self.depth:
+                submit(*batches.popleft())
+            while pending:
+                scanning, last = pending.popleft()
+                scans = await scanning
+                reached = scans[-1].index + 1
+                if reached < last:
+                    submit(reached, last, next=True)
+                while batches and len(pending) < self.depth:
+                    submit(*batches.popleft())
+                await sender.send(scans)
+            await sender.flush()
+        finally:
+            for d, _ in pending:
+                d.addErrback(lambda _: None)
+        tally = sender.tally
+        self.history.append(
+            RoundStats(
+                round,
+                final,
+                tally.dataBytes,
+                tally.zeroBytes,
+                tally.changedBlocks,
+                time.monotonic() - started,
+            )
+        )
+        log.info(
+            "disk {device} round {round}{final}: {data} data bytes, {zero} zero bytes "
+            "in {blocks} changed blocks",
+            device=self.spec.name,
+            round=round,
+            final=" (final)" if final else "",
+            data=tally.dataBytes,
+            zero=tally.zeroBytes,
+            blocks=tally.changedBlocks,
+        )
+        return tally
+
+    def _thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        Run ``function`` in the pool; the returned Deferred may be cancelled, but the
+        image stays open until the thread is done with it.
+        """
+        work = self.context.runInThread(function, *args)
+        self._threads.add(work)
+        result: Deferred[T] = Deferred()
+
+        def finished(outcome: object) -> object:
+            self._threads.discard(work)
+            return outcome
+
+        work.addBoth(finished).chainDeferred(result)
+        return result
+
+    def rollback(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._close())
+
+    def release(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self) -> None:
+        """Stop any round, wait for its threads, close the image (never modified)."""
+        self._closed = True
+        if self._busy is not None:
+            self._busy.addErrback(lambda _: None)
+            self._busy.cancel()
+        while self._threads:
+            await DeferredList(list(self._threads), consumeErrors=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _PieceSender:
+    """Writes the pieces of scanned blocks, joining adjacent zero pieces."""
+
+    def __init__(self, writer: IRecordWriter) -> None:
+        self.writer = writer
+        self.tally = _Tally()
+        self._zeroStart = 0
+        self._zeroLength = 0
+
+    async def send(self, scans: list[BlockScan]) -> None:
+        for scan in scans:
+            if scan.pieces:
+                self.tally.changedBlocks += 1
+            for piece in scan.pieces:
+                if piece.data is None:
+                    self.tally.zeroBytes += piece.length
+                    end = self._zeroStart + self._zeroLength
+                    if self._zeroLength and end == piece.offset:
+                        self._zeroLength += piece.length
+                        continue
+                    await self.flush()
+                    self._zeroStart, self._zeroLength = piece.offset, piece.length
+                else:
+                    await self.flush()
+                    await self.writer.writeData(piece.offset, piece.data)
+                    self.tally.dataBytes += piece.length
+
+    async def flush(self) -> None:
+        if self._zeroLength:
+            start, length = self._zeroStart, self._zeroLength
+            self._zeroLength = 0
+            await self.writer.writeZero(start, length)
+
+
+def _sourceParams(spec: DeviceSpec) -> str:
+    """Check a source spec; return the image path."""
+    unknown = set(spec.params) - SOURCE_KEYS | set(spec.targetParams) - TARGET_KEYS
+    if unknown:
+        raise BadSpec(
+            f"device {spec.name}: unknown disk parameter(s) "
+            f"{', '.join(sorted(unknown))} (known: path, format, target, "
+            f"target-overwrite)"
+        )
+    path = spec.params.get("path")
+    if not path:
+        raise BadSpec(f"device {spec.name}: the disk kind needs path=SOURCE_IMAGE")
+    if not spec.targetParams.get("target"):
+        raise BadSpec(f"device {spec.name}: the disk kind needs target=DESTINATION")
+    if spec.params.get("format", "raw") not in FORMATS:
+        raise BadSpec(f"device {spec.name}: format must be raw or qcow2")
+    return path
