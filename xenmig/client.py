@@ -49,6 +49,7 @@ from xenmig.errors import (
     DigestMismatch,
     MigrationAborted,
     PhaseTimeout,
+    StreamError,
     XenmigError,
 )
 from xenmig.interfaces import (
@@ -405,7 +406,10 @@ class SourceMigration:
         try:
             await _gather([self._precopy(r, _fresh(policy)) for r in runs])
         except BaseException as e:
-            await self._failed(e)
+            reason = await self._targetReason(e)
+            await self._failed(reason or e)
+            if reason is not None:
+                raise reason from e
             raise
         self.phase = "PRECOPIED"
         self._mark("precopied")
@@ -454,7 +458,10 @@ class SourceMigration:
         try:
             await _gather([self._transfer(run) for run in self.devices.values()])
         except BaseException as e:
-            await self._failed(e)
+            reason = await self._targetReason(e)
+            await self._failed(reason or e)
+            if reason is not None:
+                raise reason from e
             raise
         self.phase = "READY"
         self._mark("ready")
@@ -566,6 +573,30 @@ class SourceMigration:
                 f"migration {self.migrationId} is {self.phase}; it cannot be aborted"
             )
         await self._failed(MigrationAborted(reason))
+
+    async def _targetReason(self, error: BaseException) -> MigrationAborted | None:
+        """
+        When a stream broke, the target usually aborted first (no space, a bad
+        record): ask it, so the error names its reason, not "connection reset".
+        """
+        if not isinstance(error, StreamError) or self.control is None:
+            return None
+        try:
+            answer = await _timeout(
+                self.control.callRemote(
+                    commands.QueryMigration, migration_id=self.migrationId
+                ),
+                self.client.timeouts.abort,
+                self.reactor,
+                "query",
+            )
+        except Exception:
+            return None
+        status = answer["status"]
+        if status.get("phase") != "ABORTED" or not status.get("reason"):
+            return None
+        self.reason = f"the target aborted: {status['reason']}"
+        return MigrationAborted(f"migration {self.migrationId}: {self.reason}")
 
     async def _failed(self, error: BaseException) -> None:
         if self.phase == "ABORTED":
