@@ -645,3 +645,32 @@ async def test_daemonWarnsBeforeExpiry(
         r"this host's certificate CN=soon\.test expires on .* \(in 9 days\)",
         logText(daemon),
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_pinsApplyToThreadedStreams(
+    daemons: Callable[..., Daemon], certs: PKI, tmp_path: Path
+) -> None:
+    """Streams sent from threads (stdlib TLS) check the pins too, before sending."""
+    from xenmig.bulk import sslContext
+    from xenmig.client import MigrationClient
+
+    daemon = await daemons().launch(reactor)
+    source = denseFile(tmp_path / "source.bin", MiB)
+    identity = tls.loadIdentity(
+        certs.ca / "source.test.pem", certs.ca / "source.test.key"
+    )
+    client = MigrationClient(
+        reactor,
+        "127.0.0.1",
+        daemon.port,
+        tls=identityTLS(certs, "source.test", (targetFingerprint(certs),)),
+        sslContext=sslContext(identity, certs.authorities, ["11" * 32]),
+        serverName="127.0.0.1",
+    )
+    migration = await client.prepare("vm1", [fileSpec(source, "x.bin")])
+    with pytest.raises(NotAuthorized, match="not the one pinned"):
+        await migration.transfer()
+    assert not (daemon.dest / "x.bin").exists()
+    await eventually(reactor, lambda: not daemon.leftovers(), what="staging removed")
+    await settled(reactor)

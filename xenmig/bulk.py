@@ -12,6 +12,7 @@ command, the same records.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import socket
@@ -31,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig.amp_commands import StartStream
-from xenmig.errors import WIRE_ERRORS, PeerError, StreamError
+from xenmig.errors import WIRE_ERRORS, NotAuthorized, PeerError, StreamError
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
 from xenmig.records import (
@@ -49,16 +50,29 @@ _CODES = {code: error for error, code in WIRE_ERRORS.items()}
 _MAX_ANSWER = 65536
 
 
+class PinnedContext(ssl.SSLContext):
+    """An SSLContext that also carries the target's pinned fingerprints."""
+
+    pins: frozenset[str] = frozenset()
+
+
 def sslContext(
-    identity: PrivateCertificate, authorities: Sequence[Certificate]
+    identity: PrivateCertificate,
+    authorities: Sequence[Certificate],
+    pins: Sequence[str] = (),
 ) -> ssl.SSLContext:
     """
     A client context equivalent to L{xenmig.tls.clientOptions}: the daemon must
-    chain to ``authorities`` and name the host in its subjectAltName; this host
-    presents ``identity``.  TLS 1.2 at least.
+    chain to ``authorities``, name the host in its subjectAltName, and be one of
+    ``pins`` (SHA-256 fingerprints) if any; this host presents ``identity``.
+    TLS 1.2 at least, forward-secret AEAD suites only.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    from xenmig.tls import CIPHERS, parsePin
+
+    context = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.pins = frozenset(parsePin(p) for p in pins)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(CIPHERS)
     context.load_verify_locations(
         cadata="".join(
             a.original.to_cryptography()
@@ -106,7 +120,20 @@ class _Channel:
             channel.incoming, channel.outgoing, server_hostname=endpoint.serverName
         )
         channel._pump(channel.tls.do_handshake)
+        channel._checkPin(getattr(endpoint.context, "pins", frozenset()))
         return channel
+
+    def _checkPin(self, pins: frozenset[str]) -> None:
+        """Refuse a target whose certificate is not pinned (when pins are given)."""
+        if not pins or self.tls is None:
+            return
+        der = self.tls.getpeercert(binary_form=True) or b""
+        fingerprint = hashlib.sha256(der).hexdigest()
+        if fingerprint not in pins:
+            raise NotAuthorized(
+                f"the target's certificate (sha256 {fingerprint}) is not the one "
+                f"pinned with --pin-sha256"
+            )
 
     def _pump(self, operation: Any) -> Any:
         """Run a TLS ``operation``, feeding the network to it until it completes."""

@@ -156,6 +156,14 @@ def _remote(parser: argparse.ArgumentParser, required: bool) -> None:
         help="name or address in the target's certificate (default: HOST)",
     )
     parser.add_argument(
+        "--pin-sha256",
+        action="append",
+        default=[],
+        metavar="HEX",
+        help="the target's certificate must have this SHA-256 fingerprint "
+        "(repeatable: any of them)",
+    )
+    parser.add_argument(
         "--insecure-plaintext",
         action="store_true",
         help="DEVELOPMENT ONLY: no TLS, to a daemon on loopback",
@@ -378,9 +386,10 @@ def clientTLS(args: argparse.Namespace) -> dict[str, Any]:
     identity = tls.loadIdentity(args.cert, args.key)
     authorities = tls.loadAuthority(args.ca)
     name = args.server_name or host
+    pins = [tls.parsePin(pin) for pin in args.pin_sha256]
     return {
-        "tls": tls.clientOptions(name, identity, authorities),
-        "sslContext": sslContext(identity, authorities),
+        "tls": tls.clientOptions(name, identity, authorities, pins),
+        "sslContext": sslContext(identity, authorities, pins),
         "serverName": name,
     }
 
@@ -498,7 +507,11 @@ def describeError(error: BaseException) -> str:
             "--server-name with a name from its certificate"
         )
     if isinstance(error, TLSError):
+        from xenmig.tls import recentRefusals
+
         reasons = " ".join(str(part[-1]) for part in error.args[0] if part)
+        if "certificate verify failed" in reasons and recentRefusals:
+            return f"TLS failed: {recentRefusals[-1]}"
         for clue, meaning in _TLS_REASONS:
             if clue in reasons:
                 return f"TLS failed ({reasons}): {meaning}"
@@ -518,6 +531,16 @@ _TLS_REASONS = [
         "the target's certificate does not chain to --ca",
     ),
     ("certificate required", "the target requires this host's certificate"),
+    (
+        "certificate expired",
+        "the target refused this host's certificate as expired: renew --cert "
+        "(xenmig pki issue)",
+    ),
+    (
+        "bad certificate",
+        "the target refused this host's certificate (not yet valid? check the "
+        "clocks of both hosts)",
+    ),
 ]
 
 

@@ -90,7 +90,10 @@ def _boundedFailure(failure: Failure) -> Failure:
 
 def _describeParseError(error: Exception) -> str:
     if isinstance(error, KeyError):
-        return f"the argument {error.args[0]!r} is missing"
+        key = error.args[0] if error.args else ""
+        if isinstance(key, bytes):
+            key = key.decode("ascii", "replace")
+        return f"the argument {key!r} is missing"
     return f"{type(error).__name__}: {error}"
 
 
