@@ -30,7 +30,6 @@ from xenmig.devices.vtpm import (
 )
 from xenmig.errors import (
     BadSpec,
-    CommitFailed,
     DeviceError,
     DeviceRefused,
     DigestMismatch,
@@ -569,16 +568,18 @@ async def test_targetWithoutMigrationKey(host, contexts):
 
 @pytest_twisted.ensureDeferred
 async def test_targetWithWrongMigrationKey(host, contexts):
-    """A target with another migration key fails the commit before any INIT."""
+    """A target with another migration key fails at finish (swtpm checks each blob
+    as it is SET), before the point of no return and before any INIT."""
     source = await host.swtpm("src", migrationKey=host.key("k-migration"))
     expected = await populate(source, host.work)
     target = await host.swtpm("dst", running=False, migrationKey=host.key("k-other"))
     spec = f"vtpm:tpm0:ctrl={source.ctrlPath},target-ctrl={target.ctrlPath}"
     src, dst, records, end = await send(spec, contexts)
-    await deliver(dst, records, end)
-    with pytest.raises(CommitFailed) as caught:
-        await dst.commit()
+    with pytest.raises(SwtpmCommandFailed) as caught:
+        await deliver(dst, records, end)
     assert "--migration-key" in str(caught.value)
+    assert "tpm0" in str(caught.value)
+    await dst.abort()
     with pytest.raises(SwtpmNotRunning):
         await target.control.getEstablished()
     await src.rollback()

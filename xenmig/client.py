@@ -579,7 +579,9 @@ class SourceMigration:
         When a stream broke, the target usually aborted first (no space, a bad
         record): ask it, so the error names its reason, not "connection reset".
         """
-        if not isinstance(error, StreamError) or self.control is None:
+        # Exactly StreamError: the stream broke here (a DigestMismatch, its
+        # subclass, is already the target's answer).
+        if type(error) is not StreamError or self.control is None:
             return None
         try:
             answer = await _timeout(

@@ -454,6 +454,13 @@ class VTPMTarget:
             if self.control is not None:
                 await self.control.getCapability()  # still there, and free
                 await self._checkNotRunning(self.control)
+                # STOP and SET now, INIT at commit: swtpm checks each blob as it
+                # is set (keys, integrity), so a bad one fails before the point of
+                # no return; it writes nothing to disk before INIT.
+                await self.control.stop()
+                for blob in blobs:
+                    if blob.data:
+                        await self.control.setStateBlob(blob)
             else:
                 await self._materialise(blobs)
         except SwtpmError as e:
@@ -497,11 +504,11 @@ class VTPMTarget:
             raise CommitFailed(f"vtpm device {self.name}: commit before finish")
         if self.control is not None:
             try:
-                await self.control.loadStateBlobs(self.blobs, INIT_FLAG_DELETE_VOLATILE)
+                await self.control.init(INIT_FLAG_DELETE_VOLATILE)
             except SwtpmError as e:
                 raise CommitFailed(
-                    f"vtpm device {self.name}: loading the state into the swtpm at "
-                    f"{self.control.address} failed: {e}"
+                    f"vtpm device {self.name}: resuming the swtpm at "
+                    f"{self.control.address} with the migrated state failed: {e}"
                 )
             return [f"vtpm {self.name} resumed in swtpm at {self.control.address}"]
         assert self.staged is not None and self.destination is not None
@@ -520,8 +527,9 @@ class VTPMTarget:
         return Deferred.fromCoroutine(self._abort())
 
     async def _abort(self) -> None:
-        # Nothing was set into a target swtpm before commit; only our own helper
-        # swtpm and the staged files (inside stagingDir) may exist.
+        # Blobs set into a target swtpm at finish live only in its memory until
+        # INIT (never sent): the toolstack discards that swtpm.  Our own helper
+        # swtpm and the staged files (inside stagingDir) are removed here.
         if self.swtpm is not None:
             await self.swtpm.stop()
         if self.staged is not None:
