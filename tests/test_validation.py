@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.protocol import Protocol
@@ -403,3 +404,39 @@ def test_vtpmPaths(
     description = DeviceDescription("vtpm", "tpm0", 100, params)
     with pytest.raises(error, match=text):
         vtpmKind.target(description, vtpmContext)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("backing", ["../../etc/passwd", "/etc/passwd"])
+async def test_diskBackingOutsideRoots(
+    vtpmContext: FakeTargetContext, backing: str
+) -> None:
+    """A disk's backing file is looked for only within the roots (no probing)."""
+    from xenmig.devices.disk import diskKind
+
+    description = DeviceDescription(
+        "disk", "root", 4096, {"target": "root.img", "backing": backing}
+    )
+    with pytest.raises(PathNotAllowed):
+        await diskKind.target(description, vtpmContext).accept()
+
+
+@pytest.mark.parametrize(
+    "params, text",
+    [
+        ({"max_size": "lots"}, "max_size must be a whole number"),
+        ({"block_size": "4096; rm"}, "block_size must be a whole number"),
+        ({"block_size": 2**70}, "out of range"),
+    ],
+)
+def test_diskIntegerParams(
+    vtpmContext: FakeTargetContext, params: dict[str, Any], text: str
+) -> None:
+    """A disk's integer parameters are checked, not converted blindly."""
+    from xenmig.devices.disk import diskKind
+
+    with pytest.raises(BadSpec, match=text):
+        description = DeviceDescription(
+            "disk", "root", 4096, {"target": "r.img", **params}
+        )
+        diskKind.target(description, vtpmContext)

@@ -43,7 +43,7 @@ from xenmig.interfaces import (
     ITargetContext,
     ITargetDevice,
 )
-from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec
+from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, intParam
 from xenmig.records import (
     DataRecord,
     EndRecord,
@@ -110,10 +110,10 @@ class DiskTarget:
                 f"device {name}: unsupported image format {params['format']!r}"
             )
         self.overwrite = str(params.get("target-overwrite", "")).lower() in YES
-        self.maxSize = int(params.get("max_size", description.size))
+        self.maxSize = intParam(f"device {name}", params, "max_size", description.size)
         if self.maxSize < description.size:
             raise BadSpec(f"device {name}: max_size is below the image size")
-        self.blockSize = int(params.get("block_size", BLOCK_SIZE))
+        self.blockSize = intParam(f"device {name}", params, "block_size", BLOCK_SIZE)
         if not 0 < self.blockSize <= MAX_BLOCK_SIZE or self.blockSize % 4096:
             raise BadSpec(
                 f"device {name}: block_size must be a multiple of 4096 bytes, at "
@@ -146,7 +146,9 @@ class DiskTarget:
                 f"target-overwrite=yes to replace it"
             )
         await self._checkBacking(directory)
-        allocated = int(self.description.params.get("allocated", self.description.size))
+        allocated = intParam(
+            self._name, self.description.params, "allocated", self.description.size
+        )
         need = spaceNeeded(allocated)
         free = await self.context.runInThread(freeBytes, directory)
         if need > free:
@@ -176,7 +178,10 @@ class DiskTarget:
         backing = self.description.params.get("backing")
         if not backing:
             return
-        path = os.path.join(directory, str(backing))
+        # A peer's path: it may only ask about files within its roots.
+        path = self.context.resolveDestination(
+            os.path.join(directory, str(backing))
+        ).path
         if not await self.context.runInThread(os.path.exists, path):
             raise DeviceRefused(
                 f"{self._name}: the image's backing file {backing!r} does not exist "
