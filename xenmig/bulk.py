@@ -32,7 +32,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig.amp_commands import StartStream
-from xenmig.errors import WIRE_ERRORS, NotAuthorized, PeerError, StreamError
+from xenmig.errors import (
+    WIRE_ERRORS,
+    NotAuthorized,
+    PeerError,
+    StreamError,
+    StreamLost,
+)
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
 from xenmig.records import (
@@ -359,7 +365,7 @@ class ThreadedStreamSender:
             self._finished.errback(Failure(error))
             return
         self._lost = Failure(
-            StreamError(
+            StreamLost(
                 f"the stream of device {self.device} was lost after "
                 f"{self.bytesWritten} bytes: {error}"
             )

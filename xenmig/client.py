@@ -49,7 +49,7 @@ from xenmig.errors import (
     DigestMismatch,
     MigrationAborted,
     PhaseTimeout,
-    StreamError,
+    StreamLost,
     XenmigError,
 )
 from xenmig.interfaces import (
@@ -579,9 +579,7 @@ class SourceMigration:
         When a stream broke, the target usually aborted first (no space, a bad
         record): ask it, so the error names its reason, not "connection reset".
         """
-        # Exactly StreamError: the stream broke here (a DigestMismatch, its
-        # subclass, is already the target's answer).
-        if type(error) is not StreamError or self.control is None:
+        if not isinstance(error, StreamLost) or self.control is None:
             return None
         try:
             answer = await _timeout(

@@ -56,6 +56,10 @@ class StreamError(XenmigError):
     """A state stream was malformed, truncated, or ended early."""
 
 
+class StreamLost(StreamError):
+    """This side's connection carrying a stream broke (the peer may know why)."""
+
+
 class DigestMismatch(StreamError):
     """The digest of the received state differs from the one the source sent."""
 

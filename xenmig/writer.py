@@ -11,7 +11,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenmig.errors import StreamError
+from xenmig.errors import StreamError, StreamLost
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
 from xenmig.records import (
@@ -89,7 +89,7 @@ class StreamSender(Protocol):
         if self._done and not self._waiters:
             return
         self._lost = Failure(
-            StreamError(
+            StreamLost(
                 f"the stream of device {self.device} was lost after "
                 f"{self.bytesWritten} bytes: {reason.getErrorMessage()}"
             )
