@@ -174,7 +174,10 @@ class MigrationClient:
     async def connect(self) -> amp.AMP:
         """A new control connection (the TLS handshake is part of the bound)."""
         d = self.endpoint().connect(Factory.forProtocol(amp.AMP))
-        return await _timeout(d, self.timeouts.connect, self.reactor, "connecting")
+        protocol = await _timeout(d, self.timeouts.connect, self.reactor, "connecting")
+        if hasattr(protocol.transport, "setTcpNoDelay"):
+            protocol.transport.setTcpNoDelay(True)  # small boxes: no delayed ACKs
+        return protocol
 
     async def call(self, protocol: amp.AMP, command: type, **kw: Any) -> dict[str, Any]:
         """One AMP call, bounded by the call time-out."""

@@ -357,7 +357,8 @@ class MigrationTarget:
                 device = kind.target(description, context)
                 params = await device.accept()
             except XenmigError as e:
-                offers.append(DeviceOffer(name, False, f"device {name}: {e}"))
+                reason = str(e) if f"device {name}" in str(e) else f"device {name}: {e}"
+                offers.append(DeviceOffer(name, False, reason))
                 continue
             except Exception as e:
                 log.failure(
