@@ -47,6 +47,8 @@ def _tmpfsOr(path: str, fallback: str) -> str:
 
 
 DEFAULT_DIR = _tmpfsOr("/dev/shm/xenmig-bench", "/tmp/xenmig-bench")
+#: A disk filesystem, where both copies pay for their fsync.
+DISK_DIR = "/var/tmp/xenmig-bench"
 DEFAULT_CACHE = _tmpfsOr("/dev/shm/xenmig-bench-cache", "/tmp/xenmig-bench-cache")
 
 
@@ -391,7 +393,12 @@ def main() -> None:
         "--runs", type=int, default=3, help="pairs of copies (default 3)"
     )
     parser.add_argument("--client", choices=["process", "cli"], default="process")
-    parser.add_argument("--dir", default=DEFAULT_DIR, help="where copies are written")
+    parser.add_argument(
+        "--dir",
+        action="append",
+        help="where copies are written (repeatable; default: tmpfs, then a disk "
+        "filesystem, each measured on its own)",
+    )
     parser.add_argument("--cache", default=DEFAULT_CACHE, help="the source file")
     parser.add_argument(
         "--profile", action="store_true", help="cProfile daemon and client"
@@ -401,14 +408,22 @@ def main() -> None:
 
     size = args.size_mib * MiB
     source = sourceFile(Path(args.cache), size)
-    Path(args.dir).mkdir(parents=True, exist_ok=True)
-    if shutil.disk_usage(args.dir).free < size + 256 * MiB:
-        raise SystemExit(f"bench: {args.dir} needs {size // MiB + 256} MiB free")
-    work = Path(tempfile.mkdtemp(prefix="run-", dir=args.dir))
     from xenmig.digest import hashFile
 
     expected = hashFile(str(source))
-    print(f"source {source}, {size // MiB} MiB; copies to {work}")
+    for where in args.dir or [DEFAULT_DIR, DISK_DIR]:
+        measure(args, Path(where), source, size, expected)
+
+
+def measure(
+    args: argparse.Namespace, where: Path, source: Path, size: int, expected: Any
+) -> None:
+    """One set of runs with the copies written under ``where``."""
+    where.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(where).free < size + 256 * MiB:
+        raise SystemExit(f"bench: {where} needs {size // MiB + 256} MiB free")
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=where))
+    print(f"\n== source {source}, {size // MiB} MiB; copies to {work}")
     try:
         daemon = Daemon(work, args.profile)
         try:
@@ -426,14 +441,3 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_receive":
-        receive(int(sys.argv[2]), sys.argv[3])
-    elif len(sys.argv) > 1 and sys.argv[1] == "_send":
-        send(int(sys.argv[2]), sys.argv[3])
-    elif len(sys.argv) > 1 and sys.argv[1] == "_client":
-        runClient(sys.argv[2:])
-    else:
-        main()

@@ -42,14 +42,11 @@ from xenmig.errors import (
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
 from xenmig.records import (
-    encodeData,
     encodeEnd,
     encodeKeepalive,
-    encodeMetadata,
-    encodeRound,
     encodeStreamHeader,
-    encodeZero,
 )
+from xenmig.writer import RecordFraming
 
 _FINISH = object()
 _CODES = {code: error for error, code in WIRE_ERRORS.items()}
@@ -259,7 +256,7 @@ def _readExactly(channel: _Channel, length: int) -> bytes:
 
 
 @implementer(IRecordWriter)
-class ThreadedStreamSender:
+class ThreadedStreamSender(RecordFraming):
     """
     An L{IRecordWriter} whose records a dedicated thread sends.
 
@@ -277,19 +274,15 @@ class ThreadedStreamSender:
         highWater: int = 16 * 1024 * 1024,
         lowWater: int = 8 * 1024 * 1024,
     ) -> None:
+        super().__init__(device)
         self.reactor = reactor
-        self.device = device
         self.keepaliveInterval = keepalive
         self.highWater = highWater
         self.lowWater = lowWater
-        self.bytesWritten = 0
-        self.dataBytes = 0
         self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self._queued = 0  # guarded by _lock
         self._waiters: list[Deferred[None]] = []
-        self._lost: Failure | None = None
-        self._done = False
         self._channel: _Channel | None = None
         self._thread: threading.Thread | None = None
         self._finished: Deferred[None] = Deferred()
@@ -376,11 +369,7 @@ class ThreadedStreamSender:
         if not self._finished.called:
             self._finished.errback(self._lost)
 
-    def _write(self, parts: list[bytes]) -> Deferred[None]:
-        if self._lost is not None:
-            return _failed(self._lost)
-        if self._done:
-            return _failed(Failure(StreamError(f"device {self.device}: stream closed")))
+    def _send(self, parts: list[bytes]) -> Deferred[None]:
         size = sum(len(part) for part in parts)
         with self._lock:
             self._queued += size
@@ -391,22 +380,6 @@ class ThreadedStreamSender:
         waiter: Deferred[None] = Deferred()
         self._waiters.append(waiter)
         return waiter
-
-    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
-        self.bytesWritten += len(data)
-        self.dataBytes += len(data)
-        return self._write(encodeData(offset, data))
-
-    def writeZero(self, offset: int, length: int) -> Deferred[None]:
-        self.bytesWritten += length
-        return self._write(encodeZero(offset, length))
-
-    def writeMetadata(self, metadata: dict[str, Any]) -> Deferred[None]:
-        return self._write(encodeMetadata(metadata))
-
-    def writeRound(self, round: int, final: bool) -> Deferred[None]:
-        """Mark the start of a round."""
-        return self._write(encodeRound(round, final))
 
     def finish(self, digest: ContentDigest) -> Deferred[None]:
         """
@@ -426,9 +399,3 @@ class ThreadedStreamSender:
         self._queue.put(None)
         if self._channel is not None:
             self._channel.abort()
-
-
-def _failed(failure: Failure) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    d.errback(failure)
-    return d

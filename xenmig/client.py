@@ -554,13 +554,18 @@ class SourceMigration:
     async def _release(self) -> None:
         if self.control is not None:
             _hangUp(self.control)
+        await self._everyDevice("release")
+
+    async def _everyDevice(self, step: str) -> None:
+        """Run ``release`` or ``rollback`` on every device; log, never raise."""
         for run in self.devices.values():
             try:
-                await run.device.release()
+                await getattr(run.device, step)()
             except Exception:
                 log.failure(
-                    "migration {migration_id}: release of {device} failed",
+                    "migration {migration_id}: {step} of {device} failed",
                     migration_id=self.migrationId,
+                    step=step,
                     device=run.name,
                 )
 
@@ -631,15 +636,7 @@ class SourceMigration:
                 run.sender.abort()
         if self.control is not None:
             _hangUp(self.control)
-        for run in self.devices.values():
-            try:
-                await run.device.rollback()
-            except Exception:
-                log.failure(
-                    "migration {migration_id}: rollback of {device} failed",
-                    migration_id=self.migrationId,
-                    device=run.name,
-                )
+        await self._everyDevice("rollback")
 
     def _require(self, phase: str) -> None:
         if self.phase != phase:

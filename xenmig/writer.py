@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
@@ -25,8 +25,51 @@ from xenmig.records import (
 )
 
 
+@implementer(IRecordWriter)
+class RecordFraming:
+    """
+    The L{IRecordWriter} methods and the framework's records over one
+    ``_send(parts)``, which each kind of stream sender provides: framing, the
+    byte counters, and refusing writes once the stream is lost or closed.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.bytesWritten = 0
+        self.dataBytes = 0
+        self._lost: Failure | None = None
+        self._done = False
+
+    def _send(self, parts: list[bytes]) -> Deferred[None]:
+        """Send one framed record; a Deferred firing when more may be written."""
+        raise NotImplementedError()
+
+    def _write(self, parts: list[bytes]) -> Deferred[None]:
+        if self._lost is not None:
+            return fail(self._lost)
+        if self._done:
+            return fail(Failure(StreamError(f"device {self.device}: stream closed")))
+        return self._send(parts)
+
+    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
+        self.bytesWritten += len(data)
+        self.dataBytes += len(data)
+        return self._write(encodeData(offset, data))
+
+    def writeZero(self, offset: int, length: int) -> Deferred[None]:
+        self.bytesWritten += length
+        return self._write(encodeZero(offset, length))
+
+    def writeMetadata(self, metadata: dict[str, Any]) -> Deferred[None]:
+        return self._write(encodeMetadata(metadata))
+
+    def writeRound(self, round: int, final: bool) -> Deferred[None]:
+        """Mark the start of a round (a framework record)."""
+        return self._write(encodeRound(round, final))
+
+
 @implementer(IRecordWriter, IPushProducer)
-class StreamSender(Protocol):
+class StreamSender(RecordFraming, Protocol):
     """
     Writes one device's records to its stream connection.
 
@@ -43,18 +86,14 @@ class StreamSender(Protocol):
     def __init__(
         self, device: str, clock: IReactorTime | None = None, keepalive: float = 10.0
     ) -> None:
-        self.device = device
+        super().__init__(device)
         self.clock = clock
         self.keepaliveInterval = keepalive
         self._timer: LoopingCall | None = None
         self._wrote = False
-        self.bytesWritten = 0
-        self.dataBytes = 0
         self.opened: Deferred[StreamSender] = Deferred()
         self._paused = False
         self._waiters: list[Deferred[None]] = []
-        self._lost: Failure | None = None
-        self._done = False
         self._disconnected = False
 
     # -- protocol and producer ------------------------------------------------------
@@ -100,11 +139,7 @@ class StreamSender(Protocol):
 
     # -- IRecordWriter ----------------------------------------------------------------
 
-    def _write(self, parts: list[bytes]) -> Deferred[None]:
-        if self._lost is not None:
-            return _failed(self._lost)
-        if self._done:
-            return _failed(Failure(StreamError(f"device {self.device}: stream closed")))
+    def _send(self, parts: list[bytes]) -> Deferred[None]:
         self.transport.writeSequence(parts)
         self._wrote = True
         if not self._paused:
@@ -112,24 +147,6 @@ class StreamSender(Protocol):
         waiter: Deferred[None] = Deferred()
         self._waiters.append(waiter)
         return waiter
-
-    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
-        self.bytesWritten += len(data)
-        self.dataBytes += len(data)
-        return self._write(encodeData(offset, data))
-
-    def writeZero(self, offset: int, length: int) -> Deferred[None]:
-        self.bytesWritten += length
-        return self._write(encodeZero(offset, length))
-
-    def writeMetadata(self, metadata: dict[str, Any]) -> Deferred[None]:
-        return self._write(encodeMetadata(metadata))
-
-    # -- framework records ------------------------------------------------------------
-
-    def writeRound(self, round: int, final: bool) -> Deferred[None]:
-        """Mark the start of a round."""
-        return self._write(encodeRound(round, final))
 
     def _tick(self) -> None:
         if not self._wrote:
@@ -152,7 +169,7 @@ class StreamSender(Protocol):
         it.  Whether it arrived intact, the target says in its DeviceReady answer.
         """
         if self._lost is not None:
-            return _failed(self._lost)
+            return fail(self._lost)
         self.transport.writeSequence(
             encodeEnd(digest.size, digest.algorithm, digest.digest)
         )
@@ -169,9 +186,3 @@ class StreamSender(Protocol):
         # A TLS transport whose connection is gone fails in abortConnection.
         if self.transport is not None and not self._disconnected:
             self.transport.abortConnection()
-
-
-def _failed(failure: Failure) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    d.errback(failure)
-    return d
