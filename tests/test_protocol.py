@@ -179,6 +179,17 @@ def test_refusedDevice(target, kind):
     assert "no keys here" in offers["b"]["reason"]
     assert "m1" not in target.sessions
     assert kind.targets[0].aborted
+    # The operator of the target sees the refusal and why ...
+    status = call(pump, client, commands.QueryMigration, migration_id="m1")["status"]
+    assert status["phase"] == "ABORTED"
+    assert status["reason"].startswith("refused at Prepare: ")
+    assert "no keys here" in status["reason"]
+    states = {d["name"]: d["state"] for d in status["devices"]}
+    assert states == {"a": "ABORTED", "b": "REFUSED"}
+    # ... and the same id may be prepared again once the cause is fixed.
+    again = prepare(pump, client, devices=[device("a"), device("b")])
+    assert all(o["accepted"] for o in again["offers"])
+    assert target.sessions["m1"].phase is Phase.PREPARED
 
 
 def test_unknownKind(target):

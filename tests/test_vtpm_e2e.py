@@ -723,8 +723,8 @@ async def test_target_without_the_needed_key(
     """
     ``xenmig migrate`` to a target that lacks a key the source's state needs: the
     target refuses the device at Prepare, the CLI says why and that the VM may
-    resume; no session is opened on the target (``xenmig status`` does not know
-    the id) and the source TPM runs on.
+    resume; no session is opened on the target (``xenmig status`` shows the
+    refusal and its reason) and the source TPM runs on.
     """
     keys = "migration-key" if missing == "migration-key" else "key"
     source, expected = await runningSource(host, keys)
@@ -756,7 +756,11 @@ async def test_target_without_the_needed_key(
     status = await xenmig(
         "status", migrationId, "--state-dir", str(hosts.b.stateDir), "--json"
     )
-    assert status.code == 1 and migrationId in status.err, status
+    assert status.code == 0, status
+    shown = json.loads(status.out)
+    assert shown["phase"] == "ABORTED", shown
+    assert shown["reason"].startswith("refused at Prepare: ")
+    assert words in shown["reason"]
     assert not (hosts.b.dest / migrationId).exists()
     assert source.running
     await assertUsable(source, expected)

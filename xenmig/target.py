@@ -285,6 +285,7 @@ class MigrationTarget:
             raise
         if len(accepted) < len(descriptions):
             await self._refuse(migrationId, domain, peer, offers, accepted)
+            self._recordRefusal(migrationId, domain, peer, descriptions, offers)
             return PROTOCOL_VERSION, offers
         slots = [TargetDeviceSlot(dev, dev.description, self.clock) for dev in accepted]
         session = TargetSession(
@@ -313,7 +314,10 @@ class MigrationTarget:
         if not isinstance(migrationId, str) or not _MIGRATION_ID.match(migrationId):
             raise BadSpec(f"migration id {migrationId!r} is invalid")
         checkName("domain", domain)
-        if migrationId in self.sessions or migrationId in self.history:
+        refused = self.history.get(migrationId, {}).get("refused")
+        if migrationId in self.sessions or (
+            migrationId in self.history and not refused
+        ):
             raise DuplicateMigration(f"migration {migrationId} already exists here")
         active = [s for s in self.sessions.values() if s.phase not in FINAL]
         if len(active) >= self.config.maxSessions:
@@ -400,6 +404,57 @@ class MigrationTarget:
             peer=peer,
             reasons=reasons,
         )
+
+    def _recordRefusal(
+        self,
+        migrationId: str,
+        domain: str,
+        peer: str,
+        descriptions: list[DeviceDescription],
+        offers: list[DeviceOffer],
+    ) -> None:
+        """
+        Keep a refused Prepare for ``xenmig status`` (and the journal), so the
+        operator of this host sees it and why; the id may be prepared again.
+        """
+        now = self.clock.seconds()
+        reasons = {o.name: o.reason for o in offers}
+        record = {
+            "migration_id": migrationId,
+            "domain": domain,
+            "phase": "ABORTED",
+            "peer": peer,
+            "reason": "refused at Prepare: "
+            + "; ".join(o.reason for o in offers if not o.accepted),
+            "refused": True,
+            "started": now,
+            "updated": now,
+            "installed": [],
+            "staging": [],
+            "devices": [
+                {
+                    "name": d.name,
+                    "kind": d.kind,
+                    "state": "REFUSED" if reasons.get(d.name) else "ABORTED",
+                    "bytes_done": 0,
+                    "bytes_expected": d.size,
+                    "rate": 0.0,
+                    "digest": "",
+                    "reason": reasons.get(d.name, ""),
+                }
+                for d in descriptions
+            ],
+        }
+        self.history[migrationId] = record
+        self.gate.aborted(migrationId, domain, record["reason"])
+        self.journal.write(migrationId, record).addErrback(
+            lambda f: log.failure(
+                "migration {migration_id}: journal write failed",
+                f,
+                migration_id=migrationId,
+            )
+        )
+        self._prune()
 
     # -- streams -------------------------------------------------------------------
 
