@@ -7,18 +7,17 @@ import os
 import re
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.filepath import FilePath
-from zope.interface import implementer
 
 from xenmig.amp_commands import ACCEPTED_PROTOCOL_VERSIONS, MAX_JSON, PROTOCOL_VERSION
 from xenmig.authz import Grant, PeerPolicy, PolicySource
-from xenmig.destinations import resolveDestination
+from xenmig.config import TargetConfig, Timeouts
+from xenmig.context import TargetContext
 from xenmig.errors import (
     BadSpec,
     BadToken,
@@ -34,11 +33,13 @@ from xenmig.errors import (
     XenmigError,
 )
 from xenmig.gate import Release, ResumeGate
-from xenmig.interfaces import IDeviceKind, ITargetContext, ITargetDevice
+from xenmig.interfaces import IDeviceKind, ITargetDevice
 from xenmig.journal import KEEP_FINISHED, Journal, removeTree
 from xenmig.limits import bounded
 from xenmig.model import DeviceDescription, DeviceOffer, checkName
 from xenmig.session import FINAL, Phase, TargetDeviceSlot, TargetSession
+
+__all__ = ["MigrationTarget", "TargetConfig", "TargetContext", "Timeouts"]
 
 log = Logger()
 
@@ -46,91 +47,6 @@ log = Logger()
 KEEP_IN_MEMORY = 32
 
 _MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Every bound on waiting, in seconds; each expiry aborts with its name."""
-
-    handshake: float = 30.0
-    idle: float = 60.0
-    prepared: float = 600.0
-    receiving: float = 3600.0
-    ready: float = 600.0
-    token: float = 60.0
-    commit: float = 300.0
-
-    def deadlines(self) -> dict[Phase, float]:
-        return {
-            Phase.PREPARED: self.prepared,
-            Phase.RECEIVING: self.receiving,
-            Phase.READY: self.ready,
-            Phase.COMMITTING: self.commit,
-        }
-
-
-@dataclass(frozen=True)
-class TargetConfig:
-    """What the target daemon was configured with."""
-
-    stateDir: FilePath
-    allowedRoots: tuple[FilePath, ...] = ()
-    onCommit: str | None = None
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    maxSessions: int = 16
-    #: Devices (so streams) of one migration.
-    maxDevices: int = 64
-
-    @property
-    def roots(self) -> tuple[FilePath, ...]:
-        return self.allowedRoots or (self.stateDir.child("devices"),)
-
-
-@implementer(ITargetContext)
-class TargetContext:
-    """What a target device gets from the framework."""
-
-    def __init__(
-        self,
-        target: MigrationTarget,
-        migrationId: str,
-        domain: str,
-        peer: str,
-        name: str,
-        roots: tuple[FilePath, ...] | None = None,
-    ) -> None:
-        self.reactor = target.reactor
-        self.migrationId = migrationId
-        self.domain = domain
-        self.peer = peer
-        self.stagingDir = target.stagingRoot.child(migrationId).child(name)
-        self.externalStaging: list[str] = []
-        self._target = target
-        self._name = name
-        self.roots = roots or target.config.roots
-
-    def runInThread(self, function: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        return self._target.runInThread(function, *args, **kw)
-
-    def resolveDestination(self, path: str) -> FilePath:
-        return resolveDestination(path, self.roots)
-
-    def stagingPathFor(self, destination: FilePath, suffix: str = "") -> FilePath:
-        name = f"{self._name}{suffix}.part"
-        try:
-            sameDevice = (
-                os.stat(self.stagingDir.path).st_dev
-                == os.stat(destination.dirname()).st_dev
-            )
-        except OSError:
-            sameDevice = False
-        if sameDevice:
-            return self.stagingDir.child(name)
-        path = destination.sibling(
-            f".{destination.basename()}.xenmig-{self.migrationId}{suffix}.part"
-        )
-        self.externalStaging.append(path.path)
-        return path
 
 
 @dataclass
@@ -419,13 +335,15 @@ class MigrationTarget:
         """
         now = self.clock.seconds()
         reasons = {o.name: o.reason for o in offers}
-        record = {
+        reason = "refused at Prepare: " + "; ".join(
+            o.reason for o in offers if not o.accepted
+        )
+        record: dict[str, Any] = {
             "migration_id": migrationId,
             "domain": domain,
             "phase": "ABORTED",
             "peer": peer,
-            "reason": "refused at Prepare: "
-            + "; ".join(o.reason for o in offers if not o.accepted),
+            "reason": reason,
             "refused": True,
             "started": now,
             "updated": now,
@@ -446,7 +364,7 @@ class MigrationTarget:
             ],
         }
         self.history[migrationId] = record
-        self.gate.aborted(migrationId, domain, record["reason"])
+        self.gate.aborted(migrationId, domain, reason)
         self.journal.write(migrationId, record).addErrback(
             lambda f: log.failure(
                 "migration {migration_id}: journal write failed",
