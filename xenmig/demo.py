@@ -534,7 +534,7 @@ class DemoRun:
             self.say(f"  verified {leg.checks[-1]}")
 
     async def _awaitRestored(self, host: DemoHost) -> dict[str, Any]:
-        from xenmig.cli import LocalControl
+        from xenmig.localcontrol import LocalControl
 
         return await LocalControl(self.reactor, host.stateDir).awaitRestored(
             DOMAIN, 120.0
@@ -544,7 +544,7 @@ class DemoRun:
         self, leg: Leg, installed: list[str], restored: dict[str, Any]
     ) -> None:
         """The target's own view: the resume gate fired, its status agrees."""
-        from xenmig.cli import LocalControl
+        from xenmig.localcontrol import LocalControl
 
         target = leg.target
         if restored["migration_id"] != leg.migrationId or sorted(
@@ -606,7 +606,7 @@ class DemoRun:
 
     async def _daemonViews(self) -> None:
         """Each daemon's own list of what it received (``xenmig status``)."""
-        from xenmig.cli import LocalControl
+        from xenmig.localcontrol import LocalControl
 
         for host in self.hosts:
             records = await LocalControl(self.reactor, host.stateDir).listMigrations()

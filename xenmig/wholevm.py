@@ -432,7 +432,7 @@ class WholeVM:
 
     async def _dropControl(self, migration: SourceMigration) -> None:
         """Cut the control connection and wait until the target has aborted."""
-        from xenmig.cli import LocalControl
+        from xenmig.localcontrol import LocalControl
 
         assert migration.control is not None
         migration.control.transport.abortConnection()  # type: ignore[union-attr]
