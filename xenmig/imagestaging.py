@@ -207,6 +207,13 @@ class ImageStaging(StagedFile):
         self._releaseHashWaiters(failure)
         self._settleHashes()
 
+    def writingFailed(self, failure: Failure) -> None:
+        # Hashing stops with the writes: whoever waits on it must hear why.
+        self._hashQueue.clear()
+        self._hashQueued = 0
+        self._releaseHashWaiters(failure)
+        self._settleHashes()
+
     @property
     def _stopped(self) -> bool:
         return self._discarded or self.failure is not None or bool(self._hashFailure)

@@ -181,6 +181,13 @@ class StagedFile:
         self._queue.clear()
         self._release(failure)
         self._settle()
+        self.writingFailed(failure)
+
+    def writingFailed(self, failure: Failure) -> None:
+        """
+        Writing failed (no space, an I/O error); for subclasses that make callers
+        wait on work of their own, which must now be released too.
+        """
 
     def _settle(self) -> None:
         if self._inflight is None:
