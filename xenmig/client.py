@@ -406,14 +406,7 @@ class SourceMigration:
 
         policy = policy or ConvergencePolicy()
         runs = [r for r in self.devices.values() if r.device.precopy]
-        try:
-            await _gather([self._precopy(r, _fresh(policy)) for r in runs])
-        except BaseException as e:
-            reason = await self._targetReason(e)
-            await self._failed(reason or e)
-            if reason is not None:
-                raise reason from e
-            raise
+        await self._allOrAbort([self._precopy(r, _fresh(policy)) for r in runs])
         self.phase = "PRECOPIED"
         self._mark("precopied")
         return {r.name: list(r.rounds or []) for r in runs}
@@ -458,14 +451,7 @@ class SourceMigration:
             self.paused()
         self._mark("transfer")
         self.phase = "TRANSFER"
-        try:
-            await _gather([self._transfer(run) for run in self.devices.values()])
-        except BaseException as e:
-            reason = await self._targetReason(e)
-            await self._failed(reason or e)
-            if reason is not None:
-                raise reason from e
-            raise
+        await self._allOrAbort([self._transfer(run) for run in self.devices.values()])
         self.phase = "READY"
         self._mark("ready")
         return {name: run.digest for name, run in self.devices.items() if run.digest}
@@ -581,6 +567,20 @@ class SourceMigration:
                 f"migration {self.migrationId} is {self.phase}; it cannot be aborted"
             )
         await self._failed(MigrationAborted(reason))
+
+    async def _allOrAbort(self, steps: list[Any]) -> None:
+        """
+        Run every device's step in parallel; on the first failure abort the
+        migration and raise (the target's own reason, if a stream broke).
+        """
+        try:
+            await _gather(steps)
+        except BaseException as e:
+            reason = await self._targetReason(e)
+            await self._failed(reason or e)
+            if reason is not None:
+                raise reason from e
+            raise
 
     async def _targetReason(self, error: BaseException) -> MigrationAborted | None:
         """
