@@ -33,6 +33,7 @@ from xenmig.qmp import (
     QMPTimeout,
     connectQMP,
 )
+from xenmig.testing import requirePrograms
 
 GREETING = (
     b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, '
@@ -521,12 +522,9 @@ def workdir() -> Iterator[str]:
 
 @pytest.fixture
 def qemu() -> str:
+    requirePrograms(testguest.QEMU)
     path = testguest.findQEMU()
-    if path is None:
-        reason = f"{testguest.QEMU} is not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + " (CI=true: QEMU tests must run)")
-        pytest.skip(reason)
+    assert path is not None
     return path
 
 

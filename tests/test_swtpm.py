@@ -46,24 +46,12 @@ from xenmig.swtpm import (
     swtpmFeatures,
     tpmCommand,
 )
+from xenmig.testing import requirePrograms
 
 PCR_VALUE = "01" * 32
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def requireTools(*names: str) -> None:
-    """Skip (or, with CI=true, fail) when a needed program is missing."""
-    missing = [name for name in names if shutil.which(name) is None]
-    if missing:
-        reason = (
-            f"needs {', '.join(missing)} in PATH "
-            f"(Debian: apt-get install swtpm swtpm-tools tpm2-tools)"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 def resultOf(d: Deferred) -> Any:
@@ -110,7 +98,7 @@ async def swtpms(workdir):
     started: list[SwtpmProcess] = []
 
     async def start(name: str, running: bool = True, **kwargs: Any) -> SwtpmProcess:
-        requireTools("swtpm", "tpm2_startup")
+        requirePrograms("swtpm", "tpm2_startup")
         state = os.path.join(workdir, name)
         os.mkdir(state)
         process = SwtpmProcess(reactor, state, **kwargs)
@@ -285,7 +273,7 @@ async def test_refusedNamesSocket(workdir):
 @pytest_twisted.ensureDeferred
 async def test_featuresOfInstalledSwtpm():
     """The installed swtpm is recent enough and its features are found."""
-    requireTools("swtpm")
+    requirePrograms("swtpm")
     features = await swtpmFeatures(reactor)
     assert features.version >= (0, 6, 0)
     assert "tpm-2.0" in features.capabilities
