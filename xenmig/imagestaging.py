@@ -16,7 +16,7 @@ from xenmig.errors import DeviceError
 from xenmig.interfaces import ITargetContext
 from xenmig.model import ContentDigest
 from xenmig.records import DataRecord, ZeroRecord
-from xenmig.staging import StagedFile
+from xenmig.staging import StagedFile, recordWeight
 
 #: Coverage mark of a block written in a way its digest does not follow.
 STALE = -1
@@ -117,11 +117,6 @@ class BlockDigests:
         return digests, unknown
 
 
-def _weight(record: DataRecord | ZeroRecord) -> int:
-    """The memory a queued record holds."""
-    return len(record.data) if isinstance(record, DataRecord) else 64
-
-
 class ImageStaging(StagedFile):
     """
     A L{StagedFile} for an image received in rounds, which hashes it itself.
@@ -164,7 +159,7 @@ class ImageStaging(StagedFile):
             self._hashFailure.raiseException()
         waiting = super().receive(record)
         self._hashQueue.append(record)
-        self._hashQueued += _weight(record)
+        self._hashQueued += recordWeight(record)
         self._pumpHashes()
         if self._hashQueued > self.highWater:
             waiter: Deferred[None] = Deferred()
@@ -180,7 +175,7 @@ class ImageStaging(StagedFile):
         while self._hashQueue and weight < self.maxBatch:
             record = self._hashQueue.popleft()
             batch.append(record)
-            weight += _weight(record)
+            weight += recordWeight(record)
         self._hashing = self.context.runInThread(self._hashBatch, batch)
         self._hashing.addCallbacks(self._hashed, self._hashFailed, (weight,))
 

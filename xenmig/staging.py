@@ -74,7 +74,7 @@ def fsyncDirectory(path: str) -> None:
         os.close(fd)
 
 
-def _weight(record: DataRecord | ZeroRecord) -> int:
+def recordWeight(record: DataRecord | ZeroRecord) -> int:
     """The memory a queued record holds."""
     return len(record.data) if isinstance(record, DataRecord) else 64
 
@@ -146,7 +146,7 @@ class StagedFile:
             )
         self.bytesReceived += length
         self._queue.append(record)
-        self._queued += _weight(record)
+        self._queued += recordWeight(record)
         self._pump()
         if self._queued > self.highWater:
             waiter: Deferred[None] = Deferred()
@@ -163,13 +163,13 @@ class StagedFile:
         while self._queue and size < self.maxBatch:
             record = self._queue.popleft()
             batch.append(record)
-            size += _weight(record)
+            size += recordWeight(record)
         self._inflight = self.context.runInThread(self._writeBatch, batch)
         self._inflight.addCallbacks(self._batchWritten, self._failed, (batch,))
 
     def _batchWritten(self, _: None, batch: list[DataRecord | ZeroRecord]) -> None:
         self._inflight = None
-        self._queued -= sum(_weight(r) for r in batch)
+        self._queued -= sum(recordWeight(r) for r in batch)
         if self._queued <= self.lowWater:
             self._release(None)
         self._pump()

@@ -39,6 +39,7 @@ from xenmig.interfaces import (
 )
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
 from xenmig.records import DataRecord, EndRecord, MetadataRecord, Record, ZeroRecord
+from xenmig.staging import fsyncDirectory
 from xenmig.swtpm import (
     BLOB_NAMES,
     BLOB_TYPES,
@@ -551,15 +552,7 @@ def _syncStateDir(path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    _syncDir(path)
-
-
-def _syncDir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsyncDirectory(path)
 
 
 def _install(staged: str, destination: str, overwrite: bool) -> None:
