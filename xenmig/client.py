@@ -27,9 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import (
-    CancelledError,
     Deferred,
-    TimeoutError,
     gatherResults,
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
@@ -38,7 +36,6 @@ from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig import amp_commands as commands
@@ -58,6 +55,7 @@ from xenmig.interfaces import (
     ISourceContext,
     ISourceDevice,
 )
+from xenmig.limits import withDeadline
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
 from xenmig.plugins import deviceKinds
 from xenmig.writer import StreamSender
@@ -79,13 +77,9 @@ class ClientTimeouts:
 
 def _timeout(d: Deferred[Any], seconds: float, clock: Any, what: str) -> Deferred[Any]:
     """Bound ``d``; on expiry it fails with PhaseTimeout naming ``what``."""
-
-    def expired(failure: Failure) -> Failure:
-        if failure.check(CancelledError, TimeoutError):  # addTimeout's own error
-            return Failure(PhaseTimeout(f"{what} did not finish within {seconds:g} s"))
-        return failure
-
-    return d.addTimeout(seconds, clock).addErrback(expired)
+    return withDeadline(
+        d, seconds, clock, f"{what} did not finish within {seconds:g} s"
+    )
 
 
 @implementer(ISourceContext)

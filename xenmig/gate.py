@@ -6,11 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
-from xenmig.errors import MigrationAborted, PhaseTimeout
+from xenmig.errors import MigrationAborted
+from xenmig.limits import withDeadline
 
 
 @dataclass(frozen=True)
@@ -91,15 +91,13 @@ class ResumeGate:
         waiter.deferred = Deferred(lambda d: self._forget(waiter))
         self._waiters.append(waiter)
 
-        def expired(failure: Failure) -> Failure:
-            if failure.check(CancelledError, TimeoutError):
-                what = migrationId or f"a migration of {domain}"
-                return Failure(
-                    PhaseTimeout(f"{what} did not commit within {timeout:g} seconds")
-                )
-            return failure
-
-        return waiter.deferred.addTimeout(timeout, self.clock).addErrback(expired)
+        what = migrationId or f"a migration of {domain}"
+        return withDeadline(
+            waiter.deferred,
+            timeout,
+            self.clock,
+            f"{what} did not commit within {timeout:g} seconds",
+        )
 
     def _forget(self, waiter: _Waiter) -> None:
         if waiter in self._waiters:

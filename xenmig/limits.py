@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from xenmig.errors import PhaseTimeout
 
 log = Logger()
 
@@ -125,3 +130,19 @@ def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
     if len(message) <= limit:
         return message
     return message[: limit - 20] + f" ... ({len(message)} chars)"
+
+
+def withDeadline(
+    d: Deferred[Any], seconds: float, clock: IReactorTime, message: str
+) -> Deferred[Any]:
+    """
+    Bound ``d`` (cancelling it) to ``seconds`` on ``clock``; on expiry it fails
+    with L{PhaseTimeout} carrying ``message``, which names what did not finish.
+    """
+
+    def expired(failure: Failure) -> Failure:
+        if failure.check(CancelledError, TimeoutError):  # addTimeout's own error
+            return Failure(PhaseTimeout(message))
+        return failure
+
+    return d.addTimeout(seconds, clock).addErrback(expired)

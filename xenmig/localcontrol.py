@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.protocols import amp
 
 from xenmig import amp_commands as commands
-from xenmig.errors import ConfigurationError, PhaseTimeout
+from xenmig.errors import ConfigurationError
+from xenmig.limits import withDeadline
 
 
 class LocalControl:
@@ -47,14 +47,12 @@ class LocalControl:
         protocol = await self.connect()
         seconds = seconds or self.timeout
         try:
-            d = protocol.callRemote(command, **kw)
-            d.addTimeout(seconds, self.reactor)
-            try:
-                return await d
-            except defer.TimeoutError:
-                raise PhaseTimeout(
-                    f"the daemon did not answer within {seconds:g} s ({self.path})"
-                )
+            return await withDeadline(
+                protocol.callRemote(command, **kw),
+                seconds,
+                self.reactor,
+                f"the daemon did not answer within {seconds:g} s ({self.path})",
+            )
         finally:
             if protocol.transport is not None:
                 protocol.transport.loseConnection()
