@@ -31,6 +31,7 @@ from xenmig.blockmap import (
     treeDigest,
 )
 from xenmig.convergence import ConvergencePolicy, FixedRounds
+from xenmig.destinations import resolveDestination
 from xenmig.devices.disk import DiskSource, DiskTarget, diskKind, probeImage
 from xenmig.digest import hashFile
 from xenmig.errors import (
@@ -106,14 +107,7 @@ class FakeTargetContext:
         )
 
     def resolveDestination(self, path: str) -> FilePath:
-        parent = os.path.realpath(os.path.dirname(path))
-        if ".." in path.split("/") or not any(
-            parent == os.path.realpath(root.path)
-            or parent.startswith(os.path.realpath(root.path) + "/")
-            for root in self.roots
-        ):
-            raise PathNotAllowed(f"destination {path!r} is outside the allowed roots")
-        return FilePath(os.path.join(parent, os.path.basename(path)))
+        return resolveDestination(path, self.roots)  # the daemon's own rules
 
 
 @implementer(IRecordWriter)
