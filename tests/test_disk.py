@@ -59,6 +59,7 @@ from xenmig.records import (
     RoundRecord,
     ZeroRecord,
 )
+from xenmig.sparse import DataExtents, dataExtents
 from xenmig.testing import requirePrograms
 
 MiB = 1024 * 1024
@@ -766,6 +767,51 @@ def test_scan_pieces_follow_extents(tmp_path: Any) -> None:
     assert [s.pieces for s in again] == [(), (), (), ()]
     assert blocks.contentDigest() == hashImage(path)
     assert blocks.count == 4 and BLOCK_SIZE == MiB
+
+
+def test_data_extents_agree_with_seek_data(tmp_path: Any) -> None:
+    """Asked piece by piece, L{DataExtents} gives the ranges SEEK_DATA/SEEK_HOLE
+    give for the whole file, and sees data written into a hole since."""
+    path = str(tmp_path / "a.img")
+    size = 8 * MiB
+    sparseImage(path, size, [(4096, 3 * MiB), (5 * MiB, MiB + 512)])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        extents = DataExtents(fd)
+        rng = random.Random(7)
+        for _ in range(200):
+            start = rng.randrange(size)
+            end = rng.randrange(start, size + 1)
+            assert extents.within(start, end) == list(dataExtents(fd, start, end))
+        pwrite(path, b"x" * 4096, 7 * MiB)
+        assert extents.within(7 * MiB, size) == list(dataExtents(fd, 7 * MiB, size))
+        assert extents.within(7 * MiB, size)[0][0] == 7 * MiB
+    finally:
+        os.close(fd)
+
+
+def test_data_extents_ask_once_per_extent(tmp_path: Any, monkeypatch: Any) -> None:
+    """A dense file read in 1 MiB pieces costs two lseek calls, not two per piece
+    (on tmpfs each SEEK_HOLE walks the pages up to the next hole)."""
+    path = str(tmp_path / "dense.img")
+    with open(path, "wb") as f:
+        f.write(b"\1" * (16 * MiB))
+    calls = []
+    realLseek = os.lseek
+
+    def lseek(fd: int, position: int, how: int) -> int:
+        calls.append(how)
+        return realLseek(fd, position, how)
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        extents = DataExtents(fd)
+        monkeypatch.setattr(os, "lseek", lseek)
+        pieces = [extents.within(o, o + MiB) for o in range(0, 16 * MiB, MiB)]
+    finally:
+        os.close(fd)
+    assert pieces == [[(o, o + MiB)] for o in range(0, 16 * MiB, MiB)]
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -14,7 +14,7 @@ import blake3
 
 from xenmig.errors import DeviceError
 from xenmig.model import ContentDigest
-from xenmig.sparse import dataExtents
+from xenmig.sparse import DataExtents
 
 #: The unit of change detection: one digest (32 bytes) per block.
 BLOCK_SIZE = 1024 * 1024
@@ -136,6 +136,16 @@ class BlockMap:
         """Record that the target now holds content with ``digest`` in ``index``."""
         self._digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = digest
 
+    def unknownBlocks(self) -> list[int]:
+        """The blocks without a digest (never scanned, or around a resize)."""
+        found = []
+        position = self._digests.find(UNKNOWN)
+        while position != -1:
+            if position % DIGEST_SIZE == 0:
+                found.append(position // DIGEST_SIZE)
+            position = self._digests.find(UNKNOWN, position + 1)
+        return found
+
     def contentDigest(self) -> ContentDigest:
         """
         The content digest (L{treeDigest}) of what the target holds once a whole
@@ -143,11 +153,9 @@ class BlockMap:
 
         @raise ValueError: if a block has no digest yet.
         """
-        position = self._digests.find(UNKNOWN)
-        while position != -1:
-            if position % DIGEST_SIZE == 0:
-                raise ValueError(f"block {position // DIGEST_SIZE} was never hashed")
-            position = self._digests.find(UNKNOWN, position + 1)
+        unknown = self.unknownBlocks()
+        if unknown:
+            raise ValueError(f"block {unknown[0]} was never hashed")
         return treeDigest(self.size, self.blockSize, self._digests)
 
 
@@ -174,6 +182,7 @@ class BlockScanner:
         self.growable = growable
         self.maxSize = blocks.size if maxSize is None else maxSize
         self._modified = 0
+        self._extents = DataExtents(fd)
 
     def currentSize(self) -> int:
         """Blocking: the image's size now."""
@@ -247,7 +256,7 @@ class BlockScanner:
         blocks = self.blocks
         start, _ = blocks.blockRange(first)
         _, end = blocks.blockRange(last - 1)
-        extents = list(dataExtents(self.fd, start, end))
+        extents = self._extents.within(start, end)
         scans = []
         cursor = 0
         held = 0

@@ -40,6 +40,14 @@ def nextDataExtent(fd: int, position: int, end: int) -> tuple[int, int] | None:
     Uses ``SEEK_DATA``/``SEEK_HOLE``; a filesystem without them reports the whole
     rest of the file as data.  Returns None when only holes remain before ``end``.
     """
+    found = _seekData(fd, position, end)
+    if found is None:
+        return None
+    return found[0], min(found[1], end)
+
+
+def _seekData(fd: int, position: int, end: int) -> tuple[int, int] | None:
+    """Like L{nextDataExtent}, but the extent's stop is not clipped to ``end``."""
     if position >= end:
         return None
     try:
@@ -52,8 +60,7 @@ def nextDataExtent(fd: int, position: int, end: int) -> tuple[int, int] | None:
         return position, end
     if start >= end:
         return None
-    stop = os.lseek(fd, start, os.SEEK_HOLE)
-    return start, min(stop, end)
+    return start, os.lseek(fd, start, os.SEEK_HOLE)
 
 
 def dataExtents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -62,6 +69,41 @@ def dataExtents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     while (extent := nextDataExtent(fd, position, end)) is not None:
         yield extent
         position = extent[1]
+
+
+class DataExtents:
+    """
+    The data ranges of an open file, for callers that ask about it piece by piece.
+
+    The last data extent found is remembered, so that a long extent costs one
+    ``SEEK_HOLE`` rather than one per piece: on tmpfs ``SEEK_HOLE`` walks the
+    file's pages up to the next hole, and asking again for every piece of a
+    dense image made the scan quadratic.  Only data is remembered, never holes:
+    a range once seen as data is read (a hole punched in it since reads as
+    zeros), a hole is asked about again.  Safe to share between threads (a
+    race costs a system call, not a wrong answer).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._known = (0, 0)
+
+    def within(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Blocking: the data ranges between ``start`` and ``end``, in order."""
+        extents = []
+        position = start
+        while position < end:
+            knownStart, knownStop = self._known
+            if not knownStart <= position < knownStop:
+                found = _seekData(self.fd, position, end)
+                if found is None:
+                    break
+                self._known = found
+                knownStart, knownStop = found
+            stop = min(knownStop, end)
+            extents.append((max(position, knownStart), stop))
+            position = stop
+        return extents
 
 
 def readChunk(
