@@ -19,15 +19,21 @@ from zope.interface import implementer
 
 from xenmig.blockmap import BLOCK_SIZE, BlockMap, BlockScan, BlockScanner
 from xenmig.errors import BadSpec, DeviceError
-from xenmig.interfaces import IRecordWriter, ISourceContext, ISourceDevice
+from xenmig.interfaces import (
+    IDirtyBlocks,
+    IRecordWriter,
+    ISourceContext,
+    ISourceDevice,
+)
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
+from xenmig.qemudirty import QEMUDirtyBitmap
 
 log = Logger()
 T = TypeVar("T")
 
 KIND = "disk"
 FORMATS = frozenset({"raw", "qcow2"})
-SOURCE_KEYS = frozenset({"path", "format"})
+SOURCE_KEYS = frozenset({"path", "format", "qmp", "qmp-node"})
 TARGET_KEYS = frozenset({"target", "target-overwrite"})
 QCOW2_MAGIC = b"QFI\xfb"
 #: magic, version, backing file offset and length, cluster bits, virtual size.
@@ -83,6 +89,8 @@ class RoundStats:
     zeroBytes: int
     changedBlocks: int
     seconds: float
+    #: Blocks read and hashed: all of them, or those a dirty-block source named.
+    scannedBlocks: int = 0
 
 
 @dataclass
@@ -99,7 +107,9 @@ class DiskSource:
     while the VM runs, and the last changes once it is paused.
 
     Changed blocks are found by comparing per-block digests (L{BlockMap}), so this
-    works on any file, without help from the hypervisor.
+    works on any file, without help from the hypervisor.  With a dirty-block
+    source (L{IDirtyBlocks}; from ``qmp=SOCKET``, QEMU's dirty bitmaps) rounds
+    after the first read only the blocks it names.
     """
 
     precopy = True
@@ -112,10 +122,21 @@ class DiskSource:
         batchBlocks: int = BATCH_BLOCKS,
         depth: int = SCAN_DEPTH,
         batchBytes: int = BATCH_BYTES,
+        dirty: IDirtyBlocks | None = None,
     ) -> None:
         self.spec = spec
         self.context = context
         self.path = _sourceParams(spec)
+        if dirty is None and spec.params.get("qmp"):
+            dirty = QEMUDirtyBitmap(
+                context.reactor,
+                spec.params["qmp"],
+                self.path,
+                node=spec.params.get("qmp-node", ""),
+                granularity=blockSize,
+            )
+        self.dirty = dirty
+        self._tracking = False
         self.format = spec.params.get("format", "")
         self.blockSize = blockSize
         self.batchBlocks = batchBlocks
@@ -258,12 +279,10 @@ class DiskSource:
         scanner = self._scanner
         assert scanner is not None
         started = time.monotonic()
+        changed = await self._changedRanges(final)
         await self._thread(scanner.startPass)
-        count = scanner.blocks.count
-        batches = deque(
-            (first, min(first + self.batchBlocks, count))
-            for first in range(0, count, self.batchBlocks)
-        )
+        batches = deque(_batches(scanner.blocks, changed, self.batchBlocks))
+        scanned = sum(last - first for first, last in batches)
         # Scans in flight, in offset order, with the block each should reach.
         pending: deque[tuple[Deferred[list[BlockScan]], int]] = deque()
         sender = _PieceSender(writer)
@@ -300,19 +319,39 @@ class DiskSource:
                 tally.zeroBytes,
                 tally.changedBlocks,
                 time.monotonic() - started,
+                scanned,
             )
         )
         log.info(
             "disk {device} round {round}{final}: {data} data bytes, {zero} zero bytes "
-            "in {blocks} changed blocks",
+            "in {blocks} changed blocks of {scanned} read",
             device=self.spec.name,
             round=round,
             final=" (final)" if final else "",
             data=tally.dataBytes,
             zero=tally.zeroBytes,
             blocks=tally.changedBlocks,
+            scanned=scanned,
         )
         return tally
+
+    async def _changedRanges(self, final: bool) -> list[tuple[int, int]] | None:
+        """
+        The byte ranges this pass must read, or None for all of them: the first
+        pass reads everything (and, if live, the dirty-block source starts
+        recording before it reads), later ones what the source recorded.
+        """
+        dirty = self.dirty
+        if dirty is None:
+            return None
+        if not self._baseline:
+            if not final:
+                self._tracking = True
+                await dirty.start()
+            return None
+        if not self._tracking:
+            return None
+        return await dirty.collect()
 
     def _thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         """
@@ -337,16 +376,46 @@ class DiskSource:
         return Deferred.fromCoroutine(self._close())
 
     async def _close(self) -> None:
-        """Stop any round, wait for its threads, close the image (never modified)."""
+        """
+        Stop any round, wait for its threads, stop recording writes, close the
+        image (never modified).
+        """
         self._closed = True
         if self._busy is not None:
             self._busy.addErrback(lambda _: None)
             self._busy.cancel()
         while self._threads:
             await DeferredList(list(self._threads), consumeErrors=True)
+        if self._tracking and self.dirty is not None:
+            self._tracking = False
+            await self.dirty.stop()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _batches(
+    blocks: BlockMap, ranges: list[tuple[int, int]] | None, most: int
+) -> list[tuple[int, int]]:
+    """
+    The ``(first, last)`` block runs, of at most ``most`` blocks, that cover
+    ``ranges`` (every block when None) and every block without a digest (those
+    a growing image added since the last pass).
+    """
+    count = blocks.count
+    if ranges is None:
+        return [(first, min(first + most, count)) for first in range(0, count, most)]
+    wanted = set(blocks.unknownBlocks())
+    size = blocks.blockSize
+    for start, stop in ranges:
+        wanted.update(range(start // size, min(-(-stop // size), count)))
+    runs: list[tuple[int, int]] = []
+    for index in sorted(wanted):
+        if runs and runs[-1][1] == index and index - runs[-1][0] < most:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
 
 
 class _PieceSender:
@@ -389,8 +458,8 @@ def _sourceParams(spec: DeviceSpec) -> str:
     if unknown:
         raise BadSpec(
             f"device {spec.name}: unknown disk parameter(s) "
-            f"{', '.join(sorted(unknown))} (known: path, format, target, "
-            f"target-overwrite)"
+            f"{', '.join(sorted(unknown))} (known: path, format, qmp, qmp-node, "
+            f"target, target-overwrite)"
         )
     path = spec.params.get("path")
     if not path:

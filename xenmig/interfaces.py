@@ -289,3 +289,43 @@ class IDomainControl(Interface):
 
         @return: a Deferred firing with None.
         """
+
+
+class IDirtyBlocks(Interface):
+    """
+    A source of a disk image's changed ranges, faster than reading the whole
+    image: the writer of the image (the hypervisor) records its writes.
+
+    The disk kind uses one, if it has one, to choose which blocks a pre-copy
+    round and the final round read; without one, each round reads and hashes
+    every data block.  A source must report every write to the image's file
+    made between C{start} and the last C{collect}: a write it misses is a block
+    the target never gets.
+    """
+
+    description = Attribute("str: where the changes come from, for messages.")
+
+    def start():
+        """
+        Begin recording writes, before the first full pass reads the image.
+
+        @return: a Deferred firing with None, or failing with
+            L{xenmig.errors.DeviceError} naming what refused.
+        """
+
+    def collect():
+        """
+        The ranges written since C{start} or the previous C{collect}; recording
+        goes on for the next one.  No write is lost between the two intervals.
+
+        @return: a Deferred firing with a sorted list of ``(start, stop)`` byte
+            ranges of the image file (a range may cover more than was written).
+        """
+
+    def stop():
+        """
+        Stop recording and leave nothing behind in the hypervisor.  Never fails;
+        idempotent.
+
+        @return: a Deferred firing with None.
+        """

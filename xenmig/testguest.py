@@ -186,10 +186,24 @@ def startGuest(
     @return: a Deferred firing with a L{RunningGuest}; on failure QEMU is
         ended and the error carries its standard error.
     """
+    return startQEMU(
+        reactor, qemuCommand(image, qmpSocket, incoming), qmpSocket, timeout
+    )
+
+
+def startQEMU(
+    reactor: Any, command: list[str], qmpSocket: str, timeout: float = 10.0
+) -> Deferred[RunningGuest]:
+    """
+    Spawn QEMU with ``command`` (whose ``-qmp`` serves ``qmpSocket``) and connect
+    to its QMP socket.
+
+    @return: a Deferred firing with a L{RunningGuest}; on failure QEMU is
+        ended and the error carries its standard error.
+    """
 
     async def start() -> RunningGuest:
         process = GuestProcess()
-        command = qemuCommand(image, qmpSocket, incoming)
         reactor.spawnProcess(process, findQEMU() or QEMU, command, env=os.environ)
         try:
             qmp = await _connectWhenListening(reactor, process, qmpSocket, timeout)

@@ -1,0 +1,286 @@
+"""
+QEMU's dirty bitmaps as the disk kind's source of changed blocks, against a
+real QEMU: the bitmap on the image's file node, read over QEMU's NBD server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import blake3
+import pytest
+import pytest_twisted
+from test_disk import FakeSourceContext, digestOf, makeSpec, prepare, treeOf
+from twisted.internet import reactor
+from zope.interface.verify import verifyObject
+
+from xenmig.convergence import FixedRounds
+from xenmig.devices.disk import DiskSource
+from xenmig.errors import DeviceError, PhaseTimeout
+from xenmig.interfaces import IDirtyBlocks
+from xenmig.qemudirty import QEMUDirtyBitmap
+from xenmig.qmp import QMPClient
+from xenmig.testguest import QEMU, RunningGuest, startQEMU
+from xenmig.testing import requirePrograms
+
+
+@pytest.fixture(autouse=True)
+def _programs() -> None:
+    requirePrograms(QEMU, "qemu-img")
+
+
+MiB = 1024 * 1024
+
+
+@asynccontextmanager
+async def qemuWith(
+    tmp_path: Any, image: str, driver: str = "raw", blockdev: bool = True
+) -> AsyncIterator[tuple[RunningGuest, str]]:
+    """
+    A QEMU (no guest) with ``image`` attached, and two QMP monitors: one the test
+    holds, one free for xenmig's short sessions (its path is yielded).
+    """
+    control = str(tmp_path / "control.qmp")
+    free = str(tmp_path / "xenmig.qmp")
+    if blockdev:
+        disk = [
+            "-blockdev", f"driver=file,filename={image},node-name=file0",
+            "-blockdev", f"driver={driver},file=file0,node-name=disk0",
+        ]  # fmt: skip
+    else:  # auto-named nodes, as -drive makes them
+        disk = ["-drive", f"if=none,id=disk0,file={image},format={driver}"]
+    command = [
+        QEMU, "-machine", "none", "-nodefaults", "-no-user-config",
+        "-display", "none", *disk,
+        "-qmp", f"unix:{control},server=on,wait=off",
+        "-qmp", f"unix:{free},server=on,wait=off",
+    ]  # fmt: skip
+    guest = await startQEMU(reactor, command, control)
+    try:
+        yield guest, free
+    finally:
+        await guest.terminate()
+
+
+async def write(qmp: QMPClient, offset: int, length: int, pattern: int = 0x5A) -> None:
+    """
+    A write through QEMU's block layer, as the guest's would be (``qemu-io``
+    prints its report on QEMU's standard output, not in the answer).
+    """
+    await qmp.execute(
+        "human-monitor-command",
+        {"command-line": f'qemu-io disk0 "write -P {pattern} {offset} {length}"'},
+    )
+
+
+async def bitmapsOf(qmp: QMPClient) -> list[str]:
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    return [b["name"] for node in nodes for b in node.get("dirty-bitmaps", [])]
+
+
+def rawImage(tmp_path: Any, size: int = 64 * MiB) -> str:
+    path = str(tmp_path / "disk.raw")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+@pytest_twisted.ensureDeferred
+async def test_collect_reports_the_writes_of_each_interval(tmp_path: Any) -> None:
+    image = rawImage(tmp_path)
+    async with qemuWith(tmp_path, image) as (guest, qmpPath):
+        dirty = QEMUDirtyBitmap(reactor, qmpPath, image)
+        verifyObject(IDirtyBlocks, dirty)
+        await dirty.start()
+        assert dirty.node == "file0"  # the file node, found from the path
+        await write(guest.qmp, MiB, 64 * 1024)
+        await write(guest.qmp, 10 * MiB + 4096, 4096)
+        await write(guest.qmp, 63 * MiB, MiB)
+        assert await dirty.collect() == [
+            (MiB, 2 * MiB),
+            (10 * MiB, 11 * MiB),
+            (63 * MiB, 64 * MiB),
+        ]
+        await write(guest.qmp, 20 * MiB, 3 * MiB)
+        assert await dirty.collect() == [(20 * MiB, 23 * MiB)]
+        assert await dirty.collect() == []
+        # Exports and used bitmaps are gone as each collect ends: one is left,
+        # recording.
+        assert len(await bitmapsOf(guest.qmp)) == 1
+        assert await guest.qmp.execute("query-block-exports") == []
+
+        serverDir = dirty._serverDir
+        assert os.path.exists(os.path.join(serverDir, "nbd.sock"))
+
+        await dirty.stop()
+        await dirty.stop()  # idempotent
+        assert await bitmapsOf(guest.qmp) == []
+        assert not os.path.exists(serverDir)
+        # Our NBD server is stopped: another can start.
+        await guest.qmp.execute(
+            "nbd-server-start",
+            {"addr": {"type": "unix", "data": {"path": str(tmp_path / "n.sock")}}},
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_qcow2_container_changes_are_covered(tmp_path: Any) -> None:
+    """On a qcow2 image the bitmap counts container offsets: every 1 MiB block of
+    the container file that a guest write changed lies in a collected range."""
+    image = str(tmp_path / "disk.qcow2")
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", image, "256M"], check=True
+    )
+    async with qemuWith(tmp_path, image, driver="qcow2", blockdev=False) as (
+        guest,
+        qmpPath,
+    ):
+        dirty = QEMUDirtyBitmap(reactor, qmpPath, image)
+        await dirty.start()
+        await write(guest.qmp, 0, 2 * MiB, 0x11)
+        await dirty.collect()
+        before = blockDigests(image)
+        for offset in (5 * MiB, 100 * MiB + 65536, 200 * MiB, 0):
+            await write(guest.qmp, offset, 3 * 65536, 0x22)
+        ranges = await dirty.collect()
+        after = blockDigests(image)
+        await dirty.stop()
+    changed = {
+        i
+        for i in range(max(len(before), len(after)))
+        if i >= len(before) or i >= len(after) or before[i] != after[i]
+    }
+    covered = {
+        i for start, stop in ranges for i in range(start // MiB, -(-stop // MiB))
+    }
+    assert changed, "the writes changed the container"
+    assert changed <= covered
+    # Not the whole container: the bitmap names the written clusters and metadata.
+    assert len(covered) < len(after) // 2 or len(covered) <= 8
+
+
+def blockDigests(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        return [
+            blake3.blake3(block).digest() for block in iter(lambda: f.read(MiB), b"")
+        ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_name_what_failed(tmp_path: Any) -> None:
+    image = rawImage(tmp_path)
+    other = str(tmp_path / "other.raw")
+    shutil.copyfile(image, other)
+    missing = QEMUDirtyBitmap(reactor, str(tmp_path / "nothing.qmp"), image)
+    with pytest.raises(DeviceError, match="no QMP socket at .*nothing.qmp"):
+        await missing.start()
+    await missing.stop()
+
+    async with qemuWith(tmp_path, image) as (guest, qmpPath):
+        stranger = QEMUDirtyBitmap(reactor, qmpPath, other)
+        with pytest.raises(DeviceError, match="no block node for this image") as e:
+            await stranger.start()
+        assert image in str(e.value) and other in str(e.value)
+
+        wrongNode = QEMUDirtyBitmap(reactor, qmpPath, image, node="nosuchnode")
+        with pytest.raises(DeviceError, match="nosuchnode"):
+            await wrongNode.start()
+
+        # QEMU runs one NBD server: if another is up, collect says so, clearly.
+        await guest.qmp.execute(
+            "nbd-server-start",
+            {"addr": {"type": "unix", "data": {"path": str(tmp_path / "n.sock")}}},
+        )
+        busy = QEMUDirtyBitmap(reactor, qmpPath, image)
+        await busy.start()
+        with pytest.raises(DeviceError, match="one NBD server"):
+            await busy.collect()
+        await busy.stop()
+        assert await bitmapsOf(guest.qmp) == []
+
+        # A QEMU that holds its monitor (another client on it) times out, named.
+        hung = QEMUDirtyBitmap(reactor, str(tmp_path / "control.qmp"), image)
+        hung.timeout = 0.3
+        with pytest.raises((DeviceError, PhaseTimeout), match="control.qmp"):
+            await hung.start()
+
+
+# -- the disk kind with qmp= ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_disk_rounds_read_only_what_qemu_wrote(tmp_path: Any) -> None:
+    """With ``qmp=``, rounds after the first read only the blocks QEMU wrote; the
+    target equals the image as it was at the pause; nothing is left in QEMU."""
+    image = str(tmp_path / "live.raw")
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+        f.write(os.urandom(16 * MiB))
+    destination = str(tmp_path / "dest" / "out.img")
+    async with qemuWith(tmp_path, image) as (guest, qmpPath):
+        spec = makeSpec(image, destination, qmp=qmpPath)
+        source = DiskSource(spec, FakeSourceContext(), batchBlocks=4)
+        migration = await prepare(tmp_path, image, destination, source=source)
+
+        async def between(number: int) -> None:
+            if number == 0:
+                for offset in (MiB + 4096, 2 * MiB, 40 * MiB):  # blocks 1, 2, 40
+                    await write(guest.qmp, offset, 8192, 0x33)
+
+        results = await migration.rounds(FixedRounds(2), between)
+        # Blocks 1 and 2 whole; in block 40, a hole before, only the 8 KiB written.
+        assert [r.bytesSent for r in results] == [16 * MiB, 2 * MiB + 8192]
+        assert [s.scannedBlocks for s in source.history] == [64, 3]
+        assert [s.changedBlocks for s in source.history] == [64, 3]
+        # The guest's last writes, then the pause.
+        await write(guest.qmp, 63 * MiB, 4096, 0x44)
+        await write(guest.qmp, 5 * MiB, MiB, 0)
+        await guest.qmp.stop()
+        digest = await migration.final()
+        final = source.history[-1]
+        assert (final.final, final.scannedBlocks, final.changedBlocks) == (True, 2, 2)
+        assert (final.dataBytes, final.zeroBytes) == (4096, 2 * MiB - 4096)
+        assert digest == await treeOf(image)
+        assert await digestOf(destination) == await digestOf(image)
+        assert await bitmapsOf(guest.qmp) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_rollback_leaves_nothing_in_qemu(tmp_path: Any) -> None:
+    image = rawImage(tmp_path)
+    destination = str(tmp_path / "dest" / "out.img")
+    async with qemuWith(tmp_path, image) as (guest, qmpPath):
+        spec = makeSpec(image, destination, qmp=qmpPath)
+        source = DiskSource(spec, FakeSourceContext())
+        migration = await prepare(tmp_path, image, destination, source=source)
+        await migration.rounds(FixedRounds(2))
+        assert len(await bitmapsOf(guest.qmp)) == 1
+        await source.rollback()
+        await migration.target.abort()
+        assert await bitmapsOf(guest.qmp) == []
+        assert not os.path.exists(destination)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_qemu_fails_the_round_with_its_reason(tmp_path: Any) -> None:
+    """QEMU gone between rounds: the round fails naming the QMP socket, and the
+    source can still be rolled back."""
+    image = rawImage(tmp_path)
+    destination = str(tmp_path / "dest" / "out.img")
+    async with qemuWith(tmp_path, image) as (guest, qmpPath):
+        source = DiskSource(
+            makeSpec(image, destination, qmp=qmpPath), FakeSourceContext()
+        )
+        migration = await prepare(tmp_path, image, destination, source=source)
+        await migration.rounds(FixedRounds(1))
+        await guest.terminate()
+        with pytest.raises(DeviceError, match="xenmig.qmp"):
+            await migration.rounds(FixedRounds(1))
+        await source.rollback()
+        await migration.target.abort()
+        assert not os.path.exists(destination)
