@@ -4,7 +4,8 @@ daemon over mutual TLS, with a "guest" process writing to the source image.
 
 The pause command stops the writer (SIGSTOP, then waits until the kernel says it
 is stopped) and records the image's digest at that moment; the target image must
-equal it.  Failures: the client killed mid pre-copy, the connection cut in the
+equal it.  With ``qmp=`` the writer is a QEMU, whose dirty bitmap the rounds
+follow.  Failures: the client killed mid pre-copy, the connection cut in the
 final round (after the pause: the resume command must run), and a target
 filesystem (a small tmpfs) that fills up.
 """
@@ -38,7 +39,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
 
+from xenmig import testguest
 from xenmig.digest import hashFile
 from xenmig.testing import requirePrograms
 
@@ -390,6 +393,117 @@ async def test_live_migration_while_the_guest_writes(
     status = await daemon.status(reactor, "vm-live")
     assert status["phase"] == "COMMITTED"
     assert status["devices"][0]["digest"] == disk["digest"]
+    await settled(reactor)
+
+
+#: The pause command of a QEMU-run disk: ask the test's writer to stop and wait
+#: until it has, make the guest's last writes through QEMU's own QMP socket, stop
+#: the VM, and record the image's digest.
+QEMU_PAUSE = """
+import json, os, socket, sys, time
+from xenmig.digest import hashFile
+options = json.loads(sys.argv[1])
+open(options["request"], "w").close()
+while not os.path.exists(options["ack"]):
+    time.sleep(0.002)
+qmp = socket.socket(socket.AF_UNIX)
+qmp.connect(options["qmp"])
+lines = qmp.makefile("rw")
+def execute(command, **arguments):
+    lines.write(json.dumps({"execute": command, "arguments": arguments}) + "\\n")
+    lines.flush()
+    while "event" in (answer := json.loads(lines.readline())):
+        pass
+    assert "return" in answer, answer
+lines.readline()  # the greeting
+execute("qmp_capabilities")
+for offset in options["last"]:
+    line = f'qemu-io disk0 "write -P 0x77 {offset} 65536"'
+    execute("human-monitor-command", **{"command-line": line})
+execute("stop")
+with open(options["digest"], "w") as f:
+    f.write(hashFile(options["image"]).hex)
+"""
+
+
+async def bitmapsOn(qmp: Any, node: str) -> set[str]:
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    return {
+        bitmap["name"]
+        for each in nodes
+        if each["node-name"] == node
+        for bitmap in each.get("dirty-bitmaps", [])
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_migration_of_a_disk_qemu_writes(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """``qmp=``: a QEMU writes the image during pre-copy and before the pause;
+    the rounds follow its dirty bitmap; the target equals the image at the pause
+    and QEMU keeps no bitmap or NBD server of the migration's."""
+    requirePrograms(testguest.QEMU, "qemu-img")
+    image = denseFile(tmp_path / "vm.img", 32 * MiB)
+    destination = daemon.dest / "qemu-live.img"
+    control, free, pause = (str(tmp_path / f"{n}.qmp") for n in "abc")
+    command = [
+        testguest.QEMU, "-machine", "none", "-nodefaults", "-display", "none",
+        "-blockdev", f"driver=file,filename={image},node-name=file0",
+        "-blockdev", "driver=raw,file=file0,node-name=disk0",
+    ]  # fmt: skip
+    for monitor in (control, free, pause):
+        command += ["-qmp", f"unix:{monitor},server=on,wait=off"]
+    guest = await testguest.startQEMU(reactor, command, control)
+    request, ack = tmp_path / "pause-request", tmp_path / "writer-stopped"
+    options = {
+        "image": str(image),
+        "digest": str(tmp_path / "paused.digest"),
+        "qmp": pause,
+        "request": str(request),
+        "ack": str(ack),
+        "last": [3 * MiB, 17 * MiB + 65536],
+    }
+    try:
+        client = migrate(
+            daemon,
+            "--domain", "vm-qemu", "--migration-id", "vm-qemu",
+            "--device", f"disk:d0:path={image},target={destination},qmp={free}",
+            "--live", "--convergence", "rounds=3,threshold=0,shrink=1",
+            "--pause-command",
+            shlex.join([sys.executable, "-c", QEMU_PAUSE, json.dumps(options)]),
+            "--resume-command", f"touch {tmp_path / 'resumed'}",
+        )  # fmt: skip
+        writes = 0
+        recorded: set[str] = set()  # the migration's bitmaps seen on file0
+        while not request.exists() and not client.ended.called:
+            offset = (writes * 7 % 32) * MiB + 4096
+            line = f'qemu-io disk0 "write -P {writes % 250} {offset} 8192"'
+            await guest.qmp.execute("human-monitor-command", {"command-line": line})
+            writes += 1
+            recorded |= await bitmapsOn(guest.qmp, "file0")
+            await deferLater(reactor, 0.005, lambda: None)
+        ack.touch()
+        await client.ended
+        report = client.report()
+        assert report["exit_status"] == 0, client.stderr
+        assert await guest.qmp.queryStatus() == "paused"
+        assert await bitmapsOn(guest.qmp, "file0") == set()
+    finally:
+        await guest.terminate()
+    assert writes > 0
+    # One bitmap per interval, on the file node: pre-copy followed QEMU's writes.
+    assert len(recorded) >= 2 and all(b.startswith("xenmig-") for b in recorded)
+    atPause = (tmp_path / "paused.digest").read_text()
+    assert hashFile(str(destination)).hex == atPause == hashFile(str(image)).hex
+    [disk] = report["devices"]
+    rounds = disk["rounds"]
+    assert len(rounds) == 3 and rounds[0] == 32 * MiB, rounds
+    # Later rounds send the blocks QEMU wrote (1 MiB each, data throughout).
+    assert all(r % MiB == 0 for r in rounds[1:]), rounds
+    assert 0 < report["paused_window"] < report["durations"]["total"]
+    assert not (tmp_path / "resumed").exists()
+    assert daemon.leftovers() == []
     await settled(reactor)
 
 
