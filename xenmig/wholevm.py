@@ -2,8 +2,10 @@
 A whole VM migrated as a toolstack would: QEMU, vTPM and disk behind one resume gate.
 
 The VM is the counting test guest (L{xenmig.testguest}) in a QEMU, a running swtpm
-with PCR 16 extended, and a raw disk image.  The guest does not use the image: a
-writer process modifies it during pre-copy, standing in for the guest's writes.
+with PCR 16 extended, and a raw disk image that QEMU runs.  The guest's code does
+not use the image: during pre-copy QEMU's block layer writes it (HMP ``qemu-io``),
+standing in for the guest's writes, and the disk kind follows QEMU's dirty bitmap
+(``qmp=``).
 L{WholeVM} plays the source toolstack (prepare, pre-copy, pause through the QMP
 domain control, transfer, commit, release; on failure abort and resume) and
 starts ``xenmig await --resume`` as the target toolstack.  It records what the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -45,20 +48,9 @@ PROGRAMS = (testguest.QEMU, "swtpm", "tpm2_startup", "tpm2_pcrextend", "tpm2_pcr
 #: connection drops after the transfer, before the commit.
 FAILURES = ("refuse", "drop")
 DISK_SIZE = 16 * MiB
-#: The writer standing in for the guest's disk writes: 4 KiB at a random block
-#: every 2 ms until SIGTERM; it says "writing" after its first write.
-_WRITER = """
-import os, random, sys, time
-fd = os.open(sys.argv[1], os.O_WRONLY)
-blocks = int(sys.argv[2]) // 4096
-first = True
-while True:
-    os.pwrite(fd, os.urandom(4096), random.randrange(blocks) * 4096)
-    if first:
-        print("writing", flush=True)
-        first = False
-    time.sleep(0.002)
-"""
+#: QEMU's block node names of the disk: its file, and the raw format above it.
+DISK_FILE_NODE = "disk0-file"
+DISK_NODE = "disk0"
 
 
 class ScenarioFailed(Exception):
@@ -162,6 +154,15 @@ class ObservedGuest:
     def running(self) -> bool:
         return self.process.ended is None
 
+    def dirtyBitmaps(self) -> Deferred[list[str]]:
+        """The names of the dirty bitmaps on QEMU's block nodes."""
+        assert self.observer is not None
+        return self.observer.execute(
+            "query-named-block-nodes", {"flat": True}
+        ).addCallback(
+            lambda nodes: [b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])]
+        )
+
     def readCounter(self) -> Deferred[int]:
         assert self.observer is not None
         return testguest.readCounter(self.observer)
@@ -218,6 +219,7 @@ class Outcome:
     diskBefore: str = ""
     diskAtPause: str = ""
     diskInstalled: str = ""
+    bitmapsAfter: list[str] = field(default_factory=list)
     awaited: dict[str, Any] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)
 
@@ -257,7 +259,7 @@ class WholeVM:
         self.swtpms: list[Any] = []
         self.tpm: Any = None
         self.targetTpm: Any = None
-        self.writer: ChildProcess | None = None
+        self.writer: GuestWriter | None = None
         self.awaiter: ChildProcess | None = None
 
     def inThread(self, function: Any, *args: Any) -> Deferred[Any]:
@@ -278,14 +280,24 @@ class WholeVM:
             targetImage = os.path.join(self.home, "guest-128k.rom")
             with open(targetImage, "wb") as f:
                 f.write(b"\xff" * 65536 + testguest.guestImage())
-        self.source = ObservedGuest(self.reactor, self.home, "source", self.image)
+        if "," in self.disk:
+            raise ScenarioFailed(f"QEMU cannot take a path with a comma: {self.disk}")
+        await self.inThread(_writeDisk, self.disk, DISK_SIZE)
+        disk = [
+            "-blockdev",
+            f"driver=file,filename={self.disk},node-name={DISK_FILE_NODE}",
+            "-blockdev",
+            f"driver=raw,file={DISK_FILE_NODE},node-name={DISK_NODE}",
+        ]
+        self.source = ObservedGuest(
+            self.reactor, self.home, "source", self.image, extra=disk
+        )
         await self.source.start()
         self.target = ObservedGuest(
             self.reactor, self.targetRoot, f"{self.domain}-target", targetImage, True
         )
         await self.target.start()
         await self._startTPMs()
-        await self.inThread(_writeDisk, self.disk, DISK_SIZE)
 
     async def _startTPMs(self) -> None:
         from xenmig.swtpm import SwtpmProcess
@@ -324,15 +336,17 @@ class WholeVM:
                 f"vtpm:tpm0:ctrl={self.tpm.ctrlPath},target-ctrl={self.targetTpm.ctrlPath}"
             ),
             DeviceSpec.parse(
-                f"disk:disk0:path={self.disk},target={self.diskTarget},format=raw"
+                f"disk:disk0:path={self.disk},target={self.diskTarget},format=raw,"
+                f"qmp={self.source.qmpPath}"
             ),
         ]
 
     async def tearDown(self) -> None:
         """End every process this scenario started."""
-        for child in (self.writer, self.awaiter):
-            if child is not None:
-                await child.stop(self.reactor, grace=2.0)
+        if self.writer is not None:
+            await self.writer.stop()
+        if self.awaiter is not None:
+            await self.awaiter.stop(self.reactor, grace=2.0)
         for guest in (self.source, self.target):
             if guest is not None:
                 await guest.stop()
@@ -355,11 +369,12 @@ class WholeVM:
         await source.countsPast(0)
         await migration.prepare(self.specs())
         self.awaiter = self._awaitOnTarget(migration.migrationId)
-        self.writer = await self._startWriter()
+        self.writer = GuestWriter(self.reactor, source, DISK_SIZE)
+        await self.writer.start()
         try:
             await migration.precopy(ConvergencePolicy(maxRounds=3, threshold=0))
         finally:
-            await self.writer.stop(self.reactor, grace=2.0)  # the guest stops writing
+            await self.writer.stop()  # the guest stops writing
         await control.pause()
         migration.paused()
         outcome.counterAtPause = await source.readCounter()
@@ -382,18 +397,6 @@ class WholeVM:
         outcome.awaited = await self._awaited()
         await self._observeAfter(outcome)
         return outcome
-
-    async def _startWriter(self) -> ChildProcess:
-        """Start the guest's stand-in writer; return once it writes."""
-        child = ChildProcess("disk writer")
-        argv = [sys.executable, "-c", _WRITER, self.disk, str(DISK_SIZE)]
-        self.reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ))
-        deadline = self.reactor.seconds() + 10
-        while b"writing" not in child.output:
-            if child.status is not None or self.reactor.seconds() > deadline:
-                raise ScenarioFailed(f"the disk writer did not start: {child.tail()}")
-            await deferLater(self.reactor, 0.01, lambda: None)
-        return child
 
     def _awaitOnTarget(self, migrationId: str) -> ChildProcess:
         """
@@ -458,6 +461,7 @@ class WholeVM:
         else:
             outcome.counterAfter = await self.source.countsPast(outcome.counterAtPause)
             outcome.pcrAfter = await self._tpm2(self.tpm, "tpm2_pcrread", "sha256:16")
+            outcome.bitmapsAfter = await self.source.dirtyBitmaps()
             await self.target.whenEnded()
 
     # -- what must hold ----------------------------------------------------------------
@@ -484,8 +488,8 @@ class WholeVM:
         assert stopped is not None
         check(
             outcome.diskBefore != outcome.diskAtPause,
-            "the disk changed during pre-copy (the writer's guest writes)",
-            "the writer did not change the disk during pre-copy",
+            "the disk changed during pre-copy (QEMU wrote it)",
+            "QEMU did not change the disk during pre-copy",
         )
         if outcome.committed:
             self._verifyCommitted(outcome, check, stopped)
@@ -566,10 +570,60 @@ class WholeVM:
             f"{self.diskTarget} exists after the abort",
         )
         check(
+            not outcome.bitmapsAfter,
+            "the source QEMU keeps no dirty bitmap of the migration",
+            f"the source QEMU still has dirty bitmaps {outcome.bitmapsAfter}",
+        )
+        check(
             outcome.awaited.get("committed") is False,
             "xenmig await on the target reported the abort",
             f"xenmig await answered {outcome.awaited}",
         )
+
+
+class GuestWriter:
+    """
+    The guest's disk writes, through QEMU's block layer: 4 KiB at a random
+    place of the disk every 2 ms (HMP ``qemu-io`` on the observer monitor), so
+    that QEMU's dirty bitmap records them as it would a guest's.
+    """
+
+    def __init__(self, reactor: Any, guest: ObservedGuest, size: int) -> None:
+        self.reactor = reactor
+        self.guest = guest
+        self.size = size
+        self.writes = 0
+        self._stopping = False
+        self._loop: Deferred[None] | None = None
+
+    async def start(self) -> None:
+        """Start writing; return after the first write."""
+        await self._write()
+        self._loop = Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await deferLater(self.reactor, 0.002, lambda: None)
+            await self._write()
+
+    async def _write(self) -> None:
+        assert self.guest.observer is not None
+        offset = random.randrange(self.size // 4096) * 4096
+        line = f'qemu-io {DISK_NODE} "write -P {self.writes % 251} {offset} 4096"'
+        await self.guest.observer.execute(
+            "human-monitor-command", {"command-line": line}
+        )
+        self.writes += 1
+
+    async def stop(self) -> None:
+        """Stop writing; return once the last write is done."""
+        self._stopping = True
+        if self._loop is not None:
+            loop, self._loop = self._loop, None
+            try:
+                await loop
+            except Exception as e:
+                raise ScenarioFailed(f"a guest write through QEMU failed: {e}")
 
 
 def _writeDisk(path: str, size: int) -> None:
