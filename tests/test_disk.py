@@ -769,6 +769,38 @@ def test_scan_pieces_follow_extents(tmp_path: Any) -> None:
     assert blocks.count == 4 and BLOCK_SIZE == MiB
 
 
+def test_scan_within_cuts_changed_blocks_to_the_ranges(tmp_path: Any) -> None:
+    """With ``within`` (the dirty ranges), a changed block's pieces are cut to
+    them and its whole digest recorded; a block never sent goes whole."""
+    path = str(tmp_path / "a.img")
+    size = 4 * MiB
+    sparseImage(path, size, [(0, 2 * MiB)])  # blocks 0, 1 data; 2, 3 holes
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        blocks = BlockMap(size)
+        scanner = BlockScanner(fd, blocks, "test")
+        scanner.scan(0, 3)  # block 3 never scanned: no digest
+        pwrite(path, b"\x07" * 4096, 65536 + 4096)  # block 0
+        pwrite(path, b"\x08" * 8192, 2 * MiB + 100 * 4096)  # block 2, a hole
+        within = [(65536, 131072), (2 * MiB + 393216, 2 * MiB + 458752)]
+        scans = scanner.scan(0, 4, within=within)
+    finally:
+        os.close(fd)
+    layout = [
+        [(p.offset, p.length, p.data is not None) for p in s.pieces] for s in scans
+    ]
+    assert layout[0] == [(65536, 65536, True)]
+    assert scans[0].pieces[0].data == open(path, "rb").read()[65536:131072]
+    assert layout[1] == []  # unchanged
+    assert layout[2] == [
+        (2 * MiB + 393216, 16384, False),
+        (2 * MiB + 409600, 8192, True),
+        (2 * MiB + 417792, 40960, False),
+    ]
+    assert layout[3] == [(3 * MiB, MiB, False)]  # no digest before: whole
+    assert blocks.contentDigest() == hashImage(path)
+
+
 def test_data_extents_agree_with_seek_data(tmp_path: Any) -> None:
     """Asked piece by piece, L{DataExtents} gives the ranges SEEK_DATA/SEEK_HOLE
     give for the whole file, and sees data written into a hole since."""

@@ -5,6 +5,7 @@ and the disk kind's content digest, a tree over those block digests.
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 from dataclasses import dataclass
@@ -242,7 +243,13 @@ class BlockScanner:
             f"during the migration: the image {what}; the migration cannot go on"
         )
 
-    def scan(self, first: int, last: int, budget: int | None = None) -> list[BlockScan]:
+    def scan(
+        self,
+        first: int,
+        last: int,
+        budget: int | None = None,
+        within: list[tuple[int, int]] | None = None,
+    ) -> list[BlockScan]:
         """
         Read blocks ``first`` to ``last`` (exclusive), holes skipped, and record the
         digest of every block that changed since its digest was recorded.
@@ -250,6 +257,10 @@ class BlockScanner:
         @param budget: stop early, after the block that brings the changed data
             held to ``budget`` bytes (at least one block is scanned): the scans
             returned end before ``last`` then.
+        @param within: the only byte ranges (sorted) that may have changed since
+            the target got each block, if a dirty-block source says so: a changed
+            block's pieces are then cut to them (a block without a digest yet is
+            still sent whole).  The digest recorded is the whole block's.
         @raise DeviceError: if the image was resized or truncated.
         """
         self.checkSize(exact=False)
@@ -265,7 +276,7 @@ class BlockScanner:
             while cursor < len(extents) and extents[cursor][1] <= blockStart:
                 cursor += 1
             inside = _clip(extents, cursor, blockStart, blockEnd)
-            scan = self._scanBlock(index, inside)
+            scan = self._scanBlock(index, inside, within)
             scans.append(scan)
             held += sum(len(p.data) for p in scan.pieces if p.data is not None)
             if budget is not None and held >= budget:
@@ -276,6 +287,7 @@ class BlockScanner:
         self,
         index: int,
         extents: list[tuple[int, int]],
+        within: list[tuple[int, int]] | None = None,
     ) -> BlockScan:
         start, end = self.blocks.blockRange(index)
         length = end - start
@@ -294,12 +306,38 @@ class BlockScanner:
             digest = blake3.blake3(data).digest()
             if digest == zero:
                 data = None
-        if digest == self.blocks.digest(index):
+        recorded = self.blocks.digest(index)
+        if digest == recorded:
             return BlockScan(index, start, length, ())
         self.blocks.record(index, digest)
         if data is None:
-            return BlockScan(index, start, length, (Piece(start, length),))
-        return BlockScan(index, start, length, _pieces(start, data, extents))
+            pieces: tuple[Piece, ...] = (Piece(start, length),)
+        else:
+            pieces = _pieces(start, data, extents)
+        if within is not None and recorded != UNKNOWN:
+            pieces = _cut(pieces, within, start, end)
+        return BlockScan(index, start, length, pieces)
+
+
+def _cut(
+    pieces: tuple[Piece, ...], ranges: list[tuple[int, int]], start: int, end: int
+) -> tuple[Piece, ...]:
+    """The parts of ``pieces`` (of the block ``[start, end)``) inside ``ranges``."""
+    first = bisect.bisect_right(ranges, (start, start)) - 1
+    inside = _clip(ranges, max(first, 0), start, end)
+    cut = []
+    for piece in pieces:
+        pieceEnd = piece.offset + piece.length
+        for rangeStart, rangeEnd in inside:
+            lo, hi = max(piece.offset, rangeStart), min(pieceEnd, rangeEnd)
+            if lo >= hi:
+                continue
+            if piece.data is None:
+                cut.append(Piece(lo, hi - lo))
+            else:
+                skip = lo - piece.offset
+                cut.append(Piece(lo, hi - lo, piece.data[skip : skip + hi - lo]))
+    return tuple(cut)
 
 
 def _clip(
@@ -310,7 +348,8 @@ def _clip(
     for extentStart, extentEnd in extents[cursor:]:
         if extentStart >= end:
             break
-        inside.append((max(extentStart, start), min(extentEnd, end)))
+        if extentEnd > start:
+            inside.append((max(extentStart, start), min(extentEnd, end)))
     return inside
 
 
