@@ -22,6 +22,10 @@ from xenmig.staging import StagedFile, recordWeight
 STALE = -1
 
 
+#: Threads that read back and hash the blocks not known from the records.
+READ_BACK_THREADS = 2
+
+
 class BlockDigests:
     """
     The blake3 digest of every block of a staged image, taken from the records
@@ -164,7 +168,7 @@ class ImageStaging(StagedFile):
         if self._hashQueued > self.highWater:
             waiter: Deferred[None] = Deferred()
             self._hashWaiters.append(waiter)
-            waiting = waiter if waiting is None else _both(waiting, waiter)
+            waiting = waiter if waiting is None else _all([waiting, waiter])
         return waiting
 
     def _pumpHashes(self) -> None:
@@ -282,7 +286,18 @@ class ImageStaging(StagedFile):
         self.size = size
         if self._discarded:
             raise DeviceError("the staged image was discarded")
-        return await self._inThread(self._digest, size)
+        digests, unknown = await self._inThread(self.blocks.table, size)
+        # Blocks not known from the records (the written parts of a block that a
+        # final round sends) are read back, in parallel: this is the paused window.
+        parts = [unknown[i::READ_BACK_THREADS] for i in range(READ_BACK_THREADS)]
+        await _all(
+            [
+                self._inThread(self._hashBlocks, digests, part, size)
+                for part in parts
+                if part
+            ]
+        )
+        return treeDigest(size, self.blocks.blockSize, digests)
 
     def _cut(self, size: int) -> None:
         fd = self.fd
@@ -290,13 +305,12 @@ class ImageStaging(StagedFile):
         os.ftruncate(fd, size)
         os.fsync(fd)
 
-    def _digest(self, size: int) -> ContentDigest:
-        """Blocking: the tree digest; blocks not known from the records are read."""
+    def _hashBlocks(self, digests: bytearray, blocks: list[int], size: int) -> None:
+        """Blocking: put the digests of ``blocks``, read from the file, in the table."""
         fd = self.fd
         assert fd is not None
         blockSize = self.blocks.blockSize
-        digests, unknown = self.blocks.table(size)
-        for index in unknown:
+        for index in blocks:
             start = index * blockSize
             length = min(blockSize, size - start)
             data = os.pread(fd, length, start)
@@ -304,7 +318,6 @@ class ImageStaging(StagedFile):
                 raise DeviceError(f"the staged image ended inside block {index}")
             where = index * DIGEST_SIZE
             digests[where : where + DIGEST_SIZE] = blake3.blake3(data).digest()
-        return treeDigest(size, blockSize, digests)
 
     async def discard(self) -> None:
         self._discarded = True
@@ -315,9 +328,9 @@ class ImageStaging(StagedFile):
         await super().discard()
 
 
-def _both(first: Deferred[None], second: Deferred[None]) -> Deferred[None]:
-    """A Deferred that fires once both have, failing if either failed."""
-    both = DeferredList([first, second], fireOnOneErrback=True, consumeErrors=True)
+def _all(deferreds: list[Deferred[Any]]) -> Deferred[None]:
+    """A Deferred that fires once all have, failing if any failed (the first)."""
+    every = DeferredList(deferreds, fireOnOneErrback=True, consumeErrors=True)
 
     def unwrap(result: object) -> None:
         return None
@@ -326,4 +339,4 @@ def _both(first: Deferred[None], second: Deferred[None]) -> Deferred[None]:
         inner: Failure = getattr(failure.value, "subFailure", failure)
         return inner
 
-    return both.addCallbacks(unwrap, firstFailure)
+    return every.addCallbacks(unwrap, firstFailure)
