@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -250,13 +251,22 @@ class BlockScanner:
         budget: int | None = None,
         within: list[tuple[int, int]] | None = None,
     ) -> list[BlockScan]:
+        """Blocks ``first`` to ``last`` (exclusive): see L{scanBlocks}."""
+        return self.scanBlocks(range(first, last), budget, within)
+
+    def scanBlocks(
+        self,
+        indices: Sequence[int],
+        budget: int | None = None,
+        within: list[tuple[int, int]] | None = None,
+    ) -> list[BlockScan]:
         """
-        Read blocks ``first`` to ``last`` (exclusive), holes skipped, and record the
+        Read the blocks ``indices`` (ascending), holes skipped, and record the
         digest of every block that changed since its digest was recorded.
 
         @param budget: stop early, after the block that brings the changed data
-            held to ``budget`` bytes (at least one block is scanned): the scans
-            returned end before ``last`` then.
+            held to ``budget`` bytes (at least one block is scanned): fewer scans
+            than ``indices`` are returned then.
         @param within: the only byte ranges (sorted) that may have changed since
             the target got each block, if a dirty-block source says so: a changed
             block's pieces are then cut to them (a block without a digest yet is
@@ -264,18 +274,26 @@ class BlockScanner:
         @raise DeviceError: if the image was resized or truncated.
         """
         self.checkSize(exact=False)
+        if not indices:
+            return []
         blocks = self.blocks
-        start, _ = blocks.blockRange(first)
-        _, end = blocks.blockRange(last - 1)
-        extents = self._extents.within(start, end)
+        start, _ = blocks.blockRange(indices[0])
+        _, end = blocks.blockRange(indices[-1])
+        contiguous = indices[-1] - indices[0] + 1 == len(indices)
+        # One extent walk for a run of blocks; each block of a scattered set
+        # asks for its own (a walk across the gaps could be long).
+        extents = self._extents.within(start, end) if contiguous else []
         scans = []
         cursor = 0
         held = 0
-        for index in range(first, last):
+        for index in indices:
             blockStart, blockEnd = blocks.blockRange(index)
-            while cursor < len(extents) and extents[cursor][1] <= blockStart:
-                cursor += 1
-            inside = _clip(extents, cursor, blockStart, blockEnd)
+            if contiguous:
+                while cursor < len(extents) and extents[cursor][1] <= blockStart:
+                    cursor += 1
+                inside = _clip(extents, cursor, blockStart, blockEnd)
+            else:
+                inside = self._extents.within(blockStart, blockEnd)
             scan = self._scanBlock(index, inside, within)
             scans.append(scan)
             held += sum(len(p.data) for p in scan.pieces if p.data is not None)

@@ -8,7 +8,7 @@ import stat
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -285,9 +285,9 @@ class DiskSource:
         changed = await self._changedRanges(final)
         await self._thread(scanner.startPass)
         batches = deque(_batches(scanner.blocks, changed, self.batchBlocks))
-        scanned = sum(last - first for first, last in batches)
-        # Scans in flight, in offset order, with the block each should reach.
-        pending: deque[tuple[Deferred[list[BlockScan]], int]] = deque()
+        scanned = sum(len(batch) for batch in batches)
+        # Scans in flight, in offset order, with the blocks each was given.
+        pending: deque[tuple[Deferred[list[BlockScan]], Sequence[int]]] = deque()
         sender = _PieceSender(writer)
 
         # In the final round the target takes the written parts of a block and
@@ -295,24 +295,23 @@ class DiskSource:
         # blocks whole, so that no read-backs pile up for the paused window.
         within = changed if final else None
 
-        def submit(first: int, last: int, next: bool = False) -> None:
-            scan = self._thread(scanner.scan, first, last, self.batchBytes, within)
+        def submit(indices: Sequence[int], next: bool = False) -> None:
+            scan = self._thread(scanner.scanBlocks, indices, self.batchBytes, within)
             if next:  # the rest of a batch that returned early comes first
-                pending.appendleft((scan, last))
+                pending.appendleft((scan, indices))
             else:
-                pending.append((scan, last))
+                pending.append((scan, indices))
 
         try:
             while batches and len(pending) < self.depth:
-                submit(*batches.popleft())
+                submit(batches.popleft())
             while pending:
-                scanning, last = pending.popleft()
+                scanning, indices = pending.popleft()
                 scans = await scanning
-                reached = scans[-1].index + 1
-                if reached < last:
-                    submit(reached, last, next=True)
+                if len(scans) < len(indices):
+                    submit(indices[len(scans) :], next=True)
                 while batches and len(pending) < self.depth:
-                    submit(*batches.popleft())
+                    submit(batches.popleft())
                 await sender.send(scans)
             await sender.flush()
         finally:
@@ -404,26 +403,23 @@ class DiskSource:
 
 def _batches(
     blocks: BlockMap, ranges: list[tuple[int, int]] | None, most: int
-) -> list[tuple[int, int]]:
+) -> list[Sequence[int]]:
     """
-    The ``(first, last)`` block runs, of at most ``most`` blocks, that cover
-    ``ranges`` (every block when None) and every block without a digest (those
-    a growing image added since the last pass).
+    The blocks to scan, in batches of at most ``most`` in offset order: every
+    block when ``ranges`` is None, else those that cover ``ranges`` and every
+    block without a digest (those a growing image added since the last pass).
     """
     count = blocks.count
     if ranges is None:
-        return [(first, min(first + most, count)) for first in range(0, count, most)]
+        return [
+            range(first, min(first + most, count)) for first in range(0, count, most)
+        ]
     wanted = set(blocks.unknownBlocks())
     size = blocks.blockSize
     for start, stop in ranges:
         wanted.update(range(start // size, min(-(-stop // size), count)))
-    runs: list[tuple[int, int]] = []
-    for index in sorted(wanted):
-        if runs and runs[-1][1] == index and index - runs[-1][0] < most:
-            runs[-1] = (runs[-1][0], index + 1)
-        else:
-            runs.append((index, index + 1))
-    return runs
+    ordered = sorted(wanted)
+    return [ordered[i : i + most] for i in range(0, len(ordered), most)]
 
 
 class _PieceSender:
