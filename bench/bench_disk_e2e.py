@@ -158,28 +158,15 @@ def guestCommand(image: Path, size: int, scattered: bool) -> str:
 
 #: The pause command of a QEMU-run image: the same last writes, made through
 #: QEMU's block layer (HMP ``qemu-io``, so its dirty bitmap records them), then
-#: ``stop``.  QMP is spoken plainly on the monitor socket given.
+#: ``stop``, on the monitor socket given.
 QEMU_GUEST = """
-import json, random, socket, sys
+import random, sys
+from xenmig.testguest import guestWrites
 MiB = 1 << 20
 path, size, pieces, length = sys.argv[1], *map(int, sys.argv[2:])
-qmp = socket.socket(socket.AF_UNIX)
-qmp.connect(path)
-lines = qmp.makefile("rw")
-def execute(command, **arguments):
-    lines.write(json.dumps({"execute": command, "arguments": arguments}) + "\\n")
-    lines.flush()
-    while "event" in (answer := json.loads(lines.readline())):
-        pass
-    assert "return" in answer, answer
-lines.readline()
-execute("qmp_capabilities")
-for block in random.sample(range(size // MiB), pieces):
-    middle = (MiB - length) // 8192 * 4096
-    offset = block * MiB + middle
-    line = f'qemu-io disk0 "write -P {block % 251} {offset} {length}"'
-    execute("human-monitor-command", **{"command-line": line})
-execute("stop")
+middle = (MiB - length) // 8192 * 4096
+blocks = random.sample(range(size // MiB), pieces)
+guestWrites(path, [(b * MiB + middle, length, b % 251) for b in blocks])
 """
 
 

@@ -400,27 +400,14 @@ async def test_live_migration_while_the_guest_writes(
 #: until it has, make the guest's last writes through QEMU's own QMP socket, stop
 #: the VM, and record the image's digest.
 QEMU_PAUSE = """
-import json, os, socket, sys, time
+import json, os, sys, time
 from xenmig.digest import hashFile
+from xenmig.testguest import guestWrites
 options = json.loads(sys.argv[1])
 open(options["request"], "w").close()
 while not os.path.exists(options["ack"]):
     time.sleep(0.002)
-qmp = socket.socket(socket.AF_UNIX)
-qmp.connect(options["qmp"])
-lines = qmp.makefile("rw")
-def execute(command, **arguments):
-    lines.write(json.dumps({"execute": command, "arguments": arguments}) + "\\n")
-    lines.flush()
-    while "event" in (answer := json.loads(lines.readline())):
-        pass
-    assert "return" in answer, answer
-lines.readline()  # the greeting
-execute("qmp_capabilities")
-for offset in options["last"]:
-    line = f'qemu-io disk0 "write -P 0x77 {offset} 65536"'
-    execute("human-monitor-command", **{"command-line": line})
-execute("stop")
+guestWrites(options["qmp"], [(offset, 65536, 0x77) for offset in options["last"]])
 with open(options["digest"], "w") as f:
     f.write(hashFile(options["image"]).hex)
 """

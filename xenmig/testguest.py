@@ -84,6 +84,38 @@ def qemuCommand(image: str, qmpSocket: str, incoming: bool = False) -> list[str]
     return command
 
 
+def guestWrites(
+    qmpSocket: str, writes: list[tuple[int, int, int]], node: str = "disk0"
+) -> None:
+    """
+    Blocking, for a child process (a test's or a benchmark's pause command):
+    write ``(offset, length, pattern)`` through QEMU's block layer on ``node``
+    (HMP ``qemu-io``, so that its dirty bitmaps see them), as a guest's last
+    writes before its pause, then stop the VM (QMP ``stop``).
+    """
+    import json
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as qmp, qmp.makefile("rw") as lines:
+        qmp.connect(qmpSocket)
+
+        def execute(command: str, **arguments: Any) -> None:
+            lines.write(json.dumps({"execute": command, "arguments": arguments}))
+            lines.write("\n")
+            lines.flush()
+            while "event" in (answer := json.loads(lines.readline())):
+                pass
+            if "return" not in answer:
+                raise RuntimeError(f"QEMU refused {command}: {answer}")
+
+        lines.readline()  # the greeting
+        execute("qmp_capabilities")
+        for offset, length, pattern in writes:
+            line = f'qemu-io {node} "write -P {pattern} {offset} {length}"'
+            execute("human-monitor-command", **{"command-line": line})
+        execute("stop")
+
+
 def findQEMU() -> str | None:
     """The path of ``qemu-system-x86_64``, or None when it is not installed."""
     return shutil.which(QEMU)
