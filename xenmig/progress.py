@@ -182,9 +182,20 @@ def _when(timestamp: float) -> str:
 def statusTable(migrations: Sequence[MigrationStatus]) -> str:
     """
     A table of migrations, one line per device: id, domain, phase, peer, device,
-    bytes done / expected, rate and reason.
+    bytes received / the device's size, rate and reason.  (Pre-copy rounds send
+    changed blocks again, so a disk may receive more than its size; a device
+    model's size is its RAM, of which only the pages in use travel.)
     """
-    header = ("MIGRATION", "DOMAIN", "PHASE", "PEER", "DEVICE", "BYTES", "RATE", "ETA")
+    header = (
+        "MIGRATION",
+        "DOMAIN",
+        "PHASE",
+        "PEER",
+        "DEVICE",
+        "RECEIVED / SIZE",
+        "RATE",
+        "ETA",
+    )
     rows: list[tuple[str, ...]] = []
     for status in migrations:
         devices = status.devices or ()
@@ -243,9 +254,9 @@ def statusDetail(status: MigrationStatus) -> str:
     for device in status.devices:
         lines.append(f"device     {device.kind}:{device.name}  {device.state}")
         lines.append(
-            f"  bytes    {formatBytes(device.bytesDone)} / "
-            f"{formatBytes(device.bytesExpected)}  ({device.bytesDone} / "
-            f"{device.bytesExpected})  {formatRate(device.rate)}"
+            f"  received {formatBytes(device.bytesDone)} of a "
+            f"{formatBytes(device.bytesExpected)} device  ({device.bytesDone} / "
+            f"{device.bytesExpected} bytes)  {formatRate(device.rate)}"
             + (f"  ETA {_eta(device)}" if _eta(device) != "-" else "")
         )
         if device.digest:
