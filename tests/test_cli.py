@@ -16,7 +16,7 @@ import pytest_twisted
 from daemons import CLIENT, PKI, Daemon, MiB, sparseFile
 from twisted.internet.task import Clock
 
-from xenmig import cli
+from xenmig import cli, migratecmd
 from xenmig.digest import hashFile
 from xenmig.model import DeviceProgress, MigrationStatus
 from xenmig.processes import ProcessFailed, runShell
@@ -655,7 +655,7 @@ async def test_commit_in_doubt_exits_3_without_resuming(
     )
     display = ProgressDisplay(reactor, io.StringIO(), bars=False)
     fake = FakeMigration(CommitInDoubt("no answer to the commit"))
-    command = cli.MigrateCommand(reactor, fake, args, display)  # type: ignore[arg-type]
+    command = migratecmd.MigrateCommand(reactor, fake, args, display)  # type: ignore[arg-type]
     assert await command.run() == 3
     out, err = capsys.readouterr()
     assert "COMMIT IN DOUBT: no answer to the commit" in err
