@@ -38,7 +38,7 @@ from xenmig.devices.vtpm import vtpmKind
 from xenmig.model import DeviceSpec
 from xenmig.processes import Daemon, freePort
 from xenmig.records import EndRecord
-from xenmig.swtpm import (
+from xenmig.swtpmprocess import (
     TPM2_STARTUP_CLEAR,
     TPM_RC_INITIALIZE,
     SwtpmProcess,

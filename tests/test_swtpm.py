@@ -1,4 +1,4 @@
-"""Tests for xenmig.swtpm: the control-channel client and the swtpm runner."""
+"""Tests of the swtpm control-channel client and of the swtpm runner."""
 
 from __future__ import annotations
 
@@ -27,21 +27,23 @@ from xenmig.swtpm import (
     CMD_GET_CONFIG,
     CMD_GET_STATEBLOB,
     CMD_INIT,
-    TPM2_STARTUP_CLEAR,
     TPM_BAD_ORDINAL,
-    TPM_RC_INITIALIZE,
     TPM_RETRY,
     AnswerParser,
     ControlExchange,
-    KeyOption,
     StateBlob,
     SwtpmBusy,
     SwtpmControl,
     SwtpmNotInstalled,
     SwtpmNotRunning,
-    SwtpmProcess,
     SwtpmStartFailed,
     SwtpmUnavailable,
+)
+from xenmig.swtpmprocess import (
+    TPM2_STARTUP_CLEAR,
+    TPM_RC_INITIALIZE,
+    KeyOption,
+    SwtpmProcess,
     responseCode,
     swtpmFeatures,
     tpmCommand,

@@ -48,14 +48,16 @@ from xenmig.model import DeviceSpec
 from xenmig.records import DataRecord, EndRecord, MetadataRecord, Record
 from xenmig.swtpm import (
     CMD_GET_CAPABILITY,
-    TPM2_STARTUP_CLEAR,
-    TPM_RC_INITIALIZE,
-    KeyOption,
     SwtpmBusy,
     SwtpmCommandFailed,
     SwtpmNotRunning,
-    SwtpmProcess,
     SwtpmUnavailable,
+)
+from xenmig.swtpmprocess import (
+    TPM2_STARTUP_CLEAR,
+    TPM_RC_INITIALIZE,
+    KeyOption,
+    SwtpmProcess,
     responseCode,
     tpmCommand,
 )

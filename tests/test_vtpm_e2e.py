@@ -58,7 +58,8 @@ from xenmig.devices.vtpm import vtpmKind
 from xenmig.errors import CommitFailed, DigestMismatch, XenmigError
 from xenmig.interfaces import IDeviceKind
 from xenmig.model import DeviceSpec
-from xenmig.swtpm import CMD_GET_CAPABILITY, SwtpmNotRunning, SwtpmProcess
+from xenmig.swtpm import CMD_GET_CAPABILITY, SwtpmNotRunning
+from xenmig.swtpmprocess import SwtpmProcess
 from xenmig.testing import requirePrograms
 
 PROGRAMS = (

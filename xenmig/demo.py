@@ -281,7 +281,7 @@ class VTPMDemo(DemoDevice):
         )
 
     async def verify(self, run: DemoRun, leg: Leg, installed: list[str]) -> str:
-        from xenmig.swtpm import (
+        from xenmig.swtpmprocess import (
             TPM2_STARTUP_CLEAR,
             TPM_RC_INITIALIZE,
             responseCode,
@@ -318,7 +318,7 @@ class VTPMDemo(DemoDevice):
             await process.stop()
 
     async def _swtpm(self, run: DemoRun, home: str, name: str = "") -> Any:
-        from xenmig.swtpm import SwtpmProcess
+        from xenmig.swtpmprocess import SwtpmProcess
 
         state = os.path.join(home, name) if name else home
         os.makedirs(state, exist_ok=True)

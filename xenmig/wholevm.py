@@ -300,7 +300,7 @@ class WholeVM:
         await self._startTPMs()
 
     async def _startTPMs(self) -> None:
-        from xenmig.swtpm import SwtpmProcess
+        from xenmig.swtpmprocess import SwtpmProcess
 
         source = os.path.join(self.home, "tpm")
         target = os.path.join(self.targetRoot, f"{self.domain}-tpm")

@@ -48,15 +48,13 @@ from xenmig.swtpm import (
     CONFIG_FLAG_MIGRATION_KEY,
     INIT_FLAG_DELETE_VOLATILE,
     MAX_BLOB,
-    KeyOption,
     StateBlob,
     SwtpmBusy,
     SwtpmControl,
     SwtpmError,
     SwtpmNotRunning,
-    SwtpmProcess,
-    swtpmFeatures,
 )
+from xenmig.swtpmprocess import KeyOption, SwtpmProcess, swtpmFeatures
 
 log = Logger()
 
