@@ -202,17 +202,21 @@ class VTPMSource:
             raise VTPMOwnedByQEMU(_qemuMessage(name, "it is attached to QEMU (qemu=1)"))
         try:
             caps = await self.control.getCapability()
-        except SwtpmBusy:
+            missing = CAPS_FOR_MIGRATION & ~caps
+            if missing:
+                raise DeviceError(
+                    f"vtpm device {name}: the swtpm at {self.control.address} lacks "
+                    f"the state-blob control commands (capabilities 0x{caps:x}): "
+                    f"upgrade swtpm"
+                )
+            config = await self.control.getConfig()
+            await self.control.getEstablished()  # SwtpmNotRunning if stopped
+        except (SwtpmBusy, SwtpmNotRunning):
+            # A QEMU holding the control socket keeps it busy, or (a moment
+            # after it attached, before its reset) lets a TPM not yet running
+            # answer: either way, the vTPM is QEMU's to migrate.
             await self._refuseIfQEMU()
             raise
-        missing = CAPS_FOR_MIGRATION & ~caps
-        if missing:
-            raise DeviceError(
-                f"vtpm device {name}: the swtpm at {self.control.address} lacks the "
-                f"state-blob control commands (capabilities 0x{caps:x}): upgrade swtpm"
-            )
-        config = await self.control.getConfig()
-        await self.control.getEstablished()  # fails with SwtpmNotRunning if stopped
         if self.expectKey and not config & CONFIG_FLAG_FILE_KEY:
             raise DeviceError(
                 f"vtpm device {name}: key= was given but the swtpm at "
