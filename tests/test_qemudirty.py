@@ -17,8 +17,10 @@ import pytest
 import pytest_twisted
 from test_disk import FakeSourceContext, digestOf, makeSpec, prepare, treeOf
 from twisted.internet import reactor
+from twisted.internet.defer import DeferredList
 from zope.interface.verify import verifyObject
 
+from xenmig import qemudirty
 from xenmig.convergence import FixedRounds
 from xenmig.devices.disk import DiskSource
 from xenmig.errors import DeviceError, PhaseTimeout
@@ -39,11 +41,16 @@ MiB = 1024 * 1024
 
 @asynccontextmanager
 async def qemuWith(
-    tmp_path: Any, image: str, driver: str = "raw", blockdev: bool = True
+    tmp_path: Any,
+    image: str,
+    driver: str = "raw",
+    blockdev: bool = True,
+    more: tuple[str, ...] = (),
 ) -> AsyncIterator[tuple[RunningGuest, str]]:
     """
-    A QEMU (no guest) with ``image`` attached, and two QMP monitors: one the test
-    holds, one free for xenmig's short sessions (its path is yielded).
+    A QEMU (no guest) with ``image`` attached (and raw images ``more`` as disk1,
+    ...), and two QMP monitors: one the test holds, one free for xenmig's short
+    sessions (its path is yielded).
     """
     control = str(tmp_path / "control.qmp")
     free = str(tmp_path / "xenmig.qmp")
@@ -54,6 +61,11 @@ async def qemuWith(
         ]  # fmt: skip
     else:  # auto-named nodes, as -drive makes them
         disk = ["-drive", f"if=none,id=disk0,file={image},format={driver}"]
+    for number, path in enumerate(more, 1):
+        disk += [
+            "-blockdev", f"driver=file,filename={path},node-name=file{number}",
+            "-blockdev", f"driver=raw,file=file{number},node-name=disk{number}",
+        ]  # fmt: skip
     command = [
         QEMU, "-machine", "none", "-nodefaults", "-no-user-config",
         "-display", "none", *disk,
@@ -67,14 +79,16 @@ async def qemuWith(
         await guest.terminate()
 
 
-async def write(qmp: QMPClient, offset: int, length: int, pattern: int = 0x5A) -> None:
+async def write(
+    qmp: QMPClient, offset: int, length: int, pattern: int = 0x5A, disk: str = "disk0"
+) -> None:
     """
     A write through QEMU's block layer, as the guest's would be (``qemu-io``
     prints its report on QEMU's standard output, not in the answer).
     """
     await qmp.execute(
         "human-monitor-command",
-        {"command-line": f'qemu-io disk0 "write -P {pattern} {offset} {length}"'},
+        {"command-line": f'qemu-io {disk} "write -P {pattern} {offset} {length}"'},
     )
 
 
@@ -114,15 +128,43 @@ async def test_collect_reports_the_writes_of_each_interval(tmp_path: Any) -> Non
         assert len(await bitmapsOf(guest.qmp)) == 1
         assert await guest.qmp.execute("query-block-exports") == []
 
-        serverDir = dirty._serverDir
+        serverDir = qemudirty._servers[os.path.realpath(qmpPath)].directory
         assert os.path.exists(os.path.join(serverDir, "nbd.sock"))
 
         await dirty.stop()
         await dirty.stop()  # idempotent
         assert await bitmapsOf(guest.qmp) == []
         assert not os.path.exists(serverDir)
+        assert qemudirty._servers == {}
         # Our NBD server is stopped: another can start.
         await guest.qmp.execute(
+            "nbd-server-start",
+            {"addr": {"type": "unix", "data": {"path": str(tmp_path / "n.sock")}}},
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_disks_of_one_qemu_share_its_nbd_server(tmp_path: Any) -> None:
+    """A VM's two disks: their bitmaps collect at once through QEMU's one NBD
+    server, which runs until the last of them stops."""
+    first, second = rawImage(tmp_path), str(tmp_path / "second.raw")
+    shutil.copyfile(first, second)
+    async with qemuWith(tmp_path, first, more=(second,)) as (guest, qmpPath):
+        disks = [QEMUDirtyBitmap(reactor, qmpPath, path) for path in (first, second)]
+        for dirty in disks:
+            await dirty.start()
+        assert [d.node for d in disks] == ["file0", "file1"]
+        await write(guest.qmp, 2 * MiB, 4096)
+        await write(guest.qmp, 7 * MiB, 4096, disk="disk1")
+        collected = await DeferredList([d.collect() for d in disks])
+        assert collected == [(True, [(2 * MiB, 3 * MiB)]), (True, [(7 * MiB, 8 * MiB)])]
+        await disks[0].stop()
+        await write(guest.qmp, 9 * MiB, 4096, disk="disk1")
+        assert await disks[1].collect() == [(9 * MiB, 10 * MiB)]
+        await disks[1].stop()
+        assert await bitmapsOf(guest.qmp) == []
+        assert qemudirty._servers == {}
+        await guest.qmp.execute(  # QEMU's NBD server is free again
             "nbd-server-start",
             {"addr": {"type": "unix", "data": {"path": str(tmp_path / "n.sock")}}},
         )

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -52,6 +53,18 @@ T = TypeVar("T")
 DIRTY = 1
 #: Drivers of protocol nodes that hold an image file.
 PROTOCOL_DRIVERS = frozenset({"file", "host_device"})
+
+
+@dataclass
+class _SharedServer:
+    """QEMU's one NBD server, as this process's bitmaps of that QEMU use it."""
+
+    directory: str = ""
+    users: int = 0
+
+
+#: The NBD servers started here, by the real path of their QEMU's QMP socket.
+_servers: dict[str, _SharedServer] = {}
 
 
 @implementer(IDirtyBlocks)
@@ -86,7 +99,8 @@ class QEMUDirtyBitmap:
         self._prefix = f"xenmig-{uuid.uuid4().hex[:12]}"
         self._generation = 0
         self._active = ""
-        self._serverDir = ""
+        self._serverKey = os.path.realpath(qmpPath)
+        self._sharing = False
         self._stopped = False
 
     # -- IDirtyBlocks ---------------------------------------------------------------
@@ -247,8 +261,16 @@ class QEMUDirtyBitmap:
         await deleted
 
     async def _server(self, qmp: QMPClient) -> str:
-        """QEMU's NBD server on our private socket (started on first use)."""
-        if not self._serverDir:
+        """
+        QEMU's NBD server on a private socket: QEMU runs one, so the bitmaps of
+        one QEMU in this process share it (a VM's several disks); the first to
+        need it starts it, the last to stop stops it.
+        """
+        shared = _servers.setdefault(self._serverKey, _SharedServer())
+        if not self._sharing:
+            shared.users += 1
+            self._sharing = True
+        if not shared.directory:
             directory = tempfile.mkdtemp(prefix="xenmig-nbd-")
             socket = os.path.join(directory, "nbd.sock")
             try:
@@ -263,35 +285,48 @@ class QEMUDirtyBitmap:
                     "(QEMU runs one NBD server; is another one running, e.g. for a "
                     "storage migration?)"
                 )
-            self._serverDir = directory
-        return os.path.join(self._serverDir, "nbd.sock")
+            shared.directory = directory
+        return os.path.join(shared.directory, "nbd.sock")
 
     async def _stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
         active, self._active = self._active, ""
-        serverDir, self._serverDir = self._serverDir, ""
-        if active or serverDir:
+        leaving, self._sharing = self._sharing, False
+        if leaving:
+            _servers[self._serverKey].users -= 1
+        if active or leaving:
             try:
-                await self._session(
-                    lambda qmp: self._cleanUp(qmp, active, bool(serverDir))
-                )
+                await self._session(lambda qmp: self._cleanUp(qmp, active, leaving))
             except Exception as e:
                 # QEMU gone or unreachable: nothing of ours is left in it then.
                 log.warn("{what}: could not clean up: {e}", what=self.description, e=e)
-        if serverDir:
-            shutil.rmtree(serverDir, ignore_errors=True)
+                if leaving:
+                    self._forgetServer()
 
-    async def _cleanUp(self, qmp: QMPClient, bitmap: str, server: bool) -> None:
+    async def _cleanUp(self, qmp: QMPClient, bitmap: str, leaving: bool) -> None:
         if bitmap:
             await _quietly(
                 qmp.execute(
                     "block-dirty-bitmap-remove", {"node": self.node, "name": bitmap}
                 )
             )
-        if server:
-            await _quietly(qmp.execute("nbd-server-stop"))
+        # Checked inside this QMP session, which QEMU runs alone: another
+        # bitmap that took the server meanwhile keeps it running.
+        shared = _servers.get(self._serverKey)
+        if leaving and shared is not None and shared.users == 0:
+            if shared.directory:
+                await _quietly(qmp.execute("nbd-server-stop"))
+            self._forgetServer()
+
+    def _forgetServer(self) -> None:
+        """Drop the shared server's record once nobody uses it."""
+        shared = _servers.get(self._serverKey)
+        if shared is not None and shared.users == 0:
+            del _servers[self._serverKey]
+            if shared.directory:
+                shutil.rmtree(shared.directory, ignore_errors=True)
 
     # -- helpers ------------------------------------------------------------------
 
