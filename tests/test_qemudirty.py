@@ -37,6 +37,7 @@ def _programs() -> None:
 
 
 MiB = 1024 * 1024
+K64 = 64 * 1024
 
 
 @asynccontextmanager
@@ -112,12 +113,15 @@ async def test_collect_reports_the_writes_of_each_interval(tmp_path: Any) -> Non
         verifyObject(IDirtyBlocks, dirty)
         await dirty.start()
         assert dirty.node == "file0"  # the file node, found from the path
+        # Ranges come in whole 64 KiB granules (the default granularity).
         await write(guest.qmp, MiB, 64 * 1024)
         await write(guest.qmp, 10 * MiB + 4096, 4096)
+        await write(guest.qmp, 12 * MiB + 65536 - 4096, 8192)  # across two granules
         await write(guest.qmp, 63 * MiB, MiB)
         assert await dirty.collect() == [
-            (MiB, 2 * MiB),
-            (10 * MiB, 11 * MiB),
+            (MiB, MiB + K64),
+            (10 * MiB, 10 * MiB + K64),
+            (12 * MiB, 12 * MiB + 2 * K64),
             (63 * MiB, 64 * MiB),
         ]
         await write(guest.qmp, 20 * MiB, 3 * MiB)
@@ -157,10 +161,13 @@ async def test_the_disks_of_one_qemu_share_its_nbd_server(tmp_path: Any) -> None
         await write(guest.qmp, 2 * MiB, 4096)
         await write(guest.qmp, 7 * MiB, 4096, disk="disk1")
         collected = await DeferredList([d.collect() for d in disks])
-        assert collected == [(True, [(2 * MiB, 3 * MiB)]), (True, [(7 * MiB, 8 * MiB)])]
+        assert collected == [
+            (True, [(2 * MiB, 2 * MiB + K64)]),
+            (True, [(7 * MiB, 7 * MiB + K64)]),
+        ]
         await disks[0].stop()
         await write(guest.qmp, 9 * MiB, 4096, disk="disk1")
-        assert await disks[1].collect() == [(9 * MiB, 10 * MiB)]
+        assert await disks[1].collect() == [(9 * MiB, 9 * MiB + K64)]
         await disks[1].stop()
         assert await bitmapsOf(guest.qmp) == []
         assert qemudirty._servers == {}

@@ -73,8 +73,8 @@ class QEMUDirtyBitmap:
     The writes QEMU makes to the image at ``path``, from its QMP socket.
 
     @param node: the protocol node's name; found from ``path`` when empty.
-    @param granularity: bytes per bit of the bitmap (a power of two; the disk
-        kind's block size).
+    @param granularity: bytes per bit of the bitmap, a power of two: the ranges
+        collected are multiples of it (the disk kind asks for 64 KiB).
     @param timeout: seconds each QMP or NBD exchange may take.
     """
 
@@ -84,7 +84,7 @@ class QEMUDirtyBitmap:
         qmpPath: str,
         path: str,
         node: str = "",
-        granularity: int = 1024 * 1024,
+        granularity: int = 64 * 1024,
         timeout: float = 10.0,
     ) -> None:
         if granularity < 512 or granularity & (granularity - 1):
