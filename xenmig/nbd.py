@@ -79,6 +79,12 @@ class _Reader(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
+        if len(self._buffer) > 2 * MAX_PAYLOAD:  # nothing asked for is this long
+            self._buffer.clear()
+            transport = self.transport
+            assert transport is not None
+            getattr(transport, "abortConnection", transport.loseConnection)()
+            return
         self._deliver()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -143,8 +149,7 @@ class BlockStatusClient:
         while offset < self.size:
             length = min(self.size - offset, MAX_QUERY)
             extents = await self._blockStatus(offset, length)
-            if not extents:
-                raise NBDError(f"the NBD server described nothing at offset {offset}")
+            before = offset
             for extentLength, status in extents:
                 if extentLength == 0 or offset >= self.size:
                     break
@@ -156,6 +161,8 @@ class BlockStatusClient:
                     onRange(markedFrom, offset)
                     markedFrom = None
                 offset += extentLength
+            if offset == before:
+                raise NBDError(f"the NBD server described nothing at offset {offset}")
         if markedFrom is not None:
             onRange(markedFrom, offset)
 
