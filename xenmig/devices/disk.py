@@ -262,7 +262,10 @@ class DiskKind:
     """
 
     kind = KIND
-    summary = "raw and qcow2 disk images, sparse, with live pre-copy rounds"
+    summary = (
+        "raw and qcow2 disk images, sparse, with live pre-copy rounds "
+        "(following QEMU's dirty bitmaps with qmp=)"
+    )
 
     def source(self, spec: DeviceSpec, context: ISourceContext) -> DiskSource:
         return DiskSource(spec, context)
