@@ -15,7 +15,7 @@ from typing import Any
 import blake3
 import pytest
 import pytest_twisted
-from test_disk import FakeSourceContext, digestOf, makeSpec, prepare, treeOf
+from test_disk import FakeSourceContext, digestOf, makeSpec, prepare, run, treeOf
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from zope.interface.verify import verifyObject
@@ -302,6 +302,43 @@ async def test_live_disk_rounds_read_only_what_qemu_wrote(tmp_path: Any) -> None
         assert digest == await treeOf(image)
         assert await digestOf(destination) == await digestOf(image)
         assert await bitmapsOf(guest.qmp) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_qcow2_that_grows_under_qemu(tmp_path: Any) -> None:
+    """A qcow2 image whose container QEMU grows during pre-copy (new clusters,
+    L2 and refcount tables) and before the pause: the target passes
+    ``qemu-img check`` and ``compare`` against the source at the pause."""
+    image = str(tmp_path / "live.qcow2")
+    code, output = await run("qemu-img", "create", "-q", "-f", "qcow2", image, "256M")
+    assert code == 0, output
+    destination = str(tmp_path / "dest" / "out.qcow2")
+    async with qemuWith(tmp_path, image, driver="qcow2") as (guest, qmpPath):
+        await write(guest.qmp, 0, 4 * MiB, 0x11)
+        spec = makeSpec(image, destination, qmp=qmpPath)
+        source = DiskSource(spec, FakeSourceContext(), batchBlocks=4)
+        migration = await prepare(tmp_path, image, destination, source=source)
+        sizes = [os.stat(image).st_size]
+
+        async def between(number: int) -> None:
+            for offset in range(number * 40 * MiB + 8 * MiB, 256 * MiB, 60 * MiB):
+                await write(guest.qmp, offset, 3 * 65536, 0x20 + number)
+            sizes.append(os.stat(image).st_size)
+
+        await migration.rounds(FixedRounds(3), between)
+        await write(guest.qmp, 250 * MiB, 65536, 0x77)  # the last write, new cluster
+        await write(guest.qmp, 4096, 4096, 0x78)  # and one in an old one
+        await guest.qmp.stop()
+        digest = await migration.final()
+        sizes.append(os.stat(image).st_size)
+        assert sizes == sorted(sizes) and sizes[-1] > sizes[0]  # it grew each time
+        assert digest == await treeOf(image)
+        code, output = await run("qemu-img", "compare", "-U", image, destination)
+        assert code == 0, output
+        code, output = await run("qemu-img", "check", destination)
+        assert code == 0, output
+    # Rounds after the first read only what QEMU wrote, never the whole image.
+    assert all(s.scannedBlocks < sizes[-1] // MiB for s in source.history[1:])
 
 
 @pytest_twisted.ensureDeferred
