@@ -44,7 +44,7 @@ from xenmig.errors import DeviceError
 from xenmig.interfaces import IDirtyBlocks
 from xenmig.limits import withDeadline
 from xenmig.nbd import connectBlockStatus
-from xenmig.qmp import JSONObject, QMPClient, QMPError, connectQMP
+from xenmig.qmp import JSONObject, QMPClient, QMPConnectionError, QMPError, connectQMP
 
 log = Logger()
 T = TypeVar("T")
@@ -299,8 +299,13 @@ class QEMUDirtyBitmap:
         if active or leaving:
             try:
                 await self._session(lambda qmp: self._cleanUp(qmp, active, leaving))
+            except QMPConnectionError as e:
+                # QEMU has exited (as a released source VM's does): nothing of
+                # ours is left in it.
+                log.info("{what}: nothing to clean up: {e}", what=self.description, e=e)
+                if leaving:
+                    self._forgetServer()
             except Exception as e:
-                # QEMU gone or unreachable: nothing of ours is left in it then.
                 log.warn("{what}: could not clean up: {e}", what=self.description, e=e)
                 if leaving:
                     self._forgetServer()
