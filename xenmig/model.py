@@ -55,6 +55,15 @@ def checkParams(what: str, params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+#: The words a device parameter says "yes" with.
+YES = frozenset({"1", "yes", "true", "on"})
+
+
+def flagParam(params: dict[str, Any], key: str) -> bool:
+    """Whether the device parameter ``key`` says yes (1, yes, true or on)."""
+    return str(params.get(key, "")).lower() in YES
+
+
 def intParam(what: str, params: dict[str, Any], key: str, default: int) -> int:
     """
     The non-negative integer parameter ``key`` (``default`` if absent).

@@ -36,7 +36,13 @@ from xenmig.interfaces import (
     ITargetContext,
     ITargetDevice,
 )
-from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
+from xenmig.model import (
+    ContentDigest,
+    DeviceDescription,
+    DeviceSpec,
+    RoundResult,
+    flagParam,
+)
 from xenmig.qmp import (
     UNLIMITED_BANDWIDTH,
     QEMUMigrationFailed,
@@ -52,7 +58,6 @@ log = Logger()
 
 KIND = "devmodel"
 FORMAT = 1
-YES = frozenset({"1", "yes", "true", "on"})
 SOURCE_PARAMS = frozenset({"qmp", "xen", "timeout", "release", "statedir"})
 TARGET_PARAMS = frozenset(
     {
@@ -241,7 +246,7 @@ class DevmodelSource:
                 f"QEMU waiting with -incoming defer) or target-statefile=PATH"
             )
         self.path = str(path)
-        self.xen = str(spec.params.get("xen", "")).lower() in YES
+        self.xen = flagParam(spec.params, "xen")
         self.timeout = _seconds(name, spec.params, "timeout", STATE_TIMEOUT)
         self.releaseMode = str(
             spec.params.get("release", "keep" if self.xen else "quit")
@@ -477,7 +482,7 @@ class DevmodelTarget:
             raise BadSpec(f"devmodel device {name}: max_size={maxSize!r} is unusable")
         self.maxSize = maxSize
         self.timeout = _seconds(name, params, "target-timeout", STATE_TIMEOUT)
-        self.overwrite = str(params.get("target-overwrite", "")).lower() in YES
+        self.overwrite = flagParam(params, "target-overwrite")
         # The source names these paths: like destinations, they must lie inside
         # this host's allowed roots (no connecting to, or quoting, anything else).
         self.qmpPath: str | None = None

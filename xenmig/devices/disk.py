@@ -43,7 +43,13 @@ from xenmig.interfaces import (
     ITargetContext,
     ITargetDevice,
 )
-from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, intParam
+from xenmig.model import (
+    ContentDigest,
+    DeviceDescription,
+    DeviceSpec,
+    flagParam,
+    intParam,
+)
 from xenmig.records import (
     DataRecord,
     EndRecord,
@@ -68,7 +74,6 @@ __all__ = [
     "probeImage",
 ]
 
-YES = frozenset({"1", "yes", "true", "on"})
 #: Space the target wants beyond the source's allocated size: a fixed amount plus a
 #: fraction, for filesystem metadata and for blocks the guest allocates meanwhile.
 SPACE_MARGIN = 16 * 1024 * 1024
@@ -109,7 +114,7 @@ class DiskTarget:
             raise BadSpec(
                 f"device {name}: unsupported image format {params['format']!r}"
             )
-        self.overwrite = str(params.get("target-overwrite", "")).lower() in YES
+        self.overwrite = flagParam(params, "target-overwrite")
         self.maxSize = intParam(f"device {name}", params, "max_size", description.size)
         if self.maxSize < description.size:
             raise BadSpec(f"device {name}: max_size is below the image size")

@@ -24,13 +24,12 @@ from xenmig.model import (
     DeviceDescription,
     DeviceSpec,
     RoundResult,
+    flagParam,
     intParam,
 )
 from xenmig.records import DataRecord, EndRecord, Record, ZeroRecord
 from xenmig.sparse import sendFile
 from xenmig.staging import StagedFile
-
-YES = frozenset({"1", "yes", "true", "on"})
 
 
 def freeBytes(path: str) -> int:
@@ -112,7 +111,7 @@ class FileTarget:
         target = description.params.get("target")
         if not isinstance(target, str) or not target:
             raise BadSpec(f"device {description.name}: target=DESTINATION is missing")
-        self.overwrite = str(description.params.get("target-overwrite", "")) in YES
+        self.overwrite = flagParam(description.params, "target-overwrite")
         self.destination: FilePath = context.resolveDestination(target)
         self.staged: StagedFile | None = None
 

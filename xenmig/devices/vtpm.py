@@ -37,7 +37,13 @@ from xenmig.interfaces import (
     ITargetContext,
     ITargetDevice,
 )
-from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
+from xenmig.model import (
+    ContentDigest,
+    DeviceDescription,
+    DeviceSpec,
+    RoundResult,
+    flagParam,
+)
 from xenmig.records import DataRecord, EndRecord, MetadataRecord, Record, ZeroRecord
 from xenmig.staging import fsyncDirectory
 from xenmig.swtpm import (
@@ -58,7 +64,6 @@ from xenmig.swtpmprocess import KeyOption, SwtpmProcess, swtpmFeatures
 
 log = Logger()
 
-YES = frozenset({"1", "yes", "true", "on"})
 #: A vTPM's state is a few KiB (permanent about 2 KB, volatile about 10 KB).
 SIZE_ESTIMATE = 16 * 1024
 #: The largest DATA record the source writes.
@@ -182,7 +187,7 @@ class VTPMSource:
                 f"vtpm device {name}: give exactly one of target-ctrl=PATH (a fresh "
                 f"swtpm the target toolstack started) or target-statedir=DIR"
             )
-        self.qemu = str(spec.params.get("qemu", "")).lower() in YES
+        self.qemu = flagParam(spec.params, "qemu")
         self.expectKey = bool(spec.params.get("key"))
         timeout = _seconds(name, spec.params, "timeout", 5.0)
         self.control = SwtpmControl(context.reactor, str(ctrl), timeout)
@@ -352,8 +357,8 @@ class VTPMTarget:
                     _keyPath(context, params["target-migration-key"]), mode, form
                 )
         self.timeout = timeout
-        self.allowUnencrypted = str(params.get("target-allow-unencrypted")) in YES
-        self.overwrite = str(params.get("target-overwrite")) in YES
+        self.allowUnencrypted = flagParam(params, "target-allow-unencrypted")
+        self.overwrite = flagParam(params, "target-overwrite")
         self.receiver = BlobReceiver(name)
         self.blobs: list[StateBlob] | None = None
         self.staged: FilePath | None = None
