@@ -25,15 +25,22 @@ from xenmig.interfaces import (
     ISourceContext,
     ISourceDevice,
 )
-from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
+from xenmig.model import (
+    ContentDigest,
+    DeviceDescription,
+    DeviceSpec,
+    RoundResult,
+    flagParam,
+)
 from xenmig.qemudirty import QEMUDirtyBitmap
+from xenmig.reflinkdirty import ReflinkSnapshots
 
 log = Logger()
 T = TypeVar("T")
 
 KIND = "disk"
 FORMATS = frozenset({"raw", "qcow2"})
-SOURCE_KEYS = frozenset({"path", "format", "qmp", "qmp-node"})
+SOURCE_KEYS = frozenset({"path", "format", "qmp", "qmp-node", "reflink"})
 TARGET_KEYS = frozenset({"target", "target-overwrite"})
 QCOW2_MAGIC = b"QFI\xfb"
 #: magic, version, backing file offset and length, cluster bits, virtual size.
@@ -111,8 +118,9 @@ class DiskSource:
 
     Changed blocks are found by comparing per-block digests (L{BlockMap}), so this
     works on any file, without help from the hypervisor.  With a dirty-block
-    source (L{IDirtyBlocks}; from ``qmp=SOCKET``, QEMU's dirty bitmaps) rounds
-    after the first read only the blocks it names.
+    source (L{IDirtyBlocks}: ``qmp=SOCKET``, QEMU's dirty bitmaps, or
+    ``reflink=1``, snapshots on a filesystem with reflinks) rounds after the
+    first read only the blocks it names.
     """
 
     precopy = True
@@ -130,7 +138,9 @@ class DiskSource:
         self.spec = spec
         self.context = context
         self.path = _sourceParams(spec)
-        if dirty is None and spec.params.get("qmp"):
+        if dirty is None and flagParam(spec.params, "reflink"):
+            dirty = ReflinkSnapshots(self.path, context.runInThread)
+        elif dirty is None and spec.params.get("qmp"):
             dirty = QEMUDirtyBitmap(
                 context.reactor,
                 spec.params["qmp"],
@@ -463,7 +473,7 @@ def _sourceParams(spec: DeviceSpec) -> str:
         raise BadSpec(
             f"device {spec.name}: unknown disk parameter(s) "
             f"{', '.join(sorted(unknown))} (known: path, format, qmp, qmp-node, "
-            f"target, target-overwrite)"
+            f"reflink, target, target-overwrite)"
         )
     path = spec.params.get("path")
     if not path:
@@ -472,4 +482,9 @@ def _sourceParams(spec: DeviceSpec) -> str:
         raise BadSpec(f"device {spec.name}: the disk kind needs target=DESTINATION")
     if spec.params.get("format", "raw") not in FORMATS:
         raise BadSpec(f"device {spec.name}: format must be raw or qcow2")
+    if spec.params.get("qmp") and flagParam(spec.params, "reflink"):
+        raise BadSpec(
+            f"device {spec.name}: give qmp= or reflink= (one source of changed "
+            f"blocks), not both"
+        )
     return path

@@ -1,0 +1,195 @@
+"""
+Reflink snapshots as the disk kind's source of changed blocks, on a real XFS
+(``mkfs.xfs -m reflink=1`` on a loop device), and the extent comparison alone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from test_disk import FakeSourceContext, digestOf, makeSpec, prepare, treeOf
+from twisted.internet.threads import deferToThread
+from zope.interface.verify import verifyObject
+
+from xenmig.convergence import FixedRounds
+from xenmig.devices.disk import DiskSource
+from xenmig.errors import BadSpec, DeviceError
+from xenmig.interfaces import IDirtyBlocks
+from xenmig.model import DeviceSpec
+from xenmig.reflinkdirty import (
+    FIEMAP_EXTENT_UNWRITTEN,
+    Extent,
+    ReflinkSnapshots,
+    changedRanges,
+)
+from xenmig.testing import requirePrograms
+
+MiB = 1024 * 1024
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(scope="module")
+def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An XFS with reflinks, 512 MiB, loop-mounted for the module."""
+    requirePrograms("mkfs.xfs", "mount", "umount")
+    backing = tmp_path_factory.mktemp("xfs") / "xfs.img"
+    with open(backing, "wb") as f:
+        f.truncate(512 * MiB)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True)
+    mountpoint = tmp_path_factory.mktemp("xfs-mount")
+    mounted = subprocess.run(
+        ["mount", "-o", "loop", str(backing), str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        if CI:
+            pytest.fail(f"cannot mount an XFS on CI: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot loop-mount an XFS here: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+        backing.unlink()
+
+
+@pytest.fixture
+def space(xfs: Path, request: Any) -> Iterator[Path]:
+    """A directory of its own on the XFS, emptied afterwards."""
+    directory = xfs / request.node.name
+    directory.mkdir()
+    yield directory
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.unlink()
+
+
+def pwrite(path: Path, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def image(path: Path, data: int, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.write(os.urandom(data))
+        f.truncate(size)
+    return path
+
+
+# -- the comparison -------------------------------------------------------------------
+
+
+def test_changed_ranges_compare_mappings() -> None:
+    """Same blocks: unchanged, even when cut into other extents; other blocks, a
+    hole on one side, an unwritten extent written, unreliable extents: changed."""
+    K = 4096
+    before = [
+        Extent(0, 1000 * K, 10 * K, 0),
+        Extent(10 * K, 2000 * K, 10 * K, 0),
+        Extent(30 * K, 3000 * K, 5 * K, FIEMAP_EXTENT_UNWRITTEN),
+        Extent(40 * K, 4000 * K, 4 * K, 0x4),  # delayed allocation
+    ]
+    after = [
+        Extent(0, 1000 * K, 4 * K, 0),  # the same blocks, cut in two
+        Extent(4 * K, 1004 * K, 2 * K, 0),
+        Extent(6 * K, 5000 * K, 2 * K, 0),  # rewritten: new blocks
+        Extent(8 * K, 1008 * K, 2 * K, 0),
+        Extent(10 * K, 2000 * K, 6 * K, 0),  # the rest of it is a hole now
+        Extent(25 * K, 6000 * K, K, 0),  # written into a hole
+        Extent(30 * K, 3000 * K, 5 * K, 0),  # unwritten, then written in place
+        Extent(40 * K, 4000 * K, 4 * K, 0),
+    ]
+    assert changedRanges(before, after, 50 * K) == [
+        (6 * K, 8 * K),
+        (16 * K, 20 * K),
+        (25 * K, 26 * K),
+        (30 * K, 35 * K),
+        (40 * K, 44 * K),
+    ]
+    assert changedRanges(before, before[:2], 50 * K) == [
+        (30 * K, 35 * K),
+        (40 * K, 44 * K),
+    ]
+    assert changedRanges([], [], 50 * K) == []
+
+
+# -- on XFS ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_collect_reports_each_intervals_writes(space: Path) -> None:
+    path = image(space / "a.img", 16 * MiB, 64 * MiB)
+    dirty = ReflinkSnapshots(str(path), deferToThread)
+    verifyObject(IDirtyBlocks, dirty)
+    await dirty.start()
+    pwrite(path, b"x" * 4096, MiB)
+    pwrite(path, b"y" * 8192, 5 * MiB + 4096)
+    pwrite(path, b"z" * 4096, 40 * MiB)  # into a hole
+    assert await dirty.collect() == [
+        (MiB, MiB + 4096),
+        (5 * MiB + 4096, 5 * MiB + 12288),
+        (40 * MiB, 40 * MiB + 4096),
+    ]
+    assert await dirty.collect() == []
+    pwrite(path, b"w" * 65536, 10 * MiB)
+    assert await dirty.collect() == [(10 * MiB, 10 * MiB + 65536)]
+    snapshots = [p for p in os.listdir(space) if p.endswith(".snap")]
+    assert len(snapshots) == 1 and snapshots[0].startswith(".a.img.xenmig-")
+    await dirty.stop()
+    await dirty.stop()
+    assert os.listdir(space) == ["a.img"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_filesystem_without_reflinks_is_named(tmp_path: Path) -> None:
+    path = image(tmp_path / "a.img", MiB, 4 * MiB)
+    dirty = ReflinkSnapshots(str(path), deferToThread)
+    with pytest.raises(DeviceError, match="not on a filesystem with reflinks"):
+        await dirty.start()
+    assert os.listdir(tmp_path) == ["a.img"]
+
+
+def test_qmp_and_reflink_together_are_refused(tmp_path: Path) -> None:
+    spec = DeviceSpec.parse(f"disk:d0:path={tmp_path}/a,target=b,qmp=/q,reflink=1")
+    with pytest.raises(BadSpec, match="qmp= or reflink="):
+        DiskSource(spec, FakeSourceContext())
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_disk_with_reflink_snapshots(space: Path, tmp_path: Path) -> None:
+    """``reflink=1``: rounds after the first read only the blocks written, and
+    the final round sends only the written pages; the target equals the image
+    at the pause, and no snapshot is left."""
+    path = image(space / "live.img", 24 * MiB, 64 * MiB)
+    destination = str(tmp_path / "dest" / "out.img")
+    spec = makeSpec(str(path), destination, reflink="1")
+    source = DiskSource(spec, FakeSourceContext(), batchBlocks=4)
+    migration = await prepare(tmp_path, str(path), destination, source=source)
+
+    async def between(number: int) -> None:
+        for block in (3, 9, 30 + number):
+            pwrite(path, os.urandom(8192), block * MiB + 4096 * number)
+
+    await migration.rounds(FixedRounds(3), between)
+    assert [s.scannedBlocks for s in source.history] == [64, 3, 3]
+    # The last writes, before the pause.
+    pwrite(path, b"\x07" * 4096, 50 * MiB)  # into a hole
+    pwrite(path, bytes(MiB), 2 * MiB)  # zeros over a data block
+    pwrite(path, b"\x08" * 8192, 3 * MiB + 8192)  # a little into another
+    digest = await migration.final()
+    final = source.history[-1]
+    assert (final.scannedBlocks, final.changedBlocks) == (3, 3)
+    # Only the written pages travel.
+    assert (final.dataBytes, final.zeroBytes) == (4096 + 8192, MiB)
+    assert digest == await treeOf(str(path))
+    assert await digestOf(destination) == await digestOf(str(path))
+    assert sorted(os.listdir(space)) == ["live.img"]
