@@ -269,7 +269,7 @@ class DiskKind:
     kind = KIND
     summary = (
         "raw and qcow2 disk images, sparse, with live pre-copy rounds "
-        "(following QEMU's dirty bitmaps with qmp=)"
+        "(changed blocks from QEMU's dirty bitmaps or reflink snapshots)"
     )
 
     def source(self, spec: DeviceSpec, context: ISourceContext) -> DiskSource:
