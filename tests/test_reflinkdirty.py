@@ -122,6 +122,16 @@ def test_changed_ranges_compare_mappings() -> None:
     assert changedRanges([], [], 50 * K) == []
 
 
+def test_changed_ranges_of_a_fragmented_map() -> None:
+    """Thousands of extents in common cost nothing and change nothing; the one
+    that differs is found."""
+    K = 4096
+    before = [Extent(i * 2 * K, 10**6 * K + i * 3 * K, K, 0) for i in range(20000)]
+    after = list(before)
+    after[12345] = Extent(12345 * 2 * K, 5 * K, K, 0)
+    assert changedRanges(before, after, 40000 * K) == [(24690 * K, 24691 * K)]
+
+
 # -- on XFS ---------------------------------------------------------------------------
 
 
