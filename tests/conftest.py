@@ -1,6 +1,47 @@
-"""Shared pytest set-up: tests/ on sys.path for the helper modules kept there."""
+"""
+Shared pytest set-up: tests/ on sys.path for the helper modules kept there, and
+the fixtures more than one module uses.
+"""
 
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+from xenmig.testing import requirePrograms  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """
+    An XFS with reflinks (``mkfs.xfs -m reflink=1``), 1 GiB sparse, loop-mounted
+    for the session; as root.  Skips where it cannot be made (fails under CI).
+    """
+    requirePrograms("mkfs.xfs", "mount", "umount")
+    backing = tmp_path_factory.mktemp("xfs") / "xfs.img"
+    with open(backing, "wb") as f:
+        f.truncate(1024 * MiB)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True)
+    mountpoint = tmp_path_factory.mktemp("xfs-mount")
+    mounted = subprocess.run(
+        ["mount", "-o", "loop", str(backing), str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        reason = mounted.stderr.strip()
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"cannot loop-mount an XFS on CI: {reason}")
+        pytest.skip(f"cannot loop-mount an XFS here: {reason}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+        backing.unlink()

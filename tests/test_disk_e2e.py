@@ -208,9 +208,17 @@ def migrate(daemon: Daemon, *args: str, port: int | None = None) -> Client:
 
 
 def live(
-    tmp_path: Path, image: Path, destination: Path, domain: str, **pause: Any
+    tmp_path: Path,
+    image: Path,
+    destination: Path,
+    domain: str,
+    params: str = "",
+    **pause: Any,
 ) -> list[str]:
-    """The arguments of a live migration of one disk; the pause records a digest."""
+    """
+    The arguments of a live migration of one disk (``params``: more of its
+    parameters, e.g. ``,reflink=1``); the pause records a digest.
+    """
     options = {"image": str(image), "digest": str(tmp_path / "paused.digest"), **pause}
     return [
         "--domain",
@@ -218,7 +226,7 @@ def live(
         "--migration-id",
         domain,
         "--device",
-        f"disk:d0:path={image},target={destination}",
+        f"disk:d0:path={image},target={destination}{params}",
         "--live",
         "--pause-command",
         shlex.join([sys.executable, "-c", PAUSE, json.dumps(options)]),
@@ -393,6 +401,50 @@ async def test_live_migration_while_the_guest_writes(
     status = await daemon.status(reactor, "vm-live")
     assert status["phase"] == "COMMITTED"
     assert status["devices"][0]["digest"] == disk["digest"]
+    await settled(reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_migration_with_reflink_snapshots(
+    daemon: Daemon, tmp_path: Path, xfs: Path, writers: Any
+) -> None:
+    """``reflink=1``: an image on XFS that a process writes during pre-copy; the
+    rounds follow reflink snapshots, the target equals the image at the pause,
+    and no snapshot is left next to the image."""
+    requirePrograms("qemu-img")
+    home = xfs / "e2e-reflink"
+    home.mkdir()
+    image = sparseFile(home / "vm.img", 64 * MiB, [(0, 8 * MiB), (32 * MiB, 48 * MiB)])
+    destination = daemon.dest / "reflink.img"
+    ready = tmp_path / "writer-ready"
+    writer = writers(image, ready)
+    await eventually(reactor, ready.exists, what="the writer's first write")
+
+    client = migrate(
+        daemon,
+        "--convergence",
+        "rounds=3,threshold=0,shrink=1",
+        *live(
+            tmp_path, image, destination, "vm-reflink", ",reflink=1", writer=writer.pid
+        ),
+    )
+    snapshots: set[str] = set()  # the snapshots seen while it runs
+    while not client.ended.called:
+        snapshots |= {n for n in os.listdir(home) if n.endswith(".snap")}
+        await deferLater(reactor, 0.002, lambda: None)
+    report = client.report()
+
+    assert report["exit_status"] == 0, client.stderr
+    atPause = (tmp_path / "paused.digest").read_text()
+    assert hashFile(str(destination)).hex == atPause == hashFile(str(image)).hex
+    qemuCompare(image, destination)
+    [disk] = report["devices"]
+    assert len(disk["rounds"]) == 3 and disk["rounds"][1] > 0, disk["rounds"]
+    # One snapshot per interval, next to the image; all gone at the end.
+    assert len(snapshots) >= 2, snapshots
+    assert all(n.startswith(".vm.img.xenmig-") for n in snapshots)
+    assert os.listdir(home) == ["vm.img"]
+    assert daemon.leftovers() == []
     await settled(reactor)
 
 

@@ -6,7 +6,6 @@ Reflink snapshots as the disk kind's source of changed blocks, on a real XFS
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,35 +27,8 @@ from xenmig.reflinkdirty import (
     ReflinkSnapshots,
     changedRanges,
 )
-from xenmig.testing import requirePrograms
 
 MiB = 1024 * 1024
-CI = os.environ.get("CI", "").lower() == "true"
-
-
-@pytest.fixture(scope="module")
-def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """An XFS with reflinks, 512 MiB, loop-mounted for the module."""
-    requirePrograms("mkfs.xfs", "mount", "umount")
-    backing = tmp_path_factory.mktemp("xfs") / "xfs.img"
-    with open(backing, "wb") as f:
-        f.truncate(512 * MiB)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True)
-    mountpoint = tmp_path_factory.mktemp("xfs-mount")
-    mounted = subprocess.run(
-        ["mount", "-o", "loop", str(backing), str(mountpoint)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        if CI:
-            pytest.fail(f"cannot mount an XFS on CI: {mounted.stderr.strip()}")
-        pytest.skip(f"cannot loop-mount an XFS here: {mounted.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
-        backing.unlink()
 
 
 @pytest.fixture
