@@ -357,6 +357,33 @@ def qemuCompare(first: Path, second: Path) -> None:
 # -- a live migration ------------------------------------------------------------------
 
 
+async def startLive(
+    daemon: Daemon,
+    tmp_path: Path,
+    writers: Any,
+    image: Path,
+    destination: Path,
+    params: str = "",
+) -> tuple[Client, subprocess.Popen[bytes]]:
+    """
+    Make a 64 MiB sparse image, start a writer on it, and once it writes, a live
+    migration of it in three rounds (the pause stops the writer); the client and
+    the writer.
+    """
+    sparseFile(image, 64 * MiB, [(0, 8 * MiB), (32 * MiB, 48 * MiB)])
+    ready = tmp_path / "writer-ready"
+    writer = writers(image, ready)
+    await eventually(reactor, ready.exists, what="the writer's first write")
+    name = destination.stem
+    client = migrate(
+        daemon,
+        "--convergence",
+        "rounds=3,threshold=0,shrink=1",
+        *live(tmp_path, image, destination, name, params, writer=writer.pid),
+    )
+    return client, writer
+
+
 @pytest_twisted.ensureDeferred
 async def test_live_migration_while_the_guest_writes(
     daemon: Daemon, tmp_path: Path, writers: Any
@@ -365,20 +392,9 @@ async def test_live_migration_while_the_guest_writes(
     at the pause, and the report has the bytes of each round and the paused
     window."""
     requirePrograms("qemu-img")
-    image = sparseFile(
-        tmp_path / "vm.img", 64 * MiB, [(0, 8 * MiB), (32 * MiB, 48 * MiB)]
-    )
+    image = tmp_path / "vm.img"
     destination = daemon.dest / "live.img"
-    ready = tmp_path / "writer-ready"
-    writer = writers(image, ready)
-    await eventually(reactor, ready.exists, what="the writer's first write")
-
-    client = migrate(
-        daemon,
-        "--convergence",
-        "rounds=3,threshold=0,shrink=1",
-        *live(tmp_path, image, destination, "vm-live", writer=writer.pid),
-    )
+    client, writer = await startLive(daemon, tmp_path, writers, image, destination)
     await client.ended
     report = client.report()
 
@@ -398,7 +414,7 @@ async def test_live_migration_while_the_guest_writes(
     assert report["live"]["resumed"] is None
     assert not (tmp_path / "resumed").exists()
     assert daemon.leftovers() == []
-    status = await daemon.status(reactor, "vm-live")
+    status = await daemon.status(reactor, "live")
     assert status["phase"] == "COMMITTED"
     assert status["devices"][0]["digest"] == disk["digest"]
     await settled(reactor)
@@ -414,19 +430,10 @@ async def test_live_migration_with_reflink_snapshots(
     requirePrograms("qemu-img")
     home = xfs / "e2e-reflink"
     home.mkdir()
-    image = sparseFile(home / "vm.img", 64 * MiB, [(0, 8 * MiB), (32 * MiB, 48 * MiB)])
+    image = home / "vm.img"
     destination = daemon.dest / "reflink.img"
-    ready = tmp_path / "writer-ready"
-    writer = writers(image, ready)
-    await eventually(reactor, ready.exists, what="the writer's first write")
-
-    client = migrate(
-        daemon,
-        "--convergence",
-        "rounds=3,threshold=0,shrink=1",
-        *live(
-            tmp_path, image, destination, "vm-reflink", ",reflink=1", writer=writer.pid
-        ),
+    client, writer = await startLive(
+        daemon, tmp_path, writers, image, destination, ",reflink=1"
     )
     snapshots: set[str] = set()  # the snapshots seen while it runs
     while not client.ended.called:

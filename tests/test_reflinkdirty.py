@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_disk import FakeSourceContext, digestOf, makeSpec, prepare, treeOf
+from test_disk import (
+    FakeSourceContext,
+    digestOf,
+    makeSpec,
+    prepare,
+    pwrite,
+    treeOf,
+)
 from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
@@ -40,14 +47,6 @@ def space(xfs: Path, request: Any) -> Iterator[Path]:
     for path in directory.rglob("*"):
         if path.is_file():
             path.unlink()
-
-
-def pwrite(path: Path, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
 
 
 def image(path: Path, data: int, size: int) -> Path:
@@ -113,16 +112,16 @@ async def test_collect_reports_each_intervals_writes(space: Path) -> None:
     dirty = ReflinkSnapshots(str(path), deferToThread)
     verifyObject(IDirtyBlocks, dirty)
     await dirty.start()
-    pwrite(path, b"x" * 4096, MiB)
-    pwrite(path, b"y" * 8192, 5 * MiB + 4096)
-    pwrite(path, b"z" * 4096, 40 * MiB)  # into a hole
+    pwrite(str(path), b"x" * 4096, MiB)
+    pwrite(str(path), b"y" * 8192, 5 * MiB + 4096)
+    pwrite(str(path), b"z" * 4096, 40 * MiB)  # into a hole
     assert await dirty.collect() == [
         (MiB, MiB + 4096),
         (5 * MiB + 4096, 5 * MiB + 12288),
         (40 * MiB, 40 * MiB + 4096),
     ]
     assert await dirty.collect() == []
-    pwrite(path, b"w" * 65536, 10 * MiB)
+    pwrite(str(path), b"w" * 65536, 10 * MiB)
     assert await dirty.collect() == [(10 * MiB, 10 * MiB + 65536)]
     snapshots = [p for p in os.listdir(space) if p.endswith(".snap")]
     assert len(snapshots) == 1 and snapshots[0].startswith(".a.img.xenmig-")
@@ -159,14 +158,14 @@ async def test_live_disk_with_reflink_snapshots(space: Path, tmp_path: Path) -> 
 
     async def between(number: int) -> None:
         for block in (3, 9, 30 + number):
-            pwrite(path, os.urandom(8192), block * MiB + 4096 * number)
+            pwrite(str(path), os.urandom(8192), block * MiB + 4096 * number)
 
     await migration.rounds(FixedRounds(3), between)
     assert [s.scannedBlocks for s in source.history] == [64, 3, 3]
     # The last writes, before the pause.
-    pwrite(path, b"\x07" * 4096, 50 * MiB)  # into a hole
-    pwrite(path, bytes(MiB), 2 * MiB)  # zeros over a data block
-    pwrite(path, b"\x08" * 8192, 3 * MiB + 8192)  # a little into another
+    pwrite(str(path), b"\x07" * 4096, 50 * MiB)  # into a hole
+    pwrite(str(path), bytes(MiB), 2 * MiB)  # zeros over a data block
+    pwrite(str(path), b"\x08" * 8192, 3 * MiB + 8192)  # a little into another
     digest = await migration.final()
     final = source.history[-1]
     assert (final.scannedBlocks, final.changedBlocks) == (3, 3)
