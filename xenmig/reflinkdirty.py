@@ -142,7 +142,8 @@ class ReflinkSnapshots:
         self.path = path
         self.runInThread = runInThread
         self.description = f"reflink snapshots of {path}"
-        directory, name = os.path.split(os.path.abspath(path))
+        # Beside the file itself (a reflink stays within one filesystem).
+        directory, name = os.path.split(os.path.realpath(path))
         self._base = os.path.join(directory, f".{name}.xenmig-{uuid.uuid4().hex[:12]}")
         self._generation = 0
         self._current = ""
@@ -231,7 +232,7 @@ def _remove(path: str) -> None:
 
 
 def _cloneFailure(path: str, error: OSError) -> str:
-    if error.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+    if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY):
         return (
             f"{path} is not on a filesystem with reflinks (FICLONE: "
             f"{error.strerror}); reflink=1 needs XFS made with reflink=1, or btrfs"
