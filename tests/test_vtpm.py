@@ -23,11 +23,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import IPlugin
 from zope.interface.verify import verifyObject
 
-from xenmig.devices.vtpm import (
-    BlobReceiver,
-    VTPMOwnedByQEMU,
-    vtpmKind,
-)
+from xenmig.devices.vtpm import BlobReceiver, vtpmKind
 from xenmig.errors import (
     BadSpec,
     DeviceError,
@@ -67,6 +63,7 @@ from xenmig.testing import (
     MemoryWriter,
     requirePrograms,
 )
+from xenmig.vtpmsource import VTPMOwnedByQEMU
 
 PERSISTENT = "0x81000001"
 NV_INDEX = "0x1500016"
@@ -663,7 +660,7 @@ async def startQEMU(ctrl: str, host: Host) -> SwtpmProcess:
     """A paused QEMU with a TPM emulator on ``ctrl`` (run with the swtpm runner)."""
     from twisted.internet.task import deferLater
 
-    from xenmig.devices.vtpm import controlSocketHolders
+    from xenmig.vtpmsource import controlSocketHolders
 
     qemu = SwtpmProcess(reactor, host.work, executable="qemu-system-x86_64")
     qemu.arguments = lambda: [  # type: ignore[method-assign]

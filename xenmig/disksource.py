@@ -31,6 +31,7 @@ from xenmig.model import (
     DeviceSpec,
     RoundResult,
     flagParam,
+    refuseUnknown,
 )
 from xenmig.qemudirty import QEMUDirtyBitmap
 from xenmig.reflinkdirty import ReflinkSnapshots
@@ -468,13 +469,11 @@ class _PieceSender:
 
 def _sourceParams(spec: DeviceSpec) -> str:
     """Check a source spec; return the image path."""
-    unknown = set(spec.params) - SOURCE_KEYS | set(spec.targetParams) - TARGET_KEYS
-    if unknown:
-        raise BadSpec(
-            f"device {spec.name}: unknown disk parameter(s) "
-            f"{', '.join(sorted(unknown))} (known: path, format, qmp, qmp-node, "
-            f"reflink, target, target-overwrite)"
-        )
+    refuseUnknown(
+        f"disk device {spec.name}",
+        [*spec.params, *spec.targetParams],
+        SOURCE_KEYS | TARGET_KEYS,
+    )
     path = spec.params.get("path")
     if not path:
         raise BadSpec(f"device {spec.name}: the disk kind needs path=SOURCE_IMAGE")

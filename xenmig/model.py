@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,38 @@ YES = frozenset({"1", "yes", "true", "on"})
 def flagParam(params: dict[str, Any], key: str) -> bool:
     """Whether the device parameter ``key`` says yes (1, yes, true or on)."""
     return str(params.get(key, "")).lower() in YES
+
+
+def refuseUnknown(what: str, given: Iterable[str], known: Iterable[str]) -> None:
+    """
+    @raise BadSpec: if ``given`` has parameter names not in ``known``, naming
+        ``what`` (e.g. ``"vtpm device tpm0"``), them and the known ones.
+    """
+    unknown = set(given) - set(known)
+    if unknown:
+        raise BadSpec(
+            f"{what}: unknown parameter(s) {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+
+
+def secondsParam(
+    what: str, params: dict[str, Any], key: str, default: float, most: float
+) -> float:
+    """
+    The device parameter ``key`` as a time-out in seconds, above 0 and at most
+    ``most``; ``default`` when it is absent.
+
+    @raise BadSpec: naming ``what`` (e.g. ``"vtpm device tpm0"``) and the value.
+    """
+    value = params.get(key, default)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 < seconds <= most:
+        raise BadSpec(f"{what}: {key}={value!r} is not a number of seconds")
+    return seconds
 
 
 def intParam(what: str, params: dict[str, Any], key: str, default: int) -> int:

@@ -42,6 +42,8 @@ from xenmig.model import (
     DeviceSpec,
     RoundResult,
     flagParam,
+    refuseUnknown,
+    secondsParam,
 )
 from xenmig.qmp import (
     UNLIMITED_BANDWIDTH,
@@ -88,19 +90,6 @@ ACTIVE = frozenset(
 )
 #: How much of the target QEMU's log a refusal quotes.
 LOG_TAIL = 4096
-
-
-def _seconds(name: str, params: dict[str, Any], key: str, default: float) -> float:
-    value = params.get(key, default)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if not 0 < seconds <= 86400:
-        raise BadSpec(
-            f"devmodel device {name}: {key}={value!r} is not a number of seconds"
-        )
-    return seconds
 
 
 def _version(greeting: dict[str, Any] | None) -> str:
@@ -229,13 +218,11 @@ class DevmodelSource:
         self.spec = spec
         self.context = context
         name = self.name = spec.name
-        unknown = set(spec.params) - SOURCE_PARAMS
-        unknown |= set(spec.targetParams) - TARGET_PARAMS
-        if unknown:
-            raise BadSpec(
-                f"devmodel device {name}: unknown parameter(s) "
-                f"{', '.join(sorted(unknown))}"
-            )
+        refuseUnknown(
+            f"devmodel device {name}",
+            [*spec.params, *spec.targetParams],
+            SOURCE_PARAMS | TARGET_PARAMS,
+        )
         path = spec.params.get("qmp")
         if not path:
             raise BadSpec(f"devmodel device {name}: needs qmp=PATH, QEMU's QMP socket")
@@ -247,7 +234,9 @@ class DevmodelSource:
             )
         self.path = str(path)
         self.xen = flagParam(spec.params, "xen")
-        self.timeout = _seconds(name, spec.params, "timeout", STATE_TIMEOUT)
+        self.timeout = secondsParam(
+            f"devmodel device {name}", spec.params, "timeout", STATE_TIMEOUT, 86400
+        )
         self.releaseMode = str(
             spec.params.get("release", "keep" if self.xen else "quit")
         )
@@ -465,12 +454,8 @@ class DevmodelTarget:
         self.context = context
         params = description.params
         name = self.name = description.name
-        unknown = {k for k in params if k.startswith("target")} - TARGET_PARAMS
-        if unknown:
-            raise BadSpec(
-                f"devmodel device {name}: unknown parameter(s) "
-                f"{', '.join(sorted(unknown))}"
-            )
+        given = [k for k in params if k.startswith("target")]
+        refuseUnknown(f"devmodel device {name}", given, TARGET_PARAMS)
         qmp, statefile = params.get("target-qmp"), params.get("target-statefile")
         if bool(qmp) == bool(statefile):
             raise BadSpec(
@@ -481,7 +466,9 @@ class DevmodelTarget:
         if not isinstance(maxSize, int) or not 0 < maxSize <= MAX_STATE:
             raise BadSpec(f"devmodel device {name}: max_size={maxSize!r} is unusable")
         self.maxSize = maxSize
-        self.timeout = _seconds(name, params, "target-timeout", STATE_TIMEOUT)
+        self.timeout = secondsParam(
+            f"devmodel device {name}", params, "target-timeout", STATE_TIMEOUT, 86400
+        )
         self.overwrite = flagParam(params, "target-overwrite")
         # The source names these paths: like destinations, they must lie inside
         # this host's allowed roots (no connecting to, or quoting, anything else).
