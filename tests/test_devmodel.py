@@ -23,12 +23,8 @@ from zope.interface.verify import verifyObject
 
 from xenmig import testguest
 from xenmig.client import SourceMigration
-from xenmig.devices.devmodel import (
-    DevmodelKind,
-    DevmodelSource,
-    DevmodelTarget,
-    devmodelKind,
-)
+from xenmig.devices.devmodel import DevmodelKind, DevmodelTarget, devmodelKind
+from xenmig.devmodelsource import DevmodelSource
 from xenmig.digest import hashBytes, hashFile
 from xenmig.domains import QMPDomainControl
 from xenmig.errors import (
