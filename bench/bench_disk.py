@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from benchlib import fsyncPath
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
@@ -134,14 +135,6 @@ def changeBlocks(path: str, size: int, fraction: float, seed: int = 2) -> int:
     finally:
         os.close(fd)
     return len(blocks)
-
-
-def fsyncPath(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def dropCaches() -> None:

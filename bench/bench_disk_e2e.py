@@ -62,9 +62,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-MiB = 1024 * 1024
+import benchlib
+from benchlib import MiB, freePort, fsyncPath, plainCopy, tmpfsOr
+
 HERE = Path(__file__).resolve()
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 XENMIG = [sys.executable, "-m", "xenmig.cli"]
 SSHD = "/usr/sbin/sshd"
 #: Goals of issue 4.
@@ -73,28 +74,10 @@ GOAL_RSYNC_SPARSE = 1.0  # sparse: at least as fast as rsync --sparse
 GOAL_PAUSED = 0.05  # paused window at most 5% of a full copy
 
 
-def _tmpfsOr(path: str, fallback: str) -> str:
-    return path if os.path.isdir(os.path.dirname(path)) else fallback
-
-
-DEFAULT_DIR = _tmpfsOr("/dev/shm/xenmig-bench-disk", "/tmp/xenmig-bench-disk")
-DEFAULT_CACHE = _tmpfsOr(
+DEFAULT_DIR = tmpfsOr("/dev/shm/xenmig-bench-disk", "/tmp/xenmig-bench-disk")
+DEFAULT_CACHE = tmpfsOr(
     "/dev/shm/xenmig-bench-disk-cache", "/tmp/xenmig-bench-disk-cache"
 )
-
-
-def freePort() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def digest(path: Path) -> str:
@@ -235,43 +218,8 @@ class QEMUDisk:
 # -- the xenmig daemon ---------------------------------------------------------------
 
 
-class Daemon:
-    """A ``twistd -n xenmig`` on 127.0.0.1 with a throwaway CA."""
-
-    def __init__(self, work: Path) -> None:
-        from xenmig import pki
-
-        self.pki = work / "pki"
-        pki.initCA(self.pki)
-        pki.issueHost(self.pki, "target.test", ["127.0.0.1"])
-        pki.issueHost(self.pki, "source.test")
-        self.dest = work / "dest"
-        self.dest.mkdir()
-        self.port = freePort()
-        self.log = work / "daemon.log"
-        argv = [
-            *TWISTD,
-            "-n",
-            "--pidfile=",
-            f"--logfile={self.log}",
-            "xenmig",
-            f"--port={self.port}",
-            "--interface=127.0.0.1",
-            f"--state-dir={work / 'state'}",
-            f"--allow-root={self.dest}",
-            f"--ca={self.pki / 'ca.pem'}",
-            f"--cert={self.pki / 'target.test.pem'}",
-            f"--key={self.pki / 'target.test.key'}",
-        ]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, cwd=work)
-        deadline = time.monotonic() + 30
-        while "LocalControlFactory starting" not in self._log():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("bench: the daemon did not start:\n" + self._log())
-            time.sleep(0.05)
-
-    def _log(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+class Daemon(benchlib.Daemon):
+    """The daemon under test, and ``xenmig migrate`` into it."""
 
     def migrate(
         self, image: Path, name: str, *extra: str, params: str = ""
@@ -284,10 +232,7 @@ class Daemon:
         argv = [
             *XENMIG,
             "migrate",
-            f"--target=127.0.0.1:{self.port}",
-            f"--ca={self.pki / 'ca.pem'}",
-            f"--cert={self.pki / 'source.test.pem'}",
-            f"--key={self.pki / 'source.test.key'}",
+            *self.clientOptions(),
             f"--domain={name}",
             f"--device=disk:d0:path={image},target={target}{params}",
             "--json",
@@ -302,15 +247,6 @@ class Daemon:
         report["wall"] = wall
         report["output"] = target
         return report
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 # -- sshd, scp and rsync --------------------------------------------------------------
@@ -407,52 +343,11 @@ def timed(argv: list[str], output: Path) -> float:
     """Run a copy command, then fsync its output; the seconds both took."""
     started = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True)
-    fsync(output)
+    fsyncPath(output)
     return time.perf_counter() - started
 
 
 # -- the plain socket copy and the TLS copy --------------------------------------------
-
-
-def receive(port: int, output: str) -> None:
-    """Child: accept one connection, write what arrives to ``output``, fsync."""
-    listener = socket.create_server(("127.0.0.1", port))
-    print("listening", flush=True)
-    connection, _ = listener.accept()
-    buffer = bytearray(MiB)
-    view = memoryview(buffer)
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    while n := connection.recv_into(buffer):
-        os.write(fd, view[:n])
-    os.fsync(fd)
-    os.close(fd)
-
-
-def send(port: int, source: str) -> None:
-    """Child: stream ``source`` to 127.0.0.1:``port``."""
-    with socket.create_connection(("127.0.0.1", port)) as connection:
-        with open(source, "rb", buffering=0) as f:
-            buffer = bytearray(MiB)
-            while n := f.readinto(buffer):
-                connection.sendall(memoryview(buffer)[:n])
-
-
-def plainCopy(source: Path, output: Path) -> float:
-    """A sender and a receiver process over plain TCP; seconds, start to fsync."""
-    port = freePort()
-    started = time.perf_counter()
-    receiver = subprocess.Popen(
-        [sys.executable, str(HERE), "_receive", str(port), str(output)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert receiver.stdout is not None
-    assert receiver.stdout.readline().strip() == "listening"
-    subprocess.run(
-        [sys.executable, str(HERE), "_send", str(port), str(source)], check=True
-    )
-    receiver.wait()
-    return time.perf_counter() - started
 
 
 def tlsContext(pki: Path, server: bool) -> ssl.SSLContext:
@@ -652,7 +547,9 @@ class Bench:
         for run in range(self.runs):
             print(f"run {run + 1} of {self.runs} ...", flush=True)
             self.reference(
-                "dense: plain socket copy", lambda o: plainCopy(dense, o), dense
+                "dense: plain socket copy",
+                lambda o: plainCopy(dense, o)["wall"],
+                dense,
             )
             self.reference(
                 "dense: TLS socket copy",
@@ -843,11 +740,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_receive":
-        receive(int(sys.argv[2]), sys.argv[3])
-    elif len(sys.argv) > 1 and sys.argv[1] == "_send":
-        send(int(sys.argv[2]), sys.argv[3])
-    elif len(sys.argv) > 1 and sys.argv[1] == "_tlsreceive":
+    if len(sys.argv) > 1 and sys.argv[1] == "_tlsreceive":
         tlsReceive(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_tlssend":
         tlsSend(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))

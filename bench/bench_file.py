@@ -22,10 +22,7 @@ import argparse
 import json
 import os
 import pstats
-import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,31 +31,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-MiB = 1024 * 1024
-BLOCK = MiB
+import benchlib
+from benchlib import MiB, plainCopy, tmpfsOr
+
 HERE = Path(__file__).resolve()
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 GOAL_RSS = 150 * 1000 * 1000
 GOAL_RATIO = 0.40
 
-
-def _tmpfsOr(path: str, fallback: str) -> str:
-    return path if os.path.isdir(os.path.dirname(path)) else fallback
-
-
-DEFAULT_DIR = _tmpfsOr("/dev/shm/xenmig-bench", "/tmp/xenmig-bench")
+DEFAULT_DIR = tmpfsOr("/dev/shm/xenmig-bench", "/tmp/xenmig-bench")
 #: A disk filesystem, where both copies pay for their fsync.
 DISK_DIR = "/var/tmp/xenmig-bench"
-DEFAULT_CACHE = _tmpfsOr("/dev/shm/xenmig-bench-cache", "/tmp/xenmig-bench-cache")
+DEFAULT_CACHE = tmpfsOr("/dev/shm/xenmig-bench-cache", "/tmp/xenmig-bench-cache")
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def freePort() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def sourceFile(cache: Path, size: int) -> Path:
@@ -106,55 +92,10 @@ def rate(size: int, seconds: float) -> float:
 # -- (a) the plain-socket reference ----------------------------------------------------
 
 
-def receive(port: int, output: str) -> None:
-    """Child: accept one connection, write what arrives to ``output``, fsync."""
-    listener = socket.create_server(("127.0.0.1", port))
-    print("listening", flush=True)
-    connection, _ = listener.accept()
-    started = time.monotonic()
-    buffer = bytearray(BLOCK)
-    view = memoryview(buffer)
-    total = 0
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    while True:
-        n = connection.recv_into(buffer)
-        if not n:
-            break
-        os.write(fd, view[:n])
-        total += n
-    os.fsync(fd)
-    os.close(fd)
-    elapsed = time.monotonic() - started
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"bytes": total, "seconds": elapsed, "rss": usage.ru_maxrss}))
-
-
-def send(port: int, source: str) -> None:
-    """Child: stream ``source`` to 127.0.0.1:``port``."""
-    with socket.create_connection(("127.0.0.1", port)) as connection:
-        with open(source, "rb", buffering=0) as f:
-            buffer = bytearray(BLOCK)
-            while n := f.readinto(buffer):
-                connection.sendall(memoryview(buffer)[:n])
-
-
 def reference(source: Path, work: Path) -> dict[str, Any]:
-    """One plain-socket copy; its figures."""
-    port = freePort()
+    """One plain-socket copy (L{benchlib.plainCopy}); its figures."""
     output = work / "reference.bin"
-    receiver = subprocess.Popen(
-        [sys.executable, str(HERE), "_receive", str(port), str(output)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert receiver.stdout is not None
-    assert receiver.stdout.readline().strip() == "listening"
-    sender = subprocess.run(
-        [sys.executable, str(HERE), "_send", str(port), str(source)], check=True
-    )
-    assert sender.returncode == 0
-    result = json.loads(receiver.stdout.read())
-    receiver.wait()
+    result = plainCopy(source, output)
     size = source.stat().st_size
     if result["bytes"] != size:
         raise SystemExit(f"bench: the reference copied {result['bytes']} of {size}")
@@ -165,22 +106,10 @@ def reference(source: Path, work: Path) -> dict[str, Any]:
 # -- (b) xenmig ------------------------------------------------------------------------
 
 
-class Daemon:
-    """A ``twistd -n xenmig`` process for the benchmark."""
+class Daemon(benchlib.Daemon):
+    """The benchmark's daemon, profiled with cProfile on ``--profile``."""
 
     def __init__(self, work: Path, profile: bool) -> None:
-        from xenmig import pki
-
-        self.work = work
-        self.pki = work / "pki"
-        pki.initCA(self.pki)
-        pki.issueHost(self.pki, "target.test", ["127.0.0.1"])
-        pki.issueHost(self.pki, "source.test")
-        self.dest = work / "dest"
-        self.dest.mkdir()
-        self.state = work / "state"
-        self.port = freePort()
-        self.log = work / "daemon.log"
         self.stats = work / "daemon.pstats"
         self.clientStats = work / "client.pstats"
         self.profile = profile
@@ -189,40 +118,7 @@ class Daemon:
             if profile
             else []
         )
-        argv = [
-            *TWISTD,
-            "-n",
-            "--pidfile=",
-            f"--logfile={self.log}",
-            *profiling,
-            "xenmig",
-            f"--port={self.port}",
-            "--interface=127.0.0.1",
-            f"--state-dir={self.state}",
-            f"--allow-root={self.dest}",
-            f"--ca={self.pki / 'ca.pem'}",
-            f"--cert={self.pki / 'target.test.pem'}",
-            f"--key={self.pki / 'target.test.key'}",
-        ]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, cwd=work)
-        deadline = time.monotonic() + 30
-        while "LocalControlFactory starting" not in self._log():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("bench: the daemon did not start:\n" + self._log())
-            time.sleep(0.05)
-
-    def _log(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
-
-    def stop(self) -> None:
-        """SIGTERM (which also writes the profile), SIGKILL after 60 s."""
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        super().__init__(work, profiling)
 
 
 def clientArgv(daemon: Daemon, how: str, source: Path, target: Path) -> list[str]:
@@ -233,10 +129,7 @@ def clientArgv(daemon: Daemon, how: str, source: Path, target: Path) -> list[str
             "-c",
             "from xenmig.cli import run; run()",
             "migrate",
-            f"--target=127.0.0.1:{daemon.port}",
-            f"--ca={daemon.pki / 'ca.pem'}",
-            f"--cert={daemon.pki / 'source.test.pem'}",
-            f"--key={daemon.pki / 'source.test.key'}",
+            *daemon.clientOptions(),
             "--domain=bench",
             f"--device={device}",
             "--json",
@@ -441,3 +334,10 @@ def measure(
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_client"]:
+        runClient(sys.argv[2:])
+    else:
+        main()
