@@ -40,11 +40,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from xenmig.domains import qmpSession
 from xenmig.errors import DeviceError
 from xenmig.interfaces import IDirtyBlocks
-from xenmig.limits import withDeadline
 from xenmig.nbd import connectBlockStatus
-from xenmig.qmp import JSONObject, QMPClient, QMPConnectionError, QMPError, connectQMP
+from xenmig.qmp import JSONObject, QMPClient, QMPConnectionError, QMPError
 
 log = Logger()
 T = TypeVar("T")
@@ -75,7 +75,8 @@ class QEMUDirtyBitmap:
     @param node: the protocol node's name; found from ``path`` when empty.
     @param granularity: bytes per bit of the bitmap, a power of two: the ranges
         collected are multiples of it (the disk kind asks for 64 KiB).
-    @param timeout: seconds each QMP or NBD exchange may take.
+    @param timeout: seconds each QMP session (one per step) or NBD exchange may
+        take.
     """
 
     def __init__(
@@ -368,25 +369,19 @@ class QEMUDirtyBitmap:
 
     def _session(self, work: Callable[[QMPClient], Awaitable[T]]) -> Deferred[T]:
         """
-        Run ``work`` on a fresh QMP connection, closed afterwards; bounded, as a
-        hung QEMU must not hold a migration.
+        Run ``work`` on a fresh QMP connection, closed afterwards, within
+        ``timeout`` seconds (L{qmpSession}): a hung QEMU must not hold a
+        migration.  QEMU's refusals become L{DeviceError}s naming the bitmap.
         """
 
-        async def session() -> T:
-            qmp = await connectQMP(self.reactor, self.qmpPath, self.timeout)
+        async def named(qmp: QMPClient) -> T:
             try:
                 return await work(qmp)
             except QMPError as e:
                 raise DeviceError(f"{self.description}: {e}")
-            finally:
-                await qmp.close()
 
-        bound = 4 * self.timeout
-        return withDeadline(
-            Deferred.fromCoroutine(session()),
-            bound,
-            self.reactor,
-            f"{self.description}: QEMU did not answer within {bound:g} s",
+        return qmpSession(
+            self.reactor, self.qmpPath, self.timeout, named, self.description
         )
 
 
