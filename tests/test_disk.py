@@ -749,11 +749,11 @@ def test_scan_pieces_follow_extents(tmp_path: Any) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         blocks = BlockMap(3 * MiB + 1000)
-        scans = BlockScanner(fd, blocks, "test").scan(0, blocks.count)
+        scans = BlockScanner(fd, blocks, "test").scanBlocks(range(0, blocks.count))
         layout = [
             [(p.offset, p.length, p.data is not None) for p in s.pieces] for s in scans
         ]
-        again = BlockScanner(fd, blocks, "test").scan(0, blocks.count)
+        again = BlockScanner(fd, blocks, "test").scanBlocks(range(0, blocks.count))
     finally:
         os.close(fd)
     assert layout[0] == [
@@ -779,11 +779,11 @@ def test_scan_within_cuts_changed_blocks_to_the_ranges(tmp_path: Any) -> None:
     try:
         blocks = BlockMap(size)
         scanner = BlockScanner(fd, blocks, "test")
-        scanner.scan(0, 3)  # block 3 never scanned: no digest
+        scanner.scanBlocks(range(0, 3))  # block 3 never scanned: no digest
         pwrite(path, b"\x07" * 4096, 65536 + 4096)  # block 0
         pwrite(path, b"\x08" * 8192, 2 * MiB + 100 * 4096)  # block 2, a hole
         within = [(65536, 131072), (2 * MiB + 393216, 2 * MiB + 458752)]
-        scans = scanner.scan(0, 4, within=within)
+        scans = scanner.scanBlocks(range(0, 4), within=within)
     finally:
         os.close(fd)
     layout = [

@@ -524,8 +524,9 @@ async def test_live_migration_of_a_disk_qemu_writes(
         recorded: set[str] = set()  # the migration's bitmaps seen on file0
         while not request.exists() and not client.ended.called:
             offset = (writes * 7 % 32) * MiB + 4096
-            line = f'qemu-io disk0 "write -P {writes % 250} {offset} 8192"'
-            await guest.qmp.execute("human-monitor-command", {"command-line": line})
+            await testguest.writeThroughQEMU(
+                guest.qmp, "disk0", offset, 8192, writes % 250
+            )
             writes += 1
             recorded |= await bitmapsOn(guest.qmp, "file0")
             await deferLater(reactor, 0.005, lambda: None)

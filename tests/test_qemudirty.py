@@ -27,7 +27,7 @@ from xenmig.errors import DeviceError, PhaseTimeout
 from xenmig.interfaces import IDirtyBlocks
 from xenmig.qemudirty import QEMUDirtyBitmap
 from xenmig.qmp import QMPClient
-from xenmig.testguest import QEMU, RunningGuest, startQEMU
+from xenmig.testguest import QEMU, RunningGuest, startQEMU, writeThroughQEMU
 from xenmig.testing import requirePrograms
 
 
@@ -83,14 +83,8 @@ async def qemuWith(
 async def write(
     qmp: QMPClient, offset: int, length: int, pattern: int = 0x5A, disk: str = "disk0"
 ) -> None:
-    """
-    A write through QEMU's block layer, as the guest's would be (``qemu-io``
-    prints its report on QEMU's standard output, not in the answer).
-    """
-    await qmp.execute(
-        "human-monitor-command",
-        {"command-line": f'qemu-io {disk} "write -P {pattern} {offset} {length}"'},
-    )
+    """A guest's write of ``length`` bytes at ``offset`` (through QEMU)."""
+    await writeThroughQEMU(qmp, disk, offset, length, pattern)
 
 
 async def bitmapsOf(qmp: QMPClient) -> list[str]:

@@ -244,16 +244,6 @@ class BlockScanner:
             f"during the migration: the image {what}; the migration cannot go on"
         )
 
-    def scan(
-        self,
-        first: int,
-        last: int,
-        budget: int | None = None,
-        within: list[tuple[int, int]] | None = None,
-    ) -> list[BlockScan]:
-        """Blocks ``first`` to ``last`` (exclusive): see L{scanBlocks}."""
-        return self.scanBlocks(range(first, last), budget, within)
-
     def scanBlocks(
         self,
         indices: Sequence[int],

@@ -84,6 +84,23 @@ def qemuCommand(image: str, qmpSocket: str, incoming: bool = False) -> list[str]
     return command
 
 
+def qemuIOWrite(node: str, offset: int, length: int, pattern: int) -> str:
+    """The HMP command line writing ``length`` bytes of ``pattern`` at ``offset``."""
+    return f'qemu-io {node} "write -P {pattern} {offset} {length}"'
+
+
+def writeThroughQEMU(
+    qmp: QMPClient, node: str, offset: int, length: int, pattern: int
+) -> Deferred[Any]:
+    """
+    A write through QEMU's block layer on ``node``, as a guest's would be, so that
+    its dirty bitmaps see it (``qemu-io`` prints its report on QEMU's standard
+    output, not in the answer).
+    """
+    line = qemuIOWrite(node, offset, length, pattern)
+    return qmp.execute("human-monitor-command", {"command-line": line})
+
+
 def guestWrites(
     qmpSocket: str, writes: list[tuple[int, int, int]], node: str = "disk0"
 ) -> None:
@@ -111,7 +128,7 @@ def guestWrites(
         lines.readline()  # the greeting
         execute("qmp_capabilities")
         for offset, length, pattern in writes:
-            line = f'qemu-io {node} "write -P {pattern} {offset} {length}"'
+            line = qemuIOWrite(node, offset, length, pattern)
             execute("human-monitor-command", **{"command-line": line})
         execute("stop")
 

@@ -609,9 +609,8 @@ class GuestWriter:
     async def _write(self) -> None:
         assert self.guest.observer is not None
         offset = random.randrange(self.size // 4096) * 4096
-        line = f'qemu-io {DISK_NODE} "write -P {self.writes % 251} {offset} 4096"'
-        await self.guest.observer.execute(
-            "human-monitor-command", {"command-line": line}
+        await testguest.writeThroughQEMU(
+            self.guest.observer, DISK_NODE, offset, 4096, self.writes % 251
         )
         self.writes += 1
 
