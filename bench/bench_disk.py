@@ -33,9 +33,10 @@ from zope.interface import implementer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xenmig.blockmap import hashImage  # noqa: E402
-from xenmig.convergence import ConvergencePolicy, FixedRounds  # noqa: E402
-from xenmig.devices.disk import DiskSource, DiskTarget, diskKind  # noqa: E402
+from xenmig.devices.disk.blockmap import hashImage  # noqa: E402
+from xenmig.devices.disk.kind import diskKind  # noqa: E402
+from xenmig.devices.disk.source import DiskSource  # noqa: E402
+from xenmig.devices.disk.target import DiskTarget  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
 from xenmig.interfaces import (  # noqa: E402
     IConvergencePolicy,
@@ -45,6 +46,7 @@ from xenmig.interfaces import (  # noqa: E402
 )
 from xenmig.model import DeviceSpec  # noqa: E402
 from xenmig.records import DataRecord, EndRecord, RoundRecord, ZeroRecord  # noqa: E402
+from xenmig.source.convergence import ConvergencePolicy, FixedRounds  # noqa: E402
 
 MiB = 1024 * 1024
 

@@ -66,7 +66,7 @@ import benchlib
 from benchlib import MiB, freePort, fsyncPath, plainCopy, tmpfsOr
 
 HERE = Path(__file__).resolve()
-XENMIG = [sys.executable, "-m", "xenmig.cli"]
+XENMIG = [sys.executable, "-m", "xenmig.cli.main"]
 SSHD = "/usr/sbin/sshd"
 #: Goals of issue 4.
 GOAL_SCP = 3.0  # dense: xenmig at least 3x faster than scp
@@ -148,7 +148,7 @@ def guestCommand(image: Path, size: int, scattered: bool) -> str:
 #: ``stop``, on the monitor socket given.
 QEMU_GUEST = """
 import random, sys
-from xenmig.testguest import guestWrites
+from xenmig.demo.testguest import guestWrites
 MiB = 1 << 20
 path, size, pieces, length = sys.argv[1], *map(int, sys.argv[2:])
 middle = (MiB - length) // 8192 * 4096

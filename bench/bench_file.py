@@ -127,7 +127,7 @@ def clientArgv(daemon: Daemon, how: str, source: Path, target: Path) -> list[str
         return [
             sys.executable,
             "-c",
-            "from xenmig.cli import run; run()",
+            "from xenmig.cli.main import run; run()",
             "migrate",
             *daemon.clientOptions(),
             "--domain=bench",
@@ -178,9 +178,9 @@ def migrate(daemon: Daemon, how: str, source: Path, run: int) -> dict[str, Any]:
 async def _client(reactor: Any, port: int, where: Path, source: str, target: str):
     """Child: one migration with the MigrationClient API; JSON figures."""
     from xenmig import tls
-    from xenmig.bulk import sslContext
-    from xenmig.client import MigrationClient
     from xenmig.model import DeviceSpec
+    from xenmig.source.client import MigrationClient
+    from xenmig.source.threadedstream import sslContext
 
     identity = tls.loadIdentity(where / "source.test.pem", where / "source.test.key")
     authorities = tls.loadAuthority(where / "ca.pem")

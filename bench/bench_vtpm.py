@@ -31,20 +31,21 @@ from typing import Any
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 
-from xenmig import pki, tls
-from xenmig.bulk import sslContext
-from xenmig.client import MigrationClient
-from xenmig.devices.vtpm import vtpmKind
-from xenmig.model import DeviceSpec
-from xenmig.processes import Daemon, freePort
-from xenmig.records import EndRecord
-from xenmig.swtpmprocess import (
+from xenmig import tls
+from xenmig.cli import pki
+from xenmig.clients.processes import Daemon, freePort
+from xenmig.clients.swtpmprocess import (
     TPM2_STARTUP_CLEAR,
     TPM_RC_INITIALIZE,
     SwtpmProcess,
     responseCode,
     tpmCommand,
 )
+from xenmig.devices.vtpm.kind import vtpmKind
+from xenmig.model import DeviceSpec
+from xenmig.records import EndRecord
+from xenmig.source.client import MigrationClient
+from xenmig.source.threadedstream import sslContext
 from xenmig.testing import FakeSourceContext, FakeTargetContext, MemoryWriter
 
 PHASES = ("describe", "accept", "sendFinal", "finish", "commit")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from xenmig.processes import freePort
+from xenmig.clients.processes import freePort
 
 MiB = 1024 * 1024
 HERE = Path(__file__).resolve()
@@ -50,7 +50,7 @@ class Daemon:
     """
 
     def __init__(self, work: Path, twistdOptions: Sequence[str] = ()) -> None:
-        from xenmig import pki
+        from xenmig.cli import pki
 
         self.work = work
         self.pki = work / "pki"

@@ -30,12 +30,13 @@ from twisted.internet.task import deferLater
 from twisted.protocols import amp
 from zope.interface import implementer
 
-from xenmig import pki, tls
-from xenmig.bulk import sslContext
-from xenmig.client import MigrationClient
+from xenmig import tls
+from xenmig.cli import pki
 from xenmig.devices.file import FileKind, FileSource
 from xenmig.interfaces import IDeviceKind, IRecordWriter
 from xenmig.model import ContentDigest, DeviceSpec
+from xenmig.source.client import MigrationClient
+from xenmig.source.threadedstream import sslContext
 
 #: How the tests run twistd: with this interpreter, whatever is on PATH.
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]

@@ -38,9 +38,8 @@ from daemons import (  # noqa: E402
 )
 
 from xenmig import amp_commands as commands  # noqa: E402
-from xenmig import pki, tls  # noqa: E402
-from xenmig.authz import PeerPolicy, PolicySource, loadPolicy  # noqa: E402
-from xenmig.client import ClientTimeouts  # noqa: E402
+from xenmig import tls  # noqa: E402
+from xenmig.cli import pki  # noqa: E402
 from xenmig.devices.file import fileKind  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
 from xenmig.errors import (  # noqa: E402
@@ -51,8 +50,11 @@ from xenmig.errors import (  # noqa: E402
     UnknownMigration,
 )
 from xenmig.model import DeviceSpec  # noqa: E402
-from xenmig.target import MigrationTarget, TargetConfig  # noqa: E402
-from xenmig.writer import StreamSender  # noqa: E402
+from xenmig.source.client import ClientTimeouts  # noqa: E402
+from xenmig.source.streamsender import StreamSender  # noqa: E402
+from xenmig.target.authz import PeerPolicy, PolicySource, loadPolicy  # noqa: E402
+from xenmig.target.config import TargetConfig  # noqa: E402
+from xenmig.target.core import MigrationTarget  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 FP = "ab" * 32
@@ -652,8 +654,8 @@ async def test_pinsApplyToThreadedStreams(
     daemons: Callable[..., Daemon], certs: PKI, tmp_path: Path
 ) -> None:
     """Streams sent from threads (stdlib TLS) check the pins too, before sending."""
-    from xenmig.bulk import sslContext
-    from xenmig.client import MigrationClient
+    from xenmig.source.client import MigrationClient
+    from xenmig.source.threadedstream import sslContext
 
     daemon = await daemons().launch(reactor)
     source = denseFile(tmp_path / "source.bin", MiB)

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import json, sys, threading
     from twisted.internet import reactor
     from xenmig import tls
-    from xenmig.blocking import BlockingMigrationClient, shutdown
+    from xenmig.source.blocking import BlockingMigrationClient, shutdown
     from xenmig.errors import DeviceRefused
     from xenmig.model import DeviceSpec
 
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent(
 
     # A child whose pipes close before it exits: reaped without SIGCHLD handlers.
     from twisted.internet.utils import getProcessOutputAndValue
-    from xenmig.blocking import _THREAD
+    from xenmig.source.blocking import _THREAD
 
     child = _THREAD.call(
         getProcessOutputAndValue, "/bin/sh", ["-c", "echo hi; sleep 0.05"],

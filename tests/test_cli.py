@@ -16,17 +16,18 @@ import pytest_twisted
 from daemons import CLIENT, PKI, Daemon, MiB, sparseFile
 from twisted.internet.task import Clock
 
-from xenmig import cli, migratecmd
+from xenmig.cli import main as cli
+from xenmig.cli import migrate as migratecmd
+from xenmig.cli.progress import ProgressDisplay, RateMeter, formatBytes, statusTable
+from xenmig.clients.processes import ProcessFailed, runShell
 from xenmig.digest import hashFile
 from xenmig.model import DeviceProgress, MigrationStatus
-from xenmig.processes import ProcessFailed, runShell
-from xenmig.progress import ProgressDisplay, RateMeter, formatBytes, statusTable
 
 
 def xenmig(*args: str, cwd: Path | None = None, timeout: float = 60) -> Any:
-    """Run ``python -m xenmig.cli ARGS``; the completed process (text output)."""
+    """Run ``python -m xenmig.cli.main ARGS``; the completed process (text output)."""
     return subprocess.run(
-        [sys.executable, "-m", "xenmig.cli", *args],
+        [sys.executable, "-m", "xenmig.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -179,7 +180,7 @@ def test_kinds_lists_file() -> None:
 
 
 def test_pki_is_delegated(tmp_path: Path) -> None:
-    """``xenmig pki init-ca`` writes the CA via xenmig.pki."""
+    """``xenmig pki init-ca`` writes the CA via xenmig.cli.pki."""
     result = xenmig("pki", "init-ca", "--dir", str(tmp_path / "ca"))
     assert result.returncode == 0
     assert (tmp_path / "ca" / "ca.pem").exists()
@@ -269,7 +270,7 @@ def test_await_returns_after_commit(daemon: Daemon, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "xenmig.cli",
+            "xenmig.cli.main",
             "await",
             "--domain",
             "vm-await",
@@ -340,7 +341,7 @@ def test_abort_during_live_pause(daemon: Daemon, tmp_path: Path) -> None:
     destination = daemon.dest / "aborted.img"
     resumed = tmp_path / "resumed"
     pause = (
-        f"{sys.executable} -m xenmig.cli abort abort-1 --state-dir "
+        f"{sys.executable} -m xenmig.cli.main abort abort-1 --state-dir "
         f"{daemon.stateDir} --reason 'operator says no' > {tmp_path / 'abort.out'}"
     )
     result = xenmig(
@@ -579,7 +580,7 @@ def test_doc_covers_every_subcommand_and_option() -> None:
     parsers: dict[str, Any] = subcommands.choices  # type: ignore[assignment]
     assert set(sections) == set(parsers)
     for name, section in sections.items():
-        if name == "pki":  # its options belong to xenmig.pki
+        if name == "pki":  # its options belong to xenmig.cli.pki
             continue
         mentioned = set(re.findall(r"(--[a-z][a-z-]+)", section))
         assert mentioned <= set(parsers[name]._option_string_actions), name
@@ -589,7 +590,7 @@ class FakeMigration:
     """A SourceMigration stand-in whose commit's answer never comes."""
 
     def __init__(self, commitError: Exception) -> None:
-        from xenmig.client import ClientTimeouts
+        from xenmig.source.client import ClientTimeouts
 
         self.migrationId = "doubt-1"
         self.phase = "NEW"

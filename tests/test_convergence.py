@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from zope.interface.verify import verifyObject
 
-from xenmig.convergence import ConvergencePolicy, FixedRounds, parseSize
 from xenmig.errors import BadSpec
 from xenmig.interfaces import IConvergencePolicy
 from xenmig.model import RoundResult
+from xenmig.source.convergence import ConvergencePolicy, FixedRounds, parseSize
 
 MiB = 1024 * 1024
 

@@ -36,12 +36,12 @@ from daemons import (  # noqa: E402
 )
 
 from xenmig import amp_commands as commands  # noqa: E402
-from xenmig.client import ClientTimeouts  # noqa: E402
+from xenmig.devices.sparse import dataExtents  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
 from xenmig.errors import PhaseTimeout
 from xenmig.model import DeviceSpec  # noqa: E402
-from xenmig.sparse import dataExtents  # noqa: E402
-from xenmig.writer import StreamSender  # noqa: E402
+from xenmig.source.client import ClientTimeouts  # noqa: E402
+from xenmig.source.streamsender import StreamSender  # noqa: E402
 
 #: Data extents of the sparse test file: the rest is holes.
 EXTENTS = [(0, 4 * MiB), (20 * MiB, 28 * MiB), (63 * MiB, 64 * MiB)]
@@ -203,7 +203,7 @@ async def test_client_killed_mid_transfer(
         [
             sys.executable,
             "-m",
-            "xenmig.cli",
+            "xenmig.cli.main",
             "status",
             "--state-dir",
             str(daemon.stateDir),

@@ -9,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from xenmig.demo import FileDemo, demoDevices
+from xenmig.demo.run import FileDemo, demoDevices
 
 
 def test_demo_runs_and_cleans_up() -> None:
     """``xenmig demo`` migrates A->B->A, verifies, stops its daemons, exits 0."""
     result = subprocess.run(
-        [sys.executable, "-m", "xenmig.cli", "demo"],
+        [sys.executable, "-m", "xenmig.cli.main", "demo"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -45,7 +45,7 @@ def test_demo_runs_and_cleans_up() -> None:
 def test_demo_keep_leaves_the_workspace(tmp_path: Path) -> None:
     """``--keep`` leaves the workspace with both hosts' received state and logs."""
     result = subprocess.run(
-        [sys.executable, "-m", "xenmig.cli", "demo", "--size-mib", "1", "--keep"],
+        [sys.executable, "-m", "xenmig.cli.main", "demo", "--size-mib", "1", "--keep"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -67,14 +67,14 @@ def test_registered_kind_joins_the_demo(tmp_path: Path) -> None:
     plugins = tmp_path / "twisted" / "plugins"
     plugins.mkdir(parents=True)
     (plugins / "xenmig_demo_disk.py").write_text(
-        "from xenmig.devices.disk import diskKind\n"
+        "from xenmig.devices.disk.kind import diskKind\n"
     )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(tmp_path), env.get("PYTHONPATH", "")])
     )
     result = subprocess.run(
-        [sys.executable, "-m", "xenmig.cli", "demo", "--size-mib", "4"],
+        [sys.executable, "-m", "xenmig.cli.main", "demo", "--size-mib", "4"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -21,12 +21,13 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from xenmig import testguest
-from xenmig.client import SourceMigration
-from xenmig.devices.devmodel import DevmodelKind, DevmodelTarget, devmodelKind
-from xenmig.devmodelsource import DevmodelSource
+from xenmig.clients.qmp import connectQMP
+from xenmig.demo import testguest
+from xenmig.demo.wholevm import ObservedGuest
+from xenmig.devices.devmodel.kind import DevmodelKind, devmodelKind
+from xenmig.devices.devmodel.source import DevmodelSource
+from xenmig.devices.devmodel.target import DevmodelTarget
 from xenmig.digest import hashBytes, hashFile
-from xenmig.domains import QMPDomainControl
 from xenmig.errors import (
     BadSpec,
     DeviceError,
@@ -37,15 +38,15 @@ from xenmig.errors import (
 )
 from xenmig.interfaces import IDeviceKind, IRecordWriter, ISourceDevice, ITargetDevice
 from xenmig.model import DeviceDescription, DeviceSpec
-from xenmig.qmp import connectQMP
 from xenmig.records import DataRecord, EndRecord
+from xenmig.source.client import SourceMigration
 from xenmig.testing import (
     FakeSourceContext,
     FakeTargetContext,
     PipeWriter,
     requirePrograms,
 )
-from xenmig.wholevm import ObservedGuest
+from xenmig.toolstack.domains import QMPDomainControl
 
 # -- without QEMU ----------------------------------------------------------------------
 
@@ -565,7 +566,7 @@ def test_cliMigratesWithTheQMPDomainControl(
             [
                 sys.executable,
                 "-m",
-                "xenmig.cli",
+                "xenmig.cli.main",
                 "migrate",
                 "--target",
                 f"127.0.0.1:{b.port}",

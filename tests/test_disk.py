@@ -22,7 +22,8 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from xenmig.blockmap import (
+from xenmig.destinations import resolveDestination
+from xenmig.devices.disk.blockmap import (
     BLOCK_SIZE,
     BlockMap,
     BlockScanner,
@@ -30,9 +31,11 @@ from xenmig.blockmap import (
     treeAlgorithm,
     treeDigest,
 )
-from xenmig.convergence import ConvergencePolicy, FixedRounds
-from xenmig.destinations import resolveDestination
-from xenmig.devices.disk import DiskSource, DiskTarget, diskKind, probeImage
+from xenmig.devices.disk.imagestaging import BlockDigests
+from xenmig.devices.disk.kind import diskKind
+from xenmig.devices.disk.source import DiskSource, probeImage
+from xenmig.devices.disk.target import DiskTarget
+from xenmig.devices.sparse import DataExtents, dataExtents
 from xenmig.digest import hashFile
 from xenmig.errors import (
     BadSpec,
@@ -41,7 +44,6 @@ from xenmig.errors import (
     PathNotAllowed,
     StreamError,
 )
-from xenmig.imagestaging import BlockDigests
 from xenmig.interfaces import (
     IConvergencePolicy,
     IDeviceKind,
@@ -59,7 +61,7 @@ from xenmig.records import (
     RoundRecord,
     ZeroRecord,
 )
-from xenmig.sparse import DataExtents, dataExtents
+from xenmig.source.convergence import ConvergencePolicy, FixedRounds
 from xenmig.testing import requirePrograms
 
 MiB = 1024 * 1024

@@ -41,7 +41,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 
-from xenmig import testguest
+from xenmig.demo import testguest
 from xenmig.digest import hashFile
 from xenmig.testing import requirePrograms
 
@@ -189,7 +189,7 @@ def migrate(daemon: Daemon, *args: str, port: int | None = None) -> Client:
     argv = [
         sys.executable,
         "-m",
-        "xenmig.cli",
+        "xenmig.cli.main",
         "migrate",
         "--target",
         f"127.0.0.1:{port or daemon.port}",
@@ -461,7 +461,7 @@ async def test_live_migration_with_reflink_snapshots(
 QEMU_PAUSE = """
 import json, os, sys, time
 from xenmig.digest import hashFile
-from xenmig.testguest import guestWrites
+from xenmig.demo.testguest import guestWrites
 options = json.loads(sys.argv[1])
 open(options["request"], "w").close()
 while not os.path.exists(options["ack"]):

@@ -30,7 +30,6 @@ from twisted.protocols import amp
 from twisted.python.filepath import FilePath
 
 from xenmig import amp_commands, tap
-from xenmig.client import MigrationClient
 from xenmig.digest import hashBytes
 from xenmig.errors import (
     WIRE_ERRORS,
@@ -39,11 +38,13 @@ from xenmig.errors import (
     StreamError,
 )
 from xenmig.factories import ControlFactory, LocalControlFactory
-from xenmig.hooks import runHook
 from xenmig.model import DeviceDescription, DeviceSpec
 from xenmig.records import DataRecord, EndRecord, RecordParser, ZeroRecord
-from xenmig.session import DEVICE_TRANSITIONS, TRANSITIONS, Phase, TargetSession
-from xenmig.target import MigrationTarget, TargetConfig
+from xenmig.source.client import MigrationClient
+from xenmig.target.config import TargetConfig
+from xenmig.target.core import MigrationTarget
+from xenmig.target.hooks import runHook
+from xenmig.target.session import DEVICE_TRANSITIONS, TRANSITIONS, Phase, TargetSession
 from xenmig.testing import FakeSourceContext, FakeTargetContext, PipeWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,7 +171,7 @@ def test_protocolDocumentsVersions():
 def test_stateEdgesMatchTheTables(table, name):
     """The edge lists in sessions.md are exactly the edges of the transition tables."""
     text = read("sessions.md")
-    listed = blockAfter(text, f"edges of xenmig.session.{name}").splitlines()
+    listed = blockAfter(text, f"edges of xenmig.target.session.{name}").splitlines()
     assert len(listed) == len(set(listed))
     assert set(listed) == edges(table)
 
@@ -181,7 +182,9 @@ def test_stateEdgesMatchTheTables(table, name):
 )
 def test_stateDiagramsNameEveryState(table, name):
     """Each ASCII diagram in sessions.md names every state of its machine."""
-    diagram = blockAfter(read("sessions.md"), f"diagram of xenmig.session.{name}")
+    diagram = blockAfter(
+        read("sessions.md"), f"diagram of xenmig.target.session.{name}"
+    )
     named = set(re.findall(r"\b[A-Z]{5,}\b", diagram))
     assert named == {state.value for state in table}
 
@@ -251,7 +254,7 @@ def test_jsonLogCarriesMigrationIds(tmp_path):
             for e in eventsFromJSONLogFile(log)
             if e["log_namespace"].startswith("xenmig.")
         ]
-    assert {e["log_namespace"] for e in events} == {"xenmig.session"}
+    assert {e["log_namespace"] for e in events} == {"xenmig.target.session"}
     assert len(events) == 2
     assert all(e["migration_id"] == "m-42" for e in events)
     assert "did not finish within 5 seconds" in events[0]["reason"]

@@ -18,17 +18,17 @@ from daemons import CLIENT, PKI, Daemon, MiB, sparseFile
 from twisted.internet import reactor
 from zope.interface.verify import verifyObject
 
-from xenmig import testguest
-from xenmig.domains import (
+from xenmig.demo import testguest
+from xenmig.demo.wholevm import ObservedGuest
+from xenmig.errors import BadSpec
+from xenmig.interfaces import IDomainControl
+from xenmig.testing import requirePrograms
+from xenmig.toolstack.domains import (
     DomainControlError,
     QMPDomainControl,
     XLDomainControl,
     parseDomainControl,
 )
-from xenmig.errors import BadSpec
-from xenmig.interfaces import IDomainControl
-from xenmig.testing import requirePrograms
-from xenmig.wholevm import ObservedGuest
 
 #: A stand-in for Xen's ``xl``: it logs each call to ``calls`` beside itself and
 #: behaves as the files ``VERB.status``, ``VERB.say``, ``VERB.sleep`` and
@@ -198,7 +198,7 @@ async def test_qmpNeverResumesAnEmptyIncomingQEMU(shortdir: str) -> None:
 
 def xenmig(*args: str, env: dict[str, str] | None = None) -> Any:
     return subprocess.run(
-        [sys.executable, "-m", "xenmig.cli", *args],
+        [sys.executable, "-m", "xenmig.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -309,7 +309,7 @@ def test_awaitResumesAfterTheCommit(daemon: Daemon, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "xenmig.cli",
+            "xenmig.cli.main",
             "await",
             "--domain",
             "vm-await",

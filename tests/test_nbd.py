@@ -15,9 +15,9 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
-from xenmig import nbd
+from xenmig.clients import nbd
+from xenmig.clients.nbd import NBDError, connectBlockStatus
 from xenmig.errors import PhaseTimeout
-from xenmig.nbd import NBDError, connectBlockStatus
 
 CONTEXT = "qemu:dirty-bitmap:b0"
 CONTEXT_ID = 7

@@ -1,4 +1,4 @@
-"""Tests for xenmig.pki: the CA, host certificates and the ``xenmig pki`` CLI."""
+"""Tests for xenmig.cli.pki: the CA, host certificates and the ``xenmig pki`` CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from xenmig import pki
+from xenmig.cli import pki
 from xenmig.errors import ConfigurationError
 
 

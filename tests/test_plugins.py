@@ -95,9 +95,11 @@ def test_realContexts(tmp_path):
     """The framework's own contexts and stream writer provide their interfaces."""
     from twisted.python.filepath import FilePath
 
-    from xenmig.client import SourceContext
-    from xenmig.target import MigrationTarget, TargetConfig, TargetContext
-    from xenmig.writer import StreamSender
+    from xenmig.source.client import SourceContext
+    from xenmig.source.streamsender import StreamSender
+    from xenmig.target.config import TargetConfig
+    from xenmig.target.context import TargetContext
+    from xenmig.target.core import MigrationTarget
 
     target = MigrationTarget(
         reactor, TargetConfig(FilePath(str(tmp_path))), {}, lambda f, *a: f(*a)

@@ -29,8 +29,9 @@ from xenmig.records import (
     encodeEnd,
     encodeStreamHeader,
 )
-from xenmig.session import Phase
-from xenmig.target import MigrationTarget, TargetConfig, Timeouts
+from xenmig.target.config import TargetConfig, Timeouts
+from xenmig.target.core import MigrationTarget
+from xenmig.target.session import Phase
 from xenmig.testing import MemoryKind
 
 STATE = b"device state " * 1000

@@ -20,14 +20,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from zope.interface.verify import verifyObject
 
-from xenmig import qemudirty
-from xenmig.convergence import FixedRounds
-from xenmig.devices.disk import DiskSource
+from xenmig.clients.qmp import QMPClient
+from xenmig.demo.testguest import QEMU, RunningGuest, startQEMU, writeThroughQEMU
+from xenmig.devices.disk import qemudirty
+from xenmig.devices.disk.qemudirty import QEMUDirtyBitmap
+from xenmig.devices.disk.source import DiskSource
 from xenmig.errors import DeviceError, PhaseTimeout
 from xenmig.interfaces import IDirtyBlocks
-from xenmig.qemudirty import QEMUDirtyBitmap
-from xenmig.qmp import QMPClient
-from xenmig.testguest import QEMU, RunningGuest, startQEMU, writeThroughQEMU
+from xenmig.source.convergence import FixedRounds
 from xenmig.testing import requirePrograms
 
 

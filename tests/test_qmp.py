@@ -21,9 +21,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenmig import testguest
-from xenmig.errors import DeviceError
-from xenmig.qmp import (
+from xenmig.clients.qmp import (
     UNLIMITED_BANDWIDTH,
     QEMUMigrationFailed,
     QMPClient,
@@ -33,6 +31,8 @@ from xenmig.qmp import (
     QMPTimeout,
     connectQMP,
 )
+from xenmig.demo import testguest
+from xenmig.errors import DeviceError
 from xenmig.testing import requirePrograms
 
 GREETING = (

@@ -50,7 +50,7 @@ def localise(argv, tmp, port):
     if out[:2] == ["xenmig", "await"]:
         out += ["--state-dir", str(tmp / "state"), "--timeout", "30"]
     if out[0] == "xenmig":
-        out = [sys.executable, "-m", "xenmig.cli", *out[1:]]
+        out = [sys.executable, "-m", "xenmig.cli.main", *out[1:]]
     return out
 
 

@@ -23,17 +23,17 @@ from test_disk import (
 from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
-from xenmig.convergence import FixedRounds
-from xenmig.devices.disk import DiskSource
-from xenmig.errors import BadSpec, DeviceError
-from xenmig.interfaces import IDirtyBlocks
-from xenmig.model import DeviceSpec
-from xenmig.reflinkdirty import (
+from xenmig.devices.disk.reflinkdirty import (
     FIEMAP_EXTENT_UNWRITTEN,
     Extent,
     ReflinkSnapshots,
     changedRanges,
 )
+from xenmig.devices.disk.source import DiskSource
+from xenmig.errors import BadSpec, DeviceError
+from xenmig.interfaces import IDirtyBlocks
+from xenmig.model import DeviceSpec
+from xenmig.source.convergence import FixedRounds
 
 MiB = 1024 * 1024
 

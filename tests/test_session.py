@@ -10,10 +10,12 @@ from twisted.python.filepath import FilePath
 
 from xenmig.digest import hashBytes
 from xenmig.errors import CommitFailed, InvalidTransition, MigrationAborted
-from xenmig.journal import Journal
 from xenmig.model import DeviceDescription
 from xenmig.records import DataRecord, EndRecord
-from xenmig.session import (
+from xenmig.target.config import TargetConfig
+from xenmig.target.core import MigrationTarget
+from xenmig.target.journal import Journal
+from xenmig.target.session import (
     DEVICE_TRANSITIONS,
     TRANSITIONS,
     DeviceState,
@@ -21,7 +23,6 @@ from xenmig.session import (
     TargetDeviceSlot,
     TargetSession,
 )
-from xenmig.target import MigrationTarget, TargetConfig
 from xenmig.testing import MemoryTarget
 
 

@@ -18,8 +18,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
-from xenmig.errors import DeviceError
-from xenmig.swtpm import (
+from xenmig.clients.swtpm import (
     BLOB_PERMANENT,
     BLOB_SAVESTATE,
     BLOB_VOLATILE,
@@ -39,7 +38,7 @@ from xenmig.swtpm import (
     SwtpmStartFailed,
     SwtpmUnavailable,
 )
-from xenmig.swtpmprocess import (
+from xenmig.clients.swtpmprocess import (
     TPM2_STARTUP_CLEAR,
     TPM_RC_INITIALIZE,
     KeyOption,
@@ -48,6 +47,7 @@ from xenmig.swtpmprocess import (
     swtpmFeatures,
     tpmCommand,
 )
+from xenmig.errors import DeviceError
 from xenmig.testing import requirePrograms
 
 PCR_VALUE = "01" * 32

@@ -37,7 +37,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenmig import pki, tls
+from xenmig import tls
+from xenmig.cli import pki
 from xenmig.errors import ConfigurationError, NotAuthorized
 
 DOC = Path(__file__).parent.parent / "doc" / "certificates.md"
@@ -79,7 +80,7 @@ def _pkiHosts(directory: Path) -> Hosts:
 
 @pytest.fixture
 def hosts(tmp_path: Path) -> Hosts:
-    """A CA made by xenmig.pki, with server.test (127.0.0.1) and client.test."""
+    """A CA made by xenmig.cli.pki, with server.test (127.0.0.1) and client.test."""
     return _pkiHosts(tmp_path / "ca")
 
 
@@ -611,7 +612,7 @@ def test_opensslRecipeKeysPrivate(opensslHosts: Hosts) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_opensslAndPkiInterwork(opensslHosts: Hosts, tmp_path: Path) -> None:
-    """A host issued by xenmig.pki from an openssl-made CA talks to an openssl host."""
+    """A host issued by xenmig.cli.pki from an openssl-made CA talks to openssl."""
     pki.issueHost(opensslHosts.directory, "pki.test", ["127.0.0.1"])
     server = tls.serverOptions(
         opensslHosts.identity("pki.test"), opensslHosts.authorities

@@ -18,15 +18,16 @@ from twisted.test import iosim
 
 from xenmig import amp_commands as commands
 from xenmig.devices.file import fileKind
-from xenmig.devices.vtpm import vtpmKind
+from xenmig.devices.vtpm.kind import vtpmKind
 from xenmig.digest import hashBytes
 from xenmig.errors import BadSpec, CommitFailed, PathNotAllowed
 from xenmig.limits import MAX_COMMANDS_IN_FLIGHT, MAX_MESSAGE
 from xenmig.model import DeviceDescription
 from xenmig.protocol import ControlProtocol, StreamReceiver
 from xenmig.records import encodeData, encodeEnd, encodeStreamHeader, encodeZero
-from xenmig.session import Phase
-from xenmig.target import MigrationTarget, TargetConfig
+from xenmig.target.config import TargetConfig
+from xenmig.target.core import MigrationTarget
+from xenmig.target.session import Phase
 from xenmig.testing import FakeTargetContext, MemoryKind
 
 PREPARE = commands.Prepare.commandName
@@ -412,7 +413,7 @@ async def test_diskBackingOutsideRoots(
     vtpmContext: FakeTargetContext, backing: str
 ) -> None:
     """A disk's backing file is looked for only within the roots (no probing)."""
-    from xenmig.devices.disk import diskKind
+    from xenmig.devices.disk.kind import diskKind
 
     description = DeviceDescription(
         "disk", "root", 4096, {"target": "root.img", "backing": backing}
@@ -433,7 +434,7 @@ def test_diskIntegerParams(
     vtpmContext: FakeTargetContext, params: dict[str, Any], text: str
 ) -> None:
     """A disk's integer parameters are checked, not converted blindly."""
-    from xenmig.devices.disk import diskKind
+    from xenmig.devices.disk.kind import diskKind
 
     with pytest.raises(BadSpec, match=text):
         description = DeviceDescription(

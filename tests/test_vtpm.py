@@ -23,7 +23,24 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import IPlugin
 from zope.interface.verify import verifyObject
 
-from xenmig.devices.vtpm import BlobReceiver, vtpmKind
+from xenmig.clients.swtpm import (
+    CMD_GET_CAPABILITY,
+    SwtpmBusy,
+    SwtpmCommandFailed,
+    SwtpmNotRunning,
+    SwtpmUnavailable,
+)
+from xenmig.clients.swtpmprocess import (
+    TPM2_STARTUP_CLEAR,
+    TPM_RC_INITIALIZE,
+    KeyOption,
+    SwtpmProcess,
+    responseCode,
+    tpmCommand,
+)
+from xenmig.devices.vtpm.kind import vtpmKind
+from xenmig.devices.vtpm.source import VTPMOwnedByQEMU
+from xenmig.devices.vtpm.target import BlobReceiver
 from xenmig.errors import (
     BadSpec,
     DeviceError,
@@ -42,28 +59,12 @@ from xenmig.interfaces import (
 )
 from xenmig.model import DeviceSpec
 from xenmig.records import DataRecord, EndRecord, MetadataRecord, Record
-from xenmig.swtpm import (
-    CMD_GET_CAPABILITY,
-    SwtpmBusy,
-    SwtpmCommandFailed,
-    SwtpmNotRunning,
-    SwtpmUnavailable,
-)
-from xenmig.swtpmprocess import (
-    TPM2_STARTUP_CLEAR,
-    TPM_RC_INITIALIZE,
-    KeyOption,
-    SwtpmProcess,
-    responseCode,
-    tpmCommand,
-)
 from xenmig.testing import (
     FakeSourceContext,
     FakeTargetContext,
     MemoryWriter,
     requirePrograms,
 )
-from xenmig.vtpmsource import VTPMOwnedByQEMU
 
 PERSISTENT = "0x81000001"
 NV_INDEX = "0x1500016"
@@ -660,7 +661,7 @@ async def startQEMU(ctrl: str, host: Host) -> SwtpmProcess:
     """A paused QEMU with a TPM emulator on ``ctrl`` (run with the swtpm runner)."""
     from twisted.internet.task import deferLater
 
-    from xenmig.vtpmsource import controlSocketHolders
+    from xenmig.devices.vtpm.source import controlSocketHolders
 
     qemu = SwtpmProcess(reactor, host.work, executable="qemu-system-x86_64")
     qemu.arguments = lambda: [  # type: ignore[method-assign]

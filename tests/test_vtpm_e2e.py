@@ -51,15 +51,16 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from zope.interface import implementer
 
-from xenmig import pki, tls
-from xenmig.bulk import sslContext
-from xenmig.client import ClientTimeouts, MigrationClient
-from xenmig.devices.vtpm import vtpmKind
+from xenmig import tls
+from xenmig.cli import pki
+from xenmig.clients.swtpm import CMD_GET_CAPABILITY, SwtpmNotRunning
+from xenmig.clients.swtpmprocess import SwtpmProcess
+from xenmig.devices.vtpm.kind import vtpmKind
 from xenmig.errors import CommitFailed, DigestMismatch, XenmigError
 from xenmig.interfaces import IDeviceKind
 from xenmig.model import DeviceSpec
-from xenmig.swtpm import CMD_GET_CAPABILITY, SwtpmNotRunning
-from xenmig.swtpmprocess import SwtpmProcess
+from xenmig.source.client import ClientTimeouts, MigrationClient
+from xenmig.source.threadedstream import sslContext
 from xenmig.testing import requirePrograms
 
 PROGRAMS = (
@@ -229,10 +230,10 @@ class _Collect(ProcessProtocol):
 
 
 async def xenmig(*args: str, timeout: float = 30.0) -> Result:
-    """Run ``python -m xenmig.cli ARGS`` without blocking the reactor; killed if it
+    """Run ``python -m xenmig.cli.main ARGS`` without blocking the reactor; killed if it
     takes longer than ``timeout`` seconds."""
     child = _Collect()
-    argv = [sys.executable, "-m", "xenmig.cli", *args]
+    argv = [sys.executable, "-m", "xenmig.cli.main", *args]
     transport = reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ))
     killer = reactor.callLater(timeout, transport.signalProcess, "KILL")
     await child.ended

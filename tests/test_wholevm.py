@@ -15,8 +15,8 @@ import pytest_twisted
 from daemons import PKI, Daemon, settled
 from twisted.internet import reactor
 
+from xenmig.demo.wholevm import PROGRAMS, WholeVM
 from xenmig.testing import requirePrograms
-from xenmig.wholevm import PROGRAMS, WholeVM
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_demoRunsTheWholeVM() -> None:
     """``xenmig demo`` migrates the whole VM too, with every guarantee verified."""
     requirePrograms(*PROGRAMS)
     result = subprocess.run(
-        [sys.executable, "-m", "xenmig.cli", "demo", "--size-mib", "1"],
+        [sys.executable, "-m", "xenmig.cli.main", "demo", "--size-mib", "1"],
         capture_output=True,
         text=True,
         timeout=120,

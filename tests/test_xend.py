@@ -23,7 +23,7 @@ from xenmig.errors import (
     StreamError,
 )
 from xenmig.model import DeviceSpec
-from xenmig.xend import (
+from xenmig.toolstack.xend import (
     DEV_MIGRATE_STEP1,
     DEV_MIGRATE_STEP2,
     DEV_MIGRATE_STEP3,
@@ -190,9 +190,9 @@ def test_stepsInOrder() -> None:
 SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from xenmig.blocking import shutdown
+    from xenmig.source.blocking import shutdown
     from xenmig.model import DeviceSpec
-    from xenmig.xend import XendMigrationHooks, awaitRestored, tlsConnector
+    from xenmig.toolstack.xend import XendMigrationHooks, awaitRestored, tlsConnector
 
     pki, port, stateDir, first, second, inside = sys.argv[1:7]
     specs = {

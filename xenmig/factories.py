@@ -8,7 +8,7 @@ from twisted.internet.protocol import Factory
 
 from xenmig.limits import ConnectionGate, ConnectionLimits
 from xenmig.protocol import ControlProtocol, LocalControlProtocol
-from xenmig.target import MigrationTarget
+from xenmig.target.core import MigrationTarget
 
 
 class ControlFactory(Factory):

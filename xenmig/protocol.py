@@ -35,8 +35,8 @@ from xenmig.limits import (
 )
 from xenmig.model import DeviceOffer
 from xenmig.records import EndRecord, Record, RecordParser
-from xenmig.session import FINAL, Phase, TargetSession
-from xenmig.target import MigrationTarget
+from xenmig.target.core import MigrationTarget
+from xenmig.target.session import FINAL, Phase, TargetSession
 from xenmig.tls import peerFingerprint, peerIdentity
 
 log = Logger()

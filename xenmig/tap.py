@@ -17,13 +17,14 @@ from twisted.logger import Logger
 from twisted.python import threadpool, usage
 from twisted.python.filepath import FilePath
 
-from xenmig.authz import PolicySource
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
-from xenmig.hooks import runHook
 from xenmig.limits import ConnectionLimits
 from xenmig.plugins import deviceKinds
-from xenmig.target import MigrationTarget, TargetConfig, Timeouts
+from xenmig.target.authz import PolicySource
+from xenmig.target.config import TargetConfig, Timeouts
+from xenmig.target.core import MigrationTarget
+from xenmig.target.hooks import runHook
 from xenmig.tuning import tuneAllocator
 
 log = Logger()

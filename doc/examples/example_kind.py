@@ -20,6 +20,7 @@ from twisted.plugin import IPlugin
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from xenmig.devices.staging import fsyncDirectory
 from xenmig.digest import hashBytes
 from xenmig.errors import (
     BadSpec,
@@ -39,7 +40,6 @@ from xenmig.interfaces import (
 )
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
 from xenmig.records import DataRecord, EndRecord, MetadataRecord, Record, ZeroRecord
-from xenmig.staging import fsyncDirectory
 
 #: The layout of the state this code writes and reads.
 FORMAT = 1

@@ -1,5 +1,5 @@
 """
-How a source toolstack drives one migration with ``xenmig.client``, phase by
+How a source toolstack drives one migration with ``xenmig.source.client``, phase by
 phase, and what it may do with the VM after each outcome.
 
 ``doc/sessions.md`` quotes it; ``tests/test_docs.py`` runs it against a daemon.
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from xenmig.client import MigrationClient
 from xenmig.errors import CommitInDoubt
 from xenmig.model import DeviceSpec
+from xenmig.source.client import MigrationClient
 
 Step = Callable[[], Awaitable[None]]
 

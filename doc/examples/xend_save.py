@@ -6,7 +6,7 @@ order of calls left out; ``tests/test_xend.py`` runs it.
 """
 
 from xenmig.errors import CommitInDoubt
-from xenmig.xend import (
+from xenmig.toolstack.xend import (
     DEV_MIGRATE_STEP1,
     DEV_MIGRATE_STEP2,
     DEV_MIGRATE_STEP3,

@@ -1,5 +1,5 @@
 """The built-in ``disk`` device kind, as a plugin providing IDeviceKind."""
 
-from xenmig.devices.disk import diskKind
+from xenmig.devices.disk.kind import diskKind
 
 __all__ = ["diskKind"]

@@ -10,6 +10,8 @@ from twisted.plugin import IPlugin
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from xenmig.devices.sparse import sendFile
+from xenmig.devices.staging import StagedFile
 from xenmig.errors import BadSpec, DeviceError, DeviceRefused, StreamError
 from xenmig.interfaces import (
     IDeviceKind,
@@ -28,8 +30,6 @@ from xenmig.model import (
     intParam,
 )
 from xenmig.records import DataRecord, EndRecord, Record, ZeroRecord
-from xenmig.sparse import sendFile
-from xenmig.staging import StagedFile
 
 
 def freeBytes(path: str) -> int:

@@ -1,0 +1,1 @@
+"""The ``xenmig`` command line: one module per subcommand, progress display, pki."""

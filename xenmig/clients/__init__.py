@@ -1,0 +1,1 @@
+"""Clients of the external programs xenmig drives: swtpm, QMP, NBD, processes."""

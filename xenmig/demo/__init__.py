@@ -1,0 +1,1 @@
+"""``xenmig demo``: the device demo, the whole-VM scenario and the test guest."""

@@ -1,0 +1,653 @@
+"""
+A whole VM migrated as a toolstack would: QEMU, vTPM and disk behind one resume gate.
+
+The VM is the counting test guest (L{xenmig.demo.testguest}) in a QEMU, a running swtpm
+with PCR 16 extended, and a raw disk image that QEMU runs.  The guest's code does
+not use the image: during pre-copy QEMU's block layer writes it (HMP ``qemu-io``),
+standing in for the guest's writes, and the disk kind follows QEMU's dirty bitmap
+(``qmp=``).
+L{WholeVM} plays the source toolstack (prepare, pre-copy, pause through the QMP
+domain control, transfer, commit, release; on failure abort and resume) and
+starts ``xenmig await --resume`` as the target toolstack.  It records what the
+test and ``xenmig demo`` check: the counter goes on from where it stopped, the
+PCR and the disk arrive intact, and exactly one QEMU runs at any time (from the
+run-state events of a second QMP monitor on each QEMU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.internet.utils import getProcessOutputAndValue
+
+from xenmig.clients.processes import ChildProcess
+from xenmig.clients.qmp import JSONObject, QMPClient, QMPConnectionError, connectQMP
+from xenmig.demo import testguest
+from xenmig.digest import hashFile
+from xenmig.errors import CommitInDoubt
+from xenmig.model import DeviceSpec
+from xenmig.source.client import MigrationClient, SourceMigration
+from xenmig.source.convergence import ConvergencePolicy
+from xenmig.toolstack.domains import QMPDomainControl
+
+MiB = 1024 * 1024
+#: The programs the whole-VM scenario needs.
+PROGRAMS = (testguest.QEMU, "swtpm", "tpm2_startup", "tpm2_pcrextend", "tpm2_pcrread")
+#: The failure variants: the target QEMU refuses the state; the control
+#: connection drops after the transfer, before the commit.
+FAILURES = ("refuse", "drop")
+DISK_SIZE = 16 * MiB
+#: QEMU's block node names of the disk: its file, and the raw format above it.
+DISK_FILE_NODE = "disk0-file"
+DISK_NODE = "disk0"
+
+
+class ScenarioFailed(Exception):
+    """The whole-VM migration did not behave as it must."""
+
+
+def missingPrograms() -> list[str]:
+    """The programs of L{PROGRAMS} not installed here."""
+    return [p for p in PROGRAMS if shutil.which(p) is None]
+
+
+def _seconds(event: JSONObject) -> float:
+    stamp = event.get("timestamp", {})
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+
+
+class ObservedGuest:
+    """
+    The counting guest in its own QEMU with two monitors: ``qmpPath`` for xenmig
+    and the toolstack, and an observer monitor held here that reads the counter
+    and records the run-state events (STOP, RESUME, SHUTDOWN) with QEMU's
+    timestamps.  QEMU's standard error goes to ``logPath``.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        directory: str,
+        name: str,
+        image: str,
+        incoming: bool = False,
+        extra: Sequence[str] = (),
+    ) -> None:
+        self.reactor = reactor
+        self.name = name
+        self.image = image
+        self.incoming = incoming
+        self.extra = list(extra)
+        self.qmpPath = os.path.join(directory, f"{name}.qmp")
+        self.observerPath = os.path.join(directory, f"{name}-obs.qmp")
+        self.logPath = os.path.join(directory, f"{name}.log")
+        self.process = testguest.GuestProcess()
+        self.observer: QMPClient | None = None
+        self.events: list[tuple[str, float]] = []
+
+    def command(self) -> list[str]:
+        return testguest.qemuCommand(self.image, self.qmpPath, self.incoming) + [
+            "-qmp",
+            f"unix:{self.observerPath},server=on,wait=off",
+            *self.extra,
+        ]
+
+    async def start(self, timeout: float = 10.0) -> ObservedGuest:
+        command = self.command()
+        log = os.open(self.logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self.reactor.spawnProcess(
+                self.process,
+                testguest.findQEMU() or command[0],
+                command,
+                env=dict(os.environ),
+                childFDs={0: "w", 1: "r", 2: log},
+            )
+        finally:
+            os.close(log)
+        try:
+            self.observer = await self._observe(timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        for name in ("STOP", "RESUME", "SHUTDOWN"):
+            self.observer.onEvent(name, self._event)
+        return self
+
+    async def _observe(self, timeout: float) -> QMPClient:
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            if self.process.ended is not None:
+                raise ScenarioFailed(f"QEMU {self.name} exited: {self.log()}")
+            if os.path.exists(self.observerPath) and os.path.exists(self.qmpPath):
+                try:
+                    return await connectQMP(self.reactor, self.observerPath, 2.0)
+                except QMPConnectionError:
+                    pass
+            if self.reactor.seconds() > deadline:
+                raise ScenarioFailed(f"QEMU {self.name} did not start in {timeout} s")
+            await deferLater(self.reactor, 0.02, lambda: None)
+
+    def _event(self, event: JSONObject) -> None:
+        self.events.append((event["event"], _seconds(event)))
+
+    def log(self) -> str:
+        """What QEMU wrote on its standard error (blocking; a small file)."""
+        try:
+            with open(self.logPath, errors="replace") as f:
+                return " | ".join(line.strip() for line in f if line.strip())
+        except OSError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        return self.process.ended is None
+
+    def dirtyBitmaps(self) -> Deferred[list[str]]:
+        """The names of the dirty bitmaps on QEMU's block nodes."""
+        assert self.observer is not None
+        return self.observer.execute(
+            "query-named-block-nodes", {"flat": True}
+        ).addCallback(
+            lambda nodes: [b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])]
+        )
+
+    def readCounter(self) -> Deferred[int]:
+        assert self.observer is not None
+        return testguest.readCounter(self.observer)
+
+    def status(self) -> Deferred[str]:
+        assert self.observer is not None
+        return self.observer.queryStatus()
+
+    def first(self, name: str, after: float = 0.0) -> float | None:
+        """The time of the first ``name`` event after ``after``, if any."""
+        return next((t for n, t in self.events if n == name and t > after), None)
+
+    async def countsPast(self, value: int, timeout: float = 5.0) -> int:
+        """Wait until the counter is above ``value``; the counter then."""
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            counter = await self.readCounter()
+            if counter > value:
+                return counter
+            if self.reactor.seconds() > deadline:
+                raise ScenarioFailed(
+                    f"the counter of QEMU {self.name} stays at {counter} (not past "
+                    f"{value} in {timeout:g} s): the guest does not run"
+                )
+            await deferLater(self.reactor, 0.02, lambda: None)
+
+    async def whenEnded(self, timeout: float = 10.0) -> bool:
+        """Wait up to ``timeout`` for QEMU to exit; whether it did."""
+        deadline = self.reactor.seconds() + timeout
+        while self.running and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.02, lambda: None)
+        return not self.running
+
+    async def stop(self) -> None:
+        """Hang up the observer and end QEMU (SIGTERM, then SIGKILL)."""
+        if self.observer is not None:
+            await self.observer.close()
+        await testguest.terminate(self.reactor, self.process)
+
+
+@dataclass
+class Outcome:
+    """What one whole-VM migration did, as the toolstack and the observers saw it."""
+
+    migrationId: str
+    committed: bool = False
+    reason: str = ""
+    report: dict[str, Any] = field(default_factory=dict)
+    counterAtPause: int = 0
+    counterLoaded: int | None = None
+    counterAfter: int = 0
+    pcr: str = ""
+    pcrAfter: str = ""
+    diskBefore: str = ""
+    diskAtPause: str = ""
+    diskInstalled: str = ""
+    bitmapsAfter: list[str] = field(default_factory=list)
+    awaited: dict[str, Any] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)
+
+
+class WholeVM:
+    """
+    One VM on a source "host" (``home``) and the slots a target toolstack made
+    for it inside the target daemon's allowed root (``targetRoot``), migrated
+    with ``client`` to the daemon whose state directory is ``targetStateDir``.
+    ``failure`` picks a variant of L{FAILURES} (or None: it succeeds).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        client: MigrationClient,
+        home: str,
+        targetRoot: str,
+        targetStateDir: str,
+        domain: str = "wholevm",
+        failure: str | None = None,
+    ) -> None:
+        if failure not in (None, *FAILURES):
+            raise ValueError(f"failure is one of {FAILURES}, not {failure!r}")
+        self.reactor = reactor
+        self.client = client
+        self.home = home
+        self.targetRoot = targetRoot
+        self.targetStateDir = targetStateDir
+        self.domain = domain
+        self.failure = failure
+        self.image = os.path.join(home, "guest.rom")
+        self.disk = os.path.join(home, "disk0.raw")
+        self.diskTarget = os.path.join(targetRoot, f"{domain}-disk0.raw")
+        self.source: ObservedGuest | None = None
+        self.target: ObservedGuest | None = None
+        self.swtpms: list[Any] = []
+        self.tpm: Any = None
+        self.targetTpm: Any = None
+        self.writer: GuestWriter | None = None
+        self.awaiter: ChildProcess | None = None
+
+    def inThread(self, function: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), function, *args
+        )
+
+    # -- the two hosts ---------------------------------------------------------------
+
+    async def setUp(self) -> None:
+        """Start the VM on the source and the empty slots on the target."""
+        os.makedirs(self.home, exist_ok=True)
+        testguest.writeGuestImage(self.image)
+        targetImage = self.image
+        if self.failure == "refuse":
+            # The target toolstack starts QEMU with other firmware (128 KiB):
+            # QEMU refuses the state ("Size mismatch: pc.bios ...").
+            targetImage = os.path.join(self.home, "guest-128k.rom")
+            with open(targetImage, "wb") as f:
+                f.write(b"\xff" * 65536 + testguest.guestImage())
+        if "," in self.disk:
+            raise ScenarioFailed(f"QEMU cannot take a path with a comma: {self.disk}")
+        await self.inThread(_writeDisk, self.disk, DISK_SIZE)
+        disk = [
+            "-blockdev",
+            f"driver=file,filename={self.disk},node-name={DISK_FILE_NODE}",
+            "-blockdev",
+            f"driver=raw,file={DISK_FILE_NODE},node-name={DISK_NODE}",
+        ]
+        self.source = ObservedGuest(
+            self.reactor, self.home, "source", self.image, extra=disk
+        )
+        await self.source.start()
+        self.target = ObservedGuest(
+            self.reactor, self.targetRoot, f"{self.domain}-target", targetImage, True
+        )
+        await self.target.start()
+        await self._startTPMs()
+
+    async def _startTPMs(self) -> None:
+        from xenmig.clients.swtpmprocess import SwtpmProcess
+
+        source = os.path.join(self.home, "tpm")
+        target = os.path.join(self.targetRoot, f"{self.domain}-tpm")
+        for directory in (source, target):
+            os.makedirs(directory, exist_ok=True)
+        self.tpm = SwtpmProcess(self.reactor, source)
+        self.targetTpm = SwtpmProcess(self.reactor, target)  # no INIT: incoming
+        for process in (self.tpm, self.targetTpm):
+            self.swtpms.append(process)
+            await process.start()
+        await self.tpm.control.init()
+        await self._tpm2(self.tpm, "tpm2_startup", "-c")
+        await self._tpm2(self.tpm, "tpm2_pcrextend", "16:sha256=" + "5a" * 32)
+
+    async def _tpm2(self, process: Any, tool: str, *args: str) -> str:
+        env = dict(os.environ, TPM2TOOLS_TCTI=f"swtpm:path={process.serverPath}")
+        out, err, code = await getProcessOutputAndValue(
+            tool, args, env=env, reactor=self.reactor
+        )
+        if code != 0:
+            raise ScenarioFailed(f"{tool} {' '.join(args)} exited {code}: {err!r}")
+        return out.decode()
+
+    def specs(self) -> list[DeviceSpec]:
+        """The VM's three devices, as its toolstack names them."""
+        assert self.source is not None and self.target is not None
+        return [
+            DeviceSpec.parse(
+                f"devmodel:qemu:qmp={self.source.qmpPath},"
+                f"target-qmp={self.target.qmpPath},target-log={self.target.logPath}"
+            ),
+            DeviceSpec.parse(
+                f"vtpm:tpm0:ctrl={self.tpm.ctrlPath},target-ctrl={self.targetTpm.ctrlPath}"
+            ),
+            DeviceSpec.parse(
+                f"disk:disk0:path={self.disk},target={self.diskTarget},format=raw,"
+                f"qmp={self.source.qmpPath}"
+            ),
+        ]
+
+    async def tearDown(self) -> None:
+        """End every process this scenario started."""
+        if self.writer is not None:
+            await self.writer.stop()
+        if self.awaiter is not None:
+            await self.awaiter.stop(self.reactor, grace=2.0)
+        for guest in (self.source, self.target):
+            if guest is not None:
+                await guest.stop()
+        for process in self.swtpms:
+            await process.stop()
+
+    # -- the migration ---------------------------------------------------------------
+
+    async def migrate(self, migrationId: str | None = None) -> Outcome:
+        """Migrate the VM as a toolstack would; what happened (see L{verify})."""
+        assert self.source is not None and self.target is not None
+        source = self.source
+        migration = SourceMigration(
+            self.client, self.domain, migrationId or f"{self.domain}-{os.getpid()}"
+        )
+        outcome = Outcome(migration.migrationId)
+        control = QMPDomainControl(self.reactor, source.qmpPath)
+        outcome.pcr = await self._tpm2(self.tpm, "tpm2_pcrread", "sha256:16")
+        outcome.diskBefore = (await self.inThread(hashFile, self.disk)).hex
+        await source.countsPast(0)
+        await migration.prepare(self.specs())
+        self.awaiter = self._awaitOnTarget(migration.migrationId)
+        self.writer = GuestWriter(self.reactor, source, DISK_SIZE)
+        await self.writer.start()
+        try:
+            await migration.precopy(ConvergencePolicy(maxRounds=3, threshold=0))
+        finally:
+            await self.writer.stop()  # the guest stops writing
+        await control.pause()
+        migration.paused()
+        outcome.counterAtPause = await source.readCounter()
+        outcome.diskAtPause = (await self.inThread(hashFile, self.disk)).hex
+        try:
+            await migration.transfer()
+            outcome.counterLoaded = await self.target.readCounter()
+            if self.failure == "drop":
+                await self._dropControl(migration)
+            await migration.commit()
+            outcome.committed = True
+        except CommitInDoubt:
+            raise  # never resume here when the target may run the VM
+        except Exception as e:
+            outcome.reason = migration.reason or str(e)
+            await control.resume()  # the source toolstack resumes its VM
+        else:
+            await control.release()  # the devmodel's release ended QEMU already
+        outcome.report = migration.report()
+        outcome.awaited = await self._awaited()
+        await self._observeAfter(outcome)
+        return outcome
+
+    def _awaitOnTarget(self, migrationId: str) -> ChildProcess:
+        """
+        The target toolstack: ``xenmig await --resume`` through QMP, for this
+        migration by its id (answered even if it ended before the question).
+        """
+        assert self.target is not None
+        child = ChildProcess("xenmig await", keep=400)
+        argv = [
+            sys.executable, "-m", "xenmig.cli.main", "await",
+            "--domain", self.domain, "--migration-id", migrationId,
+            "--state-dir", self.targetStateDir,
+            "--timeout", "60",
+            "--resume", "--domain-control", f"qmp:{self.target.qmpPath}",
+            "--json",
+        ]  # fmt: skip
+        self.reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ))
+        return child
+
+    async def _awaited(self) -> dict[str, Any]:
+        assert self.awaiter is not None
+        deadline = self.reactor.seconds() + 30
+        while self.awaiter.status is None and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.02, lambda: None)
+        if self.awaiter.status is None:
+            await self.awaiter.stop(self.reactor)
+            raise ScenarioFailed("xenmig await did not end within 30 s")
+        text = b"\n".join(self.awaiter.output).decode(errors="replace")
+        start, end = text.find("{"), text.rfind("}")
+        try:
+            answer = json.loads(text[start : end + 1])
+        except ValueError:
+            raise ScenarioFailed(f"xenmig await printed no JSON: {text!r}")
+        answer["exit_status"] = self.awaiter.status
+        return answer
+
+    async def _dropControl(self, migration: SourceMigration) -> None:
+        """Cut the control connection and wait until the target has aborted."""
+        from xenmig.toolstack.localcontrol import LocalControl
+
+        assert migration.control is not None
+        migration.control.transport.abortConnection()  # type: ignore[union-attr]
+        local = LocalControl(self.reactor, self.targetStateDir)
+        deadline = self.reactor.seconds() + 10
+        while (await local.query(migration.migrationId))["phase"] != "ABORTED":
+            if self.reactor.seconds() > deadline:
+                raise ScenarioFailed("the target did not abort on the dropped control")
+            await deferLater(self.reactor, 0.02, lambda: None)
+
+    async def _observeAfter(self, outcome: Outcome) -> None:
+        assert self.source is not None and self.target is not None
+        if outcome.committed:
+            await self.source.whenEnded()
+            outcome.counterAfter = await self.target.countsPast(outcome.counterAtPause)
+            outcome.pcrAfter = await self._tpm2(
+                self.targetTpm, "tpm2_pcrread", "sha256:16"
+            )
+            if os.path.exists(self.diskTarget):
+                outcome.diskInstalled = (
+                    await self.inThread(hashFile, self.diskTarget)
+                ).hex
+        else:
+            outcome.counterAfter = await self.source.countsPast(outcome.counterAtPause)
+            outcome.pcrAfter = await self._tpm2(self.tpm, "tpm2_pcrread", "sha256:16")
+            outcome.bitmapsAfter = await self.source.dirtyBitmaps()
+            await self.target.whenEnded()
+
+    # -- what must hold ----------------------------------------------------------------
+
+    def verify(self, outcome: Outcome) -> list[str]:
+        """
+        Check the outcome against what a whole-VM migration must guarantee; one
+        line per check.
+
+        @raise ScenarioFailed: naming the first guarantee broken.
+        """
+        assert self.source is not None
+        checks = outcome.checks
+
+        def check(ok: bool, line: str, problem: str) -> None:
+            if not ok:
+                raise ScenarioFailed(problem)
+            checks.append(line)
+
+        stopped = self.source.first("STOP")
+        check(
+            stopped is not None, "the source VM was paused", "the source never stopped"
+        )
+        assert stopped is not None
+        check(
+            outcome.diskBefore != outcome.diskAtPause,
+            "the disk changed during pre-copy (QEMU wrote it)",
+            "QEMU did not change the disk during pre-copy",
+        )
+        if outcome.committed:
+            self._verifyCommitted(outcome, check, stopped)
+        else:
+            self._verifyAborted(outcome, check, stopped)
+        return checks
+
+    def _verifyCommitted(self, outcome: Outcome, check: Any, stopped: float) -> None:
+        assert self.source is not None and self.target is not None
+        source, target = self.source, self.target
+        resumed = target.first("RESUME")
+        check(
+            resumed is not None and resumed > stopped,
+            "exactly one copy ran: the target resumed after the source stopped",
+            f"the target QEMU resumed at {resumed}, the source stopped at {stopped}",
+        )
+        check(
+            source.first("RESUME", stopped) is None and not source.running,
+            "the source QEMU never ran again and was released (it exited)",
+            "the source QEMU ran again or still exists after the commit",
+        )
+        check(
+            outcome.counterLoaded == outcome.counterAtPause,
+            f"the target loaded counter {outcome.counterLoaded}, the source's at "
+            f"its pause",
+            f"the target loaded counter {outcome.counterLoaded}, the source "
+            f"stopped at {outcome.counterAtPause}",
+        )
+        check(
+            outcome.counterAfter > outcome.counterAtPause,
+            f"the guest keeps counting on the target ({outcome.counterAfter})",
+            "the guest does not count on the target",
+        )
+        check(
+            outcome.pcrAfter == outcome.pcr,
+            "the target's TPM has the source's PCR 16 (resumed, no Startup)",
+            f"PCR 16 on the target is {outcome.pcrAfter!r}, not {outcome.pcr!r}",
+        )
+        check(
+            outcome.diskInstalled == outcome.diskAtPause,
+            "the target's disk is the source's disk at its pause",
+            f"the target's disk is {outcome.diskInstalled}, the source's at the "
+            f"pause {outcome.diskAtPause}",
+        )
+        check(
+            outcome.awaited.get("committed") and outcome.awaited.get("resumed"),
+            "xenmig await --resume resumed the VM on the target after the commit",
+            f"xenmig await answered {outcome.awaited}",
+        )
+        check(
+            outcome.report.get("paused_window") is not None,
+            f"paused window {outcome.report.get('paused_window')} s",
+            "the report has no paused window",
+        )
+
+    def _verifyAborted(self, outcome: Outcome, check: Any, stopped: float) -> None:
+        assert self.source is not None and self.target is not None
+        source, target = self.source, self.target
+        check(
+            target.first("RESUME") is None and not target.running,
+            "the target QEMU never ran and is gone",
+            "the target QEMU ran, or still exists, after the abort",
+        )
+        check(
+            source.first("RESUME", stopped) is not None
+            and outcome.counterAfter > outcome.counterAtPause,
+            f"the source VM resumed and counts on ({outcome.counterAfter})",
+            "the source VM did not resume",
+        )
+        check(
+            outcome.pcrAfter == outcome.pcr and self.tpm.running,
+            "the source TPM still runs with its PCR 16",
+            "the source TPM lost its state",
+        )
+        check(
+            not os.path.exists(self.diskTarget),
+            "nothing was installed on the target",
+            f"{self.diskTarget} exists after the abort",
+        )
+        check(
+            not outcome.bitmapsAfter,
+            "the source QEMU keeps no dirty bitmap of the migration",
+            f"the source QEMU still has dirty bitmaps {outcome.bitmapsAfter}",
+        )
+        check(
+            outcome.awaited.get("committed") is False,
+            "xenmig await on the target reported the abort",
+            f"xenmig await answered {outcome.awaited}",
+        )
+
+
+class GuestWriter:
+    """
+    The guest's disk writes, through QEMU's block layer: 4 KiB at a random
+    place of the disk every 2 ms (HMP ``qemu-io`` on the observer monitor), so
+    that QEMU's dirty bitmap records them as it would a guest's.
+    """
+
+    def __init__(self, reactor: Any, guest: ObservedGuest, size: int) -> None:
+        self.reactor = reactor
+        self.guest = guest
+        self.size = size
+        self.writes = 0
+        self._stopping = False
+        self._loop: Deferred[None] | None = None
+
+    async def start(self) -> None:
+        """Start writing; return after the first write."""
+        await self._write()
+        self._loop = Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await deferLater(self.reactor, 0.002, lambda: None)
+            await self._write()
+
+    async def _write(self) -> None:
+        assert self.guest.observer is not None
+        offset = random.randrange(self.size // 4096) * 4096
+        await testguest.writeThroughQEMU(
+            self.guest.observer, DISK_NODE, offset, 4096, self.writes % 251
+        )
+        self.writes += 1
+
+    async def stop(self) -> None:
+        """Stop writing; return once the last write is done."""
+        self._stopping = True
+        if self._loop is not None:
+            loop, self._loop = self._loop, None
+            try:
+                await loop
+            except Exception as e:
+                raise ScenarioFailed(f"a guest write through QEMU failed: {e}")
+
+
+def _writeDisk(path: str, size: int) -> None:
+    """Blocking: a sparse raw image, random data in its first half."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(size // 2))
+        f.truncate(size)
+
+
+async def runScenario(
+    reactor: Any,
+    client: MigrationClient,
+    home: str,
+    targetRoot: str,
+    targetStateDir: str,
+    domain: str = "wholevm",
+    failure: str | None = None,
+) -> tuple[Outcome, float]:
+    """Set up, migrate, verify, tear down; the outcome and the seconds it took."""
+    started = time.monotonic()
+    vm = WholeVM(reactor, client, home, targetRoot, targetStateDir, domain, failure)
+    try:
+        await vm.setUp()
+        outcome = await vm.migrate()
+        vm.verify(outcome)
+    finally:
+        await vm.tearDown()
+    return outcome, time.monotonic() - started

@@ -1,0 +1,1 @@
+"""The ``devmodel`` device kind: QEMU's device state over QMP, both halves."""

@@ -1,0 +1,1 @@
+"""The ``disk`` device kind: images with live pre-copy, both halves, their helpers."""

@@ -1,0 +1,348 @@
+"""Receiving a disk image in rounds: staged, its blocks hashed as they are written."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any
+
+import blake3
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+from xenmig.devices.disk.blockmap import (
+    BLOCK_SIZE,
+    DIGEST_SIZE,
+    UNKNOWN,
+    treeDigest,
+    zeroDigest,
+)
+from xenmig.devices.staging import StagedFile, recordWeight
+from xenmig.errors import DeviceError
+from xenmig.interfaces import ITargetContext
+from xenmig.model import ContentDigest
+from xenmig.records import DataRecord, ZeroRecord
+
+#: Coverage mark of a block written in a way its digest does not follow.
+STALE = -1
+
+
+#: Threads that read back and hash the blocks not known from the records.
+READ_BACK_THREADS = 2
+
+
+class BlockDigests:
+    """
+    The blake3 digest of every block of a staged image, taken from the records
+    written into it, in the order they are written; blocking, for one thread at
+    a time.
+
+    A source sends every changed block whole, in offset order (DATA and ZERO
+    pieces from its start to its end), so each block is hashed as its pieces
+    pass, and a later round's copy of a block replaces the earlier digest.  A
+    block written any other way (from its middle, or only partly) is marked
+    stale and hashed from the staged file at the end; a block never written is
+    a hole.  The table is then what the source's block map holds, and the
+    content digest (L{treeDigest}) costs only the blocks of the last round.
+    """
+
+    def __init__(self, blockSize: int = BLOCK_SIZE) -> None:
+        self.blockSize = blockSize
+        self._zeros = bytes(blockSize)
+        self._hole = zeroDigest(blockSize)
+        self._digests = bytearray()  # a hole's digest until a block is written
+        self._count = 0  # blocks with a digest entry
+        self._short: dict[int, int] = {}  # block -> bytes hashed, if not whole
+        self._current = -1
+        self._hasher: Any = None
+        self._position = 0
+
+    def add(self, offset: int, length: int, data: bytes | None = None) -> None:
+        """``length`` bytes at ``offset`` were written: ``data``, or zeros if None."""
+        view = memoryview(data) if data is not None else None
+        end = offset + length
+        position = offset
+        while position < end:
+            index = position // self.blockSize
+            start = index * self.blockSize
+            stop = min(end, start + self.blockSize)
+            if index != self._current or position != self._position:
+                self._close()
+                if position != start:
+                    self._set(index, UNKNOWN, STALE)
+                    position = stop
+                    continue
+                if view is None and stop == start + self.blockSize:
+                    self._set(index, self._hole, self.blockSize)
+                    position = stop
+                    continue
+                self._current, self._hasher = index, blake3.blake3()
+            if view is None:
+                self._hasher.update(memoryview(self._zeros)[: stop - position])
+            else:
+                self._hasher.update(view[position - offset : stop - offset])
+            self._position = position = stop
+            if stop == start + self.blockSize:
+                self._close()
+
+    def _close(self) -> None:
+        """Record the digest of the block being hashed, as far as it was written."""
+        if self._current < 0:
+            return
+        index, self._current = self._current, -1
+        covered = self._position - index * self.blockSize
+        self._set(index, self._hasher.digest(), covered)
+        self._hasher = None
+
+    def _set(self, index: int, digest: bytes, covered: int) -> None:
+        if index >= self._count:
+            self._digests += self._hole * (index + 1 - self._count)
+            self._count = index + 1
+        self._digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = digest
+        if covered == self.blockSize:
+            self._short.pop(index, None)
+        else:
+            self._short[index] = covered
+
+    def table(self, size: int) -> tuple[bytearray, list[int]]:
+        """
+        The digests of the blocks of an image of ``size`` bytes, and the blocks
+        whose digest is not known from the records (to hash from the file).
+        """
+        self._close()
+        count = -(-size // self.blockSize)
+        digests = self._digests[: count * DIGEST_SIZE]
+        digests += self._hole * (count - min(count, self._count))
+        unknown = sorted(i for i in self._short if i < count)
+        tail = size - (count - 1) * self.blockSize
+        last = count - 1
+        if count and tail != self.blockSize:  # a short last block
+            if last >= self._count:  # never written: a hole
+                digests[last * DIGEST_SIZE :] = zeroDigest(tail)
+            elif self._short.get(last) == tail:  # hashed to its end
+                unknown.remove(last)
+            elif last not in self._short:  # a hole, or hashed whole: read it
+                unknown.append(last)
+        return digests, unknown
+
+
+class ImageStaging(StagedFile):
+    """
+    A L{StagedFile} for an image received in rounds, which hashes it itself.
+
+    - Records may reach ``maxSize``: a qcow2 container grows while the guest runs;
+      the END record's size cuts it (L{finishImage}).
+    - Rounds rewrite earlier blocks, so one running hash of the stream would not
+      do: the blocks are hashed from the records (L{BlockDigests}) in a second
+      pipeline in the thread pool, beside the writes, and the content digest is a
+      tree over them.  The paused window hashes only the last round's blocks.
+    - Each pre-copy round is fsynced in the background as the next one starts.
+    """
+
+    def __init__(
+        self,
+        context: ITargetContext,
+        path: FilePath,
+        size: int,
+        maxSize: int | None = None,
+        blockSize: int = BLOCK_SIZE,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(context, path, size, maxSize=maxSize, hashing=False, **kwargs)
+        self.blocks = BlockDigests(blockSize)
+        self._hashQueue: deque[DataRecord | ZeroRecord] = deque()
+        self._hashQueued = 0
+        self._hashing: Deferred[None] | None = None
+        self._hashFailure: Failure | None = None
+        self._hashWaiters: list[Deferred[None]] = []
+        self._hashIdle: list[Deferred[None]] = []
+        self._background: set[Deferred[Any]] = set()
+        self._flushing = False
+        self._discarded = False
+
+    # -- receiving ----------------------------------------------------------------
+
+    def receive(self, record: DataRecord | ZeroRecord) -> Deferred[None] | None:
+        """Queue one record to be written and hashed; a Deferred means: wait."""
+        if self._hashFailure is not None:
+            self._hashFailure.raiseException()
+        waiting = super().receive(record)
+        self._hashQueue.append(record)
+        self._hashQueued += recordWeight(record)
+        self._pumpHashes()
+        if self._hashQueued > self.highWater:
+            waiter: Deferred[None] = Deferred()
+            self._hashWaiters.append(waiter)
+            waiting = waiter if waiting is None else _all([waiting, waiter])
+        return waiting
+
+    def _pumpHashes(self) -> None:
+        if self._hashing is not None or not self._hashQueue or self._stopped:
+            return
+        batch: list[DataRecord | ZeroRecord] = []
+        weight = 0
+        while self._hashQueue and weight < self.maxBatch:
+            record = self._hashQueue.popleft()
+            batch.append(record)
+            weight += recordWeight(record)
+        self._hashing = self.context.runInThread(self._hashBatch, batch)
+        self._hashing.addCallbacks(self._hashed, self._hashFailed, (weight,))
+
+    def _hashBatch(self, batch: list[DataRecord | ZeroRecord]) -> None:
+        for record in batch:
+            if isinstance(record, DataRecord):
+                self.blocks.add(record.offset, len(record.data), record.data)
+            else:
+                self.blocks.add(record.offset, record.length)
+
+    def _hashed(self, _: None, weight: int) -> None:
+        self._hashing = None
+        self._hashQueued -= weight
+        if self._hashQueued <= self.lowWater:
+            self._releaseHashWaiters(None)
+        self._pumpHashes()
+        self._settleHashes()
+
+    def _hashFailed(self, failure: Failure) -> None:
+        self._hashing = None
+        self._hashFailure = failure
+        self._hashQueue.clear()
+        self._hashQueued = 0
+        self._releaseHashWaiters(failure)
+        self._settleHashes()
+
+    def writingFailed(self, failure: Failure) -> None:
+        # Hashing stops with the writes: whoever waits on it must hear why.
+        self._hashQueue.clear()
+        self._hashQueued = 0
+        self._releaseHashWaiters(failure)
+        self._settleHashes()
+
+    @property
+    def _stopped(self) -> bool:
+        return self._discarded or self.failure is not None or bool(self._hashFailure)
+
+    def _releaseHashWaiters(self, result: Failure | None) -> None:
+        waiters, self._hashWaiters = self._hashWaiters, []
+        for waiter in waiters:
+            if result is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(result)
+
+    def _settleHashes(self) -> None:
+        if self._hashing is None and (not self._hashQueue or self._stopped):
+            waiters, self._hashIdle = self._hashIdle, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    async def _hashesDone(self) -> None:
+        """Wait until every queued record is hashed (or hashing stopped)."""
+        if self._hashing is not None or (self._hashQueue and not self._stopped):
+            waiter: Deferred[None] = Deferred()
+            self._hashIdle.append(waiter)
+            await waiter
+
+    # -- background work on the file ------------------------------------------------
+
+    def _inThread(self, function: Any, *args: Any) -> Deferred[Any]:
+        """Thread work on the staged file, which discard waits for."""
+        work = self.context.runInThread(function, *args)
+        self._background.add(work)
+
+        def done(result: object) -> object:
+            self._background.discard(work)
+            return result
+
+        return work.addBoth(done)
+
+    def flushInBackground(self) -> None:
+        """Start writing what arrived so far to disk, so the last fsync is short."""
+        fd = self.fd
+        if self._flushing or fd is None or self._stopped:
+            return
+        self._flushing = True
+
+        def done(result: object) -> None:
+            self._flushing = False
+
+        self._inThread(os.fsync, fd).addBoth(done)
+
+    async def _quiet(self) -> None:
+        """Wait for background work on the file (and hashing) to finish."""
+        await self._hashesDone()
+        while self._background:
+            await DeferredList(list(self._background), consumeErrors=True)
+
+    # -- the end ------------------------------------------------------------------
+
+    async def finishImage(self, size: int) -> ContentDigest:
+        """
+        Write out the queue, cut the image to ``size``, fsync; the content digest
+        (L{treeDigest}) of the staged image.
+        """
+        await self.drained()
+        await self._quiet()
+        if self._hashFailure is not None:
+            self._hashFailure.raiseException()
+        if self._discarded:
+            raise DeviceError("the staged image was discarded")
+        await self._inThread(self._cut, size)
+        self.size = size
+        if self._discarded:
+            raise DeviceError("the staged image was discarded")
+        digests, unknown = await self._inThread(self.blocks.table, size)
+        # Blocks not known from the records (the written parts of a block that a
+        # final round sends) are read back, in parallel: this is the paused window.
+        parts = [unknown[i::READ_BACK_THREADS] for i in range(READ_BACK_THREADS)]
+        await _all(
+            [
+                self._inThread(self._hashBlocks, digests, part, size)
+                for part in parts
+                if part
+            ]
+        )
+        return treeDigest(size, self.blocks.blockSize, digests)
+
+    def _cut(self, size: int) -> None:
+        fd = self.fd
+        assert fd is not None
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+
+    def _hashBlocks(self, digests: bytearray, blocks: list[int], size: int) -> None:
+        """Blocking: put the digests of ``blocks``, read from the file, in the table."""
+        fd = self.fd
+        assert fd is not None
+        blockSize = self.blocks.blockSize
+        for index in blocks:
+            start = index * blockSize
+            length = min(blockSize, size - start)
+            data = os.pread(fd, length, start)
+            if len(data) != length:
+                raise DeviceError(f"the staged image ended inside block {index}")
+            where = index * DIGEST_SIZE
+            digests[where : where + DIGEST_SIZE] = blake3.blake3(data).digest()
+
+    async def discard(self) -> None:
+        self._discarded = True
+        self._hashQueue.clear()
+        self._hashQueued = 0
+        self._releaseHashWaiters(Failure(DeviceError("staging discarded")))
+        await self._quiet()
+        await super().discard()
+
+
+def _all(deferreds: list[Deferred[Any]]) -> Deferred[None]:
+    """A Deferred that fires once all have, failing if any failed (the first)."""
+    every = DeferredList(deferreds, fireOnOneErrback=True, consumeErrors=True)
+
+    def unwrap(result: object) -> None:
+        return None
+
+    def firstFailure(failure: Failure) -> Failure:
+        inner: Failure = getattr(failure.value, "subFailure", failure)
+        return inner
+
+    return every.addCallbacks(unwrap, firstFailure)

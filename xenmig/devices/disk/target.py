@@ -1,0 +1,231 @@
+"""
+The ``disk`` device kind's target side: an image received in rounds and installed.
+
+The staged image is L{imagestaging}; the source side is L{source}, the plug-in L{kind}.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from xenmig.devices.disk.blockmap import BLOCK_SIZE, treeAlgorithm
+from xenmig.devices.disk.imagestaging import ImageStaging
+from xenmig.devices.disk.source import (
+    FORMATS,
+)
+from xenmig.errors import (
+    BadSpec,
+    DeviceError,
+    DeviceRefused,
+    PathNotAllowed,
+    StreamError,
+    XenmigError,
+)
+from xenmig.interfaces import (
+    ITargetContext,
+    ITargetDevice,
+)
+from xenmig.model import (
+    ContentDigest,
+    DeviceDescription,
+    flagParam,
+    intParam,
+)
+from xenmig.records import (
+    DataRecord,
+    EndRecord,
+    MetadataRecord,
+    Record,
+    RoundRecord,
+    ZeroRecord,
+)
+
+#: Space the target wants beyond the source's allocated size: a fixed amount plus a
+#: fraction, for filesystem metadata and for blocks the guest allocates meanwhile.
+SPACE_MARGIN = 16 * 1024 * 1024
+SPACE_MARGIN_FRACTION = 32
+#: The largest block size a source may choose (the target hashes a block at once).
+MAX_BLOCK_SIZE = 64 * 1024 * 1024
+
+
+def freeBytes(path: str) -> int:
+    """Blocking: bytes available to unprivileged writers on ``path``'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def spaceNeeded(allocated: int) -> int:
+    """The free space the target asks for an image with ``allocated`` bytes."""
+    return allocated + allocated // SPACE_MARGIN_FRACTION + SPACE_MARGIN
+
+
+@implementer(ITargetDevice)
+class DiskTarget:
+    """
+    Receives an image into a staging file next to its destination, holes kept as
+    holes; installs it by an atomic rename at commit.
+    """
+
+    requestMethods: frozenset[str] = frozenset()
+
+    def __init__(self, description: DeviceDescription, context: ITargetContext) -> None:
+        self.description = description
+        self.context = context
+        name = description.name
+        params = description.params
+        self.target = params.get("target")
+        if not isinstance(self.target, str) or not self.target:
+            raise BadSpec(f"device {name}: target=DESTINATION is missing")
+        if params.get("format", "raw") not in FORMATS:
+            raise BadSpec(
+                f"device {name}: unsupported image format {params['format']!r}"
+            )
+        self.overwrite = flagParam(params, "target-overwrite")
+        self.maxSize = intParam(f"device {name}", params, "max_size", description.size)
+        if self.maxSize < description.size:
+            raise BadSpec(f"device {name}: max_size is below the image size")
+        self.blockSize = intParam(f"device {name}", params, "block_size", BLOCK_SIZE)
+        if not 0 < self.blockSize <= MAX_BLOCK_SIZE or self.blockSize % 4096:
+            raise BadSpec(
+                f"device {name}: block_size must be a multiple of 4096 bytes, at "
+                f"most {MAX_BLOCK_SIZE}"
+            )
+        self.destination: FilePath | None = None
+        self.staged: ImageStaging | None = None
+        self.round = -1
+        self.final = False
+
+    @property
+    def _name(self) -> str:
+        return f"device {self.description.name}"
+
+    def accept(self) -> Deferred[dict[str, Any]]:
+        return Deferred.fromCoroutine(self._accept())
+
+    async def _accept(self) -> dict[str, Any]:
+        assert isinstance(self.target, str)
+        try:
+            destination = self.context.resolveDestination(self.target)
+        except PathNotAllowed as e:
+            raise PathNotAllowed(f"{self._name}: {e}")
+        directory = destination.dirname()
+        if not self.overwrite and await self.context.runInThread(
+            os.path.lexists, destination.path
+        ):
+            raise DeviceRefused(
+                f"{self._name}: {destination.path} already exists; ask for "
+                f"target-overwrite=yes to replace it"
+            )
+        await self._checkBacking(directory)
+        allocated = intParam(
+            self._name, self.description.params, "allocated", self.description.size
+        )
+        need = spaceNeeded(allocated)
+        free = await self.context.runInThread(freeBytes, directory)
+        if need > free:
+            raise DeviceRefused(
+                f"{self._name}: not enough space in {directory}: {free} bytes free, "
+                f"{need} needed (the image has {allocated} bytes allocated, plus a "
+                f"margin); free space there or choose another destination"
+            )
+        staged = ImageStaging(
+            self.context,
+            self.context.stagingPathFor(destination),
+            self.description.size,
+            maxSize=self.maxSize,
+            blockSize=self.blockSize,
+        )
+        try:
+            await staged.open()
+        except OSError as e:
+            raise DeviceRefused(
+                f"{self._name}: cannot create a staging file in {directory}: "
+                f"{e.strerror}"
+            )
+        self.destination, self.staged = destination, staged
+        return {"destination": destination.path, "free": free}
+
+    async def _checkBacking(self, directory: str) -> None:
+        backing = self.description.params.get("backing")
+        if not backing:
+            return
+        # A peer's path: it may only ask about files within its roots.
+        path = self.context.resolveDestination(
+            os.path.join(directory, str(backing))
+        ).path
+        if not await self.context.runInThread(os.path.exists, path):
+            raise DeviceRefused(
+                f"{self._name}: the image's backing file {backing!r} does not exist "
+                f"here ({path}); migrate or provide it first"
+            )
+
+    def receive(self, record: Record) -> Deferred[None] | None:
+        if isinstance(record, DataRecord | ZeroRecord):
+            if self.staged is None:
+                raise StreamError(f"{self._name}: a record arrived before accept")
+            try:
+                waiting = self.staged.receive(record)
+            except XenmigError as e:
+                raise _named(self._name, e)
+            return waiting.addErrback(self._namedFailure) if waiting else None
+        if isinstance(record, RoundRecord):
+            self.round, self.final = record.round, record.final
+            if record.round > 0 and self.staged is not None:
+                self.staged.flushInBackground()
+            return None
+        if isinstance(record, MetadataRecord):
+            return None  # nothing the disk kind needs; newer sources may add some
+        raise StreamError(f"{self._name}: unexpected {type(record).__name__}")
+
+    def finish(self, end: EndRecord) -> Deferred[ContentDigest]:
+        if self.staged is None:
+            raise StreamError(f"{self._name}: the stream ended before accept")
+        if end.size > self.maxSize:
+            raise StreamError(
+                f"{self._name}: the source sent {end.size} bytes, at most "
+                f"{self.maxSize} were declared"
+            )
+        algorithm = treeAlgorithm(self.blockSize)
+        if end.algorithm != algorithm:
+            raise StreamError(
+                f"{self._name}: the source's content digest is {end.algorithm!r}; "
+                f"this target computes {algorithm!r} (xenmig versions differ?)"
+            )
+        d = Deferred.fromCoroutine(self.staged.finishImage(end.size))
+        return d.addErrback(self._namedFailure)
+
+    def commit(self) -> Deferred[list[str]]:
+        return Deferred.fromCoroutine(self._commit())
+
+    async def _commit(self) -> list[str]:
+        assert self.staged is not None and self.destination is not None
+        await self.staged.install(self.destination, self.overwrite)
+        return [self.destination.path]
+
+    def abort(self) -> Deferred[None]:
+        staged, self.staged = self.staged, None
+        if staged is None:
+            return succeed(None)
+        return Deferred.fromCoroutine(staged.discard())
+
+    def handleRequest(self, method: str, payload: dict[str, Any]) -> Deferred[dict]:
+        return fail(DeviceError(f"{self._name}: the disk kind answers no requests"))
+
+    def _namedFailure(self, failure: Failure) -> Failure:
+        if isinstance(failure.value, XenmigError):
+            return Failure(_named(self._name, failure.value))
+        return failure
+
+
+def _named(name: str, error: XenmigError) -> XenmigError:
+    """``error`` with the device named in its message (same class)."""
+    message = str(error)
+    if message.startswith(name):
+        return error
+    return type(error)(f"{name}: {message}")

@@ -1,0 +1,1 @@
+"""The ``vtpm`` device kind: a running swtpm's state, both halves."""

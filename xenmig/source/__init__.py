@@ -1,0 +1,1 @@
+"""The source side of a migration: the client API, its phases and the stream senders."""

@@ -1,0 +1,1 @@
+"""The target side of a migration: its core, sessions, journal, gate, service."""

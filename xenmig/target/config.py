@@ -1,0 +1,47 @@
+"""What a target daemon is configured with: roots, limits and every time-out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.python.filepath import FilePath
+
+from xenmig.target.session import Phase
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every bound on waiting, in seconds; each expiry aborts with its name."""
+
+    handshake: float = 30.0
+    idle: float = 60.0
+    prepared: float = 600.0
+    receiving: float = 3600.0
+    ready: float = 600.0
+    token: float = 60.0
+    commit: float = 300.0
+
+    def deadlines(self) -> dict[Phase, float]:
+        return {
+            Phase.PREPARED: self.prepared,
+            Phase.RECEIVING: self.receiving,
+            Phase.READY: self.ready,
+            Phase.COMMITTING: self.commit,
+        }
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """What the target daemon was configured with."""
+
+    stateDir: FilePath
+    allowedRoots: tuple[FilePath, ...] = ()
+    onCommit: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    maxSessions: int = 16
+    #: Devices (so streams) of one migration.
+    maxDevices: int = 64
+
+    @property
+    def roots(self) -> tuple[FilePath, ...]:
+        return self.allowedRoots or (self.stateDir.child("devices"),)

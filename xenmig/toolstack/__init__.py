@@ -1,0 +1,1 @@
+"""What toolstacks call: domain control (xl, QMP), xend hooks, the local socket."""
