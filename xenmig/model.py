@@ -10,6 +10,7 @@ from typing import Any
 from xenmig.errors import BadSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _KEY = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 #: Parameter values: printable, no control characters, bounded.
 MAX_VALUE = 4096
@@ -29,6 +30,21 @@ def checkName(what: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
         raise BadSpec(
             f"{what} {value!r} is invalid: use 1-64 letters, digits, '_', '.', '+' "
+            f"or '-', starting with a letter or digit"
+        )
+    return value
+
+
+def checkMigrationId(value: str) -> str:
+    """
+    Return ``value`` if it is a valid migration id.
+
+    @raise BadSpec: naming the rule, if it is not.
+    """
+    if not isinstance(value, str) or not _MIGRATION_ID.match(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise BadSpec(
+            f"migration id {shown} is invalid: use 1-64 letters, digits, '_', '.' "
             f"or '-', starting with a letter or digit"
         )
     return value

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import threadpool, usage
 from twisted.python.filepath import FilePath
 
+from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
 from xenmig.limits import ConnectionLimits
@@ -29,8 +30,6 @@ from xenmig.tuning import tuneAllocator
 
 log = Logger()
 
-DEFAULT_PORT = 8002
-DEFAULT_STATE_DIR = "/var/lib/xenmig"
 #: Seconds between two looks at the peers file's modification time.
 PEERS_CHECK_INTERVAL = 2.0
 #: Seconds between two checks of this host's certificate's expiry.

@@ -20,7 +20,6 @@ from twisted.plugin import IPlugin
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from xenmig.devices.staging import fsyncDirectory
 from xenmig.digest import hashBytes
 from xenmig.errors import (
     BadSpec,
@@ -30,6 +29,7 @@ from xenmig.errors import (
     StreamError,
     UnknownDevice,
 )
+from xenmig.fs import fsyncDirectory
 from xenmig.interfaces import (
     IDeviceKind,
     IRecordWriter,

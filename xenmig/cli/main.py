@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -26,6 +25,7 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
+from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
 from xenmig.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -46,13 +46,9 @@ from xenmig.errors import (
     ConfigurationError,
     XenmigError,
 )
-from xenmig.model import DeviceSpec, MigrationStatus
+from xenmig.model import DeviceSpec, MigrationStatus, checkMigrationId
 from xenmig.toolstack.localcontrol import LocalControl
 from xenmig.tuning import tuneAllocator
-
-DEFAULT_PORT = 8002
-DEFAULT_STATE_DIR = "/var/lib/xenmig"
-_MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,11 +82,10 @@ def parseDevice(text: str) -> DeviceSpec:
 
 
 def parseMigrationId(text: str) -> str:
-    if not _MIGRATION_ID.match(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a migration id (1-64 letters, digits, '_', '.', '-')"
-        )
-    return text
+    try:
+        return checkMigrationId(text)
+    except BadSpec as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def positive(kind: type) -> Any:

@@ -6,8 +6,8 @@ import errno
 import itertools
 import json
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from twisted.internet.defer import (
     CancelledError,
@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from xenmig.errors import DeviceError
 
 log = Logger()
+T = TypeVar("T")
 
 #: What QEMU sends and takes: a decoded JSON object.
 JSONObject = dict[str, Any]
@@ -522,3 +523,30 @@ def _describeConnectError(path: str, error: ConnectError) -> str:
     if code == errno.ECONNREFUSED:
         return f"QMP socket {path} refused the connection (has QEMU exited?)"
     return f"cannot connect to the QMP socket {path}: {error}"
+
+
+def qmpSession(
+    reactor: Any,
+    path: str,
+    seconds: float,
+    work: Callable[[QMPClient], Awaitable[T]],
+    what: str,
+) -> Deferred[T]:
+    """
+    Connect to the QMP socket ``path``, run ``work(client)``, hang up: all within
+    ``seconds`` (then it is cancelled and fails with L{QMPTimeout} naming
+    ``what``).  QEMU serves one QMP client at a time, so nobody holds on to one.
+    """
+
+    async def run() -> T:
+        client = await connectQMP(reactor, path, seconds)
+        try:
+            return await work(client)
+        finally:
+            await client.close()
+
+    def timedOut(_: object, timeout: float) -> Failure:
+        return Failure(QMPTimeout(f"{what} did not answer within {timeout:g} s"))
+
+    d = Deferred.fromCoroutine(run())
+    return d.addTimeout(seconds, reactor, onTimeoutCancel=timedOut)

@@ -13,6 +13,7 @@ from zope.interface import implementer
 from xenmig.devices.sparse import sendFile
 from xenmig.devices.staging import StagedFile
 from xenmig.errors import BadSpec, DeviceError, DeviceRefused, StreamError
+from xenmig.fs import freeBytes
 from xenmig.interfaces import (
     IDeviceKind,
     IRecordWriter,
@@ -30,12 +31,6 @@ from xenmig.model import (
     intParam,
 )
 from xenmig.records import DataRecord, EndRecord, Record, ZeroRecord
-
-
-def freeBytes(path: str) -> int:
-    """Blocking: bytes available to unprivileged writers on ``path``'s filesystem."""
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
 
 
 @implementer(ISourceDevice)

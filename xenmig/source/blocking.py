@@ -51,6 +51,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import blockingCallFromThread
 
+from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.interfaces import IConvergencePolicy, IDeviceKind
 from xenmig.model import ContentDigest, DeviceSpec
 from xenmig.source.client import ClientTimeouts, MigrationClient, SourceMigration
@@ -229,7 +230,7 @@ class BlockingMigrationClient:
     def __init__(
         self,
         host: str,
-        port: int = 8002,
+        port: int = DEFAULT_PORT,
         tls: Any = None,
         timeouts: ClientTimeouts | None = None,
         kinds: dict[str, IDeviceKind] | None = None,

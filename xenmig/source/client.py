@@ -39,6 +39,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from xenmig import amp_commands as commands
+from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.errors import (
     CommitInDoubt,
     DeviceRefused,
@@ -141,7 +142,7 @@ class MigrationClient:
         self,
         reactor: Any,
         host: str,
-        port: int = 8002,
+        port: int = DEFAULT_PORT,
         tls: Any = None,
         timeouts: ClientTimeouts | None = None,
         kinds: dict[str, IDeviceKind] | None = None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,22 +28,26 @@ from xenmig.errors import (
     VersionMismatch,
     XenmigError,
 )
+from xenmig.fs import removeTree
 from xenmig.interfaces import IDeviceKind, ITargetDevice
 from xenmig.limits import bounded
-from xenmig.model import DeviceDescription, DeviceOffer, checkName
+from xenmig.model import (
+    DeviceDescription,
+    DeviceOffer,
+    checkMigrationId,
+    checkName,
+)
 from xenmig.target.authz import Grant, PeerPolicy, PolicySource
 from xenmig.target.config import TargetConfig
 from xenmig.target.context import TargetContext
 from xenmig.target.gate import Release, ResumeGate
-from xenmig.target.journal import KEEP_FINISHED, Journal, removeTree
+from xenmig.target.journal import KEEP_FINISHED, Journal
 from xenmig.target.session import FINAL, Phase, TargetDeviceSlot, TargetSession
 
 log = Logger()
 
 #: Finished sessions kept as live objects; older ones become journal records.
 KEEP_IN_MEMORY = 32
-
-_MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass
@@ -225,8 +228,7 @@ class MigrationTarget:
         return PROTOCOL_VERSION, offers
 
     def _checkNew(self, migrationId: str, domain: str, devices: list[Any]) -> None:
-        if not isinstance(migrationId, str) or not _MIGRATION_ID.match(migrationId):
-            raise BadSpec(f"migration id {migrationId!r} is invalid")
+        checkMigrationId(migrationId)
         checkName("domain", domain)
         refused = self.history.get(migrationId, {}).get("refused")
         if migrationId in self.sessions or (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -13,36 +12,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from xenmig.devices.staging import fsyncDirectory
+from xenmig.fs import removeTree, writeAtomically
 
 log = Logger()
 
 #: How many finished sessions the journal keeps for ``xenmig status``.
 KEEP_FINISHED = 200
-
-
-def writeAtomically(path: FilePath, data: bytes) -> None:
-    """Blocking: replace ``path`` with ``data`` durably (write, fsync, rename)."""
-    temporary = path.siblingExtension(".tmp")
-    fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary.path, path.path)
-    fsyncDirectory(path.dirname())
-
-
-def removeTree(path: str) -> None:
-    """Blocking: remove a file or directory tree if it exists."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 class Journal:

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig.clients.processes import ChildProcess
-from xenmig.clients.qmp import QMPClient, QMPConnectionError, QMPTimeout, connectQMP
+from xenmig.clients.qmp import QMPClient, QMPConnectionError, connectQMP, qmpSession
 from xenmig.errors import BadSpec, XenmigError
 from xenmig.interfaces import IDomainControl
 from xenmig.model import checkName
@@ -184,33 +184,6 @@ class QMPDomainControl:
         finally:
             await client.close()
         log.info("{control}: QEMU quit", control=self.description)
-
-
-def qmpSession(
-    reactor: Any,
-    path: str,
-    seconds: float,
-    work: Callable[[QMPClient], Awaitable[T]],
-    what: str,
-) -> Deferred[T]:
-    """
-    Connect to the QMP socket ``path``, run ``work(client)``, hang up: all within
-    ``seconds`` (then it is cancelled and fails with L{QMPTimeout} naming
-    ``what``).  QEMU serves one QMP client at a time, so nobody holds on to one.
-    """
-
-    async def run() -> T:
-        client = await connectQMP(reactor, path, seconds)
-        try:
-            return await work(client)
-        finally:
-            await client.close()
-
-    def timedOut(_: object, timeout: float) -> Failure:
-        return Failure(QMPTimeout(f"{what} did not answer within {timeout:g} s"))
-
-    d = Deferred.fromCoroutine(run())
-    return d.addTimeout(seconds, reactor, onTimeoutCancel=timedOut)
 
 
 #: The forms ``--domain-control`` takes.

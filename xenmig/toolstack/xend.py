@@ -42,6 +42,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
 from xenmig.errors import (
     CommitInDoubt,
     DeviceRefused,
@@ -325,7 +326,7 @@ class XendMigrationHooks:
 
 
 def tlsConnector(
-    ca: str, cert: str, key: str | None = None, port: int = 8002
+    ca: str, cert: str, key: str | None = None, port: int = DEFAULT_PORT
 ) -> Callable[[str], Any]:
     """
     A ``connect`` for L{XendMigrationHooks}: a blocking client for a host name
@@ -346,7 +347,7 @@ def tlsConnector(
 
 def awaitRestored(
     domName: str,
-    stateDir: str = "/var/lib/xenmig",
+    stateDir: str = DEFAULT_STATE_DIR,
     timeout: float = 600.0,
     migrationId: str | None = None,
 ) -> list[str]:

@@ -20,6 +20,7 @@ from xenmig.clients.qmp import (
     QMPClient,
     QMPConnectionError,
     connectQMP,
+    qmpSession,
 )
 from xenmig.devices.sparse import sendFile
 from xenmig.digest import ContentHasher
@@ -41,7 +42,6 @@ from xenmig.model import (
     refuseUnknown,
     secondsParam,
 )
-from xenmig.toolstack.domains import qmpSession
 
 log = Logger()
 

@@ -19,6 +19,7 @@ from xenmig.clients.qmp import (
     QMPClient,
     QMPConnectionError,
     connectQMP,
+    qmpSession,
 )
 from xenmig.devices.devmodel.source import (
     MODE_MIGRATE,
@@ -39,6 +40,7 @@ from xenmig.errors import (
     StreamError,
     UnknownDevice,
 )
+from xenmig.fs import freeBytes
 from xenmig.interfaces import (
     ITargetContext,
     ITargetDevice,
@@ -51,7 +53,6 @@ from xenmig.model import (
     secondsParam,
 )
 from xenmig.records import DataRecord, EndRecord, Record, ZeroRecord
-from xenmig.toolstack.domains import qmpSession
 
 log = Logger()
 
@@ -152,7 +153,7 @@ class DevmodelTarget:
                     f"exists (ask for target-overwrite=1 to replace it)"
                 )
             path = self.context.stagingPathFor(self.destination)
-        free = await self.context.runInThread(_freeBytes, where)
+        free = await self.context.runInThread(freeBytes, where)
         if self.description.size > free:
             raise DeviceRefused(
                 f"devmodel device {self.name}: {where} has {free} bytes free, about "
@@ -329,12 +330,6 @@ class DevmodelTarget:
 
     def handleRequest(self, method: str, payload: dict[str, Any]) -> Deferred[dict]:
         return fail(UnknownDevice(f"devmodel device {self.name} answers no {method!r}"))
-
-
-def _freeBytes(path: str) -> int:
-    """Blocking: bytes available to unprivileged writers on ``path``'s filesystem."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def _size(path: str | None) -> int:

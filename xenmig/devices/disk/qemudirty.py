@@ -41,10 +41,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from xenmig.clients.nbd import connectBlockStatus
-from xenmig.clients.qmp import JSONObject, QMPClient, QMPConnectionError, QMPError
+from xenmig.clients.qmp import (
+    JSONObject,
+    QMPClient,
+    QMPConnectionError,
+    QMPError,
+    qmpSession,
+)
 from xenmig.errors import DeviceError
 from xenmig.interfaces import IDirtyBlocks
-from xenmig.toolstack.domains import qmpSession
 
 log = Logger()
 T = TypeVar("T")

@@ -27,6 +27,7 @@ from xenmig.errors import (
     StreamError,
     XenmigError,
 )
+from xenmig.fs import freeBytes
 from xenmig.interfaces import (
     ITargetContext,
     ITargetDevice,
@@ -52,12 +53,6 @@ SPACE_MARGIN = 16 * 1024 * 1024
 SPACE_MARGIN_FRACTION = 32
 #: The largest block size a source may choose (the target hashes a block at once).
 MAX_BLOCK_SIZE = 64 * 1024 * 1024
-
-
-def freeBytes(path: str) -> int:
-    """Blocking: bytes available to unprivileged writers on ``path``'s filesystem."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def spaceNeeded(allocated: int) -> int:

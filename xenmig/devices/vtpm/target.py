@@ -34,7 +34,6 @@ from xenmig.clients.swtpm import (
 )
 from xenmig.clients.swtpmprocess import KeyOption, SwtpmProcess, swtpmFeatures
 from xenmig.destinations import openResolvedDirectory
-from xenmig.devices.staging import fsyncDirectory
 from xenmig.devices.vtpm.source import (
     BLOB_KEY,
     namedError,
@@ -48,6 +47,7 @@ from xenmig.errors import (
     StreamError,
     UnknownDevice,
 )
+from xenmig.fs import fsyncDirectory
 from xenmig.interfaces import (
     ITargetContext,
     ITargetDevice,
