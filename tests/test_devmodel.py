@@ -21,7 +21,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from xenmig.clients.qmp import connectQMP
+from xenmig.clients.qmpclient import connectQMP
 from xenmig.demo import testguest
 from xenmig.demo.wholevm import ObservedGuest
 from xenmig.devices.devmodel.kind import DevmodelKind, devmodelKind

@@ -20,7 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from zope.interface.verify import verifyObject
 
-from xenmig.clients.qmp import QMPClient
+from xenmig.clients.qmpclient import QMPClient
 from xenmig.demo.testguest import QEMU, RunningGuest, startQEMU, writeThroughQEMU
 from xenmig.devices.disk import qemudirty
 from xenmig.devices.disk.qemudirty import QEMUDirtyBitmap

@@ -22,15 +22,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig.clients.qmp import (
-    UNLIMITED_BANDWIDTH,
     QEMUMigrationFailed,
-    QMPClient,
     QMPConnectionError,
     QMPError,
     QMPProtocol,
     QMPTimeout,
-    connectQMP,
 )
+from xenmig.clients.qmpclient import UNLIMITED_BANDWIDTH, QMPClient, connectQMP
 from xenmig.demo import testguest
 from xenmig.errors import DeviceError
 from xenmig.testing import requirePrograms

@@ -12,7 +12,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from xenmig.clients.qmp import QMPClient, QMPConnectionError, connectQMP
+from xenmig.clients.qmp import QMPConnectionError
+from xenmig.clients.qmpclient import QMPClient, connectQMP
 
 QEMU = "qemu-system-x86_64"
 

@@ -32,7 +32,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.internet.utils import getProcessOutputAndValue
 
 from xenmig.clients.processes import ChildProcess
-from xenmig.clients.qmp import JSONObject, QMPClient, QMPConnectionError, connectQMP
+from xenmig.clients.qmp import JSONObject, QMPConnectionError
+from xenmig.clients.qmpclient import QMPClient, connectQMP
 from xenmig.demo import testguest
 from xenmig.digest import hashFile
 from xenmig.errors import CommitInDoubt

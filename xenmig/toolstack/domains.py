@@ -14,7 +14,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig.clients.processes import ChildProcess
-from xenmig.clients.qmp import QMPClient, QMPConnectionError, connectQMP, qmpSession
+from xenmig.clients.qmp import QMPConnectionError
+from xenmig.clients.qmpclient import QMPClient, connectQMP, qmpSession
 from xenmig.errors import BadSpec, XenmigError
 from xenmig.interfaces import IDomainControl
 from xenmig.model import checkName

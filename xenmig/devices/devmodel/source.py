@@ -15,10 +15,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenmig.clients.qmp import (
+from xenmig.clients.qmp import QMPConnectionError
+from xenmig.clients.qmpclient import (
     UNLIMITED_BANDWIDTH,
     QMPClient,
-    QMPConnectionError,
     connectQMP,
     qmpSession,
 )

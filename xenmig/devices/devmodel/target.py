@@ -14,13 +14,8 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from xenmig.clients.qmp import (
-    QEMUMigrationFailed,
-    QMPClient,
-    QMPConnectionError,
-    connectQMP,
-    qmpSession,
-)
+from xenmig.clients.qmp import QEMUMigrationFailed, QMPConnectionError
+from xenmig.clients.qmpclient import QMPClient, connectQMP, qmpSession
 from xenmig.devices.devmodel.source import (
     MODE_MIGRATE,
     QMP_TIMEOUT,

@@ -41,13 +41,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from xenmig.clients.nbd import connectBlockStatus
-from xenmig.clients.qmp import (
-    JSONObject,
-    QMPClient,
-    QMPConnectionError,
-    QMPError,
-    qmpSession,
-)
+from xenmig.clients.qmp import JSONObject, QMPConnectionError, QMPError
+from xenmig.clients.qmpclient import QMPClient, qmpSession
 from xenmig.errors import DeviceError
 from xenmig.interfaces import IDirtyBlocks
 
