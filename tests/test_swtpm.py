@@ -29,15 +29,14 @@ from xenmig.clients.swtpm import (
     TPM_BAD_ORDINAL,
     TPM_RETRY,
     AnswerParser,
-    ControlExchange,
     StateBlob,
     SwtpmBusy,
-    SwtpmControl,
     SwtpmNotInstalled,
     SwtpmNotRunning,
     SwtpmStartFailed,
     SwtpmUnavailable,
 )
+from xenmig.clients.swtpmcontrol import ControlExchange, SwtpmControl
 from xenmig.clients.swtpmprocess import (
     TPM2_STARTUP_CLEAR,
     TPM_RC_INITIALIZE,

@@ -21,15 +21,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xenmig.clients.swtpm import (
-    DEFAULT_TIMEOUT,
-    SwtpmControl,
     SwtpmError,
     SwtpmNotInstalled,
     SwtpmProtocolError,
     SwtpmStartFailed,
     SwtpmUnavailable,
-    controlEndpoint,
 )
+from xenmig.clients.swtpmcontrol import DEFAULT_TIMEOUT, SwtpmControl, controlEndpoint
 
 log = Logger()
 

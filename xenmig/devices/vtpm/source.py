@@ -16,10 +16,10 @@ from xenmig.clients.swtpm import (
     CONFIG_FLAG_FILE_KEY,
     CONFIG_FLAG_MIGRATION_KEY,
     SwtpmBusy,
-    SwtpmControl,
     SwtpmError,
     SwtpmNotRunning,
 )
+from xenmig.clients.swtpmcontrol import SwtpmControl
 from xenmig.digest import hashBytes
 from xenmig.errors import (
     BadSpec,

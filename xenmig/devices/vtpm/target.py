@@ -28,10 +28,10 @@ from xenmig.clients.swtpm import (
     INIT_FLAG_DELETE_VOLATILE,
     MAX_BLOB,
     StateBlob,
-    SwtpmControl,
     SwtpmError,
     SwtpmNotRunning,
 )
+from xenmig.clients.swtpmcontrol import SwtpmControl
 from xenmig.clients.swtpmprocess import KeyOption, SwtpmProcess, swtpmFeatures
 from xenmig.destinations import openResolvedDirectory
 from xenmig.devices.vtpm.source import (
