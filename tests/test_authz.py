@@ -38,7 +38,7 @@ from daemons import (  # noqa: E402
 )
 
 from xenmig import amp_commands as commands  # noqa: E402
-from xenmig import tls  # noqa: E402
+from xenmig import certificates, tls  # noqa: E402
 from xenmig.cli import pki  # noqa: E402
 from xenmig.devices.file import fileKind  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
@@ -523,7 +523,7 @@ async def test_stolenTokenRefused(
 
 def targetFingerprint(certs: PKI) -> str:
     data = (certs.ca / "target.test.pem").read_bytes()
-    return tls.certificateFingerprint(x509.load_pem_x509_certificate(data))
+    return certificates.certificateFingerprint(x509.load_pem_x509_certificate(data))
 
 
 @pytest_twisted.ensureDeferred

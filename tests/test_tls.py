@@ -37,7 +37,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenmig import tls
+from xenmig import certificates, tls
 from xenmig.cli import pki
 from xenmig.errors import ConfigurationError, NotAuthorized
 
@@ -323,8 +323,8 @@ def test_issueHostWithOpensslCA(opensslHosts: Hosts) -> None:
 def test_peerIdentityPlaintext() -> None:
     """peerIdentity names a plaintext peer by its host (not port); no fingerprint."""
     transport = StringTransport()
-    assert tls.peerIdentity(transport) == "plaintext:192.168.1.1"
-    assert tls.peerFingerprint(transport) == ""
+    assert certificates.peerIdentity(transport) == "plaintext:192.168.1.1"
+    assert certificates.peerFingerprint(transport) == ""
 
 
 def _selfSigned(
@@ -352,20 +352,20 @@ def test_certificateIdentityPrefersDNSName() -> None:
     """certificateIdentity returns the first DNS subjectAltName, not the CN."""
     cn = [x509.NameAttribute(NameOID.COMMON_NAME, "cn.test")]
     san: list[x509.GeneralName] = [x509.DNSName("dns1.test"), x509.DNSName("dns2.test")]
-    assert tls.certificateIdentity(_selfSigned(cn, san)) == "dns1.test"
+    assert certificates.certificateIdentity(_selfSigned(cn, san)) == "dns1.test"
 
 
 def test_certificateIdentityFallsBackToCN() -> None:
     """certificateIdentity returns the CN of a certificate without subjectAltName."""
     cn = [x509.NameAttribute(NameOID.COMMON_NAME, "cn.test")]
-    assert tls.certificateIdentity(_selfSigned(cn, [])) == "cn.test"
+    assert certificates.certificateIdentity(_selfSigned(cn, [])) == "cn.test"
 
 
 def test_certificateIdentityNoName() -> None:
     """certificateIdentity refuses a certificate that names no host."""
     org = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example")]
     with pytest.raises(NotAuthorized, match="names no host"):
-        tls.certificateIdentity(_selfSigned(org, []))
+        certificates.certificateIdentity(_selfSigned(org, []))
 
 
 # --- real connections -------------------------------------------------------------
@@ -391,7 +391,7 @@ class Echo(Protocol):
         self.lost: Deferred[None] = Deferred()
 
     def handshakeCompleted(self) -> None:
-        self.peer = tls.peerIdentity(self.transport)
+        self.peer = certificates.peerIdentity(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
@@ -419,8 +419,8 @@ class Probe(Protocol):
         self.transport.write(PING)
 
     def handshakeCompleted(self) -> None:
-        self.peer = tls.peerIdentity(self.transport)
-        self.fingerprint = tls.peerFingerprint(self.transport)
+        self.peer = certificates.peerIdentity(self.transport)
+        self.fingerprint = certificates.peerFingerprint(self.transport)
         self.version = self.transport.getHandle().get_protocol_version_name()
 
     def dataReceived(self, data: bytes) -> None:

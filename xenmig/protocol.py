@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from xenmig import amp_commands as commands
 from xenmig import tls as _tls
+from xenmig.certificates import peerFingerprint, peerIdentity
 from xenmig.errors import (
     WIRE_ERRORS,
     InternalError,
@@ -37,7 +38,6 @@ from xenmig.model import DeviceOffer
 from xenmig.records import EndRecord, Record, RecordParser
 from xenmig.target.core import MigrationTarget
 from xenmig.target.session import FINAL, Phase, TargetSession
-from xenmig.tls import peerFingerprint, peerIdentity
 
 log = Logger()
 

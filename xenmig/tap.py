@@ -288,9 +288,9 @@ class ExpiryService(service.Service):
             self._loop.stop()
 
     def check(self) -> None:
-        from xenmig import tls
+        from xenmig import certificates
 
-        warning = tls.expiryWarning(self.identity)
+        warning = certificates.expiryWarning(self.identity)
         if warning:
             log.warn("{warning}", warning=warning)
 

@@ -1,23 +1,15 @@
-"""Mutual TLS for the daemon and the client: identities, authorities, options."""
+"""Mutual TLS for daemon and client: identities, authorities, options, refusals."""
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
-import os
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import (
-    PrivateKeyTypes,
-    PublicKeyTypes,
-)
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from service_identity import VerificationError
@@ -27,13 +19,7 @@ from service_identity.cryptography import (
 )
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import (
-    IAddress,
-    IOpenSSLClientConnectionCreator,
-    IReactorSSL,
-    ISSLTransport,
-    ITransport,
-)
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorSSL
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -45,9 +31,21 @@ from twisted.internet.ssl import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from xenmig.certificates import (
+    AnyPath,
+    asFilePath,
+    certificateFingerprint,
+    certificatePEM,
+    checkAuthority,
+    checkValidity,
+    keyMatches,
+    parseCertificates,
+    parsePrivateKey,
+    privateKeyPEM,
+    readFile,
+)
 from xenmig.errors import ConfigurationError, NotAuthorized
 
 # Loading reads files with blocking calls: do it at start-up, before the reactor
@@ -61,8 +59,6 @@ MINIMUM_TLS = TLSVersion.TLSv1_2
 #: The TLS 1.2 cipher suites allowed: forward secret key exchange and AEAD only.
 #: (OpenSSL's TLS 1.3 suites are all of that kind and stay as they are.)
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-#: How long before its certificate expires the daemon starts warning.
-EXPIRY_WARNING = datetime.timedelta(days=30)
 #: The last certificate refusals this process saw, newest last (for the CLI).
 recentRefusals: deque[str] = deque(maxlen=8)
 
@@ -70,8 +66,6 @@ _X509_V_ERR_CERT_NOT_YET_VALID = 9
 _X509_V_ERR_CERT_HAS_EXPIRED = 10
 #: Why the peer's certificate of a failed server-side handshake was refused.
 _refusals: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
-AnyPath = FilePath[str] | str | os.PathLike[str]
 
 
 def loadIdentity(
@@ -90,19 +84,19 @@ def loadIdentity(
         unreadable, holds no PEM certificate or key, if the key does not match
         the certificate, or the certificate is expired or not yet valid.
     """
-    certFile = _asPath(certPath)
-    certData = _read(certFile, "certificate")
-    certificate = _certificates(certData, certFile)[0]
-    keyFile = certFile if keyPath is None else _asPath(keyPath)
-    keyData = certData if keyPath is None else _read(keyFile, "key")
-    key = _privateKey(keyData, keyFile)
-    if _spki(key.public_key()) != _spki(certificate.public_key()):
+    certFile = asFilePath(certPath)
+    certData = readFile(certFile, "certificate")
+    certificate = parseCertificates(certData, certFile)[0]
+    keyFile = certFile if keyPath is None else asFilePath(keyPath)
+    keyData = certData if keyPath is None else readFile(keyFile, "key")
+    key = parsePrivateKey(keyData, keyFile)
+    if not keyMatches(key, certificate):
         raise ConfigurationError(
             f"the private key in {keyFile.path} does not match the certificate"
             f" in {certFile.path}"
         )
-    _checkValidity(certificate, certFile, now)
-    return PrivateCertificate.loadPEM(_certificatePEM(certificate) + _keyPEM(key))
+    checkValidity(certificate, certFile, now)
+    return PrivateCertificate.loadPEM(certificatePEM(certificate) + privateKeyPEM(key))
 
 
 def loadAuthority(
@@ -117,12 +111,12 @@ def loadAuthority(
         holds no PEM certificate, a certificate that is not a CA, or one that is
         expired or not yet valid.
     """
-    caFile = _asPath(caPath)
-    authorities = _certificates(_read(caFile, "CA"), caFile)
+    caFile = asFilePath(caPath)
+    authorities = parseCertificates(readFile(caFile, "CA"), caFile)
     for authority in authorities:
-        _checkAuthority(authority, caFile)
-        _checkValidity(authority, caFile, now)
-    return [Certificate.loadPEM(_certificatePEM(each)) for each in authorities]
+        checkAuthority(authority, caFile)
+        checkValidity(authority, caFile, now)
+    return [Certificate.loadPEM(certificatePEM(each)) for each in authorities]
 
 
 def serverOptions(
@@ -191,35 +185,12 @@ def parsePin(text: str) -> str:
     return pin
 
 
-def certificateFingerprint(certificate: x509.Certificate) -> str:
-    """The SHA-256 of a certificate's DER form, in lowercase hex."""
-    return hashlib.sha256(
-        certificate.public_bytes(serialization.Encoding.DER)
-    ).hexdigest()
-
-
 def handshakeRefusal(transport: Any) -> str | None:
     """
     Why the daemon refused the peer certificate of a connection whose TLS
     handshake failed (C{transport} is its TLS transport), if it did.
     """
     return _refusals.get(transport)
-
-
-def expiryWarning(
-    identity: PrivateCertificate, now: datetime.datetime | None = None
-) -> str | None:
-    """A warning if C{identity}'s certificate expires within L{EXPIRY_WARNING}."""
-    certificate = identity.original.to_cryptography()
-    now = now or datetime.datetime.now(datetime.UTC)
-    left = certificate.not_valid_after_utc - now
-    if left > EXPIRY_WARNING:
-        return None
-    return (
-        f"this host's certificate {certificate.subject.rfc4514_string()} expires "
-        f"on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC (in "
-        f"{max(left.days, 0)} days): issue a new one (xenmig pki issue) and restart"
-    )
 
 
 class _ServerOptions(CertificateOptions):
@@ -378,82 +349,6 @@ def serverEndpoint(
     return SSL4ServerEndpoint(reactor, port, options, interface=interface)
 
 
-def peerIdentity(transport: ITransport) -> str:
-    """
-    Name the peer of a connection whose TLS handshake is complete.
-
-    @return: the first DNS subjectAltName of the peer's certificate, else its
-        common name; ``plaintext:<host>`` (the peer's address without its
-        port, the same for all of one peer's connections) if it is not TLS.
-    @raise NotAuthorized: if the peer presented no certificate (or the
-        handshake is not complete), or the certificate names no host.
-    """
-    if not ISSLTransport.providedBy(transport):
-        # The host alone: a peer's control and stream connections differ in port.
-        address = transport.getPeer()
-        return "plaintext:" + str(getattr(address, "host", None) or repr(address))
-    return certificateIdentity(_peerCertificate(ISSLTransport(transport)))
-
-
-def peerFingerprint(transport: ITransport) -> str:
-    """
-    The SHA-256 of the peer certificate's DER form, in lowercase hex.
-
-    @return: the fingerprint; the empty string if the transport is not TLS.
-    @raise NotAuthorized: if the peer presented no certificate (or the
-        handshake is not complete).
-    """
-    if not ISSLTransport.providedBy(transport):
-        return ""
-    der = _peerCertificate(ISSLTransport(transport)).public_bytes(
-        serialization.Encoding.DER
-    )
-    return hashlib.sha256(der).hexdigest()
-
-
-def certificateIdentity(certificate: x509.Certificate) -> str:
-    """
-    The host a certificate names: its first DNS subjectAltName, else its CN.
-
-    @raise NotAuthorized: if it names neither.
-    """
-    try:
-        names = certificate.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        ).value.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        names = []
-    names += [
-        str(attribute.value)
-        for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    ]
-    if not names:
-        raise NotAuthorized(
-            f"the peer certificate ({certificate.subject.rfc4514_string()}) names"
-            " no host: it has neither a DNS subjectAltName nor a common name"
-        )
-    return names[0]
-
-
-def _peerCertificate(transport: ISSLTransport) -> x509.Certificate:
-    """The peer's certificate, as a C{cryptography} object."""
-    certificate = cast("X509 | None", transport.getPeerCertificate())
-    if certificate is None:
-        raise NotAuthorized(
-            f"the peer at {_describeAddress(transport.getPeer())} presented no"
-            " certificate (or the TLS handshake is not complete)"
-        )
-    return certificate.to_cryptography()
-
-
-def _describeAddress(address: IAddress) -> str:
-    """C{host:port} for an IP address, C{[host]:port} for IPv6, else the repr."""
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
-    if host is None or port is None:
-        return repr(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _trustRoot(authorities: Sequence[Certificate]) -> IOpenSSLTrustRoot:
     """Trust exactly C{authorities}; refuse an empty list, which trusts no one."""
     if not authorities:
@@ -462,100 +357,3 @@ def _trustRoot(authorities: Sequence[Certificate]) -> IOpenSSLTrustRoot:
             " give the CA certificate file (--ca)"
         )
     return trustRootFromCertificates(authorities)
-
-
-def _checkValidity(
-    certificate: x509.Certificate, path: FilePath[str], now: datetime.datetime | None
-) -> None:
-    """Refuse a certificate that is expired or not yet valid at C{now}."""
-    now = now or datetime.datetime.now(datetime.UTC)
-    subject = certificate.subject.rfc4514_string()
-    if now < certificate.not_valid_before_utc:
-        raise ConfigurationError(
-            f"the certificate {subject} in {path.path} is not valid until"
-            f" {certificate.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC;"
-            " check this host's clock"
-        )
-    if now > certificate.not_valid_after_utc:
-        raise ConfigurationError(
-            f"the certificate {subject} in {path.path} expired on"
-            f" {certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC;"
-            " issue a new one"
-        )
-
-
-def _checkAuthority(certificate: x509.Certificate, path: FilePath[str]) -> None:
-    """Refuse a certificate that is not marked as a certificate authority."""
-    try:
-        isCA = certificate.extensions.get_extension_for_class(
-            x509.BasicConstraints
-        ).value.ca
-    except x509.ExtensionNotFound:
-        isCA = False
-    if not isCA:
-        raise ConfigurationError(
-            f"the certificate {certificate.subject.rfc4514_string()} in {path.path}"
-            " is not a CA certificate; give the CA's ca.pem"
-        )
-
-
-def _certificates(data: bytes, path: FilePath[str]) -> list[x509.Certificate]:
-    """Every PEM certificate in C{data}, read from C{path}."""
-    if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise ConfigurationError(f"{path.path} holds no PEM certificate")
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise ConfigurationError(f"{path.path} holds a malformed PEM certificate")
-
-
-def _privateKey(data: bytes, path: FilePath[str]) -> PrivateKeyTypes:
-    """The first PEM private key in C{data}, read from C{path}."""
-    if b"PRIVATE KEY-----" not in data:
-        raise ConfigurationError(
-            f"{path.path} holds no PEM private key; add the key to it or give"
-            " the key file separately (--key)"
-        )
-    try:
-        return serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise ConfigurationError(
-            f"the private key in {path.path} is encrypted; xenmig needs it"
-            " unencrypted (protect the file with mode 0600)"
-        )
-    except ValueError:
-        raise ConfigurationError(f"{path.path} holds a malformed PEM private key")
-
-
-def _read(path: FilePath[str], what: str) -> bytes:
-    """The bytes of C{path}, or a ConfigurationError naming it."""
-    try:
-        return path.getContent()
-    except FileNotFoundError:
-        raise ConfigurationError(f"{what} file {path.path} does not exist")
-    except OSError as e:
-        raise ConfigurationError(f"cannot read {what} file {path.path}: {e.strerror}")
-
-
-def _spki(publicKey: PublicKeyTypes) -> bytes:
-    """The DER SubjectPublicKeyInfo of a public key, to compare keys."""
-    return publicKey.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _certificatePEM(certificate: x509.Certificate) -> bytes:
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def _keyPEM(key: PrivateKeyTypes) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _asPath(path: AnyPath) -> FilePath[str]:
-    """A FilePath for a FilePath, a str or a path-like object."""
-    return path if isinstance(path, FilePath) else FilePath(os.fspath(path))

@@ -13,10 +13,16 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.python.filepath import FilePath
 
+from xenmig.certificates import (
+    AnyPath,
+    asFilePath,
+    certificatePEM,
+    keyMatches,
+    privateKeyPEM,
+)
 from xenmig.errors import ConfigurationError
 
 # These functions do blocking file I/O: they are for the ``xenmig pki`` command
@@ -32,7 +38,6 @@ BACKDATE = datetime.timedelta(minutes=5)
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 
-AnyPath = FilePath[str] | str | os.PathLike[str]
 CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
@@ -43,7 +48,7 @@ def initCA(directory: AnyPath, name: str = "xenmig CA", days: int = 3650) -> Non
     @raise ConfigurationError: if a CA already exists there, or the name, the
         lifetime or the directory cannot be used.
     """
-    where = _asPath(directory)
+    where = asFilePath(directory)
     if not 1 <= len(name) <= 64:
         raise ConfigurationError(f"CA name {name!r} must be 1 to 64 characters long")
     _checkDays(days)
@@ -65,8 +70,8 @@ def initCA(directory: AnyPath, name: str = "xenmig CA", days: int = 3650) -> Non
         )
         .sign(key, hashes.SHA256())
     )
-    _writeFile(where.child(CA_KEY), _keyPEM(key), 0o600)
-    _writeFile(where.child(CA_CERTIFICATE), _certificatePEM(certificate), 0o644)
+    _writeFile(where.child(CA_KEY), privateKeyPEM(key), 0o600)
+    _writeFile(where.child(CA_CERTIFICATE), certificatePEM(certificate), 0o644)
 
 
 def issueHost(
@@ -81,7 +86,7 @@ def issueHost(
     @raise ConfigurationError: if the name, an address or the lifetime is not
         valid, if the CA cannot be read, or if the files exist already.
     """
-    where = _asPath(directory)
+    where = asFilePath(directory)
     checkHostName(host)
     addresses = [_parseAddress(ip) for ip in ips]
     _checkDays(days)
@@ -93,8 +98,8 @@ def issueHost(
     )
     key = ec.generate_private_key(ec.SECP256R1())
     certificate = _hostCertificate(caCertificate, caKey, key, host, addresses, days)
-    _writeFile(keyPath, _keyPEM(key), 0o600)
-    _writeFile(certPath, _certificatePEM(certificate), 0o644)
+    _writeFile(keyPath, privateKeyPEM(key), 0o600)
+    _writeFile(certPath, certificatePEM(certificate), 0o644)
     return certPath, keyPath
 
 
@@ -109,7 +114,7 @@ def writeIdentity(
     @return: the path written.
     @raise ConfigurationError: if an input cannot be read or C{destination} exists.
     """
-    certFile, keyFile, target = map(_asPath, (certPath, keyPath, destination))
+    certFile, keyFile, target = map(asFilePath, (certPath, keyPath, destination))
     _refuseExisting([target], f"{target.path} already exists; remove it first")
     _writeFile(target, _read(certFile) + _read(keyFile), 0o600)
     return target
@@ -232,19 +237,11 @@ def _loadCA(
         raise ConfigurationError(f"cannot use the CA key {keyFile.path}: {e}")
     if not isinstance(key, CAKey):
         raise ConfigurationError(f"the CA key {keyFile.path} is not an EC or RSA key")
-    if _spki(key.public_key()) != _spki(certificate.public_key()):
+    if not keyMatches(key, certificate):
         raise ConfigurationError(
             f"the CA key {keyFile.path} does not match {certFile.path}"
         )
     return certificate, key
-
-
-def _spki(publicKey: CertificatePublicKeyTypes) -> bytes:
-    """The DER SubjectPublicKeyInfo of a public key, to compare keys."""
-    return publicKey.public_bytes(
-        serialization.Encoding.DER,
-        serialization.PublicFormat.SubjectPublicKeyInfo,
-    )
 
 
 def _parseAddress(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -267,23 +264,6 @@ def _days(days: int) -> datetime.timedelta:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-
-
-def _keyPEM(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _certificatePEM(certificate: x509.Certificate) -> bytes:
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def _asPath(path: AnyPath) -> FilePath[str]:
-    """A FilePath for a FilePath, a str or a path-like object."""
-    return path if isinstance(path, FilePath) else FilePath(os.fspath(path))
 
 
 def _refuseExisting(paths: list[FilePath[str]], message: str) -> None:
@@ -359,7 +339,7 @@ def _run(args: argparse.Namespace) -> list[str]:
     """Do what the parsed command line asks; return the paths written."""
     if args.command == "init-ca":
         initCA(args.dir, args.name, args.days)
-        where = _asPath(args.dir)
+        where = asFilePath(args.dir)
         return [where.child(CA_CERTIFICATE).path, where.child(CA_KEY).path]
     certPath, keyPath = issueHost(args.dir, args.host, args.ip, args.days)
     written = [certPath.path, keyPath.path]
