@@ -1,13 +1,11 @@
-"""
-A small NBD client for one question: which ranges of an export a metadata
-context marks, asked with ``NBD_CMD_BLOCK_STATUS``.
+"""A small NBD client for one question: which ranges of an export a context marks.
 
-The disk kind uses it to read a QEMU dirty bitmap (context
-``qemu:dirty-bitmap:NAME``) from QEMU's own NBD server on a unix socket; see
-L{xenmig.devices.disk.qemudirty}.  The protocol is the fixed-newstyle handshake with
-structured replies, as in the NBD protocol document (``doc/proto.md`` of the
-NBD project); only what the question needs is spoken: no data is read or
-written.
+It asks with ``NBD_CMD_BLOCK_STATUS`` in one metadata context.  The disk kind
+uses it to read a QEMU dirty bitmap (context ``qemu:dirty-bitmap:NAME``) from
+QEMU's own NBD server on a unix socket; see L{xenmig.devices.disk.qemudirty}.
+The protocol is the fixed-newstyle handshake with structured replies, as in the
+NBD protocol document (``doc/proto.md`` of the NBD project); only what the
+question needs is spoken: no data is read or written.
 """
 
 from __future__ import annotations
