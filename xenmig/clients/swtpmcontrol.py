@@ -51,6 +51,7 @@ from xenmig.clients.swtpm import (
     resultName,
 )
 
+#: Seconds one control command may take, connecting included, unless told.
 DEFAULT_TIMEOUT = 5.0
 _DONE = Failure(ConnectionDone())
 
