@@ -1,9 +1,9 @@
 """
-The ``xenmig`` command line: migrate, status, abort, await, pki, kinds and demo.
+The ``xenmig`` console script: the parser, the entry point and the logging.
 
-Each subcommand lives in a module of its own that adds its options to the parser
-(``register``) and runs it (``main(reactor, args)``); this module holds the parser,
-the console script's entry point and the command line's logging.
+The subcommands are migrate, status, abort, await, pki, kinds and demo.  Each
+lives in a module of its own that adds its options to the parser (``register``)
+and runs it (``main(reactor, args)``), importing what it needs only then.
 
 Exit statuses: 0 success (a committed migration); 1 the migration aborted (the
 source may resume its VM) or the step failed; 2 a usage or configuration error;
