@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from xenmig.clients.processes import freePort
+from xenmig.clients.processes import daemonArgv, freePort, logSaysReady
 
 MiB = 1024 * 1024
 HERE = Path(__file__).resolve()
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 def tmpfsOr(path: str, fallback: str) -> str:
@@ -62,13 +61,7 @@ class Daemon:
         self.state = work / "state"
         self.port = freePort()
         self.log = work / "daemon.log"
-        argv = [
-            *TWISTD,
-            "-n",
-            "--pidfile=",
-            f"--logfile={self.log}",
-            *twistdOptions,
-            "xenmig",
+        options = [
             f"--port={self.port}",
             "--interface=127.0.0.1",
             f"--state-dir={self.state}",
@@ -77,9 +70,10 @@ class Daemon:
             f"--cert={self.pki / 'target.test.pem'}",
             f"--key={self.pki / 'target.test.key'}",
         ]
+        argv = daemonArgv(options, str(self.log), twistdOptions)
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, cwd=work)
         deadline = time.monotonic() + 30
-        while "LocalControlFactory starting" not in self._log():
+        while not logSaysReady(self.log):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("bench: the daemon did not start:\n" + self._log())
             time.sleep(0.05)

@@ -1,5 +1,9 @@
 """
-Real ``twistd xenmig`` daemons for end-to-end tests: PKI, ports, start and stop.
+Real ``twistd xenmig`` daemons for end-to-end tests: PKI, start, kill and restart.
+
+The daemon's command line, its ready line and free ports come from
+L{xenmig.clients.processes}; here a daemon runs from blocking fixtures (and is
+killed and started again from tests), and what it leaves on disk is inspected.
 
 Also a slow ``file`` source (to catch a transfer in the middle) and, when run as
 a script, a migration client that a test can kill::
@@ -14,7 +18,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,26 +35,16 @@ from zope.interface import implementer
 
 from xenmig import tls
 from xenmig.cli import pki
+from xenmig.clients.processes import daemonArgv, freePort, logSaysReady
 from xenmig.devices.file import FileKind, FileSource
 from xenmig.interfaces import IDeviceKind, IRecordWriter
 from xenmig.model import ContentDigest, DeviceSpec
 from xenmig.source.client import MigrationClient
 from xenmig.source.threadedstream import sslContext
 
-#: How the tests run twistd: with this interpreter, whatever is on PATH.
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-#: The line twistd logs once the last listener (the local socket) is up.
-READY_LINE = "LocalControlFactory starting on"
 SERVER = "target.test"
 CLIENT = "source.test"
 MiB = 1024 * 1024
-
-
-def freePort() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # -- certificates --------------------------------------------------------------------
@@ -252,12 +245,7 @@ class Daemon:
         return str(self.stateDir / "control.sock")
 
     def argv(self) -> list[str]:
-        return [
-            *TWISTD,
-            "-n",
-            "--pidfile=",
-            f"--logfile={self.logPath}",
-            "xenmig",
+        options = [
             "--port",
             str(self.port),
             "--interface",
@@ -269,6 +257,7 @@ class Daemon:
             *self.pki.daemonArgs(),
             *self.extra,
         ]
+        return daemonArgv(options, str(self.logPath))
 
     def spawn(self) -> None:
         """Start the process (not waiting for it to listen)."""
@@ -288,10 +277,7 @@ class Daemon:
                 f"xenmig daemon exited with {self.process.returncode}:\n"
                 + self.output()
             )
-        try:
-            return READY_LINE in self.logPath.read_text()
-        except FileNotFoundError:
-            return False
+        return logSaysReady(self.logPath)
 
     def start(self, timeout: float = 20.0) -> Daemon:
         """Blocking (for fixtures, before the test runs): start and wait."""

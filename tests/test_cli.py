@@ -16,8 +16,8 @@ import pytest_twisted
 from daemons import CLIENT, PKI, Daemon, MiB, sparseFile
 from twisted.internet.task import Clock
 
+from xenmig.cli import connection, migratecommand
 from xenmig.cli import main as cli
-from xenmig.cli import migrate as migratecmd
 from xenmig.cli.progress import ProgressDisplay, RateMeter, formatBytes, statusTable
 from xenmig.clients.processes import ProcessFailed, runShell
 from xenmig.digest import hashFile
@@ -168,8 +168,8 @@ def test_tls_files_required_without_plaintext() -> None:
 
 def test_parse_target() -> None:
     """HOST:PORT splits at the last colon; a bare host gets port 8002."""
-    assert cli.parseTarget("hostb.example:9000") == ("hostb.example", 9000)
-    assert cli.parseTarget("10.0.0.2") == ("10.0.0.2", 8002)
+    assert connection.parseTarget("hostb.example:9000") == ("hostb.example", 9000)
+    assert connection.parseTarget("10.0.0.2") == ("10.0.0.2", 8002)
 
 
 def test_kinds_lists_file() -> None:
@@ -656,7 +656,7 @@ async def test_commit_in_doubt_exits_3_without_resuming(
     )
     display = ProgressDisplay(reactor, io.StringIO(), bars=False)
     fake = FakeMigration(CommitInDoubt("no answer to the commit"))
-    command = migratecmd.MigrateCommand(reactor, fake, args, display)  # type: ignore[arg-type]
+    command = migratecommand.MigrateCommand(reactor, fake, args, display)  # type: ignore[arg-type]
     assert await command.run() == 3
     out, err = capsys.readouterr()
     assert "COMMIT IN DOUBT: no answer to the commit" in err

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from xenmig.demo.run import FileDemo, demoDevices
+from xenmig.demo.devices import FileDemo, demoDevices
 
 
 def test_demo_runs_and_cleans_up() -> None:

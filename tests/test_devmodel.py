@@ -23,7 +23,7 @@ from zope.interface.verify import verifyObject
 
 from xenmig.clients.qmpclient import connectQMP
 from xenmig.demo import testguest
-from xenmig.demo.wholevm import ObservedGuest
+from xenmig.demo.observedguest import ObservedGuest
 from xenmig.devices.devmodel.kind import DevmodelKind, devmodelKind
 from xenmig.devices.devmodel.source import DevmodelSource
 from xenmig.devices.devmodel.target import DevmodelTarget

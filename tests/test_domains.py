@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from zope.interface.verify import verifyObject
 
 from xenmig.demo import testguest
-from xenmig.demo.wholevm import ObservedGuest
+from xenmig.demo.observedguest import ObservedGuest
 from xenmig.errors import BadSpec
 from xenmig.interfaces import IDomainControl
 from xenmig.testing import requirePrograms

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from xenmig.clients.processes import freePort
+
 README = Path(__file__).parent.parent / "README.md"
 
 
@@ -26,12 +28,6 @@ def commands():
         if line and not line.startswith("#"):
             lines.append(shlex.split(line))
     return lines
-
-
-def freePort():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def localise(argv, tmp, port):

@@ -20,6 +20,8 @@ log = Logger()
 
 #: How twistd is started: the same interpreter as ours, so the same xenmig.
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+#: What a daemon logs once its last listener (the local control socket) is up.
+READY_LINE = "LocalControlFactory starting on"
 
 
 class ProcessFailed(Exception):
@@ -148,9 +150,42 @@ async def runShell(
     return child
 
 
+def daemonArgv(
+    options: Sequence[str], logFile: str, twistdOptions: Sequence[str] = ()
+) -> list[str]:
+    """
+    The command line of a ``twistd -n xenmig`` daemon: in the foreground, no pid
+    file, its log in ``logFile``; ``options`` are xenmig's (``--port``, ``--ca``,
+    ...), ``twistdOptions`` twistd's own (e.g. profiling).
+    """
+    return [
+        *TWISTD,
+        "-n",
+        "--pidfile=",
+        "--logfile",
+        logFile,
+        *twistdOptions,
+        "xenmig",
+        *options,
+    ]
+
+
+def logSaysReady(logFile: str | os.PathLike[str]) -> bool:
+    """
+    Blocking (reads the whole log: for tests and benchmarks): whether a daemon's
+    log says it listens on all its ports (L{READY_LINE}).
+    """
+    try:
+        with open(logFile, encoding="utf-8", errors="replace") as f:
+            return READY_LINE in f.read()
+    except FileNotFoundError:
+        return False
+
+
 class Daemon:
     """
-    A ``twistd -n xenmig`` daemon run as a child process, for the demo and tests.
+    A ``twistd -n xenmig`` daemon run as a child process by the reactor, for the
+    demo and the benchmarks (the tests' fixtures run theirs with L{daemonArgv}).
 
     @param options: the options after ``xenmig`` (``--port``, ``--ca``, ...).
     @param logFile: where twistd writes its log.
@@ -177,9 +212,7 @@ class Daemon:
 
     def argv(self) -> list[str]:
         """The full command line of the daemon."""
-        return [*TWISTD, "-n", "--pidfile=", "--logfile", self.logFile, "xenmig"] + (
-            self.options
-        )
+        return daemonArgv(self.options, self.logFile)
 
     async def start(
         self, ready: Callable[[], Awaitable[Any]], timeout: float = 20.0

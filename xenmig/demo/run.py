@@ -2,15 +2,11 @@
 ``xenmig demo``: two real daemons on loopback, real state migrated both ways.
 
 It makes a throwaway CA and two host identities, starts ``twistd -n xenmig`` for
-hosta.test and hostb.test on free loopback ports, migrates every demo device A->B
-(as host A) and back B->A (as host B) over mutual TLS, verifies each result
-(digests, the target daemon's own status on its local socket, the resume gate
-firing), prints a summary, and stops the daemons.
-
-Each kind of state is one L{DemoDevice} in L{DEMO_DEVICES}: it makes the source
-state, gives the device spec, and verifies what the target installed.  A kind
-joins the demo by adding an entry; an entry runs only where its kind is
-installed (L{xenmig.plugins.deviceKinds}) and its programs exist.
+hosta.test and hostb.test on free loopback ports (L{xenmig.demo.hosts}), migrates
+every demo device (L{xenmig.demo.devices}) A->B (as host A) and back B->A (as
+host B) over mutual TLS, verifies each result (digests, the target daemon's own
+status on its local socket, the resume gate firing), migrates a whole VM where
+it can (L{xenmig.demo.wholevm}), prints a summary, and stops the daemons.
 """
 
 from __future__ import annotations
@@ -26,8 +22,6 @@ from typing import Any, TextIO
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
-from xenmig import tls
-from xenmig.cli import pki
 from xenmig.cli.progress import (
     ProgressDisplay,
     formatBytes,
@@ -35,62 +29,13 @@ from xenmig.cli.progress import (
     formatSeconds,
     statusTable,
 )
-from xenmig.clients.processes import Daemon, freePort
-from xenmig.digest import hashFile
-from xenmig.model import DeviceSpec, MigrationStatus
+from xenmig.demo.devices import DemoDevice, DemoFailed, demoDevices
+from xenmig.demo.hosts import DemoHost, makeHosts
+from xenmig.model import MigrationStatus
 from xenmig.plugins import deviceKinds
-from xenmig.source.client import ClientTimeouts, MigrationClient, SourceMigration
-from xenmig.source.threadedstream import sslContext
+from xenmig.source.client import SourceMigration
 
-MiB = 1024 * 1024
 DOMAIN = "demo-vm"
-
-
-class DemoFailed(Exception):
-    """A step of the demo failed or a result did not verify."""
-
-
-@dataclass
-class DemoHost:
-    """One of the two hosts: its identity, daemon and directories."""
-
-    name: str
-    home: str
-    pkiDir: str
-    port: int = 0
-    daemon: Daemon | None = None
-
-    @property
-    def stateDir(self) -> str:
-        return os.path.join(self.home, "state")
-
-    @property
-    def root(self) -> str:
-        """The allowed root: state received by this host is installed here."""
-        return os.path.join(self.home, "vm")
-
-    @property
-    def cert(self) -> str:
-        return os.path.join(self.pkiDir, self.name + ".pem")
-
-    @property
-    def key(self) -> str:
-        return os.path.join(self.pkiDir, self.name + ".key")
-
-    def clientTo(self, reactor: Any, target: DemoHost, **kw: Any) -> MigrationClient:
-        """A client with this host's identity, verifying ``target``'s name."""
-        identity = tls.loadIdentity(self.cert, self.key)
-        authorities = tls.loadAuthority(os.path.join(self.pkiDir, pki.CA_CERTIFICATE))
-        options = tls.clientOptions(target.name, identity, authorities)
-        return MigrationClient(
-            reactor,
-            "127.0.0.1",
-            target.port,
-            tls=options,
-            sslContext=sslContext(identity, authorities),
-            serverName=target.name,
-            **kw,
-        )
 
 
 @dataclass
@@ -103,258 +48,6 @@ class Leg:
     migrationId: str = ""
     report: dict[str, Any] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)
-
-
-class DemoDevice:
-    """
-    One kind of state in the demo.  Subclasses make the source state on the
-    source host (``setup``, per leg), name the device (``spec``), and check what
-    the target installed (``verify``, raising L{DemoFailed}).
-    """
-
-    kind = ""
-    name = ""
-    #: External programs this entry needs; without one, it is left out.
-    programs: tuple[str, ...] = ()
-    #: One line for the introduction.
-    description = ""
-
-    def available(self, kinds: dict[str, Any]) -> str | None:
-        """None if the entry can run here, else why not."""
-        if self.kind not in kinds:
-            return f"device kind {self.kind!r} is not installed"
-        missing = [p for p in self.programs if shutil.which(p) is None]
-        if missing:
-            return f"needs {', '.join(missing)}"
-        return None
-
-    async def setup(self, run: DemoRun, leg: Leg) -> DeviceSpec:
-        """Make the source state of ``leg``; the device spec to migrate it."""
-        raise NotImplementedError
-
-    async def verify(self, run: DemoRun, leg: Leg, installed: list[str]) -> str:
-        """Check the target's state; one line saying what was verified."""
-        raise NotImplementedError
-
-    async def cleanup(self) -> None:
-        """Stop whatever the entry started (its processes), success or not."""
-
-
-class FileDemo(DemoDevice):
-    """
-    The ``file`` kind: a state file with data, a hole in the middle, data; sent
-    A->B, then B's copy sent back to A; every copy must have the original digest.
-    """
-
-    kind = "file"
-    name = "blob"
-
-    def __init__(self, sizeMiB: int = 64) -> None:
-        self.size = sizeMiB * MiB
-        self.description = (
-            f"a {formatBytes(self.size)} state file with a "
-            f"{formatBytes(self._hole()[1] - self._hole()[0])} hole in the middle"
-        )
-        self.digest: Any = None
-        self.current = ""
-        self.sparse = False
-
-    def _hole(self) -> tuple[int, int]:
-        start = (self.size * 3 // 8) & ~0xFFFF
-        return start, max(start, (self.size * 5 // 8) & ~0xFFFF)
-
-    async def setup(self, run: DemoRun, leg: Leg) -> DeviceSpec:
-        if leg.number == 1:
-            self.current = os.path.join(leg.source.home, "blob.img")
-            await run.inThread(_writeSparse, self.current, self.size, self._hole())
-            self.digest = await run.inThread(hashFile, self.current)
-            self.sparse = await run.inThread(_allocated, self.current) < self.size
-        destination = os.path.join(leg.target.root, f"blob-from-{leg.source.name}.img")
-        return DeviceSpec.parse(
-            f"file:{self.name}:path={self.current},target={destination}"
-        )
-
-    async def verify(self, run: DemoRun, leg: Leg, installed: list[str]) -> str:
-        path = next((p for p in installed if "blob-from-" in p), None)
-        if path is None:
-            raise DemoFailed(f"the target installed no blob file: {installed}")
-        digest = await run.inThread(hashFile, path)
-        if digest != self.digest:
-            raise DemoFailed(
-                f"{path} has digest {digest.hex}, the original {self.digest.hex}"
-            )
-        allocated = await run.inThread(_allocated, path)
-        if self.sparse and allocated >= self.size:
-            raise DemoFailed(f"{path} lost its hole: {allocated} bytes allocated")
-        self.current = path
-        return (
-            f"{self.name}: {path} has the original digest ({formatBytes(digest.size)},"
-            f" {formatBytes(allocated)} allocated)"
-        )
-
-
-def _allocated(path: str) -> int:
-    """Blocking: the bytes a file really occupies on disk."""
-    return os.stat(path).st_blocks * 512
-
-
-def _sizes(counts: list[int]) -> str:
-    return ", ".join(formatBytes(c) for c in counts) or "nothing"
-
-
-def _writeSparse(path: str, size: int, hole: tuple[int, int]) -> None:
-    """Blocking: random data, then a hole over ``hole``, then random data."""
-    with open(path, "wb") as f:
-        for start, end in ((0, hole[0]), (hole[1], size)):
-            f.seek(start)
-            position = start
-            while position < end:
-                chunk = min(MiB, end - position)
-                f.write(os.urandom(chunk))
-                position += chunk
-        f.truncate(size)
-
-
-class DiskDemo(FileDemo):
-    """
-    The ``disk`` kind: a sparse raw image, with pre-copy rounds while the "VM"
-    runs; sent A->B and back like the file, every copy with the original digest.
-    """
-
-    kind = "disk"
-    name = "disk0"
-
-    def __init__(self, sizeMiB: int = 64) -> None:
-        super().__init__(sizeMiB)
-        self.description = f"a {formatBytes(self.size)} sparse raw disk image"
-
-    async def setup(self, run: DemoRun, leg: Leg) -> DeviceSpec:
-        if leg.number == 1:
-            self.current = os.path.join(leg.source.home, "disk0.raw")
-            await run.inThread(_writeSparse, self.current, self.size, self._hole())
-            self.digest = await run.inThread(hashFile, self.current)
-        destination = os.path.join(leg.target.root, f"disk0-from-{leg.source.name}.raw")
-        return DeviceSpec.parse(
-            f"disk:{self.name}:path={self.current},target={destination},format=raw"
-        )
-
-    async def verify(self, run: DemoRun, leg: Leg, installed: list[str]) -> str:
-        path = next((p for p in installed if "disk0-from-" in p), None)
-        if path is None:
-            raise DemoFailed(f"the target installed no disk image: {installed}")
-        digest = await run.inThread(hashFile, path)
-        if digest != self.digest:
-            raise DemoFailed(
-                f"{path} has digest {digest.hex}, the original {self.digest.hex}"
-            )
-        self.current = path
-        return f"{self.name}: {path} has the original digest"
-
-
-class VTPMDemo(DemoDevice):
-    """
-    The ``vtpm`` kind: a running swtpm with an extended PCR on host A; its state is
-    installed as a swtpm state directory on B, where a swtpm resumes it (no
-    TPM2_Startup, same PCR); that swtpm is then migrated back to A.
-    """
-
-    kind = "vtpm"
-    name = "tpm0"
-    programs = ("swtpm", "tpm2_startup", "tpm2_pcrextend", "tpm2_pcrread")
-    description = "a running swtpm TPM 2 with PCR 16 extended"
-
-    def __init__(self) -> None:
-        self.running: Any = None
-        self.started: list[Any] = []
-        self.pcrs = ""
-
-    async def setup(self, run: DemoRun, leg: Leg) -> DeviceSpec:
-        if leg.number == 1:
-            self.running = await self._swtpm(run, leg.source.home, "vtpm-source")
-            await self.running.control.init()
-            await self._tpm2(run, "tpm2_startup", "-c")
-            extend = "16:sha256=" + os.urandom(32).hex()
-            await self._tpm2(run, "tpm2_pcrextend", extend)
-            self.pcrs = await self._tpm2(run, "tpm2_pcrread", "sha256:16")
-        statedir = os.path.join(leg.target.root, f"vtpm-from-{leg.source.name}")
-        return DeviceSpec.parse(
-            f"vtpm:{self.name}:ctrl={self.running.ctrlPath},target-statedir={statedir}"
-        )
-
-    async def verify(self, run: DemoRun, leg: Leg, installed: list[str]) -> str:
-        from xenmig.clients.swtpmprocess import (
-            TPM2_STARTUP_CLEAR,
-            TPM_RC_INITIALIZE,
-            responseCode,
-            tpmCommand,
-        )
-
-        source = self.running
-        await _bounded(run.reactor, source.whenEnded(), 10.0)
-        if source.running:
-            raise DemoFailed(f"the source swtpm on {leg.source.name} still runs")
-        statedir = os.path.join(leg.target.root, f"vtpm-from-{leg.source.name}")
-        if statedir not in installed:
-            raise DemoFailed(f"the target installed no vTPM state dir: {installed}")
-        self.running = await self._swtpm(run, statedir)
-        await self.running.control.init(1)  # resume; delete the volatile state
-        startup = await tpmCommand(
-            run.reactor, self.running.serverPath, TPM2_STARTUP_CLEAR
-        )
-        if responseCode(startup) != TPM_RC_INITIALIZE:
-            raise DemoFailed("the TPM on the target did not resume (it took Startup)")
-        pcrs = await self._tpm2(run, "tpm2_pcrread", "sha256:16")
-        if pcrs != self.pcrs:
-            raise DemoFailed(
-                f"PCR 16 on {leg.target.name} is {pcrs!r}, not {self.pcrs!r}"
-            )
-        value = pcrs.split(":")[-1].strip()[:18]
-        return (
-            f"{self.name}: a swtpm on {leg.target.name} resumed the state (no "
-            f"Startup, PCR 16 = {value}...); the source swtpm exited"
-        )
-
-    async def cleanup(self) -> None:
-        for process in self.started:
-            await process.stop()
-
-    async def _swtpm(self, run: DemoRun, home: str, name: str = "") -> Any:
-        from xenmig.clients.swtpmprocess import SwtpmProcess
-
-        state = os.path.join(home, name) if name else home
-        os.makedirs(state, exist_ok=True)
-        process = SwtpmProcess(run.reactor, state)
-        self.started.append(process)
-        await process.start()
-        return process
-
-    async def _tpm2(self, run: DemoRun, tool: str, *args: str) -> str:
-        from twisted.internet.utils import getProcessOutputAndValue
-
-        env = dict(os.environ, TPM2TOOLS_TCTI=f"swtpm:path={self.running.serverPath}")
-        out, err, code = await getProcessOutputAndValue(
-            tool, args, env=env, reactor=run.reactor
-        )
-        if code != 0:
-            raise DemoFailed(f"{tool} {' '.join(args)} exited {code}: {err.decode()}")
-        return out.decode()
-
-
-async def _bounded(reactor: Any, d: Deferred[Any], seconds: float) -> None:
-    """Wait for ``d`` at most ``seconds`` (then go on: the caller checks)."""
-    from xenmig.clients.processes import fireOnce
-
-    waiter: Deferred[None] = Deferred()
-    d.addBoth(lambda _: fireOnce(waiter, None))
-    call = reactor.callLater(seconds, fireOnce, waiter, None)
-    await waiter
-    if call.active():
-        call.cancel()
-
-
-def demoDevices(sizeMiB: int) -> list[DemoDevice]:
-    """Every entry of the demo (some may not be available here)."""
-    return [FileDemo(sizeMiB), VTPMDemo(), DiskDemo(sizeMiB)]
 
 
 class DemoRun:
@@ -465,43 +158,16 @@ class DemoRun:
         self.wholeVMReport = outcome.report
 
     async def _makeHosts(self) -> None:
-        pkiDir = os.path.join(self.work, "pki")
-        await self.inThread(pki.initCA, pkiDir, "xenmig demo CA", 2)
-        for name in ("hosta.test", "hostb.test"):
-            await self.inThread(pki.issueHost, pkiDir, name, ["127.0.0.1"], 2)
-            host = DemoHost(name, os.path.join(self.work, name), pkiDir)
-            os.makedirs(host.root)
-            self.hosts.append(host)
-        self.say("made a throwaway CA and identities for hosta.test, hostb.test")
+        self.hosts = await self.inThread(makeHosts, self.work)
+        names = ", ".join(host.name for host in self.hosts)
+        self.say(f"made a throwaway CA and identities for {names}")
         for host, peer in zip(self.hosts, self.hosts[::-1], strict=True):
-            await self._startDaemon(host, peer)
-
-    async def _startDaemon(self, host: DemoHost, peer: DemoHost) -> None:
-        host.port = freePort()
-        options = [
-            "--port",
-            str(host.port),
-            "--interface",
-            "127.0.0.1",
-            "--state-dir",
-            host.stateDir,
-            "--ca",
-            os.path.join(host.pkiDir, pki.CA_CERTIFICATE),
-            "--cert",
-            host.cert,
-            "--key",
-            host.key,
-            "--allow-root",
-            host.root,
-        ]
-        log = os.path.join(host.home, "daemon.log")
-        host.daemon = Daemon(self.reactor, f"daemon of {host.name}", options, log)
-        probe = peer.clientTo(self.reactor, host, timeouts=ClientTimeouts(2, 2))
-        await host.daemon.start(lambda: probe.listMigrations(1))
-        self.say(
-            f"twistd xenmig for {host.name} on 127.0.0.1:{host.port} "
-            f"(pid {host.daemon.pid}) answers over mutual TLS"
-        )
+            await host.startDaemon(self.reactor, peer)
+            assert host.daemon is not None
+            self.say(
+                f"twistd xenmig for {host.name} on 127.0.0.1:{host.port} "
+                f"(pid {host.daemon.pid}) answers over mutual TLS"
+            )
 
     async def _migrate(self, leg: Leg) -> None:
         source, target = leg.source, leg.target
@@ -620,10 +286,8 @@ class DemoRun:
 
     async def _stopDaemons(self) -> None:
         for host in self.hosts:
-            if host.daemon is not None and host.daemon.child is not None:
-                status = await host.daemon.stop(grace=5.0)
-                how = {-15: "on SIGTERM", -9: "KILLED after the grace period"}
-                ending = how.get(status, f"with status {status}")
+            ending = await host.stopDaemon()
+            if ending is not None:
                 self.say(f"the daemon of {host.name} stopped {ending}")
 
     def _cleanUp(self, ok: bool) -> None:
@@ -645,3 +309,7 @@ async def runDemo(
     code = await demo.run()
     demo.say(f"done in {formatSeconds(time.monotonic() - started)}")
     return code
+
+
+def _sizes(counts: list[int]) -> str:
+    return ", ".join(formatBytes(c) for c in counts) or "nothing"

@@ -9,21 +9,19 @@ standing in for the guest's writes, and the disk kind follows QEMU's dirty bitma
 L{WholeVM} plays the source toolstack (prepare, pre-copy, pause through the QMP
 domain control, transfer, commit, release; on failure abort and resume) and
 starts ``xenmig await --resume`` as the target toolstack.  It records what the
-test and ``xenmig demo`` check: the counter goes on from where it stopped, the
-PCR and the disk arrive intact, and exactly one QEMU runs at any time (from the
-run-state events of a second QMP monitor on each QEMU).
+test and ``xenmig demo`` check (L{xenmig.demo.guarantees}): the counter goes on
+from where it stopped, the PCR and the disk arrive intact, and exactly one QEMU
+runs at any time (from the run-state events of a second QMP monitor on each QEMU,
+L{xenmig.demo.observedguest}).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -32,9 +30,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.internet.utils import getProcessOutputAndValue
 
 from xenmig.clients.processes import ChildProcess
-from xenmig.clients.qmp import JSONObject, QMPConnectionError
-from xenmig.clients.qmpclient import QMPClient, connectQMP
 from xenmig.demo import testguest
+from xenmig.demo.guarantees import Outcome, ScenarioFailed, verifyOutcome
+from xenmig.demo.observedguest import GuestWriter, ObservedGuest
 from xenmig.digest import hashFile
 from xenmig.errors import CommitInDoubt
 from xenmig.model import DeviceSpec
@@ -54,175 +52,9 @@ DISK_FILE_NODE = "disk0-file"
 DISK_NODE = "disk0"
 
 
-class ScenarioFailed(Exception):
-    """The whole-VM migration did not behave as it must."""
-
-
 def missingPrograms() -> list[str]:
     """The programs of L{PROGRAMS} not installed here."""
     return [p for p in PROGRAMS if shutil.which(p) is None]
-
-
-def _seconds(event: JSONObject) -> float:
-    stamp = event.get("timestamp", {})
-    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
-
-
-class ObservedGuest:
-    """
-    The counting guest in its own QEMU with two monitors: ``qmpPath`` for xenmig
-    and the toolstack, and an observer monitor held here that reads the counter
-    and records the run-state events (STOP, RESUME, SHUTDOWN) with QEMU's
-    timestamps.  QEMU's standard error goes to ``logPath``.
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        directory: str,
-        name: str,
-        image: str,
-        incoming: bool = False,
-        extra: Sequence[str] = (),
-    ) -> None:
-        self.reactor = reactor
-        self.name = name
-        self.image = image
-        self.incoming = incoming
-        self.extra = list(extra)
-        self.qmpPath = os.path.join(directory, f"{name}.qmp")
-        self.observerPath = os.path.join(directory, f"{name}-obs.qmp")
-        self.logPath = os.path.join(directory, f"{name}.log")
-        self.process = testguest.GuestProcess()
-        self.observer: QMPClient | None = None
-        self.events: list[tuple[str, float]] = []
-
-    def command(self) -> list[str]:
-        return testguest.qemuCommand(self.image, self.qmpPath, self.incoming) + [
-            "-qmp",
-            f"unix:{self.observerPath},server=on,wait=off",
-            *self.extra,
-        ]
-
-    async def start(self, timeout: float = 10.0) -> ObservedGuest:
-        command = self.command()
-        log = os.open(self.logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            self.reactor.spawnProcess(
-                self.process,
-                testguest.findQEMU() or command[0],
-                command,
-                env=dict(os.environ),
-                childFDs={0: "w", 1: "r", 2: log},
-            )
-        finally:
-            os.close(log)
-        try:
-            self.observer = await self._observe(timeout)
-        except BaseException:
-            await self.stop()
-            raise
-        for name in ("STOP", "RESUME", "SHUTDOWN"):
-            self.observer.onEvent(name, self._event)
-        return self
-
-    async def _observe(self, timeout: float) -> QMPClient:
-        deadline = self.reactor.seconds() + timeout
-        while True:
-            if self.process.ended is not None:
-                raise ScenarioFailed(f"QEMU {self.name} exited: {self.log()}")
-            if os.path.exists(self.observerPath) and os.path.exists(self.qmpPath):
-                try:
-                    return await connectQMP(self.reactor, self.observerPath, 2.0)
-                except QMPConnectionError:
-                    pass
-            if self.reactor.seconds() > deadline:
-                raise ScenarioFailed(f"QEMU {self.name} did not start in {timeout} s")
-            await deferLater(self.reactor, 0.02, lambda: None)
-
-    def _event(self, event: JSONObject) -> None:
-        self.events.append((event["event"], _seconds(event)))
-
-    def log(self) -> str:
-        """What QEMU wrote on its standard error (blocking; a small file)."""
-        try:
-            with open(self.logPath, errors="replace") as f:
-                return " | ".join(line.strip() for line in f if line.strip())
-        except OSError:
-            return ""
-
-    @property
-    def running(self) -> bool:
-        return self.process.ended is None
-
-    def dirtyBitmaps(self) -> Deferred[list[str]]:
-        """The names of the dirty bitmaps on QEMU's block nodes."""
-        assert self.observer is not None
-        return self.observer.execute(
-            "query-named-block-nodes", {"flat": True}
-        ).addCallback(
-            lambda nodes: [b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])]
-        )
-
-    def readCounter(self) -> Deferred[int]:
-        assert self.observer is not None
-        return testguest.readCounter(self.observer)
-
-    def status(self) -> Deferred[str]:
-        assert self.observer is not None
-        return self.observer.queryStatus()
-
-    def first(self, name: str, after: float = 0.0) -> float | None:
-        """The time of the first ``name`` event after ``after``, if any."""
-        return next((t for n, t in self.events if n == name and t > after), None)
-
-    async def countsPast(self, value: int, timeout: float = 5.0) -> int:
-        """Wait until the counter is above ``value``; the counter then."""
-        deadline = self.reactor.seconds() + timeout
-        while True:
-            counter = await self.readCounter()
-            if counter > value:
-                return counter
-            if self.reactor.seconds() > deadline:
-                raise ScenarioFailed(
-                    f"the counter of QEMU {self.name} stays at {counter} (not past "
-                    f"{value} in {timeout:g} s): the guest does not run"
-                )
-            await deferLater(self.reactor, 0.02, lambda: None)
-
-    async def whenEnded(self, timeout: float = 10.0) -> bool:
-        """Wait up to ``timeout`` for QEMU to exit; whether it did."""
-        deadline = self.reactor.seconds() + timeout
-        while self.running and self.reactor.seconds() < deadline:
-            await deferLater(self.reactor, 0.02, lambda: None)
-        return not self.running
-
-    async def stop(self) -> None:
-        """Hang up the observer and end QEMU (SIGTERM, then SIGKILL)."""
-        if self.observer is not None:
-            await self.observer.close()
-        await testguest.terminate(self.reactor, self.process)
-
-
-@dataclass
-class Outcome:
-    """What one whole-VM migration did, as the toolstack and the observers saw it."""
-
-    migrationId: str
-    committed: bool = False
-    reason: str = ""
-    report: dict[str, Any] = field(default_factory=dict)
-    counterAtPause: int = 0
-    counterLoaded: int | None = None
-    counterAfter: int = 0
-    pcr: str = ""
-    pcrAfter: str = ""
-    diskBefore: str = ""
-    diskAtPause: str = ""
-    diskInstalled: str = ""
-    bitmapsAfter: list[str] = field(default_factory=list)
-    awaited: dict[str, Any] = field(default_factory=dict)
-    checks: list[str] = field(default_factory=list)
 
 
 class WholeVM:
@@ -370,7 +202,7 @@ class WholeVM:
         await source.countsPast(0)
         await migration.prepare(self.specs())
         self.awaiter = self._awaitOnTarget(migration.migrationId)
-        self.writer = GuestWriter(self.reactor, source, DISK_SIZE)
+        self.writer = GuestWriter(self.reactor, source, DISK_NODE, DISK_SIZE)
         await self.writer.start()
         try:
             await migration.precopy(ConvergencePolicy(maxRounds=3, threshold=0))
@@ -465,165 +297,17 @@ class WholeVM:
             outcome.bitmapsAfter = await self.source.dirtyBitmaps()
             await self.target.whenEnded()
 
-    # -- what must hold ----------------------------------------------------------------
-
     def verify(self, outcome: Outcome) -> list[str]:
         """
-        Check the outcome against what a whole-VM migration must guarantee; one
-        line per check.
+        Check the outcome against what a whole-VM migration must guarantee
+        (L{verifyOutcome}); one line per check.
 
         @raise ScenarioFailed: naming the first guarantee broken.
         """
-        assert self.source is not None
-        checks = outcome.checks
-
-        def check(ok: bool, line: str, problem: str) -> None:
-            if not ok:
-                raise ScenarioFailed(problem)
-            checks.append(line)
-
-        stopped = self.source.first("STOP")
-        check(
-            stopped is not None, "the source VM was paused", "the source never stopped"
-        )
-        assert stopped is not None
-        check(
-            outcome.diskBefore != outcome.diskAtPause,
-            "the disk changed during pre-copy (QEMU wrote it)",
-            "QEMU did not change the disk during pre-copy",
-        )
-        if outcome.committed:
-            self._verifyCommitted(outcome, check, stopped)
-        else:
-            self._verifyAborted(outcome, check, stopped)
-        return checks
-
-    def _verifyCommitted(self, outcome: Outcome, check: Any, stopped: float) -> None:
         assert self.source is not None and self.target is not None
-        source, target = self.source, self.target
-        resumed = target.first("RESUME")
-        check(
-            resumed is not None and resumed > stopped,
-            "exactly one copy ran: the target resumed after the source stopped",
-            f"the target QEMU resumed at {resumed}, the source stopped at {stopped}",
+        return verifyOutcome(
+            outcome, self.source, self.target, self.tpm, self.diskTarget
         )
-        check(
-            source.first("RESUME", stopped) is None and not source.running,
-            "the source QEMU never ran again and was released (it exited)",
-            "the source QEMU ran again or still exists after the commit",
-        )
-        check(
-            outcome.counterLoaded == outcome.counterAtPause,
-            f"the target loaded counter {outcome.counterLoaded}, the source's at "
-            f"its pause",
-            f"the target loaded counter {outcome.counterLoaded}, the source "
-            f"stopped at {outcome.counterAtPause}",
-        )
-        check(
-            outcome.counterAfter > outcome.counterAtPause,
-            f"the guest keeps counting on the target ({outcome.counterAfter})",
-            "the guest does not count on the target",
-        )
-        check(
-            outcome.pcrAfter == outcome.pcr,
-            "the target's TPM has the source's PCR 16 (resumed, no Startup)",
-            f"PCR 16 on the target is {outcome.pcrAfter!r}, not {outcome.pcr!r}",
-        )
-        check(
-            outcome.diskInstalled == outcome.diskAtPause,
-            "the target's disk is the source's disk at its pause",
-            f"the target's disk is {outcome.diskInstalled}, the source's at the "
-            f"pause {outcome.diskAtPause}",
-        )
-        check(
-            outcome.awaited.get("committed") and outcome.awaited.get("resumed"),
-            "xenmig await --resume resumed the VM on the target after the commit",
-            f"xenmig await answered {outcome.awaited}",
-        )
-        check(
-            outcome.report.get("paused_window") is not None,
-            f"paused window {outcome.report.get('paused_window')} s",
-            "the report has no paused window",
-        )
-
-    def _verifyAborted(self, outcome: Outcome, check: Any, stopped: float) -> None:
-        assert self.source is not None and self.target is not None
-        source, target = self.source, self.target
-        check(
-            target.first("RESUME") is None and not target.running,
-            "the target QEMU never ran and is gone",
-            "the target QEMU ran, or still exists, after the abort",
-        )
-        check(
-            source.first("RESUME", stopped) is not None
-            and outcome.counterAfter > outcome.counterAtPause,
-            f"the source VM resumed and counts on ({outcome.counterAfter})",
-            "the source VM did not resume",
-        )
-        check(
-            outcome.pcrAfter == outcome.pcr and self.tpm.running,
-            "the source TPM still runs with its PCR 16",
-            "the source TPM lost its state",
-        )
-        check(
-            not os.path.exists(self.diskTarget),
-            "nothing was installed on the target",
-            f"{self.diskTarget} exists after the abort",
-        )
-        check(
-            not outcome.bitmapsAfter,
-            "the source QEMU keeps no dirty bitmap of the migration",
-            f"the source QEMU still has dirty bitmaps {outcome.bitmapsAfter}",
-        )
-        check(
-            outcome.awaited.get("committed") is False,
-            "xenmig await on the target reported the abort",
-            f"xenmig await answered {outcome.awaited}",
-        )
-
-
-class GuestWriter:
-    """
-    The guest's disk writes, through QEMU's block layer: 4 KiB at a random
-    place of the disk every 2 ms (HMP ``qemu-io`` on the observer monitor), so
-    that QEMU's dirty bitmap records them as it would a guest's.
-    """
-
-    def __init__(self, reactor: Any, guest: ObservedGuest, size: int) -> None:
-        self.reactor = reactor
-        self.guest = guest
-        self.size = size
-        self.writes = 0
-        self._stopping = False
-        self._loop: Deferred[None] | None = None
-
-    async def start(self) -> None:
-        """Start writing; return after the first write."""
-        await self._write()
-        self._loop = Deferred.fromCoroutine(self._run())
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            await deferLater(self.reactor, 0.002, lambda: None)
-            await self._write()
-
-    async def _write(self) -> None:
-        assert self.guest.observer is not None
-        offset = random.randrange(self.size // 4096) * 4096
-        await testguest.writeThroughQEMU(
-            self.guest.observer, DISK_NODE, offset, 4096, self.writes % 251
-        )
-        self.writes += 1
-
-    async def stop(self) -> None:
-        """Stop writing; return once the last write is done."""
-        self._stopping = True
-        if self._loop is not None:
-            loop, self._loop = self._loop, None
-            try:
-                await loop
-            except Exception as e:
-                raise ScenarioFailed(f"a guest write through QEMU failed: {e}")
 
 
 def _writeDisk(path: str, size: int) -> None:

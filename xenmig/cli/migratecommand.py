@@ -1,0 +1,288 @@
+"""One ``xenmig migrate`` run from the source's side: its steps, the VM, its report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+
+from xenmig.cli.outcome import (
+    EXIT_FAILED,
+    EXIT_IN_DOUBT,
+    EXIT_OK,
+    EXIT_USAGE,
+    describeError,
+    say,
+)
+from xenmig.cli.progress import ProgressDisplay, formatBytes, formatRate, formatSeconds
+from xenmig.clients.processes import fireOnce
+from xenmig.errors import BadSpec, CommitInDoubt, MigrationAborted, XenmigError
+
+if TYPE_CHECKING:
+    from xenmig.source.client import SourceMigration
+
+
+class PauseFailed(XenmigError):
+    """The toolstack's pause command failed or did not finish in time."""
+
+
+class MigrateCommand:
+    """
+    One ``xenmig migrate``: prepare, [pre-copy, pause the VM,] transfer, commit;
+    on a failure, abort (and with ``--live``, resume the VM here).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        migration: SourceMigration,
+        args: argparse.Namespace,
+        display: ProgressDisplay,
+        policy: Any = None,
+        control: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.migration = migration
+        self.args = args
+        self.display = display
+        self.policy = policy
+        self.control = control  # an IDomainControl, or None
+        self.released: bool | None = None
+        self.target = "{}:{}".format(*args.target)
+        self.pause: dict[str, Any] | None = None
+        self.resumed: bool | None = None
+        self.interrupted = False
+        self.done: Deferred[None] = Deferred()
+
+    async def run(self) -> int:
+        """Migrate; print the outcome; the exit status."""
+        trigger = self.reactor.addSystemEventTrigger(
+            "before", "shutdown", self._interrupt
+        )
+        try:
+            code = await self._run()
+        finally:
+            self.display.stop()
+            if not self.interrupted:
+                self.reactor.removeSystemEventTrigger(trigger)
+        self._output(code)
+        self.done.callback(None)
+        return code
+
+    async def _run(self) -> int:
+        migration = self.migration
+        try:
+            self.display.phase(
+                f"migration {migration.migrationId} of {self.args.domain} to "
+                f"{self.target}: preparing {len(self.args.device)} device(s)"
+            )
+            await migration.prepare(self.args.device)
+            self._goOn()
+            self.display.phase("the target accepted every device")
+            if self.args.live:
+                await self._precopy()
+                self._goOn()  # never pause the VM after an interrupt
+            if self.args.live or self.control is not None:
+                await self._pauseVM()
+                self._goOn()
+            await self._transfer()
+            self._goOn()
+        except Exception as e:
+            return await self._failed(e)
+        try:
+            self.display.phase("committing")
+            await migration.commit()
+        except CommitInDoubt as e:
+            return self._inDoubt(e)
+        except Exception as e:
+            return await self._failed(e)
+        self.display.phase("committed: the VM now belongs to the target")
+        if self.control is not None:
+            await self._releaseVM()
+        return EXIT_OK
+
+    def _goOn(self) -> None:
+        """Stop between steps once interrupted (SIGINT, SIGTERM)."""
+        if self.interrupted:
+            raise MigrationAborted("interrupted on the source")
+
+    async def _precopy(self) -> None:
+        self.display.phase("pre-copy while the VM runs")
+        self.display.start(self.migration.progress)
+        rounds = await self.migration.precopy(self.policy)
+        self.display.stop()
+        for name, sent in rounds.items():
+            self.display.phase(
+                f"{name}: {len(sent)} pre-copy round(s), {formatBytes(sum(sent))}"
+            )
+
+    async def _pauseVM(self) -> None:
+        from xenmig.clients.processes import runShell
+
+        command = self.args.pause_command
+        if self.control is not None:
+            command = self.control.description
+        self.display.phase(f"pausing the VM: {command}")
+        started = self.reactor.seconds()
+        self.pause = {"command": command, "status": None, "seconds": None}
+        if self.control is not None:
+            await self.control.pause()  # DomainControlError says what failed
+            status: int | None = 0
+        else:
+            child = await runShell(
+                self.reactor, command, self.args.command_timeout, echo=sys.stderr
+            )
+            status = child.status
+        self.pause["status"] = status
+        self.pause["seconds"] = round(self.reactor.seconds() - started, 6)
+        if status != 0:
+            raise PauseFailed(
+                f"the pause command {command!r} exited with status {status}"
+            )
+        self.migration.paused()
+        self.display.phase(f"VM paused ({formatSeconds(self.pause['seconds'])})")
+
+    async def _transfer(self) -> None:
+        self.display.phase("transferring the final state")
+        self.display.start(self.migration.progress)
+        digests = await self.migration.transfer()
+        self.display.stop()
+        for name, digest in digests.items():
+            self.display.phase(f"{name}: verified by the target ({digest.hex})")
+
+    def _inDoubt(self, error: CommitInDoubt) -> int:
+        self.display.stop()
+        say(self.args, f"COMMIT IN DOUBT: {error}")
+        say(
+            self.args,
+            f"do NOT resume the VM here: it may already run on the target; ask "
+            f"with 'xenmig status {self.migration.migrationId} --target "
+            f"{self.target} --ca ... --cert ...' (COMMITTED: destroy it here; "
+            f"ABORTED: resume it here)",
+        )
+        return EXIT_IN_DOUBT
+
+    async def _failed(self, error: BaseException) -> int:
+        self.display.stop()
+        migration = self.migration
+        contacted = migration.control is not None
+        reason = "interrupted on the source" if self.interrupted else ""
+        reason = reason or describeError(error)
+        if migration.phase not in ("ABORTED", "COMMITTED", "IN-DOUBT"):
+            await migration.abort(reason)
+        say(
+            self.args,
+            f"migration {migration.migrationId} aborted: {migration.reason or reason}",
+        )
+        if self.pause is not None:
+            await self._resumeVM()
+        elif self.args.live:
+            say(self.args, "the VM was not paused: it keeps running here")
+        else:
+            say(
+                self.args,
+                "nothing was installed on the target; the VM may be resumed here",
+            )
+        if isinstance(error, BadSpec) and not contacted:
+            return EXIT_USAGE
+        return EXIT_FAILED
+
+    async def _resumeVM(self) -> None:
+        from xenmig.clients.processes import ProcessFailed, runShell
+
+        command = self.args.resume_command
+        if self.control is not None:
+            command = self.control.description
+        say(self.args, f"resuming the VM here: {command}")
+        try:
+            if self.control is not None:
+                await self.control.resume()
+                status: Any = 0
+            else:
+                child = await runShell(
+                    self.reactor, command, self.args.command_timeout, echo=sys.stderr
+                )
+                status = child.status
+        except (ProcessFailed, XenmigError) as e:
+            status = str(e)
+        self.resumed = status == 0
+        if self.resumed:
+            say(self.args, "the VM was resumed here")
+        else:
+            say(
+                self.args,
+                f"THE RESUME COMMAND FAILED ({status}): resume the VM here by hand "
+                f"(nothing was installed on the target)",
+            )
+
+    async def _releaseVM(self) -> None:
+        """After the commit: let the domain control release the VM here."""
+        assert self.control is not None
+        try:
+            await self.control.release()
+            self.released = True
+            self.display.phase(f"released the VM here ({self.control.description})")
+        except XenmigError as e:
+            self.released = False
+            say(self.args, f"the VM runs on the target; releasing it here failed: {e}")
+
+    def _interrupt(self) -> Deferred[None] | None:
+        """Before the reactor stops (SIGINT, SIGTERM): abort unless committing."""
+        if self.done.called:
+            return None
+        self.interrupted = True
+        migration = self.migration
+        committing = "commit" in migration.times
+        if migration.phase not in ("ABORTED", "COMMITTED", "IN-DOUBT") and not (
+            committing
+        ):
+            Deferred.fromCoroutine(
+                migration.abort("interrupted on the source")
+            ).addErrback(lambda _: None)
+        waiter: Deferred[None] = Deferred()
+        self.done.addBoth(lambda result: fireOnce(waiter, None))
+        waiter.addTimeout(self.migration.client.timeouts.commit + 30, self.reactor)
+        return waiter.addErrback(lambda _: None)
+
+    def report(self, code: int) -> dict[str, Any]:
+        """The client's report, with the target, exit status and the VM's pause."""
+        report = self.migration.report()
+        report["target"] = self.target
+        report["exit_status"] = code
+        if self.args.live or self.control is not None:
+            report["live"] = {"pause": self.pause, "resumed": self.resumed}
+        if self.control is not None:
+            report["domain_control"] = {
+                "control": self.control.description,
+                "released": self.released,
+            }
+        return report
+
+    def _output(self, code: int) -> None:
+        if self.args.json:
+            print(json.dumps(self.report(code), indent=2), flush=True)
+        elif code == EXIT_OK:
+            print(summary(self.report(code)), flush=True)
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A committed migration in a few lines: devices, bytes, time, rate, digest."""
+    durations = report["durations"]
+    lines = [
+        f"committed migration {report['migration_id']} of {report['domain']} to "
+        f"{report.get('target', 'the target')} in {formatSeconds(durations['total'])}"
+        f" (paused window {formatSeconds(report['paused_window'])})"
+    ]
+    for device in report["devices"]:
+        seconds = device["seconds"] or 0.0
+        rate = device["bytes"] / seconds if seconds else 0.0
+        lines.append(
+            f"  {device['kind']}:{device['name']}  {formatBytes(device['bytes'])} "
+            f"({formatBytes(device['data_bytes'])} of data) in "
+            f"{formatSeconds(seconds)}, {formatRate(rate)}, {device['digest']}"
+        )
+    lines += [f"  installed {path}" for path in report["installed"]]
+    return "\n".join(lines)

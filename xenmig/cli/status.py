@@ -1,0 +1,56 @@
+"""``xenmig status``: the migrations a daemon knows, as a table, or one in detail."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from xenmig.cli.arguments import addVerbose, positive
+from xenmig.cli.connection import (
+    addStateDirOption,
+    addTargetOptions,
+    daemonFor,
+    where,
+)
+from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, describeError, say
+from xenmig.errors import ConfigurationError
+
+
+def register(subcommands: argparse._SubParsersAction[Any]) -> None:
+    """Add ``status`` and its options to the ``xenmig`` command line."""
+    status = subcommands.add_parser("status", help="show migrations on a target host")
+    addVerbose(status)
+    status.add_argument("migration_id", nargs="?", metavar="ID")
+    addStateDirOption(status)
+    addTargetOptions(status, required=False)
+    status.add_argument("--json", action="store_true", help="print JSON on stdout")
+    status.add_argument("--limit", type=positive(int), default=50, metavar="N")
+    status.set_defaults(main=main)
+
+
+async def main(reactor: Any, args: argparse.Namespace) -> int:
+    """Ask the daemon (``--target``, else the local one); print what it answers."""
+    from xenmig.cli.progress import statusDetail, statusTable
+    from xenmig.model import MigrationStatus
+
+    daemon = daemonFor(reactor, args)
+    try:
+        if args.migration_id:
+            records = [await daemon.query(args.migration_id)]
+        else:
+            records = await daemon.listMigrations(args.limit)
+    except ConfigurationError:
+        raise
+    except Exception as e:
+        say(args, f"{where(args)}: {describeError(e)}")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(records[0] if args.migration_id else records, indent=2))
+        return EXIT_OK
+    statuses = [MigrationStatus.fromJSON(r) for r in records]
+    if args.migration_id:
+        print(statusDetail(statuses[0]))
+    else:
+        print(statusTable(statuses))
+    return EXIT_OK
