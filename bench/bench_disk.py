@@ -162,7 +162,7 @@ async def migrate(
     spec = DeviceSpec.parse(f"disk:bench:path={image},target={destination}")
     started = time.perf_counter()
     source = DiskSource(spec, SourceContext(reactor))
-    description = await source.describe()
+    description = (await source.describe()).withTargetParams(spec)
     target = diskKind.target(
         description, TargetContext(reactor, os.path.dirname(destination))
     )

@@ -84,7 +84,7 @@ async def oneRound(
     try:
         started = clock()
         device = vtpmKind.source(spec, FakeSourceContext(reactor))
-        description = await device.describe()
+        description = (await device.describe()).withTargetParams(spec)
         times["describe"] = clock()
         receiver = vtpmKind.target(description, targetContext)
         device.accepted(await receiver.accept())

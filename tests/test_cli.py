@@ -103,6 +103,12 @@ def test_missing_cert_file_is_one_line_exit_2(tmp_path: Path, certs: PKI) -> Non
         ("file:blob:path", "is not key=val"),
         ("nosuchkind:blob:path=a,target=b", "no device kind 'nosuchkind'"),
         ("file:blob:target=/x", "the file kind needs path=SOURCE_FILE"),
+        (
+            "disk:x:path=A,target=B,target-overwirte=yes,compres=yes",
+            "unknown parameter(s) compres, target-overwirte (did you mean "
+            "target-overwrite?)",
+        ),
+        ("file:blob:path=a,target=b,target-overwrite=maybe", "neither yes nor no"),
     ],
 )
 def test_bad_device_spec_exits_2(

@@ -213,7 +213,7 @@ async def prepare(
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     if source is None:
         source = DiskSource(makeSpec(image, dest, **extra), FakeSourceContext())
-    description = await source.describe()
+    description = (await source.describe()).withTargetParams(source.spec)
     context = FakeTargetContext(
         roots or [FilePath(os.path.dirname(dest))], FilePath(str(tmp_path))
     )
@@ -317,7 +317,10 @@ async def test_describe_reports_sizes_and_format(tmp_path: Any) -> None:
     assert description.precopy is True
     assert description.params["format"] == "raw"
     assert description.params["allocated"] == allocated(image)
-    assert description.params["target"] == "/nowhere/b.img"
+    # The spec's target keys are the framework's to add, once (not describe's).
+    assert "target" not in description.params
+    sent = description.withTargetParams(source.spec)
+    assert sent.params["target"] == "/nowhere/b.img"
     await source.rollback()
 
 
@@ -597,7 +600,7 @@ async def test_lack_of_space_is_refused_at_accept(tmp_path: Any) -> None:
     image = str(tmp_path / "a.img")
     sparseImage(image, 4 * MiB, [(0, MiB)])
     source = DiskSource(makeSpec(image, str(tmp_path / "out.img")), FakeSourceContext())
-    description = await source.describe()
+    description = (await source.describe()).withTargetParams(source.spec)
     huge = dataclasses.replace(
         description, params={**description.params, "allocated": 1 << 60}
     )

@@ -282,13 +282,8 @@ async def counterPair(tmp_path, state=b'{"packets": 7, "drops": 0}'):
         reactor, peer=lambda method, payload: answerNow(targets[0], method, payload)
     )
     sourceDevice = example_kind.counterKind.source(spec, sourceContext)
-    description = await sourceDevice.describe()
-    description = DeviceDescription(
-        description.kind,
-        description.name,
-        description.size,
-        {**spec.targetParams, **description.params},
-    )
+    # The framework adds the spec's target keys to what describe() says.
+    description = (await sourceDevice.describe()).withTargetParams(spec)
     context = FakeTargetContext(
         reactor, [str(tmp_path / "vms")], stagingDir=str(tmp_path / "staging")
     )

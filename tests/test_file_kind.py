@@ -1,6 +1,7 @@
 """The file kind and its staging, driven source to target without a daemon."""
 
 import os
+from dataclasses import replace
 
 import pytest
 import pytest_twisted
@@ -155,7 +156,7 @@ async def test_fullFilesystem(tmp_path):
         source, target, context = await pair(
             tmp_path, f"file:f:path={src},target={small}/out", roots=[str(small)]
         )
-        target.description.params["allocated"] = 0  # get past the space check
+        target.params = replace(target.params, allocated=0)  # past the space check
         await target.accept()
         writer = PipeWriter(target)
         with pytest.raises(DeviceError, match="no space left"):

@@ -180,6 +180,22 @@ def test_badDescriptions(host: Host, device: dict[str, Any], text: str) -> None:
     assert host.target.sessions == {}
 
 
+def test_misspeltKeyRefusedAtPrepare(host: Host) -> None:
+    """A target key the kind does not know refuses the device, naming the key."""
+    devices = deviceList(
+        kind="file", params={"target": "a/x", "target-overwirte": "yes"}
+    )
+    answer, _, _ = host.ask(**prepareBox(devices=devices))
+    [offer] = amp.AmpList(commands._OFFER).fromStringProto(answer[b"offers"], None)
+    assert not offer["accepted"]
+    assert (
+        "unknown parameter(s) target-overwirte (did you mean target-overwrite?)"
+        in (offer["reason"])
+    )
+    assert host.target.sessions == {}
+    assert os.listdir(host.root / "a") == []
+
+
 def test_jsonParamsMalformed(host: Host) -> None:
     """params that are not a JSON object get PROTOCOL."""
     raw = amp.AmpBox(

@@ -209,7 +209,7 @@ async def send(spec: str, contexts: Any) -> tuple[Any, Any, list[Record], EndRec
     """Describe, accept and send: the source, target, records and END record."""
     sourceContext, targetContext = contexts
     source = makeSource(spec, sourceContext)
-    description = await source.describe()
+    description = (await source.describe()).withTargetParams(source.spec)
     target = vtpmKind.target(description, targetContext)
     verifyObject(ITargetDevice, target)
     source.accepted(await target.accept())
@@ -557,7 +557,7 @@ async def test_targetWithoutMigrationKey(host, contexts):
         f"target-statedir={os.path.join(host.work, 'vm1-tpm')}",
     ):
         device = makeSource(f"vtpm:tpm0:ctrl={source.ctrlPath},{where}", contexts[0])
-        description = await device.describe()
+        description = (await device.describe()).withTargetParams(device.spec)
         with pytest.raises(DeviceRefused) as caught:
             await vtpmKind.target(description, contexts[1]).accept()
         assert "migration key" in str(caught.value)
@@ -592,7 +592,8 @@ async def test_plainTargetForEncryptedSource(host, contexts):
     source = await host.swtpm("src", key=host.key("k-source"))
     target = await host.swtpm("dst", running=False)
     spec = f"vtpm:tpm0:ctrl={source.ctrlPath},target-ctrl={target.ctrlPath}"
-    description = await makeSource(spec, contexts[0]).describe()
+    device = makeSource(spec, contexts[0])
+    description = (await device.describe()).withTargetParams(device.spec)
     with pytest.raises(DeviceRefused) as caught:
         await vtpmKind.target(description, contexts[1]).accept()
     assert "target-allow-unencrypted=1" in str(caught.value)
@@ -608,7 +609,8 @@ async def test_runningTargetRefused(host, contexts):
     source = await host.swtpm("src")
     target = await host.swtpm("dst")
     spec = f"vtpm:tpm0:ctrl={source.ctrlPath},target-ctrl={target.ctrlPath}"
-    description = await makeSource(spec, contexts[0]).describe()
+    device = makeSource(spec, contexts[0])
+    description = (await device.describe()).withTargetParams(device.spec)
     with pytest.raises(DeviceRefused) as caught:
         await vtpmKind.target(description, contexts[1]).accept()
     assert "already runs a TPM" in str(caught.value)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,63 +71,6 @@ def checkParams(what: str, params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-#: The words a device parameter says "yes" with.
-YES = frozenset({"1", "yes", "true", "on"})
-
-
-def flagParam(params: dict[str, Any], key: str) -> bool:
-    """Whether the device parameter ``key`` says yes (1, yes, true or on)."""
-    return str(params.get(key, "")).lower() in YES
-
-
-def refuseUnknown(what: str, given: Iterable[str], known: Iterable[str]) -> None:
-    """
-    @raise BadSpec: if ``given`` has parameter names not in ``known``, naming
-        ``what`` (e.g. ``"vtpm device tpm0"``), them and the known ones.
-    """
-    unknown = set(given) - set(known)
-    if unknown:
-        raise BadSpec(
-            f"{what}: unknown parameter(s) {', '.join(sorted(unknown))} "
-            f"(known: {', '.join(sorted(known))})"
-        )
-
-
-def secondsParam(
-    what: str, params: dict[str, Any], key: str, default: float, most: float
-) -> float:
-    """
-    The device parameter ``key`` as a time-out in seconds, above 0 and at most
-    ``most``; ``default`` when it is absent.
-
-    @raise BadSpec: naming ``what`` (e.g. ``"vtpm device tpm0"``) and the value.
-    """
-    value = params.get(key, default)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if not 0 < seconds <= most:
-        raise BadSpec(f"{what}: {key}={value!r} is not a number of seconds")
-    return seconds
-
-
-def intParam(what: str, params: dict[str, Any], key: str, default: int) -> int:
-    """
-    The non-negative integer parameter ``key`` (``default`` if absent).
-
-    @raise BadSpec: naming ``what`` and the key, if it is not one.
-    """
-    value = params.get(key, default)
-    if isinstance(value, str) and value.isdigit() and len(value) <= 19:
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadSpec(f"{what}: parameter {key} must be a whole number")
-    if not 0 <= value <= MAX_INT:
-        raise BadSpec(f"{what}: parameter {key} is out of range")
-    return value
-
-
 @dataclass(frozen=True)
 class DeviceSpec:
     """
@@ -193,6 +135,14 @@ class DeviceDescription:
             raise BadSpec(
                 f"device {self.name}: size must be an integer from 0 to {MAX_INT}"
             )
+
+    def withTargetParams(self, spec: DeviceSpec) -> DeviceDescription:
+        """
+        This description as the target receives it: with the target keys of
+        ``spec`` (the device's spec on the source) added to its parameters.
+        """
+        params = {**spec.targetParams, **self.params}
+        return DeviceDescription(self.kind, self.name, self.size, params, self.precopy)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -22,7 +23,6 @@ from zope.interface import implementer
 
 from xenmig.digest import hashBytes
 from xenmig.errors import (
-    BadSpec,
     CommitFailed,
     DeviceError,
     DeviceRefused,
@@ -39,6 +39,7 @@ from xenmig.interfaces import (
     ITargetDevice,
 )
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
+from xenmig.params import DeviceParams, Where, key, text, whole
 from xenmig.records import DataRecord, EndRecord, MetadataRecord, Record, ZeroRecord
 
 #: The layout of the state this code writes and reads.
@@ -62,6 +63,20 @@ def parseState(data: bytes, where: str, error: type[Exception]) -> dict[str, int
     return state
 
 
+@dataclass(frozen=True)
+class CounterParams(DeviceParams):
+    """
+    ``counter:NAME:path=SOURCE_FILE,target=DESTINATION``, and the state format
+    the source declares: one record, parsed by both sides, unknown keys refused.
+    """
+
+    KIND = "counter"
+
+    path: str = key("path", text, "", required=True, usage="path=FILE")
+    target: str = key("target", text, "", required=True, usage="target=DEST")
+    format: int = key("format", whole, 0, where=Where.DESCRIPTION)
+
+
 # -- the source side ------------------------------------------------------------------
 
 
@@ -74,12 +89,7 @@ class CounterSource:
     def __init__(self, spec: DeviceSpec, context: ISourceContext) -> None:
         self.spec = spec
         self.context = context
-        path = spec.params.get("path")
-        if not path:
-            raise BadSpec(f"device {spec.name}: the counter kind needs path=FILE")
-        if "target" not in spec.targetParams:
-            raise BadSpec(f"device {spec.name}: the counter kind needs target=DEST")
-        self.path = path
+        self.path = path = CounterParams.fromSpec(spec).path  # or BadSpec
         self.marker = path + ".migrating"  # the toy device stops while it exists
         self.destination = ""
 
@@ -157,11 +167,9 @@ class CounterTarget:
         self.description = description
         self.context = context
         self.where = f"device {description.name}"
-        target = description.params.get("target")
-        if not isinstance(target, str) or not target:
-            raise BadSpec(f"{self.where}: target=DESTINATION is missing")
+        self.params = CounterParams.fromDescription(description)  # or BadSpec
         # Raises PathNotAllowed, which refuses the device at Prepare.
-        self.destination: FilePath = context.resolveDestination(target)
+        self.destination: FilePath = context.resolveDestination(self.params.target)
         self.staged: FilePath | None = None
         self.state = bytearray()
         self.aborted = False
@@ -170,10 +178,10 @@ class CounterTarget:
         return Deferred.fromCoroutine(self._accept())
 
     async def _accept(self) -> dict[str, Any]:
-        if self.description.params.get("format") != FORMAT:
+        if self.params.format != FORMAT:
             raise DeviceRefused(
-                f"{self.where}: state format {self.description.params.get('format')}"
-                f" is unknown here (this host reads format {FORMAT})"
+                f"{self.where}: state format {self.params.format} is unknown here "
+                f"(this host reads format {FORMAT})"
             )
         if self.description.size > MAX_STATE:
             raise DeviceRefused(f"{self.where}: state larger than {MAX_STATE} bytes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -12,7 +13,7 @@ from zope.interface import implementer
 
 from xenmig.devices.sparse import sendFile
 from xenmig.devices.staging import StagedFile
-from xenmig.errors import BadSpec, DeviceError, DeviceRefused, StreamError
+from xenmig.errors import DeviceError, DeviceRefused, StreamError
 from xenmig.fs import freeBytes
 from xenmig.interfaces import (
     IDeviceKind,
@@ -22,15 +23,22 @@ from xenmig.interfaces import (
     ITargetContext,
     ITargetDevice,
 )
-from xenmig.model import (
-    ContentDigest,
-    DeviceDescription,
-    DeviceSpec,
-    RoundResult,
-    flagParam,
-    intParam,
-)
+from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
+from xenmig.params import DeviceParams, Where, flag, key, text, whole
 from xenmig.records import DataRecord, EndRecord, Record, ZeroRecord
+
+
+@dataclass(frozen=True)
+class FileParams(DeviceParams):
+    """The ``file`` kind's parameters: ``path=SRC,target=DST[,target-overwrite=1]``."""
+
+    KIND = "file"
+
+    path: str = key("path", text, "", required=True, usage="path=SOURCE_FILE")
+    target: str = key("target", text, "", required=True, usage="target=DESTINATION")
+    targetOverwrite: bool = key("target-overwrite", flag, False)
+    #: The bytes the file takes on the source's disk.
+    allocated: int | None = key("allocated", whole, where=Where.DESCRIPTION)
 
 
 @implementer(ISourceDevice)
@@ -42,12 +50,7 @@ class FileSource:
     def __init__(self, spec: DeviceSpec, context: ISourceContext) -> None:
         self.spec = spec
         self.context = context
-        path = spec.params.get("path")
-        if not path:
-            raise BadSpec(f"device {spec.name}: the file kind needs path=SOURCE_FILE")
-        if "target" not in spec.targetParams:
-            raise BadSpec(f"device {spec.name}: the file kind needs target=DESTINATION")
-        self.path = path
+        self.path = FileParams.fromSpec(spec).path
 
     def describe(self) -> Deferred[DeviceDescription]:
         return self.context.runInThread(self._describe)
@@ -103,11 +106,9 @@ class FileTarget:
     def __init__(self, description: DeviceDescription, context: ITargetContext) -> None:
         self.description = description
         self.context = context
-        target = description.params.get("target")
-        if not isinstance(target, str) or not target:
-            raise BadSpec(f"device {description.name}: target=DESTINATION is missing")
-        self.overwrite = flagParam(description.params, "target-overwrite")
-        self.destination: FilePath = context.resolveDestination(target)
+        self.params = FileParams.fromDescription(description)
+        self.overwrite = self.params.targetOverwrite
+        self.destination: FilePath = context.resolveDestination(self.params.target)
         self.staged: StagedFile | None = None
 
     def accept(self) -> Deferred[dict[str, Any]]:
@@ -122,12 +123,9 @@ class FileTarget:
                 f"{self.destination.path} already exists (ask for target-overwrite=yes "
                 f"to replace it)"
             )
-        need = intParam(
-            f"device {name}",
-            self.description.params,
-            "allocated",
-            self.description.size,
-        )
+        need = self.params.allocated
+        if need is None:
+            need = self.description.size
         free = await self.context.runInThread(freeBytes, self.destination.dirname())
         if need > free:
             raise DeviceRefused(

@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from xenmig.devices.devmodel.source import KIND, DevmodelSource
+from xenmig.devices.devmodel.params import KIND
+from xenmig.devices.devmodel.source import DevmodelSource
 from xenmig.devices.devmodel.target import DevmodelTarget
 from xenmig.interfaces import IDeviceKind, ISourceContext, ITargetContext
 from xenmig.model import DeviceDescription, DeviceSpec

@@ -22,10 +22,10 @@ from xenmig.clients.qmpclient import (
     connectQMP,
     qmpSession,
 )
+from xenmig.devices.devmodel.params import KIND, DevmodelParams
 from xenmig.devices.sparse import sendFile
 from xenmig.digest import ContentHasher
 from xenmig.errors import (
-    BadSpec,
     DeviceError,
 )
 from xenmig.interfaces import (
@@ -38,32 +38,16 @@ from xenmig.model import (
     DeviceDescription,
     DeviceSpec,
     RoundResult,
-    flagParam,
-    refuseUnknown,
-    secondsParam,
 )
 
 log = Logger()
 
-KIND = "devmodel"
 FORMAT = 1
-SOURCE_PARAMS = frozenset({"qmp", "xen", "timeout", "release", "statedir"})
-TARGET_PARAMS = frozenset(
-    {
-        "target-qmp",
-        "target-statefile",
-        "target-log",
-        "target-overwrite",
-        "target-timeout",
-    }
-)
 #: The two ways a source takes the state out (the description's ``mode``).
 MODE_MIGRATE = "migrate"
 MODE_XEN = "xen-save-devices-state"
 #: Seconds for one short QMP conversation (connect, a few commands, hang up).
 QMP_TIMEOUT = 10.0
-#: Default seconds for QEMU to write (source) or load (target) the whole state.
-STATE_TIMEOUT = 300.0
 #: A Xen device model's state (device state only) is some tens of KiB.
 XEN_ESTIMATE = 64 * 1024
 XEN_MAX = 64 * 1024 * 1024
@@ -193,32 +177,13 @@ class DevmodelSource:
     def __init__(self, spec: DeviceSpec, context: ISourceContext) -> None:
         self.spec = spec
         self.context = context
-        name = self.name = spec.name
-        refuseUnknown(
-            f"devmodel device {name}",
-            [*spec.params, *spec.targetParams],
-            SOURCE_PARAMS | TARGET_PARAMS,
-        )
-        path = spec.params.get("qmp")
-        if not path:
-            raise BadSpec(f"devmodel device {name}: needs qmp=PATH, QEMU's QMP socket")
-        modes = {"target-qmp", "target-statefile"} & set(spec.targetParams)
-        if len(modes) != 1:
-            raise BadSpec(
-                f"devmodel device {name}: give exactly one of target-qmp=PATH (a "
-                f"QEMU waiting with -incoming defer) or target-statefile=PATH"
-            )
-        self.path = str(path)
-        self.xen = flagParam(spec.params, "xen")
-        self.timeout = secondsParam(
-            f"devmodel device {name}", spec.params, "timeout", STATE_TIMEOUT, 86400
-        )
-        self.releaseMode = str(
-            spec.params.get("release", "keep" if self.xen else "quit")
-        )
-        if self.releaseMode not in ("quit", "keep"):
-            raise BadSpec(f"devmodel device {name}: release= is 'quit' or 'keep'")
-        self.statedir = spec.params.get("statedir") or None
+        self.name = spec.name
+        params = DevmodelParams.fromSpec(spec)
+        self.path = params.qmp
+        self.xen = params.xen
+        self.timeout = params.timeout
+        self.releaseMode = params.releaseMode
+        self.statedir = params.statedir or None
         self.started = False
         self.stoppedHere = False  # xen=1: this handler stopped the device model
         self._saving: Deferred[ContentDigest] | None = None

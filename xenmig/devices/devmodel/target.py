@@ -16,18 +16,16 @@ from zope.interface import implementer
 
 from xenmig.clients.qmp import QEMUMigrationFailed, QMPConnectionError
 from xenmig.clients.qmpclient import QMPClient, connectQMP, qmpSession
+from xenmig.devices.devmodel.params import DevmodelParams
 from xenmig.devices.devmodel.source import (
     MODE_MIGRATE,
     QMP_TIMEOUT,
-    STATE_TIMEOUT,
-    TARGET_PARAMS,
     machineFacts,
     qemuVersion,
     whenFired,
 )
 from xenmig.devices.staging import StagedFile
 from xenmig.errors import (
-    BadSpec,
     CommitFailed,
     DeviceError,
     DeviceRefused,
@@ -43,16 +41,11 @@ from xenmig.interfaces import (
 from xenmig.model import (
     ContentDigest,
     DeviceDescription,
-    flagParam,
-    refuseUnknown,
-    secondsParam,
 )
 from xenmig.records import DataRecord, EndRecord, Record, ZeroRecord
 
 log = Logger()
 
-#: The largest state a target accepts, whatever the source declares.
-MAX_STATE = 1 << 44
 #: How much of the target QEMU's log a refusal quotes.
 LOG_TAIL = 4096
 
@@ -82,37 +75,22 @@ class DevmodelTarget:
     def __init__(self, description: DeviceDescription, context: ITargetContext):
         self.description = description
         self.context = context
-        params = description.params
-        name = self.name = description.name
-        given = [k for k in params if k.startswith("target")]
-        refuseUnknown(f"devmodel device {name}", given, TARGET_PARAMS)
-        qmp, statefile = params.get("target-qmp"), params.get("target-statefile")
-        if bool(qmp) == bool(statefile):
-            raise BadSpec(
-                f"devmodel device {name}: give exactly one of target-qmp=PATH or "
-                f"target-statefile=PATH"
-            )
-        maxSize = params.get("max_size")
-        if not isinstance(maxSize, int) or not 0 < maxSize <= MAX_STATE:
-            raise BadSpec(f"devmodel device {name}: max_size={maxSize!r} is unusable")
-        self.maxSize = maxSize
-        self.timeout = secondsParam(
-            f"devmodel device {name}", params, "target-timeout", STATE_TIMEOUT, 86400
-        )
-        self.overwrite = flagParam(params, "target-overwrite")
+        self.name = description.name
+        self.params = params = DevmodelParams.fromDescription(description)
+        self.maxSize = params.maxSize
+        self.timeout = params.targetTimeout
+        self.overwrite = params.targetOverwrite
         # The source names these paths: like destinations, they must lie inside
         # this host's allowed roots (no connecting to, or quoting, anything else).
         self.qmpPath: str | None = None
         self.logPath: str | None = None
         self.destination: FilePath | None = None
-        if qmp:
-            self.qmpPath = context.resolveDestination(str(qmp)).path
-            if params.get("target-log"):
-                self.logPath = context.resolveDestination(
-                    str(params["target-log"])
-                ).path
+        if params.targetQmp:
+            self.qmpPath = context.resolveDestination(params.targetQmp).path
+            if params.targetLog:
+                self.logPath = context.resolveDestination(params.targetLog).path
         else:
-            self.destination = context.resolveDestination(str(statefile))
+            self.destination = context.resolveDestination(params.targetStatefile)
         self.staged: StagedFile | None = None
         self.loaded = False  # QEMU took (or began to take) the state
         self.loading: Deferred[None] | None = None
@@ -168,26 +146,26 @@ class DevmodelTarget:
                 f"{where} is '{status}', not waiting for a migration: start a fresh "
                 f"QEMU with -incoming defer (and -S) for the incoming VM"
             )
-        params = self.description.params
-        ours, theirs = qemuVersion(client.greeting), str(params.get("qemu_version", ""))
+        params = self.params
+        ours, theirs = qemuVersion(client.greeting), params.qemuVersion
         if _versionTuple(ours) < _versionTuple(theirs):
             raise DeviceRefused(
                 f"{where} is version {ours}, older than the source's {theirs}: QEMU "
                 f"migrates to the same or a newer version only"
             )
-        if params.get("mode") != MODE_MIGRATE:
+        if params.mode != MODE_MIGRATE:
             return
         facts = await machineFacts(client)
-        machine = params.get("machine")
+        machine = params.machine
         if machine and facts["machine"] and machine != facts["machine"]:
             raise DeviceRefused(
                 f"{where} runs machine type {facts['machine']}, the source "
                 f"{machine}: start it with the same -machine"
             )
-        if params.get("memory") and params["memory"] != facts["memory"]:
+        if params.memory and params.memory != facts["memory"]:
             raise DeviceRefused(
                 f"{where} has {facts['memory']} bytes of RAM, the source "
-                f"{params['memory']}: start it with the same -m"
+                f"{params.memory}: start it with the same -m"
             )
 
     # receive and verify

@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from xenmig.devices.disk.source import KIND, DiskSource
+from xenmig.devices.disk.params import KIND
+from xenmig.devices.disk.source import DiskSource
 from xenmig.devices.disk.target import DiskTarget
 from xenmig.interfaces import IDeviceKind, ISourceContext, ITargetContext
 from xenmig.model import DeviceDescription, DeviceSpec

@@ -18,9 +18,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig.devices.disk.blockmap import BLOCK_SIZE, BlockMap, BlockScan, BlockScanner
+from xenmig.devices.disk.params import KIND, DiskParams
 from xenmig.devices.disk.qemudirty import QEMUDirtyBitmap
 from xenmig.devices.disk.reflinkdirty import ReflinkSnapshots
-from xenmig.errors import BadSpec, DeviceError
+from xenmig.errors import DeviceError
 from xenmig.interfaces import (
     IDirtyBlocks,
     IRecordWriter,
@@ -32,17 +33,11 @@ from xenmig.model import (
     DeviceDescription,
     DeviceSpec,
     RoundResult,
-    flagParam,
-    refuseUnknown,
 )
 
 log = Logger()
 T = TypeVar("T")
 
-KIND = "disk"
-FORMATS = frozenset({"raw", "qcow2"})
-SOURCE_KEYS = frozenset({"path", "format", "qmp", "qmp-node", "reflink"})
-TARGET_KEYS = frozenset({"target", "target-overwrite"})
 QCOW2_MAGIC = b"QFI\xfb"
 #: magic, version, backing file offset and length, cluster bits, virtual size.
 _QCOW2_HEADER = struct.Struct(">4sIQIIQ")
@@ -138,20 +133,21 @@ class DiskSource:
     ) -> None:
         self.spec = spec
         self.context = context
-        self.path = _sourceParams(spec)
-        if dirty is None and flagParam(spec.params, "reflink"):
+        params = DiskParams.fromSpec(spec)
+        self.path = params.path
+        if dirty is None and params.reflink:
             dirty = ReflinkSnapshots(self.path, context.runInThread)
-        elif dirty is None and spec.params.get("qmp"):
+        elif dirty is None and params.qmp:
             dirty = QEMUDirtyBitmap(
                 context.reactor,
-                spec.params["qmp"],
+                params.qmp,
                 self.path,
-                node=spec.params.get("qmp-node", ""),
+                node=params.qmpNode,
                 granularity=min(DIRTY_GRANULARITY, blockSize),
             )
         self.dirty = dirty
         self._tracking = False
-        self.format = spec.params.get("format", "")
+        self.format = params.format
         self.blockSize = blockSize
         self.batchBlocks = batchBlocks
         self.batchBytes = batchBytes
@@ -181,7 +177,6 @@ class DiskSource:
             "allocated": st.st_blocks * 512,
             "max_size": scanner.maxSize,
             "block_size": self.blockSize,
-            **self.spec.targetParams,
         }
         if info.backing:
             params["backing"] = info.backing
@@ -465,25 +460,3 @@ class _PieceSender:
             start, length = self._zeroStart, self._zeroLength
             self._zeroLength = 0
             await self.writer.writeZero(start, length)
-
-
-def _sourceParams(spec: DeviceSpec) -> str:
-    """Check a source spec; return the image path."""
-    refuseUnknown(
-        f"disk device {spec.name}",
-        [*spec.params, *spec.targetParams],
-        SOURCE_KEYS | TARGET_KEYS,
-    )
-    path = spec.params.get("path")
-    if not path:
-        raise BadSpec(f"device {spec.name}: the disk kind needs path=SOURCE_IMAGE")
-    if not spec.targetParams.get("target"):
-        raise BadSpec(f"device {spec.name}: the disk kind needs target=DESTINATION")
-    if spec.params.get("format", "raw") not in FORMATS:
-        raise BadSpec(f"device {spec.name}: format must be raw or qcow2")
-    if spec.params.get("qmp") and flagParam(spec.params, "reflink"):
-        raise BadSpec(
-            f"device {spec.name}: give qmp= or reflink= (one source of changed "
-            f"blocks), not both"
-        )
-    return path

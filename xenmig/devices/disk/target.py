@@ -14,11 +14,9 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from xenmig.devices.disk.blockmap import BLOCK_SIZE, treeAlgorithm
+from xenmig.devices.disk.blockmap import treeAlgorithm
 from xenmig.devices.disk.imagestaging import ImageStaging
-from xenmig.devices.disk.source import (
-    FORMATS,
-)
+from xenmig.devices.disk.params import DiskParams
 from xenmig.errors import (
     BadSpec,
     DeviceError,
@@ -32,12 +30,7 @@ from xenmig.interfaces import (
     ITargetContext,
     ITargetDevice,
 )
-from xenmig.model import (
-    ContentDigest,
-    DeviceDescription,
-    flagParam,
-    intParam,
-)
+from xenmig.model import ContentDigest, DeviceDescription
 from xenmig.records import (
     DataRecord,
     EndRecord,
@@ -51,8 +44,6 @@ from xenmig.records import (
 #: fraction, for filesystem metadata and for blocks the guest allocates meanwhile.
 SPACE_MARGIN = 16 * 1024 * 1024
 SPACE_MARGIN_FRACTION = 32
-#: The largest block size a source may choose (the target hashes a block at once).
-MAX_BLOCK_SIZE = 64 * 1024 * 1024
 
 
 def spaceNeeded(allocated: int) -> int:
@@ -72,25 +63,15 @@ class DiskTarget:
     def __init__(self, description: DeviceDescription, context: ITargetContext) -> None:
         self.description = description
         self.context = context
-        name = description.name
-        params = description.params
-        self.target = params.get("target")
-        if not isinstance(self.target, str) or not self.target:
-            raise BadSpec(f"device {name}: target=DESTINATION is missing")
-        if params.get("format", "raw") not in FORMATS:
-            raise BadSpec(
-                f"device {name}: unsupported image format {params['format']!r}"
-            )
-        self.overwrite = flagParam(params, "target-overwrite")
-        self.maxSize = intParam(f"device {name}", params, "max_size", description.size)
+        self.params = params = DiskParams.fromDescription(description)
+        self.target = params.target
+        self.overwrite = params.targetOverwrite
+        self.maxSize = description.size if params.maxSize is None else params.maxSize
         if self.maxSize < description.size:
-            raise BadSpec(f"device {name}: max_size is below the image size")
-        self.blockSize = intParam(f"device {name}", params, "block_size", BLOCK_SIZE)
-        if not 0 < self.blockSize <= MAX_BLOCK_SIZE or self.blockSize % 4096:
             raise BadSpec(
-                f"device {name}: block_size must be a multiple of 4096 bytes, at "
-                f"most {MAX_BLOCK_SIZE}"
+                f"device {description.name}: max_size is below the image size"
             )
+        self.blockSize = params.blockSize
         self.destination: FilePath | None = None
         self.staged: ImageStaging | None = None
         self.round = -1
@@ -104,7 +85,6 @@ class DiskTarget:
         return Deferred.fromCoroutine(self._accept())
 
     async def _accept(self) -> dict[str, Any]:
-        assert isinstance(self.target, str)
         try:
             destination = self.context.resolveDestination(self.target)
         except PathNotAllowed as e:
@@ -118,9 +98,9 @@ class DiskTarget:
                 f"target-overwrite=yes to replace it"
             )
         await self._checkBacking(directory)
-        allocated = intParam(
-            self._name, self.description.params, "allocated", self.description.size
-        )
+        allocated = self.params.allocated
+        if allocated is None:
+            allocated = self.description.size
         need = spaceNeeded(allocated)
         free = await self.context.runInThread(freeBytes, directory)
         if need > free:
@@ -147,7 +127,7 @@ class DiskTarget:
         return {"destination": destination.path, "free": free}
 
     async def _checkBacking(self, directory: str) -> None:
-        backing = self.description.params.get("backing")
+        backing = self.params.backing
         if not backing:
             return
         # A peer's path: it may only ask about files within its roots.

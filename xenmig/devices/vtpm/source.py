@@ -20,9 +20,9 @@ from xenmig.clients.swtpm import (
     SwtpmNotRunning,
 )
 from xenmig.clients.swtpmcontrol import SwtpmControl
+from xenmig.devices.vtpm.params import VTPMParams
 from xenmig.digest import hashBytes
 from xenmig.errors import (
-    BadSpec,
     DeviceError,
 )
 from xenmig.interfaces import (
@@ -35,9 +35,6 @@ from xenmig.model import (
     DeviceDescription,
     DeviceSpec,
     RoundResult,
-    flagParam,
-    refuseUnknown,
-    secondsParam,
 )
 
 log = Logger()
@@ -49,8 +46,6 @@ CHUNK = 1024 * 1024
 #: The metadata key that announces one blob, and the format of that announcement.
 BLOB_KEY = "vtpm-blob"
 FORMAT = 1
-
-SOURCE_PARAMS = frozenset({"ctrl", "key", "qemu", "timeout"})
 
 
 class VTPMOwnedByQEMU(DeviceError):
@@ -108,23 +103,10 @@ class VTPMSource:
     def __init__(self, spec: DeviceSpec, context: ISourceContext) -> None:
         self.spec = spec
         self.context = context
-        name = spec.name
-        refuseUnknown(f"vtpm device {name}", spec.params, SOURCE_PARAMS)
-        ctrl = spec.params.get("ctrl")
-        if not ctrl:
-            raise BadSpec(
-                f"vtpm device {name}: needs ctrl=PATH, the swtpm's control socket"
-            )
-        modes = {"target-ctrl", "target-statedir"} & set(spec.targetParams)
-        if len(modes) != 1:
-            raise BadSpec(
-                f"vtpm device {name}: give exactly one of target-ctrl=PATH (a fresh "
-                f"swtpm the target toolstack started) or target-statedir=DIR"
-            )
-        self.qemu = flagParam(spec.params, "qemu")
-        self.expectKey = bool(spec.params.get("key"))
-        timeout = secondsParam(f"vtpm device {name}", spec.params, "timeout", 5.0, 3600)
-        self.control = SwtpmControl(context.reactor, str(ctrl), timeout)
+        params = VTPMParams.fromSpec(spec)
+        self.qemu = params.qemu
+        self.expectKey = bool(params.sourceKey)
+        self.control = SwtpmControl(context.reactor, params.ctrl, params.timeout)
 
     async def _guard(self, work: Any) -> Any:
         try:
@@ -161,12 +143,11 @@ class VTPMSource:
                 f"vtpm device {name}: key= was given but the swtpm at "
                 f"{self.control.address} runs without --key: check its command line"
             )
-        params: dict[str, Any] = dict(self.spec.targetParams)
-        params.update(
-            format=FORMAT,
-            file_key=bool(config & CONFIG_FLAG_FILE_KEY),
-            migration_key=bool(config & CONFIG_FLAG_MIGRATION_KEY),
-        )
+        params: dict[str, Any] = {
+            "format": FORMAT,
+            "file_key": bool(config & CONFIG_FLAG_FILE_KEY),
+            "migration_key": bool(config & CONFIG_FLAG_MIGRATION_KEY),
+        }
         return DeviceDescription("vtpm", name, SIZE_ESTIMATE, params)
 
     async def _refuseIfQEMU(self) -> None:

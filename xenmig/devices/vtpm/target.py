@@ -34,6 +34,7 @@ from xenmig.clients.swtpm import (
 from xenmig.clients.swtpmcontrol import SwtpmControl
 from xenmig.clients.swtpmprocess import KeyOption, SwtpmProcess, swtpmFeatures
 from xenmig.destinations import openResolvedDirectory
+from xenmig.devices.vtpm.params import VTPMParams
 from xenmig.devices.vtpm.source import (
     BLOB_KEY,
     namedError,
@@ -55,31 +56,10 @@ from xenmig.interfaces import (
 from xenmig.model import (
     ContentDigest,
     DeviceDescription,
-    flagParam,
-    refuseUnknown,
-    secondsParam,
 )
 from xenmig.records import DataRecord, EndRecord, MetadataRecord, Record, ZeroRecord
 
 log = Logger()
-
-TARGET_PARAMS = frozenset(
-    {
-        "target-ctrl",
-        "target-statedir",
-        "target-key",
-        "target-migration-key",
-        "target-key-mode",
-        "target-key-format",
-        "target-allow-unencrypted",
-        "target-overwrite",
-        "target-timeout",
-    }
-)
-
-#: swtpm's --key modes and formats (a value is put into its option string).
-KEY_MODES = frozenset({"aes-128-cbc", "aes-256-cbc"})
-KEY_FORMATS = frozenset({"binary", "hex"})
 
 
 def _keyPath(context: ITargetContext, value: Any) -> str:
@@ -104,54 +84,27 @@ class VTPMTarget:
     def __init__(self, description: DeviceDescription, context: ITargetContext):
         self.description = description
         self.context = context
-        params = description.params
-        name = self.name = description.name
-        given = [k for k in params if k.startswith("target")]
-        refuseUnknown(f"vtpm device {name}", given, TARGET_PARAMS)
-        timeout = secondsParam(
-            f"vtpm device {name}", params, "target-timeout", 5.0, 3600
-        )
-        ctrl, statedir = params.get("target-ctrl"), params.get("target-statedir")
-        if bool(ctrl) == bool(statedir):
-            raise BadSpec(
-                f"vtpm device {name}: give exactly one of target-ctrl=PATH or "
-                f"target-statedir=DIR"
-            )
+        self.name = description.name
+        self.params = params = VTPMParams.fromDescription(description)
         self.control: SwtpmControl | None = None
         self.destination: FilePath | None = None
         self.key = self.migrationKey = None
-        if ctrl:
-            if {"target-key", "target-migration-key"} & set(params):
-                raise BadSpec(
-                    f"vtpm device {name}: target-key and target-migration-key apply to "
-                    f"target-statedir; with target-ctrl, start that swtpm with --key "
-                    f"and --migration-key yourself"
-                )
-            # A peer names the socket: it must lie within its roots like any path.
-            socket = context.resolveDestination(str(ctrl)).path
-            self.control = SwtpmControl(context.reactor, socket, timeout)
+        # A peer names these paths: they must lie within its roots like any path.
+        if params.targetCtrl:
+            socket = context.resolveDestination(params.targetCtrl).path
+            self.control = SwtpmControl(context.reactor, socket, params.targetTimeout)
         else:
-            self.destination = context.resolveDestination(str(statedir))
-            mode = str(params.get("target-key-mode", "aes-256-cbc"))
-            form = str(params.get("target-key-format", "binary"))
-            if mode not in KEY_MODES or form not in KEY_FORMATS:
-                raise BadSpec(
-                    f"vtpm device {name}: target-key-mode must be one of "
-                    f"{', '.join(sorted(KEY_MODES))} and target-key-format one of "
-                    f"{', '.join(sorted(KEY_FORMATS))}"
-                )
-            if params.get("target-key"):
-                self.key = KeyOption(
-                    _keyPath(context, params["target-key"]), mode, form
-                )
-            if params.get("target-migration-key"):
-                self.migrationKey = KeyOption(
-                    _keyPath(context, params["target-migration-key"]), mode, form
-                )
-        self.timeout = timeout
-        self.allowUnencrypted = flagParam(params, "target-allow-unencrypted")
-        self.overwrite = flagParam(params, "target-overwrite")
-        self.receiver = BlobReceiver(name)
+            self.destination = context.resolveDestination(params.targetStatedir)
+            mode, form = params.targetKeyMode, params.targetKeyFormat
+            if params.targetKey:
+                self.key = KeyOption(_keyPath(context, params.targetKey), mode, form)
+            if params.targetMigrationKey:
+                path = _keyPath(context, params.targetMigrationKey)
+                self.migrationKey = KeyOption(path, mode, form)
+        self.timeout = params.targetTimeout
+        self.allowUnencrypted = params.targetAllowUnencrypted
+        self.overwrite = params.targetOverwrite
+        self.receiver = BlobReceiver(self.name)
         self.blobs: list[StateBlob] | None = None
         self.staged: FilePath | None = None
         self.swtpm: SwtpmProcess | None = None
@@ -170,14 +123,13 @@ class VTPMTarget:
             raise DeviceRefused(str(namedError(self.name, e)))
 
     def _needKeys(self, fileKey: bool, migrationKey: bool, where: str) -> None:
-        params = self.description.params
-        if params.get("migration_key") and not migrationKey:
+        if self.params.migrationKey and not migrationKey:
             raise DeviceRefused(
                 f"vtpm device {self.name}: the source swtpm encrypts its state with a "
                 f"migration key, and {where} has none: give it the same key "
                 f"(swtpm --migration-key, or target-migration-key=FILE)"
             )
-        if params.get("file_key") and not fileKey and not self.allowUnencrypted:
+        if self.params.fileKey and not fileKey and not self.allowUnencrypted:
             raise DeviceRefused(
                 f"vtpm device {self.name}: the source keeps its TPM state encrypted "
                 f"(--key) and {where} would store it in plain: give it a state key "
