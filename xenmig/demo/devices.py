@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
 from xenmig.cli.progress import formatBytes
+from xenmig.demo.hosts import Leg
 from xenmig.digest import hashFile
 from xenmig.model import DeviceSpec
 
-if TYPE_CHECKING:
-    from xenmig.demo.run import DemoRun, Leg
+
+class DemoRun(Protocol):
+    """What a demo device uses of the run: the reactor and its thread pool."""
+
+    reactor: Any
+
+    def inThread(self, function: Any, *args: Any) -> Deferred[Any]:
+        """Run blocking ``function`` in the run's thread pool."""
+
 
 MiB = 1024 * 1024
 

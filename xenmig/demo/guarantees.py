@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from xenmig.demo.observedguest import ObservedGuest
-
-
-class ScenarioFailed(Exception):
-    """The whole-VM migration did not behave as it must."""
+from xenmig.demo.observedguest import ObservedGuest, ScenarioFailed
 
 
 @dataclass

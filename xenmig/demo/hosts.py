@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from xenmig import tls
@@ -113,3 +113,15 @@ def makeHosts(work: str) -> list[DemoHost]:
         os.makedirs(host.root)
         hosts.append(host)
     return hosts
+
+
+@dataclass
+class Leg:
+    """One migration of the demo: from ``source`` to ``target``."""
+
+    number: int
+    source: DemoHost
+    target: DemoHost
+    migrationId: str = ""
+    report: dict[str, Any] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)

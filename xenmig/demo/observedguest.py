@@ -13,7 +13,10 @@ from twisted.internet.task import deferLater
 from xenmig.clients.qmp import JSONObject, QMPConnectionError
 from xenmig.clients.qmpclient import QMPClient, connectQMP
 from xenmig.demo import testguest
-from xenmig.demo.guarantees import ScenarioFailed
+
+
+class ScenarioFailed(Exception):
+    """The whole-VM migration did not behave as it must."""
 
 
 class ObservedGuest:

@@ -16,7 +16,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from twisted.internet.defer import Deferred
@@ -30,24 +29,12 @@ from xenmig.cli.progress import (
     statusTable,
 )
 from xenmig.demo.devices import DemoDevice, DemoFailed, demoDevices
-from xenmig.demo.hosts import DemoHost, makeHosts
+from xenmig.demo.hosts import DemoHost, Leg, makeHosts
 from xenmig.model import MigrationStatus
 from xenmig.plugins import deviceKinds
 from xenmig.source.client import SourceMigration
 
 DOMAIN = "demo-vm"
-
-
-@dataclass
-class Leg:
-    """One migration of the demo: from ``source`` to ``target``."""
-
-    number: int
-    source: DemoHost
-    target: DemoHost
-    migrationId: str = ""
-    report: dict[str, Any] = field(default_factory=dict)
-    checks: list[str] = field(default_factory=list)
 
 
 class DemoRun:

@@ -31,8 +31,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from xenmig.clients.processes import ChildProcess
 from xenmig.demo import testguest
-from xenmig.demo.guarantees import Outcome, ScenarioFailed, verifyOutcome
-from xenmig.demo.observedguest import GuestWriter, ObservedGuest
+from xenmig.demo.guarantees import Outcome, verifyOutcome
+from xenmig.demo.observedguest import GuestWriter, ObservedGuest, ScenarioFailed
 from xenmig.digest import hashFile
 from xenmig.errors import CommitInDoubt
 from xenmig.model import DeviceSpec
