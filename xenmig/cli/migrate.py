@@ -25,7 +25,7 @@ from xenmig.clients.processes import fireOnce
 from xenmig.errors import BadSpec, CommitInDoubt, MigrationAborted, XenmigError
 
 if TYPE_CHECKING:
-    from xenmig.source.client import SourceMigration
+    from xenmig.source.migration import SourceMigration
 
 
 class PauseFailed(XenmigError):
@@ -294,7 +294,9 @@ def summary(report: dict[str, Any]) -> str:
 async def migrateCommand(reactor: Any, args: argparse.Namespace) -> int:
     """``xenmig migrate``: check the arguments, then run a L{MigrateCommand}."""
     from xenmig.plugins import deviceKinds
-    from xenmig.source.client import MigrationClient, SourceContext, SourceMigration
+    from xenmig.source.client import MigrationClient
+    from xenmig.source.device import SourceContext
+    from xenmig.source.migration import SourceMigration
 
     control = _domainControl(args, reactor)
     if control is not None and (args.pause_command or args.resume_command):

@@ -39,7 +39,8 @@ from xenmig.clients.processes import Daemon, freePort
 from xenmig.digest import hashFile
 from xenmig.model import DeviceSpec, MigrationStatus
 from xenmig.plugins import deviceKinds
-from xenmig.source.client import ClientTimeouts, MigrationClient, SourceMigration
+from xenmig.source.client import ClientTimeouts, MigrationClient
+from xenmig.source.migration import SourceMigration
 from xenmig.source.threadedstream import sslContext
 
 MiB = 1024 * 1024
