@@ -160,7 +160,8 @@ class ImageStaging(StagedFile):
             self.lowWater,
             self.maxBatch,
         )
-        self._background = ThreadCalls(context.runInThread)
+        #: Thread-pool calls on the staged file, which discard waits for.
+        self._fileCalls = ThreadCalls(context.runInThread)
         self._flushing = False
         self._discarded = False
 
@@ -197,10 +198,6 @@ class ImageStaging(StagedFile):
 
     # -- background work on the file ------------------------------------------------
 
-    def _inThread(self, function: Any, *args: Any) -> Deferred[Any]:
-        """Thread work on the staged file, which discard waits for."""
-        return self._background.run(function, *args)
-
     def flushInBackground(self) -> None:
         """Start writing what arrived so far to disk, so the last fsync is short."""
         fd = self.fd
@@ -211,12 +208,12 @@ class ImageStaging(StagedFile):
         def done(result: object) -> None:
             self._flushing = False
 
-        self._inThread(os.fsync, fd).addBoth(done)
+        self._fileCalls.run(os.fsync, fd).addBoth(done)
 
     async def _quiet(self) -> None:
         """Wait for background work on the file (and hashing) to finish."""
         await self._hashes.whenIdle()
-        await self._background.idle()
+        await self._fileCalls.idle()
 
     # -- the end ------------------------------------------------------------------
 
@@ -231,17 +228,17 @@ class ImageStaging(StagedFile):
             raise DeviceError("the staged image was discarded")
         if self._hashes.failure is not None:
             self._hashes.failure.raiseException()
-        await self._inThread(self._cut, size)
+        await self._fileCalls.run(self._cut, size)
         self.size = size
         if self._discarded:
             raise DeviceError("the staged image was discarded")
-        digests, unknown = await self._inThread(self.blocks.table, size)
+        digests, unknown = await self._fileCalls.run(self.blocks.table, size)
         # Blocks not known from the records (the written parts of a block that a
         # final round sends) are read back, in parallel: this is the paused window.
         parts = [unknown[i::READ_BACK_THREADS] for i in range(READ_BACK_THREADS)]
         await _all(
             [
-                self._inThread(self._hashBlocks, digests, part, size)
+                self._fileCalls.run(self._hashBlocks, digests, part, size)
                 for part in parts
                 if part
             ]
