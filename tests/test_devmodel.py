@@ -39,7 +39,7 @@ from xenmig.errors import (
 from xenmig.interfaces import IDeviceKind, IRecordWriter, ISourceDevice, ITargetDevice
 from xenmig.model import DeviceDescription, DeviceSpec
 from xenmig.records import DataRecord, EndRecord
-from xenmig.source.client import SourceMigration
+from xenmig.source.migration import SourceMigration
 from xenmig.testing import (
     FakeSourceContext,
     FakeTargetContext,

@@ -95,7 +95,7 @@ def test_realContexts(tmp_path):
     """The framework's own contexts and stream writer provide their interfaces."""
     from twisted.python.filepath import FilePath
 
-    from xenmig.source.client import SourceContext
+    from xenmig.source.device import SourceContext
     from xenmig.source.streamsender import StreamSender
     from xenmig.target.config import TargetConfig
     from xenmig.target.context import TargetContext

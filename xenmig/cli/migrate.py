@@ -80,7 +80,9 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     from xenmig.cli.migratecommand import MigrateCommand
     from xenmig.cli.progress import ProgressDisplay
     from xenmig.plugins import deviceKinds
-    from xenmig.source.client import MigrationClient, SourceContext, SourceMigration
+    from xenmig.source.client import MigrationClient
+    from xenmig.source.device import SourceContext
+    from xenmig.source.migration import SourceMigration
 
     control = _domainControl(args, reactor)
     if control is not None and (args.pause_command or args.resume_command):

@@ -20,9 +20,10 @@ from xenmig.cli.outcome import (
 from xenmig.cli.progress import ProgressDisplay, formatBytes, formatRate, formatSeconds
 from xenmig.clients.processes import fireOnce
 from xenmig.errors import BadSpec, CommitInDoubt, MigrationAborted, XenmigError
+from xenmig.source.phase import FINAL
 
 if TYPE_CHECKING:
-    from xenmig.source.client import SourceMigration
+    from xenmig.source.migration import SourceMigration
 
 
 class PauseFailed(XenmigError):
@@ -171,7 +172,7 @@ class MigrateCommand:
         contacted = migration.control is not None
         reason = "interrupted on the source" if self.interrupted else ""
         reason = reason or describeError(error)
-        if migration.phase not in ("ABORTED", "COMMITTED", "IN-DOUBT"):
+        if migration.phase not in FINAL:
             await migration.abort(reason)
         say(
             self.args,
@@ -236,9 +237,7 @@ class MigrateCommand:
         self.interrupted = True
         migration = self.migration
         committing = "commit" in migration.times
-        if migration.phase not in ("ABORTED", "COMMITTED", "IN-DOUBT") and not (
-            committing
-        ):
+        if migration.phase not in FINAL and not (committing):
             Deferred.fromCoroutine(
                 migration.abort("interrupted on the source")
             ).addErrback(lambda _: None)

@@ -32,7 +32,7 @@ from xenmig.demo.devices import DemoDevice, DemoFailed, demoDevices
 from xenmig.demo.hosts import DemoHost, Leg, makeHosts
 from xenmig.model import MigrationStatus
 from xenmig.plugins import deviceKinds
-from xenmig.source.client import SourceMigration
+from xenmig.source.migration import SourceMigration
 
 DOMAIN = "demo-vm"
 

@@ -36,8 +36,9 @@ from xenmig.demo.observedguest import GuestWriter, ObservedGuest, ScenarioFailed
 from xenmig.digest import hashFile
 from xenmig.errors import CommitInDoubt
 from xenmig.model import DeviceSpec
-from xenmig.source.client import MigrationClient, SourceMigration
+from xenmig.source.client import MigrationClient
 from xenmig.source.convergence import ConvergencePolicy
+from xenmig.source.migration import SourceMigration
 from xenmig.toolstack.domains import QMPDomainControl
 
 MiB = 1024 * 1024

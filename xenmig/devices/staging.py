@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections import deque
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -16,6 +15,7 @@ from xenmig.errors import CommitFailed, DeviceError, StreamError
 from xenmig.fs import WRITEBACK_STEP, punchHole, startWriteback
 from xenmig.interfaces import ITargetContext
 from xenmig.model import ContentDigest
+from xenmig.pump import BatchPump
 from xenmig.records import DataRecord, ZeroRecord
 
 
@@ -59,14 +59,17 @@ class StagedFile:
         self.hasher = ContentHasher()
         self.bytesReceived = 0
         self._fd: int | None = None
-        self._queue: deque[DataRecord | ZeroRecord] = deque()
-        self._queued = 0
-        self._inflight: Deferred[None] | None = None
+        self._writes: BatchPump[DataRecord | ZeroRecord] = BatchPump(
+            context.runInThread,
+            self._writeBatch,
+            recordWeight,
+            highWater,
+            lowWater,
+            maxBatch,
+            onFailure=self.writingFailed,
+        )
         self._written = 0  # the end of the highest range ever written
         self._writeback = 0  # where the last writeback request ended
-        self._failure: Failure | None = None
-        self._waiters: list[Deferred[None]] = []
-        self._idleWaiters: list[Deferred[None]] = []
 
     async def open(self) -> None:
         """Create the staging file (owner-only) at its declared size, all holes."""
@@ -81,8 +84,8 @@ class StagedFile:
 
     def receive(self, record: DataRecord | ZeroRecord) -> Deferred[None] | None:
         """Queue one record; a Deferred if the caller should wait before the next."""
-        if self._failure is not None:
-            self._failure.raiseException()
+        if self.failure is not None:
+            self.failure.raiseException()
         length = len(record.data) if isinstance(record, DataRecord) else record.length
         if record.offset < 0 or record.offset + length > self.maxSize:
             raise StreamError(
@@ -90,63 +93,13 @@ class StagedFile:
                 f"declared size of {self.maxSize} bytes"
             )
         self.bytesReceived += length
-        self._queue.append(record)
-        self._queued += recordWeight(record)
-        self._pump()
-        if self._queued > self.highWater:
-            waiter: Deferred[None] = Deferred()
-            self._waiters.append(waiter)
-            return waiter
-        return None
-
-    def _pump(self) -> None:
-        if self._inflight is not None or not self._queue or self._failure is not None:
-            return
-        # Bounded batches: the network keeps filling the queue while one is written.
-        batch: list[DataRecord | ZeroRecord] = []
-        size = 0
-        while self._queue and size < self.maxBatch:
-            record = self._queue.popleft()
-            batch.append(record)
-            size += recordWeight(record)
-        self._inflight = self.context.runInThread(self._writeBatch, batch)
-        self._inflight.addCallbacks(self._batchWritten, self._failed, (batch,))
-
-    def _batchWritten(self, _: None, batch: list[DataRecord | ZeroRecord]) -> None:
-        self._inflight = None
-        self._queued -= sum(recordWeight(r) for r in batch)
-        if self._queued <= self.lowWater:
-            self._release(None)
-        self._pump()
-        self._settle()
-
-    def _failed(self, failure: Failure) -> None:
-        self._inflight = None
-        self._failure = failure
-        self._queue.clear()
-        self._release(failure)
-        self._settle()
-        self.writingFailed(failure)
+        return self._writes.put(record)
 
     def writingFailed(self, failure: Failure) -> None:
         """
         Writing failed (no space, an I/O error); for subclasses that make callers
         wait on work of their own, which must now be released too.
         """
-
-    def _settle(self) -> None:
-        if self._inflight is None:
-            waiters, self._idleWaiters = self._idleWaiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def _release(self, result: Failure | None) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if result is None:
-                waiter.callback(None)
-            else:
-                waiter.errback(result)
 
     def _writeBatch(self, batch: list[DataRecord | ZeroRecord]) -> None:
         fd = self._fd
@@ -186,13 +139,6 @@ class StagedFile:
             )
         return f"writing {self.path.path} failed: {error.strerror}"
 
-    async def _idle(self) -> None:
-        """Wait until no batch is being written (errors are kept in ``_failure``)."""
-        if self._inflight is not None:
-            waiter: Deferred[None] = Deferred()
-            self._idleWaiters.append(waiter)
-            await waiter
-
     @property
     def fd(self) -> int | None:
         """The staging file's descriptor (read-write), once open and until closed."""
@@ -200,14 +146,14 @@ class StagedFile:
 
     @property
     def failure(self) -> Failure | None:
-        """Why writing failed, if it did."""
-        return self._failure
+        """Why writing failed (or stopped: discarded), if it did."""
+        return self._writes.failure
 
     async def drained(self) -> None:
         """Wait until every queued record is written; raise if writing failed."""
-        await self._idle()
-        if self._failure is not None:
-            self._failure.raiseException()
+        await self._writes.whenIdle()
+        if self.failure is not None:
+            self.failure.raiseException()
 
     async def finish(self, size: int | None = None) -> ContentDigest:
         """
@@ -256,10 +202,8 @@ class StagedFile:
 
     async def discard(self) -> None:
         """Remove the staged file; nothing of it remains."""
-        self._queue.clear()
-        self._failure = self._failure or Failure(DeviceError("staging discarded"))
-        self._release(self._failure)
-        await self._idle()
+        self._writes.stop(Failure(DeviceError("staging discarded")))
+        await self._writes.whenIdle()
         await self.context.runInThread(self._discard)
 
     def _discard(self) -> None:

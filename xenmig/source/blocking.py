@@ -54,7 +54,8 @@ from twisted.internet.threads import blockingCallFromThread
 from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.interfaces import IConvergencePolicy, IDeviceKind
 from xenmig.model import ContentDigest, DeviceSpec
-from xenmig.source.client import ClientTimeouts, MigrationClient, SourceMigration
+from xenmig.source.client import ClientTimeouts, MigrationClient
+from xenmig.source.migration import SourceMigration
 
 T = TypeVar("T")
 
@@ -184,7 +185,7 @@ class BlockingMigration:
 
     @property
     def phase(self) -> str:
-        return str(self._thread.call(lambda: self._migration.phase))
+        return str(self._thread.call(lambda: self._migration.phase.value))
 
     def precopy(self, policy: IConvergencePolicy | None = None) -> dict[str, list[int]]:
         """Pre-copy rounds while the VM runs; bytes per round, per device."""

@@ -11,61 +11,10 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenmig.errors import StreamError, StreamLost
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
-from xenmig.records import (
-    encodeData,
-    encodeEnd,
-    encodeKeepalive,
-    encodeMetadata,
-    encodeRound,
-    encodeStreamHeader,
-    encodeZero,
-)
-
-
-@implementer(IRecordWriter)
-class RecordFraming:
-    """
-    The L{IRecordWriter} methods and the framework's records over one
-    ``_send(parts)``, which each kind of stream sender provides: framing, the
-    byte counters, and refusing writes once the stream is lost or closed.
-    """
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.bytesWritten = 0
-        self.dataBytes = 0
-        self._lost: Failure | None = None
-        self._done = False
-
-    def _send(self, parts: list[bytes]) -> Deferred[None]:
-        """Send one framed record; a Deferred firing when more may be written."""
-        raise NotImplementedError()
-
-    def _write(self, parts: list[bytes]) -> Deferred[None]:
-        if self._lost is not None:
-            return fail(self._lost)
-        if self._done:
-            return fail(Failure(StreamError(f"device {self.device}: stream closed")))
-        return self._send(parts)
-
-    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
-        self.bytesWritten += len(data)
-        self.dataBytes += len(data)
-        return self._write(encodeData(offset, data))
-
-    def writeZero(self, offset: int, length: int) -> Deferred[None]:
-        self.bytesWritten += length
-        return self._write(encodeZero(offset, length))
-
-    def writeMetadata(self, metadata: dict[str, Any]) -> Deferred[None]:
-        return self._write(encodeMetadata(metadata))
-
-    def writeRound(self, round: int, final: bool) -> Deferred[None]:
-        """Mark the start of a round (a framework record)."""
-        return self._write(encodeRound(round, final))
+from xenmig.records import encodeEnd, encodeKeepalive, encodeStreamHeader
+from xenmig.source.framing import RecordFraming
 
 
 @implementer(IRecordWriter, IPushProducer)
@@ -127,15 +76,12 @@ class StreamSender(RecordFraming, Protocol):
         self._stopTimer()
         if self._done and not self._waiters:
             return
-        self._lost = Failure(
-            StreamLost(
-                f"the stream of device {self.device} was lost after "
-                f"{self.bytesWritten} bytes: {reason.getErrorMessage()}"
-            )
-        )
+        self._lose(reason.getErrorMessage())
+
+    def _failWaiting(self, failure: Failure) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            waiter.errback(self._lost)
+            waiter.errback(failure)
 
     # -- IRecordWriter ----------------------------------------------------------------
 

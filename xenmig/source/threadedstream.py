@@ -37,16 +37,16 @@ from xenmig.errors import (
     NotAuthorized,
     PeerError,
     StreamError,
-    StreamLost,
 )
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
+from xenmig.pump import Backpressure
 from xenmig.records import (
     encodeEnd,
     encodeKeepalive,
     encodeStreamHeader,
 )
-from xenmig.source.streamsender import RecordFraming
+from xenmig.source.framing import RecordFraming
 
 _FINISH = object()
 _CODES = {code: error for error, code in WIRE_ERRORS.items()}
@@ -280,9 +280,7 @@ class ThreadedStreamSender(RecordFraming):
         self.highWater = highWater
         self.lowWater = lowWater
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._lock = threading.Lock()
-        self._queued = 0  # guarded by _lock
-        self._waiters: list[Deferred[None]] = []
+        self._room = Backpressure(highWater, lowWater)
         self._channel: _Channel | None = None
         self._thread: threading.Thread | None = None
         self._finished: Deferred[None] = Deferred()
@@ -328,12 +326,8 @@ class ThreadedStreamSender(RecordFraming):
             if item is None:  # aborted
                 raise StreamError("the stream was aborted")
             channel.send(item)
-            size = sum(len(part) for part in item)
-            with self._lock:
-                self._queued -= size
-                drained = self._queued <= self.lowWater
-            if drained and self._waiters:
-                self.reactor.callFromThread(self._release)
+            if self._room.remove(sum(len(part) for part in item)):
+                self.reactor.callFromThread(self._room.release)
 
     # -- the reactor thread ---------------------------------------------------------
 
@@ -345,41 +339,21 @@ class ThreadedStreamSender(RecordFraming):
         else:
             opened.callback(None)
 
-    def _release(self) -> None:
-        with self._lock:
-            if self._queued > self.lowWater:
-                return
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
     def _connectionLost(self, error: BaseException) -> None:
         if self._done and self._lost is None and isinstance(error, OSError):
             self._finished.errback(Failure(error))
             return
-        self._lost = Failure(
-            StreamLost(
-                f"the stream of device {self.device} was lost after "
-                f"{self.bytesWritten} bytes: {error}"
-            )
-        )
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(self._lost)
+        lost = self._lose(str(error))
         if not self._finished.called:
-            self._finished.errback(self._lost)
+            self._finished.errback(lost)
+
+    def _failWaiting(self, failure: Failure) -> None:
+        self._room.fail(failure)
 
     def _send(self, parts: list[bytes]) -> Deferred[None]:
-        size = sum(len(part) for part in parts)
-        with self._lock:
-            self._queued += size
-            full = self._queued > self.highWater
+        self._room.add(sum(len(part) for part in parts))
         self._queue.put(parts)
-        if not full:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
+        return self._room.wait() or succeed(None)
 
     def finish(self, digest: ContentDigest) -> Deferred[None]:
         """

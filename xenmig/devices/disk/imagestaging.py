@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import deque
 from typing import Any
 
 import blake3
@@ -22,7 +21,9 @@ from xenmig.devices.staging import StagedFile, recordWeight
 from xenmig.errors import DeviceError
 from xenmig.interfaces import ITargetContext
 from xenmig.model import ContentDigest
+from xenmig.pump import BatchPump
 from xenmig.records import DataRecord, ZeroRecord
+from xenmig.threads import ThreadCalls
 
 #: Coverage mark of a block written in a way its digest does not follow.
 STALE = -1
@@ -151,13 +152,16 @@ class ImageStaging(StagedFile):
     ) -> None:
         super().__init__(context, path, size, maxSize=maxSize, hashing=False, **kwargs)
         self.blocks = BlockDigests(blockSize)
-        self._hashQueue: deque[DataRecord | ZeroRecord] = deque()
-        self._hashQueued = 0
-        self._hashing: Deferred[None] | None = None
-        self._hashFailure: Failure | None = None
-        self._hashWaiters: list[Deferred[None]] = []
-        self._hashIdle: list[Deferred[None]] = []
-        self._background: set[Deferred[Any]] = set()
+        self._hashes: BatchPump[DataRecord | ZeroRecord] = BatchPump(
+            context.runInThread,
+            self._hashBatch,
+            recordWeight,
+            self.highWater,
+            self.lowWater,
+            self.maxBatch,
+        )
+        #: Thread-pool calls on the staged file, which discard waits for.
+        self._fileCalls = ThreadCalls(context.runInThread)
         self._flushing = False
         self._discarded = False
 
@@ -165,29 +169,13 @@ class ImageStaging(StagedFile):
 
     def receive(self, record: DataRecord | ZeroRecord) -> Deferred[None] | None:
         """Queue one record to be written and hashed; a Deferred means: wait."""
-        if self._hashFailure is not None:
-            self._hashFailure.raiseException()
+        if self._hashes.failure is not None:
+            self._hashes.failure.raiseException()
         waiting = super().receive(record)
-        self._hashQueue.append(record)
-        self._hashQueued += recordWeight(record)
-        self._pumpHashes()
-        if self._hashQueued > self.highWater:
-            waiter: Deferred[None] = Deferred()
-            self._hashWaiters.append(waiter)
-            waiting = waiter if waiting is None else _all([waiting, waiter])
+        hashing = self._hashes.put(record)
+        if hashing is not None:
+            waiting = hashing if waiting is None else _all([waiting, hashing])
         return waiting
-
-    def _pumpHashes(self) -> None:
-        if self._hashing is not None or not self._hashQueue or self._stopped:
-            return
-        batch: list[DataRecord | ZeroRecord] = []
-        weight = 0
-        while self._hashQueue and weight < self.maxBatch:
-            record = self._hashQueue.popleft()
-            batch.append(record)
-            weight += recordWeight(record)
-        self._hashing = self.context.runInThread(self._hashBatch, batch)
-        self._hashing.addCallbacks(self._hashed, self._hashFailed, (weight,))
 
     def _hashBatch(self, batch: list[DataRecord | ZeroRecord]) -> None:
         for record in batch:
@@ -196,66 +184,19 @@ class ImageStaging(StagedFile):
             else:
                 self.blocks.add(record.offset, record.length)
 
-    def _hashed(self, _: None, weight: int) -> None:
-        self._hashing = None
-        self._hashQueued -= weight
-        if self._hashQueued <= self.lowWater:
-            self._releaseHashWaiters(None)
-        self._pumpHashes()
-        self._settleHashes()
-
-    def _hashFailed(self, failure: Failure) -> None:
-        self._hashing = None
-        self._hashFailure = failure
-        self._hashQueue.clear()
-        self._hashQueued = 0
-        self._releaseHashWaiters(failure)
-        self._settleHashes()
-
     def writingFailed(self, failure: Failure) -> None:
         # Hashing stops with the writes: whoever waits on it must hear why.
-        self._hashQueue.clear()
-        self._hashQueued = 0
-        self._releaseHashWaiters(failure)
-        self._settleHashes()
+        self._hashes.stop(failure)
 
     @property
     def _stopped(self) -> bool:
-        return self._discarded or self.failure is not None or bool(self._hashFailure)
-
-    def _releaseHashWaiters(self, result: Failure | None) -> None:
-        waiters, self._hashWaiters = self._hashWaiters, []
-        for waiter in waiters:
-            if result is None:
-                waiter.callback(None)
-            else:
-                waiter.errback(result)
-
-    def _settleHashes(self) -> None:
-        if self._hashing is None and (not self._hashQueue or self._stopped):
-            waiters, self._hashIdle = self._hashIdle, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    async def _hashesDone(self) -> None:
-        """Wait until every queued record is hashed (or hashing stopped)."""
-        if self._hashing is not None or (self._hashQueue and not self._stopped):
-            waiter: Deferred[None] = Deferred()
-            self._hashIdle.append(waiter)
-            await waiter
+        return (
+            self._discarded
+            or self.failure is not None
+            or self._hashes.failure is not None
+        )
 
     # -- background work on the file ------------------------------------------------
-
-    def _inThread(self, function: Any, *args: Any) -> Deferred[Any]:
-        """Thread work on the staged file, which discard waits for."""
-        work = self.context.runInThread(function, *args)
-        self._background.add(work)
-
-        def done(result: object) -> object:
-            self._background.discard(work)
-            return result
-
-        return work.addBoth(done)
 
     def flushInBackground(self) -> None:
         """Start writing what arrived so far to disk, so the last fsync is short."""
@@ -267,13 +208,12 @@ class ImageStaging(StagedFile):
         def done(result: object) -> None:
             self._flushing = False
 
-        self._inThread(os.fsync, fd).addBoth(done)
+        self._fileCalls.run(os.fsync, fd).addBoth(done)
 
     async def _quiet(self) -> None:
         """Wait for background work on the file (and hashing) to finish."""
-        await self._hashesDone()
-        while self._background:
-            await DeferredList(list(self._background), consumeErrors=True)
+        await self._hashes.whenIdle()
+        await self._fileCalls.idle()
 
     # -- the end ------------------------------------------------------------------
 
@@ -284,21 +224,21 @@ class ImageStaging(StagedFile):
         """
         await self.drained()
         await self._quiet()
-        if self._hashFailure is not None:
-            self._hashFailure.raiseException()
         if self._discarded:
             raise DeviceError("the staged image was discarded")
-        await self._inThread(self._cut, size)
+        if self._hashes.failure is not None:
+            self._hashes.failure.raiseException()
+        await self._fileCalls.run(self._cut, size)
         self.size = size
         if self._discarded:
             raise DeviceError("the staged image was discarded")
-        digests, unknown = await self._inThread(self.blocks.table, size)
+        digests, unknown = await self._fileCalls.run(self.blocks.table, size)
         # Blocks not known from the records (the written parts of a block that a
         # final round sends) are read back, in parallel: this is the paused window.
         parts = [unknown[i::READ_BACK_THREADS] for i in range(READ_BACK_THREADS)]
         await _all(
             [
-                self._inThread(self._hashBlocks, digests, part, size)
+                self._fileCalls.run(self._hashBlocks, digests, part, size)
                 for part in parts
                 if part
             ]
@@ -327,9 +267,7 @@ class ImageStaging(StagedFile):
 
     async def discard(self) -> None:
         self._discarded = True
-        self._hashQueue.clear()
-        self._hashQueued = 0
-        self._releaseHashWaiters(Failure(DeviceError("staging discarded")))
+        self._hashes.stop(Failure(DeviceError("staging discarded")))
         await self._quiet()
         await super().discard()
 

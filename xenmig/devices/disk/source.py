@@ -8,11 +8,11 @@ import stat
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -34,9 +34,9 @@ from xenmig.model import (
     DeviceSpec,
     RoundResult,
 )
+from xenmig.threads import ThreadCalls
 
 log = Logger()
-T = TypeVar("T")
 
 QCOW2_MAGIC = b"QFI\xfb"
 #: magic, version, backing file offset and length, cluster bits, virtual size.
@@ -158,7 +158,7 @@ class DiskSource:
         self._baseline = False
         self._busy: Deferred[Any] | None = None
         self._broken = ""
-        self._threads: set[Deferred[Any]] = set()
+        self._threads = ThreadCalls(context.runInThread)
         self._closed = False
 
     @property
@@ -166,7 +166,7 @@ class DiskSource:
         return f"device {self.spec.name}"
 
     def describe(self) -> Deferred[DeviceDescription]:
-        return self._thread(self._describe)
+        return self._threads.run(self._describe)
 
     def _describe(self) -> DeviceDescription:
         st, info = self._open()
@@ -248,7 +248,7 @@ class DiskSource:
         scanner = self._scanner
         assert scanner is not None
         # The guest is paused: the image may not have moved during the final pass.
-        await self._thread(scanner.checkUntouched)
+        await self._threads.run(scanner.checkUntouched)
         # Every block's digest is now the one of its content at the pause, as the
         # target holds it: the content digest is the tree over them.
         return scanner.blocks.contentDigest()
@@ -284,12 +284,12 @@ class DiskSource:
         final: bool,
     ) -> _Tally:
         """Scan every block and send the changed ones, in offset order."""
-        await self._thread(self._open)
+        await self._threads.run(self._open)
         scanner = self._scanner
         assert scanner is not None
         started = time.monotonic()
         changed = await self._changedRanges(final)
-        await self._thread(scanner.startPass)
+        await self._threads.run(scanner.startPass)
         batches = deque(_batches(scanner.blocks, changed, self.batchBlocks))
         scanned = sum(len(batch) for batch in batches)
         # Scans in flight, in offset order, with the blocks each was given.
@@ -302,7 +302,9 @@ class DiskSource:
         within = changed if final else None
 
         def submit(indices: Sequence[int], next: bool = False) -> None:
-            scan = self._thread(scanner.scanBlocks, indices, self.batchBytes, within)
+            scan = self._threads.run(
+                scanner.scanBlocks, indices, self.batchBytes, within
+            )
             if next:  # the rest of a batch that returned early comes first
                 pending.appendleft((scan, indices))
             else:
@@ -366,22 +368,6 @@ class DiskSource:
             return None
         return await dirty.collect()
 
-    def _thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
-        """
-        Run ``function`` in the pool; the returned Deferred may be cancelled, but the
-        image stays open until the thread is done with it.
-        """
-        work = self.context.runInThread(function, *args)
-        self._threads.add(work)
-        result: Deferred[T] = Deferred()
-
-        def finished(outcome: object) -> object:
-            self._threads.discard(work)
-            return outcome
-
-        work.addBoth(finished).chainDeferred(result)
-        return result
-
     def rollback(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._close())
 
@@ -397,8 +383,7 @@ class DiskSource:
         if self._busy is not None:
             self._busy.addErrback(lambda _: None)
             self._busy.cancel()
-        while self._threads:
-            await DeferredList(list(self._threads), consumeErrors=True)
+        await self._threads.idle()
         if self._tracking and self.dirty is not None:
             self._tracking = False
             await self.dirty.stop()

@@ -1,0 +1,72 @@
+"""A device in a source migration: what the framework offers it, and keeps of it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
+
+from xenmig.errors import MigrationAborted
+from xenmig.interfaces import ISourceContext, ISourceDevice
+from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec
+from xenmig.source.streamsender import StreamSender
+from xenmig.source.threadedstream import ThreadedStreamSender
+
+if TYPE_CHECKING:
+    from xenmig.source.migration import SourceMigration
+
+
+@implementer(ISourceContext)
+class SourceContext:
+    """What a source device gets from the framework."""
+
+    def __init__(
+        self, migration: SourceMigration | None, reactor: Any, name: str
+    ) -> None:
+        self.reactor = reactor
+        self.migration = migration
+        self.name = name
+
+    @property
+    def migrationId(self) -> str:
+        return self.migration.migrationId if self.migration else ""
+
+    @property
+    def domain(self) -> str:
+        return self.migration.domain if self.migration else ""
+
+    def runInThread(self, function: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), function, *args, **kw
+        )
+
+    def callPeer(self, method: str, payload: dict[str, Any]) -> Deferred[dict]:
+        if self.migration is None:
+            raise MigrationAborted("the device has not been accepted by a target")
+        return self.migration.callPeer(self.name, method, payload)
+
+
+@dataclass
+class DeviceRun:
+    """One device of a source migration: its handler, stream and figures."""
+
+    spec: DeviceSpec
+    device: ISourceDevice
+    description: DeviceDescription | None = None
+    sender: StreamSender | ThreadedStreamSender | None = None
+    rounds: list[int] | None = None
+    digest: ContentDigest | None = None
+    started: float | None = None
+    finished: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def bytesSent(self) -> int:
+        return self.sender.bytesWritten if self.sender else 0

@@ -1,0 +1,464 @@
+"""One migration from the source's side: its devices, driven phase by phase."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from xenmig import amp_commands as commands
+from xenmig.errors import (
+    CommitInDoubt,
+    DeviceRefused,
+    DigestMismatch,
+    InvalidTransition,
+    MigrationAborted,
+    PhaseTimeout,
+    StreamLost,
+    XenmigError,
+)
+from xenmig.interfaces import IConvergencePolicy
+from xenmig.model import ContentDigest, DeviceSpec, RoundResult
+from xenmig.source.convergence import ConvergencePolicy
+from xenmig.source.device import DeviceRun, SourceContext
+from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
+from xenmig.source.report import migrationReport
+from xenmig.source.streamsender import StreamSender
+from xenmig.source.threadedstream import ThreadedStreamSender
+
+if TYPE_CHECKING:
+    from xenmig.source.client import MigrationClient
+
+log = Logger()
+
+
+class SourceMigration:
+    """
+    One migration from the source's side, driven phase by phase (L{Phase}; the
+    moves are L{TRANSITIONS}, drawn in doc/protocol.md).  It speaks to the
+    target only through its L{MigrationClient}.
+
+    @param monotonic: the clock of the report's durations.
+    """
+
+    def __init__(
+        self,
+        client: MigrationClient,
+        domain: str,
+        migrationId: str,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.reactor = client.reactor
+        self.domain = domain
+        self.migrationId = migrationId
+        self.devices: dict[str, DeviceRun] = {}
+        self.phase = Phase.NEW
+        self.reason = ""
+        self.installed: list[str] = []
+        self.times: dict[str, float] = {}
+        self.pausedAt: float | None = None
+        self.control: amp.AMP | None = None
+        self._monotonic = monotonic
+
+    def _mark(self, event: str) -> None:
+        self.times[event] = self._monotonic()
+
+    # -- the phase machine -------------------------------------------------------------
+
+    def _moveTo(self, phase: Phase) -> None:
+        """Change phase, or raise InvalidTransition if the table has no such move."""
+        if phase not in TRANSITIONS[self.phase]:
+            raise InvalidTransition(
+                f"migration {self.migrationId} cannot go from {self.phase.value} "
+                f"to {phase.value}"
+            )
+        log.debug(
+            "migration {migration_id}: {old} -> {new}",
+            migration_id=self.migrationId,
+            old=self.phase.value,
+            new=phase.value,
+        )
+        self.phase = phase
+
+    def _require(self, step: Phase) -> None:
+        """
+        Refuse a step that moves to ``step`` unless the phase leads there.
+
+        @raise MigrationAborted: naming the phase, its reason and what is needed.
+        """
+        if step not in TRANSITIONS[self.phase]:
+            needed = " or ".join(p.value for p in leadingTo(step))
+            raise MigrationAborted(
+                f"migration {self.migrationId} is {self.phase.value}"
+                + (f" ({self.reason})" if self.reason else "")
+                + f"; this step needs {needed}"
+            )
+
+    # -- prepare -------------------------------------------------------------------
+
+    async def prepare(self, specs: Sequence[DeviceSpec]) -> None:
+        self._mark("prepare")
+        for spec in specs:
+            kind = self.client.kinds.get(spec.kind)
+            if kind is None:
+                known = ", ".join(sorted(self.client.kinds)) or "none"
+                raise DeviceRefused(
+                    f"device {spec.name}: no handler for kind {spec.kind!r} on this "
+                    f"host (known: {known})"
+                )
+            if spec.name in self.devices:
+                raise DeviceRefused(f"device {spec.name} is given twice")
+            context = SourceContext(self, self.reactor, spec.name)
+            self.devices[spec.name] = DeviceRun(spec, kind.source(spec, context))
+        for run in self.devices.values():
+            described = await run.device.describe()
+            run.description = described.withTargetParams(run.spec)
+        self.control = await self.client.connect()
+        try:
+            await self._prepareRemote()
+        except BaseException:
+            self.client.hangUp(self.control)
+            self._moveTo(Phase.ABORTED)
+            raise
+        self._moveTo(Phase.PREPARED)
+        self._mark("prepared")
+
+    async def _prepareRemote(self) -> None:
+        assert self.control is not None
+        devices = [
+            {
+                "kind": r.description.kind,
+                "name": r.description.name,
+                "size": r.description.size,
+                "precopy": r.description.precopy,
+                "params": r.description.params,
+            }
+            for r in self.devices.values()
+            if r.description is not None
+        ]
+        answer = await self.client.call(
+            self.control,
+            commands.Prepare,
+            migration_id=self.migrationId,
+            domain=self.domain,
+            protocol_version=commands.PROTOCOL_VERSION,
+            devices=devices,
+        )
+        refused = [o for o in answer["offers"] if not o["accepted"]]
+        if refused:
+            self.reason = "; ".join(o["reason"] for o in refused)
+            raise DeviceRefused(f"the target refused: {self.reason}")
+        for offer in answer["offers"]:
+            self.devices[offer["name"]].device.accepted(offer["params"])
+
+    def callPeer(self, device: str, method: str, payload: dict) -> Deferred[dict]:
+        """A handler-scoped request to the target device of the same name."""
+        if self.control is None:
+            raise MigrationAborted("not connected")
+        d = Deferred.fromCoroutine(
+            self.client.call(
+                self.control,
+                commands.DeviceRequest,
+                migration_id=self.migrationId,
+                device=device,
+                method=method,
+                payload=payload,
+            )
+        )
+        return d.addCallback(lambda answer: answer["payload"])
+
+    async def _openStream(self, run: DeviceRun) -> StreamSender | ThreadedStreamSender:
+        if run.sender is not None:
+            return run.sender
+        assert self.control is not None
+        # Kept at once, so that an abort stops it however far its opening got.
+        sender = run.sender = self.client.streamSender(run.name)
+        await self.client.openStream(self.control, self.migrationId, sender)
+        run.started = self._monotonic()
+        return sender
+
+    # -- pre-copy ------------------------------------------------------------------
+
+    async def precopy(
+        self, policy: IConvergencePolicy | None = None
+    ) -> dict[str, list[int]]:
+        """
+        Send pre-copy rounds for every device that can, while the VM runs, until
+        ``policy`` says stop.  Returns the bytes sent per round, per device.
+        """
+        self._require(Phase.PRECOPY)
+        self._mark("precopy")
+        self._moveTo(Phase.PRECOPY)
+        policy = policy or ConvergencePolicy()
+        runs = [r for r in self.devices.values() if r.device.precopy]
+        await self._allOrAbort([self._precopy(r, _fresh(policy)) for r in runs])
+        self._moveTo(Phase.PRECOPIED)
+        self._mark("precopied")
+        return {r.name: list(r.rounds or []) for r in runs}
+
+    async def _precopy(self, run: DeviceRun, policy: IConvergencePolicy) -> None:
+        sender = await self._openStream(run)
+        run.rounds = []
+        round = 0
+        while True:
+            await sender.writeRound(round, False)
+            before = sender.bytesWritten
+            result: RoundResult = await run.device.sendRound(sender, round)
+            run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
+            log.info(
+                "migration {migration_id}: {device} round {round} sent {sent} bytes",
+                migration_id=self.migrationId,
+                device=run.name,
+                round=round,
+                sent=sender.bytesWritten - before,
+            )
+            if not policy.proceed(round, result):
+                return
+            round += 1
+
+    # -- the paused part -------------------------------------------------------------
+
+    def paused(self) -> None:
+        """Note that the toolstack has just paused the VM (for the report)."""
+        self.pausedAt = self._monotonic()
+
+    async def transfer(self) -> dict[str, ContentDigest]:
+        """
+        With the VM paused: send every device's final state in parallel and wait
+        until the target has verified each; the digests, by device.
+
+        @raise DigestMismatch, MigrationAborted, ...: the session is then aborted
+            and the source devices rolled back; the VM may be resumed.
+        """
+        self._require(Phase.TRANSFER)
+        if self.pausedAt is None:
+            self.paused()
+        self._mark("transfer")
+        self._moveTo(Phase.TRANSFER)
+        await self._allOrAbort([self._transfer(run) for run in self.devices.values()])
+        self._moveTo(Phase.READY)
+        self._mark("ready")
+        return {name: run.digest for name, run in self.devices.items() if run.digest}
+
+    async def _transfer(self, run: DeviceRun) -> None:
+        sender = await self._openStream(run)
+        await sender.writeRound(len(run.rounds or []), True)
+        digest = await run.device.sendFinal(sender)
+        await sender.finish(digest)
+        assert self.control is not None
+        answer = await self.client.callWithin(
+            self.client.timeouts.ready,
+            f"verification of device {run.name}",
+            self.control,
+            commands.DeviceReady,
+            migration_id=self.migrationId,
+            device=run.name,
+        )
+        theirs = ContentDigest(answer["size"], answer["algorithm"], answer["digest"])
+        if theirs != digest:
+            raise DigestMismatch(
+                f"device {run.name}: the target verified {theirs.hex} "
+                f"({theirs.size} bytes), the source sent {digest.hex} ({digest.size})"
+            )
+        run.digest = digest
+        run.finished = self._monotonic()
+
+    # -- the point of no return --------------------------------------------------------
+
+    async def commit(self) -> list[str]:
+        """
+        The point of no return: the target installs and releases the VM; then the
+        source devices are released.  What the target installed.
+
+        @raise CommitInDoubt: if the answer never came and the target cannot be
+            asked: do NOT resume the VM on the source before knowing.
+        """
+        self._require(Phase.COMMITTED)
+        self._mark("commit")
+        assert self.control is not None
+        try:
+            answer = await self.client.callWithin(
+                self.client.timeouts.commit,
+                "commit",
+                self.control,
+                commands.Commit,
+                migration_id=self.migrationId,
+            )
+            installed = answer["installed"]
+        except (MigrationAborted, XenmigError) as e:
+            if isinstance(e, PhaseTimeout):
+                installed = await self._resolveDoubt(e)
+            else:
+                await self._failed(e)
+                raise
+        except Exception as e:
+            installed = await self._resolveDoubt(e)
+        self._moveTo(Phase.COMMITTED)
+        self._mark("committed")
+        self.installed = installed
+        await self._release()
+        return installed
+
+    async def _resolveDoubt(self, error: BaseException) -> list[str]:
+        """The commit's answer is lost: ask the target, on a new connection."""
+        try:
+            status = await self.client.query(self.migrationId)
+        except Exception as e:
+            self._moveTo(Phase.IN_DOUBT)
+            raise CommitInDoubt(
+                f"migration {self.migrationId}: the commit was sent but no answer came "
+                f"({error}) and the target cannot be asked ({e}); the VM may run on "
+                f"the target: ask with 'xenmig status {self.migrationId}' before "
+                f"resuming it here"
+            )
+        if status["phase"] == "COMMITTED":
+            return list(status.get("installed", []))
+        if status["phase"] == "ABORTED":
+            await self._failed(MigrationAborted(status.get("reason", "")))
+            raise MigrationAborted(
+                f"migration {self.migrationId} was aborted on the target: "
+                f"{status.get('reason', '')}"
+            )
+        self._moveTo(Phase.IN_DOUBT)
+        raise CommitInDoubt(
+            f"migration {self.migrationId} is {status['phase']} on the target after "
+            f"the commit was sent; ask again with 'xenmig status {self.migrationId}'"
+        )
+
+    async def _release(self) -> None:
+        self.client.hangUp(self.control)
+        await self._everyDevice("release")
+
+    async def _everyDevice(self, step: str) -> None:
+        """Run ``release`` or ``rollback`` on every device; log, never raise."""
+        for run in self.devices.values():
+            try:
+                await getattr(run.device, step)()
+            except Exception:
+                log.failure(
+                    "migration {migration_id}: {step} of {device} failed",
+                    migration_id=self.migrationId,
+                    step=step,
+                    device=run.name,
+                )
+
+    # -- abort -----------------------------------------------------------------------
+
+    async def abort(self, reason: str) -> None:
+        """
+        Abort before commit: tell the target (best effort) and roll back every
+        source device.  Afterwards the toolstack may resume the VM here.
+        """
+        if self.phase in (Phase.COMMITTED, Phase.IN_DOUBT):
+            raise CommitInDoubt(
+                f"migration {self.migrationId} is {self.phase.value}; it cannot be "
+                f"aborted"
+            )
+        await self._failed(MigrationAborted(reason))
+
+    async def _allOrAbort(self, steps: list[Any]) -> None:
+        """
+        Run every device's step in parallel; on the first failure abort the
+        migration and raise (the target's own reason, if a stream broke).
+        """
+        try:
+            await _gather(steps)
+        except BaseException as e:
+            reason = await self._targetReason(e)
+            await self._failed(reason or e)
+            if reason is not None:
+                raise reason from e
+            raise
+
+    async def _targetReason(self, error: BaseException) -> MigrationAborted | None:
+        """
+        When a stream broke, the target usually aborted first (no space, a bad
+        record): ask it, so the error names its reason, not "connection reset".
+        """
+        if not isinstance(error, StreamLost) or self.control is None:
+            return None
+        try:
+            answer = await self.client.callWithin(
+                self.client.timeouts.abort,
+                "query",
+                self.control,
+                commands.QueryMigration,
+                migration_id=self.migrationId,
+            )
+        except Exception:
+            return None
+        status = answer["status"]
+        if status.get("phase") != "ABORTED" or not status.get("reason"):
+            return None
+        self.reason = f"the target aborted: {status['reason']}"
+        return MigrationAborted(f"migration {self.migrationId}: {self.reason}")
+
+    async def _failed(self, error: BaseException) -> None:
+        """Abort: tell the target, drop the streams, roll back every device."""
+        if self.phase is Phase.ABORTED:
+            return
+        self._moveTo(Phase.ABORTED)
+        self.reason = self.reason or str(error) or repr(error)
+        # Abort first, so the target records this reason, not "stream cut off".
+        if self.control is not None:
+            try:
+                await self.client.callWithin(
+                    self.client.timeouts.abort,
+                    "abort",
+                    self.control,
+                    commands.Abort,
+                    migration_id=self.migrationId,
+                    reason=self.reason[:2000],
+                )
+            except Exception as e:
+                log.info(
+                    "migration {migration_id}: the target did not take the abort "
+                    "({error}); it aborts on its own when the connection drops",
+                    migration_id=self.migrationId,
+                    error=str(e),
+                )
+        for run in self.devices.values():
+            if run.sender is not None:
+                run.sender.abort()
+        self.client.hangUp(self.control)
+        await self._everyDevice("rollback")
+
+    # -- figures -----------------------------------------------------------------------
+
+    def progress(self) -> list[tuple[str, int, int]]:
+        """``(device, bytes sent, bytes expected)`` for every device."""
+        return [
+            (r.name, r.bytesSent, r.description.size if r.description else 0)
+            for r in self.devices.values()
+        ]
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report: ids, per-device bytes and digests, phase durations."""
+        return migrationReport(self)
+
+
+def _fresh(policy: IConvergencePolicy) -> IConvergencePolicy:
+    """A policy per device: policies may remember the rounds they have seen."""
+    fresh = getattr(policy, "fresh", None)
+    return fresh() if callable(fresh) else policy
+
+
+async def _gather(coroutines: list[Any]) -> list[Any]:
+    """Run coroutines in parallel; the first failure cancels the rest and is raised."""
+    deferreds = [Deferred.fromCoroutine(c) for c in coroutines]
+    if not deferreds:
+        return []
+    try:
+        return await gatherResults(deferreds, consumeErrors=True)
+    except BaseException as e:
+        for d in deferreds:
+            d.cancel()
+        inner = getattr(e, "subFailure", None)
+        if inner is not None:
+            inner.raiseException()
+        raise

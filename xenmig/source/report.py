@@ -1,0 +1,59 @@
+"""The report of a source migration: per-device figures and phase durations."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from xenmig.source.device import DeviceRun
+    from xenmig.source.migration import SourceMigration
+
+#: Each reported duration: from one mark of L{SourceMigration.times} to another.
+DURATIONS = {
+    "prepare": ("prepare", "prepared"),
+    "precopy": ("precopy", "precopied"),
+    "transfer": ("transfer", "ready"),
+    "commit": ("commit", "committed"),
+    "total": ("prepare", "committed"),
+}
+
+
+def migrationReport(migration: SourceMigration) -> dict[str, Any]:
+    """The JSON report: ids, per-device bytes and digests, phase durations."""
+    times = migration.times
+
+    def span(start: str, end: str) -> float | None:
+        if start in times and end in times:
+            return round(times[end] - times[start], 6)
+        return None
+
+    paused = None
+    if migration.pausedAt is not None and "committed" in times:
+        paused = round(times["committed"] - migration.pausedAt, 6)
+    return {
+        "migration_id": migration.migrationId,
+        "domain": migration.domain,
+        "phase": migration.phase.value,
+        "reason": migration.reason,
+        "installed": list(migration.installed),
+        "durations": {name: span(*marks) for name, marks in DURATIONS.items()},
+        "paused_window": paused,
+        "devices": [deviceReport(run) for run in migration.devices.values()],
+    }
+
+
+def deviceReport(run: DeviceRun) -> dict[str, Any]:
+    """One device's part of the report: bytes, rounds, digest and seconds."""
+    seconds = None
+    if run.started is not None and run.finished is not None:
+        seconds = round(run.finished - run.started, 6)
+    return {
+        "name": run.name,
+        "kind": run.spec.kind,
+        "bytes": run.bytesSent,
+        "data_bytes": run.sender.dataBytes if run.sender else 0,
+        "expected": run.description.size if run.description else 0,
+        "rounds": list(run.rounds or []),
+        "digest": run.digest.hex if run.digest else None,
+        "seconds": seconds,
+    }
