@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
+from zope.interface import implementer
 
 from xenmig.amp_commands import PROTOCOL_VERSION
 from xenmig.errors import NotAuthorized, UnknownDevice
-from xenmig.interfaces import IDeviceKind
+from xenmig.interfaces import IDeviceKind, IMigrationTarget
 from xenmig.limits import bounded
 from xenmig.model import DeviceOffer
 from xenmig.target.admission import Admission
 from xenmig.target.authz import Grant, PeerPolicy, PolicySource
-from xenmig.target.config import TargetConfig
+from xenmig.target.config import TargetConfig, Timeouts
 from xenmig.target.context import TargetContext
 from xenmig.target.gate import Release, ResumeGate
 from xenmig.target.history import MigrationHistory
@@ -32,6 +33,7 @@ from xenmig.target.tokens import StreamTokens
 log = Logger()
 
 
+@implementer(IMigrationTarget)
 class MigrationTarget:
     """
     Everything a target host knows about its migrations, behind one face: the
@@ -82,6 +84,10 @@ class MigrationTarget:
     @property
     def stagingRoot(self) -> FilePath:
         return self.staging.root
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self.config.timeouts
 
     def recover(self) -> None:
         """
@@ -215,6 +221,30 @@ class MigrationTarget:
         if method not in handler.requestMethods:
             raise UnknownDevice(f"device {device} has no request method {method!r}")
         return await handler.handleRequest(method, payload)
+
+    # -- what the protocols' connections mean --------------------------------------
+
+    def hasActiveWork(self, migrationIds: Iterable[str]) -> bool:
+        """Whether any of these migrations is still running (not finished)."""
+        return any(
+            (s := self.sessions.get(m)) is not None and s.phase not in FINAL
+            for m in migrationIds
+        )
+
+    def controlConnectionLost(
+        self, peer: str | None, migrationIds: Iterable[str]
+    ) -> None:
+        """
+        The control connection that prepared ``migrationIds`` is gone: each
+        that has not begun to commit aborts (its source learns the outcome
+        with QueryMigration on a new connection).
+        """
+        for migrationId in migrationIds:
+            session = self.sessions.get(migrationId)
+            if session is None or session.phase in FINAL:
+                continue
+            if session.phase is not Phase.COMMITTING:
+                session.abort("the source's control connection was lost")
 
     # -- status and the resume gate -------------------------------------------------
 

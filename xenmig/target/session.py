@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from xenmig.errors import (
     CommitFailed,
@@ -20,7 +21,7 @@ from xenmig.errors import (
     UnknownDevice,
     XenmigError,
 )
-from xenmig.interfaces import ITargetDevice
+from xenmig.interfaces import IReceivingSession, ITargetDevice
 from xenmig.model import (
     ContentDigest,
     DeviceDescription,
@@ -141,6 +142,7 @@ class TargetDeviceSlot:
                 waiter.callback(result)
 
 
+@implementer(IReceivingSession)
 class TargetSession:
     """
     One migration on the target: PREPARED -> RECEIVING -> READY -> COMMITTED,
