@@ -40,8 +40,8 @@ from xenmig.source.threadedstream import sslContext
 
 #: How the tests run twistd: with this interpreter, whatever is on PATH.
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-#: The line twistd logs once the last listener (the local socket) is up.
-READY_LINE = "LocalControlFactory starting on"
+#: The line the daemon logs once every service has started (xenmig.tap.READY_LINE).
+READY_LINE = "xenmig daemon ready"
 SERVER = "target.test"
 CLIENT = "source.test"
 MiB = 1024 * 1024
