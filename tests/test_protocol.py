@@ -1,6 +1,7 @@
 """The control protocol and state streams in memory: iosim, StringTransport, Clock."""
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -564,3 +565,19 @@ def test_lostConnectionSparesCommitting(target, kind):
     installing.callback(["memory:dev"])
     assert committed.result == ["memory:dev"]
     assert target.sessions["m2"].phase is Phase.COMMITTED
+
+
+def test_claimAfterRefusalJournalsTheCommit(target, tmp_path):
+    """A migration prepared again after a refusal, committed and claimed, stays
+    COMMITTED in the journal (the old refusal's record is not written back)."""
+    server, client, pump = connect(target)
+    prepare(pump, client, devices=[device("dev", refuse="not yet")])
+    prepare(pump, client)
+    restored = target.awaitRestored("vm1", 60)
+    sender, streamPump = openStream(target, pump, client)
+    sendState(sender, streamPump)
+    call(pump, client, commands.Commit, migration_id="m1")
+    assert restored.result.migrationId == "m1"
+    journal = json.loads((tmp_path / "sessions" / "m1.json").read_text())
+    assert (journal["phase"], journal["claimed"]) == ("COMMITTED", True)
+    assert "refused" not in journal

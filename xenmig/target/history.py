@@ -78,13 +78,15 @@ class MigrationHistory:
     def claim(self, migrationId: str) -> None:
         """
         Mark the commit of ``migrationId`` as taken by a toolstack, in the
-        journal too.
+        journal too.  A session comes first: a record under the same id is an
+        older, refused Prepare of it.
         """
+        session = self.sessions.get(migrationId)
         record = self.records.get(migrationId)
-        if record is not None:
+        if session is not None:
+            record = MigrationRecord.ofSession(session).claim()
+        elif record is not None:
             record = self.records[migrationId] = record.claim()
-        elif migrationId in self.sessions:
-            record = MigrationRecord.ofSession(self.sessions[migrationId]).claim()
         if record is not None:
             self._write(record)
 
