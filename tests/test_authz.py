@@ -187,6 +187,7 @@ class Target:
             lambda f, *a, **kw: maybeDeferred(f, *a, **kw),
             policy=self.source,
         )
+        self.target.recover()  # start-up, as the daemon's service does it
 
     def prepare(
         self, peer: str, mid: str, *devices: dict[str, Any], fingerprint: str = ""

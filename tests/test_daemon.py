@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from OpenSSL import SSL
+from twisted.application import service
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger, capturedLogs, formatEvent
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -36,12 +38,18 @@ from daemons import (  # noqa: E402
 )
 
 from xenmig import amp_commands as commands  # noqa: E402
+from xenmig import tap  # noqa: E402
+from xenmig.clients import processes  # noqa: E402
 from xenmig.devices.sparse import dataExtents  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
-from xenmig.errors import PhaseTimeout
+from xenmig.errors import ConfigurationError, PhaseTimeout  # noqa: E402
 from xenmig.model import DeviceSpec  # noqa: E402
 from xenmig.source.client import ClientTimeouts  # noqa: E402
 from xenmig.source.streamsender import StreamSender  # noqa: E402
+from xenmig.target.config import TargetConfig, Timeouts  # noqa: E402
+from xenmig.target.service import READY_LINE, TargetDaemon  # noqa: E402
+
+log = Logger()
 
 #: Data extents of the sparse test file: the rest is holes.
 EXTENTS = [(0, 4 * MiB), (20 * MiB, 28 * MiB), (63 * MiB, 64 * MiB)]
@@ -395,3 +403,70 @@ def test_refuses_to_start(
     log = daemon.logPath.read_text() if daemon.logPath.exists() else ""
     assert "Traceback" not in result.stdout + result.stderr + log
     assert not (daemon.stateDir / "control.sock").exists()
+
+
+def test_refuses_to_start_daemonized(daemons: Callable[..., Daemon]) -> None:
+    """Without -n, a port in use still ends twistd non-zero with the clear line."""
+    daemon = daemons()
+    argv = [word for word in daemon.argv() if word != "-n"]
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", daemon.port))
+        squatter.listen()
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "xenmig: cannot listen on 127.0.0.1" in result.stderr, result.stderr
+    assert "address already in use" in daemon.logPath.read_text()
+
+
+class Starting(service.Service):
+    """A service that logs when it starts, or fails to start as configured."""
+
+    def __init__(self, name: str, error: Exception | None = None) -> None:
+        self.setName(name)
+        self.error = error
+
+    def privilegedStartService(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("{name} started", name=self.name)
+
+
+def test_readyLineIsLast() -> None:
+    """The daemon logs its readiness after every one of its services started."""
+    top = TargetDaemon("127.0.0.1:8002", None)
+    for name in ("first", "second"):
+        Starting(name).setServiceParent(top)
+    with capturedLogs() as events:
+        top.privilegedStartService()
+        top.startService()
+    texts = [formatEvent(e) for e in events]
+    assert texts == [
+        "first started",
+        "second started",
+        READY_LINE + ": listening on 127.0.0.1:8002",
+    ]
+    assert processes.READY_LINE == READY_LINE  # what launchers wait for
+
+
+def test_startupErrorExits(capfd: pytest.CaptureFixture[str]) -> None:
+    """A ConfigurationError at start-up exits 1 with one clear line on stderr."""
+    top = TargetDaemon("127.0.0.1:8002", None)
+    failing = Starting("probe", ConfigurationError("cannot listen on *:1: nope"))
+    failing.setServiceParent(top)
+    with capturedLogs(), pytest.raises(SystemExit) as exited:
+        top.privilegedStartService()
+    assert exited.value.code == 1
+    assert capfd.readouterr().err == "xenmig: cannot listen on *:1: nope\n"
+
+
+def test_optionDefaultsAreTheConfigs() -> None:
+    """twistd xenmig's defaults are those of the target's configuration."""
+    options = tap.Options()
+    options.parseOptions(["--insecure-plaintext"])
+    config = tap._config(options)
+    assert config.timeouts == Timeouts()
+    assert config.maxSessions == TargetConfig(config.stateDir).maxSessions
+    assert config.maxDevices == TargetConfig(config.stateDir).maxDevices

@@ -1,5 +1,9 @@
 """The control protocol and state streams in memory: iosim, StringTransport, Clock."""
 
+import ast
+import json
+from pathlib import Path
+
 import pytest
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -10,6 +14,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.test import iosim
+from zope.interface.verify import verifyObject
 
 from xenmig import amp_commands as commands
 from xenmig.digest import hashBytes
@@ -21,7 +26,8 @@ from xenmig.errors import (
     MigrationAborted,
     VersionMismatch,
 )
-from xenmig.protocol import ControlProtocol, StreamReceiver
+from xenmig.interfaces import IMigrationTarget, IReceivingSession
+from xenmig.protocol import ControlProtocol
 from xenmig.records import (
     DataRecord,
     EndRecord,
@@ -29,6 +35,7 @@ from xenmig.records import (
     encodeEnd,
     encodeStreamHeader,
 )
+from xenmig.streamreceiver import StreamReceiver
 from xenmig.target.config import TargetConfig, Timeouts
 from xenmig.target.core import MigrationTarget
 from xenmig.target.session import Phase
@@ -472,3 +479,105 @@ def test_cutOffBehindPausedDevice(target, clock, kind):
     hold.callback(None)
     assert session.phase is Phase.ABORTED
     assert "was cut off" in session.reason
+
+
+# -- the protocols' contract with the core --------------------------------------------
+
+#: The top-level modules of the contract and the wire, and the rooms above them.
+WIRE_MODULES = ("protocol.py", "factories.py", "streamreceiver.py")
+HIGHER_ROOMS = ("xenmig.target", "xenmig.source", "xenmig.cli", "xenmig.demo")
+
+
+def importedModules(path):
+    """Every module ``path`` imports, anywhere in it (TYPE_CHECKING blocks too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("name", WIRE_MODULES)
+def test_wireModulesImportNoRoom(name):
+    """The protocols and factories know the core only by its interface."""
+    xenmig = Path(__file__).resolve().parent.parent / "xenmig"
+    imported = importedModules(xenmig / name)
+    higher = {m for m in imported if m.startswith(HIGHER_ROOMS)}
+    assert higher == set(), name
+
+
+def test_coreProvidesItsInterfaces(target):
+    """The target core and its sessions provide what the protocols call."""
+    assert verifyObject(IMigrationTarget, target)
+    server, client, pump = connect(target)
+    prepare(pump, client)
+    assert verifyObject(IReceivingSession, target.sessions["m1"])
+
+
+def test_idleControlConnectionWithSession(kind, clock, tmp_path):
+    """A control connection whose migration runs is not closed as idle; once the
+    migration has finished, it is."""
+    config = TargetConfig(FilePath(str(tmp_path)), timeouts=Timeouts(prepared=1000))
+    target = MigrationTarget(clock, config, {"memory": kind}, syncRunner)
+    client, server, pump = iosim.connectedServerAndClient(
+        ServerClass=lambda: ControlProtocol(target, tls=False, idleTimeout=10),
+        ClientClass=amp.AMP,
+        greet=True,
+    )
+    server.peer = "source.test"
+    prepare(pump, client)
+    clock.advance(11)
+    assert not server.transport.disconnecting
+    assert target.hasActiveWork({"m1"})
+    call(pump, client, commands.Abort, migration_id="m1", reason="done")
+    assert not target.hasActiveWork({"m1"})
+    clock.advance(11)
+    assert server.transport.disconnecting
+    pump.flush()
+    assert not clock.getDelayedCalls()
+
+
+def test_lostConnectionSparesCommitting(target, kind):
+    """A lost control connection aborts its PREPARED sessions, not a COMMITTING one."""
+    server, client, pump = connect(target)
+    prepare(pump, client, "m1")
+    call(
+        pump,
+        client,
+        commands.Prepare,
+        migration_id="m2",
+        domain="vm2",
+        protocol_version=commands.PROTOCOL_VERSION,
+        devices=[device()],
+    )
+    sender, streamPump = openStream(target, pump, client, migrationId="m2")
+    sendState(sender, streamPump)
+    installing = Deferred()
+    kind.targets[1].commit = lambda: installing  # the install takes a while
+    committed = Deferred.fromCoroutine(target.commit("source.test", "m2"))
+    assert target.sessions["m2"].phase is Phase.COMMITTING
+    target.controlConnectionLost("source.test", {"m1", "m2", "unknown"})
+    assert target.sessions["m1"].phase is Phase.ABORTED
+    assert target.sessions["m2"].phase is Phase.COMMITTING
+    installing.callback(["memory:dev"])
+    assert committed.result == ["memory:dev"]
+    assert target.sessions["m2"].phase is Phase.COMMITTED
+
+
+def test_claimAfterRefusalJournalsTheCommit(target, tmp_path):
+    """A migration prepared again after a refusal, committed and claimed, stays
+    COMMITTED in the journal (the old refusal's record is not written back)."""
+    server, client, pump = connect(target)
+    prepare(pump, client, devices=[device("dev", refuse="not yet")])
+    prepare(pump, client)
+    restored = target.awaitRestored("vm1", 60)
+    sender, streamPump = openStream(target, pump, client)
+    sendState(sender, streamPump)
+    call(pump, client, commands.Commit, migration_id="m1")
+    assert restored.result.migrationId == "m1"
+    journal = json.loads((tmp_path / "sessions" / "m1.json").read_text())
+    assert (journal["phase"], journal["claimed"]) == ("COMMITTED", True)
+    assert "refused" not in journal

@@ -10,11 +10,12 @@ from twisted.python.filepath import FilePath
 
 from xenmig.digest import hashBytes
 from xenmig.errors import CommitFailed, InvalidTransition, MigrationAborted
-from xenmig.model import DeviceDescription
+from xenmig.model import DeviceDescription, DeviceOffer
 from xenmig.records import DataRecord, EndRecord
 from xenmig.target.config import TargetConfig
 from xenmig.target.core import MigrationTarget
 from xenmig.target.journal import Journal
+from xenmig.target.migrationrecord import MigrationRecord
 from xenmig.target.session import (
     DEVICE_TRANSITIONS,
     TRANSITIONS,
@@ -190,3 +191,81 @@ def test_targetRecoverCleansStaging(tmp_path):
     assert target.query("m9")["phase"] == "ABORTED"
     with pytest.raises(MigrationAborted, match="restarted while the migration was"):
         target.session("m9")
+
+
+# -- the record of a migration ------------------------------------------------------
+
+
+def recordJSON(**extra):
+    """A journal record as the daemon writes it (a committed session)."""
+    return {
+        "migration_id": "m1",
+        "domain": "vm1",
+        "phase": "COMMITTED",
+        "peer": "source.test",
+        "reason": "",
+        "started": 1.5,
+        "updated": 9.0,
+        "installed": ["memory:a"],
+        "devices": [
+            {
+                "name": "a",
+                "kind": "memory",
+                "state": "COMMITTED",
+                "bytes_done": 3,
+                "bytes_expected": 3,
+                "rate": 0.5,
+                "digest": "blake3:00",
+                "reason": "",
+            }
+        ],
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"staging": ["/s/m1"]}, {"staging": [], "claimed": True}, {"refused": True}],
+)
+def test_recordJSONRoundTrip(extra):
+    """A record's JSON reads back into the same record and writes the same JSON."""
+    data = recordJSON(**extra)
+    record = MigrationRecord.fromJSON(data)
+    assert record.phase is Phase.COMMITTED and record.committed
+    assert record.toJSON() == data
+    assert MigrationRecord.fromJSON(record.toJSON()) == record
+
+
+def test_recordOfSession():
+    """A session's record is its status (as the wire shows it) plus its staging."""
+    clock = task.Clock()
+    session = makeSession(clock)
+    deliver(session, "a")
+    record = MigrationRecord.ofSession(session, ["/s/m1"])
+    assert record.phase is Phase.READY
+    assert record.toJSON() == {**session.status().toJSON(), "staging": ["/s/m1"]}
+    assert "staging" not in MigrationRecord.ofSession(session).toJSON()
+
+
+def test_refusalRecord():
+    """A refused Prepare's record names each refused device REFUSED, with its reason."""
+    descriptions = [DeviceDescription("memory", n, 3) for n in ("a", "b")]
+    offers = [DeviceOffer("a", True, ""), DeviceOffer("b", False, "device b: full")]
+    record = MigrationRecord.refusal("m1", "vm1", "src", descriptions, offers, 7.0)
+    data = record.toJSON()
+    assert (data["phase"], data["refused"], data["staging"]) == ("ABORTED", True, [])
+    assert data["reason"] == "refused at Prepare: device b: full"
+    assert [(d["state"], d["reason"]) for d in data["devices"]] == [
+        (DeviceState.ABORTED.value, ""),
+        (DeviceState.REFUSED.value, "device b: full"),
+    ]
+
+
+def test_restartAbortsAnInterruptedCommit():
+    """An interrupted commit's record becomes ABORTED, naming what was installed."""
+    data = recordJSON(phase="COMMITTING", installed=["memory:a"])
+    data["devices"].append({**data["devices"][0], "name": "b", "state": "READY"})
+    record = MigrationRecord.fromJSON(data).abortedByRestart(now=20.0)
+    assert record.phase is Phase.ABORTED and record.updated == 20.0
+    assert "some state may be installed: memory:a" in record.reason
+    assert [d.state for d in record.devices] == ["COMMITTED", "ABORTED"]

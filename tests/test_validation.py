@@ -23,8 +23,9 @@ from xenmig.digest import hashBytes
 from xenmig.errors import BadSpec, CommitFailed, PathNotAllowed
 from xenmig.limits import MAX_COMMANDS_IN_FLIGHT, MAX_MESSAGE
 from xenmig.model import DeviceDescription
-from xenmig.protocol import ControlProtocol, StreamReceiver
+from xenmig.protocol import ControlProtocol
 from xenmig.records import encodeData, encodeEnd, encodeStreamHeader, encodeZero
+from xenmig.streamreceiver import StreamReceiver
 from xenmig.target.config import TargetConfig
 from xenmig.target.core import MigrationTarget
 from xenmig.target.session import Phase

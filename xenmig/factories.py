@@ -6,9 +6,9 @@ from typing import Any
 
 from twisted.internet.protocol import Factory
 
+from xenmig.interfaces import IMigrationTarget
 from xenmig.limits import ConnectionGate, ConnectionLimits
 from xenmig.protocol import ControlProtocol, LocalControlProtocol
-from xenmig.target.core import MigrationTarget
 
 
 class ControlFactory(Factory):
@@ -20,7 +20,7 @@ class ControlFactory(Factory):
 
     def __init__(
         self,
-        target: MigrationTarget,
+        target: IMigrationTarget,
         tls: bool = True,
         limits: ConnectionLimits | None = None,
     ) -> None:
@@ -33,7 +33,7 @@ class ControlFactory(Factory):
         protocol = ControlProtocol(
             self.target,
             self.tls,
-            self.target.config.timeouts.handshake,
+            self.target.timeouts.handshake,
             self.gate,
             self.limits.idle,
         )
@@ -44,7 +44,7 @@ class ControlFactory(Factory):
 class LocalControlFactory(Factory):
     """Builds the protocol of the owner-only local socket for the target toolstack."""
 
-    def __init__(self, target: MigrationTarget) -> None:
+    def __init__(self, target: IMigrationTarget) -> None:
         self.target = target
 
     def buildProtocol(self, addr: Any) -> LocalControlProtocol:

@@ -1,4 +1,4 @@
-"""The contracts of the pluggable parts: device kinds, their two sides, contexts."""
+"""The contracts: device kinds, their two sides, contexts, the target core's face."""
 
 from __future__ import annotations
 
@@ -328,4 +328,140 @@ class IDirtyBlocks(Interface):
         idempotent.
 
         @return: a Deferred firing with None.
+        """
+
+
+class IReceivingSession(Interface):
+    """
+    A target session as its device streams see it: what the raw stream
+    receiver (L{xenmig.streamreceiver.StreamReceiver}) hands it.  Each method
+    names the device whose stream it is.
+    """
+
+    migrationId = Attribute("str: the id of the migration.")
+    clock = Attribute("The IReactorTime that the stream's idle time-out runs on.")
+
+    def recordReceived(name, record):
+        """
+        Hand one record (DATA, ZERO, METADATA, ROUND, ...) to the device.
+
+        @return: None if the stream may go on at once, or a Deferred that fires
+            when it may (the stream pauses meanwhile; a failure fails it).
+        @raise xenmig.errors.XenmigError: if the record is not acceptable now
+            (the stream then fails the device with that error).
+        """
+
+    def streamEnded(name, end):
+        """
+        The END record (an L{xenmig.records.EndRecord}) arrived: verify the device.
+
+        @return: a Deferred firing with None once verified; a mismatch aborts
+            the session rather than failing the Deferred.
+        """
+
+    def streamLost(name, why):
+        """
+        The stream ended before its END record (closed, cut off, idle); ``why``
+        says how, for the reason the session aborts with.  @return: None.
+        """
+
+    def deviceFailed(name, error):
+        """The stream failed the device with ``error``: abort.  @return: None."""
+
+
+class IMigrationTarget(Interface):
+    """
+    What a target host's protocols call: the AMP control connection (with the
+    peer's certificate identity, ``peer``, and fingerprint), the local socket
+    of the toolstack (``peer`` None), and the stream switch.  It decides; the
+    protocols only parse and answer.  Every error it raises is a
+    L{xenmig.errors.XenmigError} the protocols send back as is.
+    """
+
+    clock = Attribute("The IReactorTime the protocols' timers run on.")
+    timeouts = Attribute(
+        "The time-outs in seconds (a xenmig.target.config.Timeouts): the "
+        "protocols use ``handshake`` (TLS) and ``idle`` (a silent stream)."
+    )
+
+    def authorize(peer, fingerprint=""):
+        """
+        What ``peer`` may do here, asked afresh for each command.
+
+        @return: its grant.
+        @raise xenmig.errors.NotAuthorized: if it may not migrate here (logged).
+        """
+
+    def prepare(peer, migrationId, domain, version, devices, fingerprint=""):
+        """
+        Offer every device (a list of dicts: kind, name, size, params, precopy)
+        to its handler; open the session if all accept.
+
+        @return: an awaitable firing with ``(protocol version, offers)``, a
+            list of L{xenmig.model.DeviceOffer}; all refused if one is.
+        """
+
+    def openStream(peer, migrationId, device, fingerprint=""):
+        """@return: a one-time token (bytes) for the stream of ``device``."""
+
+    def claimToken(peer, token, fingerprint=""):
+        """
+        Use a stream token.
+
+        @return: ``(session, device name)``; the session provides
+            L{IReceivingSession}.
+        @raise xenmig.errors.BadToken: if unknown, used, expired or another's.
+        """
+
+    def chargeStream(migrationId):
+        """
+        @return: a function each stream of ``migrationId`` calls with the bytes
+            it received; it raises L{xenmig.errors.StreamError} past the budget.
+        """
+
+    def deviceReady(peer, migrationId, device):
+        """@return: a Deferred firing with the device's verified ContentDigest."""
+
+    def commit(peer, migrationId):
+        """
+        Install every device's state and release the VM (idempotent).
+
+        @return: an awaitable firing with the list of what was installed.
+        """
+
+    def abort(peer, migrationId, reason):
+        """
+        Abort before commit (``peer`` None: the local toolstack).
+
+        @return: an awaitable firing with the phase afterwards (str).
+        """
+
+    def deviceRequest(peer, migrationId, device, method, payload):
+        """@return: an awaitable firing with the target device's answer (a dict)."""
+
+    def query(migrationId, viewer=None):
+        """
+        @return: the status of a migration (a dict, as the wire carries it);
+            a remote ``viewer`` sees only its own.
+        @raise xenmig.errors.UnknownMigration: if there is none to see.
+        """
+
+    def list(limit=50, viewer=None):
+        """@return: the statuses of the most recent migrations, newest first."""
+
+    def awaitRestored(domain, timeout, migrationId=None):
+        """
+        @return: a Deferred firing with the L{xenmig.target.gate.Release} of the
+            next unclaimed commit of ``domain`` (or of ``migrationId``); failing
+            if it aborts, or after ``timeout`` seconds.  Cancelling it stops
+            waiting.
+        """
+
+    def hasActiveWork(migrationIds):
+        """@return: whether any of ``migrationIds`` is still running."""
+
+    def controlConnectionLost(peer, migrationIds):
+        """
+        The control connection of ``peer`` that prepared ``migrationIds`` is
+        gone: each that has not begun to commit aborts.  @return: None.
         """

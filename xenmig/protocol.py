@@ -1,19 +1,16 @@
-"""The target's protocols: AMP control (TLS and local), and the raw state stream."""
+"""The target's AMP protocols: the control connection (TLS) and the local socket."""
 
 from __future__ import annotations
 
 import functools
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -25,9 +22,8 @@ from xenmig.errors import (
     InternalError,
     NotAuthorized,
     ProtocolError,
-    StreamError,
-    XenmigError,
 )
+from xenmig.interfaces import IMigrationTarget
 from xenmig.limits import (
     MAX_BOX_BYTES,
     MAX_COMMANDS_IN_FLIGHT,
@@ -35,14 +31,9 @@ from xenmig.limits import (
     bounded,
 )
 from xenmig.model import DeviceOffer
-from xenmig.records import EndRecord, Record, RecordParser
-from xenmig.target.core import MigrationTarget
-from xenmig.target.session import FINAL, Phase, TargetSession
+from xenmig.streamreceiver import StreamReceiver
 
 log = Logger()
-
-#: How much a stream connection reads per system call.
-READ_SIZE = 1024 * 1024
 
 
 def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,7 +104,7 @@ class StatusResponders(amp.CommandLocator):
     on whichever locator class happens to be defined next, not on its users.)
     """
 
-    target: MigrationTarget
+    target: IMigrationTarget
     _inFlight = 0
 
     def _viewer(self) -> str | None:
@@ -173,16 +164,17 @@ def _protocolError(message: str) -> Deferred[Any]:
 class ControlProtocol(StatusResponders, amp.AMP):
     """
     The AMP control connection from a source host.  It parses commands and hands
-    them to the L{MigrationTarget}, with the peer's certificate identity.
+    them to the L{IMigrationTarget}, with the peer's certificate identity.
 
-    A session is tied to the connection that prepared it: if that connection is
-    lost before Commit arrives, the session aborts (the source then learns the
-    outcome with QueryMigration on a new connection).
+    A session is tied to the connection that prepared it: the target hears
+    when that connection is lost (and aborts what has not begun to commit;
+    the source then learns the outcome with QueryMigration on a new
+    connection).
     """
 
     def __init__(
         self,
-        target: MigrationTarget,
+        target: IMigrationTarget,
         tls: bool = True,
         handshakeTimeout: float = 30.0,
         gate: ConnectionGate | None = None,
@@ -269,11 +261,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
 
     def _idleExpired(self) -> None:
         self._idleTimer = None
-        busy = self._inFlight or any(
-            (s := self.target.sessions.get(m)) is not None and s.phase not in FINAL
-            for m in self.prepared
-        )
-        if busy:
+        if self._inFlight or self.target.hasActiveWork(self.prepared):
             self._armIdle()
             return
         log.info(
@@ -335,11 +323,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
             self.gate.closed(self._address, self._handshaking)
         if self.tls and self.peer is None and self._handshaking:
             self._logHandshakeFailure(reason)
-        for migrationId in self.prepared:
-            session = self.target.sessions.get(migrationId)
-            if session is not None and session.phase not in FINAL:
-                if session.phase is not Phase.COMMITTING:
-                    session.abort("the source's control connection was lost")
+        self.target.controlConnectionLost(self.peer, set(self.prepared))
         super().connectionLost(reason)
 
     def _logHandshakeFailure(self, reason: Failure) -> None:
@@ -390,7 +374,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
         return StreamReceiver(
             session,
             device,
-            self.target.config.timeouts.idle,
+            self.target.timeouts.idle,
             self.target.chargeStream(session.migrationId),
         )
 
@@ -428,7 +412,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
 class LocalControlProtocol(StatusResponders, amp.AMP):
     """The owner-only local socket: the target toolstack's view of the daemon."""
 
-    def __init__(self, target: MigrationTarget) -> None:
+    def __init__(self, target: IMigrationTarget) -> None:
         super().__init__()
         self.target = target
 
@@ -444,142 +428,3 @@ class LocalControlProtocol(StatusResponders, amp.AMP):
     @_guarded
     async def abort(self, migration_id: str, reason: str) -> dict[str, Any]:
         return {"phase": await self.target.abort(None, migration_id, reason)}
-
-
-class StreamReceiver(Protocol, TimeoutMixin):
-    """
-    The raw stream of one device, after StartStream.  It parses records and hands
-    them to the session; when the device asks to wait, it pauses the transport.
-    Idle for longer than ``idleTimeout`` (reset on every chunk), it aborts.
-    """
-
-    def __init__(
-        self,
-        session: TargetSession,
-        device: str,
-        idleTimeout: float,
-        charge: Callable[[int], None] | None = None,
-    ) -> None:
-        self.session = session
-        self.charge = charge
-        self.device = device
-        self.idleTimeout = idleTimeout
-        self.parser = RecordParser()
-        self.ended = False
-        self.transport: Any = None
-        self.callLater = session.clock.callLater  # type: ignore[method-assign,assignment]
-        self._records: deque[Record] = deque()
-        self._waiting: Deferred[None] | None = None
-        self._received = 0
-        self._gone: Failure | None = None  # the connection closed, records may wait
-
-    def connectionMade(self) -> None:
-        self.setTimeout(self.idleTimeout)
-        # Bulk: read up to a megabyte per system call, not Twisted's 64 KiB.
-        tcp = getattr(self.transport, "transport", self.transport)
-        if hasattr(tcp, "bufferSize"):
-            tcp.bufferSize = READ_SIZE
-
-    def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
-        self._received += len(data)
-        if self.ended:
-            self._fail(StreamError(f"device {self.device}: data after the END record"))
-            return
-        try:
-            if self.charge is not None:
-                self.charge(len(data))
-            self._records.extend(self.parser.feed(data))
-        except XenmigError as e:
-            self._fail(e)
-            return
-        self._drain()
-
-    def _drain(self) -> None:
-        while self._records and self._waiting is None and not self.ended:
-            record = self._records.popleft()
-            try:
-                if isinstance(record, EndRecord):
-                    if self._records or self.parser.buffered:
-                        raise StreamError(
-                            f"device {self.device}: data after the END record"
-                        )
-                    self._end(record)
-                    return
-                waiting = self.session.recordReceived(self.device, record)
-            except XenmigError as e:
-                self._fail(e)
-                return
-            except Exception as e:
-                log.failure(
-                    "migration {migration_id}: device {device} failed on a record",
-                    migration_id=self.session.migrationId,
-                    device=self.device,
-                )
-                self._fail(InternalError(f"the handler failed: {e!r}"))
-                return
-            if waiting is not None:
-                self._pause(waiting)
-
-    def _pause(self, waiting: Deferred[None]) -> None:
-        self._waiting = waiting
-        self.transport.pauseProducing()
-        # While paused we wait on the device, not the network: no idle time-out.
-        self.setTimeout(None)
-        waiting.addCallbacks(self._resume, self._deviceFailed)
-
-    def _resume(self, _: None) -> None:
-        self._waiting = None
-        if self._gone is None:
-            self.setTimeout(self.idleTimeout)
-            self.transport.resumeProducing()
-        self._drain()
-        self._checkGone()
-
-    def _deviceFailed(self, failure: Failure) -> None:
-        self._waiting = None
-        self._fail(failure.value or StreamError("device failed"))
-
-    def _end(self, end: EndRecord) -> None:
-        self.ended = True
-        self.setTimeout(None)
-        self.session.streamEnded(self.device, end)
-        if self._gone is None:
-            self.transport.loseConnection()
-
-    def _fail(self, error: BaseException) -> None:
-        self.setTimeout(None)
-        self.ended = True
-        log.warn(
-            "migration {migration_id}: stream of {device} failed: {error}",
-            migration_id=self.session.migrationId,
-            device=self.device,
-            error=str(error),
-        )
-        self.session.deviceFailed(self.device, error)
-        if self._gone is None:
-            self.transport.abortConnection()
-
-    def timeoutConnection(self) -> None:
-        self.ended = True
-        self.session.streamLost(
-            self.device, f"was idle for more than {self.idleTimeout:g} seconds"
-        )
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
-        # Records may still wait for a paused device: the END among them, if the
-        # sender closed right after it.  Decide once they are handed over.
-        self.setTimeout(None)
-        self._gone = reason
-        self._checkGone()
-
-    def _checkGone(self) -> None:
-        if self._gone is None or self.ended or self._waiting is not None:
-            return
-        self.ended = True
-        self.session.streamLost(
-            self.device,
-            f"was cut off after {self._received} bytes "
-            f"({self._gone.getErrorMessage()})",
-        )

@@ -1,1 +1,1 @@
-"""The target side of a migration: its core, sessions, journal, gate, service."""
+"""The target side: its core and parts (admission, history, journal, gate), services."""

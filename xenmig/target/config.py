@@ -8,6 +8,11 @@ from twisted.python.filepath import FilePath
 
 from xenmig.target.session import Phase
 
+#: Concurrent unfinished migrations a host accepts, unless configured.
+MAX_SESSIONS = 16
+#: Devices (so streams) of one migration, unless configured.
+MAX_DEVICES = 64
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -38,9 +43,9 @@ class TargetConfig:
     allowedRoots: tuple[FilePath, ...] = ()
     onCommit: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
-    maxSessions: int = 16
+    maxSessions: int = MAX_SESSIONS
     #: Devices (so streams) of one migration.
-    maxDevices: int = 64
+    maxDevices: int = MAX_DEVICES
 
     @property
     def roots(self) -> tuple[FilePath, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -52,3 +53,48 @@ def runHook(
         return child.status
 
     return Deferred.fromCoroutine(run())
+
+
+#: How a hook command is run: (command, environment, migration id) -> exit status.
+HookRunner = Callable[[str, dict[str, str], str], Deferred[int]]
+
+
+class CommitHook:
+    """
+    The ``--on-commit`` command: run after each commit, with the migration in
+    its environment.  Its output and exit status are logged; neither changes
+    the outcome (the commit is done).
+    """
+
+    def __init__(self, command: str | None, run: HookRunner | None) -> None:
+        self.command = command
+        self.run = run
+
+    def committed(
+        self, migrationId: str, domain: str, peer: str, installed: list[str]
+    ) -> None:
+        """``migrationId`` committed: run the command, if there is one."""
+        if not self.command or self.run is None:
+            return
+        env = {
+            "XENMIG_MIGRATION_ID": migrationId,
+            "XENMIG_DOMAIN": domain,
+            "XENMIG_PEER": peer,
+            "XENMIG_INSTALLED": "\n".join(installed),
+        }
+
+        def done(code: int) -> None:
+            log.info(
+                "migration {migration_id}: on-commit hook exited {code}",
+                migration_id=migrationId,
+                code=code,
+            )
+
+        self.run(self.command, env, migrationId).addCallbacks(
+            done,
+            lambda f: log.failure(
+                "migration {migration_id}: on-commit hook failed",
+                f,
+                migration_id=migrationId,
+            ),
+        )

@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from xenmig.fs import removeTree, writeAtomically
+from xenmig.target.migrationrecord import MigrationRecord
 
 log = Logger()
 
@@ -23,8 +24,9 @@ KEEP_FINISHED = 200
 class Journal:
     """
     One small JSON file per session under ``STATE_DIR/sessions``, rewritten
-    atomically at each phase change.  Each record also lists the session's staging
-    paths, so that a restarted daemon removes whatever an unfinished session left.
+    atomically at each phase change: the JSON of its L{MigrationRecord}.  Each
+    record also lists the session's staging paths, so that a restarted daemon
+    removes whatever an unfinished session left.
     """
 
     def __init__(
@@ -35,15 +37,18 @@ class Journal:
         self.directory = directory
         self._run = runInThread
         self._pending: dict[str, Deferred[None]] = {}
-        directory.makedirs(ignoreExistingDirectory=True)
-        os.chmod(directory.path, 0o700)
+
+    def create(self) -> None:
+        """Blocking, at start-up: make the directory, owner-only."""
+        self.directory.makedirs(ignoreExistingDirectory=True)
+        os.chmod(self.directory.path, 0o700)
 
     def path(self, migrationId: str) -> FilePath:
         return self.directory.child(migrationId + ".json")
 
     def write(self, migrationId: str, record: dict[str, Any]) -> Deferred[None]:
         """Write ``record`` after any earlier write of the same session; durable."""
-        data = json.dumps(record, sort_keys=True, indent=1).encode()
+        data = _encode(record)
         path = self.path(migrationId)
         # Each write has its own turn: a Deferred of ours that fires (with None,
         # never failing) once it is written, and that the next write waits on.
@@ -62,7 +67,7 @@ class Journal:
                 written.callback(None)
 
         def write(_: object = None) -> None:
-            self._run(writeAtomically, path, data).addBoth(settle)
+            self._run(_writeRecord, path, data).addBoth(settle)
 
         if previous is None:
             write()
@@ -70,50 +75,53 @@ class Journal:
             previous.addCallback(write)
         return written
 
-    def load(self) -> list[dict[str, Any]]:
+    def load(self) -> list[MigrationRecord]:
         """Blocking, at start-up: every readable session record, oldest first."""
+        self.create()
         records = []
         for child in sorted(self.directory.globChildren("*.json")):
             try:
-                records.append(json.loads(child.getContent()))
-            except (OSError, ValueError):
+                records.append(MigrationRecord.fromJSON(json.loads(child.getContent())))
+            except (OSError, ValueError, KeyError, TypeError):
                 log.warn("journal {path} is unreadable; removed", path=child.path)
                 child.remove()
-        records.sort(key=lambda r: r.get("started", 0))
+        records.sort(key=lambda r: r.started)
         return records
 
-    def recover(self, now: float) -> list[dict[str, Any]]:
+    def recoverRecords(self, now: float) -> list[MigrationRecord]:
         """
         Blocking, at start-up: abort every session that had not committed, remove
-        its staging, and return all records (oldest first) for status queries.
+        its staging, and return all records kept (oldest first) for status queries.
         """
-        records = self.load()
-        for record in records:
-            for path in record.get("staging", []):
-                removeTree(path)
-            if record.get("phase") in ("COMMITTED", "ABORTED"):
-                continue
-            was = record.get("phase")
-            record["reason"] = (
-                "the target daemon restarted during the commit; some state may be "
-                "installed: " + ", ".join(record.get("installed", [])) + "; the VM "
-                "was not released"
-                if was == "COMMITTING"
-                else f"the target daemon restarted while the migration was {was}"
-            )
-            record["phase"] = "ABORTED"
-            record["updated"] = now
-            for device in record.get("devices", []):
-                if device.get("state") != "COMMITTED":
-                    device["state"] = "ABORTED"
-            log.warn(
-                "migration {migration_id} aborted at start-up: {reason}",
-                migration_id=record.get("migration_id"),
-                reason=record["reason"],
-            )
-            writeAtomically(
-                self.path(record["migration_id"]), json.dumps(record).encode()
-            )
+        records = [self._recovered(record, now) for record in self.load()]
         for record in records[:-KEEP_FINISHED]:
-            self.path(record["migration_id"]).remove()
+            self.path(record.migrationId).remove()
         return records[-KEEP_FINISHED:]
+
+    def recover(self, now: float) -> list[dict[str, Any]]:
+        """L{recoverRecords}, as the JSON the journal files hold."""
+        return [record.toJSON() for record in self.recoverRecords(now)]
+
+    def _recovered(self, record: MigrationRecord, now: float) -> MigrationRecord:
+        for path in record.staging or ():
+            removeTree(path)
+        if record.finished:
+            return record
+        record = record.abortedByRestart(now)
+        log.warn(
+            "migration {migration_id} aborted at start-up: {reason}",
+            migration_id=record.migrationId,
+            reason=record.reason,
+        )
+        writeAtomically(self.path(record.migrationId), _encode(record.toJSON()))
+        return record
+
+
+def _encode(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, sort_keys=True, indent=1).encode()
+
+
+def _writeRecord(path: FilePath, data: bytes) -> None:
+    """Blocking: write one journal file, making its directory if need be."""
+    os.makedirs(path.dirname(), mode=0o700, exist_ok=True)
+    writeAtomically(path, data)

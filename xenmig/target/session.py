@@ -1,15 +1,15 @@
-"""The target side of one migration: its state machine, devices, and resume gate."""
+"""TargetSession: one migration on the target, its state machine and its devices."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from xenmig.errors import (
     CommitFailed,
@@ -21,7 +21,7 @@ from xenmig.errors import (
     UnknownDevice,
     XenmigError,
 )
-from xenmig.interfaces import ITargetDevice
+from xenmig.interfaces import IReceivingSession, ITargetDevice
 from xenmig.model import (
     ContentDigest,
     DeviceDescription,
@@ -67,6 +67,9 @@ class DeviceState(enum.Enum):
     READY = "READY"
     COMMITTED = "COMMITTED"
     ABORTED = "ABORTED"
+    #: Its handler refused it at Prepare: the session never opened, so this
+    #: state appears only in the record of the refused Prepare.
+    REFUSED = "REFUSED"
 
 
 DEVICE_TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
@@ -76,6 +79,7 @@ DEVICE_TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
     DeviceState.READY: frozenset({DeviceState.COMMITTED, DeviceState.ABORTED}),
     DeviceState.COMMITTED: frozenset(),
     DeviceState.ABORTED: frozenset(),
+    DeviceState.REFUSED: frozenset(),
 }
 
 
@@ -138,6 +142,7 @@ class TargetDeviceSlot:
                 waiter.callback(result)
 
 
+@implementer(IReceivingSession)
 class TargetSession:
     """
     One migration on the target: PREPARED -> RECEIVING -> READY -> COMMITTED,
@@ -428,7 +433,3 @@ class TargetSession:
             devices=tuple(slot.progress() for slot in self.devices.values()),
             installed=tuple(self.installed),
         )
-
-    def summary(self) -> dict[str, Any]:
-        """What the journal keeps of this session."""
-        return self.status().toJSON()

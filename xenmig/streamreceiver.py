@@ -1,0 +1,161 @@
+"""StreamReceiver: a device's raw stream after StartStream, handed to its session."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from xenmig.errors import InternalError, StreamError, XenmigError
+from xenmig.interfaces import IReceivingSession
+from xenmig.records import EndRecord, Record, RecordParser
+
+log = Logger()
+
+#: How much a stream connection reads per system call.
+READ_SIZE = 1024 * 1024
+
+
+class StreamReceiver(Protocol, TimeoutMixin):
+    """
+    The raw stream of one device, after StartStream.  It parses records and hands
+    them to the session; when the device asks to wait, it pauses the transport.
+    Idle for longer than ``idleTimeout`` (reset on every chunk), it aborts.
+    """
+
+    def __init__(
+        self,
+        session: IReceivingSession,
+        device: str,
+        idleTimeout: float,
+        charge: Callable[[int], None] | None = None,
+    ) -> None:
+        self.session = session
+        self.charge = charge
+        self.device = device
+        self.idleTimeout = idleTimeout
+        self.parser = RecordParser()
+        self.ended = False
+        self.transport: Any = None
+        self.callLater = session.clock.callLater  # type: ignore[method-assign,assignment]
+        self._records: deque[Record] = deque()
+        self._waiting: Deferred[None] | None = None
+        self._received = 0
+        self._gone: Failure | None = None  # the connection closed, records may wait
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idleTimeout)
+        # Bulk: read up to a megabyte per system call, not Twisted's 64 KiB.
+        tcp = getattr(self.transport, "transport", self.transport)
+        if hasattr(tcp, "bufferSize"):
+            tcp.bufferSize = READ_SIZE
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self._received += len(data)
+        if self.ended:
+            self._fail(StreamError(f"device {self.device}: data after the END record"))
+            return
+        try:
+            if self.charge is not None:
+                self.charge(len(data))
+            self._records.extend(self.parser.feed(data))
+        except XenmigError as e:
+            self._fail(e)
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._records and self._waiting is None and not self.ended:
+            record = self._records.popleft()
+            try:
+                if isinstance(record, EndRecord):
+                    if self._records or self.parser.buffered:
+                        raise StreamError(
+                            f"device {self.device}: data after the END record"
+                        )
+                    self._end(record)
+                    return
+                waiting = self.session.recordReceived(self.device, record)
+            except XenmigError as e:
+                self._fail(e)
+                return
+            except Exception as e:
+                log.failure(
+                    "migration {migration_id}: device {device} failed on a record",
+                    migration_id=self.session.migrationId,
+                    device=self.device,
+                )
+                self._fail(InternalError(f"the handler failed: {e!r}"))
+                return
+            if waiting is not None:
+                self._pause(waiting)
+
+    def _pause(self, waiting: Deferred[None]) -> None:
+        self._waiting = waiting
+        self.transport.pauseProducing()
+        # While paused we wait on the device, not the network: no idle time-out.
+        self.setTimeout(None)
+        waiting.addCallbacks(self._resume, self._deviceFailed)
+
+    def _resume(self, _: None) -> None:
+        self._waiting = None
+        if self._gone is None:
+            self.setTimeout(self.idleTimeout)
+            self.transport.resumeProducing()
+        self._drain()
+        self._checkGone()
+
+    def _deviceFailed(self, failure: Failure) -> None:
+        self._waiting = None
+        self._fail(failure.value or StreamError("device failed"))
+
+    def _end(self, end: EndRecord) -> None:
+        self.ended = True
+        self.setTimeout(None)
+        self.session.streamEnded(self.device, end)
+        if self._gone is None:
+            self.transport.loseConnection()
+
+    def _fail(self, error: BaseException) -> None:
+        self.setTimeout(None)
+        self.ended = True
+        log.warn(
+            "migration {migration_id}: stream of {device} failed: {error}",
+            migration_id=self.session.migrationId,
+            device=self.device,
+            error=str(error),
+        )
+        self.session.deviceFailed(self.device, error)
+        if self._gone is None:
+            self.transport.abortConnection()
+
+    def timeoutConnection(self) -> None:
+        self.ended = True
+        self.session.streamLost(
+            self.device, f"was idle for more than {self.idleTimeout:g} seconds"
+        )
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        # Records may still wait for a paused device: the END among them, if the
+        # sender closed right after it.  Decide once they are handed over.
+        self.setTimeout(None)
+        self._gone = reason
+        self._checkGone()
+
+    def _checkGone(self) -> None:
+        if self._gone is None or self.ended or self._waiting is not None:
+            return
+        self.ended = True
+        self.session.streamLost(
+            self.device,
+            f"was cut off after {self._received} bytes "
+            f"({self._gone.getErrorMessage()})",
+        )
