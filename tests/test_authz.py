@@ -50,7 +50,7 @@ from xenmig.errors import (  # noqa: E402
     UnknownMigration,
 )
 from xenmig.model import DeviceSpec  # noqa: E402
-from xenmig.source.client import ClientTimeouts  # noqa: E402
+from xenmig.source.connection import ClientTimeouts  # noqa: E402
 from xenmig.source.streamsender import StreamSender  # noqa: E402
 from xenmig.target.authz import PeerPolicy, PolicySource, loadPolicy  # noqa: E402
 from xenmig.target.config import TargetConfig  # noqa: E402

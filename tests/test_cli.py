@@ -596,7 +596,7 @@ class FakeMigration:
     """A SourceMigration stand-in whose commit's answer never comes."""
 
     def __init__(self, commitError: Exception) -> None:
-        from xenmig.source.client import ClientTimeouts
+        from xenmig.source.connection import ClientTimeouts
 
         self.migrationId = "doubt-1"
         self.phase = "NEW"

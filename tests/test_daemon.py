@@ -44,7 +44,7 @@ from xenmig.devices.sparse import dataExtents  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
 from xenmig.errors import ConfigurationError, PhaseTimeout  # noqa: E402
 from xenmig.model import DeviceSpec  # noqa: E402
-from xenmig.source.client import ClientTimeouts  # noqa: E402
+from xenmig.source.connection import ClientTimeouts  # noqa: E402
 from xenmig.source.streamsender import StreamSender  # noqa: E402
 from xenmig.target.config import TargetConfig, Timeouts  # noqa: E402
 from xenmig.target.service import READY_LINE, TargetDaemon  # noqa: E402

@@ -382,7 +382,15 @@ def test_docsQuoteTheExamples():
     assert quoted >= 8
 
 
-MINE = ["index", "protocol", "stream-format", "sessions", "handlers", "daemon"]
+MINE = [
+    "index",
+    "architecture",
+    "protocol",
+    "stream-format",
+    "sessions",
+    "handlers",
+    "daemon",
+]
 
 
 def slug(heading: str) -> str:

@@ -27,7 +27,7 @@ from xenmig.errors import (
 )
 from xenmig.interfaces import IDeviceKind, ISourceDevice
 from xenmig.model import DeviceDescription, DeviceSpec, RoundResult
-from xenmig.source.client import ClientTimeouts
+from xenmig.source.connection import ClientTimeouts
 from xenmig.source.convergence import FixedRounds
 from xenmig.source.migration import SourceMigration
 from xenmig.source.phase import FINAL, TRANSITIONS, Phase, leadingTo

@@ -59,7 +59,8 @@ from xenmig.devices.vtpm.kind import vtpmKind
 from xenmig.errors import CommitFailed, DigestMismatch, XenmigError
 from xenmig.interfaces import IDeviceKind
 from xenmig.model import DeviceSpec
-from xenmig.source.client import ClientTimeouts, MigrationClient
+from xenmig.source.client import MigrationClient
+from xenmig.source.connection import ClientTimeouts
 from xenmig.source.threadedstream import sslContext
 from xenmig.testing import requirePrograms
 

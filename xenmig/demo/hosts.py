@@ -9,7 +9,8 @@ from typing import Any
 from xenmig import tls
 from xenmig.cli import pki
 from xenmig.clients.processes import Daemon, freePort
-from xenmig.source.client import ClientTimeouts, MigrationClient
+from xenmig.source.client import MigrationClient
+from xenmig.source.connection import ClientTimeouts
 from xenmig.source.threadedstream import sslContext
 
 #: The hosts' names; each certificate also names 127.0.0.1.

@@ -31,7 +31,7 @@ method may be called from any thread except the reactor's own (that would
 deadlock: it raises instead).  Steps of *one* migration must be called in
 order, not concurrently; different migrations may run from different threads
 at once.  Every step is bounded by the client's time-outs
-(L{xenmig.source.client.ClientTimeouts}), so no call blocks forever.
+(L{xenmig.source.connection.ClientTimeouts}), so no call blocks forever.
 
 Shutdown: L{shutdown} stops the reactor thread (after a migration's last step:
 it does not wait for migrations under way) and joins it.  It runs by itself
@@ -54,7 +54,8 @@ from twisted.internet.threads import blockingCallFromThread
 from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.interfaces import IConvergencePolicy, IDeviceKind
 from xenmig.model import ContentDigest, DeviceSpec
-from xenmig.source.client import ClientTimeouts, MigrationClient
+from xenmig.source.client import MigrationClient
+from xenmig.source.connection import ClientTimeouts
 from xenmig.source.migration import SourceMigration
 
 T = TypeVar("T")

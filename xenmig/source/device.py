@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -16,17 +16,24 @@ from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 
-if TYPE_CHECKING:
-    from xenmig.source.migration import SourceMigration
+
+class PeerCalls(Protocol):
+    """What a device's context uses of its migration: its names and the peer."""
+
+    migrationId: str
+    domain: str
+
+    def callPeer(
+        self, device: str, method: str, payload: dict[str, Any]
+    ) -> Deferred[dict]:
+        """A handler-scoped request to the peer target device of ``device``."""
 
 
 @implementer(ISourceContext)
 class SourceContext:
     """What a source device gets from the framework."""
 
-    def __init__(
-        self, migration: SourceMigration | None, reactor: Any, name: str
-    ) -> None:
+    def __init__(self, migration: PeerCalls | None, reactor: Any, name: str) -> None:
         self.reactor = reactor
         self.migration = migration
         self.name = name

@@ -31,7 +31,7 @@ from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 
 if TYPE_CHECKING:
-    from xenmig.source.client import MigrationClient
+    from xenmig.source.connection import TargetConnection
 
 log = Logger()
 
@@ -40,14 +40,14 @@ class SourceMigration:
     """
     One migration from the source's side, driven phase by phase (L{Phase}; the
     moves are L{TRANSITIONS}, drawn in doc/protocol.md).  It speaks to the
-    target only through its L{MigrationClient}.
+    target only through its connection (a L{TargetConnection}).
 
     @param monotonic: the clock of the report's durations.
     """
 
     def __init__(
         self,
-        client: MigrationClient,
+        client: TargetConnection,
         domain: str,
         migrationId: str,
         monotonic: Callable[[], float] = time.monotonic,

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from xenmig.source.device import DeviceRun
-    from xenmig.source.migration import SourceMigration
+from xenmig.source.device import DeviceRun
 
-#: Each reported duration: from one mark of L{SourceMigration.times} to another.
+
+class ReportedMigration(Protocol):
+    """What the report reads of a L{xenmig.source.migration.SourceMigration}."""
+
+    @property
+    def migrationId(self) -> str: ...
+    @property
+    def domain(self) -> str: ...
+    @property
+    def phase(self) -> Any: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def installed(self) -> Sequence[str]: ...
+    @property
+    def times(self) -> Mapping[str, float]: ...
+    @property
+    def pausedAt(self) -> float | None: ...
+    @property
+    def devices(self) -> Mapping[str, DeviceRun]: ...
+
+
+#: Each reported duration: from one mark of the migration's C{times} to another.
 DURATIONS = {
     "prepare": ("prepare", "prepared"),
     "precopy": ("precopy", "precopied"),
@@ -18,7 +39,7 @@ DURATIONS = {
 }
 
 
-def migrationReport(migration: SourceMigration) -> dict[str, Any]:
+def migrationReport(migration: ReportedMigration) -> dict[str, Any]:
     """The JSON report: ids, per-device bytes and digests, phase durations."""
     times = migration.times
 

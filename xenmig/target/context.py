@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
@@ -12,8 +12,19 @@ from zope.interface import implementer
 from xenmig.destinations import resolveDestination
 from xenmig.interfaces import ITargetContext
 
-if TYPE_CHECKING:
-    from xenmig.target.core import MigrationTarget
+
+class ContextHost(Protocol):
+    """What a device's context uses of the target: its reactor, threads, staging."""
+
+    @property
+    def reactor(self) -> Any: ...
+    @property
+    def stagingRoot(self) -> FilePath: ...
+    @property
+    def config(self) -> Any: ...
+
+    def runInThread(self, function: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run blocking ``function`` in the I/O thread pool; a Deferred."""
 
 
 @implementer(ITargetContext)
@@ -22,7 +33,7 @@ class TargetContext:
 
     def __init__(
         self,
-        target: MigrationTarget,
+        target: ContextHost,
         migrationId: str,
         domain: str,
         peer: str,
