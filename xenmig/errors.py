@@ -85,7 +85,18 @@ class DeviceError(XenmigError):
 
 
 class CommitFailed(XenmigError):
-    """Installing the staged state at Commit failed on the target."""
+    """
+    Commit did not happen, definitely: the target ended the migration ABORTED
+    and will never release its VM (an install failed and was reversed, or the
+    journal could not record the commit).  The source may resume the VM.
+    """
+
+
+class JournalUnavailable(XenmigError):
+    """
+    The target could not record a migration's state durably (its state directory
+    is full, read-only or failing): the command that needed it changed nothing.
+    """
 
 
 class CommitInDoubt(XenmigError):
@@ -130,6 +141,7 @@ _WIRE_CODES: dict[type[Exception], bytes] = {
     MigrationAborted: b"MIGRATION_ABORTED",
     DeviceError: b"DEVICE_ERROR",
     CommitFailed: b"COMMIT_FAILED",
+    JournalUnavailable: b"JOURNAL_UNAVAILABLE",
     InternalError: b"INTERNAL",
 }
 
