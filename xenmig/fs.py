@@ -70,12 +70,25 @@ def writeAtomically(path: FilePath, data: bytes) -> None:
     temporary = path.siblingExtension(".tmp")
     fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary.path, path.path)
+        try:
+            view = memoryview(data)
+            while view:  # a short write (a disk filling up) is not the end
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary.path, path.path)
+    except OSError:
+        _unlinkQuietly(temporary.path)  # a full disk keeps no half-written file
+        raise
     fsyncDirectory(path.dirname())
+
+
+def _unlinkQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def removeTree(path: str) -> None:
