@@ -394,11 +394,23 @@ class IMigrationTarget(Interface):
 
     def prepare(peer, migrationId, domain, version, devices, fingerprint=""):
         """
-        Offer every device (a list of dicts: kind, name, size, params, precopy)
-        to its handler; open the session if all accept.
+        Admit a migration, then offer every device (a list of dicts: kind,
+        name, size, params, precopy) to its handler; open the session if all
+        accept.
 
-        @return: an awaitable firing with ``(protocol version, offers)``, a
+        Admission happens before this returns: a Prepare refused without
+        asking a handler (malformed, a duplicate id or domain, a limit, an
+        unauthorized kind) raises at once.  Once it returns, the migration
+        id is reserved for the caller until the Deferred fires; a
+        L{controlConnectionLost} naming it meanwhile abandons it (it opens
+        no session, or aborts the one it opened).
+
+        @return: a Deferred firing with ``(protocol version, offers)``, a
             list of L{xenmig.model.DeviceOffer}; all refused if one is.
+            Failing with L{xenmig.errors.JournalUnavailable} if the state
+            directory could not take the session (nothing is kept).
+            Cancelling it takes back what the Prepare had done.
+        @raise xenmig.errors.XenmigError: a refusal at admission.
         """
 
     def openStream(peer, migrationId, device, fingerprint=""):
@@ -462,6 +474,7 @@ class IMigrationTarget(Interface):
 
     def controlConnectionLost(peer, migrationIds):
         """
-        The control connection of ``peer`` that prepared ``migrationIds`` is
-        gone: each that has not begun to commit aborts.  @return: None.
+        The control connection of ``peer`` that prepared ``migrationIds`` (or
+        is having them prepared) is gone: each that has not begun to commit
+        aborts.  @return: None.
         """

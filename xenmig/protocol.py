@@ -339,14 +339,14 @@ class ControlProtocol(StatusResponders, amp.AMP):
 
     @commands.Prepare.responder
     @_guarded
-    async def prepare(
+    def prepare(
         self,
         migration_id: str,
         domain: str,
         protocol_version: int,
         devices: list[dict[str, Any]],
-    ) -> dict[str, Any]:
-        version, offers = await self.target.prepare(
+    ) -> Deferred[dict[str, Any]]:
+        preparing = self.target.prepare(
             self._peer(),
             migration_id,
             domain,
@@ -354,8 +354,21 @@ class ControlProtocol(StatusResponders, amp.AMP):
             devices,
             self.fingerprint,
         )
-        if all(offer.accepted for offer in offers):
-            self.prepared.add(migration_id)
+        # Admitted (a refusal would have raised): from now on the migration is
+        # this connection's, and losing the connection abandons it.
+        self.prepared.add(migration_id)
+        return Deferred.fromCoroutine(self._answerPrepare(migration_id, preparing))
+
+    async def _answerPrepare(
+        self, migrationId: str, preparing: Deferred[tuple[int, list[DeviceOffer]]]
+    ) -> dict[str, Any]:
+        try:
+            version, offers = await preparing
+        except BaseException:
+            self.prepared.discard(migrationId)  # it opened no session
+            raise
+        if not all(offer.accepted for offer in offers):
+            self.prepared.discard(migrationId)  # refused: the id may come again
         return {"protocol_version": version, "offers": [_offerBox(o) for o in offers]}
 
     @commands.OpenStream.responder

@@ -1,94 +1,172 @@
-"""Admission: which migrations this host takes on, and the bytes each may send."""
+"""Admission: the reservations that decide which migrations this host takes on."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+from twisted.logger import Logger
 
 from xenmig.errors import DeviceRefused, DuplicateMigration, NotAuthorized, StreamError
 from xenmig.model import DeviceDescription
 from xenmig.target.authz import Grant
 from xenmig.target.config import TargetConfig
-from xenmig.target.session import TargetSession
+
+log = Logger()
+
+
+class Reservation:
+    """
+    What one migration holds of this host, from the moment its Prepare is
+    admitted until its session ends: its id, its domain, one of the host's
+    ``--max-sessions`` and one of its peer's ``max-sessions``, and its byte
+    budget (the peer's ``max-bytes`` as it was at Prepare).
+
+    Used as a context manager around a Prepare: leaving the block releases it
+    unless L{open} handed it to a session (whose end releases it, through
+    L{Admission.release}).  Releasing twice is harmless.
+    """
+
+    def __init__(
+        self,
+        admission: Admission,
+        migrationId: str,
+        domain: str,
+        peer: str,
+        budget: int | None,
+    ) -> None:
+        self._admission = admission
+        self.migrationId = migrationId
+        self.domain = domain
+        self.peer = peer
+        #: The most its streams may deliver (None: no limit).
+        self.budget = budget
+        #: What its streams delivered so far.
+        self.received = 0
+        #: Why its Prepare must not open a session after all (None: it may).
+        self.abandoned: str | None = None
+        self.released = False
+        self._opened = False
+
+    def open(self) -> None:
+        """A session now holds this reservation, until it ends."""
+        self._opened = True
+
+    def abandon(self, reason: str) -> None:
+        """The Prepare's requester is gone: it must not leave a session running."""
+        if self.abandoned is None:
+            self.abandoned = reason
+
+    def release(self) -> None:
+        """Give everything back (idempotent)."""
+        if not self.released:
+            self.released = True
+            self._admission._forget(self)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if not self._opened:
+            self.release()
 
 
 class Admission:
     """
-    The limits a Prepare must fit in: the host's ``--max-sessions``, one
-    migration per domain, and the peer's L{Grant} (kinds, its own sessions,
-    declared bytes); then, while the migration runs, its byte budget, charged
-    by each of its streams.
+    The limits a Prepare must fit in, held as L{Reservation}s: one migration
+    per id and per domain, the host's ``--max-sessions``, and the peer's
+    L{Grant} (kinds, its own ``max-sessions``, its ``max-bytes``).
 
-    The running migrations are counted from ``running`` (the unfinished
-    sessions).  The checks and L{admitted} are separate steps because a
-    Prepare awaits its handlers in between; making admission atomic means
-    reserving in the checks and releasing on every path (L{release}).
+    L{reserve} checks and takes a reservation in one synchronous step, before
+    a Prepare awaits anything, so two Prepares in flight together can never
+    both pass a check that only one of them may pass.  The reservations are
+    the only count: a migration holds one from its admission (before any
+    handler is asked) to the end of its session, and every other path
+    (refusal, failure, cancellation) releases it.
     """
 
-    def __init__(
-        self, config: TargetConfig, running: Callable[[], Iterable[TargetSession]]
-    ) -> None:
+    def __init__(self, config: TargetConfig) -> None:
         self.config = config
-        self.running = running
-        self._budgets: dict[str, int] = {}
-        self._received: dict[str, int] = {}
+        self._byId: dict[str, Reservation] = {}
+        self._byDomain: dict[str, Reservation] = {}
 
-    # -- before a migration is taken on ----------------------------------------------
+    # -- taking a migration on ---------------------------------------------------------
 
-    def checkHost(self, domain: str) -> None:
-        """
-        @raise DeviceRefused: if the host runs as many migrations as it may.
-        @raise DuplicateMigration: if ``domain`` is already being migrated here.
-        """
-        active = list(self.running())
-        if len(active) >= self.config.maxSessions:
-            raise DeviceRefused(
-                f"this host already runs {len(active)} migrations (the limit); "
-                f"retry later"
-            )
-        if any(s.domain == domain for s in active):
-            raise DuplicateMigration(f"domain {domain} is already being migrated here")
-
-    def checkGrant(
+    def reserve(
         self,
         grant: Grant,
         migrationId: str,
+        domain: str,
         descriptions: Sequence[DeviceDescription],
-    ) -> None:
+    ) -> Reservation:
         """
-        Refuse kinds, counts and sizes beyond what the peer may send here.
+        Admit a migration of ``domain`` for the peer of ``grant``.
 
         @raise NotAuthorized: for a kind the peer may not migrate here.
-        @raise DeviceRefused: beyond its sessions or its bytes.
+        @raise DuplicateMigration: if ``migrationId`` is being prepared or run
+            here already, or ``domain`` is being migrated here.
+        @raise DeviceRefused: beyond the host's or the peer's sessions, or the
+            peer's bytes.
         """
-        peer = grant.identity
-        for description in descriptions:
-            if not grant.allowsKind(description.kind):
-                allowed = ", ".join(sorted(grant.kinds or ())) or "none"
-                raise NotAuthorized(
-                    f"migration {migrationId}: {peer} may not migrate devices of "
-                    f"kind {description.kind!r} (device {description.name}) to this "
-                    f"host; its kinds are: {allowed} ({grant.entry})"
-                )
-        mine = [s for s in self.running() if s.peer == peer]
-        if grant.maxSessions is not None and len(mine) >= grant.maxSessions:
-            raise DeviceRefused(
-                f"{peer} already runs {len(mine)} migration(s) here, its limit "
-                f"(max-sessions of {grant.entry}); retry later"
+        checkKinds(grant, migrationId, descriptions)
+        self._checkUnique(migrationId, domain)
+        self._checkCounts(grant)
+        checkBytes(grant, migrationId, descriptions)
+        reservation = Reservation(
+            self, migrationId, domain, grant.identity, grant.maxBytes
+        )
+        self._byId[migrationId] = reservation
+        self._byDomain[domain] = reservation
+        return reservation
+
+    def _checkUnique(self, migrationId: str, domain: str) -> None:
+        if migrationId in self._byId:
+            raise DuplicateMigration(
+                f"migration {migrationId} is already being prepared or run here"
             )
-        declared = sum(declaredBytes(d) for d in descriptions)
-        if grant.maxBytes is not None and declared > grant.maxBytes:
+        holder = self._byDomain.get(domain)
+        if holder is not None:
+            raise DuplicateMigration(
+                f"domain {domain} is already being migrated here (migration "
+                f"{holder.migrationId}); wait for it to end, or abort it"
+            )
+
+    def _checkCounts(self, grant: Grant) -> None:
+        held = len(self._byId)
+        if held >= self.config.maxSessions:
             raise DeviceRefused(
-                f"migration {migrationId}: the devices declare {declared} bytes, "
-                f"more than the {grant.maxBytes} bytes {peer} may send here "
-                f"(max-bytes of {grant.entry})"
+                f"this host already runs {held} migrations, its limit "
+                f"(--max-sessions {self.config.maxSessions}); retry later"
+            )
+        peer = grant.identity
+        mine = sum(1 for r in self._byId.values() if r.peer == peer)
+        if grant.maxSessions is not None and mine >= grant.maxSessions:
+            raise DeviceRefused(
+                f"{peer} already runs {mine} migration(s) here, its limit "
+                f"(max-sessions of {grant.entry}); retry later"
             )
 
     # -- while it runs -----------------------------------------------------------------
 
-    def admitted(self, migrationId: str, grant: Grant) -> None:
-        """The migration was taken on: its byte budget (if any) starts."""
-        if grant.maxBytes is not None:
-            self._budgets[migrationId] = grant.maxBytes
+    def held(self, migrationId: str) -> Reservation | None:
+        """The reservation of ``migrationId``, if it holds one."""
+        return self._byId.get(migrationId)
+
+    def abandon(self, migrationId: str, reason: str) -> bool:
+        """
+        The requester of ``migrationId``'s Prepare is gone (see
+        L{Reservation.abandon}); whether a Prepare of it was in flight.
+        """
+        reservation = self._byId.get(migrationId)
+        if reservation is None:
+            return False
+        reservation.abandon(reason)
+        return True
 
     def charge(self, migrationId: str) -> Callable[[int], None]:
         """
@@ -97,10 +175,12 @@ class Admission:
         """
 
         def charge(count: int) -> None:
-            total = self._received.get(migrationId, 0) + count
-            self._received[migrationId] = total
-            budget = self._budgets.get(migrationId)
-            if budget is not None and total > budget:
+            reservation = self._byId.get(migrationId)
+            if reservation is None:
+                return  # the migration is over: its streams fail on their own
+            reservation.received += count
+            budget = reservation.budget
+            if budget is not None and reservation.received > budget:
                 raise StreamError(
                     f"migration {migrationId}: the source sent more than the "
                     f"{budget} bytes it may send here (max-bytes of the peers file)"
@@ -109,9 +189,48 @@ class Admission:
         return charge
 
     def release(self, migrationId: str) -> None:
-        """The migration finished: forget its budget and what it received."""
-        self._received.pop(migrationId, None)
-        self._budgets.pop(migrationId, None)
+        """The session of ``migrationId`` ended: its reservation is released."""
+        reservation = self._byId.get(migrationId)
+        if reservation is not None:
+            reservation.release()
+
+    def _forget(self, reservation: Reservation) -> None:
+        if self._byId.get(reservation.migrationId) is reservation:
+            del self._byId[reservation.migrationId]
+        if self._byDomain.get(reservation.domain) is reservation:
+            del self._byDomain[reservation.domain]
+        log.debug(
+            "migration {migration_id}: admission released ({held} held)",
+            migration_id=reservation.migrationId,
+            held=len(self._byId),
+        )
+
+
+def checkKinds(
+    grant: Grant, migrationId: str, descriptions: Sequence[DeviceDescription]
+) -> None:
+    """@raise NotAuthorized: for a kind the peer of ``grant`` may not migrate."""
+    for description in descriptions:
+        if not grant.allowsKind(description.kind):
+            allowed = ", ".join(sorted(grant.kinds or ())) or "none"
+            raise NotAuthorized(
+                f"migration {migrationId}: {grant.identity} may not migrate devices "
+                f"of kind {description.kind!r} (device {description.name}) to this "
+                f"host; its kinds are: {allowed} ({grant.entry})"
+            )
+
+
+def checkBytes(
+    grant: Grant, migrationId: str, descriptions: Sequence[DeviceDescription]
+) -> None:
+    """@raise DeviceRefused: if the devices declare more than the peer's max-bytes."""
+    declared = sum(declaredBytes(d) for d in descriptions)
+    if grant.maxBytes is not None and declared > grant.maxBytes:
+        raise DeviceRefused(
+            f"migration {migrationId}: the devices declare {declared} bytes, "
+            f"more than the {grant.maxBytes} bytes {grant.identity} may send here "
+            f"(max-bytes of {grant.entry})"
+        )
 
 
 def declaredBytes(description: DeviceDescription) -> int:

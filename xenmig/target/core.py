@@ -25,7 +25,7 @@ from xenmig.target.history import MigrationHistory
 from xenmig.target.hooks import CommitHook, HookRunner
 from xenmig.target.journal import Journal
 from xenmig.target.offers import checkVersion
-from xenmig.target.prepare import Preparation
+from xenmig.target.prepare import Admitted, Preparation
 from xenmig.target.session import FINAL, Phase, TargetSession
 from xenmig.target.staging import StagingArea
 from xenmig.target.tokens import StreamTokens
@@ -61,7 +61,7 @@ class MigrationTarget:
         self.staging = StagingArea(config.stateDir.child("staging"), runInThread)
         self.journal = Journal(config.stateDir.child("sessions"), runInThread)
         self.history = MigrationHistory(self.journal)
-        self.admission = Admission(config, self.history.running)
+        self.admission = Admission(config)
         self.tokens = StreamTokens(self.clock, config.timeouts.token)
         self.gate = ResumeGate(self.clock, self.history.claim)
         self.commitHook = CommitHook(config.onCommit, runHook)
@@ -123,7 +123,7 @@ class MigrationTarget:
 
     # -- prepare -------------------------------------------------------------------
 
-    async def prepare(
+    def prepare(
         self,
         peer: str,
         migrationId: str,
@@ -131,23 +131,30 @@ class MigrationTarget:
         version: int,
         devices: list[dict[str, Any]],
         fingerprint: str = "",
-    ) -> tuple[int, list[DeviceOffer]]:
-        """Open a session if every device is accepted; otherwise refuse them all."""
+    ) -> Deferred[tuple[int, list[DeviceOffer]]]:
+        """
+        Admit a Prepare at once, then open a session if every device is
+        accepted (otherwise refuse them all).  See L{IMigrationTarget.prepare}.
+        """
         grant = self.authorize(peer, fingerprint)
         checkVersion(version)
-        prepared = await self.preparation.prepare(grant, migrationId, domain, devices)
+        admitted = self.preparation.admit(grant, migrationId, domain, devices)
+        return Deferred.fromCoroutine(self._prepare(admitted))
+
+    async def _prepare(self, admitted: Admitted) -> tuple[int, list[DeviceOffer]]:
+        prepared = await self.preparation.prepare(admitted)
+        migrationId, domain = admitted.migrationId, admitted.domain
         if prepared.refusal is not None:
             refusal = prepared.refusal
             self.history.refused(refusal)
             self.gate.aborted(migrationId, domain, refusal.reason)
         elif prepared.session is not None:
             slots = prepared.session.devices.values()
-            await self._changed(prepared.session)
             log.info(
                 "migration {migration_id} of {domain} prepared from {peer}: {devices}",
                 migration_id=migrationId,
                 domain=domain,
-                peer=peer,
+                peer=admitted.grant.identity,
                 devices=", ".join(f"{s.description.kind}:{s.name}" for s in slots),
             )
         return PROTOCOL_VERSION, prepared.offers
@@ -237,14 +244,23 @@ class MigrationTarget:
         """
         The control connection that prepared ``migrationIds`` is gone: each
         that has not begun to commit aborts (its source learns the outcome
-        with QueryMigration on a new connection).
+        with QueryMigration on a new connection), and a Prepare of one still
+        being answered opens no session (or aborts the one it opens).
         """
+        reason = "the source's control connection was lost"
         for migrationId in migrationIds:
             session = self.sessions.get(migrationId)
-            if session is None or session.phase in FINAL:
+            if session is None:
+                # Its Prepare is still being answered: it opens no session.
+                if self.admission.abandon(migrationId, reason):
+                    log.info(
+                        "migration {migration_id}: {reason} during its Prepare",
+                        migration_id=migrationId,
+                        reason=reason,
+                    )
                 continue
-            if session.phase is not Phase.COMMITTING:
-                session.abort("the source's control connection was lost")
+            if session.phase not in FINAL and session.phase is not Phase.COMMITTING:
+                session.abort(reason)
 
     # -- status and the resume gate -------------------------------------------------
 
@@ -275,13 +291,15 @@ class MigrationTarget:
 
     def _changed(self, session: TargetSession) -> Deferred[None]:
         """Every phase change: journal it; at the end, clean, release, hook."""
+        if session.phase in FINAL:
+            # Its admission ends with it, whatever the journal makes of this.
+            self.admission.release(session.migrationId)
         d = self.history.changed(session, self.staging.paths(session.migrationId))
         if session.phase in FINAL:
             d.addCallback(lambda _: self._finished(session))
         return d
 
     def _finished(self, session: TargetSession) -> Deferred[None]:
-        self.admission.release(session.migrationId)
         d = self.staging.remove(session.migrationId)
         d.addCallback(lambda _: self._release(session))
         return d

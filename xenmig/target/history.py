@@ -46,12 +46,16 @@ class MigrationHistory:
 
     # -- what it holds -----------------------------------------------------------------
 
-    def running(self) -> list[TargetSession]:
-        """The sessions that have not finished."""
-        return [s for s in self.sessions.values() if s.phase not in FINAL]
-
     def opened(self, session: TargetSession) -> None:
+        """Keep a session that has just opened (its PREPARED record is durable)."""
         self.sessions[session.migrationId] = session
+
+    def journalled(self, record: MigrationRecord) -> Deferred[None]:
+        """
+        Journal ``record``; a Deferred firing once it is durable, or failing
+        (with the OSError) if the state directory cannot take it.
+        """
+        return self.journal.write(record.migrationId, record.toJSON())
 
     def changed(self, session: TargetSession, staging: Sequence[str]) -> Deferred[None]:
         """

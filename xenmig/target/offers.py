@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from xenmig.amp_commands import ACCEPTED_PROTOCOL_VERSIONS, PROTOCOL_VERSION
-from xenmig.errors import BadSpec, VersionMismatch, XenmigError
+from xenmig.errors import BadSpec, JournalUnavailable, VersionMismatch, XenmigError
 from xenmig.interfaces import IDeviceKind, ITargetDevice
 from xenmig.model import DeviceDescription, DeviceOffer
 from xenmig.target.context import TargetContext
@@ -55,6 +55,8 @@ async def offerDevices(
     directory (``makeDir``); each handler that accepts is appended to
     ``accepted`` as soon as it does, so that a caller can abort it whatever
     happens next.  The offers, one per device, in order.
+
+    @raise JournalUnavailable: if a staging directory cannot be made.
     """
     offers = []
     for description, context in contexts:
@@ -78,8 +80,17 @@ async def _offer(
     name = description.name
     try:
         await makeDir(context)
+    except OSError as e:
+        raise JournalUnavailable(
+            f"migration {context.migrationId}: the target could not make the "
+            f"staging directory of device {name} ({e}); nothing was kept: check "
+            f"its state directory (space, permissions) and prepare again"
+        ) from e
+    try:
         device = kind.target(description, context)
         params = await device.accept()
+    except CancelledError:
+        raise  # the Prepare was cancelled: not this handler's failure
     except XenmigError as e:
         reason = str(e) if f"device {name}" in str(e) else f"device {name}: {e}"
         return DeviceOffer(name, False, reason)

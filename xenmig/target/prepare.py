@@ -2,30 +2,61 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from xenmig.errors import (
+    DeviceRefused,
+    DuplicateMigration,
+    JournalUnavailable,
+    MigrationAborted,
+    NotAuthorized,
+)
 from xenmig.interfaces import IDeviceKind, ITargetDevice
-from xenmig.model import DeviceDescription, DeviceOffer, checkMigrationId, checkName
-from xenmig.target.admission import Admission
+from xenmig.model import (
+    DeviceDescription,
+    DeviceOffer,
+    DeviceProgress,
+    checkMigrationId,
+    checkName,
+)
+from xenmig.target.admission import Admission, Reservation
 from xenmig.target.authz import Grant
 from xenmig.target.config import TargetConfig
 from xenmig.target.context import TargetContext
 from xenmig.target.history import MigrationHistory
 from xenmig.target.migrationrecord import MigrationRecord
 from xenmig.target.offers import abortAccepted, checkDevices, describe, offerDevices
-from xenmig.target.session import TargetDeviceSlot, TargetSession
+from xenmig.target.session import DeviceState, Phase, TargetDeviceSlot, TargetSession
 from xenmig.target.staging import StagingArea
 
 log = Logger()
 
 #: Makes the context of one device: (migration id, domain, peer, device, roots).
 ContextMaker = Callable[..., TargetContext]
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A Prepare that passed every check and holds its reservation."""
+
+    grant: Grant
+    descriptions: tuple[DeviceDescription, ...]
+    reservation: Reservation
+
+    @property
+    def migrationId(self) -> str:
+        return self.reservation.migrationId
+
+    @property
+    def domain(self) -> str:
+        return self.reservation.domain
 
 
 @dataclass(frozen=True)
@@ -39,11 +70,15 @@ class Prepared:
 
 class Preparation:
     """
-    Answers Prepare: the checks (arguments, the history, the host's and the
-    peer's limits), each device offered to its kind's handler in its own
-    staging directory, then a session in PREPARED if every handler accepted,
-    or else every accepted device taken back, the staging removed, and the
-    record of the refusal.
+    Answers Prepare in two steps.  L{admit}, synchronous: the checks
+    (arguments, the history) and the reservation of the id, the domain and
+    the limits (L{Admission.reserve}).  Then L{prepare}: each device offered
+    to its kind's handler in its own staging directory; if every handler
+    accepted, the session is journalled PREPARED and opened; otherwise every
+    accepted device is taken back, the staging removed, and the refusal
+    recorded.  Whatever ends a Prepare without a session (a refusal, an
+    error, a journal that cannot record it, a cancellation) leaves nothing
+    and releases the reservation.
     """
 
     def __init__(
@@ -66,101 +101,191 @@ class Preparation:
         self.makeContext = makeContext
         self.onChange = onChange
 
-    async def prepare(
+    def admit(
         self,
         grant: Grant,
         migrationId: str,
         domain: str,
         devices: list[dict[str, Any]],
-    ) -> Prepared:
+    ) -> Admitted:
         """
-        Prepare ``migrationId`` for the peer of ``grant``.
+        Check a Prepare and reserve what it needs, at once (no I/O).
 
-        @raise xenmig.errors.XenmigError: if a check fails (nothing is kept).
+        @raise xenmig.errors.XenmigError: if a check fails (nothing is held).
         """
-        peer = grant.identity
-        descriptions = self._check(grant, migrationId, domain, devices)
-        contexts = [
-            self.makeContext(migrationId, domain, peer, d.name, grant.roots)
-            for d in descriptions
-        ]
-        self.staging.opened(migrationId, contexts)
-        accepted: list[ITargetDevice] = []
-        try:
-            offers = await offerDevices(
-                self.kinds,
-                list(zip(descriptions, contexts, strict=True)),
-                self.staging.makeDeviceDir,
-                accepted,
-            )
-        except BaseException:
-            await self._refuse(migrationId, domain, peer, [], accepted)
-            raise
-        if len(accepted) < len(descriptions):
-            await self._refuse(migrationId, domain, peer, offers, accepted)
-            now = self.clock.seconds()
-            refusal = MigrationRecord.refusal(
-                migrationId, domain, peer, descriptions, offers, now
-            )
-            return Prepared(offers, refusal=refusal)
-        return Prepared(
-            offers, session=self._open(grant, migrationId, domain, accepted)
-        )
-
-    def _check(
-        self,
-        grant: Grant,
-        migrationId: str,
-        domain: str,
-        devices: list[dict[str, Any]],
-    ) -> list[DeviceDescription]:
         checkMigrationId(migrationId)
         checkName("domain", domain)
         self.history.checkNew(migrationId)
-        self.admission.checkHost(domain)
         checkDevices(devices, self.config.maxDevices)
-        descriptions = [describe(d) for d in devices]
-        self.admission.checkGrant(grant, migrationId, descriptions)
-        return descriptions
+        descriptions = tuple(describe(d) for d in devices)
+        try:
+            reservation = self.admission.reserve(
+                grant, migrationId, domain, descriptions
+            )
+        except (DuplicateMigration, DeviceRefused, NotAuthorized) as e:
+            log.warn(
+                "migration {migration_id} of {domain} from {peer} not admitted: "
+                "{reason}",
+                migration_id=migrationId,
+                domain=domain,
+                peer=grant.identity,
+                reason=str(e),
+            )
+            raise
+        return Admitted(grant, descriptions, reservation)
 
-    def _open(
-        self,
-        grant: Grant,
-        migrationId: str,
-        domain: str,
-        accepted: list[ITargetDevice],
+    async def prepare(self, admitted: Admitted) -> Prepared:
+        """
+        Offer the devices of an admitted Prepare to their handlers.
+
+        @raise JournalUnavailable: if the state directory cannot take the
+            session (nothing is kept).
+        @raise MigrationAborted: if the requester went away meanwhile.
+        """
+        migrationId, domain = admitted.migrationId, admitted.domain
+        peer, roots = admitted.grant.identity, admitted.grant.roots
+        with admitted.reservation as reservation:
+            contexts = [
+                self.makeContext(migrationId, domain, peer, d.name, roots)
+                for d in admitted.descriptions
+            ]
+            self.staging.opened(migrationId, contexts)
+            accepted: list[ITargetDevice] = []
+            try:
+                offers = await offerDevices(
+                    self.kinds,
+                    list(zip(admitted.descriptions, contexts, strict=True)),
+                    self.staging.makeDeviceDir,
+                    accepted,
+                )
+                if len(accepted) < len(admitted.descriptions):
+                    await self._takeBack(admitted, accepted, _reasons(offers))
+                    now = self.clock.seconds()
+                    refusal = MigrationRecord.refusal(
+                        migrationId, domain, peer, admitted.descriptions, offers, now
+                    )
+                    return Prepared(offers, refusal=refusal)
+                session = await self._open(admitted, accepted)
+            except BaseException as e:
+                await self._takeBack(admitted, accepted, str(e) or repr(e))
+                raise
+            reservation.open()
+        if reservation.abandoned is not None:
+            # Lost while its PREPARED record was being written: it ends now.
+            await session.abort(reservation.abandoned)
+            raise MigrationAborted(
+                f"migration {migrationId} was aborted: {reservation.abandoned}"
+            )
+        return Prepared(offers, session=session)
+
+    async def _open(
+        self, admitted: Admitted, accepted: list[ITargetDevice]
     ) -> TargetSession:
-        """Every device was accepted: the session starts, PREPARED."""
+        """Every device was accepted: journal the session PREPARED, then open it."""
+        reservation = admitted.reservation
+        if reservation.abandoned is not None:
+            raise MigrationAborted(
+                f"migration {reservation.migrationId} was not prepared: "
+                f"{reservation.abandoned}"
+            )
+        await self._journal(admitted)
         slots = [TargetDeviceSlot(dev, dev.description, self.clock) for dev in accepted]
         session = TargetSession(
-            migrationId,
-            domain,
-            grant.identity,
+            reservation.migrationId,
+            reservation.domain,
+            reservation.peer,
             slots,
             self.clock,
             self.config.timeouts.deadlines(),
             self.onChange,
         )
         self.history.opened(session)
-        self.admission.admitted(migrationId, grant)
         return session
 
-    async def _refuse(
-        self,
-        migrationId: str,
-        domain: str,
-        peer: str,
-        offers: list[DeviceOffer],
-        accepted: list[ITargetDevice],
-    ) -> None:
-        """Take back every accepted device and remove the staging."""
-        await abortAccepted(migrationId, accepted)
-        await self.staging.remove(migrationId)
-        reasons = "; ".join(o.reason for o in offers if not o.accepted) or "error"
-        log.warn(
-            "migration {migration_id} of {domain} from {peer} refused: {reasons}",
-            migration_id=migrationId,
-            domain=domain,
-            peer=peer,
-            reasons=reasons,
+    async def _journal(self, admitted: Admitted) -> None:
+        """
+        Make the PREPARED record durable.  A cancellation does not stop a
+        write under way (its record may land): it abandons the Prepare, whose
+        session then opens only to abort.
+
+        @raise JournalUnavailable: if the state directory cannot take it.
+        """
+        reservation = admitted.reservation
+        written = self.history.journalled(self._preparedRecord(admitted))
+        failed: list[Failure] = []
+        written.addErrback(failed.append)
+        try:
+            await _shielded(written)
+        except CancelledError:
+            reservation.abandon("its Prepare was cancelled")
+            await written
+        if failed and failed[0].check(OSError):
+            raise JournalUnavailable(
+                f"migration {reservation.migrationId}: the target could not record "
+                f"it in its state directory ({failed[0].value}); nothing was kept: "
+                f"free space there (or make it writable) and prepare again"
+            )
+        if failed:
+            failed[0].raiseException()
+
+    def _preparedRecord(self, admitted: Admitted) -> MigrationRecord:
+        """The journal's record of the session about to open, PREPARED."""
+        now = self.clock.seconds()
+        devices = tuple(
+            DeviceProgress(d.name, d.kind, DeviceState.ACCEPTED.value, 0, d.size)
+            for d in admitted.descriptions
         )
+        return MigrationRecord(
+            migrationId=admitted.migrationId,
+            domain=admitted.domain,
+            phase=Phase.PREPARED,
+            peer=admitted.grant.identity,
+            started=now,
+            updated=now,
+            devices=devices,
+            staging=tuple(self.staging.paths(admitted.migrationId)),
+        )
+
+    async def _takeBack(
+        self, admitted: Admitted, accepted: Sequence[ITargetDevice], reason: str
+    ) -> None:
+        """
+        Take back every accepted device and remove the staging.  Only the
+        holder of the id's reservation gets here, so the staging is its own.
+        """
+        migrationId = admitted.migrationId
+        await abortAccepted(migrationId, accepted)
+        try:
+            await self.staging.remove(migrationId)
+        except Exception:
+            log.failure(
+                "migration {migration_id}: removing its staging failed",
+                migration_id=migrationId,
+            )
+        log.warn(
+            "migration {migration_id} of {domain} from {peer} not prepared: {reason}",
+            migration_id=migrationId,
+            domain=admitted.domain,
+            peer=admitted.grant.identity,
+            reason=reason,
+        )
+
+
+def _shielded(d: Deferred[None]) -> Deferred[None]:
+    """
+    A Deferred firing as ``d`` (which must not fail) fires; cancelling it
+    leaves ``d`` alone.
+    """
+    copy: Deferred[None] = Deferred()
+
+    def passOn(result: None) -> None:
+        if not copy.called:
+            copy.callback(result)
+        return result
+
+    d.addCallback(passOn)
+    return copy
+
+
+def _reasons(offers: Sequence[DeviceOffer]) -> str:
+    return "refused: " + "; ".join(o.reason for o in offers if not o.accepted)
