@@ -13,6 +13,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -655,6 +656,23 @@ async def test_qemuHoldingControlSocket(host, contexts):
             await makeSource(spec, contexts[0]).describe()
         assert "qemu-system" in str(caught.value)
         assert "QEMU carries the TPM state" in str(caught.value)
+    finally:
+        await qemu.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_qemuHeldSocketRefusedWithoutWaiting(host, contexts):
+    """A QEMU-held control socket is refused before its time-out would expire."""
+    requirePrograms("swtpm", "qemu-system-x86_64", "ss")
+    swtpm = await host.swtpm("qemu-tpm", running=False, server=False)
+    qemu = await startQEMU(swtpm.ctrlPath, host)
+    try:
+        spec = f"vtpm:tpm0:ctrl={swtpm.ctrlPath},timeout=120,target-ctrl=/x"
+        started = time.monotonic()
+        with pytest.raises(VTPMOwnedByQEMU):
+            await makeSource(spec, contexts[0]).describe()
+        # Waiting on the socket would have taken the whole 120 s time-out.
+        assert time.monotonic() - started < 60
     finally:
         await qemu.stop()
 

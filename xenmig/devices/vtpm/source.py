@@ -121,6 +121,9 @@ class VTPMSource:
         name = self.spec.name
         if self.qemu:
             raise VTPMOwnedByQEMU(qemuMessage(name, "it is attached to QEMU (qemu=1)"))
+        # QEMU's tpm-emulator holds the control socket for good: ask the kernel who
+        # holds it before waiting on it (that wait would end only in a time-out).
+        await self._refuseIfQEMU()
         try:
             caps = await self.control.getCapability()
             missing = CAPS_FOR_MIGRATION & ~caps
@@ -133,9 +136,9 @@ class VTPMSource:
             config = await self.control.getConfig()
             await self.control.getEstablished()  # SwtpmNotRunning if stopped
         except (SwtpmBusy, SwtpmNotRunning):
-            # A QEMU holding the control socket keeps it busy, or (a moment
-            # after it attached, before its reset) lets a TPM not yet running
-            # answer: either way, the vTPM is QEMU's to migrate.
+            # A QEMU that attached since keeps it busy, or (a moment after it
+            # attached, before its reset) lets a TPM not yet running answer:
+            # either way, the vTPM is QEMU's to migrate.
             await self._refuseIfQEMU()
             raise
         if self.expectKey and not config & CONFIG_FLAG_FILE_KEY:
