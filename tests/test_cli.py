@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,6 +341,31 @@ def test_await_times_out(daemon: Daemon) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("xenmig await: vm-never: not restored: ")
     assert "within 0.5 s" in result.stderr
+
+
+def test_await_says_the_daemon_went_away(tmp_path: Path, certs: PKI) -> None:
+    """``await`` whose daemon dies says so, and how to learn the outcome."""
+    stopping = Daemon(tmp_path / "gone", certs).start()
+    try:
+        waiter = subprocess.Popen(
+            [sys.executable, "-m", "xenmig.cli.main", "await", "--domain", "vm-gone"]
+            + ["--state-dir", str(stopping.stateDir), "--timeout", "60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while "awaits the VM of vm-gone" not in stopping.logPath.read_text():
+            assert time.monotonic() < deadline and waiter.poll() is None
+            time.sleep(0.05)
+        stopping.kill()
+        _, err = waiter.communicate(timeout=30)
+    finally:
+        stopping.stop()
+    assert waiter.returncode == 1
+    assert err.startswith("xenmig await: vm-gone: not restored: the daemon ")
+    assert "went away while this waited" in err and "xenmig status" in err
+    assert "Connection was closed cleanly" not in err
 
 
 def test_abort_during_live_pause(daemon: Daemon, tmp_path: Path) -> None:

@@ -434,6 +434,13 @@ class LocalControlProtocol(StatusResponders, amp.AMP):
     async def awaitRestored(
         self, domain: str, timeout: float, migration_id: str | None = None
     ) -> dict[str, Any]:
+        log.info(
+            "the local toolstack awaits the VM of {domain} (migration {migration_id}) "
+            "for up to {timeout} s",
+            domain=domain,
+            migration_id=migration_id or "any",
+            timeout=timeout,
+        )
         release = await self.target.awaitRestored(domain, timeout, migration_id)
         return {"migration_id": release.migrationId, "installed": release.installed}
 

@@ -59,7 +59,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     except ConfigurationError:
         raise
     except Exception as e:
-        reason = describeError(e)
+        reason = _whyNotRestored(e, args.state_dir)
         if args.json:
             result = {"domain": args.domain, "committed": False, "reason": reason}
             print(json.dumps(result, indent=2))
@@ -84,6 +84,20 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
         if resumed:
             print(f"  resumed the VM ({resumer.description})")
     return EXIT_FAILED if resumed is False else EXIT_OK
+
+
+def _whyNotRestored(error: BaseException, stateDir: str) -> str:
+    """Why the wait ended without a VM, and, if the daemon went away, what to do."""
+    from twisted.internet.error import ConnectionClosed
+
+    if isinstance(error, ConnectionClosed):
+        return (
+            f"the daemon (state directory {stateDir}) went away while this waited; "
+            f"whether the migration committed is in its journal: once the daemon "
+            f"runs again, `xenmig status` shows it, and `xenmig await` hands out a "
+            f"committed migration that nobody claimed"
+        )
+    return describeError(error)
 
 
 def _resumer(args: argparse.Namespace, reactor: Any) -> Any:
