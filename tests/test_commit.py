@@ -85,18 +85,19 @@ class PlacingKind(MemoryKind):
 
 
 class FaultyDisk:
-    """The journal's writer, failing on cue as a full state directory would."""
+    """The journal's writer, failing on cue as a full (or broken) state directory."""
 
     def __init__(self) -> None:
         self.real = journalfile._writeRecord
         self.writes = 0
         self.failAt: set[int] = set()
         self.full = False
+        self.errno = errno.ENOSPC
 
     def __call__(self, path: FilePath, data: bytes) -> None:
         self.writes += 1
         if self.full or self.writes in self.failAt:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(self.errno, os.strerror(self.errno))
         self.real(path, data)
 
 
@@ -276,6 +277,42 @@ def test_aJournalFailureInTheCommitEndsItAborted(
     assert host.target.query("m1")["phase"] == "ABORTED"
     assert host.target.query("m2")["phase"] == "COMMITTED"
     assert host.installed() == ["a.img"]
+
+
+BROKEN = [errno.ENOSPC, errno.EROFS, errno.EIO]
+
+
+@pytest.mark.parametrize("code", BROKEN, ids=[errno.errorcode[c] for c in BROKEN])
+def test_aBrokenStateDirectoryFailsTheCommit(
+    host: Host, disk: FaultyDisk, code: int
+) -> None:
+    """Full, read-only or failing: COMMIT_FAILED naming the error, ABORTED."""
+    session = host.ready()
+    disk.errno, disk.full = code, True
+    error = failure(host.target.commit(PEER, "m1"))
+    assert isinstance(error, CommitFailed) and os.strerror(code) in str(error)
+    assert session.phase is Phase.ABORTED and host.installed() == []
+
+
+@pytest.mark.parametrize("code", BROKEN, ids=[errno.errorcode[c] for c in BROKEN])
+def test_anAbortTheJournalCannotRecordStillEnds(
+    host: Host, disk: FaultyDisk, code: int
+) -> None:
+    """Abort answers ABORTED, tells the gate, frees the domain; the record follows."""
+    session = host.ready()
+    waiter = host.target.awaitRestored("vm1", 60)
+    failures: list[Failure] = []
+    waiter.addErrback(failures.append)
+    disk.errno, disk.full = code, True
+    assert result(host.target.abort(PEER, "m1", "the toolstack gave up")) == "ABORTED"
+    assert session.phase is Phase.ABORTED
+    assert failures and failures[0].check(MigrationAborted)
+    assert host.target.history.running() == []
+    assert host.journal()["phase"] == "READY"
+    disk.full = False
+    host.ready("m2", ("a",))
+    assert host.journal()["phase"] == "ABORTED"
+    assert host.journal()["reason"] == f"aborted by {PEER}: the toolstack gave up"
 
 
 def test_aCrashWhileTheJournalIsFullReversesAtRestart(

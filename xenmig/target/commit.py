@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred, TimeoutError, fail, maybeDeferred, succeed
 from twisted.logger import Logger
@@ -120,9 +120,9 @@ class SessionCommit:
     async def _commit(self) -> list[str]:
         session = self.session
         slots = list(session.devices.values())
+        destinations = [(slot.name, _destinationOf(slot.device)) for slot in slots]
+        self.installs = await self.host.runInThread(plan, destinations)
         try:
-            destinations = [(slot.name, _destinationOf(slot.device)) for slot in slots]
-            self.installs = await self.host.runInThread(plan, destinations)
             await self._journal(Phase.COMMITTING)
         except Exception as e:
             await self._fail(f"the journal could not record the commit: {e}")
@@ -196,7 +196,7 @@ class SessionCommit:
             )
         return self.host.write(record)
 
-    async def _fail(self, reason: str) -> None:
+    async def _fail(self, reason: str) -> NoReturn:
         """
         The commit did not happen: reverse the begun installs, end ABORTED,
         journal that (a failure here is logged: it stays due), and raise.
