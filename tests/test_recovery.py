@@ -19,13 +19,16 @@ from daemons import (  # noqa: E402
     Daemon,
     MiB,
     denseFile,
+    eventually,
     settled,
     slowKinds,
     sparseFile,
 )
+from heldfile import heldFileKind, writeDropin  # noqa: E402
 
+from xenmig.devices.file import FileKind  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
-from xenmig.errors import StreamError  # noqa: E402
+from xenmig.errors import CommitInDoubt, StreamError  # noqa: E402
 from xenmig.model import DeviceSpec  # noqa: E402
 
 
@@ -104,3 +107,62 @@ async def test_committed_migration_survives_kill(
     assert (status["phase"], status["installed"]) == ("COMMITTED", [str(destination)])
     assert daemon.leftovers() == []
     await settled(reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_killed_between_two_installs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A daemon SIGKILLed after one device installed and while the next installs
+    restarts with both files removed and the migration ABORTED; the same
+    destinations then take a new migration.
+    """
+    plugins = writeDropin(tmp_path / "plugins")
+    path = os.pathsep.join(filter(None, [plugins, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", path)
+    daemon = Daemon(tmp_path / "daemon", PKI(tmp_path / "pki")).start()
+    try:
+        marker = tmp_path / "held"
+        sources = [tmp_path / "a.src", tmp_path / "b.src"]
+        for source in sources:
+            source.write_bytes(os.urandom(65536))
+        a, b = daemon.dest / "a.img", daemon.dest / "b.img"
+        specs = [
+            DeviceSpec.parse(f"file:a:path={sources[0]},target={a}"),
+            DeviceSpec.parse(
+                f"held-file:b:path={sources[1]},target={b},target-held={marker}"
+            ),
+        ]
+        kinds = {"file": FileKind(), "held-file": heldFileKind}
+        migration = await daemon.client(reactor, kinds=kinds).prepare("vm1", specs)
+        await migration.transfer()
+        committing = Deferred.fromCoroutine(migration.commit())
+        await eventually(reactor, marker.exists, what="the held install")
+        assert a.exists() and b.exists()
+
+        assert daemon.kill() == -9
+        with pytest.raises(CommitInDoubt):
+            await committing
+        await daemon.launch(reactor)
+
+        assert not a.exists() and not b.exists()
+        record = daemon.journal(migration.migrationId)
+        assert record["phase"] == "ABORTED"
+        assert "the target daemon stopped during the commit" in record["reason"]
+        assert f"removed {a}, {b}" in record["reason"]
+        status = await daemon.status(reactor, migration.migrationId)
+        assert status["phase"] == "ABORTED"
+
+        plain = [
+            DeviceSpec.parse(f"file:a:path={sources[0]},target={a}"),
+            DeviceSpec.parse(f"file:b:path={sources[1]},target={b}"),
+        ]
+        again = await daemon.client(reactor).prepare("vm1", plain)
+        await again.transfer()
+        assert await again.commit() == [str(a), str(b)]
+        assert a.read_bytes() == sources[0].read_bytes()
+        assert daemon.leftovers() == []
+        await settled(reactor)
+    finally:
+        daemon.stop()

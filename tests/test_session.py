@@ -5,13 +5,14 @@ import os
 
 import pytest
 from twisted.internet import task
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.python.filepath import FilePath
 
 from xenmig.digest import hashBytes
 from xenmig.errors import CommitFailed, InvalidTransition, MigrationAborted
 from xenmig.model import DeviceDescription, DeviceOffer
 from xenmig.records import DataRecord, EndRecord
+from xenmig.target.commit import CommitHost, SessionCommit
 from xenmig.target.config import TargetConfig
 from xenmig.target.core import MigrationTarget
 from xenmig.target.journal import Journal
@@ -48,6 +49,20 @@ def makeSession(clock, names=("a",), deadlines=None, changes=None):
     )
 
 
+def commit(session):
+    """Commit ``session`` with a journal that records nothing; its Deferred."""
+    host = CommitHost(
+        recordOf=MigrationRecord.ofSession,
+        write=lambda record: succeed(None),
+        runInThread=sync,
+        finished=lambda s: succeed(None),
+        roots=(),
+    )
+    running = SessionCommit(session, host)
+    running.start()
+    return running.result()
+
+
 def deliver(session, name, data=b"abc"):
     session.streamStarted(name)
     session.recordReceived(name, DataRecord(0, data))
@@ -82,8 +97,9 @@ def test_commitThenAbortIsRefused():
     session = makeSession(clock)
     deliver(session, "a")
     installed = []
-    maybeDeferred(lambda: session.commit()).addCallback(installed.append)
+    commit(session).addCallback(installed.append)
     assert session.phase is Phase.COMMITTED
+    assert installed == [["memory:a"]]
     with pytest.raises(InvalidTransition, match="cannot be aborted"):
         session.abort("too late")
     assert session.phase is Phase.COMMITTED
@@ -130,11 +146,15 @@ def test_commitFailureAborts():
     deliver(session, "b")
     session.devices["b"].device.failCommit = OSError("disk gone")
     failures = []
-    maybeDeferred(lambda: session.commit()).addErrback(failures.append)
+    commit(session).addErrback(failures.append)
     assert failures and failures[0].check(CommitFailed)
-    assert "not released" in str(failures[0].value)
+    assert "not released on the target and never will be" in str(failures[0].value)
     assert session.phase is Phase.ABORTED
-    assert "commit of device b failed: disk gone; installed: memory:a" in session.reason
+    assert session.reason.startswith("commit of device b failed: disk gone; ")
+    assert "left in place, never released: memory:a" in session.reason
+    assert [s.state for s in session.devices.values()] == [DeviceState.ABORTED] * 2
+    assert session.devices["b"].device.aborted  # its staging is discarded
+    assert not session.devices["a"].device.aborted  # installed: the gate keeps it
 
 
 def test_journalWriteAndRecover(tmp_path):
@@ -262,10 +282,12 @@ def test_refusalRecord():
 
 
 def test_restartAbortsAnInterruptedCommit():
-    """An interrupted commit's record becomes ABORTED, naming what was installed."""
+    """An interrupted commit's record becomes ABORTED, every device ABORTED."""
     data = recordJSON(phase="COMMITTING", installed=["memory:a"])
-    data["devices"].append({**data["devices"][0], "name": "b", "state": "READY"})
+    data["devices"] = [{**d, "state": "READY"} for d in data["devices"]]
+    data["devices"].append({**data["devices"][0], "name": "b"})
     record = MigrationRecord.fromJSON(data).abortedByRestart(now=20.0)
     assert record.phase is Phase.ABORTED and record.updated == 20.0
-    assert "some state may be installed: memory:a" in record.reason
-    assert [d.state for d in record.devices] == ["COMMITTED", "ABORTED"]
+    assert "stopped during the commit, before COMMITTED was recorded" in record.reason
+    assert record.installed == ("memory:a",)  # held by a component, not released
+    assert [d.state for d in record.devices] == ["ABORTED", "ABORTED"]

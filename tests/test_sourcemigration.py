@@ -243,6 +243,11 @@ def scenarios() -> list[tuple[str, Callable[[FakeClient], Any], type | None]]:
     def failedCommit(kw: dict[str, Any]) -> dict[str, Any]:
         raise CommitFailed("commit of device a failed")
 
+    def abortReady(client: FakeClient) -> None:
+        migration = prepared(client)
+        run(migration.transfer())
+        run(migration.abort("the toolstack changed its mind"))
+
     def abortPrecopied(client: FakeClient) -> None:
         migration = prepared(client)
         run(migration.precopy())
@@ -263,6 +268,7 @@ def scenarios() -> list[tuple[str, Callable[[FakeClient], Any], type | None]]:
         ("refused at prepare", refuse, DeviceRefused),
         ("abort prepared", lambda c: run(prepared(c).abort("changed my mind")), None),
         ("abort pre-copied", abortPrecopied, None),
+        ("abort ready", abortReady, None),
         (
             "failed round",
             lambda c: run(prepared(c, "memory:a:fail-round=1").precopy()),

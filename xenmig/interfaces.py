@@ -189,6 +189,25 @@ class ITargetDevice(Interface):
         """
 
 
+class IInstallingDevice(Interface):
+    """
+    A target device that says, before its C{commit}, where that commit puts
+    its state on disk (optional, beside L{ITargetDevice}).  The framework
+    journals it before the install, so that a commit that fails, or that a
+    crash interrupts, can be reversed: what the install left at that
+    destination is removed.  A device that does not provide it installs
+    nothing the framework can take back (its state loaded into a component
+    is simply never released).
+    """
+
+    destination = Attribute(
+        "A L{twisted.python.filepath.FilePath} (from "
+        "C{ITargetContext.resolveDestination}) of the file or directory that "
+        "C{commit} creates or replaces, by a rename; or None when C{commit} "
+        "puts nothing on disk (it loads the state into a running component)."
+    )
+
+
 class ISourceContext(Interface):
     """What the framework gives a source device."""
 

@@ -99,7 +99,9 @@ class MigrateCommand:
         except CommitInDoubt as e:
             return self._inDoubt(e)
         except Exception as e:
-            return await self._failed(e)
+            # The target's definite word: it did not commit (SourceMigration
+            # turns every other outcome into CommitInDoubt).
+            return await self._failed(e, notCommitted=True)
         self.display.phase("committed: the VM now belongs to the target")
         if self.control is not None:
             await self._releaseVM()
@@ -166,7 +168,11 @@ class MigrateCommand:
         )
         return EXIT_IN_DOUBT
 
-    async def _failed(self, error: BaseException) -> int:
+    async def _failed(self, error: BaseException, notCommitted: bool = False) -> int:
+        """
+        Say why the migration aborted, resume the VM here if it was paused;
+        ``notCommitted``: the target refused the commit (and reversed it).
+        """
         self.display.stop()
         migration = self.migration
         contacted = migration.control is not None
@@ -178,10 +184,18 @@ class MigrateCommand:
             self.args,
             f"migration {migration.migrationId} aborted: {migration.reason or reason}",
         )
+        if notCommitted:
+            say(
+                self.args,
+                "the target did not commit: it removed what it had installed and "
+                "will never release the VM there",
+            )
         if self.pause is not None:
             await self._resumeVM()
         elif self.args.live:
             say(self.args, "the VM was not paused: it keeps running here")
+        elif notCommitted:
+            say(self.args, "the VM may be resumed here")
         else:
             say(
                 self.args,
@@ -216,7 +230,7 @@ class MigrateCommand:
             say(
                 self.args,
                 f"THE RESUME COMMAND FAILED ({status}): resume the VM here by hand "
-                f"(nothing was installed on the target)",
+                f"(the target did not commit and will not release it)",
             )
 
     async def _releaseVM(self) -> None:

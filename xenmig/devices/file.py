@@ -17,6 +17,7 @@ from xenmig.errors import DeviceError, DeviceRefused, StreamError
 from xenmig.fs import freeBytes
 from xenmig.interfaces import (
     IDeviceKind,
+    IInstallingDevice,
     IRecordWriter,
     ISourceContext,
     ISourceDevice,
@@ -97,7 +98,7 @@ async def _nothing() -> None:
     return None
 
 
-@implementer(ITargetDevice)
+@implementer(ITargetDevice, IInstallingDevice)
 class FileTarget:
     """Receives one file into staging; installs it at ``target`` on commit."""
 

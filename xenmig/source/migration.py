@@ -12,17 +12,17 @@ from twisted.protocols import amp
 
 from xenmig import amp_commands as commands
 from xenmig.errors import (
+    CommitFailed,
     CommitInDoubt,
     DeviceRefused,
     DigestMismatch,
     InvalidTransition,
     MigrationAborted,
-    PhaseTimeout,
     StreamLost,
-    XenmigError,
 )
 from xenmig.interfaces import IConvergencePolicy
 from xenmig.model import ContentDigest, DeviceSpec, RoundResult
+from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
 from xenmig.source.convergence import ConvergencePolicy
 from xenmig.source.device import DeviceRun, SourceContext
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
@@ -275,10 +275,18 @@ class SourceMigration:
         The point of no return: the target installs and releases the VM; then the
         source devices are released.  What the target installed.
 
-        @raise CommitInDoubt: if the answer never came and the target cannot be
-            asked: do NOT resume the VM on the source before knowing.
+        Only the target's definite word that it did not commit (L{CommitFailed},
+        L{MigrationAborted}, or ABORTED when asked) rolls the source back; any
+        other outcome (another error, a time-out, a lost connection) is resolved
+        by asking the target (L{_resolveDoubt}), never by a guess.
+
+        @raise CommitFailed, MigrationAborted: the target did not commit; the
+            source devices are rolled back and the VM may resume here.
+        @raise CommitInDoubt: the target could not say: do NOT resume the VM on
+            the source before knowing.
         """
-        self._require(Phase.COMMITTED)
+        self._require(Phase.COMMITTING)
+        self._moveTo(Phase.COMMITTING)
         self._mark("commit")
         assert self.control is not None
         try:
@@ -289,13 +297,10 @@ class SourceMigration:
                 commands.Commit,
                 migration_id=self.migrationId,
             )
-            installed = answer["installed"]
-        except (MigrationAborted, XenmigError) as e:
-            if isinstance(e, PhaseTimeout):
-                installed = await self._resolveDoubt(e)
-            else:
-                await self._failed(e)
-                raise
+            installed = installedIn(answer)
+        except (CommitFailed, MigrationAborted) as e:
+            await self._failed(e)
+            raise
         except Exception as e:
             installed = await self._resolveDoubt(e)
         self._moveTo(Phase.COMMITTED)
@@ -305,30 +310,25 @@ class SourceMigration:
         return installed
 
     async def _resolveDoubt(self, error: BaseException) -> list[str]:
-        """The commit's answer is lost: ask the target, on a new connection."""
+        """
+        Ask the target (on a new connection): COMMITTED, the installed list;
+        ABORTED, roll back and raise MigrationAborted; else IN-DOUBT.
+        """
         try:
-            status = await self.client.query(self.migrationId)
-        except Exception as e:
+            status = await askTarget(self.client, self.migrationId, error)
+        except CommitInDoubt:
             self._moveTo(Phase.IN_DOUBT)
-            raise CommitInDoubt(
-                f"migration {self.migrationId}: the commit was sent but no answer came "
-                f"({error}) and the target cannot be asked ({e}); the VM may run on "
-                f"the target: ask with 'xenmig status {self.migrationId}' before "
-                f"resuming it here"
-            )
+            raise
         if status["phase"] == "COMMITTED":
             return list(status.get("installed", []))
         if status["phase"] == "ABORTED":
-            await self._failed(MigrationAborted(status.get("reason", "")))
+            reason = status.get("reason", "")
+            await self._failed(MigrationAborted(reason))
             raise MigrationAborted(
-                f"migration {self.migrationId} was aborted on the target: "
-                f"{status.get('reason', '')}"
+                f"migration {self.migrationId} was aborted on the target: {reason}"
             )
         self._moveTo(Phase.IN_DOUBT)
-        raise CommitInDoubt(
-            f"migration {self.migrationId} is {status['phase']} on the target after "
-            f"the commit was sent; ask again with 'xenmig status {self.migrationId}'"
-        )
+        raise stillInDoubt(self.migrationId, str(status["phase"]), error)
 
     async def _release(self) -> None:
         self.client.hangUp(self.control)
@@ -354,10 +354,11 @@ class SourceMigration:
         Abort before commit: tell the target (best effort) and roll back every
         source device.  Afterwards the toolstack may resume the VM here.
         """
-        if self.phase in (Phase.COMMITTED, Phase.IN_DOUBT):
+        if self.phase in (Phase.COMMITTING, Phase.COMMITTED, Phase.IN_DOUBT):
             raise CommitInDoubt(
                 f"migration {self.migrationId} is {self.phase.value}; it cannot be "
                 f"aborted"
+                + (": its commit decides" if self.phase is Phase.COMMITTING else "")
             )
         await self._failed(MigrationAborted(reason))
 

@@ -18,12 +18,14 @@ from xenmig.limits import bounded
 from xenmig.model import DeviceOffer
 from xenmig.target.admission import Admission
 from xenmig.target.authz import Grant, PeerPolicy, PolicySource
+from xenmig.target.commit import CommitHost, SessionCommit
 from xenmig.target.config import TargetConfig, Timeouts
 from xenmig.target.context import TargetContext
 from xenmig.target.gate import Release, ResumeGate
 from xenmig.target.history import MigrationHistory
 from xenmig.target.hooks import CommitHook, HookRunner
 from xenmig.target.journal import Journal
+from xenmig.target.migrationrecord import MigrationRecord
 from xenmig.target.offers import checkVersion
 from xenmig.target.prepare import Admitted, Preparation
 from xenmig.target.session import FINAL, Phase, TargetSession
@@ -65,6 +67,16 @@ class MigrationTarget:
         self.tokens = StreamTokens(self.clock, config.timeouts.token)
         self.gate = ResumeGate(self.clock, self.history.claim)
         self.commitHook = CommitHook(config.onCommit, runHook)
+        self.commits: dict[str, SessionCommit] = {}
+        self.commitHost = CommitHost(
+            recordOf=self._recordOf,
+            write=self.history.write,
+            runInThread=runInThread,
+            finished=self._finished,
+            roots=config.roots,
+            bound=config.timeouts.commit,
+            hook=self.commitHook.configured,
+        )
         self.preparation = Preparation(
             config,
             self.clock,
@@ -92,13 +104,18 @@ class MigrationTarget:
     def recover(self) -> None:
         """
         Blocking, at start-up: make the journal and staging directories, abort
-        and clean what a previous run left, and know what it had finished.
+        and clean what a previous run left (reversing an interrupted commit),
+        and know what it had finished.  A commit whose ``--on-commit`` hook had
+        not run to its end has it run again, once the reactor runs.
         """
         self.staging.create()
-        for record in self.journal.recoverRecords(self.clock.seconds()):
+        now = self.clock.seconds()
+        for record in self.journal.recoverRecords(now, self.config.roots):
             self.history.recovered(record)
             if record.committed:
                 self.gate.committed(record.release(), record.claimed)
+            if record.hookPending and self.commitHook.configured:
+                self.clock.callLater(0, self._runHook, record)
         self.staging.empty()
 
     # -- authorization -------------------------------------------------------------
@@ -200,15 +217,26 @@ class MigrationTarget:
 
     async def commit(self, peer: str, migrationId: str) -> list[str]:
         """
-        Install everything and release the VM; what was installed.  Idempotent: a
-        commit asked again (its answer was lost) answers the same.
+        Install everything and release the VM (see L{SessionCommit}); what was
+        installed.  Idempotent: a commit asked again (its answer was lost, or
+        it is still under way) answers the same.
+
+        @raise CommitFailed: it definitely did not commit (ABORTED).
         """
         record = self.history.record(migrationId)
         if record is not None and record.committed:
             if record.peer != peer:
                 raise NotAuthorized(f"migration {migrationId} is not {peer}'s")
             return list(record.installed)
-        return await self.session(migrationId, peer).commit()
+        session = self.session(migrationId, peer)
+        running = self.commits.get(migrationId)
+        if running is None or running.session is not session:
+            if session.phase is Phase.COMMITTED:
+                return list(session.installed)
+            running = SessionCommit(session, self.commitHost)
+            running.start()
+            self.commits[migrationId] = running
+        return await running.result()
 
     async def abort(self, peer: str | None, migrationId: str, reason: str) -> str:
         """Abort a session; its phase afterwards."""
@@ -290,38 +318,80 @@ class MigrationTarget:
     # -- a session's life ------------------------------------------------------------
 
     def _changed(self, session: TargetSession) -> Deferred[None]:
-        """Every phase change: journal it; at the end, clean, release, hook."""
+        """
+        A phase change before the commit: journal it.  An abort ends the
+        session (clean, tell the gate) even if the journal cannot record it:
+        ABORTED stays due there, and a restart aborts an unfinished record.
+        """
         if session.phase in FINAL:
             # Its admission ends with it, whatever the journal makes of this.
             self.admission.release(session.migrationId)
         d = self.history.changed(session, self.staging.paths(session.migrationId))
         if session.phase in FINAL:
-            d.addCallback(lambda _: self._finished(session))
+
+            def finish(result: object) -> Deferred[Any]:
+                return self._finished(session).addCallback(lambda _: result)
+
+            d.addBoth(finish)
         return d
 
+    def _recordOf(self, session: TargetSession) -> MigrationRecord:
+        return self.history.recordOf(session, self.staging.paths(session.migrationId))
+
     def _finished(self, session: TargetSession) -> Deferred[None]:
+        """The session ended (its end is journalled or due): clean, release, hook."""
+        self.admission.release(session.migrationId)  # idempotent; a commit ends here
         d = self.staging.remove(session.migrationId)
         d.addCallback(lambda _: self._release(session))
         return d
 
     def _release(self, session: TargetSession) -> None:
         if session.phase is Phase.COMMITTED:
-            self.gate.committed(
-                Release(session.migrationId, session.domain, tuple(session.installed))
-            )
-            self.commitHook.committed(
-                session.migrationId, session.domain, session.peer, session.installed
-            )
+            record = self._recordOf(session)
+            self.gate.committed(record.release())
+            self._runHook(record)
         else:
             self.gate.aborted(session.migrationId, session.domain, session.reason)
         self.history.prune()
+        for migrationId in [m for m in self.commits if m not in self.sessions]:
+            del self.commits[migrationId]
+
+    def _runHook(self, record: MigrationRecord) -> None:
+        """Run the on-commit hook of ``record``; journal that it ran."""
+        if record.hook is None:
+            return
+        migrationId = record.migrationId
+
+        def ran(_: None) -> Deferred[None]:
+            return self.history.hookDelivered(migrationId)
+
+        def notJournalled(failure: Any) -> None:
+            log.failure(
+                "migration {migration_id}: the hook ran, but the journal could not "
+                "record it: it runs again after a restart",
+                failure,
+                migration_id=migrationId,
+            )
+
+        hook = self.commitHook.committed(
+            migrationId, record.domain, record.peer, record.installed
+        )
+        hook.addCallback(ran).addErrback(notJournalled)
 
     def closeAll(self, reason: str) -> Deferred[None]:
-        """Abort every session that has not committed (daemon shutting down)."""
-        pending = [
+        """
+        Abort every session that has not begun to commit, and let each commit
+        under way end (daemon shutting down).
+        """
+        pending: list[Deferred[Any]] = [
             s.abort(reason)
             for s in self.sessions.values()
             if s.phase not in FINAL and s.phase is not Phase.COMMITTING
+        ]
+        pending += [
+            c.result().addErrback(lambda _: None)
+            for c in self.commits.values()
+            if not c.ended
         ]
         return (
             gatherResults(pending).addCallback(lambda _: None)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
-from xenmig.errors import MigrationAborted
+from xenmig.errors import JournalUnavailable, MigrationAborted
 from xenmig.limits import withDeadline
 
 
@@ -29,18 +29,25 @@ class _Waiter:
     deferred: Deferred[Release] = field(default_factory=Deferred)
 
 
+#: Journals a claim: ``(migration id, claimed)`` -> a Deferred firing once
+#: durable, failing (JournalUnavailable) if it could not be recorded.
+ClaimRecorder = Callable[[str, bool], Deferred[None]]
+
+
 class ResumeGate:
     """
     Answers ``AwaitRestored``.  Each committed migration is *claimed* by the first
     waiter that receives it, so a toolstack that asks again waits for the next
     migration of the domain instead of resuming on a stale one; asking for a
-    migration id by name always answers for that one.  Claims are reported to
-    ``onClaim`` (the journal keeps them across restarts).
+    migration id by name always answers for that one.  A claim is answered
+    only once ``recordClaim`` has made it durable: if it cannot, the waiter
+    fails with L{JournalUnavailable} and the commit stays unclaimed, so a VM
+    is never released twice, nor a release lost.
     """
 
-    def __init__(self, clock: IReactorTime, onClaim: Callable[[str], Any]) -> None:
+    def __init__(self, clock: IReactorTime, recordClaim: ClaimRecorder) -> None:
         self.clock = clock
-        self.onClaim = onClaim
+        self.recordClaim = recordClaim
         self._unclaimed: dict[str, list[Release]] = {}
         self._outcomes: dict[str, Release | str] = {}
         self._waiters: list[_Waiter] = []
@@ -48,17 +55,11 @@ class ResumeGate:
     def committed(self, release: Release, claimed: bool = False) -> None:
         """A migration committed (now, or before a restart)."""
         self._outcomes[release.migrationId] = release
-        for waiter in list(self._waiters):
-            if waiter.migrationId in (None, release.migrationId) and (
-                waiter.domain == release.domain
-            ):
-                self._waiters.remove(waiter)
-                if waiter.migrationId is None and not claimed:
-                    claimed = True
-                    self.onClaim(release.migrationId)
-                waiter.deferred.callback(release)
+        for waiter in self._matching(release.domain, release.migrationId, named=True):
+            self._waiters.remove(waiter)
+            waiter.deferred.callback(release)
         if not claimed:
-            self._unclaimed.setdefault(release.domain, []).append(release)
+            self._offer(release)
 
     def aborted(self, migrationId: str, domain: str, reason: str) -> None:
         """A migration aborted: whoever waits for the domain learns why."""
@@ -74,7 +75,8 @@ class ResumeGate:
     ) -> Deferred[Release]:
         """
         A Deferred firing with the L{Release} of the next unclaimed commit of
-        ``domain`` (or of ``migrationId``); failing if it aborts, or with
+        ``domain`` (or of ``migrationId``); failing if it aborts, with
+        JournalUnavailable if its claim cannot be recorded, or with
         PhaseTimeout after ``timeout`` seconds.
         """
         if migrationId is not None and migrationId in self._outcomes:
@@ -82,15 +84,12 @@ class ResumeGate:
             if isinstance(outcome, str):
                 return fail(MigrationAborted(outcome))
             return succeed(outcome)
-        pending = self._unclaimed.get(domain)
-        if migrationId is None and pending:
-            release = pending.pop(0)
-            self.onClaim(release.migrationId)
-            return succeed(release)
         waiter = _Waiter(domain, migrationId)
         waiter.deferred = Deferred(lambda d: self._forget(waiter))
         self._waiters.append(waiter)
-
+        pending = self._unclaimed.get(domain)
+        if migrationId is None and pending:
+            self._offer(pending.pop(0))
         what = migrationId or f"a migration of {domain}"
         return withDeadline(
             waiter.deferred,
@@ -98,6 +97,46 @@ class ResumeGate:
             self.clock,
             f"{what} did not commit within {timeout:g} seconds",
         )
+
+    def _matching(self, domain: str, migrationId: str, named: bool) -> list[_Waiter]:
+        wanted = migrationId if named else None
+        return [
+            w for w in self._waiters if w.domain == domain and w.migrationId == wanted
+        ]
+
+    def _offer(self, release: Release) -> None:
+        """Hand an unclaimed commit to the first waiter without a name, if any."""
+        unnamed = self._matching(release.domain, release.migrationId, named=False)
+        if not unnamed:
+            self._unclaimed.setdefault(release.domain, []).append(release)
+            return
+        waiter = unnamed[0]
+        self._waiters.remove(waiter)
+        self.recordClaim(release.migrationId, True).addCallbacks(
+            lambda _: self._claimed(release, waiter),
+            lambda failure: self._notClaimed(release, waiter, failure),
+        )
+
+    def _claimed(self, release: Release, waiter: _Waiter) -> None:
+        if not waiter.deferred.called:
+            waiter.deferred.callback(release)
+            return
+        # The waiter gave up (time-out, cancelled) while the claim was written:
+        # nobody took this commit, so it is unclaimed again.
+        self.recordClaim(release.migrationId, False).addErrback(lambda _: None)
+        self._offer(release)
+
+    def _notClaimed(self, release: Release, waiter: _Waiter, failure: Failure) -> None:
+        self.recordClaim(release.migrationId, False).addErrback(lambda _: None)
+        if not waiter.deferred.called:
+            waiter.deferred.errback(
+                JournalUnavailable(
+                    f"migration {release.migrationId} of {release.domain} committed, "
+                    f"but its claim could not be recorded ({failure.getErrorMessage()})"
+                    f": not released; ask again"
+                )
+            )
+        self._offer(release)
 
     def _forget(self, waiter: _Waiter) -> None:
         if waiter in self._waiters:

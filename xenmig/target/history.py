@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -43,6 +44,9 @@ class MigrationHistory:
         self.journal = journal
         self.sessions: dict[str, TargetSession] = {}
         self.records: dict[str, MigrationRecord] = {}
+        #: The record last sent to the journal of each session kept live: the
+        #: journal's own facts (installs, claim, hook) are carried from it.
+        self._journalled: dict[str, MigrationRecord] = {}
 
     # -- what it holds -----------------------------------------------------------------
 
@@ -60,10 +64,31 @@ class MigrationHistory:
     def changed(self, session: TargetSession, staging: Sequence[str]) -> Deferred[None]:
         """
         Journal the session as it is now, with its ``staging`` paths; a
-        Deferred firing once that is durable.
+        Deferred firing once that is durable (failing with JournalUnavailable).
         """
-        record = MigrationRecord.ofSession(session, staging)
-        return self.journal.write(session.migrationId, record.toJSON())
+        return self.write(self.recordOf(session, staging))
+
+    def recordOf(
+        self, session: TargetSession, staging: Sequence[str] | None = None
+    ) -> MigrationRecord:
+        """
+        The record of a live session as it is now: its status, and the facts
+        of the record last journalled for it (staging too, unless given).
+        """
+        base = self._journalled.get(session.migrationId)
+        return MigrationRecord.ofSession(session, staging, base)
+
+    def write(self, record: MigrationRecord) -> Deferred[None]:
+        """
+        Send ``record`` to the journal as the newest of its migration; a
+        Deferred firing once it is durable, or failing with JournalUnavailable
+        (it then stays due: see L{Journal}).
+        """
+        if record.migrationId in self.sessions:
+            self._journalled[record.migrationId] = record
+        elif record.migrationId in self.records:
+            self.records[record.migrationId] = record
+        return self.journal.write(record.migrationId, record.toJSON())
 
     def recovered(self, record: MigrationRecord) -> None:
         """Keep a record the journal had at start-up."""
@@ -79,20 +104,31 @@ class MigrationHistory:
         """The record of a finished migration no longer kept as a session."""
         return self.records.get(migrationId)
 
-    def claim(self, migrationId: str) -> None:
+    def claim(self, migrationId: str, claimed: bool = True) -> Deferred[None]:
         """
-        Mark the commit of ``migrationId`` as taken by a toolstack, in the
-        journal too.  A session comes first: a record under the same id is an
-        older, refused Prepare of it.
+        Journal that the commit of ``migrationId`` is taken by a toolstack (or,
+        ``claimed`` false, that it is not: a claim that could not be recorded
+        or answered); a Deferred firing once durable, failing with
+        JournalUnavailable.  A session comes first: a record under the same id
+        is an older, refused Prepare of it.
         """
         session = self.sessions.get(migrationId)
         record = self.records.get(migrationId)
         if session is not None:
-            record = MigrationRecord.ofSession(session).claim()
-        elif record is not None:
-            record = self.records[migrationId] = record.claim()
-        if record is not None:
-            self._write(record)
+            record = self.recordOf(session)
+        if record is None:
+            return succeed(None)
+        return self.write(replace(record, claimed=claimed))
+
+    def hookDelivered(self, migrationId: str) -> Deferred[None]:
+        """Journal that the ``--on-commit`` hook of ``migrationId`` has run."""
+        session = self.sessions.get(migrationId)
+        record = self.records.get(migrationId)
+        if session is not None:
+            record = self.recordOf(session)
+        if record is None:
+            return succeed(None)
+        return self.write(record.hookDelivered())
 
     def _write(self, record: MigrationRecord) -> None:
         def failed(failure: Failure) -> None:
@@ -102,7 +138,7 @@ class MigrationHistory:
                 migration_id=record.migrationId,
             )
 
-        self.journal.write(record.migrationId, record.toJSON()).addErrback(failed)
+        self.write(record).addErrback(failed)
 
     def prune(self) -> None:
         """Keep finished sessions as records, and only the most recent ones."""
@@ -111,8 +147,9 @@ class MigrationHistory:
             key=lambda s: s.updated,
         )
         for session in finished[:-KEEP_IN_MEMORY]:
+            self.records[session.migrationId] = self.recordOf(session)
             del self.sessions[session.migrationId]
-            self.records[session.migrationId] = MigrationRecord.ofSession(session)
+            self._journalled.pop(session.migrationId, None)
         for migrationId in sorted(self.records, key=lambda k: self.records[k].started)[
             :-KEEP_FINISHED
         ]:

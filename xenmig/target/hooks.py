@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from xenmig.clients.processes import runShell
 
@@ -63,19 +64,30 @@ class CommitHook:
     """
     The ``--on-commit`` command: run after each commit, with the migration in
     its environment.  Its output and exit status are logged; neither changes
-    the outcome (the commit is done).
+    the outcome (the commit is done).  Delivered at least once: the journal
+    says whether it ran (see L{xenmig.target.core.MigrationTarget.recover}).
     """
 
     def __init__(self, command: str | None, run: HookRunner | None) -> None:
         self.command = command
         self.run = run
 
+    @property
+    def configured(self) -> bool:
+        """Whether there is a command to run."""
+        return bool(self.command) and self.run is not None
+
     def committed(
-        self, migrationId: str, domain: str, peer: str, installed: list[str]
-    ) -> None:
-        """``migrationId`` committed: run the command, if there is one."""
-        if not self.command or self.run is None:
-            return
+        self, migrationId: str, domain: str, peer: str, installed: Sequence[str]
+    ) -> Deferred[None]:
+        """
+        ``migrationId`` committed: run the command, if there is one.  A
+        Deferred firing (never failing) once it has run to its end, whatever
+        its exit status, or was ended by its time-out.
+        """
+        if not self.configured:
+            return succeed(None)
+        assert self.command is not None and self.run is not None
         env = {
             "XENMIG_MIGRATION_ID": migrationId,
             "XENMIG_DOMAIN": domain,
@@ -90,11 +102,13 @@ class CommitHook:
                 code=code,
             )
 
-        self.run(self.command, env, migrationId).addCallbacks(
-            done,
-            lambda f: log.failure(
+        def failed(failure: Failure) -> None:
+            log.failure(
                 "migration {migration_id}: on-commit hook failed",
-                f,
+                failure,
                 migration_id=migrationId,
-            ),
+            )
+
+        return maybeDeferred(self.run, self.command, env, migrationId).addCallbacks(
+            done, failed
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -12,8 +13,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from xenmig.fs import removeTree, writeAtomically
+from xenmig.errors import JournalUnavailable
+from xenmig.fs import fsyncDirectory, removeTree
+from xenmig.target.installs import reverse
 from xenmig.target.migrationrecord import MigrationRecord
+from xenmig.target.session import Phase
 
 log = Logger()
 
@@ -27,6 +31,14 @@ class Journal:
     atomically at each phase change: the JSON of its L{MigrationRecord}.  Each
     record also lists the session's staging paths, so that a restarted daemon
     removes whatever an unfinished session left.
+
+    A write either replaces the record durably or fails with
+    L{JournalUnavailable} leaving the file as it was.  A record that failed
+    stays due: every later write (of any session) first writes every due
+    record, the newest of each session, and fails if it cannot.  So once any
+    write succeeds, no file is older than what the daemon last decided; a
+    caller that takes a failure as "not recorded" writes the record of what it
+    decided instead (which replaces the failed one).
     """
 
     def __init__(
@@ -37,6 +49,8 @@ class Journal:
         self.directory = directory
         self._run = runInThread
         self._pending: dict[str, Deferred[None]] = {}
+        self._due: dict[str, bytes] = {}
+        self._lock = threading.Lock()
 
     def create(self) -> None:
         """Blocking, at start-up: make the directory, owner-only."""
@@ -49,7 +63,6 @@ class Journal:
     def write(self, migrationId: str, record: dict[str, Any]) -> Deferred[None]:
         """Write ``record`` after any earlier write of the same session; durable."""
         data = _encode(record)
-        path = self.path(migrationId)
         # Each write has its own turn: a Deferred of ours that fires (with None,
         # never failing) once it is written, and that the next write waits on.
         previous = self._pending.get(migrationId)
@@ -67,13 +80,38 @@ class Journal:
                 written.callback(None)
 
         def write(_: object = None) -> None:
-            self._run(_writeRecord, path, data).addBoth(settle)
+            self._run(self._writeDue, migrationId, data).addBoth(settle)
 
         if previous is None:
             write()
         else:
             previous.addCallback(write)
         return written
+
+    def _writeDue(self, migrationId: str, data: bytes) -> None:
+        """
+        Blocking: make ``data`` the due record of ``migrationId``, then write
+        every due record, this one last.
+
+        @raise JournalUnavailable: if one cannot be written (it stays due).
+        """
+        with self._lock:
+            self._due[migrationId] = data
+            for other in [m for m in self._due if m != migrationId] + [migrationId]:
+                try:
+                    _writeRecord(self.path(other), self._due[other])
+                except OSError as e:
+                    raise JournalUnavailable(
+                        f"the state directory {self.directory.dirname()} cannot "
+                        f"record migration {other}: {e.strerror or e}"
+                    ) from e
+                del self._due[other]
+
+    @property
+    def due(self) -> list[str]:
+        """The migrations whose newest record is not written yet."""
+        with self._lock:
+            return sorted(self._due)
 
     def load(self) -> list[MigrationRecord]:
         """Blocking, at start-up: every readable session record, oldest first."""
@@ -88,32 +126,53 @@ class Journal:
         records.sort(key=lambda r: r.started)
         return records
 
-    def recoverRecords(self, now: float) -> list[MigrationRecord]:
+    def recoverRecords(
+        self, now: float, roots: Sequence[FilePath] = ()
+    ) -> list[MigrationRecord]:
         """
-        Blocking, at start-up: abort every session that had not committed, remove
-        its staging, and return all records kept (oldest first) for status queries.
+        Blocking, at start-up: abort every session that had not committed,
+        reverse an interrupted commit (what it installed at destinations
+        inside ``roots`` is removed), remove staging, and return all records
+        kept (oldest first) for status queries.  A record that cannot be
+        written stays due (see the class): the next start-up redoes it.
         """
-        records = [self._recovered(record, now) for record in self.load()]
+        records = [self._recovered(record, now, roots) for record in self.load()]
         for record in records[:-KEEP_FINISHED]:
             self.path(record.migrationId).remove()
         return records[-KEEP_FINISHED:]
 
-    def recover(self, now: float) -> list[dict[str, Any]]:
+    def recover(
+        self, now: float, roots: Sequence[FilePath] = ()
+    ) -> list[dict[str, Any]]:
         """L{recoverRecords}, as the JSON the journal files hold."""
-        return [record.toJSON() for record in self.recoverRecords(now)]
+        return [record.toJSON() for record in self.recoverRecords(now, roots)]
 
-    def _recovered(self, record: MigrationRecord, now: float) -> MigrationRecord:
+    def _recovered(
+        self, record: MigrationRecord, now: float, roots: Sequence[FilePath]
+    ) -> MigrationRecord:
         for path in record.staging or ():
             removeTree(path)
         if record.finished:
             return record
-        record = record.abortedByRestart(now)
+        reversal = None
+        if record.phase is Phase.COMMITTING:
+            # The source cannot have been told COMMITTED: that answer follows
+            # the COMMITTED record.  Reversing is what it may have been told.
+            reversal = reverse(record.installs, roots)
+        record = record.abortedByRestart(now, reversal)
         log.warn(
             "migration {migration_id} aborted at start-up: {reason}",
             migration_id=record.migrationId,
             reason=record.reason,
         )
-        writeAtomically(self.path(record.migrationId), _encode(record.toJSON()))
+        try:
+            self._writeDue(record.migrationId, _encode(record.toJSON()))
+        except JournalUnavailable as e:
+            log.error(
+                "migration {migration_id}: {error}; the record is written later",
+                migration_id=record.migrationId,
+                error=str(e),
+            )
         return record
 
 
@@ -122,6 +181,32 @@ def _encode(data: dict[str, Any]) -> bytes:
 
 
 def _writeRecord(path: FilePath, data: bytes) -> None:
-    """Blocking: write one journal file, making its directory if need be."""
+    """
+    Blocking: replace one journal file durably (write a temporary file, fsync,
+    rename, fsync the directory), making its directory if need be.  On an
+    error before the rename the temporary file is removed and the record is
+    as it was.
+    """
     os.makedirs(path.dirname(), mode=0o700, exist_ok=True)
-    writeAtomically(path, data)
+    temporary = path.siblingExtension(".tmp")
+    try:
+        fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        _unlinkQuietly(temporary.path)
+        raise
+    os.replace(temporary.path, path.path)
+    fsyncDirectory(path.dirname())
+
+
+def _unlinkQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -8,7 +8,13 @@ from typing import Any
 
 from xenmig.model import DeviceDescription, DeviceOffer, DeviceProgress, MigrationStatus
 from xenmig.target.gate import Release
+from xenmig.target.installs import Install, Reversal
 from xenmig.target.session import FINAL, DeviceState, Phase, TargetSession
+
+#: The ``--on-commit`` hook of a committed migration has yet to run (to its end).
+HOOK_PENDING = "pending"
+#: ... has run (whatever its exit status).
+HOOK_DONE = "done"
 
 
 @dataclass(frozen=True)
@@ -18,7 +24,8 @@ class MigrationRecord:
     history keeps it once finished: its status (what C{QueryMigration}
     answers) and the journal's own facts.  L{toJSON} is the journal file's
     content and, for a finished migration, the status on the wire; the
-    optional keys (``staging``, ``claimed``, ``refused``) appear only when set.
+    optional keys (``staging``, ``claimed``, ``refused``, ``installs``,
+    ``hook``) appear only when set.
     """
 
     migrationId: str
@@ -36,13 +43,28 @@ class MigrationRecord:
     claimed: bool = False
     #: Prepare refused it: its id may be prepared again.
     refused: bool = False
+    #: What its commit installs, written before it installs anything.
+    installs: tuple[Install, ...] = ()
+    #: Whether the ``--on-commit`` hook of this commit has run: HOOK_PENDING,
+    #: HOOK_DONE, or None (no hook was configured when it committed).
+    hook: str | None = None
 
     @classmethod
     def ofSession(
-        cls, session: TargetSession, staging: Sequence[str] | None = None
+        cls,
+        session: TargetSession,
+        staging: Sequence[str] | None = None,
+        base: MigrationRecord | None = None,
     ) -> MigrationRecord:
-        """The record of ``session`` as it is now (with ``staging``, if given)."""
-        record = cls.ofStatus(session.status())
+        """
+        The record of ``session`` as it is now: its status, with ``staging`` if
+        given, and the journal's own facts of ``base`` (its previous record).
+        """
+        status = session.status()
+        if base is None:
+            record = cls.ofStatus(status)
+        else:
+            record = replace(base, **_statusFields(cls.ofStatus(status)))
         return record if staging is None else replace(record, staging=tuple(staging))
 
     @classmethod
@@ -119,15 +141,27 @@ class MigrationRecord:
         """The same record, its commit taken by a toolstack."""
         return replace(self, claimed=True)
 
-    def abortedByRestart(self, now: float) -> MigrationRecord:
+    def abortedByRestart(
+        self, now: float, reversal: Reversal | None = None
+    ) -> MigrationRecord:
         """
         What a restarted daemon makes of this unfinished record: ABORTED, with
-        the reason the operator reads, and every device not installed ABORTED.
+        the reason the operator reads, and every device ABORTED.  An
+        interrupted commit (COMMITTING) comes with the L{Reversal} of its
+        installs: what it had installed at destinations is gone, and only
+        what a component holds (never released) stays in ``installed``.
         """
+        installs = self.installs
+        installed = self.installed
         if self.phase is Phase.COMMITTING:
+            reversal = reversal or Reversal(self.installs)
+            installs = reversal.installs
+            installed = tuple(i for i in installed if i not in reversal.removed)
             reason = (
-                "the target daemon restarted during the commit; some state may be "
-                "installed: " + ", ".join(self.installed) + "; the VM was not released"
+                "the target daemon stopped during the commit, before COMMITTED "
+                "was recorded (a crash, or killed); the commit was reversed: "
+                + reversal.summary()
+                + "; the VM was not released"
             )
         else:
             reason = (
@@ -136,13 +170,28 @@ class MigrationRecord:
             )
         devices = tuple(
             d
-            if d.state == DeviceState.COMMITTED.value
+            if d.state == DeviceState.ABORTED.value
             else replace(d, state=DeviceState.ABORTED.value)
             for d in self.devices
         )
         return replace(
-            self, phase=Phase.ABORTED, reason=reason, updated=now, devices=devices
+            self,
+            phase=Phase.ABORTED,
+            reason=reason,
+            updated=now,
+            devices=devices,
+            installs=installs,
+            installed=installed,
         )
+
+    def hookDelivered(self) -> MigrationRecord:
+        """The same record, its ``--on-commit`` hook run."""
+        return replace(self, hook=HOOK_DONE)
+
+    @property
+    def hookPending(self) -> bool:
+        """Whether it committed and its hook has yet to run to its end."""
+        return self.committed and self.hook == HOOK_PENDING
 
     # -- JSON ------------------------------------------------------------------------
 
@@ -168,6 +217,10 @@ class MigrationRecord:
             data["claimed"] = True
         if self.refused:
             data["refused"] = True
+        if self.installs:
+            data["installs"] = [i.toJSON() for i in self.installs]
+        if self.hook is not None:
+            data["hook"] = self.hook
         return data
 
     @classmethod
@@ -192,7 +245,24 @@ class MigrationRecord:
             staging=None if staging is None else tuple(staging),
             claimed=bool(data.get("claimed", False)),
             refused=bool(data.get("refused", False)),
+            installs=tuple(Install.fromJSON(i) for i in data.get("installs", [])),
+            hook=data.get("hook"),
         )
+
+
+def _statusFields(record: MigrationRecord) -> dict[str, Any]:
+    """The fields of ``record`` that come from a session's status."""
+    return {
+        "migrationId": record.migrationId,
+        "domain": record.domain,
+        "phase": record.phase,
+        "peer": record.peer,
+        "reason": record.reason,
+        "started": record.started,
+        "updated": record.updated,
+        "devices": record.devices,
+        "installed": record.installed,
+    }
 
 
 def _progress(data: dict[str, Any]) -> DeviceProgress:

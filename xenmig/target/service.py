@@ -92,9 +92,11 @@ class TargetService(service.Service):
     """
     The target core in the daemon.  Before the listeners bind: the state
     directory (0700), no stale local socket, and the port free (else a clear
-    L{ConfigurationError}).  At start: the journal's recovery, before the
-    reactor runs, so before any connection is answered.  At stop: every
-    unfinished session aborts.
+    L{ConfigurationError}).  At start: the journal's recovery (an interrupted
+    commit reversed, an on-commit hook that had not run to its end run again
+    once the reactor runs), before the reactor runs, so before any connection
+    is answered.  At stop: every session that has not begun to commit
+    aborts, and a commit under way is let end.
     """
 
     def __init__(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -15,6 +15,7 @@ from xenmig.errors import (
     CommitFailed,
     DigestMismatch,
     InvalidTransition,
+    JournalUnavailable,
     MigrationAborted,
     PhaseTimeout,
     StreamError,
@@ -97,6 +98,8 @@ class TargetDeviceSlot:
         self.finished: float | None = None
         self.digest: ContentDigest | None = None
         self.streaming = False
+        #: Its install completed, in a commit that has not ended yet.
+        self.installed = False
         self._clock = clock
         self._ready: list[Deferred[ContentDigest]] = []
 
@@ -145,12 +148,15 @@ class TargetDeviceSlot:
 @implementer(IReceivingSession)
 class TargetSession:
     """
-    One migration on the target: PREPARED -> RECEIVING -> READY -> COMMITTED,
-    or ABORTED from any phase before COMMITTED.
+    One migration on the target: PREPARED -> RECEIVING -> READY ->
+    COMMITTING -> COMMITTED, or ABORTED from any phase before COMMITTED.
 
     It does no I/O of its own: handlers do, and ``onChange`` (the journal, the
-    resume gate) hears of every phase change.  Each phase has a deadline on the
-    injected clock; expiry aborts the session with a reason naming the phase.
+    resume gate) hears of every phase change before COMMITTING.  The commit
+    is driven by L{xenmig.target.commit.SessionCommit}, which journals each
+    step before the session takes it.  Each phase before COMMITTING has a
+    deadline on the injected clock; expiry aborts the session with a reason
+    naming the phase.
     """
 
     def __init__(
@@ -182,6 +188,11 @@ class TargetSession:
     # -- the machine ---------------------------------------------------------------
 
     def _moveTo(self, phase: Phase) -> Deferred[None]:
+        self._enter(phase)
+        return self._persist()
+
+    def _enter(self, phase: Phase) -> None:
+        """Change phase in memory (the journal is the caller's), or raise."""
         if phase not in TRANSITIONS[self.phase]:
             raise InvalidTransition(
                 f"migration {self.migrationId} cannot go from {self.phase.value} "
@@ -196,7 +207,6 @@ class TargetSession:
         self.phase = phase
         self.updated = self.clock.seconds()
         self._armDeadline()
-        return self._persist()
 
     def _persist(self) -> Deferred[None]:
         changed = self._onChange(self)
@@ -249,7 +259,7 @@ class TargetSession:
         slot.moveTo(DeviceState.RECEIVING)
         slot.started = self.clock.seconds()
         if self.phase is Phase.PREPARED:
-            self._moveTo(Phase.RECEIVING)
+            self._moveTo(Phase.RECEIVING).addErrback(self._notJournalled)
 
     def recordReceived(self, name: str, record: Record) -> Deferred[None] | None:
         """Hand one record to the device; a Deferred means: pause the stream."""
@@ -292,7 +302,19 @@ class TargetSession:
         slot.moveTo(DeviceState.READY)
         slot.settle(digest)
         if all(s.state is DeviceState.READY for s in self.devices.values()):
-            self._moveTo(Phase.READY)
+            self._moveTo(Phase.READY).addErrback(self._notJournalled)
+
+    def _notJournalled(self, failure: Failure) -> None:
+        """
+        A phase before the commit could not be journalled: it stays due (the
+        commit writes its own record first, and a restart aborts it anyway).
+        """
+        log.failure(
+            "migration {migration_id}: {phase} is not journalled yet",
+            failure,
+            migration_id=self.migrationId,
+            phase=self.phase.value,
+        )
 
     def streamLost(self, name: str, why: str) -> None:
         """A device's stream ended before its END record: abort."""
@@ -317,17 +339,21 @@ class TargetSession:
             return fail(self._errorType(self._abortMessage()))
         return self.device(name).whenReady()
 
-    # -- the gate ------------------------------------------------------------------
+    # -- the commit (driven by xenmig.target.commit) -------------------------------
 
-    async def commit(self) -> list[str]:
+    def beginCommit(self) -> None:
         """
-        Install every device's staged state; the point of no return.
+        READY -> COMMITTING, in memory: from now on nothing but the commit's
+        own outcome ends the session (no abort, deadline or lost connection).
 
-        @return: what was installed.
+        @raise MigrationAborted: if it was aborted (CommitFailed: by its commit).
         @raise InvalidTransition: unless READY (all devices verified).
         """
-        if self.phase is Phase.COMMITTED:
-            return list(self.installed)
+        if self.phase is Phase.ABORTED:
+            errorType = self._errorType
+            if errorType is not CommitFailed:
+                errorType = MigrationAborted
+            raise errorType(self._abortMessage())
         if self.phase is not Phase.READY:
             self.checkActive()
             raise InvalidTransition(
@@ -336,37 +362,34 @@ class TargetSession:
                 + ", ".join(f"{s.name} {s.state.value}" for s in self.devices.values())
                 + ")"
             )
-        await self._moveTo(Phase.COMMITTING)  # durable before anything is installed
-        bound = self._deadlines.get(Phase.COMMITTING)
-        for slot in self.devices.values():
-            try:
-                installing = slot.device.commit()
-                if bound:
-                    installing.addTimeout(bound, self.clock)
-                self.installed.extend(await installing)
-                await self._persist()  # the journal knows what is installed
-            except Exception as e:
-                if isinstance(e, TimeoutError):
-                    e = CommitFailed(f"did not finish within {bound:g} seconds")
-                log.failure(
-                    "migration {migration_id}: commit of {device} failed",
-                    migration_id=self.migrationId,
-                    device=slot.name,
-                )
-                await self._abortCommitting(slot.name, e)
-                raise CommitFailed(
-                    f"migration {self.migrationId}: {self.reason}; the VM was not "
-                    f"released on the target"
-                ) from e
-            slot.moveTo(DeviceState.COMMITTED)
-        await self._moveTo(Phase.COMMITTED)
-        return list(self.installed)
+        self._enter(Phase.COMMITTING)
 
-    async def _abortCommitting(self, name: str, error: BaseException) -> None:
-        done = ", ".join(self.installed) or "nothing"
-        self.reason = f"commit of device {name} failed: {error}; installed: {done}"
+    def installedDevice(self, name: str, installed: list[str]) -> None:
+        """Device ``name`` has installed its state (the session is COMMITTING)."""
+        self.device(name).installed = True
+        self.installed.extend(installed)
+
+    def endCommitted(self) -> None:
+        """COMMITTING -> COMMITTED, in memory: the journal says so already."""
+        for slot in self.devices.values():
+            slot.moveTo(DeviceState.COMMITTED)
+        self._enter(Phase.COMMITTED)
+
+    async def endCommitFailed(self, reason: str, installed: list[str]) -> None:
+        """
+        COMMITTING -> ABORTED, in memory: the commit did not happen.  Each device
+        whose install did not complete is aborted by its handler; what an
+        install left is the commit's to reverse; ``installed`` is what remains
+        (loaded into a component, never released).
+        """
+        self.reason = reason
+        self._errorType = CommitFailed
+        self.installed[:] = installed
+        for slot in self.devices.values():
+            if slot.installed and slot.state is DeviceState.READY:
+                slot.moveTo(DeviceState.ABORTED)
         await self._abortDevices()
-        await self._moveTo(Phase.ABORTED)
+        self._enter(Phase.ABORTED)
 
     def abort(
         self, reason: str, errorType: type[XenmigError] | None = None
@@ -376,13 +399,20 @@ class TargetSession:
 
         @raise InvalidTransition: once committing or committed.
         """
-        if self.phase in (Phase.COMMITTING, Phase.COMMITTED):
+        if self.phase is Phase.COMMITTING:
             raise InvalidTransition(
-                f"migration {self.migrationId} is {self.phase.value}; it cannot be "
-                f"aborted"
+                f"migration {self.migrationId} is COMMITTING; it cannot be aborted: "
+                f"the commit itself ends it COMMITTED or ABORTED (ask with "
+                f"QueryMigration)"
+            )
+        if self.phase is Phase.COMMITTED:
+            raise InvalidTransition(
+                f"migration {self.migrationId} is COMMITTED; it cannot be aborted"
             )
         if self._aborting is not None:
             return self._aborting
+        if self.phase is Phase.ABORTED:  # by its commit: that reason stays
+            return succeed(None)
         self.reason = reason
         self._errorType = errorType or MigrationAborted
         log.warn(
@@ -399,7 +429,16 @@ class TargetSession:
             slot.settle(failure)
         changed = self._moveTo(Phase.ABORTED)
         await self._abortDevices()
-        await changed
+        try:
+            await changed
+        except JournalUnavailable as e:
+            # ABORTED stands: the journal writes it before any later record,
+            # and a restart aborts an unfinished record anyway.
+            log.error(
+                "migration {migration_id}: ABORTED is not journalled yet: {error}",
+                migration_id=self.migrationId,
+                error=str(e),
+            )
 
     async def _abortDevices(self) -> None:
         for slot in self.devices.values():

@@ -35,6 +35,7 @@ from xenmig.errors import (
 )
 from xenmig.fs import freeBytes
 from xenmig.interfaces import (
+    IInstallingDevice,
     ITargetContext,
     ITargetDevice,
 )
@@ -60,7 +61,7 @@ def _versionTuple(text: str) -> tuple[int, ...]:
 # -- the target ----------------------------------------------------------------------
 
 
-@implementer(ITargetDevice)
+@implementer(ITargetDevice, IInstallingDevice)
 class DevmodelTarget:
     """
     Receives QEMU's state into staging and verifies its digest.  With

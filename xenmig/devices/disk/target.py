@@ -27,6 +27,7 @@ from xenmig.errors import (
 )
 from xenmig.fs import freeBytes
 from xenmig.interfaces import (
+    IInstallingDevice,
     ITargetContext,
     ITargetDevice,
 )
@@ -51,7 +52,7 @@ def spaceNeeded(allocated: int) -> int:
     return allocated + allocated // SPACE_MARGIN_FRACTION + SPACE_MARGIN
 
 
-@implementer(ITargetDevice)
+@implementer(ITargetDevice, IInstallingDevice)
 class DiskTarget:
     """
     Receives an image into a staging file next to its destination, holes kept as

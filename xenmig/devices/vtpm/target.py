@@ -50,6 +50,7 @@ from xenmig.errors import (
 )
 from xenmig.fs import fsyncDirectory
 from xenmig.interfaces import (
+    IInstallingDevice,
     ITargetContext,
     ITargetDevice,
 )
@@ -75,7 +76,7 @@ def _keyPath(context: ITargetContext, value: Any) -> str:
 # -- target --------------------------------------------------------------------------
 
 
-@implementer(ITargetDevice)
+@implementer(ITargetDevice, IInstallingDevice)
 class VTPMTarget:
     """Receives the blobs, verifies them, and loads them into a swtpm at commit."""
 
