@@ -57,9 +57,13 @@ class MigrationHistory:
     def journalled(self, record: MigrationRecord) -> Deferred[None]:
         """
         Journal ``record``; a Deferred firing once it is durable, or failing
-        (with the OSError) if the state directory cannot take it.
+        with JournalUnavailable if the state directory cannot take it.
         """
         return self.journal.write(record.migrationId, record.toJSON())
+
+    def withdrawn(self, migrationId: str) -> Deferred[None]:
+        """A record that could not be written is no longer wanted (L{journalled})."""
+        return self.journal.withdraw(migrationId)
 
     def changed(self, session: TargetSession, staging: Sequence[str]) -> Deferred[None]:
         """

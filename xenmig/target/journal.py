@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -106,6 +106,23 @@ class Journal:
                         f"record migration {other}: {e.strerror or e}"
                     ) from e
                 del self._due[other]
+
+    def withdraw(self, migrationId: str) -> Deferred[None]:
+        """
+        Drop the due record of ``migrationId``, after any write of it under
+        way: a record that may never land (the Prepare it was for was refused
+        because it could not be written).  What did land stays.
+        """
+        previous = self._pending.get(migrationId)
+
+        def drop(_: object = None) -> None:
+            with self._lock:
+                self._due.pop(migrationId, None)
+
+        if previous is None:
+            drop()
+            return succeed(None)
+        return previous.addCallback(drop)
 
     @property
     def due(self) -> list[str]:

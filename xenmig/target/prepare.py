@@ -219,7 +219,9 @@ class Preparation:
         except CancelledError:
             reservation.abandon("its Prepare was cancelled")
             await written
-        if failed and failed[0].check(OSError):
+        if failed and failed[0].check(OSError, JournalUnavailable):
+            # Never to be written later: this Prepare keeps nothing.
+            await self.history.withdrawn(reservation.migrationId)
             raise JournalUnavailable(
                 f"migration {reservation.migrationId}: the target could not record "
                 f"it in its state directory ({failed[0].value}); nothing was kept: "
