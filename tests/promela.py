@@ -117,13 +117,16 @@ def moveLines(text: str) -> dict[int, str]:
 
 
 def codeMachine(table: dict, final: frozenset | None = None) -> Machine:
-    """A transition table of the code (``{Phase: frozenset[Phase]}``) as a Machine."""
+    """
+    A transition table of the code (``{Phase: frozenset[Phase]}``) as a Machine;
+    it starts in the phase no edge enters.
+    """
     entered = {target for targets in table.values() for target in targets}
-    [start] = [phase for phase in table if phase not in entered]
+    starts = sorted(phase.name for phase in table if phase not in entered)
     return Machine(
         phases=frozenset(phase.name for phase in table),
         edges=frozenset((a.name, b.name) for a, bs in table.items() for b in bs),
-        start=start.name,
+        start=", ".join(starts),  # one, unless the table changed shape
         final=frozenset(p.name for p in final) if final is not None else None,
     )
 
