@@ -388,6 +388,7 @@ MINE = [
     "protocol",
     "stream-format",
     "sessions",
+    "gate-model",
     "handlers",
     "daemon",
 ]
