@@ -89,7 +89,7 @@
  * xenmig.target.session.Phase (one line, T_ + the member's name) */
 mtype = { T_PREPARED, T_RECEIVING, T_READY, T_COMMITTING, T_COMMITTED, T_ABORTED };
 /* xenmig.source.phase.Phase (one line, S_ + the member's name) */
-mtype = { S_NEW, S_PREPARED, S_PRECOPY, S_PRECOPIED, S_TRANSFER, S_READY, S_COMMITTED, S_IN_DOUBT, S_ABORTED };
+mtype = { S_NEW, S_PREPARED, S_PRECOPY, S_PRECOPIED, S_TRANSFER, S_READY, S_COMMITTING, S_COMMITTED, S_IN_DOUBT, S_ABORTED };
 
 /* TargetSession.__init__ and SourceMigration.__init__ */
 #define T_START T_PREPARED
@@ -252,27 +252,28 @@ prepared:
   fi;
   /* READY: commit(), or the last moment the toolstack may still give up */
   if
-  :: sendT(m, M_COMMIT)
+  :: atomic { smove(m, S_READY, S_COMMITTING); sendT(m, M_COMMIT) }
   :: atomic { smove(m, S_READY, S_ABORTED); abortSource(m) }; goto next
   fi;
-  /* Commit sent: from here the source never aborts on its own.  Any answer but a
+  /* Commit sent (COMMITTING: abort() is refused): from here the source never aborts
+   * on its own.  Any answer but a
    * definite refusal, or none (a time-out, a lost connection): _resolveDoubt,
    * QueryMigration on a new connection */
   if
-  :: atomic { (snet[m] & R_C_OK) -> takeS(m, R_C_OK); smove(m, S_READY, S_COMMITTED); releaseSource(m) }; goto finished
-  :: atomic { (snet[m] & R_C_NO) -> takeS(m, R_C_NO); smove(m, S_READY, S_ABORTED); abortSource(m) }; goto next
+  :: atomic { (snet[m] & R_C_OK) -> takeS(m, R_C_OK); smove(m, S_COMMITTING, S_COMMITTED); releaseSource(m) }; goto finished
+  :: atomic { (snet[m] & R_C_NO) -> takeS(m, R_C_NO); smove(m, S_COMMITTING, S_ABORTED); abortSource(m) }; goto next
 #ifdef BUG_SOURCE_ROLLBACK
-  :: atomic { (snet[m] & R_C_ERR) -> takeS(m, R_C_ERR); smove(m, S_READY, S_ABORTED); abortSource(m) }; goto next
+  :: atomic { (snet[m] & R_C_ERR) -> takeS(m, R_C_ERR); smove(m, S_COMMITTING, S_ABORTED); abortSource(m) }; goto next
 #else
   :: atomic { (snet[m] & R_C_ERR) -> takeS(m, R_C_ERR); sendT(m, M_QUERY) }
 #endif
   :: sendT(m, M_QUERY)
   fi;
   if
-  :: atomic { (snet[m] & R_S_COMMITTED) -> takeS(m, R_S_COMMITTED); smove(m, S_READY, S_COMMITTED); releaseSource(m) }; goto finished
-  :: atomic { (snet[m] & R_S_ABORTED) -> takeS(m, R_S_ABORTED); smove(m, S_READY, S_ABORTED); abortSource(m) }; goto next
-  :: atomic { (snet[m] & R_S_OTHER) -> takeS(m, R_S_OTHER); smove(m, S_READY, S_IN_DOUBT); sendT(m, M_QUERY) }
-  :: atomic { STATUS_LOST(m) -> smove(m, S_READY, S_IN_DOUBT); sendT(m, M_QUERY) }
+  :: atomic { (snet[m] & R_S_COMMITTED) -> takeS(m, R_S_COMMITTED); smove(m, S_COMMITTING, S_COMMITTED); releaseSource(m) }; goto finished
+  :: atomic { (snet[m] & R_S_ABORTED) -> takeS(m, R_S_ABORTED); smove(m, S_COMMITTING, S_ABORTED); abortSource(m) }; goto next
+  :: atomic { (snet[m] & R_S_OTHER) -> takeS(m, R_S_OTHER); smove(m, S_COMMITTING, S_IN_DOUBT); sendT(m, M_QUERY) }
+  :: atomic { STATUS_LOST(m) -> smove(m, S_COMMITTING, S_IN_DOUBT); sendT(m, M_QUERY) }
   fi;
   /* IN-DOUBT (final for SourceMigration): the toolstack keeps the VM paused and
    * asks again, until the target says COMMITTED or ABORTED */
