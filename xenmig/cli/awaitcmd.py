@@ -94,8 +94,8 @@ def _whyNotRestored(error: BaseException, stateDir: str) -> str:
         return (
             f"the daemon (state directory {stateDir}) went away while this waited; "
             f"whether the migration committed is in its journal: once the daemon "
-            f"runs again, `xenmig status` shows it, and `xenmig await` hands out a "
-            f"committed migration that nobody claimed"
+            f"runs again, `xenmig status` shows it, and `xenmig await --migration-id "
+            f"ID` hands out its commit again (even one this wait had claimed)"
         )
     return describeError(error)
 
