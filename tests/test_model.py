@@ -11,7 +11,8 @@ Three kinds of test:
     counterexample to the property it breaks.
 
 Each run prints its figures (``pytest -rP tests/test_model.py`` shows them).
-Set ``XENMIG_MODEL_DEEP=1`` for the longer searches (about two minutes more).
+The longer searches (about two minutes more) run in CI (``CI=true``) and with
+``XENMIG_MODEL_DEEP=1``.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ BOUNDS: dict[str, dict[str, int]] = {
     ),
 }
 
-#: A longer search, run only with XENMIG_MODEL_DEEP=1.
+#: A longer search, run in CI and with XENMIG_MODEL_DEEP=1.
 DEEP = pytest.mark.skipif(
-    os.environ.get("XENMIG_MODEL_DEEP") != "1",
-    reason="a longer search: set XENMIG_MODEL_DEEP=1",
+    os.environ.get("XENMIG_MODEL_DEEP") != "1"
+    and os.environ.get("CI", "").lower() != "true",
+    reason="a longer search: set XENMIG_MODEL_DEEP=1 (CI runs it)",
 )
 
 SAFETY = ["exclusive", "committed", "released_once", "abort_clean", "one_session"]
