@@ -377,6 +377,20 @@ def test_anAbortRollsBackAndDropsTheStreams() -> None:
     )
 
 
+def test_anAbortedReportKeepsItsDurations() -> None:
+    """An aborted migration's report has its total and the steps it made."""
+    client = FakeClient({"memory": RoundsKind()})
+    ticks = iter(range(100))
+    migration = SourceMigration(client, "vm1", "m1", monotonic=lambda: next(ticks))
+    run(migration.prepare([DeviceSpec.parse("memory:a:data=abc")]))
+    run(migration.abort("the operator changed her mind"))
+    report = migration.report()
+    assert report["phase"] == "ABORTED"
+    assert report["durations"]["prepare"] == 1
+    assert report["durations"]["total"] is not None and report["durations"]["total"] > 1
+    assert report["durations"]["commit"] is None
+
+
 def test_aCommitInDoubtRefusesAbort() -> None:
     """IN-DOUBT refuses abort: the VM may already run on the target."""
     client = FakeClient({"memory": MemoryKind()})

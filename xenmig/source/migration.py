@@ -84,6 +84,8 @@ class SourceMigration:
             new=phase.value,
         )
         self.phase = phase
+        if phase in (Phase.ABORTED, Phase.IN_DOUBT):
+            self._mark("ended")  # a committed migration's end is its "committed"
 
     def _require(self, step: Phase) -> None:
         """

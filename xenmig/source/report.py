@@ -37,6 +37,8 @@ DURATIONS = {
     "commit": ("commit", "committed"),
     "total": ("prepare", "committed"),
 }
+#: Where "total" ends for a migration that did not commit (aborted or in doubt).
+ENDED = "ended"
 
 
 def migrationReport(migration: ReportedMigration) -> dict[str, Any]:
@@ -57,7 +59,12 @@ def migrationReport(migration: ReportedMigration) -> dict[str, Any]:
         "phase": migration.phase.value,
         "reason": migration.reason,
         "installed": list(migration.installed),
-        "durations": {name: span(*marks) for name, marks in DURATIONS.items()},
+        "durations": {
+            name: span(*marks)
+            if name != "total" or "committed" in times
+            else span(marks[0], ENDED)
+            for name, marks in DURATIONS.items()
+        },
         "paused_window": paused,
         "devices": [deviceReport(run) for run in migration.devices.values()],
     }
