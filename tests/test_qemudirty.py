@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from test_disk import FakeSourceContext, digestOf, makeSpec, prepare, run, treeOf
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from zope.interface.verify import verifyObject
 
 from xenmig.clients.qmpclient import QMPClient
@@ -369,3 +369,52 @@ async def test_a_lost_qemu_fails_the_round_with_its_reason(tmp_path: Any) -> Non
         await source.rollback()
         await migration.target.abort()
         assert not os.path.exists(destination)
+
+
+class BusyViewQMP:
+    """A QMP client whose ``blockdev-del`` says the node is in use ``busy`` times."""
+
+    def __init__(self, busy: int, desc: str = "Node view is in use") -> None:
+        self.busy = busy
+        self.desc = desc
+        self.calls: list[str] = []
+
+    def execute(self, command: str, arguments: Any = None) -> Deferred[Any]:
+        from twisted.internet.defer import fail, succeed
+
+        from xenmig.clients.qmp import QMPError
+
+        self.calls.append(command)
+        if self.busy:
+            self.busy -= 1
+            return fail(QMPError(command, "GenericError", self.desc))
+        return succeed({})
+
+
+def test_viewStillInUseIsAskedAgain() -> None:
+    """A view QEMU still counts in use after its export went is removed on a retry."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    bitmap = QEMUDirtyBitmap(clock, "/q.sock", "/img")
+    qmp = BusyViewQMP(busy=3)
+    d = Deferred.fromCoroutine(bitmap._deleteView(qmp, "view"))  # type: ignore[arg-type]
+    while clock.getDelayedCalls():
+        clock.advance(1)
+    assert qmp.calls == ["blockdev-del"] * 4
+    assert d.called and d.result is None
+
+
+def test_viewRefusedOtherwiseFails() -> None:
+    """Any other refusal of the view's removal is not retried."""
+    from twisted.internet.task import Clock
+
+    from xenmig.clients.qmp import QMPError
+
+    bitmap = QEMUDirtyBitmap(Clock(), "/q.sock", "/img")
+    qmp = BusyViewQMP(busy=1, desc="Cannot find node view")
+    d = Deferred.fromCoroutine(bitmap._deleteView(qmp, "view"))  # type: ignore[arg-type]
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert qmp.calls == ["blockdev-del"]
+    assert failures and failures[0].check(QMPError)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -45,6 +46,9 @@ from xenmig.clients.qmp import JSONObject, QMPConnectionError, QMPError
 from xenmig.clients.qmpclient import QMPClient, qmpSession
 from xenmig.errors import DeviceError
 from xenmig.interfaces import IDirtyBlocks
+
+#: How often removing the bitmap's view node is tried while QEMU says it is in use.
+VIEW_DELETE_ATTEMPTS = 20
 
 log = Logger()
 T = TypeVar("T")
@@ -176,7 +180,7 @@ class QEMUDirtyBitmap:
             finally:
                 await self._dropExport(qmp, view)
         finally:
-            await qmp.execute("blockdev-del", {"node-name": view})
+            await self._deleteView(qmp, view)
 
     async def _copyToView(self, qmp: QMPClient, bitmap: str) -> str:
         """
@@ -249,6 +253,26 @@ class QEMUDirtyBitmap:
         finally:
             client.close()
         return ranges
+
+    async def _deleteView(self, qmp: QMPClient, view: str) -> None:
+        """
+        Remove the view node.  QEMU may still count it in use for a moment after
+        its export went (seen on a loaded machine): then it is asked again, a few
+        times, within the session's time-out.
+        """
+        for attempt in range(VIEW_DELETE_ATTEMPTS):
+            try:
+                await qmp.execute("blockdev-del", {"node-name": view})
+                return
+            except QMPError as e:
+                if "in use" not in e.desc or attempt + 1 == VIEW_DELETE_ATTEMPTS:
+                    raise
+                log.debug(
+                    "{what}: {view} still in use; again",
+                    what=self.description,
+                    view=view,
+                )
+                await deferLater(self.reactor, 0.02 * (attempt + 1), lambda: None)
 
     async def _dropExport(self, qmp: QMPClient, export: str) -> None:
         """Remove an export and wait until QEMU has (its bitmap is busy till then)."""
