@@ -334,6 +334,54 @@ def test_everyInterleavingCoversEveryByte(
         assertCovered(staging, records)  # from here on, fsync and digest first
 
 
+# -- a finish that outlives its staging ------------------------------------------------
+
+
+def test_discardWaitsForFinishOnTheDescriptor(tmp_path: Path) -> None:
+    """
+    A staging discarded while its finish cuts the file closes the descriptor
+    only after that call: the number, reused by another file, is never cut.
+    """
+    pool, clock = SteppedThreads(), task.Clock()
+    context = FakeTargetContext(clock, [str(tmp_path)], str(tmp_path / "staging"))
+    context.runInThread = pool  # type: ignore[assignment]
+    # As the devmodel kind stages: size unknown until END, which cuts the file.
+    staged = StagedFile(
+        context, FilePath(str(tmp_path / "state.part")), 0, maxSize=8192
+    )
+    Deferred.fromCoroutine(staged.open())
+    pool.runAll()
+    fd = staged.fd
+    assert fd is not None
+    staged.receive(DataRecord(0, b"s" * 5000))
+    finished: list[Any] = []
+    Deferred.fromCoroutine(staged.finish(5000)).addBoth(finished.append)
+    pool.run("_writeBatch")
+    assert finished == [] and pool.waiting  # the finish's calls on the file wait
+    discarded: list[Any] = []
+    Deferred.fromCoroutine(staged.discard()).addBoth(discarded.append)
+    # A pool thread may take the discard's close before the finish's call...
+    closedUnder = "_discard" in pool.names
+    if closedUnder:
+        pool.run("_discard")
+    # ...and another migration's staging then gets the same number.
+    victim = tmp_path / "another-migration.part"
+    victim.write_bytes(b"v" * 100)
+    reused = os.open(victim, os.O_RDWR)
+    if closedUnder and reused != fd:
+        os.dup2(reused, fd)
+        os.close(reused)
+        reused = fd
+    try:
+        pool.runAll()
+        assert victim.read_bytes() == b"v" * 100
+    finally:
+        os.close(reused)
+    assert discarded == [None] and not (tmp_path / "state.part").exists()
+    [outcome] = finished
+    assert isinstance(outcome, Failure)  # discarded under it: no digest
+
+
 # -- the stepped pool itself -----------------------------------------------------------
 
 
