@@ -405,9 +405,11 @@ def test_steppedThreadsFailOnCueAndCrash() -> None:
     """A cued fault fails the next call of its name; a crash forgets what waits."""
     pool = SteppedThreads()
     pool.failNext("getpid", OSError(28, "No space left on device"))
+    assert pool.cued == ["getpid"]
     failed: list[Any] = []
     pool(os.getpid).addBoth(failed.append)
     pool.run()
+    assert pool.cued == []
     assert isinstance(failed[0], Failure) and failed[0].check(OSError)
     assert pool.runAll() == 0
     lost: list[Any] = []

@@ -135,6 +135,11 @@ class SteppedThreads:
             count += 1
         return count
 
+    @property
+    def cued(self) -> list[str]:
+        """The names of the functions whose next call will fail."""
+        return [name for name, faults in self._faults.items() if faults]
+
     def failNext(self, name: str, error: BaseException) -> None:
         """Make the next call of the function ``name`` raise ``error`` instead."""
         self._faults.setdefault(name, []).append(error)
