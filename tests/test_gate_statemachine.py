@@ -20,12 +20,14 @@ end, one per defect.  When a fix merges, its tests pass and the mark goes.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from twisted.internet import task
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -168,7 +170,7 @@ class HookNotRun(Broken):
 
 
 class HookRunTwice(Broken):
-    """The on-commit hook ran twice for one commit."""
+    """The on-commit hook ran again for one commit, with no restart to excuse it."""
 
 
 def check(holds: bool, broken: type[Broken], message: str) -> None:
@@ -319,6 +321,42 @@ class World:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def buryTheDead() -> None:
+    """
+    Finalize now what a crashed target left suspended on thread calls that
+    will never run.  Left to the garbage collector they are closed whenever
+    it runs, once inside hypothesis's parsing of a later test's source, which
+    CPython 3.11 cannot take (SystemError: AST constructor recursion depth
+    mismatch).  A coroutine that awaits in its cleanup complains as it is
+    closed (RuntimeError, unraisable): a dead process's leftovers, not heard.
+    """
+
+    def unraisable(report: Any) -> None:
+        if not (
+            isinstance(report.exc_value, RuntimeError)
+            and "GeneratorExit" in str(report.exc_value)
+        ):
+            previous(report)
+
+    previous, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+
+
+@pytest.fixture(autouse=True, scope="module")
+def frozenHeap() -> Iterator[None]:
+    """
+    What lives before these tests is frozen out of the garbage collector's
+    sight (gc.freeze), so that L{buryTheDead}'s collection after each crash
+    looks at the machine's objects only: milliseconds, not tens of them.
+    """
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 def choose(items: list[Any], pick: int) -> Any:
     return sorted(items)[pick % len(items)]
 
@@ -368,6 +406,7 @@ class TargetMachine(RuleBasedStateMachine):
         self.boot()
 
     def teardown(self) -> None:
+        self.settle()  # nothing left suspended on a thread call
         self.world.remove()
 
     # -- one target's life -------------------------------------------------------------
@@ -390,6 +429,8 @@ class TargetMachine(RuleBasedStateMachine):
             self.clock, config, kinds, self.threads, runHook=self.world.runHook
         )
         self.target.recover()
+        self.clock.advance(0)  # the reactor runs: what recovery left for it
+        self.settle()
 
     def crash(self) -> None:
         """The target dies: what waited in its threads never runs; it starts again."""
@@ -399,6 +440,7 @@ class TargetMachine(RuleBasedStateMachine):
         self.threads.crash()
         self.world.closeDescriptors()
         self.boot()
+        buryTheDead()
 
     @property
     def quiet(self) -> bool:
@@ -410,13 +452,13 @@ class TargetMachine(RuleBasedStateMachine):
 
     def call(
         self,
-        function: Callable[..., Coroutine[Any, Any, Any]],
+        function: Callable[..., Coroutine[Any, Any, Any] | Deferred[Any]],
         *args: Any,
         answered: Callable[[Any], object] = lambda result: None,
         refused: Callable[[XenmigError], object] = lambda error: None,
     ) -> None:
         """
-        Call one of the core's coroutines as a protocol does: ``answered``
+        Call the core (a coroutine or a Deferred) as a protocol does: ``answered``
         hears its answer, ``refused`` its error (an undeclared one as the
         wire carries it, INTERNAL, and kept for L{everyErrorIsDeclared}).
         """
@@ -428,7 +470,7 @@ class TargetMachine(RuleBasedStateMachine):
                 error = InternalError(repr(error))  # what the wire makes of it
             refused(error)
 
-        d = maybeDeferred(lambda: Deferred.fromCoroutine(function(*args)))
+        d = maybeDeferred(lambda: ensureDeferred(function(*args)))
         d.addCallbacks(answered, failed)
 
     def phaseOf(self, migrationId: str) -> str | None:
@@ -1066,26 +1108,33 @@ class TargetMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.quiet)
     @invariant()
-    def theHookRunsOncePerCommit(self) -> None:
+    def theHookRunsForEachCommit(self) -> None:
+        """At least once; again only after a restart."""
         for mid, record in self.world.journal().items():
             if record["phase"] != "COMMITTED":
                 continue
             runs = self.world.hookRuns[mid]
             check(runs > 0, HookNotRun, f"{mid} committed and its hook never ran")
-            check(runs < 2, HookRunTwice, f"{mid}'s hook ran {runs} times")
+            check(
+                runs <= 1 + self.restarts,
+                HookRunTwice,
+                f"{mid}'s hook ran {runs} times, with {self.restarts} restarts",
+            )
 
 
 # -- the configurations ----------------------------------------------------------------
 
 
-def machineSettings(shrink: bool = True) -> settings:
+def machineSettings(shrink: bool = True, examples: int = 60) -> settings:
     """
-    Bounded and reproducible: a fixed number of examples, derandomized, no
-    database.  A configuration that fails on main (xfail) does not shrink,
-    to keep its time down: its minimal sequence is written out below.
+    Bounded and reproducible: a fixed number of examples (times
+    XENMIG_MACHINE_SCALE), derandomized, no database.  A configuration that
+    fails on main (xfail) does not shrink, to keep its time down: its minimal
+    sequence is written out below.
     """
+    scale = float(os.environ.get("XENMIG_MACHINE_SCALE", "1"))
     return settings(
-        max_examples=int(os.environ.get("XENMIG_MACHINE_EXAMPLES", "60")),
+        max_examples=max(1, int(examples * scale)),
         stateful_step_count=25,
         deadline=None,
         derandomize=True,
@@ -1207,7 +1256,7 @@ def test_targetCore() -> None:
 )
 def test_interleavedPrepares() -> None:
     """Prepares whose handlers are still at work when more commands come."""
-    run_state_machine_as_test(InterleavedPrepares, settings=machineSettings(False))
+    run_state_machine_as_test(InterleavedPrepares, settings=machineSettings(False, 30))
 
 
 @knownDefect(
@@ -1221,13 +1270,13 @@ def test_interleavedPrepares() -> None:
 )
 def test_fullStateDirectory() -> None:
     """The journal's writes fail on cue (a full or failing state directory)."""
-    run_state_machine_as_test(FullStateDirectory, settings=machineSettings(False))
+    run_state_machine_as_test(FullStateDirectory, settings=machineSettings(False, 30))
 
 
 @knownDefect(FAILED_COMMIT_INSTALLED, InstalledThoughAborted)
 def test_failingDeviceCommits() -> None:
     """Memory devices fail their commit."""
-    run_state_machine_as_test(FailingDeviceCommits, settings=machineSettings(False))
+    run_state_machine_as_test(FailingDeviceCommits, settings=machineSettings(False, 30))
 
 
 @knownDefect(
@@ -1240,25 +1289,25 @@ def test_failingDeviceCommits() -> None:
 )
 def test_crashesInCommit() -> None:
     """The target dies in the middle of a commit."""
-    run_state_machine_as_test(CrashesInCommit, settings=machineSettings(False))
+    run_state_machine_as_test(CrashesInCommit, settings=machineSettings(False, 30))
 
 
 @knownDefect(CLAIM_NOT_DURABLE, ReleasedTwice)
 def test_crashesAfterClaim() -> None:
     """The target dies right after AwaitRestored answered."""
-    run_state_machine_as_test(CrashesAfterClaim, settings=machineSettings(False))
+    run_state_machine_as_test(CrashesAfterClaim, settings=machineSettings(False, 30))
 
 
 @knownDefect(TWO_WAITERS, ReleasedTwice)
 def test_concurrentAwaits() -> None:
     """Two toolstack waiters for one domain's next commit."""
-    run_state_machine_as_test(ConcurrentAwaits, settings=machineSettings(False))
+    run_state_machine_as_test(ConcurrentAwaits, settings=machineSettings(False, 30))
 
 
 @knownDefect(AWAIT_AFTER_RESTART, AwaitNotAnswered)
 def test_awaitAfterRestart() -> None:
     """AwaitRestored naming a finished migration is answered at once, restarts too."""
-    run_state_machine_as_test(AwaitAfterRestart, settings=machineSettings(False))
+    run_state_machine_as_test(AwaitAfterRestart, settings=machineSettings(False, 30))
 
 
 # -- the defects, each in its minimal sequence -----------------------------------------
@@ -1412,7 +1461,7 @@ def test_crashBeforeTheHook() -> None:
     """The target dies after COMMITTED is journalled, before the on-commit hook."""
     replay(
         CrashesInCommit(),
-        [TargetMachine.theHookRunsOncePerCommit],
+        [TargetMachine.theHookRunsForEachCommit],
         lambda m: m.crashDuringCommit(MEMORY, steps=3, asked=False),
     )
 
