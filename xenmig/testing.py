@@ -12,10 +12,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
@@ -46,6 +48,107 @@ def _runner(reactor: Any) -> Callable[..., Deferred[Any]]:
         )
 
     return run
+
+
+@dataclass
+class ThreadCall:
+    """One call handed to L{SteppedThreads}: what to run, and who waits for it."""
+
+    function: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    deferred: Deferred[Any] = field(default_factory=Deferred)
+
+    @property
+    def name(self) -> str:
+        """The called function's name (``fsync``, ``_writeBatch``): what tests match."""
+        return str(getattr(self.function, "__name__", repr(self.function)))
+
+
+class SteppedThreads:
+    """
+    A ``runInThread`` whose calls wait until the test runs them: a thread pool
+    stepped by hand, for deterministic interleavings of the reactor and its
+    threads (no sleeps, no timing).
+
+    A call runs, and its result or failure reaches its Deferred, when the test
+    says so (L{run}, L{runAll}); until then it waits in L{waiting}, in the
+    order it was made.  L{failNext} makes the next call of a function fail
+    instead of running (a full disk on cue); L{crash} forgets every waiting
+    call, as a killed process does: they never run and their Deferreds never
+    fire.  L{ran} lists the calls in the order they ran.  A waiting call's
+    Deferred can be cancelled (it fails with CancelledError at once, as
+    ``deferToThreadPool``'s does) but the call still runs when stepped.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[ThreadCall] = []
+        self.ran: list[ThreadCall] = []
+        self._faults: dict[str, list[BaseException]] = {}
+
+    def __call__(
+        self, function: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Deferred[Any]:
+        call = ThreadCall(function, args, kwargs)
+        self.waiting.append(call)
+        return call.deferred
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the waiting calls, oldest first."""
+        return [call.name for call in self.waiting]
+
+    def run(self, name: str | None = None) -> ThreadCall:
+        """
+        Run the oldest waiting call (of the function ``name``, if given) and
+        hand its outcome to its Deferred; the call.
+
+        @raise LookupError: if no such call waits.
+        """
+        call = next((c for c in self.waiting if name is None or c.name == name), None)
+        if call is None:
+            raise LookupError(f"no waiting call of {name or 'anything'}")
+        self.waiting.remove(call)
+        self.ran.append(call)
+        faults = self._faults.get(call.name)
+        try:
+            if faults:
+                raise faults.pop(0)
+            result = call.function(*call.args, **call.kwargs)
+        except BaseException:
+            call.deferred.errback(Failure())
+        else:
+            call.deferred.callback(result)
+        return call
+
+    def runAll(self, limit: int = 100_000) -> int:
+        """
+        Run waiting calls, those they start too, until none waits; how many ran.
+
+        @raise RuntimeError: if more than ``limit`` ran (work that never ends).
+        """
+        count = 0
+        while self.waiting:
+            if count == limit:
+                raise RuntimeError(f"{limit} thread calls and still more waiting")
+            self.run()
+            count += 1
+        return count
+
+    @property
+    def cued(self) -> list[str]:
+        """The names of the functions whose next call will fail."""
+        return [name for name, faults in self._faults.items() if faults]
+
+    def failNext(self, name: str, error: BaseException) -> None:
+        """Make the next call of the function ``name`` raise ``error`` instead."""
+        self._faults.setdefault(name, []).append(error)
+
+    def crash(self) -> list[ThreadCall]:
+        """Forget every waiting call (and fault): what was lost."""
+        lost, self.waiting = self.waiting, []
+        self._faults.clear()
+        return lost
 
 
 @implementer(ISourceContext)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -17,6 +19,9 @@ from xenmig.interfaces import ITargetContext
 from xenmig.model import ContentDigest
 from xenmig.pump import BatchPump
 from xenmig.records import DataRecord, ZeroRecord
+from xenmig.threads import ThreadCalls
+
+T = TypeVar("T")
 
 
 def recordWeight(record: DataRecord | ZeroRecord) -> int:
@@ -35,6 +40,11 @@ class StagedFile:
     reach up to ``maxSize`` (default ``size``), for state whose final size is only
     known at the end (``finish(size)`` cuts the file to it).  Subclasses may use
     ``fd`` (opened read-write), ``failure`` and ``drained()``.
+
+    ``finish`` takes the digest and fsyncs only once every queued record is
+    written (L{drained}), and ``discard`` closes the file only once every
+    thread-pool call on it has returned (L{onFile}): a descriptor closed under
+    a call could, reused by another file, have that file cut or written.
     """
 
     def __init__(
@@ -70,10 +80,24 @@ class StagedFile:
         )
         self._written = 0  # the end of the highest range ever written
         self._writeback = 0  # where the last writeback request ended
+        #: Thread-pool calls on the staged file, which discard waits for.
+        self._fileCalls = ThreadCalls(context.runInThread)
+        self._discarded = False
 
     async def open(self) -> None:
         """Create the staging file (owner-only) at its declared size, all holes."""
-        self._fd = await self.context.runInThread(self._create)
+        self._fd = await self.onFile(self._create)
+
+    def onFile(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        Call ``function(*args)``, which uses the staged file, in the thread
+        pool; L{discard} closes the file only once it has returned.
+
+        @raise DeviceError: if the staging was discarded.
+        """
+        if self._discarded:
+            raise DeviceError(f"the staging {self.path.path} was discarded")
+        return self._fileCalls.run(function, *args)
 
     def _create(self) -> int:
         fd = os.open(
@@ -163,12 +187,12 @@ class StagedFile:
         size = self.size if size is None else size
         await self.drained()
         if size != self.size:
-            await self.context.runInThread(os.ftruncate, self._fd, size)
+            await self.onFile(os.ftruncate, self._fd, size)
             self.size = size
-        await self.context.runInThread(os.fsync, self._fd)
+        await self.onFile(os.fsync, self._fd)
         if self.hashing and self.hasher.sequential and self.hasher.position <= size:
             return self.hasher.result(size)
-        return await self.context.runInThread(hashFile, self.path.path, size)
+        return await self.onFile(hashFile, self.path.path, size)
 
     async def install(self, destination: FilePath, overwrite: bool = False) -> None:
         """
@@ -176,7 +200,7 @@ class StagedFile:
 
         @raise CommitFailed: if ``destination`` exists and ``overwrite`` is false.
         """
-        await self.context.runInThread(self._install, destination, overwrite)
+        await self.onFile(self._install, destination, overwrite)
 
     def _install(self, destination: FilePath, overwrite: bool) -> None:
         self._close()
@@ -201,9 +225,14 @@ class StagedFile:
             os.close(directory)
 
     async def discard(self) -> None:
-        """Remove the staged file; nothing of it remains."""
+        """
+        Remove the staged file; nothing of it remains.  Writing stops, and the
+        file is closed once no thread-pool call uses it.
+        """
+        self._discarded = True
         self._writes.stop(Failure(DeviceError("staging discarded")))
         await self._writes.whenIdle()
+        await self._fileCalls.idle()
         await self.context.runInThread(self._discard)
 
     def _discard(self) -> None:

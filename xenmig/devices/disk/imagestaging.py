@@ -23,7 +23,6 @@ from xenmig.interfaces import ITargetContext
 from xenmig.model import ContentDigest
 from xenmig.pump import BatchPump
 from xenmig.records import DataRecord, ZeroRecord
-from xenmig.threads import ThreadCalls
 
 #: Coverage mark of a block written in a way its digest does not follow.
 STALE = -1
@@ -160,10 +159,7 @@ class ImageStaging(StagedFile):
             self.lowWater,
             self.maxBatch,
         )
-        #: Thread-pool calls on the staged file, which discard waits for.
-        self._fileCalls = ThreadCalls(context.runInThread)
         self._flushing = False
-        self._discarded = False
 
     # -- receiving ----------------------------------------------------------------
 
@@ -208,7 +204,7 @@ class ImageStaging(StagedFile):
         def done(result: object) -> None:
             self._flushing = False
 
-        self._fileCalls.run(os.fsync, fd).addBoth(done)
+        self.onFile(os.fsync, fd).addBoth(done)
 
     async def _quiet(self) -> None:
         """Wait for background work on the file (and hashing) to finish."""
@@ -228,17 +224,17 @@ class ImageStaging(StagedFile):
             raise DeviceError("the staged image was discarded")
         if self._hashes.failure is not None:
             self._hashes.failure.raiseException()
-        await self._fileCalls.run(self._cut, size)
+        await self.onFile(self._cut, size)
         self.size = size
         if self._discarded:
             raise DeviceError("the staged image was discarded")
-        digests, unknown = await self._fileCalls.run(self.blocks.table, size)
+        digests, unknown = await self.onFile(self.blocks.table, size)
         # Blocks not known from the records (the written parts of a block that a
         # final round sends) are read back, in parallel: this is the paused window.
         parts = [unknown[i::READ_BACK_THREADS] for i in range(READ_BACK_THREADS)]
         await _all(
             [
-                self._fileCalls.run(self._hashBlocks, digests, part, size)
+                self.onFile(self._hashBlocks, digests, part, size)
                 for part in parts
                 if part
             ]
