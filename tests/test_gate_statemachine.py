@@ -12,9 +12,10 @@ were told (L{Told}, L{World.releases}) and, after every step, checks each
 guarantee: an invariant named for it that raises its own L{Broken} error.
 
 The base machine (L{TargetMachine}) runs every command to its end before the
-next.  Its variants add what known defects need to show, and are xfail
-(strict) on main, each naming its defect; so are the minimal sequences at the
-end, one per defect.  When a fix merges, its tests pass and the mark goes.
+next.  Its variants add what the defects found from outside needed to show
+(Prepares still in flight, a full disk on cue, a crash inside a commit, more
+than one waiter); the minimal sequences at the end are those defects, one
+each, kept as regression tests now that they are fixed.
 """
 
 from __future__ import annotations
@@ -1129,7 +1130,7 @@ def machineSettings(shrink: bool = True, examples: int = 60) -> settings:
     """
     Bounded and reproducible: a fixed number of examples (times
     XENMIG_MACHINE_SCALE), derandomized, no database.  A configuration that
-    fails on main (xfail) does not shrink, to keep its time down: its minimal
+    that once failed does not shrink, to keep its time down: its minimal
     sequence is written out below.
     """
     scale = float(os.environ.get("XENMIG_MACHINE_SCALE", "1"))
@@ -1181,130 +1182,41 @@ class AwaitAfterRestart(TargetMachine):
     AWAIT_ANSWERS_FINISHED = True
 
 
-# The defects known on main, each being fixed elsewhere: why a test below xfails.
-CONCURRENT_DOMAIN = (
-    "concurrent Prepares of one domain: both pass Admission.checkHost, which "
-    "runs before the handlers are awaited; the session opens only after"
-)
-SESSION_LIMIT = (
-    "session limits under concurrency: --max-sessions is checked before the "
-    "handlers are awaited, so Prepares in flight are not counted"
-)
-DUPLICATE_ID = (
-    "duplicate id in flight: a second Prepare of an id being prepared passes "
-    "checkNew; refused at its staging directory, it removes the first's staging "
-    "and replaces its journal record (after a restart the id is prepared again)"
-)
-FULL_AT_PREPARE = (
-    "a full state directory at Prepare: the journal's OSError is answered as "
-    "INTERNAL, not JOURNAL_UNAVAILABLE, and the PREPARED session stays in memory, "
-    "unjournalled (a failed ABORTED write likewise leaves the staging)"
-)
-COMMITTING_STUCK = (
-    "COMMITTING stuck: the phase changes in memory before its journal write; when "
-    "that write fails, Commit fails and the session stays COMMITTING for good"
-)
-COMMITTED_BEFORE_DURABLE = (
-    "in-memory COMMITTED before durable: the target answers COMMITTED before the "
-    "journal holds it; a failed write makes Commit answer an error (the source "
-    "resumes the VM) on a committed target, and a crash turns it ABORTED"
-)
-FAILED_COMMIT_INSTALLED = (
-    "a failed commit leaves the devices installed before it (CommitFailed now "
-    "promises 'reversed'; doc/sessions.md still says they stay installed)"
-)
-CRASH_HIDES_FILE = (
-    "a crash hiding an installed file: an install is journalled only after it "
-    "returns, so a crash between leaves a destination the ABORTED record omits"
-)
-HOOK_NOT_RERUN = (
-    "the on-commit hook not rerun after a crash: it runs after COMMITTED is "
-    "durable and the staging removed; a crash between and it never runs"
-)
-CLAIM_NOT_DURABLE = (
-    "AwaitRestored answers before its claim is journalled: a crash between and "
-    "the restarted target releases the same commit again"
-)
-TWO_WAITERS = (
-    "ResumeGate.committed hands one commit to every waiter for the domain, "
-    "not only to the first, which claims it: the VM is released twice"
-)
-AWAIT_AFTER_RESTART = (
-    "after a restart the gate knows only committed migrations: AwaitRestored "
-    "naming an aborted one waits out its timeout (PHASE_TIMEOUT), not "
-    "MIGRATION_ABORTED at once"
-)
-
-
-def knownDefect(reason: str, *raises: type[Broken]) -> pytest.MarkDecorator:
-    """A test that fails on main by a defect being fixed elsewhere; strict."""
-    return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
-
-
 def test_targetCore() -> None:
     """Commands one at a time, with faults and restarts between them: all hold."""
     run_state_machine_as_test(TargetMachine, settings=machineSettings())
 
 
-@knownDefect(
-    f"{CONCURRENT_DOMAIN}; {SESSION_LIMIT}; {DUPLICATE_ID}",
-    TwoUnfinishedSessions,
-    OverSessionLimit,
-    IdPreparedTwice,
-    JournalDisagrees,
-    StagingLost,
-)
 def test_interleavedPrepares() -> None:
     """Prepares whose handlers are still at work when more commands come."""
     run_state_machine_as_test(InterleavedPrepares, settings=machineSettings(False, 30))
 
 
-@knownDefect(
-    f"{FULL_AT_PREPARE}; {COMMITTING_STUCK}; {COMMITTED_BEFORE_DURABLE}",
-    UndeclaredError,
-    JournalDisagrees,
-    StagingLeft,
-    CommittingStuck,
-    CommitErrorButCommitted,
-    CommittedThenAborted,
-)
 def test_fullStateDirectory() -> None:
     """The journal's writes fail on cue (a full or failing state directory)."""
     run_state_machine_as_test(FullStateDirectory, settings=machineSettings(False, 30))
 
 
-@knownDefect(FAILED_COMMIT_INSTALLED, InstalledThoughAborted)
 def test_failingDeviceCommits() -> None:
     """Memory devices fail their commit."""
     run_state_machine_as_test(FailingDeviceCommits, settings=machineSettings(False, 30))
 
 
-@knownDefect(
-    f"{COMMITTED_BEFORE_DURABLE}; {CRASH_HIDES_FILE}; {HOOK_NOT_RERUN}; "
-    f"{CLAIM_NOT_DURABLE}",
-    CommittedThenAborted,
-    InstalledButHidden,
-    HookNotRun,
-    ReleasedTwice,
-)
 def test_crashesInCommit() -> None:
     """The target dies in the middle of a commit."""
     run_state_machine_as_test(CrashesInCommit, settings=machineSettings(False, 30))
 
 
-@knownDefect(CLAIM_NOT_DURABLE, ReleasedTwice)
 def test_crashesAfterClaim() -> None:
     """The target dies right after AwaitRestored answered."""
     run_state_machine_as_test(CrashesAfterClaim, settings=machineSettings(False, 30))
 
 
-@knownDefect(TWO_WAITERS, ReleasedTwice)
 def test_concurrentAwaits() -> None:
     """Two toolstack waiters for one domain's next commit."""
     run_state_machine_as_test(ConcurrentAwaits, settings=machineSettings(False, 30))
 
 
-@knownDefect(AWAIT_AFTER_RESTART, AwaitNotAnswered)
 def test_awaitAfterRestart() -> None:
     """AwaitRestored naming a finished migration is answered at once, restarts too."""
     run_state_machine_as_test(AwaitAfterRestart, settings=machineSettings(False, 30))
@@ -1340,7 +1252,6 @@ def untilCommittedInMemory(machine: TargetMachine) -> None:
         machine.threads.run()
 
 
-@knownDefect(CONCURRENT_DOMAIN, TwoUnfinishedSessions)
 def test_concurrentPreparesOfOneDomain() -> None:
     """Two Prepares of one domain, the second before the first's handlers are done."""
     replay(
@@ -1352,7 +1263,6 @@ def test_concurrentPreparesOfOneDomain() -> None:
     )
 
 
-@knownDefect(SESSION_LIMIT, OverSessionLimit)
 def test_concurrentPreparesBeyondTheLimit() -> None:
     """Three Prepares at once on a host that takes two."""
     replay(
@@ -1365,7 +1275,6 @@ def test_concurrentPreparesBeyondTheLimit() -> None:
     )
 
 
-@knownDefect(DUPLICATE_ID, StagingLost)
 def test_concurrentPreparesOfOneId() -> None:
     """Two Prepares of one id: the second, refused, removes the first's staging."""
     replay(
@@ -1377,7 +1286,6 @@ def test_concurrentPreparesOfOneId() -> None:
     )
 
 
-@knownDefect(FULL_AT_PREPARE, UndeclaredError, JournalDisagrees)
 def test_fullStateDirectoryAtPrepare() -> None:
     """Prepare on a full state directory: INTERNAL, and a session nobody journalled."""
     replay(
@@ -1388,7 +1296,6 @@ def test_fullStateDirectoryAtPrepare() -> None:
     )
 
 
-@knownDefect(COMMITTING_STUCK, CommittingStuck)
 def test_fullStateDirectoryAtCommit() -> None:
     """Commit on a full state directory: the session stays COMMITTING for good."""
     replay(
@@ -1402,7 +1309,6 @@ def test_fullStateDirectoryAtCommit() -> None:
     )
 
 
-@knownDefect(COMMITTED_BEFORE_DURABLE, CommitErrorButCommitted)
 def test_committedInMemoryBeforeDurable() -> None:
     """
     The journal's COMMITTED write fails: Commit answers an error (the source
@@ -1419,7 +1325,6 @@ def test_committedInMemoryBeforeDurable() -> None:
     )
 
 
-@knownDefect(FAILED_COMMIT_INSTALLED, InstalledThoughAborted)
 def test_failedCommitLeavesEarlierDevicesInstalled() -> None:
     """A device failing its commit after a file device installed: the file stays."""
     replay(
@@ -1429,7 +1334,6 @@ def test_failedCommitLeavesEarlierDevicesInstalled() -> None:
     )
 
 
-@knownDefect(COMMITTED_BEFORE_DURABLE, CommittedThenAborted)
 def test_crashWhileCommittedOnlyInMemory() -> None:
     """
     A source asks (QueryMigration) while COMMITTED is not yet journalled and
@@ -1446,7 +1350,6 @@ def test_crashWhileCommittedOnlyInMemory() -> None:
     )
 
 
-@knownDefect(CRASH_HIDES_FILE, InstalledButHidden)
 def test_crashHidesAnInstalledFile() -> None:
     """The target dies right after installing a file: ABORTED, installed: nothing."""
     replay(
@@ -1456,7 +1359,6 @@ def test_crashHidesAnInstalledFile() -> None:
     )
 
 
-@knownDefect(HOOK_NOT_RERUN, HookNotRun)
 def test_crashBeforeTheHook() -> None:
     """The target dies after COMMITTED is journalled, before the on-commit hook."""
     replay(
@@ -1466,7 +1368,6 @@ def test_crashBeforeTheHook() -> None:
     )
 
 
-@knownDefect(CLAIM_NOT_DURABLE, ReleasedTwice)
 def test_crashAfterAClaim() -> None:
     """AwaitRestored answered, the target dies before the claim is journalled."""
     replay(
@@ -1476,7 +1377,6 @@ def test_crashAfterAClaim() -> None:
     )
 
 
-@knownDefect(TWO_WAITERS, ReleasedTwice)
 def test_twoWaitersOneCommit() -> None:
     """Two AwaitRestored for a domain's next commit: both get the one commit."""
     replay(
@@ -1486,7 +1386,6 @@ def test_twoWaitersOneCommit() -> None:
     )
 
 
-@knownDefect(AWAIT_AFTER_RESTART, AwaitNotAnswered)
 def test_awaitAnAbortedMigrationAfterRestart() -> None:
     """AwaitRestored naming a migration aborted before a restart waits, not fails."""
     replay(

@@ -114,6 +114,9 @@ class MigrationTarget:
             self.history.recovered(record)
             if record.committed:
                 self.gate.committed(record.release(), record.claimed)
+            elif record.phase is Phase.ABORTED:
+                # A toolstack that names it learns at once, not after its time-out.
+                self.gate.aborted(record.migrationId, record.domain, record.reason)
             if record.hookPending and self.commitHook.configured:
                 self.clock.callLater(0, self._runHook, record)
         self.staging.empty()
