@@ -12,7 +12,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from xenmig.devices.sparse import sendFile
-from xenmig.devices.staging import StagedFile
+from xenmig.devices.staging import StagedFile, refuseIfHeld
 from xenmig.errors import DeviceError, DeviceRefused, StreamError
 from xenmig.fs import freeBytes
 from xenmig.interfaces import (
@@ -124,6 +124,7 @@ class FileTarget:
                 f"{self.destination.path} already exists (ask for target-overwrite=yes "
                 f"to replace it)"
             )
+        await refuseIfHeld(self.context, self.destination)
         need = self.params.allocated
         if need is None:
             need = self.description.size

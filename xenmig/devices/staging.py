@@ -13,8 +13,14 @@ from twisted.python.filepath import FilePath
 
 from xenmig.destinations import openResolvedDirectory
 from xenmig.digest import ContentHasher, hashFile
-from xenmig.errors import CommitFailed, DeviceError, StreamError
-from xenmig.fs import WRITEBACK_STEP, punchHole, startWriteback
+from xenmig.errors import CommitFailed, DeviceError, DeviceRefused, StreamError
+from xenmig.fs import (
+    WRITEBACK_STEP,
+    describeHolders,
+    holdersOf,
+    punchHole,
+    startWriteback,
+)
 from xenmig.interfaces import ITargetContext
 from xenmig.model import ContentDigest
 from xenmig.pump import BatchPump
@@ -210,6 +216,9 @@ class StagedFile:
         name = destination.basename()
         try:
             if overwrite:
+                holders = holdersOf(name, directory)
+                if holders:
+                    raise CommitFailed(heldMessage(destination.path, holders))
                 os.replace(self.path.path, name, dst_dir_fd=directory)
             else:
                 os.link(self.path.path, name, dst_dir_fd=directory)
@@ -246,3 +255,23 @@ class StagedFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def heldMessage(path: str, holders: list[tuple[str, int]]) -> str:
+    """Why a destination that processes hold open is not replaced."""
+    return (
+        f"{path} is open in {describeHolders(holders)}: xenmig never replaces a "
+        f"file that a process holds open (what it writes would go to the replaced "
+        f"file, and be lost); stop it first, or hand the incoming VM its migrated "
+        f"state another way (doc/toolstacks.md)"
+    )
+
+
+async def refuseIfHeld(context: ITargetContext, destination: FilePath) -> None:
+    """
+    @raise DeviceRefused: if a process holds ``destination`` open (at Prepare:
+        the install would replace a file in use).
+    """
+    holders = await context.runInThread(holdersOf, destination.path)
+    if holders:
+        raise DeviceRefused(heldMessage(destination.path, holders))

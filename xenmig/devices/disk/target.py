@@ -17,6 +17,7 @@ from zope.interface import implementer
 from xenmig.devices.disk.blockmap import treeAlgorithm
 from xenmig.devices.disk.imagestaging import ImageStaging
 from xenmig.devices.disk.params import DiskParams
+from xenmig.devices.staging import refuseIfHeld
 from xenmig.errors import (
     BadSpec,
     DeviceError,
@@ -98,6 +99,10 @@ class DiskTarget:
                 f"{self._name}: {destination.path} already exists; ask for "
                 f"target-overwrite=yes to replace it"
             )
+        try:
+            await refuseIfHeld(self.context, destination)
+        except DeviceRefused as e:
+            raise DeviceRefused(f"{self._name}: {e}")
         await self._checkBacking(directory)
         allocated = self.params.allocated
         if allocated is None:
