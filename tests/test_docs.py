@@ -25,7 +25,7 @@ from twisted.internet.endpoints import (
     connectProtocol,
 )
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import eventsFromJSONLogFile, globalLogPublisher
+from twisted.logger import capturedLogs, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.filepath import FilePath
 
@@ -44,7 +44,9 @@ from xenmig.source.client import MigrationClient
 from xenmig.target.config import TargetConfig
 from xenmig.target.core import MigrationTarget
 from xenmig.target.hooks import runHook
+from xenmig.target.logobserver import daemonObserver, eventAsJSON
 from xenmig.target.session import DEVICE_TRANSITIONS, TRANSITIONS, Phase, TargetSession
+from xenmig.target.summary import DeviceTotal, MigrationSummary
 from xenmig.testing import FakeSourceContext, FakeTargetContext, PipeWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +55,6 @@ EXAMPLES = DOC / "examples"
 
 sys.path.insert(0, str(EXAMPLES))
 example_kind = importlib.import_module("example_kind")
-jsonlog = importlib.import_module("jsonlog")
 migrate_example = importlib.import_module("migrate_example")
 stream_example = importlib.import_module("stream_example")
 
@@ -237,28 +238,45 @@ def test_daemonCommandLinesParse():
 
 
 def test_jsonLogCarriesMigrationIds(tmp_path):
-    """The JSON log observer of daemon.md writes session events with their id."""
+    """The JSON log of daemon.md (--log-format json) writes events with their id."""
     path = tmp_path / "xenmig.json"
     clock = task.Clock()
-    with open(path, "a", encoding="utf-8") as out:
-        observer = jsonlog.observerTo(out)
-        globalLogPublisher.addObserver(observer)
-        try:
-            TargetSession("m-42", "vm1", "source.test", [], clock, {Phase.PREPARED: 5})
-            clock.advance(5)
-        finally:
-            globalLogPublisher.removeObserver(observer)
-    with open(path, encoding="utf-8") as log:
-        events = [
-            e
-            for e in eventsFromJSONLogFile(log)
-            if e["log_namespace"].startswith("xenmig.")
-        ]
-    assert {e["log_namespace"] for e in events} == {"xenmig.target.session"}
+    observer = daemonObserver("info", "json", {"logfile": str(path)}, clock)
+    globalLogPublisher.addObserver(observer)
+    try:
+        TargetSession("m-42", "vm1", "source.test", [], clock, {Phase.PREPARED: 5})
+        clock.advance(5)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    events = [e for e in events if e["namespace"].startswith("xenmig.")]
+    assert {e["namespace"] for e in events} == {"xenmig.target.session"}
     assert len(events) == 2
     assert all(e["migration_id"] == "m-42" for e in events)
     assert "did not finish within 5 seconds" in events[0]["reason"]
     assert not clock.getDelayedCalls()
+
+
+def test_theSummaryExampleHasTheFieldsOfASummary():
+    """daemon.md's JSON summary line has the fields a real summary line has."""
+    example = json.loads(blockAfter(read("daemon.md"), "a summary line"))
+    summary = MigrationSummary(
+        "m-1",
+        "vm1",
+        "node1.example.org",
+        "COMMITTED",
+        "",
+        (DeviceTotal("file", "blob", 3),),
+        ((Phase.PREPARED, 0.5),),
+        0.5,
+        0.25,
+    )
+    with capturedLogs() as events:
+        summary.log()
+    [line] = [json.loads(eventAsJSON(e)) for e in events]
+    assert list(example) == list(line)
+    assert example["namespace"] == line["namespace"] == "xenmig.target.summary"
+    assert {d["kind"] for d in example["devices"]} == {"file"}
 
 
 # -- the example device kind -----------------------------------------------------------

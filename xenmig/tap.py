@@ -22,6 +22,9 @@ from xenmig.target.authz import PolicySource
 from xenmig.target.config import MAX_DEVICES, MAX_SESSIONS, TargetConfig, Timeouts
 from xenmig.target.core import MigrationTarget
 from xenmig.target.hooks import runHook
+from xenmig.target.logobserver import checkLogging, daemonObserver
+from xenmig.target.metrics import PrometheusMetrics
+from xenmig.target.metricsweb import MetricsService, parseAddress
 from xenmig.target.service import (
     LOCAL_SOCKET,
     ExpiryService,
@@ -153,6 +156,14 @@ class Options(usage.Options):
             float,
         ],
         ["tls-minimum", None, "1.2", "Lowest TLS version accepted: 1.2 or 1.3."],
+        ["log-level", None, "info", "Lowest level logged: debug, info, warn, error."],
+        ["log-format", None, "text", "text, or json: one object per line."],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics on [HOST:]PORT/metrics (host: 127.0.0.1).",
+        ],
     ]
     optFlags = [
         [
@@ -190,6 +201,16 @@ class Options(usage.Options):
                 raise usage.UsageError("--insecure-plaintext binds to loopback only")
         elif not (self["ca"] and self["cert"]):
             raise usage.UsageError("--ca and --cert are required (mutual TLS)")
+        self._checkObservability()
+
+    def _checkObservability(self) -> None:
+        twistd = getattr(self, "parent", None) or {}
+        try:
+            checkLogging(self["log-level"], self["log-format"], twistd)
+            if self["metrics"] is not None:
+                parseAddress(self["metrics"])
+        except ValueError as e:
+            raise usage.UsageError(str(e))
 
 
 def _tlsVersions() -> dict[str, Any]:
@@ -264,7 +285,12 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     policies.load()
     _logPolicy(options["peers"], policies)
     address = f"{options['interface'] or '*'}:{options['port']}"
-    top = TargetDaemon(address, getattr(options, "parent", None))
+    twistd = getattr(options, "parent", None)
+    observer = None
+    if twistd is not None and not twistd.get("logger"):  # twistd's --logger wins
+        level, form = options["log-level"], options["log-format"]
+        observer = daemonObserver(level, form, twistd, reactor)
+    top = TargetDaemon(address, twistd, observer)
     pool = threadpool.ThreadPool(2, options["io-threads"], name="xenmig-io")
     ThreadPoolService(pool).setServiceParent(top)
 
@@ -274,10 +300,13 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     def hook(command: str, env: dict[str, str], migrationId: str) -> Any:
         return runHook(reactor, command, env, migrationId)
 
-    target = MigrationTarget(reactor, config, kinds, runInThread, hook, policies)
+    metrics = PrometheusMetrics(kinds) if options["metrics"] else None
+    target = MigrationTarget(
+        reactor, config, kinds, runInThread, hook, policies, metrics
+    )
     TargetService(target, options["interface"], options["port"]).setServiceParent(top)
     PolicyService(policies, reactor, runInThread).setServiceParent(top)
-    _listen(options, reactor, target).setServiceParent(top)
+    _listen(options, reactor, target, metrics).setServiceParent(top)
     local = UNIXServerEndpoint(
         reactor, config.stateDir.child(LOCAL_SOCKET).path, mode=0o600, wantPID=False
     )
@@ -290,6 +319,11 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
         state=config.stateDir.path,
         roots=", ".join(r.path for r in config.roots),
     )
+    if metrics is not None:
+        host, port = parseAddress(options["metrics"])
+        served = MetricsService(reactor, host, port, metrics.registry)
+        served.setServiceParent(top)
+        log.info("metrics on http://{where}/metrics", where=served.where)
     return top
 
 
@@ -308,7 +342,10 @@ def _logPolicy(path: str | None, policies: PolicySource) -> None:
 
 
 def _listen(
-    options: Options, reactor: Any, target: MigrationTarget
+    options: Options,
+    reactor: Any,
+    target: MigrationTarget,
+    metrics: PrometheusMetrics | None = None,
 ) -> service.MultiService:
     """The port's listener (and, with TLS, the certificate's expiry warnings)."""
     from xenmig import tls
@@ -333,6 +370,8 @@ def _listen(
         )
         factory = ControlFactory(target, tls=True, limits=limits)
         ExpiryService(identity, reactor).setServiceParent(services)
+    if metrics is not None:
+        metrics.watchConnections(factory.gate)
     listener = internet.StreamServerEndpointService(endpoint, factory)
     listener._raiseSynchronously = True
     listener.setServiceParent(services)

@@ -12,7 +12,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from xenmig.amp_commands import PROTOCOL_VERSION
-from xenmig.errors import NotAuthorized, UnknownDevice
+from xenmig.errors import NotAuthorized, UnknownDevice, XenmigError
 from xenmig.interfaces import IDeviceKind, IMigrationTarget
 from xenmig.limits import bounded
 from xenmig.model import DeviceOffer
@@ -25,11 +25,13 @@ from xenmig.target.gate import Release, ResumeGate
 from xenmig.target.history import MigrationHistory
 from xenmig.target.hooks import CommitHook, HookRunner
 from xenmig.target.journal import Journal
+from xenmig.target.metrics import MigrationMetrics
 from xenmig.target.migrationrecord import MigrationRecord
 from xenmig.target.offers import checkVersion
 from xenmig.target.prepare import Admitted, Preparation
 from xenmig.target.session import FINAL, Phase, TargetSession
 from xenmig.target.staging import StagingArea
+from xenmig.target.summary import MigrationSummary
 from xenmig.target.tokens import StreamTokens
 
 log = Logger()
@@ -43,6 +45,8 @@ class MigrationTarget:
     routes to the session, and keeps the journal, the history, the resume
     gate and the on-commit hook told.  It does no I/O itself except through
     ``runInThread``, and none at all until L{recover} (start-up) or a Prepare.
+    Each migration's end (and each refused Prepare) is logged in one summary
+    line and reported to ``metrics``.
     """
 
     def __init__(
@@ -53,8 +57,10 @@ class MigrationTarget:
         runInThread: Callable[..., Deferred[Any]],
         runHook: HookRunner | None = None,
         policy: PolicySource | None = None,
+        metrics: MigrationMetrics | None = None,
     ) -> None:
         self.reactor = reactor
+        self.metrics = metrics or MigrationMetrics()
         self.clock: IReactorTime = reactor
         self.config = config
         self.kinds = kinds
@@ -139,6 +145,7 @@ class MigrationTarget:
             return self.policy.authorize(peer, fingerprint)
         except NotAuthorized as e:
             log.warn("refused {peer}: {reason}", peer=peer, reason=str(e))
+            self.metrics.peerRefused()
             raise
 
     # -- prepare -------------------------------------------------------------------
@@ -156,19 +163,36 @@ class MigrationTarget:
         Admit a Prepare at once, then open a session if every device is
         accepted (otherwise refuse them all).  See L{IMigrationTarget.prepare}.
         """
-        grant = self.authorize(peer, fingerprint)
-        checkVersion(version)
-        admitted = self.preparation.admit(grant, migrationId, domain, devices)
-        return Deferred.fromCoroutine(self._prepare(admitted))
+        started = self.clock.seconds()
+        try:
+            grant = self.authorize(peer, fingerprint)
+            checkVersion(version)
+            admitted = self.preparation.admit(grant, migrationId, domain, devices)
+        except Exception as e:
+            reason = str(e) if isinstance(e, XenmigError) else repr(e)
+            self._refused(migrationId, domain, peer, devices, reason, started)
+            raise
+        return Deferred.fromCoroutine(self._prepare(admitted, started))
 
-    async def _prepare(self, admitted: Admitted) -> tuple[int, list[DeviceOffer]]:
-        prepared = await self.preparation.prepare(admitted)
+    async def _prepare(
+        self, admitted: Admitted, started: float
+    ) -> tuple[int, list[DeviceOffer]]:
         migrationId, domain = admitted.migrationId, admitted.domain
+        peer = admitted.grant.identity
+        offered = [{"kind": d.kind, "name": d.name} for d in admitted.descriptions]
+        try:
+            prepared = await self.preparation.prepare(admitted)
+        except BaseException as e:
+            reason = str(e) or repr(e)
+            self._refused(migrationId, domain, peer, offered, reason, started)
+            raise
         if prepared.refusal is not None:
             refusal = prepared.refusal
             self.history.refused(refusal)
             self.gate.aborted(migrationId, domain, refusal.reason)
+            self._refused(migrationId, domain, peer, offered, refusal.reason, started)
         elif prepared.session is not None:
+            self.metrics.opened(prepared.session)
             slots = prepared.session.devices.values()
             log.info(
                 "migration {migration_id} of {domain} prepared from {peer}: {devices}",
@@ -338,11 +362,42 @@ class MigrationTarget:
             d.addBoth(finish)
         return d
 
+    def _refused(
+        self,
+        migrationId: str,
+        domain: str,
+        peer: str,
+        devices: Any,
+        reason: str,
+        started: float,
+    ) -> None:
+        """
+        A Prepare opened no session: it ends REFUSED, unless its id names a
+        migration this host has (a Prepare sent again: that one has its own).
+        """
+        record = self.history.record(migrationId)
+        if (
+            migrationId in self.sessions
+            or self.admission.held(migrationId) is not None
+            or (record is not None and not record.refused)
+        ):
+            return
+        took = self.clock.seconds() - started
+        self._ended(
+            MigrationSummary.ofRefusal(migrationId, domain, peer, devices, reason, took)
+        )
+
+    def _ended(self, summary: MigrationSummary) -> None:
+        """A migration is over: its summary line, and the metrics told."""
+        summary.log()
+        self.metrics.ended(summary)
+
     def _recordOf(self, session: TargetSession) -> MigrationRecord:
         return self.history.recordOf(session, self.staging.paths(session.migrationId))
 
     def _finished(self, session: TargetSession) -> Deferred[None]:
         """The session ended (its end is journalled or due): clean, release, hook."""
+        self._ended(MigrationSummary.ofSession(session))
         self.admission.release(session.migrationId)  # idempotent; a commit ends here
         d = self.staging.remove(session.migrationId)
         d.addCallback(lambda _: self._release(session))

@@ -13,8 +13,9 @@ from typing import Any, NoReturn
 
 from twisted.application import service
 from twisted.internet import task
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import threadpool
+from twisted.python.components import Componentized
 from twisted.python.filepath import FilePath
 
 from xenmig.errors import ConfigurationError
@@ -42,12 +43,28 @@ class TargetDaemon(service.MultiService):
 
     @param twistd: twistd's own options (where it keeps the status pipe of a
         daemonized start), if twistd runs it.
+    @param observer: the log observer the daemon's options chose: twistd
+        installs it as the application's L{ILogObserver} component (unless
+        its own ``--logger`` is given).
     """
 
-    def __init__(self, address: str, twistd: MutableMapping[str, Any] | None) -> None:
+    def __init__(
+        self,
+        address: str,
+        twistd: MutableMapping[str, Any] | None,
+        observer: ILogObserver | None = None,
+    ) -> None:
         super().__init__()
         self.address = address
         self.twistd = twistd
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd adds this service to its application, then starts logging
+        # to the application's ILogObserver component, if there is one.
+        if self.observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         with self._startupErrors():

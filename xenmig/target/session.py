@@ -29,7 +29,7 @@ from xenmig.model import (
     DeviceProgress,
     MigrationStatus,
 )
-from xenmig.records import EndRecord, Record
+from xenmig.records import EndRecord, Record, RoundRecord
 
 log = Logger()
 
@@ -93,7 +93,10 @@ class TargetDeviceSlot:
         self.device = device
         self.description = description
         self.state = DeviceState.ACCEPTED
+        #: Its logical content received: data, and holes by their length.
         self.bytesDone = 0
+        #: The bytes of state data its stream delivered (holes count nothing).
+        self.dataBytes = 0
         self.started: float | None = None
         self.finished: float | None = None
         self.digest: ContentDigest | None = None
@@ -178,6 +181,10 @@ class TargetSession:
         self.installed: list[str] = []
         self.clock = clock
         self.started = self.updated = clock.seconds()
+        #: When it entered each phase it went through, in order (clock time).
+        self.entered: dict[Phase, float] = {Phase.PREPARED: self.started}
+        #: When the first record of a final round arrived: the VM is paused.
+        self.finalRoundAt: float | None = None
         self._deadlines = deadlines
         self._timer: IDelayedCall | None = None
         self._onChange = onChange
@@ -205,7 +212,7 @@ class TargetSession:
             new=phase.value,
         )
         self.phase = phase
-        self.updated = self.clock.seconds()
+        self.updated = self.entered[phase] = self.clock.seconds()
         self._armDeadline()
 
     def _persist(self) -> Deferred[None]:
@@ -267,10 +274,15 @@ class TargetSession:
         slot = self.device(name)
         if slot.state is not DeviceState.RECEIVING:
             raise StreamError(f"device {name} is {slot.state.value}, not receiving")
-        size = getattr(record, "data", None)
-        slot.bytesDone += (
-            len(size) if size is not None else getattr(record, "length", 0)
-        )
+        data = getattr(record, "data", None)
+        if data is not None:
+            slot.bytesDone += len(data)
+            slot.dataBytes += len(data)
+        else:
+            slot.bytesDone += getattr(record, "length", 0)
+            final = isinstance(record, RoundRecord) and record.final
+            if final and self.finalRoundAt is None:
+                self.finalRoundAt = self.clock.seconds()
         return slot.device.receive(record)
 
     def streamEnded(self, name: str, end: EndRecord) -> Deferred[None]:
