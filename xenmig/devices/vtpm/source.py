@@ -68,6 +68,24 @@ def qemuMessage(name: str, why: str) -> str:
     )
 
 
+def controlSocketInUse(path: str) -> bool:
+    """
+    Blocking, cheap: whether a connection to the unix socket ``path`` is open
+    now (an accepted socket, state 03, in ``/proc/net/unix``); True when that
+    cannot be read.  Only then is it worth asking ``ss`` who holds it.
+    """
+    try:
+        with open("/proc/net/unix") as table:
+            lines = table.read().splitlines()[1:]
+    except OSError:
+        return True
+    for line in lines:
+        fields = line.split(maxsplit=7)
+        if len(fields) >= 8 and fields[7] == path and fields[5] == "03":
+            return True
+    return False
+
+
 async def controlSocketHolders(reactor: Any, path: str) -> list[tuple[str, int]]:
     """
     The processes connected to the unix control socket ``path`` (name, pid).
@@ -123,7 +141,9 @@ class VTPMSource:
             raise VTPMOwnedByQEMU(qemuMessage(name, "it is attached to QEMU (qemu=1)"))
         # QEMU's tpm-emulator holds the control socket for good: ask the kernel who
         # holds it before waiting on it (that wait would end only in a time-out).
-        await self._refuseIfQEMU()
+        address = self.control.address
+        if await self.context.runInThread(controlSocketInUse, address):
+            await self._refuseIfQEMU()
         try:
             caps = await self.control.getCapability()
             missing = CAPS_FOR_MIGRATION & ~caps
