@@ -49,6 +49,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -177,24 +178,38 @@ class Jobs:
     peakRSS: int
 
 
-def runJobs(out: Path, jobs: list[list[str]]) -> Jobs:
-    """Start every job at once, wait for all; their outcomes from ``--json``."""
+def runJobs(out: Path, jobs: list[list[str]], timeout: float) -> Jobs:
+    """
+    Start every job at once, wait for all; their outcomes from ``--json``.
+    Those still running after ``timeout`` seconds are killed (and failed).
+    """
     out.mkdir(exist_ok=True)
     started = time.perf_counter()
     processes = []
     for i, argv in enumerate(jobs):
         with open(out / f"{i}.json", "wb") as so, open(out / f"{i}.err", "wb") as se:
             processes.append(subprocess.Popen(argv, stdout=so, stderr=se))
-    cpu, peak, statuses = 0.0, 0, []
-    for process in processes:
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        statuses.append(process.returncode)
-        cpu += usage.ru_utime + usage.ru_stime
-        peak = max(peak, usage.ru_maxrss * 1024)
+    usages: dict[int, Any] = {}
+    while len(usages) < len(processes):
+        for process in processes:
+            if process.pid not in usages:
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    process.returncode = os.waitstatus_to_exitcode(status)
+                    usages[pid] = usage
+        if time.perf_counter() - started > timeout:
+            for process in processes:
+                if process.pid not in usages:
+                    process.kill()
+        time.sleep(0.02)
     wall = time.perf_counter() - started
-    outcomes = [cliOutcome(out, i, status) for i, status in enumerate(statuses)]
-    return Jobs(outcomes, wall, cpu, peak)
+    outcomes = [cliOutcome(out, i, p.returncode) for i, p in enumerate(processes)]
+    return Jobs(
+        outcomes,
+        wall,
+        sum(u.ru_utime + u.ru_stime for u in usages.values()),
+        max(u.ru_maxrss for u in usages.values()) * 1024,
+    )
 
 
 def cliOutcome(out: Path, i: int, status: int) -> Outcome:
@@ -202,6 +217,8 @@ def cliOutcome(out: Path, i: int, status: int) -> Outcome:
     errors = (out / f"{i}.err").read_text(errors="replace").strip().splitlines()
     said = [line.split(" aborted: ", 1)[1] for line in errors if " aborted: " in line]
     tail = said[-1] if said else " | ".join(errors[-3:])
+    if status == -signal.SIGKILL:
+        return Outcome(FAILED, reason="killed: still running at the bench's --timeout")
     try:
         report = json.loads((out / f"{i}.json").read_text())
     except ValueError:
@@ -213,9 +230,13 @@ def cliOutcome(out: Path, i: int, status: int) -> Outcome:
 
 
 def cliBatch(
-    daemon: benchlib.Daemon, scenario: Scenario, batch: Batch, alone: int
+    daemon: benchlib.Daemon, scenario: Scenario, batch: Batch, args: argparse.Namespace
 ) -> None:
-    """The command line's scenarios: reference runs alone, then the batches."""
+    """
+    The command line's scenarios: one small migration to warm the daemon up,
+    the batches, then the reference runs alone (after the batches, so that a
+    larger reference does not grow the daemon's memory before them).
+    """
     sources = [
         randomFile(daemon.work / f"source-{j}.bin", scenario.size)
         for j in range(scenario.devices)
@@ -225,25 +246,39 @@ def cliBatch(
         batch.aloneNote = "one device of the same total size, alone"
         total = scenario.size * scenario.devices
         reference = [randomFile(daemon.work / "reference.bin", total)]
-    for r in range(alone):
-        jobs = runJobs(
-            daemon.work / f"alone-{r}", [migrateArgv(daemon, f"alone{r}", reference)]
-        )
-        outcome = jobs.outcomes[0]
-        if outcome.status != COMMITTED:
-            raise SystemExit(f"bench: a migration alone failed: {outcome.reason}")
-        batch.alone.append(outcome.seconds or 0.0)
-        clean(daemon.dest)
-    measureBatch(daemon, batch, lambda run: cliRun(daemon, scenario, sources, run))
+    warm = randomFile(daemon.work / "warm.bin", 64 * 1024)
+    alone1(daemon, "warm", [warm], args.timeout)
+    measureBatch(
+        daemon, batch, lambda run: cliRun(daemon, scenario, sources, run, args.timeout)
+    )
+    batch.alone = [
+        alone1(daemon, f"alone{r}", reference, args.timeout) for r in range(args.alone)
+    ]
+
+
+def alone1(
+    daemon: benchlib.Daemon, name: str, sources: list[Path], timeout: float
+) -> float:
+    """One migration alone; its Prepare-to-Commit seconds."""
+    jobs = runJobs(daemon.work / name, [migrateArgv(daemon, name, sources)], timeout)
+    outcome = jobs.outcomes[0]
+    if outcome.status != COMMITTED or outcome.seconds is None:
+        raise SystemExit(f"bench: a migration alone failed: {outcome.reason}")
+    clean(daemon.dest)
+    return outcome.seconds
 
 
 def cliRun(
-    daemon: benchlib.Daemon, scenario: Scenario, sources: list[Path], run: int
+    daemon: benchlib.Daemon,
+    scenario: Scenario,
+    sources: list[Path],
+    run: int,
+    timeout: float,
 ) -> Jobs:
     argvs = [
         migrateArgv(daemon, f"vm{run}-{i}", sources) for i in range(scenario.count)
     ]
-    jobs = runJobs(daemon.work / f"run-{run}", argvs)
+    jobs = runJobs(daemon.work / f"run-{run}", argvs, timeout)
     installed = len(list(daemon.dest.iterdir()))
     committed = sum(o.status == COMMITTED for o in jobs.outcomes)
     if installed != committed * scenario.devices:
@@ -281,7 +316,7 @@ def measureBatch(
 
 
 def vtpmBatch(
-    daemon: benchlib.Daemon, scenario: Scenario, batch: Batch, alone: int
+    daemon: benchlib.Daemon, scenario: Scenario, batch: Batch, args: argparse.Namespace
 ) -> None:
     """One client process, N vTPM migrations at once (see loadvtpm.py)."""
     argv = [
@@ -292,7 +327,7 @@ def vtpmBatch(
         f"--dest={daemon.dest}",
         f"--work={daemon.work}",
         f"--count={scenario.count}",
-        f"--alone={alone}",
+        f"--alone={args.alone}",
     ]
     with open(daemon.work / "loadvtpm.err", "wb") as errors:
         child = subprocess.Popen(
@@ -302,14 +337,12 @@ def vtpmBatch(
             stderr=errors,
             text=True,
         )
-    assert child.stdin is not None and child.stdout is not None
+    assert child.stdout is not None
     state: dict[str, Any] = {}
 
     def run(n: int) -> Jobs:
-        assert child.stdin is not None and child.stdout is not None
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        state.update(json.loads(child.stdout.read() or "{}"))
+        output, _ = child.communicate("go\n", timeout=args.timeout)
+        state.update(json.loads(output or "{}"))
         return Jobs(
             [Outcome.fromJSON(o) for o in state.get("outcomes", [])],
             state.get("wall", 0.0),
@@ -321,7 +354,7 @@ def vtpmBatch(
         if child.stdout.readline().strip() != "warm":
             raise SystemExit("bench: loadvtpm.py failed:\n" + vtpmErrors(daemon))
         measureBatch(daemon, batch, run)
-        if child.wait() != 0 or "outcomes" not in state:
+        if child.returncode != 0 or "outcomes" not in state:
             raise SystemExit("bench: loadvtpm.py failed:\n" + vtpmErrors(daemon))
     finally:
         if child.poll() is None:
@@ -378,9 +411,9 @@ def runScenario(
         batch.daemonStartRSS = residentRSS(daemon.process.pid)
         try:
             if scenario.name == "vtpm":
-                vtpmBatch(daemon, scenario, batch, args.alone)
+                vtpmBatch(daemon, scenario, batch, args)
             else:
-                cliBatch(daemon, scenario, batch, args.alone)
+                cliBatch(daemon, scenario, batch, args)
         finally:
             daemon.stop()
             batch.loggedRefusals = loggedRefusals(daemon.logText())
@@ -551,6 +584,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--devices-runs", type=int, default=3)
     parser.add_argument(
         "--alone", type=int, default=3, help="reference runs alone (default 3)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        help="seconds a batch may take; clients still running are killed (900)",
     )
     parser.add_argument("--dir", default=DEFAULT_DIR, help="work dir (default tmpfs)")
     parser.add_argument("--json", action="store_true", help="print JSON, no table")
