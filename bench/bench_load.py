@@ -7,8 +7,8 @@ mutual TLS on loopback.
                                [--small-count 100] [--small-kib 64]
                                [--large-count 32] [--large-mib 16]
                                [--vtpm-count 100] [--devices 64] [--device-kib 1024]
-                               [--devices-runs 3] [--alone 3]
-                               [--dir DIR] [--json] [--keep]
+                               [--devices-runs 3] [--alone 3] [--timeout 900]
+                               [--dir DIR] [--json] [--keep] [--profile]
 
 Scenarios (each against a daemon of its own, started fresh):
 
@@ -25,8 +25,8 @@ devices  one ``xenmig migrate`` of ``--devices`` ``file`` devices of
 ``--limits default`` runs the daemon with its default limits; ``sized`` raises
 (never lowers) them to what the scenario needs: sessions N, devices D, and
 N x (1 + D) connections and handshakes (one control connection and D streams
-per migration, all from 127.0.0.1); ``both`` runs each scenario twice.
-``--daemon-option`` adds any daemon option (repeatable).
+per migration, all from 127.0.0.1); ``both`` (the default) runs each scenario
+twice. ``--daemon-option`` adds any daemon option (repeatable).
 
 Figures per scenario: how the migrations ended (committed; refused: a declared
 refusal for load, ``BUSY`` or ``DEVICE_REFUSED`` naming a sessions limit;
@@ -35,8 +35,9 @@ p50 / p99 / max of Prepare to the Commit's answer (committed migrations), the
 same migration alone in the same run (median of ``--alone``; for ``devices``,
 one device of the same total size) and p99 against it, throughput over the
 batch's wall time (for the command line, process starts included), the
-daemon's resident memory before the batch and its peak (VmHWM), and what the
-daemon logged about connections it refused.
+daemon's resident memory fresh, before the batch and at its peak (VmHWM), its
+CPU and the clients', the median of each phase, and what the daemon logged
+about connections it refused.  ``--json`` prints it all as one object.
 
 Goals (this machine): 100 concurrent vTPM migrations into one daemon with p99
 under 1 s; the daemon's peak RSS under 100 MB at 100 concurrent migrations.
