@@ -63,10 +63,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import benchlib
-from benchlib import MiB, freePort, fsyncPath, plainCopy, tmpfsOr
+from benchlib import XENMIG, MiB, freePort, fsyncPath, plainCopy, tmpfsOr
 
 HERE = Path(__file__).resolve()
-XENMIG = [sys.executable, "-m", "xenmig.cli.main"]
 SSHD = "/usr/sbin/sshd"
 #: Goals of issue 4.
 GOAL_SCP = 3.0  # dense: xenmig at least 3x faster than scp

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pstats
 import shutil
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from benchlib import MiB, plainCopy, tmpfsOr
+from benchlib import XENMIG, MiB, cpuSeconds, peakRSS, plainCopy, tmpfsOr
 
 HERE = Path(__file__).resolve()
 GOAL_RSS = 150 * 1000 * 1000
@@ -66,23 +65,9 @@ def sourceFile(cache: Path, size: int) -> Path:
     return path
 
 
-def peakRSS(pid: int) -> int:
-    """VmHWM of a live process, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for {pid}")
-
-
 def minorFaults(pid: int) -> int:
     """Minor page faults of a live process so far."""
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
-
-
-def cpuSeconds(pid: int) -> float:
-    """User + system CPU time of a live process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rate(size: int, seconds: float) -> float:
@@ -125,9 +110,7 @@ def clientArgv(daemon: Daemon, how: str, source: Path, target: Path) -> list[str
     device = f"file:blob:path={source},target={target}"
     if how == "cli":
         return [
-            sys.executable,
-            "-c",
-            "from xenmig.cli.main import run; run()",
+            *XENMIG,
             "migrate",
             *daemon.clientOptions(),
             "--domain=bench",
@@ -267,18 +250,6 @@ def summarize(size: int, pairs: list[tuple[float, float]], rss: int) -> None:
     )
 
 
-def showProfile(what: str, path: Path, limit: int = 25) -> None:
-    """Print a cProfile file (the main thread only), by own and cumulative time."""
-    if not path.exists():
-        print(f"\n(no {what} profile: {path} is missing)")
-        return
-    stats = pstats.Stats(str(path))
-    print(f"\n== {what} profile ({path}): by own time ==")
-    stats.sort_stats("tottime").print_stats(limit)
-    print("== by cumulative time ==")
-    stats.sort_stats("cumulative").print_stats(limit)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -329,8 +300,8 @@ def measure(
             daemon.stop()
         summarize(size, pairs, rss)
         if args.profile:
-            showProfile("daemon", daemon.stats)
-            showProfile("client", daemon.clientStats)
+            benchlib.showProfile("daemon", daemon.stats)
+            benchlib.showProfile("client", daemon.clientStats)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -28,6 +28,7 @@ import tempfile
 import time
 from typing import Any
 
+from benchlib import startSwtpm
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 
@@ -53,14 +54,8 @@ PHASES = ("describe", "accept", "sendFinal", "finish", "commit")
 
 async def startSource(reactor: Any, work: str, name: str = "source") -> SwtpmProcess:
     """A running source swtpm, started with TPM2_Startup."""
-    state = os.path.join(work, name)
-    os.mkdir(state)
-    source = SwtpmProcess(reactor, state)
-    await source.start()
-    await source.control.init()
-    answer = await tpmCommand(reactor, source.serverPath, TPM2_STARTUP_CLEAR)
-    assert responseCode(answer) == 0, answer.hex()
-    return source
+    swtpm: SwtpmProcess = await startSwtpm(reactor, os.path.join(work, name))
+    return swtpm
 
 
 async def oneRound(

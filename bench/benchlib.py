@@ -1,6 +1,7 @@
 """
 What the end-to-end benchmarks share: where they work, a throwaway ``twistd
-xenmig`` daemon, and the plain-socket copy they measure against.
+xenmig`` daemon, the ``xenmig`` command line, a process's figures from
+``/proc``, running swtpms, and the plain-socket copy they measure against.
 
 Run as a script, it is the copy's two child processes:
 ``benchlib.py _receive PORT OUTPUT`` and ``benchlib.py _send PORT SOURCE``.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pstats
 import resource
 import signal
 import socket
@@ -18,12 +20,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from xenmig.clients.processes import daemonArgv, freePort, logSaysReady
 
 MiB = 1024 * 1024
 HERE = Path(__file__).resolve()
+#: The ``xenmig`` command line, run by this interpreter (so the same xenmig).
+XENMIG = [sys.executable, "-m", "xenmig.cli.main"]
 
 
 def tmpfsOr(path: str, fallback: str) -> str:
@@ -45,10 +49,16 @@ class Daemon:
     A ``twistd -n xenmig`` on 127.0.0.1 with a throwaway CA (``pki/``: the
     target ``target.test`` and the client ``source.test``), its state in
     ``work/state`` and its one allowed root ``work/dest``; ``twistdOptions``
-    go before ``xenmig`` (e.g. profiling).
+    go before ``xenmig`` (e.g. profiling), ``options`` after the others of
+    ``xenmig`` (e.g. limits).
     """
 
-    def __init__(self, work: Path, twistdOptions: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        work: Path,
+        twistdOptions: Sequence[str] = (),
+        options: Sequence[str] = (),
+    ) -> None:
         from xenmig.cli import pki
 
         self.work = work
@@ -69,16 +79,18 @@ class Daemon:
             f"--ca={self.pki / 'ca.pem'}",
             f"--cert={self.pki / 'target.test.pem'}",
             f"--key={self.pki / 'target.test.key'}",
+            *options,
         ]
         argv = daemonArgv(options, str(self.log), twistdOptions)
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, cwd=work)
         deadline = time.monotonic() + 30
         while not logSaysReady(self.log):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("bench: the daemon did not start:\n" + self._log())
+                raise SystemExit("bench: the daemon did not start:\n" + self.logText())
             time.sleep(0.05)
 
-    def _log(self) -> str:
+    def logText(self) -> str:
+        """Blocking: the daemon's log so far."""
         return self.log.read_text() if self.log.exists() else ""
 
     def clientOptions(self) -> list[str]:
@@ -99,6 +111,77 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+# -- a process's figures, from /proc ------------------------------------------------
+
+
+def _status(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status``, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def peakRSS(pid: int) -> int:
+    """VmHWM (the peak resident memory) of a live process, in bytes."""
+    return _status(pid, "VmHWM")
+
+
+def residentRSS(pid: int) -> int:
+    """VmRSS (the resident memory now) of a live process, in bytes."""
+    return _status(pid, "VmRSS")
+
+
+def cpuSeconds(pid: int) -> float:
+    """User + system CPU time of a live process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- profiles ------------------------------------------------------------------------
+
+
+def showProfile(
+    what: str, path: Path, limit: int = 25, out: IO[str] | None = None
+) -> None:
+    """Print a cProfile file (the main thread only), by own and cumulative time."""
+    out = out or sys.stdout
+    if not path.exists():
+        print(f"\n(no {what} profile: {path} is missing)", file=out)
+        return
+    stats = pstats.Stats(str(path), stream=out)
+    print(f"\n== {what} profile ({path}): by own time ==", file=out)
+    stats.sort_stats("tottime").print_stats(limit)
+    print("== by cumulative time ==", file=out)
+    stats.sort_stats("cumulative").print_stats(limit)
+
+
+# -- swtpm ---------------------------------------------------------------------------
+
+
+async def startSwtpm(reactor: Any, state: str, running: bool = True) -> Any:
+    """
+    A swtpm (L{xenmig.clients.swtpmprocess.SwtpmProcess}) on the new directory
+    ``state``: running (initialised, ``TPM2_Startup`` done) as the VM's on a
+    source host, or fresh (not initialised) as a target toolstack starts it.
+    """
+    from xenmig.clients.swtpmprocess import (
+        TPM2_STARTUP_CLEAR,
+        SwtpmProcess,
+        responseCode,
+        tpmCommand,
+    )
+
+    os.mkdir(state)
+    swtpm = SwtpmProcess(reactor, state)
+    await swtpm.start()
+    if running:
+        await swtpm.control.init()
+        answer = await tpmCommand(reactor, swtpm.serverPath, TPM2_STARTUP_CLEAR)
+        assert responseCode(answer) == 0, answer.hex()
+    return swtpm
 
 
 # -- the plain-socket copy -----------------------------------------------------------
