@@ -389,3 +389,47 @@ def test_connectionsOpenWithinTheirShare() -> None:
         d.addErrback(lambda _: None)
     assert client.handshakes.held == 0
     assert not clock.getDelayedCalls()
+
+
+# -- the daemon's start ----------------------------------------------------------------
+
+
+def test_openFilesRaisedTowardsWhatTheLimitsHold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The soft limit of open files rises towards the wanted count, never past hard."""
+    import resource
+
+    from xenmig import tuning
+
+    limits = {"now": (1024, 4096)}
+    monkeypatch.setattr(resource, "getrlimit", lambda _: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda _, v: limits.update(now=v))
+    assert tuning.raiseOpenFiles(2000) == 2000 and limits["now"] == (2000, 4096)
+    assert tuning.raiseOpenFiles(9000) == 4096 and limits["now"] == (4096, 4096)
+    assert tuning.raiseOpenFiles(100) == 4096  # never lowered
+
+
+def test_factoryStartSaysWhatDoesNotFit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting the port's factory logs limits that do not fit, and a low file limit."""
+    from twisted.logger import globalLogPublisher
+
+    from xenmig import factories
+
+    monkeypatch.setattr(factories, "raiseOpenFiles", lambda wanted: 1024)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        host = Host(tmp_path)
+        factory = factories.ControlFactory(
+            host.target, tls=False, limits=ConnectionLimits(connections=64)
+        )
+        factory.doStart()
+        factory.doStop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [e.get("problem") or e.get("log_format", "") for e in events]
+    assert any("--max-connections 64 is less than" in text for text in said)
+    assert any("less than the {wanted}" in text for text in said)
