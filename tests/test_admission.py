@@ -34,7 +34,7 @@ from daemons import PKI, Daemon, disconnect, eventually, settled  # noqa: E402
 from xenmig import amp_commands as commands  # noqa: E402
 from xenmig.digest import hashBytes
 from xenmig.errors import (
-    DeviceRefused,
+    Busy,
     DuplicateMigration,
     JournalUnavailable,
     MigrationAborted,
@@ -271,15 +271,17 @@ def test_hostLimitInFlight(tmp_path: Path) -> None:
     preparing = [host.prepare(f"m{i}", f"vm{i}") for i in range(6)]
     assert pending(preparing[0]) and pending(preparing[1])
     for d in preparing[2:]:
-        failure = failureOf(d, DeviceRefused)
+        failure = failureOf(d, Busy)
         assert "already runs 2 migrations, its limit (--max-sessions 2)" in str(
             failure.value
         )
+        assert failure.value.limit == "--max-sessions"
+        assert failure.value.retryAfter == 2.0
     host.kind.allowAll()
     assert sorted(host.target.sessions) == ["m0", "m1"]
     resultOf(maybeDeferred(host.target.abort, PEER, "m0", "done"))
     host.prepare("m6", "vm6")  # one place is free again
-    failureOf(host.prepare("m7", "vm7"), DeviceRefused)
+    failureOf(host.prepare("m7", "vm7"), Busy)
 
 
 PEERS = """
@@ -295,8 +297,9 @@ def test_peerLimitInFlight(tmp_path: Path) -> None:
     preparing = [host.prepare(f"m{i}", f"vm{i}") for i in range(3)]
     assert pending(preparing[0])
     for d in preparing[1:]:
-        failure = failureOf(d, DeviceRefused)
+        failure = failureOf(d, Busy)
         assert "source.test already runs 1 migration(s) here" in str(failure.value)
+        assert failure.value.limit == "max-sessions"
     host.kind.allowAll()
     assert list(host.target.sessions) == ["m0"]
 
@@ -600,7 +603,7 @@ async def test_concurrentPreparesOverTLS(daemons: Callable[..., Daemon]) -> None
     admitted = [f"many{i}" for i, a in enumerate(many) if not isinstance(a, Failure)]
     assert len(admitted) == 2, many
     refused = [a for a in many if isinstance(a, Failure)]
-    assert all(f.check(DeviceRefused) for f in refused), refused
+    assert all(f.check(Busy) for f in refused), refused
     assert "--max-sessions 2" in str(refused[0].value)
     assert await live(daemon) == admitted
 

@@ -44,6 +44,7 @@ from xenmig.devices.file import fileKind  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
 from xenmig.errors import (  # noqa: E402
     BadToken,
+    Busy,
     ConfigurationError,
     DeviceRefused,
     NotAuthorized,
@@ -284,9 +285,9 @@ def test_declaredSizeOverLimit(target: Target) -> None:
 
 
 def test_sessionsPerPeer(target: Target) -> None:
-    """A peer at its max-sessions is refused another migration."""
+    """A peer at its max-sessions is answered BUSY for another migration."""
     target.prepare("source.test", "m1", fileDevice("x"))
-    with pytest.raises(DeviceRefused, match="already runs 1 migration"):
+    with pytest.raises(Busy, match="^max-sessions: source.test already runs 1 migr"):
         target.prepare("source.test", "m2", fileDevice("y"))
 
 

@@ -26,6 +26,7 @@ from xenmig.errors import (
     PhaseTimeout,
 )
 from xenmig.interfaces import IDeviceKind, ISourceDevice
+from xenmig.limits import AnnouncedLimits
 from xenmig.model import DeviceDescription, DeviceSpec, RoundResult
 from xenmig.source.connection import ClientTimeouts
 from xenmig.source.convergence import FixedRounds
@@ -84,6 +85,7 @@ class FakeClient:
     def __init__(self, kinds: dict[str, IDeviceKind]) -> None:
         self.reactor = Clock()
         self.timeouts = ClientTimeouts()
+        self.limits = AnnouncedLimits()
         self.kinds = kinds
         self.sent: list[tuple[bytes, dict[str, Any]]] = []
         self.answers: dict[type, Answer] = {
@@ -120,6 +122,21 @@ class FakeClient:
     async def connect(self) -> FakeControl:
         return FakeControl()
 
+    async def prepareRemote(self, **kw: Any) -> tuple[FakeControl, dict[str, Any]]:
+        return FakeControl(), self._answer(commands.Prepare, kw)
+
+    async def pacedCall(
+        self,
+        slots: Any,
+        seconds: float,
+        what: str,
+        protocol: Any,
+        command: type,
+        /,
+        **kw: Any,
+    ) -> dict[str, Any]:
+        return self._answer(command, kw)
+
     async def call(self, protocol: Any, command: type, **kw: Any) -> dict[str, Any]:
         return self._answer(command, kw)
 
@@ -138,7 +155,9 @@ class FakeClient:
     def streamSender(self, device: str) -> FakeSender:
         return FakeSender(device)
 
-    async def openStream(self, control: Any, migrationId: str, sender: Any) -> None:
+    async def openStream(
+        self, control: Any, migrationId: str, sender: Any, slots: Any = None
+    ) -> None:
         self._answer(commands.OpenStream, {"device": sender.device})
 
 

@@ -265,7 +265,7 @@ def test_oversizedBoxDrops(host: Host) -> None:
 
 
 def test_commandsInFlightBounded(host: Host) -> None:
-    """At most MAX_COMMANDS_IN_FLIGHT commands wait at once on one connection."""
+    """Beyond MAX_COMMANDS_IN_FLIGHT commands on one connection, BUSY answers."""
     _, client, pump = host.connect()
     send(client, pump, prepareBox())
     for n in range(MAX_COMMANDS_IN_FLIGHT + 2):
@@ -280,7 +280,9 @@ def test_commandsInFlightBounded(host: Host) -> None:
     refused = boxes[1:]
     assert len(refused) == 2
     for answer in refused:
-        assertError(answer, b"PROTOCOL", "commands are already in progress")
+        assertError(answer, b"BUSY", "commands in flight: xenmig-device-ready: ")
+        assert answer[b"_error_description"].endswith(b"; retry after 0.5 s")
+    assert not client.lost  # a BUSY answer keeps the connection
     host.target.sessions["m1"].abort("test over")
 
 

@@ -65,7 +65,9 @@ class Prepare(amp.Command):
     Open a migration session: describe every device; each target handler accepts
     or refuses it.  Sent before the VM is paused, so a refusal costs nothing.
     If any device is refused, the target keeps no session and answers every
-    device's offer (the refused ones carry the reason).
+    device's offer (the refused ones carry the reason).  The answer also
+    announces the target's connection limits (L{xenmig.limits.AnnouncedLimits};
+    an older target leaves them out), within which the source paces itself.
     """
 
     commandName = b"xenmig-prepare"
@@ -78,6 +80,7 @@ class Prepare(amp.Command):
     response = [
         (b"protocol_version", amp.Integer()),
         (b"offers", amp.AmpList(_OFFER)),
+        (b"limits", JSON(optional=True)),
     ]
     errors = WIRE_ERRORS
 

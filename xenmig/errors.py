@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class XenmigError(Exception):
     """
@@ -42,6 +44,43 @@ class InvalidTransition(XenmigError):
 
 class DeviceRefused(XenmigError):
     """A target handler refused to accept a device at Prepare; the VM is unaffected."""
+
+
+class Busy(XenmigError):
+    """
+    The peer is at one of its limits for load (its sessions, the commands in
+    flight on a connection, its connections) and did nothing: the same request
+    may be sent again later.
+
+    The message names the limit first and ends with a hint, ``LIMIT: what;
+    retry after N s`` (L{at} writes it); L{limit} and L{retryAfter} read them
+    back, so they cross the wire inside the message.
+    """
+
+    @classmethod
+    def at(cls, limit: str, what: str, retryAfter: float) -> Busy:
+        """A refusal at ``limit`` (e.g. ``--max-sessions``), saying ``what``."""
+        return cls(f"{limit}: {what}; retry after {retryAfter:g} s")
+
+    @property
+    def limit(self) -> str:
+        """The limit the peer is at, as it names it (empty if it does not)."""
+        head, sep, _ = str(self).partition(": ")
+        return head if sep else ""
+
+    @property
+    def retryAfter(self) -> float | None:
+        """The seconds the peer suggests waiting, if it says."""
+        found = _RETRY_AFTER.search(str(self))
+        return float(found.group(1)) if found else None
+
+    @property
+    def what(self) -> str:
+        """The message without its retry hint."""
+        return _RETRY_AFTER.sub("", str(self))
+
+
+_RETRY_AFTER = re.compile(r"; retry after ([0-9]+(?:\.[0-9]+)?) s$")
 
 
 class BadSpec(XenmigError):
@@ -131,6 +170,7 @@ _WIRE_CODES: dict[type[Exception], bytes] = {
     UnknownDevice: b"UNKNOWN_DEVICE",
     InvalidTransition: b"INVALID_TRANSITION",
     DeviceRefused: b"DEVICE_REFUSED",
+    Busy: b"BUSY",
     BadSpec: b"BAD_SPEC",
     PathNotAllowed: b"PATH_NOT_ALLOWED",
     StreamError: b"STREAM_ERROR",

@@ -5,10 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 
 from xenmig.interfaces import IMigrationTarget
-from xenmig.limits import ConnectionGate, ConnectionLimits
+from xenmig.limits import (
+    ConnectionGate,
+    ConnectionLimits,
+    incoherence,
+    openFilesWanted,
+)
 from xenmig.protocol import ControlProtocol, LocalControlProtocol
+from xenmig.tuning import raiseOpenFiles
+
+log = Logger()
 
 
 class ControlFactory(Factory):
@@ -28,6 +37,25 @@ class ControlFactory(Factory):
         self.tls = tls
         self.limits = limits or ConnectionLimits()
         self.gate = ConnectionGate(self.limits, target.clock)
+
+    def startFactory(self) -> None:
+        """
+        Before the port serves anyone: say what in the limits does not fit
+        together, and raise the limit of open files to what they may hold.
+        """
+        config = self.target.config
+        for problem in incoherence(self.limits, config.maxSessions, config.maxDevices):
+            log.warn("{problem}", problem=problem)
+        wanted = openFilesWanted(self.limits, config.maxSessions, config.maxDevices)
+        allowed = raiseOpenFiles(wanted)
+        if allowed < wanted:
+            log.warn(
+                "this process may open {allowed} files, less than the {wanted} its "
+                "connection limits may hold: raise its limit (ulimit -n, systemd "
+                "LimitNOFILE=), or lower --max-connections",
+                allowed=allowed,
+                wanted=wanted,
+            )
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
         protocol = ControlProtocol(

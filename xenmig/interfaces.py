@@ -398,6 +398,7 @@ class IMigrationTarget(Interface):
     """
 
     clock = Attribute("The IReactorTime the protocols' timers run on.")
+    config = Attribute("Its TargetConfig (maxSessions, maxDevices: limits' check).")
     timeouts = Attribute(
         "The time-outs in seconds (a xenmig.target.config.Timeouts): the "
         "protocols use ``handshake`` (TLS) and ``idle`` (a silent stream)."

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -17,75 +15,14 @@ from zope.interface import implementer
 from xenmig import amp_commands as commands
 from xenmig import tls as _tls
 from xenmig.certificates import peerFingerprint, peerIdentity
-from xenmig.errors import (
-    WIRE_ERRORS,
-    InternalError,
-    NotAuthorized,
-    ProtocolError,
-)
+from xenmig.errors import Busy, NotAuthorized
 from xenmig.interfaces import IMigrationTarget
-from xenmig.limits import (
-    MAX_BOX_BYTES,
-    MAX_COMMANDS_IN_FLIGHT,
-    ConnectionGate,
-    bounded,
-)
+from xenmig.limits import MAX_BOX_BYTES, ConnectionGate, ConnectionLimits, bounded
 from xenmig.model import DeviceOffer
+from xenmig.responders import StatusResponders, guarded
 from xenmig.streamreceiver import StreamReceiver
 
 log = Logger()
-
-
-def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
-    """
-    Let declared errors through; turn anything else into InternalError, logged,
-    so the peer sees what failed (not AMP's UNKNOWN) and the connection stays.
-    """
-
-    @functools.wraps(responder)
-    def guarded(self: Any, **kw: Any) -> Deferred[Any]:
-        def unexpected(failure: Failure) -> Failure:
-            if failure.check(*WIRE_ERRORS):
-                return _boundedFailure(failure)
-            log.failure(
-                "{command} failed unexpectedly",
-                failure,
-                command=responder.__name__,
-                migration_id=kw.get("migration_id", ""),
-            )
-            return Failure(
-                InternalError(
-                    f"{responder.__name__} failed on the target: {failure.value!r}"
-                )
-            )
-
-        return maybeDeferred(responder, self, **kw).addErrback(unexpected)
-
-    return guarded
-
-
-def _boundedFailure(failure: Failure) -> Failure:
-    """
-    The same error with its message cut to a length AMP can always carry (a
-    message may quote what the peer sent).
-    """
-    error = failure.value
-    message = str(error)
-    if error is None or len(message) == len(bounded(message)):
-        return failure
-    copy = type(error).__new__(type(error))
-    copy.__dict__.update(error.__dict__)
-    Exception.__init__(copy, bounded(message))
-    return Failure(copy)
-
-
-def _describeParseError(error: Exception) -> str:
-    if isinstance(error, KeyError):
-        key = error.args[0] if error.args else ""
-        if isinstance(key, bytes):
-            key = key.decode("ascii", "replace")
-        return f"the argument {key!r} is missing"
-    return f"{type(error).__name__}: {error}"
 
 
 def _offerBox(offer: DeviceOffer) -> dict[str, Any]:
@@ -97,69 +34,6 @@ def _offerBox(offer: DeviceOffer) -> dict[str, Any]:
     }
 
 
-class StatusResponders(amp.CommandLocator):
-    """
-    Responders shared by the TLS control protocol and the local socket.  (A
-    CommandLocator itself: AMP's metaclass registers a plain mixin's responders
-    on whichever locator class happens to be defined next, not on its users.)
-    """
-
-    target: IMigrationTarget
-    _inFlight = 0
-
-    def _viewer(self) -> str | None:
-        """Who asks for status: None for the local toolstack (sees all)."""
-        return None
-
-    @commands.QueryMigration.responder
-    @_guarded
-    def queryMigration(self, migration_id: str) -> dict[str, Any]:
-        return {"status": self.target.query(migration_id, self._viewer())}
-
-    @commands.ListMigrations.responder
-    @_guarded
-    def listMigrations(self, limit: int | None = None) -> dict[str, Any]:
-        return {"migrations": self.target.list(limit or 50, self._viewer())}
-
-    def locateResponder(self, name: bytes) -> Callable[..., Any] | None:
-        """
-        Only this class's commands (no ``amp_*`` fallback); arguments that do
-        not parse are answered with a declared PROTOCOL error naming them (not
-        AMP's UNKNOWN, which drops the connection); at most
-        L{MAX_COMMANDS_IN_FLIGHT} commands are answered at once.
-        """
-        responder = amp.CommandLocator.locateResponder(self, name)
-        if responder is None:
-            return None
-        command = name.decode("ascii", "replace")
-
-        def parsed(box: amp.AmpBox) -> Any:
-            if self._inFlight >= MAX_COMMANDS_IN_FLIGHT:
-                return _protocolError(
-                    f"{command}: {self._inFlight} commands are already in progress "
-                    f"on this connection (at most {MAX_COMMANDS_IN_FLIGHT})"
-                )
-            try:
-                d = responder(box)
-            except Exception as e:
-                return _protocolError(
-                    f"{command}: malformed arguments: {_describeParseError(e)}"
-                )
-            self._inFlight += 1
-            return d.addBoth(self._answered)
-
-        return parsed
-
-    def _answered(self, result: Any) -> Any:
-        self._inFlight -= 1
-        return result
-
-
-def _protocolError(message: str) -> Deferred[Any]:
-    error = ProtocolError(bounded(message))
-    return fail(amp.RemoteAmpError(b"PROTOCOL", str(error), local=Failure(error)))
-
-
 @implementer(IHandshakeListener)
 class ControlProtocol(StatusResponders, amp.AMP):
     """
@@ -169,7 +43,9 @@ class ControlProtocol(StatusResponders, amp.AMP):
     A session is tied to the connection that prepared it: the target hears
     when that connection is lost (and aborts what has not begun to commit;
     the source then learns the outcome with QueryMigration on a new
-    connection).
+    connection).  The L{ConnectionGate} admits the connection and, once its
+    handshake is done, serves it or (beyond ``--max-connections``) has it
+    answer BUSY to its first command and close.
     """
 
     def __init__(
@@ -195,6 +71,8 @@ class ControlProtocol(StatusResponders, amp.AMP):
         self._address = ""
         self._admitted = False
         self._handshaking = False
+        self._served = False
+        self._busy: Busy | None = None
         self._boxBytes = 0
 
     def connectionMade(self) -> None:
@@ -206,25 +84,21 @@ class ControlProtocol(StatusResponders, amp.AMP):
         address = self.transport.getPeer()
         self._address = str(getattr(address, "host", address))
         if self.gate is not None:
-            if not self.gate.admit(self._address, handshake=self.tls):
+            if not self.gate.admit(self._address):
                 self.transport.abortConnection()
                 return
             self._admitted = True
+        # Bounds the handshake, and a connection kept only to answer BUSY.
+        self._handshakeTimer = self.target.clock.callLater(
+            self.handshakeTimeout, self._handshakeExpired
+        )
         if self.tls:
             self._handshaking = True
-            self._handshakeTimer = self.target.clock.callLater(
-                self.handshakeTimeout, self._handshakeExpired
-            )
         else:
             self.peer = peerIdentity(self.transport)
-            self._armIdle()
+            self._serve()
 
     def handshakeCompleted(self) -> None:
-        if self._handshakeTimer is not None and self._handshakeTimer.active():
-            self._handshakeTimer.cancel()
-        self._handshakeTimer = None
-        if self._handshaking and self._admitted and self.gate is not None:
-            self.gate.authenticated(self._address)
         self._handshaking = False
         try:
             self.peer = peerIdentity(self.transport)
@@ -236,11 +110,36 @@ class ControlProtocol(StatusResponders, amp.AMP):
             self.transport.abortConnection()
             return
         log.debug("control connection from {peer}", peer=self.peer)
+        if not self._serve():
+            return
         try:
             self.target.authorize(self.peer, self.fingerprint)  # logs a refusal
         except NotAuthorized:
             pass  # every command says why; the idle time-out closes it
+
+    def _serve(self) -> bool:
+        """
+        Serve this connection, or (beyond ``--max-connections``) keep it only
+        to answer BUSY, within the handshake's time; whether it is served.
+        """
+        if self.gate is not None and self._admitted:
+            if not self.gate.serve(self._address):
+                self._busy = self.gate.busy()
+                return False
+            self._served = True
+        if self._handshakeTimer is not None and self._handshakeTimer.active():
+            self._handshakeTimer.cancel()
+        self._handshakeTimer = None
         self._armIdle()
+        return True
+
+    def announcedLimits(self) -> dict[str, int]:
+        """The limits this daemon announces in its answer to Prepare."""
+        limits = self.gate.limits if self.gate is not None else ConnectionLimits()
+        return limits.announced(self.target.config.maxSessions).toWire()
+
+    def _busyFor(self, command: str) -> Busy | None:
+        return self._busy or super()._busyFor(command)
 
     # -- bounds on what a connection holds ---------------------------------------
 
@@ -280,12 +179,15 @@ class ControlProtocol(StatusResponders, amp.AMP):
 
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
         self._boxBytes = 0
-        self._armIdle()
         if amp.COMMAND not in box:
             # This side never asks: an answer or an error box is out of place.
             self._drop("an AMP box that is not a command")
             return
+        if self._busy is None:
+            self._armIdle()
         super().ampBoxReceived(box)
+        if self._busy is not None:  # answered BUSY at once: nothing more
+            self.transport.loseConnection()
 
     def _drop(self, what: str) -> None:
         log.warn(
@@ -302,6 +204,9 @@ class ControlProtocol(StatusResponders, amp.AMP):
 
     def _handshakeExpired(self) -> None:
         self._handshakeTimer = None
+        if self._busy is not None:  # it asked nothing: it may not wait longer
+            self.transport.abortConnection()
+            return
         log.warn(
             "TLS handshake from {address} not finished in {seconds} s; dropped",
             address=self.transport.getPeer(),
@@ -320,7 +225,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
         self._stopIdle()
         if self._admitted and self.gate is not None:
             self._admitted = False
-            self.gate.closed(self._address, self._handshaking)
+            self.gate.closed(self._address, self._served)
         if self.tls and self.peer is None and self._handshaking:
             self._logHandshakeFailure(reason)
         self.target.controlConnectionLost(self.peer, set(self.prepared))
@@ -338,7 +243,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
         )
 
     @commands.Prepare.responder
-    @_guarded
+    @guarded
     def prepare(
         self,
         migration_id: str,
@@ -369,10 +274,14 @@ class ControlProtocol(StatusResponders, amp.AMP):
             raise
         if not all(offer.accepted for offer in offers):
             self.prepared.discard(migrationId)  # refused: the id may come again
-        return {"protocol_version": version, "offers": [_offerBox(o) for o in offers]}
+        return {
+            "protocol_version": version,
+            "offers": [_offerBox(o) for o in offers],
+            "limits": self.announcedLimits(),
+        }
 
     @commands.OpenStream.responder
-    @_guarded
+    @guarded
     def openStream(self, migration_id: str, device: str) -> dict[str, Any]:
         token = self.target.openStream(
             self._peer(), migration_id, device, self.fingerprint
@@ -380,7 +289,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
         return {"token": token}
 
     @commands.StartStream.responder
-    @_guarded
+    @guarded
     def startStream(self, token: bytes) -> StreamReceiver:
         session, device = self.target.claimToken(self._peer(), token, self.fingerprint)
         self._stopIdle()  # the stream has its own idle time-out
@@ -392,7 +301,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
         )
 
     @commands.DeviceReady.responder
-    @_guarded
+    @guarded
     async def deviceReady(self, migration_id: str, device: str) -> dict[str, Any]:
         digest = await self.target.deviceReady(self._peer(), migration_id, device)
         return {
@@ -402,17 +311,17 @@ class ControlProtocol(StatusResponders, amp.AMP):
         }
 
     @commands.Commit.responder
-    @_guarded
+    @guarded
     async def commit(self, migration_id: str) -> dict[str, Any]:
         return {"installed": await self.target.commit(self._peer(), migration_id)}
 
     @commands.Abort.responder
-    @_guarded
+    @guarded
     async def abort(self, migration_id: str, reason: str) -> dict[str, Any]:
         return {"phase": await self.target.abort(self._peer(), migration_id, reason)}
 
     @commands.DeviceRequest.responder
-    @_guarded
+    @guarded
     async def deviceRequest(
         self, migration_id: str, device: str, method: str, payload: dict[str, Any]
     ) -> dict[str, Any]:
@@ -430,7 +339,7 @@ class LocalControlProtocol(StatusResponders, amp.AMP):
         self.target = target
 
     @commands.AwaitRestored.responder
-    @_guarded
+    @guarded
     async def awaitRestored(
         self, domain: str, timeout: float, migration_id: str | None = None
     ) -> dict[str, Any]:
@@ -445,6 +354,6 @@ class LocalControlProtocol(StatusResponders, amp.AMP):
         return {"migration_id": release.migrationId, "installed": release.installed}
 
     @commands.Abort.responder
-    @_guarded
+    @guarded
     async def abort(self, migration_id: str, reason: str) -> dict[str, Any]:
         return {"phase": await self.target.abort(None, migration_id, reason)}

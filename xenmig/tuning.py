@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 import sys
 
 from twisted.logger import Logger
@@ -37,3 +38,22 @@ def tuneAllocator(
         mallopt(_M_MMAP_THRESHOLD, mmapThreshold)
         and mallopt(_M_TRIM_THRESHOLD, trimThreshold)
     )
+
+
+def raiseOpenFiles(wanted: int) -> int:
+    """
+    Raise this process's soft limit of open files towards ``wanted`` (never
+    above the hard limit, never lower than it is); the soft limit then.  The
+    reactor polls with epoll, so many descriptors cost nothing until used,
+    while the usual soft limit (1,024) is less than the daemon's default
+    connection limits hold.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            log.failure("could not raise the limit of open files to {n}", n=target)
+    return soft

@@ -72,6 +72,12 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         metavar="S",
         help="seconds the pause and resume commands may take (default 120)",
     )
+    migrate.add_argument(
+        "--busy-timeout",
+        type=positive(float),
+        metavar="S",
+        help="seconds to keep retrying while the target is busy (default 300)",
+    )
     migrate.set_defaults(main=main)
 
 
@@ -81,6 +87,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     from xenmig.cli.progress import ProgressDisplay
     from xenmig.plugins import deviceKinds
     from xenmig.source.client import MigrationClient
+    from xenmig.source.connection import ClientTimeouts
     from xenmig.source.device import SourceContext
     from xenmig.source.migration import SourceMigration
 
@@ -112,11 +119,22 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
         raise UsageError("two --device options have the same NAME")
     policy = _policy(args)
     host, port = args.target
-    client = MigrationClient(reactor, host, port, kinds=kinds, **clientTLS(args))
-    migrationId = args.migration_id or uuid.uuid4().hex
-    migration = SourceMigration(client, args.domain, migrationId)
     bars = sys.stderr.isatty()
     display = ProgressDisplay(reactor, sys.stderr, bars, prefix="xenmig migrate")
+    timeouts = ClientTimeouts()
+    if args.busy_timeout is not None:
+        timeouts = ClientTimeouts(busy=args.busy_timeout)
+    client = MigrationClient(
+        reactor,
+        host,
+        port,
+        kinds=kinds,
+        timeouts=timeouts,
+        onRetry=display.phase,
+        **clientTLS(args),
+    )
+    migrationId = args.migration_id or uuid.uuid4().hex
+    migration = SourceMigration(client, args.domain, migrationId)
     command = MigrateCommand(reactor, migration, args, display, policy, control)
     return await command.run()
 

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from xenmig import amp_commands as commands
 from xenmig.amp_commands import DEFAULT_PORT
+from xenmig.errors import Busy
 from xenmig.interfaces import IDeviceKind
-from xenmig.limits import withDeadline
+from xenmig.limits import AnnouncedLimits, withDeadline
 from xenmig.plugins import deviceKinds
+from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
+from xenmig.source.pacing import Slots, handshakeSlots
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import StreamEndpoint, ThreadedStreamSender
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,10 @@ class ClientTimeouts:
     commit: float = 120.0
     keepalive: float = 10.0
     abort: float = 10.0
+    #: How long a step (a Prepare, a stream's opening) is tried again while
+    #: the target answers BUSY; a connection refused or reset while
+    #: connecting is tried again for up to ``connect`` seconds.
+    busy: float = 300.0
 
 
 class TargetConnection:
@@ -47,6 +59,12 @@ class TargetConnection:
         Twisted's TLS, unless in plaintext mode.
     @param serverName: the name the daemon's certificate must carry (default:
         C{host}), for the threaded streams.
+    @param onRetry: told, in one line, each time a step waits to be tried
+        again because the target is busy (a progress display).
+
+    It paces itself within the target's L{limits}, which the target
+    announces at Prepare: at most L{handshakes} connections being opened at
+    once, and a migration's commands (L{xenmig.source.pacing}).
     """
 
     def __init__(
@@ -59,6 +77,7 @@ class TargetConnection:
         kinds: dict[str, IDeviceKind] | None = None,
         sslContext: ssl.SSLContext | None = None,
         serverName: str | None = None,
+        onRetry: Callable[[str], Any] | None = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -66,6 +85,10 @@ class TargetConnection:
         self.tls = tls
         self.timeouts = timeouts or ClientTimeouts()
         self.kinds = kinds if kinds is not None else deviceKinds()
+        self.onRetry = onRetry
+        #: What the target announced (an older one: AnnouncedLimits()).
+        self.limits = AnnouncedLimits()
+        self.handshakes = Slots(handshakeSlots(self.limits))
         self.streamEndpoint: StreamEndpoint | None = None
         if sslContext is not None or tls is None:
             self.streamEndpoint = StreamEndpoint(
@@ -80,13 +103,70 @@ class TargetConnection:
         )
         return wrapClientTLS(self.tls, tcp) if self.tls is not None else tcp
 
-    async def connect(self) -> amp.AMP:
-        """A new control connection (the TLS handshake is part of the bound)."""
-        d = self.endpoint().connect(Factory.forProtocol(amp.AMP))
-        protocol = await bounded(d, self.timeouts.connect, self.reactor, "connecting")
-        if hasattr(protocol.transport, "setTcpNoDelay"):
-            protocol.transport.setTcpNoDelay(True)  # small boxes: no delayed ACKs
+    async def connect(self) -> ControlClient:
+        """
+        A new control connection, once its TLS handshake has completed (part
+        of the bound); one of L{handshakes}.
+        """
+
+        def connecting() -> Deferred[ControlClient]:
+            connection = Deferred.fromCoroutine(self._connect())
+            return bounded(
+                connection, self.timeouts.connect, self.reactor, "connecting"
+            )
+
+        return await self.handshakes.run(connecting)
+
+    async def _connect(self) -> ControlClient:
+        protocol = ControlClient(self.tls is not None)
+        try:
+            await self.endpoint().connect(Factory.forProtocol(lambda: protocol))
+            await protocol.handshaken
+        except BaseException:
+            self.hangUp(protocol, abort=True)
+            raise
+        transport: Any = protocol.transport
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)  # small boxes: no delayed ACKs
         return protocol
+
+    async def connectOrRetry(self) -> ControlClient:
+        """L{connect}, its failure before the handshake a L{NotConnected}."""
+        try:
+            return await self.connect()
+        except CONNECTING_FAILURES as e:
+            raise NotConnected(e) from e
+
+    def whileBusy(
+        self,
+        step: Callable[[], Awaitable[T]],
+        what: str = "",
+        retryRefused: bool = True,
+    ) -> Deferred[T]:
+        """
+        ``step``, tried again while the target is busy (see
+        L{xenmig.source.backoff.whileBusy}), within L{ClientTimeouts.busy}.
+        """
+        return Deferred.fromCoroutine(
+            whileBusy(
+                self.reactor,
+                step,
+                self.timeouts.busy,
+                self.timeouts.connect,
+                self._retrying,
+                what,
+                retryRefused,
+            )
+        )
+
+    def _retrying(self, line: str) -> None:
+        if self.onRetry is not None:
+            self.onRetry(line)
+
+    def learn(self, announced: Any) -> None:
+        """Take the limits a target announced at Prepare (None: an older one)."""
+        self.limits = AnnouncedLimits.fromWire(announced)
+        self.handshakes.resize(handshakeSlots(self.limits))
 
     async def call(self, protocol: amp.AMP, command: type, **kw: Any) -> dict[str, Any]:
         """One AMP call, bounded by the call time-out."""
@@ -100,43 +180,83 @@ class TargetConnection:
         d = protocol.callRemote(command, **kw)
         return await bounded(d, seconds, self.reactor, what)
 
-    def hangUp(self, protocol: amp.AMP | None) -> None:
+    def hangUp(self, protocol: amp.AMP | None, abort: bool = False) -> None:
         """Close an AMP connection, unless it is gone (AMP then drops its transport)."""
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.loseConnection()
+        transport: Any = protocol.transport if protocol is not None else None
+        if transport is not None:
+            if abort:
+                transport.abortConnection()
+            else:
+                transport.loseConnection()
+
+    # -- the Prepare of a migration --------------------------------------------------
+
+    async def prepareRemote(self, **kw: Any) -> tuple[amp.AMP, dict[str, Any]]:
+        """
+        Prepare on a control connection of its own (``kw``: its arguments),
+        tried again while the target is busy (on the same connection, unless
+        the target closes it); the connection and the answer, whose limits the
+        client now paces itself within.
+        """
+
+        control: ControlClient | None = None
+
+        async def once() -> tuple[amp.AMP, dict[str, Any]]:
+            nonlocal control
+            if control is None or control.lost:  # closed after BUSY: a new one
+                control = await self.connectOrRetry()
+            try:
+                return control, await self.call(control, commands.Prepare, **kw)
+            except Busy as e:
+                # The target did nothing: the connection serves the next
+                # attempt, unless the target is closing it (--max-connections).
+                if e.limit == "--max-connections":
+                    self.hangUp(control)
+                    control = None
+                raise
+            except BaseException:
+                self.hangUp(control)
+                control = None
+                raise
+
+        try:
+            prepared, answer = await self.whileBusy(once)
+        except BaseException:
+            self.hangUp(control)
+            raise
+        self.learn(answer.get("limits"))
+        return prepared, answer
 
     # -- on a connection of their own ------------------------------------------------
 
     async def query(self, migrationId: str) -> dict[str, Any]:
         """The target's status of a migration, on a fresh connection."""
-        protocol = await self.connect()
-        try:
-            answer = await self.call(
-                protocol, commands.QueryMigration, migration_id=migrationId
-            )
-            return answer["status"]
-        finally:
-            self.hangUp(protocol)
+        answer = await self._onItsOwn(commands.QueryMigration, migration_id=migrationId)
+        return answer["status"]
 
     async def listMigrations(self, limit: int = 50) -> list[dict[str, Any]]:
         """The target's most recent migrations."""
-        protocol = await self.connect()
-        try:
-            answer = await self.call(protocol, commands.ListMigrations, limit=limit)
-            return answer["migrations"]
-        finally:
-            self.hangUp(protocol)
+        answer = await self._onItsOwn(commands.ListMigrations, limit=limit)
+        return answer["migrations"]
 
     async def abortMigration(self, migrationId: str, reason: str) -> str:
         """Abort a migration on the target by id; its phase afterwards."""
-        protocol = await self.connect()
-        try:
-            answer = await self.call(
-                protocol, commands.Abort, migration_id=migrationId, reason=reason
-            )
-            return answer["phase"]
-        finally:
-            self.hangUp(protocol)
+        answer = await self._onItsOwn(
+            commands.Abort, migration_id=migrationId, reason=reason
+        )
+        return answer["phase"]
+
+    async def _onItsOwn(self, command: type, **kw: Any) -> dict[str, Any]:
+        """One call on a new connection, tried again while the target is busy."""
+
+        async def once() -> dict[str, Any]:
+            protocol = await self.connectOrRetry()
+            try:
+                return await self.call(protocol, command, **kw)
+            finally:
+                self.hangUp(protocol)
+
+        return await self.whileBusy(once, retryRefused=False)
 
     # -- the streams of a migration's devices -----------------------------------------
 
@@ -155,31 +275,114 @@ class TargetConnection:
         control: amp.AMP,
         migrationId: str,
         sender: StreamSender | ThreadedStreamSender,
+        slots: Slots | None = None,
     ) -> None:
         """
         Open ``sender``'s stream: a token from the target (OpenStream on the
-        control connection), presented on a new connection (StartStream).
+        control connection, one of a migration's command ``slots``), presented on a new
+        connection (StartStream, one of L{handshakes}); tried again, with a
+        new token, while the target is busy.
         """
-        answer = await self.call(
-            control, commands.OpenStream, migration_id=migrationId, device=sender.device
-        )
-        if isinstance(sender, ThreadedStreamSender):
-            assert self.streamEndpoint is not None
-            await bounded(
-                sender.open(self.streamEndpoint, answer["token"]),
-                self.timeouts.connect,
-                self.reactor,
-                f"opening the stream of {sender.device}",
+
+        async def once() -> None:
+            answer = await (slots or Slots(1)).run(
+                self.call,
+                control,
+                commands.OpenStream,
+                migration_id=migrationId,
+                device=sender.device,
             )
+            await self._startStream(sender, answer["token"])
+
+        await self.whileBusy(once, f"the stream of {sender.device}")
+
+    async def _startStream(
+        self, sender: StreamSender | ThreadedStreamSender, token: bytes
+    ) -> None:
+        if isinstance(sender, ThreadedStreamSender):
+            endpoint = self.streamEndpoint
+            assert endpoint is not None
+
+            def opening() -> Deferred[None]:
+                return bounded(
+                    sender.open(endpoint, token),
+                    self.timeouts.connect,
+                    self.reactor,
+                    f"opening the stream of {sender.device}",
+                )
+
+            await self.handshakes.run(opening)
             return
-        protocol = await self.connect()
-        await self.call(
-            protocol,
-            commands.StartStream,
-            token=answer["token"],
-            _protoToSwitchToFactory=_SwitchFactory(sender),
-        )
+        protocol = await self.connectOrRetry()
+        try:
+            await self.call(
+                protocol,
+                commands.StartStream,
+                token=token,
+                _protoToSwitchToFactory=_SwitchFactory(sender),
+            )
+        except BaseException:
+            self.hangUp(protocol)
+            raise
         await sender.opened
+
+    async def pacedCall(
+        self,
+        slots: Slots,
+        seconds: float,
+        what: str,
+        control: amp.AMP,
+        command: type,
+        /,
+        **kw: Any,
+    ) -> dict[str, Any]:
+        """
+        L{callWithin}, holding one of a migration's command ``slots``; tried
+        again while the target answers BUSY (it then did nothing).
+        """
+
+        async def once() -> dict[str, Any]:
+            return await slots.run(
+                self.callWithin, seconds, what, control, command, **kw
+            )
+
+        return await self.whileBusy(once, what)
+
+
+@implementer(IHandshakeListener)
+class ControlClient(amp.AMP):
+    """
+    The source's end of a connection to the target: L{handshaken} fires once
+    its TLS handshake has completed (at once without TLS), or fails with why
+    the connection went before.
+    """
+
+    def __init__(self, tls: bool = True) -> None:
+        super().__init__()
+        self.tls = tls
+        self.lost = False
+        self.handshaken: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if not self.tls:
+            self._up(None)
+
+    def handshakeCompleted(self) -> None:
+        self._up(None)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        self.lost = True
+        self._up(reason)
+        super().connectionLost(reason)
+
+    def _up(self, failure: Failure | None) -> None:
+        if self.handshaken.called:
+            return
+        if failure is None:
+            self.handshaken.callback(None)
+        else:
+            self.handshaken.errback(failure)
 
 
 class _SwitchFactory(ClientFactory):

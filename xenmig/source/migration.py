@@ -25,6 +25,7 @@ from xenmig.model import ContentDigest, DeviceSpec, RoundResult
 from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
 from xenmig.source.convergence import ConvergencePolicy
 from xenmig.source.device import DeviceRun, SourceContext
+from xenmig.source.pacing import Slots, commandSlots
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
 from xenmig.source.report import migrationReport
 from xenmig.source.streamsender import StreamSender
@@ -63,6 +64,10 @@ class SourceMigration:
         self.times: dict[str, float] = {}
         self.pausedAt: float | None = None
         self.control: amp.AMP | None = None
+        #: The share of the target's commands in flight this migration uses.
+        self.commands = Slots(commandSlots(client.limits))
+        self._preparing: Deferred[None] | None = None
+        self._steps: list[Deferred[Any]] = []
         self._monotonic = monotonic
 
     def _mark(self, event: str) -> None:
@@ -120,18 +125,18 @@ class SourceMigration:
         for run in self.devices.values():
             described = await run.device.describe()
             run.description = described.withTargetParams(run.spec)
-        self.control = await self.client.connect()
+        self._preparing = Deferred.fromCoroutine(self._prepareRemote())
         try:
-            await self._prepareRemote()
+            await self._preparing  # an abort meanwhile cancels it
         except BaseException:
             self.client.hangUp(self.control)
-            self._moveTo(Phase.ABORTED)
+            if self.phase is not Phase.ABORTED:
+                self._moveTo(Phase.ABORTED)
             raise
         self._moveTo(Phase.PREPARED)
         self._mark("prepared")
 
     async def _prepareRemote(self) -> None:
-        assert self.control is not None
         devices = [
             {
                 "kind": r.description.kind,
@@ -143,14 +148,13 @@ class SourceMigration:
             for r in self.devices.values()
             if r.description is not None
         ]
-        answer = await self.client.call(
-            self.control,
-            commands.Prepare,
+        self.control, answer = await self.client.prepareRemote(
             migration_id=self.migrationId,
             domain=self.domain,
             protocol_version=commands.PROTOCOL_VERSION,
             devices=devices,
         )
+        self.commands.resize(commandSlots(self.client.limits))
         refused = [o for o in answer["offers"] if not o["accepted"]]
         if refused:
             self.reason = "; ".join(o["reason"] for o in refused)
@@ -163,7 +167,10 @@ class SourceMigration:
         if self.control is None:
             raise MigrationAborted("not connected")
         d = Deferred.fromCoroutine(
-            self.client.call(
+            self.client.pacedCall(
+                self.commands,
+                self.client.timeouts.call,
+                f"the request {method} of {device}",
                 self.control,
                 commands.DeviceRequest,
                 migration_id=self.migrationId,
@@ -180,7 +187,9 @@ class SourceMigration:
         assert self.control is not None
         # Kept at once, so that an abort stops it however far its opening got.
         sender = run.sender = self.client.streamSender(run.name)
-        await self.client.openStream(self.control, self.migrationId, sender)
+        await self.client.openStream(
+            self.control, self.migrationId, sender, self.commands
+        )
         run.started = self._monotonic()
         return sender
 
@@ -253,7 +262,8 @@ class SourceMigration:
         digest = await run.device.sendFinal(sender)
         await sender.finish(digest)
         assert self.control is not None
-        answer = await self.client.callWithin(
+        answer = await self.client.pacedCall(
+            self.commands,
             self.client.timeouts.ready,
             f"verification of device {run.name}",
             self.control,
@@ -369,8 +379,9 @@ class SourceMigration:
         Run every device's step in parallel; on the first failure abort the
         migration and raise (the target's own reason, if a stream broke).
         """
+        self._steps = [Deferred.fromCoroutine(step) for step in steps]
         try:
-            await _gather(steps)
+            await _gather(self._steps)
         except BaseException as e:
             reason = await self._targetReason(e)
             await self._failed(reason or e)
@@ -406,6 +417,10 @@ class SourceMigration:
         if self.phase is Phase.ABORTED:
             return
         self._moveTo(Phase.ABORTED)
+        # A Prepare, or steps, still waiting (for a busy target, say) stop now.
+        for step in [self._preparing, *self._steps]:
+            if step is not None and not step.called:
+                step.cancel()
         self.reason = self.reason or str(error) or repr(error)
         # Abort first, so the target records this reason, not "stream cut off".
         if self.control is not None:
@@ -451,9 +466,8 @@ def _fresh(policy: IConvergencePolicy) -> IConvergencePolicy:
     return fresh() if callable(fresh) else policy
 
 
-async def _gather(coroutines: list[Any]) -> list[Any]:
-    """Run coroutines in parallel; the first failure cancels the rest and is raised."""
-    deferreds = [Deferred.fromCoroutine(c) for c in coroutines]
+async def _gather(deferreds: list[Deferred[Any]]) -> list[Any]:
+    """Wait for steps in parallel; the first failure cancels the rest and is raised."""
     if not deferreds:
         return []
     try:

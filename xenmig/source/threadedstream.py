@@ -46,6 +46,7 @@ from xenmig.records import (
     encodeKeepalive,
     encodeStreamHeader,
 )
+from xenmig.source.backoff import NotConnected
 from xenmig.source.framing import RecordFraming
 
 _FINISH = object()
@@ -207,13 +208,21 @@ class StreamEndpoint:
         Blocking: connect, handshake, present ``token`` with StartStream, and
         return the channel, now carrying the raw stream.
 
-        @raise XenmigError: the class the target answered (BadToken, ...).
-        @raise OSError: for a connection or TLS failure.
+        @raise XenmigError: the class the target answered (BadToken, Busy, ...).
+        @raise NotConnected: the connection was refused or reset before its
+            handshake completed (the target may be at its handshake limits).
+        @raise OSError: for another connection or TLS failure.
         """
-        raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        try:
+            raw = socket.create_connection((self.host, self.port), self.timeout)
+        except ConnectionError as e:
+            raise NotConnected(e) from e
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            channel = _Channel.open(raw, self)
+            try:
+                channel = _Channel.open(raw, self)
+            except ConnectionError as e:
+                raise NotConnected(e) from e
             box = amp.AmpBox(_command=StartStream.commandName, _ask=b"1", token=token)
             channel.send([box.serialize()])
             answer = _readBox(channel)

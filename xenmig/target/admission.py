@@ -7,7 +7,14 @@ from types import TracebackType
 
 from twisted.logger import Logger
 
-from xenmig.errors import DeviceRefused, DuplicateMigration, NotAuthorized, StreamError
+from xenmig.errors import (
+    Busy,
+    DeviceRefused,
+    DuplicateMigration,
+    NotAuthorized,
+    StreamError,
+)
+from xenmig.limits import RETRY_SESSIONS
 from xenmig.model import DeviceDescription
 from xenmig.target.authz import Grant
 from xenmig.target.config import TargetConfig
@@ -110,8 +117,8 @@ class Admission:
         @raise NotAuthorized: for a kind the peer may not migrate here.
         @raise DuplicateMigration: if ``migrationId`` is being prepared or run
             here already, or ``domain`` is being migrated here.
-        @raise DeviceRefused: beyond the host's or the peer's sessions, or the
-            peer's bytes.
+        @raise Busy: beyond the host's or the peer's sessions (for now).
+        @raise DeviceRefused: beyond the peer's bytes.
         """
         checkKinds(grant, migrationId, descriptions)
         self._checkUnique(migrationId, domain)
@@ -139,16 +146,20 @@ class Admission:
     def _checkCounts(self, grant: Grant) -> None:
         held = len(self._byId)
         if held >= self.config.maxSessions:
-            raise DeviceRefused(
+            raise Busy.at(
+                "--max-sessions",
                 f"this host already runs {held} migrations, its limit "
-                f"(--max-sessions {self.config.maxSessions}); retry later"
+                f"(--max-sessions {self.config.maxSessions})",
+                RETRY_SESSIONS,
             )
         peer = grant.identity
         mine = sum(1 for r in self._byId.values() if r.peer == peer)
         if grant.maxSessions is not None and mine >= grant.maxSessions:
-            raise DeviceRefused(
+            raise Busy.at(
+                "max-sessions",
                 f"{peer} already runs {mine} migration(s) here, its limit "
-                f"(max-sessions of {grant.entry}); retry later"
+                f"(max-sessions of {grant.entry})",
+                RETRY_SESSIONS,
             )
 
     # -- while it runs -----------------------------------------------------------------

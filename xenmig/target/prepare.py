@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xenmig.errors import (
+    Busy,
     DeviceRefused,
     DuplicateMigration,
     JournalUnavailable,
@@ -122,6 +123,16 @@ class Preparation:
             reservation = self.admission.reserve(
                 grant, migrationId, domain, descriptions
             )
+        except Busy as e:  # for now: the source retries
+            log.info(
+                "migration {migration_id} of {domain} from {peer} not admitted "
+                "yet: BUSY {reason}",
+                migration_id=migrationId,
+                domain=domain,
+                peer=grant.identity,
+                reason=str(e),
+            )
+            raise
         except (DuplicateMigration, DeviceRefused, NotAuthorized) as e:
             log.warn(
                 "migration {migration_id} of {domain} from {peer} not admitted: "
