@@ -6,8 +6,13 @@ import argparse
 from typing import Any
 
 from xenmig.cli.arguments import addVerbose
-from xenmig.cli.connection import addStateDirOption, addTargetOptions, daemonFor
-from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, describeError, say
+from xenmig.cli.connection import (
+    addStateDirOption,
+    addTargetOptions,
+    daemonFor,
+    reach,
+)
+from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, say
 from xenmig.errors import ConfigurationError
 
 
@@ -30,7 +35,10 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     except ConfigurationError:
         raise
     except Exception as e:
-        say(args, f"migration {args.migration_id}: {describeError(e)}")
+        from xenmig.cli.failures import diagnose
+
+        explained = await diagnose(reactor, e, reach(args))
+        say(args, f"migration {args.migration_id}: {explained.message}")
         return EXIT_FAILED
     print(f"migration {args.migration_id}: {phase}")
     return EXIT_OK if phase == "ABORTED" else EXIT_FAILED

@@ -29,7 +29,7 @@ from twisted.logger import (
 from zope.interface import provider
 
 from xenmig.cli import abort, awaitcmd, democmd, kinds, migrate, status
-from xenmig.cli.outcome import EXIT_USAGE, UsageError, say
+from xenmig.cli.outcome import EXIT_USAGE, UsageError, printJSONError, say
 from xenmig.errors import BadSpec, ConfigurationError
 from xenmig.tuning import tuneAllocator
 
@@ -76,6 +76,8 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
         args = parser().parse_args(arguments)
     except UsageError as e:
         print(e, file=sys.stderr)
+        if "--json" in arguments:
+            printJSONError("USAGE", str(e).split(": error: ", 1)[-1], EXIT_USAGE)
         sys.exit(EXIT_USAGE)
     startLogging(args.verbose)
     tuneAllocator()
@@ -107,6 +109,11 @@ async def _entry(reactor: Any, args: argparse.Namespace) -> NoReturn:
         code = await args.main(reactor, args)
     except (UsageError, ConfigurationError, BadSpec) as e:
         say(args, f"error: {e}")
+        if getattr(args, "json", False):
+            from xenmig.cli.failures import errorCode
+
+            kind = "USAGE" if isinstance(e, UsageError) else errorCode(e)
+            printJSONError(kind, str(e), EXIT_USAGE)
         code = EXIT_USAGE
     raise SystemExit(code)
 

@@ -11,9 +11,10 @@ from xenmig.cli.connection import (
     addStateDirOption,
     addTargetOptions,
     daemonFor,
+    reach,
     where,
 )
-from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, describeError, say
+from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, printJSONError, say
 from xenmig.errors import ConfigurationError
 
 
@@ -43,7 +44,14 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     except ConfigurationError:
         raise
     except Exception as e:
-        say(args, f"{where(args)}: {describeError(e)}")
+        from xenmig.cli.failures import diagnose
+
+        explained = await diagnose(reactor, e, reach(args))
+        # A remote daemon is named in the message; the local one by its socket.
+        socket = "" if args.target else f"{where(args)}: "
+        say(args, f"{socket}{explained.message}")
+        if args.json:
+            printJSONError(explained.code, explained.message, EXIT_FAILED)
         return EXIT_FAILED
     if args.json:
         print(json.dumps(records[0] if args.migration_id else records, indent=2))
