@@ -20,8 +20,13 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     """Add ``abort`` and its options to the ``xenmig`` command line."""
     abort = subcommands.add_parser("abort", help="abort a migration before it commits")
     addVerbose(abort)
-    abort.add_argument("migration_id", metavar="ID")
-    abort.add_argument("--reason", default="aborted by the operator", metavar="TEXT")
+    abort.add_argument("migration_id", metavar="ID", help="the migration to abort")
+    abort.add_argument(
+        "--reason",
+        default="aborted by the operator",
+        metavar="TEXT",
+        help="why, as the daemon records it",
+    )
     addStateDirOption(abort)
     addTargetOptions(abort, required=False)
     abort.set_defaults(main=main)

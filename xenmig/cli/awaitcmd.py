@@ -29,7 +29,11 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         help="wait for this migration (even if already claimed)",
     )
     wait.add_argument(
-        "--timeout", type=positive(float), default=3600.0, metavar="S", help="seconds"
+        "--timeout",
+        type=positive(float),
+        default=3600.0,
+        metavar="S",
+        help="seconds to wait at most (default 3600)",
     )
     addStateDirOption(wait)
     wait.add_argument("--json", action="store_true", help="print JSON on stdout")

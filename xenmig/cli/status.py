@@ -22,11 +22,19 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     """Add ``status`` and its options to the ``xenmig`` command line."""
     status = subcommands.add_parser("status", help="show migrations on a target host")
     addVerbose(status)
-    status.add_argument("migration_id", nargs="?", metavar="ID")
+    status.add_argument(
+        "migration_id", nargs="?", metavar="ID", help="show this migration in detail"
+    )
     addStateDirOption(status)
     addTargetOptions(status, required=False)
     status.add_argument("--json", action="store_true", help="print JSON on stdout")
-    status.add_argument("--limit", type=positive(int), default=50, metavar="N")
+    status.add_argument(
+        "--limit",
+        type=positive(int),
+        default=50,
+        metavar="N",
+        help="list at most N migrations (default 50)",
+    )
     status.set_defaults(main=main)
 
 
