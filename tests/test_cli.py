@@ -511,6 +511,58 @@ def test_progress_without_terminal_prints_phases_only() -> None:
     assert not clock.getDelayedCalls()
 
 
+def test_progress_fits_eighty_columns() -> None:
+    """At 80 columns each bar fits in 79, ETA included: the bar narrows first."""
+    clock, out = Clock(), io.StringIO()
+    display = ProgressDisplay(clock, out, bars=True, width=80)
+    sizes = {"xvda-system-disk": 1000 * 1024 * MiB, "tpm0": 20_000}
+    done = dict.fromkeys(sizes, 0)
+    display.start(lambda: [(name, done[name], sizes[name]) for name in sizes])
+    for _ in range(3):
+        done["xvda-system-disk"] += 900 * MiB
+        clock.advance(1.0)
+    lines = display.lines([(n, done[n], sizes[n]) for n in sizes], 3.0, 80)
+    assert all(len(line) <= 79 for line in lines), lines
+    assert lines[0].startswith("  xvda-system-disk [")
+    assert lines[0].endswith("2.6 GiB / 1000.0 GiB 900.0 MiB/s  ETA 18:54")
+    assert lines[1].index("[") == lines[0].index("[")  # one bar width for all
+    narrow = display.lines([(n, done[n], sizes[n]) for n in sizes], 3.0, 60)
+    assert narrow[0] == "  xvda-sy~   0% 2.6 GiB / 1000.0 GiB 900.0 MiB/s  ETA 18:54"
+    display.stop()
+    assert not clock.getDelayedCalls()
+
+
+def test_final_round_counts_from_its_start() -> None:
+    """After pre-copy, a device's final round starts at 0 B sent, not at 100%."""
+    clock, out = Clock(), io.StringIO()
+    sent = {"xvda": 64 * MiB, "tpm0": 0}  # pre-copy sent the whole disk
+    sizes = {"xvda": 64 * MiB, "tpm0": 20_000}
+    display = ProgressDisplay(clock, out, bars=True, interval=1.0, width=100)
+    display.start(
+        lambda: [(name, sent[name], sizes[name]) for name in sizes],
+        continued="final round",
+    )
+    first = out.getvalue().splitlines()
+    assert first[0] == "  xvda final round: 0 B sent 0 B/s"
+    assert "100%" not in first[0]
+    sent["xvda"] += 2 * MiB
+    sent["tpm0"] = 10_000
+    clock.advance(1.0)
+    display.stop()
+    last = out.getvalue().rpartition("\x1b[J")[2].splitlines()
+    assert last[0] == "  xvda final round: 2.0 MiB sent 2.0 MiB/s"
+    assert "  50% 9.8 KiB / 19.5 KiB" in last[1]
+
+
+def test_rate_meter_resumes_after_more_bytes() -> None:
+    """A device that sends again (another pre-copy round) gets a live rate again."""
+    meter = RateMeter(window=2.0)
+    meter.sample(0.0, 0, 100)
+    assert meter.sample(1.0, 100, 100) == 100.0
+    assert meter.sample(2.0, 100, 100) == 100.0
+    assert meter.sample(3.0, 130, 100) == 15.0  # 30 bytes over the last 2 s
+
+
 def test_rate_meter_freezes_at_completion() -> None:
     """A complete device keeps its average rate instead of decaying to zero."""
     meter = RateMeter(window=2.0)

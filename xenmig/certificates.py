@@ -200,6 +200,22 @@ def certificateIdentity(certificate: x509.Certificate) -> str:
     return names[0]
 
 
+def certificateNames(certificate: x509.Certificate) -> list[str]:
+    """
+    The names a client may check a certificate against: its subjectAltName's
+    DNS names and IP addresses (``DNS:a.example``, ``IP:192.0.2.1``).
+    """
+    try:
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        return []
+    return [f"DNS:{name}" for name in names.get_values_for_type(x509.DNSName)] + [
+        f"IP:{address}" for address in names.get_values_for_type(x509.IPAddress)
+    ]
+
+
 def peerIdentity(transport: ITransport) -> str:
     """
     Name the peer of a connection whose TLS handshake is complete.

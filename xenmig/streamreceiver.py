@@ -6,6 +6,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -15,6 +16,7 @@ from twisted.python.failure import Failure
 from xenmig.errors import InternalError, StreamError, XenmigError
 from xenmig.interfaces import IReceivingSession
 from xenmig.records import EndRecord, Record, RecordParser
+from xenmig.tls import ALTERED, ALTERED_IN_TRANSIT, describeTLSError
 
 log = Logger()
 
@@ -154,8 +156,11 @@ class StreamReceiver(Protocol, TimeoutMixin):
         if self._gone is None or self.ended or self._waiting is not None:
             return
         self.ended = True
+        why = self._gone.getErrorMessage()
+        if self._gone.check(SSL.Error) and self._gone.value is not None:
+            why = f"TLS detected: {describeTLSError(self._gone.value)}"
+            if any(clue in why for clue in ALTERED_IN_TRANSIT):
+                why += f": {ALTERED}"
         self.session.streamLost(
-            self.device,
-            f"was cut off after {self._received} bytes "
-            f"({self._gone.getErrorMessage()})",
+            self.device, f"was cut off after {self._received} bytes ({why})"
         )

@@ -181,6 +181,13 @@ class Options(usage.Options):
         """A directory where received state may be installed (repeatable)."""
         self["allow-root"].append(path)
 
+    def opt_version(self) -> None:
+        """Print xenmig's version and exit."""
+        from xenmig import version
+
+        print(f"twistd xenmig (xenmig) {version()}")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         for name in (
             "max-sessions",

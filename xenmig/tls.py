@@ -37,6 +37,7 @@ from xenmig.certificates import (
     AnyPath,
     asFilePath,
     certificateFingerprint,
+    certificateNames,
     certificatePEM,
     checkAuthority,
     checkValidity,
@@ -64,6 +65,10 @@ recentRefusals: deque[str] = deque(maxlen=8)
 
 _X509_V_ERR_CERT_NOT_YET_VALID = 9
 _X509_V_ERR_CERT_HAS_EXPIRED = 10
+#: The chain ends at (or names as issuer) a CA that is not trusted here: unable
+#: to get the issuer (locally), self-signed (in the chain), unable to verify
+#: the first certificate.
+_UNTRUSTED_ISSUER = frozenset({2, 18, 19, 20, 21})
 #: Why the peer's certificate of a failed server-side handshake was refused.
 _refusals: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
@@ -153,8 +158,8 @@ def clientOptions(
     them.  This side presents C{identity}.  A certificate that does not
     chain (expired, not yet valid, another CA) fails the handshake with
     C{SSL.Error}, its reason logged and kept in L{recentRefusals}; a name
-    that does not match fails it with C{VerificationError}, a pin that does
-    not match with L{NotAuthorized}.
+    that does not match fails it with L{NameMismatch} (a
+    C{VerificationError}), a pin that does not match with L{NotAuthorized}.
     """
     # Not clientCertificate=identity: see _ownCertificate.
     inner = optionsForClientTLS(
@@ -166,7 +171,8 @@ def clientOptions(
             **_ownCertificate(identity),
         },
     )
-    return _CheckedClientOptions(inner, hostname, [parsePin(p) for p in pins])
+    trusted = describeAuthorities(authorities)
+    return _CheckedClientOptions(inner, hostname, [parsePin(p) for p in pins], trusted)
 
 
 def parsePin(text: str) -> str:
@@ -183,6 +189,80 @@ def parsePin(text: str) -> str:
             f"allowed: openssl x509 -noout -fingerprint -sha256 -in CERT)"
         )
     return pin
+
+
+def describeAuthorities(authorities: Sequence[Certificate]) -> str:
+    """The CAs of a bundle as a refusal names them: subject and short fingerprint."""
+    return ", ".join(
+        _describeCA(authority.original.to_cryptography()) for authority in authorities
+    )
+
+
+def _describeCA(certificate: x509.Certificate) -> str:
+    subject = certificate.subject.rfc4514_string()
+    return f"{subject} (sha256 {certificateFingerprint(certificate)[:16]}...)"
+
+
+#: OpenSSL's reasons when a record or handshake message failed TLS's checks:
+#: the bytes were altered on the way.
+ALTERED_IN_TRANSIT = (
+    "bad record mac",
+    "decryption failed",
+    "bad signature",
+    "digest check failed",
+    "invalid session id",
+    "decode error",
+    "illegal parameter",
+    "unexpected message",
+    "length mismatch",
+    "record layer failure",
+)
+#: What L{ALTERED_IN_TRANSIT} means, for the operator.
+ALTERED = (
+    "the bytes were altered on the way (a faulty link, or a proxy or middlebox "
+    "between the hosts)"
+)
+
+
+def describeTLSError(error: BaseException) -> str:
+    """
+    What OpenSSL detected, as one phrase: the reasons of a pyOpenSSL
+    C{SSL.Error} (its list of triples), or of an C{ssl.SSLError}; else the
+    error's text.
+    """
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        reasons = [str(part[-1]) for part in error.args[0] if part]
+        return "; ".join(reason for reason in reasons if reason) or "unknown error"
+    text = str(getattr(error, "verify_message", "") or "")
+    if not text:
+        text = str(error)
+        # "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption ... (_ssl.c:1006)"
+        if text.startswith("[") and "] " in text:
+            text = text.split("] ", 1)[1]
+        text = text.rsplit(" (_ssl.c:", 1)[0]
+    return text or type(error).__name__
+
+
+class NameMismatch(VerificationError):
+    """
+    The target's certificate does not carry the name or address it was asked
+    for; the error says which names it does carry (C{names}), so that the
+    operator can pick one or reissue the certificate.
+    """
+
+    def __init__(
+        self, errors: Any, asked: str, names: Sequence[str], subject: str
+    ) -> None:
+        super().__init__(errors)
+        self.asked = asked
+        self.names = list(names)
+        self.subject = subject
+
+    def __str__(self) -> str:
+        held = ", ".join(self.names) or "no DNS name or IP address"
+        return (
+            f"the target's certificate ({self.subject}) names {held}, not {self.asked}"
+        )
 
 
 def handshakeRefusal(transport: Any) -> str | None:
@@ -226,11 +306,16 @@ class _CheckedClientOptions:
     """
 
     def __init__(
-        self, inner: IOpenSSLClientConnectionCreator, hostname: str, pins: list[str]
+        self,
+        inner: IOpenSSLClientConnectionCreator,
+        hostname: str,
+        pins: list[str],
+        trusted: str = "",
     ) -> None:
         self.inner = inner
         self.hostname = hostname
         self.pins = frozenset(pins)
+        self.trusted = trusted
         try:
             self._address: Any = ipaddress.ip_address(hostname)
         except ValueError:
@@ -250,7 +335,8 @@ class _CheckedClientOptions:
         def verify(conn: Any, cert: X509, error: int, depth: int, ok: int) -> bool:
             try:
                 if not ok:
-                    _remember(_describeRefusal("the target's", cert, error, depth))
+                    whose = "the target's"
+                    _remember(_describeRefusal(whose, cert, error, depth, self.trusted))
                     return False
                 if depth != 0:
                     return True
@@ -274,8 +360,10 @@ class _CheckedClientOptions:
                 verify_certificate_ip_address(certificate, str(self._address))
             else:
                 verify_certificate_hostname(certificate, self.hostname)
-        except VerificationError:
-            return Failure()
+        except VerificationError as e:
+            subject = certificate.subject.rfc4514_string()
+            names = certificateNames(certificate)
+            return Failure(NameMismatch(e.errors, self.hostname, names, subject))
         fingerprint = certificateFingerprint(certificate)
         if self.pins and fingerprint not in self.pins:
             return Failure(
@@ -293,8 +381,13 @@ def _remember(why: str) -> None:
     log.warn("TLS: {why}", why=why)
 
 
-def _describeRefusal(whose: str, cert: X509, error: int, depth: int) -> str:
-    """A sentence saying why OpenSSL refused a certificate of a chain."""
+def _describeRefusal(
+    whose: str, cert: X509, error: int, depth: int, trusted: str = ""
+) -> str:
+    """
+    A sentence saying why OpenSSL refused a certificate of a chain (C{trusted}:
+    the CAs this host trusts, named when the chain ends at another one).
+    """
     certificate = cert.to_cryptography()
     subject = certificate.subject.rfc4514_string()
     if error == _X509_V_ERR_CERT_HAS_EXPIRED:
@@ -308,6 +401,18 @@ def _describeRefusal(whose: str, cert: X509, error: int, depth: int) -> str:
             f"{whose} certificate {subject} is not valid until "
             f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC; check "
             f"the clocks of both hosts"
+        )
+    if error in _UNTRUSTED_ISSUER:
+        issuer = (
+            _describeCA(certificate)
+            if certificate.issuer == certificate.subject
+            else certificate.issuer.rfc4514_string()
+        )
+        leaf = f" {subject}" if depth == 0 else ""
+        return (
+            f"this host does not trust {whose} certificate{leaf}: its chain ends "
+            f"at {issuer}, not at a CA of this host's --ca"
+            + (f", which holds {trusted}" if trusted else "")
         )
     return (
         f"{whose} certificate {subject} (depth {depth} of its chain) was refused: "

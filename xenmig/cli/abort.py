@@ -6,8 +6,13 @@ import argparse
 from typing import Any
 
 from xenmig.cli.arguments import addVerbose
-from xenmig.cli.connection import addStateDirOption, addTargetOptions, daemonFor
-from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, describeError, say
+from xenmig.cli.connection import (
+    addStateDirOption,
+    addTargetOptions,
+    daemonFor,
+    reach,
+)
+from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, say
 from xenmig.errors import ConfigurationError
 
 
@@ -15,8 +20,13 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     """Add ``abort`` and its options to the ``xenmig`` command line."""
     abort = subcommands.add_parser("abort", help="abort a migration before it commits")
     addVerbose(abort)
-    abort.add_argument("migration_id", metavar="ID")
-    abort.add_argument("--reason", default="aborted by the operator", metavar="TEXT")
+    abort.add_argument("migration_id", metavar="ID", help="the migration to abort")
+    abort.add_argument(
+        "--reason",
+        default="aborted by the operator",
+        metavar="TEXT",
+        help="why, as the daemon records it",
+    )
     addStateDirOption(abort)
     addTargetOptions(abort, required=False)
     abort.set_defaults(main=main)
@@ -30,7 +40,10 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     except ConfigurationError:
         raise
     except Exception as e:
-        say(args, f"migration {args.migration_id}: {describeError(e)}")
+        from xenmig.cli.failures import diagnose
+
+        explained = await diagnose(reactor, e, reach(args))
+        say(args, f"migration {args.migration_id}: {explained.message}")
         return EXIT_FAILED
     print(f"migration {args.migration_id}: {phase}")
     return EXIT_OK if phase == "ABORTED" else EXIT_FAILED

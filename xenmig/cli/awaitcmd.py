@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xenmig.cli.arguments import addVerbose, parseMigrationId, positive
 from xenmig.cli.connection import addStateDirOption
-from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, UsageError, describeError, say
+from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, UsageError, say
 from xenmig.errors import ConfigurationError, XenmigError
+
+if TYPE_CHECKING:
+    from xenmig.cli.failures import Explained
 
 
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:
@@ -26,7 +29,11 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         help="wait for this migration (even if already claimed)",
     )
     wait.add_argument(
-        "--timeout", type=positive(float), default=3600.0, metavar="S", help="seconds"
+        "--timeout",
+        type=positive(float),
+        default=3600.0,
+        metavar="S",
+        help="seconds to wait at most (default 3600)",
     )
     addStateDirOption(wait)
     wait.add_argument("--json", action="store_true", help="print JSON on stdout")
@@ -59,11 +66,16 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     except ConfigurationError:
         raise
     except Exception as e:
-        reason = _whyNotRestored(e, args.state_dir)
+        why = _whyNotRestored(e, args.state_dir)
         if args.json:
-            result = {"domain": args.domain, "committed": False, "reason": reason}
+            result = {
+                "domain": args.domain,
+                "committed": False,
+                "reason": why.message,
+                "error": why.asJSON(),
+            }
             print(json.dumps(result, indent=2))
-        say(args, f"{args.domain}: not restored: {reason}")
+        say(args, f"{args.domain}: not restored: {why.message}")
         return EXIT_FAILED
     installed = list(answer["installed"])
     resumed = await _resumeHere(args, resumer) if resumer is not None else None
@@ -86,18 +98,21 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     return EXIT_FAILED if resumed is False else EXIT_OK
 
 
-def _whyNotRestored(error: BaseException, stateDir: str) -> str:
+def _whyNotRestored(error: BaseException, stateDir: str) -> Explained:
     """Why the wait ended without a VM, and, if the daemon went away, what to do."""
     from twisted.internet.error import ConnectionClosed
 
+    from xenmig.cli.failures import Explained, explain
+
     if isinstance(error, ConnectionClosed):
-        return (
+        return Explained(
+            "DAEMON_GONE",
             f"the daemon (state directory {stateDir}) went away while this waited; "
             f"whether the migration committed is in its journal: once the daemon "
             f"runs again, `xenmig status` shows it, and `xenmig await --migration-id "
-            f"ID` hands out its commit again (even one this wait had claimed)"
+            f"ID` hands out its commit again (even one this wait had claimed)",
         )
-    return describeError(error)
+    return explain(error)
 
 
 def _resumer(args: argparse.Namespace, reactor: Any) -> Any:

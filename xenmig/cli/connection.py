@@ -7,8 +7,25 @@ import ipaddress
 import os
 from typing import Any
 
+import attrs
+
 from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
 from xenmig.cli.outcome import UsageError, say
+
+
+@attrs.frozen
+class Reach:
+    """How a subcommand reached (or tried to reach) its daemon, for its messages."""
+
+    #: ``HOST:PORT`` of ``--target``, or the local daemon's socket.
+    where: str
+    #: Whether it is ``--target`` (TCP, TLS unless plaintext), not the local socket.
+    remote: bool = False
+    plaintext: bool = False
+    #: ``--server-name``, if given; ``--ca`` and ``--cert`` as given.
+    serverName: str | None = None
+    ca: str | None = None
+    cert: str | None = None
 
 
 def parseTarget(text: str) -> tuple[str, int]:
@@ -130,3 +147,17 @@ def where(args: argparse.Namespace) -> str:
     if args.target is not None:
         return "{}:{}".format(*args.target)
     return os.path.join(args.state_dir, "control.sock")
+
+
+def reach(args: argparse.Namespace) -> Reach:
+    """What the command line says about reaching the daemon (see L{Reach})."""
+    if getattr(args, "target", None) is None:
+        return Reach(where(args))
+    return Reach(
+        where(args),
+        remote=True,
+        plaintext=getattr(args, "insecure_plaintext", False),
+        serverName=getattr(args, "server_name", None),
+        ca=getattr(args, "ca", None),
+        cert=getattr(args, "cert", None),
+    )

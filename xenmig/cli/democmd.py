@@ -16,7 +16,11 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     addVerbose(demo)
     demo.add_argument("--keep", action="store_true", help="keep the temp directory")
     demo.add_argument(
-        "--size-mib", type=positive(int), default=64, metavar="N", help="file size"
+        "--size-mib",
+        type=positive(int),
+        default=64,
+        metavar="N",
+        help="size of the demo's state file, in MiB (default 64)",
     )
     demo.set_defaults(main=main)
 

@@ -1,9 +1,10 @@
 """
 The ``xenmig`` console script: the parser, the entry point and the logging.
 
-The subcommands are migrate, status, abort, await, pki, kinds and demo.  Each
-lives in a module of its own that adds its options to the parser (``register``)
-and runs it (``main(reactor, args)``), importing what it needs only then.
+The subcommands are migrate, status, abort, await, pki, kinds, demo, completion
+and manpage.  Each lives in a module of its own that adds its options to the
+parser (``register``) and runs it (``main(reactor, args)``), importing what it
+needs only then.
 
 Exit statuses: 0 success (a committed migration); 1 the migration aborted (the
 source may resume its VM) or the step failed; 2 a usage or configuration error;
@@ -28,8 +29,19 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
-from xenmig.cli import abort, awaitcmd, democmd, kinds, migrate, status
-from xenmig.cli.outcome import EXIT_USAGE, UsageError, say
+from xenmig import version
+from xenmig.cli import (
+    abort,
+    awaitcmd,
+    completion,
+    democmd,
+    kinds,
+    manpage,
+    migrate,
+    pki,
+    status,
+)
+from xenmig.cli.outcome import EXIT_USAGE, UsageError, printJSONError, say
 from xenmig.errors import BadSpec, ConfigurationError
 from xenmig.tuning import tuneAllocator
 
@@ -50,18 +62,26 @@ def parser() -> argparse.ArgumentParser:
         "error, 3 commit in doubt",
     )
     top.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
-    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    top.add_argument(
+        "--version",
+        action="version",
+        version=f"xenmig {version()}",
+        help="print xenmig's version and exit",
+    )
+    sub = top.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
     migrate.register(sub)
     status.register(sub)
     abort.register(sub)
     awaitcmd.register(sub)
-    # ``xenmig pki`` has a command line of its own (xenmig.cli.pki.main), which
-    # L{run} hands it before this parser sees it: here it is only listed.
-    sub.add_parser(
-        "pki", help="make the CA and host certificates (xenmig pki --help)"
-    ).set_defaults(main=None)
+    # ``xenmig pki`` runs its own command line (xenmig.cli.pki.main), which
+    # L{run} hands it before this parser sees it: here it is only described.
+    pki.register(sub)
     kinds.register(sub)
     democmd.register(sub)
+    completion.register(sub, top)
+    manpage.register(sub, top)
     return top
 
 
@@ -69,13 +89,13 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``xenmig`` console script."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["pki"]:
-        from xenmig.cli import pki
-
         sys.exit(pki.main(arguments[1:]))
     try:
         args = parser().parse_args(arguments)
     except UsageError as e:
         print(e, file=sys.stderr)
+        if "--json" in arguments:
+            printJSONError("USAGE", str(e).split(": error: ", 1)[-1], EXIT_USAGE)
         sys.exit(EXIT_USAGE)
     startLogging(args.verbose)
     tuneAllocator()
@@ -107,6 +127,11 @@ async def _entry(reactor: Any, args: argparse.Namespace) -> NoReturn:
         code = await args.main(reactor, args)
     except (UsageError, ConfigurationError, BadSpec) as e:
         say(args, f"error: {e}")
+        if getattr(args, "json", False):
+            from xenmig.cli.failures import errorCode
+
+            kind = "USAGE" if isinstance(e, UsageError) else errorCode(e)
+            printJSONError(kind, str(e), EXIT_USAGE)
         code = EXIT_USAGE
     raise SystemExit(code)
 

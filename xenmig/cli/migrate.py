@@ -38,7 +38,12 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         metavar="KIND:NAME:key=val,...",
         help="a device (repeatable); target-side keys start with 'target'",
     )
-    migrate.add_argument("--migration-id", type=parseMigrationId, metavar="ID")
+    migrate.add_argument(
+        "--migration-id",
+        type=parseMigrationId,
+        metavar="ID",
+        help="the migration's id (default: a random one)",
+    )
     migrate.add_argument(
         "--json", action="store_true", help="print the report as JSON on stdout"
     )

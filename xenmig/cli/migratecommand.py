@@ -9,14 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 
-from xenmig.cli.outcome import (
-    EXIT_FAILED,
-    EXIT_IN_DOUBT,
-    EXIT_OK,
-    EXIT_USAGE,
-    describeError,
-    say,
-)
+from xenmig.cli.connection import reach
+from xenmig.cli.failures import Explained, diagnose
+from xenmig.cli.outcome import EXIT_FAILED, EXIT_IN_DOUBT, EXIT_OK, EXIT_USAGE, say
 from xenmig.cli.progress import ProgressDisplay, formatBytes, formatRate, formatSeconds
 from xenmig.clients.processes import fireOnce
 from xenmig.errors import BadSpec, CommitInDoubt, MigrationAborted, XenmigError
@@ -53,6 +48,9 @@ class MigrateCommand:
         self.control = control  # an IDomainControl, or None
         self.released: bool | None = None
         self.target = "{}:{}".format(*args.target)
+        self.reach = reach(args)
+        #: Why the migration did not commit (for --json), once it is known.
+        self.error: Explained | None = None
         self.pause: dict[str, Any] | None = None
         self.resumed: bool | None = None
         self.interrupted = False
@@ -150,7 +148,8 @@ class MigrateCommand:
 
     async def _transfer(self) -> None:
         self.display.phase("transferring the final state")
-        self.display.start(self.migration.progress)
+        # After pre-copy rounds, the bars show the final round alone.
+        self.display.start(self.migration.progress, continued="final round")
         digests = await self.migration.transfer()
         self.display.stop()
         for name, digest in digests.items():
@@ -158,6 +157,7 @@ class MigrateCommand:
 
     def _inDoubt(self, error: CommitInDoubt) -> int:
         self.display.stop()
+        self.error = Explained("COMMIT_IN_DOUBT", str(error))
         say(self.args, f"COMMIT IN DOUBT: {error}")
         say(
             self.args,
@@ -176,14 +176,19 @@ class MigrateCommand:
         self.display.stop()
         migration = self.migration
         contacted = migration.control is not None
-        reason = "interrupted on the source" if self.interrupted else ""
-        reason = reason or describeError(error)
+        if self.interrupted:
+            explained = Explained("INTERRUPTED", "interrupted on the source")
+        else:
+            answered = "prepared" in migration.times
+            explained = await diagnose(self.reactor, error, self.reach, answered)
         if migration.phase not in FINAL:
-            await migration.abort(reason)
-        say(
-            self.args,
-            f"migration {migration.migrationId} aborted: {migration.reason or reason}",
-        )
+            await migration.abort(explained.message)
+        # An error in its own words leaves the reason the migration recorded
+        # (the target's own, when it aborted first); an explained one replaces it.
+        if not (explained.verbatim and migration.reason):
+            migration.reason = explained.message
+        self.error = Explained(explained.code, migration.reason)
+        say(self.args, f"migration {migration.migrationId} aborted: {migration.reason}")
         if notCommitted:
             say(
                 self.args,
@@ -265,6 +270,7 @@ class MigrateCommand:
         report = self.migration.report()
         report["target"] = self.target
         report["exit_status"] = code
+        report["error"] = None if self.error is None else self.error.asJSON()
         if self.args.live or self.control is not None:
             report["live"] = {"pause": self.pause, "resumed": self.resumed}
         if self.control is not None:

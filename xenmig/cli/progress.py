@@ -47,7 +47,9 @@ def formatSeconds(seconds: float | None) -> str:
 class RateMeter:
     """
     A device's transfer rate over the last few seconds of samples; once the
-    device is complete, its average rate from the first sample on.
+    device is complete, its average rate from the first sample on (until it
+    sends again, as a disk does in its next pre-copy round: then the recent
+    rate again).
     """
 
     def __init__(self, window: float = 3.0) -> None:
@@ -55,17 +57,20 @@ class RateMeter:
         self.samples: deque[tuple[float, int]] = deque()
         self.start: tuple[float, int] | None = None
         self.final: float | None = None
+        self.again = False
 
     def sample(self, now: float, done: int, expected: int = 0) -> float:
         """Record ``done`` of ``expected`` bytes at ``now``; bytes per second."""
         if self.final is not None:
-            return self.final
+            if done == self.samples[-1][1]:
+                return self.final
+            self.final, self.again = None, True
         if self.start is None:
             self.start = (now, done)
-        if expected and done >= expected and now > self.start[0]:
+        self.samples.append((now, done))
+        if expected and done >= expected and now > self.start[0] and not self.again:
             self.final = (done - self.start[1]) / (now - self.start[0])
             return self.final
-        self.samples.append((now, done))
         while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
             self.samples.popleft()
         first, last = self.samples[0], self.samples[-1]
@@ -79,8 +84,9 @@ class ProgressDisplay:
 
     On a terminal (``bars=True``): one line per device (a bar, bytes done of
     expected, rate, ETA), redrawn in place every ``interval`` seconds by a
-    LoopingCall on the injected ``reactor``.  Otherwise only the phase lines.
-    Phase lines (L{phase}) are printed in both cases, above the bars.
+    LoopingCall on the injected ``reactor``, each fitted to the terminal's
+    width (``width``, else asked at each redraw).  Otherwise only the phase
+    lines.  Phase lines (L{phase}) are printed in both cases, above the bars.
     """
 
     def __init__(
@@ -100,6 +106,8 @@ class ProgressDisplay:
         self.width = width
         self.source: Callable[[], Snapshot] | None = None
         self._meters: dict[str, RateMeter] = {}
+        self._before: dict[str, int] = {}
+        self._continued = ""
         self._drawn = 0
         self._loop: LoopingCall | None = None
 
@@ -111,10 +119,17 @@ class ProgressDisplay:
         if self._loop is not None:
             self.redraw()
 
-    def start(self, source: Callable[[], Snapshot]) -> None:
-        """Start redrawing the bars of ``source`` (on a terminal only)."""
+    def start(self, source: Callable[[], Snapshot], continued: str = "") -> None:
+        """
+        Start redrawing the bars of ``source`` (on a terminal only).  A device
+        that has already sent bytes (its pre-copy rounds, before the final
+        one) shows what it sends from now on, labelled ``continued``, without
+        a size or an ETA: how much is left to send is not known.
+        """
         self.source = source
         self._meters = {}
+        self._before = {name: done for name, done, _ in source()}
+        self._continued = continued or "since then"
         if not self.bars or self._loop is not None:
             return
         self._loop = LoopingCall(self.redraw)
@@ -134,23 +149,37 @@ class ProgressDisplay:
         """Draw every device's line in place of the previous ones."""
         if self.source is None:
             return
-        lines = self.lines(self.source(), self.reactor.seconds())
-        self._erase()
         width = self.width or shutil.get_terminal_size().columns
+        lines = self.lines(self.source(), self.reactor.seconds(), width)
+        self._erase()
         for line in lines:
             self.stream.write(line[: max(width - 1, 20)] + "\n")
         self.stream.flush()
         self._drawn = len(lines)
 
-    def lines(self, snapshot: Snapshot, now: float) -> list[str]:
-        """The text of each device's bar at ``now``."""
-        names = max((len(name) for name, _, _ in snapshot), default=0)
-        result = []
-        for name, done, expected in snapshot:
-            meter = self._meters.setdefault(name, RateMeter())
-            rate = meter.sample(now, done, expected)
-            result.append(_barLine(name.ljust(names), done, expected, rate))
-        return result
+    def lines(self, snapshot: Snapshot, now: float, width: int = 0) -> list[str]:
+        """The text of each device's bar at ``now``, in ``width`` columns (0: any)."""
+        return _layout([self._row(*device, now) for device in snapshot], width)
+
+    def _row(
+        self, name: str, done: int, expected: int, now: float
+    ) -> tuple[str, float | None, str]:
+        """A device's name, fraction done (None: no bar) and figures."""
+        meter = self._meters.setdefault(name, RateMeter())
+        before = self._before.get(name, 0)
+        if before:
+            rate = meter.sample(now, done - before)
+            sent = f"{formatBytes(done - before)} sent {formatRate(rate)}"
+            return name, None, f"{self._continued}: {sent}"
+        rate = meter.sample(now, done, expected)
+        fraction = min(done / expected, 1.0) if expected else (1.0 if done else 0.0)
+        eta = (expected - done) / rate if rate > 0 and expected > done else None
+        figures = (
+            f"{fraction:4.0%} {formatBytes(done)} / {formatBytes(expected)} "
+            f"{formatRate(rate)}"
+            + (f"  ETA {formatSeconds(eta)}" if eta is not None else "")
+        )
+        return name, fraction, figures
 
     def _erase(self) -> None:
         if self._drawn:
@@ -158,16 +187,34 @@ class ProgressDisplay:
             self._drawn = 0
 
 
-def _barLine(name: str, done: int, expected: int, rate: float) -> str:
-    fraction = min(done / expected, 1.0) if expected else (1.0 if done else 0.0)
-    filled = int(fraction * 20)
-    bar = "#" * filled + "." * (20 - filled)
-    eta = (expected - done) / rate if rate > 0 and expected > done else None
-    return (
-        f"  {name} [{bar}] {fraction:4.0%} {formatBytes(done)} / "
-        f"{formatBytes(expected)} {formatRate(rate)}"
-        + (f"  ETA {formatSeconds(eta)}" if eta is not None else "")
-    )
+#: The widest a bar gets, and the narrowest worth drawing.
+_BAR, _NARROWEST_BAR = 20, 5
+
+
+def _layout(rows: list[tuple[str, float | None, str]], width: int) -> list[str]:
+    """
+    ``  NAME [####....] FIGURES`` for each device, in ``width - 1`` columns
+    (any if 0), every bar as wide: where they do not fit, the bars narrow,
+    then go, then the names are cut, and only then the figures.
+    """
+    room = width - 1 if width else 1 << 16
+    names = max((len(name) for name, _, _ in rows), default=0)
+    figures = max((len(text) for _, _, text in rows), default=0)
+    plain = 2 + names + 1 + figures
+    bar = min(_BAR, room - plain - 3)
+    bar = bar if bar >= _NARROWEST_BAR else 0
+    if not bar and plain > room:
+        names = max(room - figures - 3, 1)
+    lines = []
+    for name, fraction, text in rows:
+        if len(name) > names:
+            name = name[: names - 1] + "~"
+        drawn = ""
+        if bar and fraction is not None:
+            filled = int(fraction * bar)
+            drawn = f"[{'#' * filled}{'.' * (bar - filled)}] "
+        lines.append(f"  {name.ljust(names)} {drawn}{text}"[:room])
+    return lines
 
 
 # -- status tables ---------------------------------------------------------------------

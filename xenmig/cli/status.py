@@ -11,9 +11,10 @@ from xenmig.cli.connection import (
     addStateDirOption,
     addTargetOptions,
     daemonFor,
+    reach,
     where,
 )
-from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, describeError, say
+from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, printJSONError, say
 from xenmig.errors import ConfigurationError
 
 
@@ -21,11 +22,19 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     """Add ``status`` and its options to the ``xenmig`` command line."""
     status = subcommands.add_parser("status", help="show migrations on a target host")
     addVerbose(status)
-    status.add_argument("migration_id", nargs="?", metavar="ID")
+    status.add_argument(
+        "migration_id", nargs="?", metavar="ID", help="show this migration in detail"
+    )
     addStateDirOption(status)
     addTargetOptions(status, required=False)
     status.add_argument("--json", action="store_true", help="print JSON on stdout")
-    status.add_argument("--limit", type=positive(int), default=50, metavar="N")
+    status.add_argument(
+        "--limit",
+        type=positive(int),
+        default=50,
+        metavar="N",
+        help="list at most N migrations (default 50)",
+    )
     status.set_defaults(main=main)
 
 
@@ -43,7 +52,14 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     except ConfigurationError:
         raise
     except Exception as e:
-        say(args, f"{where(args)}: {describeError(e)}")
+        from xenmig.cli.failures import diagnose
+
+        explained = await diagnose(reactor, e, reach(args))
+        # A remote daemon is named in the message; the local one by its socket.
+        socket = "" if args.target else f"{where(args)}: "
+        say(args, f"{socket}{explained.message}")
+        if args.json:
+            printJSONError(explained.code, explained.message, EXIT_FAILED)
         return EXIT_FAILED
     if args.json:
         print(json.dumps(records[0] if args.migration_id else records, indent=2))

@@ -172,7 +172,7 @@ class DemoRun:
             for name, sent in rounds.items():
                 self.say(f"  {name}: pre-copy rounds of {_sizes(sent)}")
             migration.paused()  # a real toolstack pauses the VM here
-            self.display.start(migration.progress)
+            self.display.start(migration.progress, continued="final round")
             await migration.transfer()
             self.display.stop()
             installed = await migration.commit()

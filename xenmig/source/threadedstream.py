@@ -349,9 +349,9 @@ class ThreadedStreamSender(RecordFraming):
             opened.callback(None)
 
     def _connectionLost(self, error: BaseException) -> None:
-        if self._done and self._lost is None and isinstance(error, OSError):
-            self._finished.errback(Failure(error))
-            return
+        # Even once every record is queued (``_done``), a broken connection is a
+        # lost stream: the migration then asks the target why (it usually cut
+        # the stream itself, e.g. on a record that failed TLS's check).
         lost = self._lose(str(error))
         if not self._finished.called:
             self._finished.errback(lost)

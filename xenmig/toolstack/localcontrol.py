@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from twisted.internet import error as net
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectError
 from twisted.protocols import amp
 
 from xenmig import amp_commands as commands
@@ -37,7 +37,13 @@ class LocalControl:
         endpoint = UNIXClientEndpoint(self.reactor, self.path, timeout=self.timeout)
         try:
             return await connectProtocol(endpoint, amp.AMP())
-        except ConnectError as e:
+        except net.ConnectionRefusedError:
+            raise ConfigurationError(
+                f"nothing listens on {self.path} (connection refused): the daemon "
+                f"that made it has stopped; start 'twistd xenmig' with --state-dir "
+                f"{os.path.dirname(self.path)} again"
+            )
+        except net.ConnectError as e:
             raise ConfigurationError(f"cannot connect to {self.path}: {e}")
 
     async def call(
