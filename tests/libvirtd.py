@@ -17,6 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 LIBVIRTD = "/usr/sbin/libvirtd"
@@ -33,18 +34,35 @@ DOMAIN_XML = """<domain type='qemu'>
 """
 
 
+#: A raw image as the domain's virtio disk ``vda``.
+DISK_XML = """  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{path}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+"""
+
+
 class LibvirtdUnavailable(Exception):
     """libvirtd is not installed, or did not start: the reason and its log."""
 
 
 class Libvirtd:
-    """One private libvirtd, started by L{start} and ended by L{stop}."""
+    """
+    One private libvirtd, started by L{start} and ended by L{stop}.  Each has a
+    host UUID of its own, so that two of them are two hosts to ``virsh migrate``;
+    one made with ``seed`` starts from that one's cache of QEMU's capabilities
+    (probing QEMU takes most of a start).
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, seed: Libvirtd | None = None) -> None:
         # Short: QEMU's monitor sockets live below it (108 bytes at most).
         self.root = Path(tempfile.mkdtemp(prefix="xm-lv-"))
         self.process: subprocess.Popen[bytes] | None = None
         self.user = UNPRIVILEGED if os.geteuid() == 0 else None
+        self.seed = seed
 
     @property
     def socket(self) -> Path:
@@ -69,12 +87,18 @@ class Libvirtd:
         }
 
     def _layout(self) -> None:
-        for name in ("home", "run", "config/libvirt", "cache"):
+        for name in ("home", "run", "config/libvirt"):
             (self.root / name).mkdir(parents=True, exist_ok=True)
         # QEMU's output to a file: no virtlogd to start (and to end) beside it.
         (self.root / "config" / "libvirt" / "qemu.conf").write_text(
             'stdio_handler = "file"\n'
         )
+        (self.root / "config" / "libvirt" / "libvirtd.conf").write_text(
+            f'host_uuid = "{uuid.uuid4()}"\n'
+        )
+        if self.seed is not None:
+            shutil.copytree(self.seed.root / "cache", self.root / "cache", True)
+        (self.root / "cache").mkdir(exist_ok=True)
         if self.user is not None:
             self.root.chmod(0o755)
             for path in [self.root, *self.root.rglob("*")]:
@@ -137,10 +161,13 @@ class Libvirtd:
         """``virsh domstate --reason``: ``paused (user)``, ``shut off (destroyed)``."""
         return self.check("domstate", "--reason", "--domain", domain)
 
-    def defineDomain(self, name: str, start: bool = True) -> str:
-        """Define (and start) a tiny TCG domain; its name."""
+    def defineDomain(self, name: str, start: bool = True, disk: str = "") -> str:
+        """Define (and start) a tiny TCG domain, with a raw ``disk``; its name."""
         xml = self.root / f"{name}.xml"
-        xml.write_text(DOMAIN_XML.format(name=name))
+        text = DOMAIN_XML.format(name=name)
+        if disk:
+            text = text.replace("</domain>", DISK_XML.format(path=disk) + "</domain>")
+        xml.write_text(text)
         self.check("define", "--file", str(xml))
         if start:
             self.check("start", "--domain", name)

@@ -23,6 +23,7 @@ from libvirtd import Libvirtd, LibvirtdUnavailable
 from twisted.internet import reactor
 from zope.interface.verify import verifyObject
 
+from xenmig.clients.processes import freePort
 from xenmig.errors import BadSpec
 from xenmig.interfaces import IDomainControl
 from xenmig.toolstack.domains import DomainControlError, parseDomainControl
@@ -351,3 +352,71 @@ async def test_virshMissing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(DomainControlError, match="'virsh' is not installed"):
         await LibvirtDomainControl(reactor, "qemu:///system", "vm1").pause()
+
+
+# -- libvirt moves the domain, xenmig its local disk (doc/toolstacks.md) --------------
+
+
+@pytest.fixture(scope="module")
+def hostB(libvirtd: Libvirtd) -> Iterator[Libvirtd]:
+    """A second private libvirtd: another host to ``virsh migrate``."""
+    daemon = Libvirtd(seed=libvirtd).start()
+    yield daemon
+    daemon.stop()
+
+
+def test_libvirtMovesTheDomainXenmigItsDisk(
+    libvirtd: Libvirtd, hostB: Libvirtd, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """
+    doc/toolstacks.md's sequence: xenmig moves a local disk libvirt does not
+    copy, the domain paused by virsh; then libvirt migrates the paused domain,
+    which resumes on B with the disk xenmig installed.
+    """
+    a, b = libvirtd, hostB
+    disk = a.root / "xm-move.raw"
+    sparseFile(disk, 8 * MiB, [(0, MiB), (5 * MiB, 6 * MiB)])
+    images = b.root / "images"
+    images.mkdir()
+    for path in (disk, images):
+        os.chown(path, 65534, 65534)  # the session daemons' QEMUs run as nobody
+    name = a.defineDomain("xm-move", disk=str(disk))
+    # The guest writes (QEMU's own block layer, in its place) while it runs.
+    device = "/machine/peripheral/virtio-disk0/virtio-backend"
+    wrote = a.check("qemu-monitor-command", "--domain", name, "--hmp",
+                    f'qemu-io -d {device} "write -P 0x5a 2M 64k"')  # fmt: skip
+    assert wrote == ""  # HMP's errors are its output
+    certs = PKI(tmp_path_factory.mktemp("pki-move"))
+    target = Daemon(tmp_path_factory.mktemp("daemon-move"), certs,
+                    "--allow-root", str(images)).start()  # fmt: skip
+    try:
+        installed = images / "xm-move.raw"
+        moved = xenmig(
+            target, "migrate", "--domain", name, "--live",
+            "--device", f"disk:vda:path={disk},target={installed}",
+            "--pause-command", f"virsh --connect '{a.uri}' suspend {name}",
+            "--resume-command", f"virsh --connect '{a.uri}' resume {name}",
+        )  # fmt: skip
+        assert moved.returncode == 0, moved.stderr
+        assert a.state(name) == "paused (user)"  # paused here, its disk installed there
+        assert installed.read_bytes() == disk.read_bytes()
+        assert installed.read_bytes()[2 * MiB : 2 * MiB + 4] == b"\x5a" * 4
+        os.chown(installed, 65534, 65534)  # what qemu:///system's labelling does
+        xml = a.check("dumpxml", "--migratable", "--domain", name)
+        destXML = b.root / "xm-move-dest.xml"
+        destXML.write_text(xml.replace(str(disk), str(installed)))
+        port = freePort()
+        a.check("migrate", "--domain", name, "--desturi", b.uri,
+                "--persistent", "--undefinesource", "--unsafe",
+                "--xml", str(destXML), "--listen-address", "127.0.0.1",
+                "--migrateuri", f"tcp://127.0.0.1:{port}")  # fmt: skip
+        assert b.state(name) == "paused (user)"  # it arrives as it left
+        b.check("resume", "--domain", name)
+        assert b.state(name) == "running (unpaused)"
+        assert str(installed) in b.check("domblklist", "--domain", name)
+        assert name not in a.check("list", "--all", "--name").split()
+    finally:
+        target.stop()
+        for host in (a, b):
+            host.virsh("destroy", "--domain", name)
+            host.virsh("undefine", "--domain", name)
