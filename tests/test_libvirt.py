@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -357,6 +359,37 @@ async def test_virshMissing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 # -- libvirt moves the domain, xenmig its local disk (doc/toolstacks.md) --------------
 
 
+#: How doc/toolstacks.md has libvirt migrate the paused domain, and this test too.
+VIRSH_MIGRATE = ("--persistent", "--undefinesource", "--unsafe")
+
+
+def docSequence() -> list[list[str]]:
+    """The commands of doc/toolstacks.md's libvirt sequence, split into words."""
+    text = (Path(__file__).parent.parent / "doc" / "toolstacks.md").read_text()
+    found = re.search(r"<!-- libvirt sequence -->\n```\n(.*?)```", text, re.S)
+    assert found, "doc/toolstacks.md lost its libvirt sequence"
+    lines = [
+        line for line in found.group(1).replace("\\\n", " ").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]  # fmt: skip
+    return [shlex.split(line) for line in lines]
+
+
+def test_docSequenceIsTheTestedOne() -> None:
+    """The documented sequence runs the commands, with the options, tested below."""
+    from xenmig.cli.main import parser
+
+    migrate, virshMigrate, resume = docSequence()
+    args = parser().parse_args(migrate[1:])
+    assert args.command == "migrate" and args.live and args.domain_control is None
+    assert [spec.kind for spec in args.device] == ["disk"]
+    assert args.pause_command.endswith(f"suspend {args.domain}")
+    assert args.resume_command.endswith(f"resume {args.domain}")
+    assert virshMigrate[:4] == ["virsh", "-c", "qemu:///system", "migrate"]
+    assert set(VIRSH_MIGRATE) <= set(virshMigrate)
+    assert resume == ["virsh", "-c", "qemu:///system", "resume", args.domain]
+
+
 @pytest.fixture(scope="module")
 def hostB(libvirtd: Libvirtd) -> Iterator[Libvirtd]:
     """A second private libvirtd: another host to ``virsh migrate``."""
@@ -406,8 +439,7 @@ def test_libvirtMovesTheDomainXenmigItsDisk(
         destXML = b.root / "xm-move-dest.xml"
         destXML.write_text(xml.replace(str(disk), str(installed)))
         port = freePort()
-        a.check("migrate", "--domain", name, "--desturi", b.uri,
-                "--persistent", "--undefinesource", "--unsafe",
+        a.check("migrate", "--domain", name, "--desturi", b.uri, *VIRSH_MIGRATE,
                 "--xml", str(destXML), "--listen-address", "127.0.0.1",
                 "--migrateuri", f"tcp://127.0.0.1:{port}")  # fmt: skip
         assert b.state(name) == "paused (user)"  # it arrives as it left
