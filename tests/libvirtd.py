@@ -137,6 +137,11 @@ class Libvirtd:
             f"libvirtd did not answer in {timeout:g} s: {self.log()}"
         )
 
+    def own(self, path: Path) -> None:
+        """Give ``path`` to the daemon's user: its QEMUs open it as that user."""
+        if self.user is not None:
+            os.chown(path, self.user, self.user)
+
     def log(self) -> str:
         return self.logPath.read_text(errors="replace")[-2000:]
 

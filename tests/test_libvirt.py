@@ -411,8 +411,8 @@ def test_libvirtMovesTheDomainXenmigItsDisk(
     sparseFile(disk, 8 * MiB, [(0, MiB), (5 * MiB, 6 * MiB)])
     images = b.root / "images"
     images.mkdir()
-    for path in (disk, images):
-        os.chown(path, 65534, 65534)  # the session daemons' QEMUs run as nobody
+    a.own(disk)  # the session daemons' QEMUs run as their user
+    b.own(images)
     name = a.defineDomain("xm-move", disk=str(disk))
     # The guest writes (QEMU's own block layer, in its place) while it runs.
     device = "/machine/peripheral/virtio-disk0/virtio-backend"
@@ -434,7 +434,7 @@ def test_libvirtMovesTheDomainXenmigItsDisk(
         assert a.state(name) == "paused (user)"  # paused here, its disk installed there
         assert installed.read_bytes() == disk.read_bytes()
         assert installed.read_bytes()[2 * MiB : 2 * MiB + 4] == b"\x5a" * 4
-        os.chown(installed, 65534, 65534)  # what qemu:///system's labelling does
+        b.own(installed)  # what qemu:///system's dynamic_ownership does
         xml = a.check("dumpxml", "--migratable", "--domain", name)
         destXML = b.root / "xm-move-dest.xml"
         destXML.write_text(xml.replace(str(disk), str(installed)))
