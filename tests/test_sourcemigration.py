@@ -43,6 +43,8 @@ Answer = Callable[[dict[str, Any]], dict[str, Any]]
 class FakeSender:
     """A stream that takes every record and remembers whether it was aborted."""
 
+    unsent = 0
+
     def __init__(self, device: str) -> None:
         self.device = device
         self.bytesWritten = 0
@@ -154,7 +156,7 @@ class FakeClient:
         answer = self._answer(commands.QueryMigration, {"migration_id": migrationId})
         return answer["status"]
 
-    def streamSender(self, device: str) -> FakeSender:
+    def streamSender(self, device: str, bandwidth: Any = None) -> FakeSender:
         return FakeSender(device)
 
     async def openStream(

@@ -391,10 +391,9 @@ class IReceivingSession(Interface):
 class IMigrationTarget(Interface):
     """
     What a target host's protocols call: the AMP control connection (with the
-    peer's certificate identity, ``peer``, and fingerprint), the local socket
-    of the toolstack (``peer`` None), and the stream switch.  It decides; the
-    protocols only parse and answer.  Every error it raises is a
-    L{xenmig.errors.XenmigError} the protocols send back as is.
+    peer's certificate identity, ``peer``, and fingerprint), the local socket of
+    the toolstack (``peer`` None), and the stream switch.  It decides; the
+    protocols only parse and answer; they send back its XenmigErrors as they are.
     """
 
     clock = Attribute("The IReactorTime the protocols' timers run on.")
@@ -403,6 +402,7 @@ class IMigrationTarget(Interface):
         "The time-outs in seconds (a xenmig.target.config.Timeouts): the "
         "protocols use ``handshake`` (TLS) and ``idle`` (a silent stream)."
     )
+    bandwidth = Attribute("The TokenBucket incoming streams read through, or None.")
 
     def authorize(peer, fingerprint=""):
         """

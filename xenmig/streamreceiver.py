@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from xenmig.errors import InternalError, StreamError, XenmigError
 from xenmig.interfaces import IReceivingSession
+from xenmig.pump import TokenBucket
 from xenmig.records import EndRecord, Record, RecordParser
 from xenmig.tls import ALTERED, ALTERED_IN_TRANSIT, describeTLSError
 
@@ -29,6 +30,10 @@ class StreamReceiver(Protocol, TimeoutMixin):
     The raw stream of one device, after StartStream.  It parses records and hands
     them to the session; when the device asks to wait, it pauses the transport.
     Idle for longer than ``idleTimeout`` (reset on every chunk), it aborts.
+    With a ``bandwidth`` (the daemon's L{TokenBucket}, which every incoming
+    stream shares), it takes each chunk it reads from it and, in debt, pauses
+    the transport until a timer says the debt is paid (the idle time-out waits
+    meanwhile).
     """
 
     def __init__(
@@ -37,8 +42,11 @@ class StreamReceiver(Protocol, TimeoutMixin):
         device: str,
         idleTimeout: float,
         charge: Callable[[int], None] | None = None,
+        bandwidth: TokenBucket | None = None,
     ) -> None:
         self.session = session
+        self.bandwidth = bandwidth
+        self._throttled: Any = None  # the IDelayedCall that resumes reading
         self.charge = charge
         self.device = device
         self.idleTimeout = idleTimeout
@@ -71,7 +79,29 @@ class StreamReceiver(Protocol, TimeoutMixin):
         except XenmigError as e:
             self._fail(e)
             return
+        if self.bandwidth is not None:
+            self._throttle(self.bandwidth.take(len(data)))
         self._drain()
+
+    def _throttle(self, delay: float) -> None:
+        """In debt: stop reading for ``delay`` seconds (unless already stopped)."""
+        if delay <= 0 or self._throttled is not None or self._gone is not None:
+            return
+        self.transport.pauseProducing()
+        self.setTimeout(None)
+        self._throttled = self.callLater(delay, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self._throttled = None
+        if self._waiting is None and self._gone is None and not self.ended:
+            self.setTimeout(self.idleTimeout)
+            self.transport.resumeProducing()
+
+    def _stopThrottle(self) -> None:
+        if self._throttled is not None:
+            if self._throttled.active():
+                self._throttled.cancel()
+            self._throttled = None
 
     def _drain(self) -> None:
         while self._records and self._waiting is None and not self.ended:
@@ -108,7 +138,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def _resume(self, _: None) -> None:
         self._waiting = None
-        if self._gone is None:
+        if self._gone is None and self._throttled is None:
             self.setTimeout(self.idleTimeout)
             self.transport.resumeProducing()
         self._drain()
@@ -121,12 +151,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
     def _end(self, end: EndRecord) -> None:
         self.ended = True
         self.setTimeout(None)
+        self._stopThrottle()
         self.session.streamEnded(self.device, end)
         if self._gone is None:
             self.transport.loseConnection()
 
     def _fail(self, error: BaseException) -> None:
         self.setTimeout(None)
+        self._stopThrottle()
         self.ended = True
         log.warn(
             "migration {migration_id}: stream of {device} failed: {error}",
@@ -140,6 +172,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.ended = True
+        self._stopThrottle()
         self.session.streamLost(
             self.device, f"was idle for more than {self.idleTimeout:g} seconds"
         )
@@ -149,6 +182,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
         # Records may still wait for a paused device: the END among them, if the
         # sender closed right after it.  Decide once they are handed over.
         self.setTimeout(None)
+        self._stopThrottle()
         self._gone = reason
         self._checkGone()
 

@@ -22,6 +22,7 @@ from xenmig.errors import Busy
 from xenmig.interfaces import IDeviceKind
 from xenmig.limits import AnnouncedLimits, withDeadline
 from xenmig.plugins import deviceKinds
+from xenmig.pump import TokenBucket
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
 from xenmig.source.pacing import Slots, handshakeSlots
 from xenmig.source.streamsender import StreamSender
@@ -270,15 +271,20 @@ class TargetConnection:
 
     # -- the streams of a migration's devices -----------------------------------------
 
-    def streamSender(self, device: str) -> StreamSender | ThreadedStreamSender:
+    def streamSender(
+        self, device: str, bandwidth: TokenBucket | None = None
+    ) -> StreamSender | ThreadedStreamSender:
         """
         A sender for ``device``'s stream, not yet open: sent from a thread when
-        the client has a stream endpoint, else through Twisted's TLS.
+        the client has a stream endpoint, else through Twisted's TLS; paced by
+        ``bandwidth`` (shared by the migration's streams) if given.
         """
         keepalive = self.timeouts.keepalive
         if self.streamEndpoint is not None:
-            return ThreadedStreamSender(self.reactor, device, keepalive)
-        return StreamSender(device, self.reactor, keepalive)
+            return ThreadedStreamSender(
+                self.reactor, device, keepalive, bandwidth=bandwidth
+            )
+        return StreamSender(device, self.reactor, keepalive, bandwidth)
 
     async def openStream(
         self,
