@@ -17,14 +17,16 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.testing import StringTransport
 from twisted.python.filepath import FilePath
 
+from xenmig.digest import hashBytes
 from xenmig.errors import StreamLost
 from xenmig.pump import MIN_BANDWIDTH, TokenBucket, paced, parseBandwidth
-from xenmig.records import encodeData, encodeKeepalive, encodeStreamHeader
+from xenmig.records import encodeData, encodeEnd, encodeKeepalive, encodeStreamHeader
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 from xenmig.streamreceiver import StreamReceiver
 from xenmig.target.config import TargetConfig, Timeouts
 from xenmig.target.core import MigrationTarget
+from xenmig.target.session import Phase
 from xenmig.testing import MemoryKind
 
 MiB = 1024 * 1024
@@ -265,33 +267,63 @@ def test_threadedSenderAbortEndsTheWait() -> None:
 # -- the receiver --------------------------------------------------------------------
 
 
-def test_receiverPausesItsTransportWhileInDebt(tmp_path: Any) -> None:
-    """A receiver of a daemon with a bandwidth pauses reading until the bucket
-    is paid, then resumes; the idle time-out does not count the pause."""
+def limitedReceiver(tmp_path: Any, size: int = 8 * MiB) -> tuple[Any, ...]:
+    """A receiver of a daemon limited to 1 MiB/s, for a memory device."""
     clock = task.Clock()
     config = TargetConfig(
         FilePath(str(tmp_path)),
         timeouts=Timeouts(idle=5, prepared=30, receiving=600, ready=60, token=10),
         maxBandwidth=MiB,
     )
-    target = MigrationTarget(clock, config, {"memory": MemoryKind()}, syncRunner)
+    kind = MemoryKind()
+    target = MigrationTarget(clock, config, {"memory": kind}, syncRunner)
     assert target.bandwidth is not None and target.bandwidth.rate == MiB
     server, client, pump = connect(target)
-    prepare(pump, client, devices=[device(size=8 * MiB)])
+    prepare(pump, client, devices=[device(size=size)])
     session = target.sessions["m1"]
     session.streamStarted("dev")
     receiver = StreamReceiver(session, "dev", 5, bandwidth=target.bandwidth)
     transport = StringTransport()
     receiver.makeConnection(transport)
-    burst = target.bandwidth.burst
+    return clock, kind, target, session, receiver, transport
+
+
+def test_receiverPausesItsTransportWhileInDebt(tmp_path: Any) -> None:
+    """A receiver of a daemon with a bandwidth holds what it read and pauses
+    reading until the bucket is paid, then parses it and reads again; the idle
+    time-out does not count the pause."""
+    clock, kind, target, session, receiver, transport = limitedReceiver(tmp_path)
     chunk = encodeStreamHeader() + b"".join(encodeData(0, b"a" * (8 * MiB)))
     receiver.dataReceived(chunk)
     assert transport.producerState == "paused"
-    debt = (len(chunk) - burst) / MiB
+    [device] = kind.targets
+    debt = (len(chunk) - target.bandwidth.burst) / MiB
     clock.advance(debt - 0.01)  # longer than the idle time-out: no abort
     assert transport.producerState == "paused"
     assert session.reason == ""
+    assert bytes(device.data[:1]) == b"\0"  # held, not yet parsed
     clock.advance(0.02)
     assert transport.producerState == "producing"
+    assert bytes(device.data) == b"a" * (8 * MiB)
     receiver.connectionLost()
     assert not [c for c in clock.getDelayedCalls() if c.func == receiver._unthrottle]
+
+
+def test_receiverParsesWhatItHeldAfterTheClose(tmp_path: Any) -> None:
+    """A stream closed right after its END, read in debt, still ends cleanly once
+    paid for (not as cut off): the device is verified."""
+    clock, kind, target, session, receiver, transport = limitedReceiver(
+        tmp_path, 2 * MiB
+    )
+    data = b"b" * (2 * MiB)
+    digest = hashBytes(data)
+    receiver.dataReceived(encodeStreamHeader() + b"".join(encodeData(0, data)))
+    receiver.dataReceived(
+        b"".join(encodeEnd(digest.size, digest.algorithm, digest.digest))
+    )
+    receiver.connectionLost()
+    assert session.devices["dev"].digest is None  # held: not parsed yet
+    clock.advance(3)
+    assert session.reason == ""
+    assert session.devices["dev"].digest == digest
+    assert session.phase is Phase.READY
