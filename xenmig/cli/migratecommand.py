@@ -124,7 +124,7 @@ class MigrateCommand:
             self.display.phase(
                 f"{name}: {len(sent)} pre-copy round(s), {formatBytes(sum(sent))}"
             )
-        downtime = self.migration.report()["downtime"]
+        downtime = self.migration.report().get("downtime")
         if downtime is not None:
             self.display.phase(downtimeLine(downtime))
 
