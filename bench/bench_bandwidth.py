@@ -128,7 +128,7 @@ def rateLine(
         verdict = "within 10%" if abs(ratio - 1) <= GOAL_RATE else "OUTSIDE 10%"
         line += f"   {ratio:6.1%} of the limit ({verdict})"
         if limit > 0.8 * reference:
-            line += " [the limit is near what this machine does unlimited now]"
+            line += " [the limit is not below what this machine does unlimited now]"
     return line
 
 
