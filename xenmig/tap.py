@@ -20,11 +20,14 @@ from xenmig.limits import ConnectionLimits
 from xenmig.plugins import deviceKinds
 from xenmig.target.authz import PolicySource
 from xenmig.target.config import MAX_DEVICES, MAX_SESSIONS, TargetConfig, Timeouts
+from xenmig.target.configfile import DAEMON_CONFIG, settingsChanged
+from xenmig.target.configoptions import ConfigFileOptions
 from xenmig.target.core import MigrationTarget
 from xenmig.target.hooks import runHook
 from xenmig.target.logobserver import checkLogging, daemonObserver
 from xenmig.target.metrics import PrometheusMetrics
 from xenmig.target.metricsweb import MetricsService, parseAddress
+from xenmig.target.notify import SystemdNotifier
 from xenmig.target.service import (
     LOCAL_SOCKET,
     ExpiryService,
@@ -42,7 +45,7 @@ _TIMEOUTS = Timeouts()
 _LIMITS = ConnectionLimits()
 
 
-class Options(usage.Options):
+class Options(ConfigFileOptions, usage.Options):
     """Options of ``twistd xenmig``."""
 
     synopsis = "[options]"
@@ -164,6 +167,13 @@ class Options(usage.Options):
             None,
             "Serve Prometheus metrics on [HOST:]PORT/metrics (host: 127.0.0.1).",
         ],
+        [
+            "config",
+            "c",
+            None,
+            f"TOML file of these options (default: {DAEMON_CONFIG}, if it exists);"
+            " the command line overrides it.",
+        ],
     ]
     optFlags = [
         [
@@ -176,6 +186,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["allow-root"] = []
+        self.file = None
+        self.sources = {}
 
     def opt_allow_root(self, path: str) -> None:
         """A directory where received state may be installed (repeatable)."""
@@ -198,16 +210,19 @@ class Options(usage.Options):
             "io-threads",
         ):
             if self[name] < 1:
-                raise usage.UsageError(f"--{name} must be 1 or more")
+                raise usage.UsageError(f"{self.named(name)} must be 1 or more")
         if self["tls-minimum"] not in TLS_VERSIONS:
-            raise usage.UsageError("--tls-minimum must be 1.2 or 1.3")
+            raise usage.UsageError(f"{self.named('tls-minimum')} must be 1.2 or 1.3")
         if self["insecure-plaintext"]:
             if not self["interface"]:
                 self["interface"] = "127.0.0.1"
             if not _isLoopback(self["interface"]):
                 raise usage.UsageError("--insecure-plaintext binds to loopback only")
         elif not (self["ca"] and self["cert"]):
-            raise usage.UsageError("--ca and --cert are required (mutual TLS)")
+            raise usage.UsageError(
+                "--ca and --cert are required (mutual TLS): on the command line, "
+                "or as ca and cert in the configuration file"
+            )
         self._checkObservability()
 
     def _checkObservability(self) -> None:
@@ -288,7 +303,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 def _makeService(options: Options, reactor: Any) -> service.MultiService:
     config = _config(options)
     kinds = deviceKinds()
-    policies = PolicySource(options["peers"], config.roots, kinds)
+    settings = options.settingKinds() if options.peersInConfig else ()
+    policies = PolicySource(options["peers"], config.roots, kinds, settings)
     policies.load()
     _logPolicy(options["peers"], policies)
     address = f"{options['interface'] or '*'}:{options['port']}"
@@ -297,7 +313,8 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     if twistd is not None and not twistd.get("logger"):  # twistd's --logger wins
         level, form = options["log-level"], options["log-format"]
         observer = daemonObserver(level, form, twistd, reactor)
-    top = TargetDaemon(address, twistd, observer)
+    notifier = SystemdNotifier.fromEnvironment(os.environ)
+    top = TargetDaemon(address, twistd, observer, notifier)
     pool = threadpool.ThreadPool(2, options["io-threads"], name="xenmig-io")
     ThreadPoolService(pool).setServiceParent(top)
 
@@ -312,7 +329,13 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
         reactor, config, kinds, runInThread, hook, policies, metrics
     )
     TargetService(target, options["interface"], options["port"]).setServiceParent(top)
-    PolicyService(policies, reactor, runInThread).setServiceParent(top)
+    file = options.file
+    changed = None
+    if file is not None:
+        changed = lambda: settingsChanged(file, options.settingKinds())  # noqa: E731
+    PolicyService(policies, reactor, runInThread, notifier, changed).setServiceParent(
+        top
+    )
     _listen(options, reactor, target, metrics).setServiceParent(top)
     local = UNIXServerEndpoint(
         reactor, config.stateDir.child(LOCAL_SOCKET).path, mode=0o600, wantPID=False
