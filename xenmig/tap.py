@@ -256,7 +256,9 @@ def _config(options: Options) -> TargetConfig:
     roots = tuple(FilePath(os.path.abspath(p)) for p in options["allow-root"])
     for root in roots:
         if not root.isdir():
-            raise ConfigurationError(f"--allow-root {root.path} is not a directory")
+            raise ConfigurationError(
+                f"{options.named('allow-root')} {root.path} is not a directory"
+            )
     timeouts = Timeouts(
         handshake=options["handshake-timeout"],
         idle=options["idle-timeout"],
@@ -283,6 +285,23 @@ def _limits(options: Options) -> ConnectionLimits:
         handshakesPerAddress=options["per-address-handshakes"],
         idle=options["control-idle-timeout"] or None,
     )
+
+
+def checkConfiguration(options: Options) -> None:
+    """
+    Blocking: check what makeService reads (roots, the peers, the TLS files)
+    without building anything; for ``xenmig config check``.
+
+    @raise ConfigurationError: saying what is wrong.
+    """
+    from xenmig import tls
+
+    config = _config(options)
+    settings = options.settingKinds() if options.peersInConfig else ()
+    PolicySource(options["peers"], config.roots, deviceKinds(), settings).load()
+    if not options["insecure-plaintext"]:
+        tls.loadIdentity(options["cert"], options["key"])
+        tls.loadAuthority(options["ca"])
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
