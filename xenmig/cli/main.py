@@ -104,9 +104,11 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         args = _parse(arguments)
     except ConfigurationError as e:
+        from xenmig.cli.failures import errorCode
+
         print(f"xenmig: error: {e}", file=sys.stderr)
         if "--json" in arguments:
-            printJSONError("CONFIGURATION_ERROR", str(e), EXIT_USAGE)
+            printJSONError(errorCode(e), str(e), EXIT_USAGE)
         sys.exit(EXIT_USAGE)
     except UsageError as e:
         print(e, file=sys.stderr)
