@@ -377,3 +377,32 @@ def test_config_check_client_files(tmp_path: Path, certs: PKI) -> None:
     assert settings["server-name"] == {"value": None, "source": "default"}
     text = xenmig("config", "check", str(path)).stdout
     assert text.splitlines()[0] == f"client configuration: valid; read {path}"
+
+
+def test_peers_in_the_file_are_read_again(tmp_path: Path) -> None:
+    """The [[peer]] tables of the daemon's file load, and load again when changed."""
+    from twisted.python.filepath import FilePath
+
+    from xenmig.target.authz import PolicySource
+
+    path = tmp_path / "xenmigd.toml"
+    path.write_text('port = 8002\nmax-sessions = 4\n[[peer]]\nidentity = "a.test"\n')
+    settings = tap.Options().settingKinds()
+    source = PolicySource(str(path), [FilePath(str(tmp_path))], (), settings)
+    assert [e.identity for e in source.load().entries] == ["a.test"]
+    path.write_text('port = 8002\n[[peer]]\nidentity = "b.test"\n')
+    assert source.reload()
+    assert [e.identity for e in source.policy.entries] == ["b.test"]
+    path.write_text('prot = 8002\n[[peer]]\nidentity = "c.test"\n')
+    assert not source.reload()  # an unknown key: the peers in force stay
+    assert [e.identity for e in source.policy.entries] == ["b.test"]
+
+
+def test_a_named_client_file_must_exist(tmp_path: Path) -> None:
+    """``xenmig --config FILE``: a missing FILE exits 2 naming it."""
+    missing = tmp_path / "client.toml"
+    result = xenmig("--config", str(missing), "kinds")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"xenmig: error: client configuration file {missing} does not exist\n"
+    )
