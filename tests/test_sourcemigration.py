@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class FakeClient:
         self.reactor = Clock()
         self.timeouts = ClientTimeouts()
         self.limits = AnnouncedLimits()
+        self.retries: Counter[str] = Counter()
         self.kinds = kinds
         self.sent: list[tuple[bytes, dict[str, Any]]] = []
         self.answers: dict[type, Answer] = {

@@ -275,12 +275,12 @@ class IDomainControl(Interface):
     """
     How xenmig pauses, resumes and releases a whole VM for its toolstack.
 
-    Implementations speak to the hypervisor's own tool (``xl``) or to the VM's QEMU
-    (QMP).  The resume gate uses them: the source pauses the VM before the final
-    transfer and resumes it only after an abort; the target resumes it only after
-    the commit.  Every method is bounded; cancelling its Deferred stops waiting
-    (an external program is terminated) but cannot take back what the hypervisor
-    already did.
+    Implementations speak to the hypervisor's own tool (``xl``), to the VM's QEMU
+    (QMP) or to libvirt (``virsh``).  The resume gate uses them: the source pauses
+    the VM before the final transfer and resumes it only after an abort; the target
+    resumes it only after the commit.  Every method is bounded; cancelling its
+    Deferred stops waiting (an external program is terminated) but cannot take
+    back what the hypervisor already did.
     """
 
     description = Attribute("str: what is controlled, e.g. 'xl domain vm1'.")

@@ -55,9 +55,9 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     migrate.add_argument("--pause-command", metavar="CMD", help="pauses the VM")
     migrate.add_argument(
         "--domain-control",
-        metavar="xl|qmp:PATH|none",
+        metavar="xl|qmp:PATH|libvirt:URI|none",
         help="pause the VM (and resume it after a failure, release it after the "
-        "commit) through xl or QEMU's QMP, instead of commands",
+        "commit) through xl, QEMU's QMP or libvirt's virsh, instead of commands",
     )
     migrate.add_argument(
         "--resume-command", metavar="CMD", help="resumes the VM here after a failure"

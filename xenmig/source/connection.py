@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -86,6 +87,8 @@ class TargetConnection:
         self.timeouts = timeouts or ClientTimeouts()
         self.kinds = kinds if kinds is not None else deviceKinds()
         self.onRetry = onRetry
+        #: Waits for load (BUSY answers, resets while connecting), by migration id.
+        self.retries: Counter[str] = Counter()
         #: What the target announced (an older one: AnnouncedLimits()).
         self.limits = AnnouncedLimits()
         self.handshakes = Slots(handshakeSlots(self.limits))
@@ -142,26 +145,31 @@ class TargetConnection:
         step: Callable[[], Awaitable[T]],
         what: str = "",
         retryRefused: bool = True,
+        migrationId: str | None = None,
     ) -> Deferred[T]:
         """
         ``step``, tried again while the target is busy (see
-        L{xenmig.source.backoff.whileBusy}), within L{ClientTimeouts.busy}.
+        L{xenmig.source.backoff.whileBusy}), within L{ClientTimeouts.busy};
+        each wait counted in L{retries} under ``migrationId``.
         """
+
+        def retrying(line: str) -> None:
+            if migrationId is not None:
+                self.retries[migrationId] += 1
+            if self.onRetry is not None:
+                self.onRetry(line)
+
         return Deferred.fromCoroutine(
             whileBusy(
                 self.reactor,
                 step,
                 self.timeouts.busy,
                 self.timeouts.connect,
-                self._retrying,
+                retrying,
                 what,
                 retryRefused,
             )
         )
-
-    def _retrying(self, line: str) -> None:
-        if self.onRetry is not None:
-            self.onRetry(line)
 
     def learn(self, announced: Any) -> None:
         """Take the limits a target announced at Prepare (None: an older one)."""
@@ -220,7 +228,9 @@ class TargetConnection:
                 raise
 
         try:
-            prepared, answer = await self.whileBusy(once)
+            prepared, answer = await self.whileBusy(
+                once, migrationId=kw.get("migration_id")
+            )
         except BaseException:
             self.hangUp(control)
             raise
@@ -294,7 +304,9 @@ class TargetConnection:
             )
             await self._startStream(sender, answer["token"])
 
-        await self.whileBusy(once, f"the stream of {sender.device}")
+        await self.whileBusy(
+            once, f"the stream of {sender.device}", migrationId=migrationId
+        )
 
     async def _startStream(
         self, sender: StreamSender | ThreadedStreamSender, token: bytes
@@ -346,7 +358,7 @@ class TargetConnection:
                 self.callWithin, seconds, what, control, command, **kw
             )
 
-        return await self.whileBusy(once, what)
+        return await self.whileBusy(once, what, migrationId=kw.get("migration_id"))
 
 
 @implementer(IHandshakeListener)

@@ -70,6 +70,11 @@ class SourceMigration:
         self._steps: list[Deferred[Any]] = []
         self._monotonic = monotonic
 
+    @property
+    def retries(self) -> int:
+        """How often a step waited and tried again while the target was busy."""
+        return self.client.retries[self.migrationId]
+
     def _mark(self, event: str) -> None:
         self.times[event] = self._monotonic()
 

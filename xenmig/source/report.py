@@ -27,6 +27,8 @@ class ReportedMigration(Protocol):
     def pausedAt(self) -> float | None: ...
     @property
     def devices(self) -> Mapping[str, DeviceRun]: ...
+    @property
+    def retries(self) -> int: ...
 
 
 #: Each reported duration: from one mark of the migration's C{times} to another.
@@ -66,6 +68,7 @@ def migrationReport(migration: ReportedMigration) -> dict[str, Any]:
             for name, marks in DURATIONS.items()
         },
         "paused_window": paused,
+        "retries": migration.retries,
         "devices": [deviceReport(run) for run in migration.devices.values()],
     }
 
