@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from functools import partial
 from typing import Any
 
 from twisted.application import internet, service
@@ -348,10 +349,9 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
         reactor, config, kinds, runInThread, hook, policies, metrics
     )
     TargetService(target, options["interface"], options["port"]).setServiceParent(top)
-    file = options.file
     changed = None
-    if file is not None:
-        changed = lambda: settingsChanged(file, options.settingKinds())  # noqa: E731
+    if options.file is not None:
+        changed = partial(settingsChanged, options.file, options.settingKinds())
     PolicyService(policies, reactor, runInThread, notifier, changed).setServiceParent(
         top
     )
