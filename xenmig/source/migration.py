@@ -28,6 +28,7 @@ from xenmig.source.device import DeviceRun, SourceContext
 from xenmig.source.pacing import Slots, commandSlots
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
 from xenmig.source.report import migrationReport
+from xenmig.source.stall import watchStream
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 
@@ -219,7 +220,10 @@ class SourceMigration:
         while True:
             await sender.writeRound(round, False)
             before = sender.bytesWritten
-            result: RoundResult = await run.device.sendRound(sender, round)
+            result: RoundResult = await watchStream(
+                self.client, run.name, sender, f"pre-copy round {round}",
+                run.device.sendRound(sender, round),
+            )  # fmt: skip
             run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
             log.info(
                 "migration {migration_id}: {device} round {round} sent {sent} bytes",
@@ -258,9 +262,16 @@ class SourceMigration:
 
     async def _transfer(self, run: DeviceRun) -> None:
         sender = await self._openStream(run)
-        await sender.writeRound(len(run.rounds or []), True)
-        digest = await run.device.sendFinal(sender)
-        await sender.finish(digest)
+
+        async def final() -> ContentDigest:
+            await sender.writeRound(len(run.rounds or []), True)
+            digest = await run.device.sendFinal(sender)
+            await sender.finish(digest)
+            return digest
+
+        digest = await watchStream(
+            self.client, run.name, sender, "the final transfer", final()
+        )
         assert self.control is not None
         answer = await self.client.pacedCall(
             self.commands,
