@@ -22,7 +22,10 @@ def streamProgress(sender: Any) -> object:
     and those the target has not acknowledged yet (L{ThreadedStreamSender.progress}).
     """
     progress = getattr(sender, "progress", None)
-    return progress() if progress is not None else sender.framedBytes
+    if progress is not None:
+        return progress()
+    # any IRecordWriter: at least the bytes of content it was given
+    return (getattr(sender, "framedBytes", 0), sender.bytesWritten)
 
 
 async def watchProgress(
