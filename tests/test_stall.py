@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 
 from xenmig.errors import StreamStalled
 from xenmig.records import encodeData, encodeKeepalive, encodeRound, encodeStreamHeader
-from xenmig.source.stall import watchProgress
+from xenmig.source.stall import watchControl, watchProgress
 from xenmig.streamreceiver import StreamReceiver
 from xenmig.target.session import Phase
 
@@ -156,3 +156,58 @@ def test_source_watch_off(seconds: float) -> None:
     fake.advance(1000)
     work.callback("late")
     assert result.result == "late"
+
+
+class SilentControl:
+    """A target connection whose checks are answered only when told."""
+
+    def __init__(self, stall: float) -> None:
+        from xenmig.source.connection import ClientTimeouts, bounded
+
+        self.reactor = task.Clock()
+        self.timeouts = ClientTimeouts(stall=stall)
+        self.host, self.port = "2001:db8::20", 8002
+        self.checks: list[Deferred[Any]] = []
+        self._bounded = bounded
+
+    async def callWithin(self, seconds: float, what: str, *a: Any, **kw: Any) -> Any:
+        check: Deferred[Any] = Deferred()
+        self.checks.append(check)
+        return await self._bounded(check, seconds, self.reactor, what)
+
+
+def test_control_watch_fails_when_checks_go_unanswered() -> None:
+    """A long wait whose control connection stops answering fails: StreamStalled."""
+    control = SilentControl(stall=4.0)
+    work: Deferred[str] = Deferred()
+    result = watchControl(control, object(), "m1", "the verification of device d", work)
+    control.reactor.advance(2)  # the first check
+    control.checks[-1].callback({"status": {}})
+    control.reactor.advance(2)  # the second, never answered
+    assert len(control.checks) == 2
+    control.reactor.advance(3.9)
+    assert not result.called
+    control.reactor.advance(0.2)
+    failure = result.result
+    result.addErrback(lambda _: None)
+    assert isinstance(failure.value, StreamStalled)
+    assert str(failure.value) == (
+        "no progress on the control connection for 4 s while waiting for the"
+        " verification of device d (control connection to target [2001:db8::20]:8002)"
+    )
+    work.addErrback(lambda f: f.trap(CancelledError))
+    assert work.called
+    assert not control.reactor.getDelayedCalls()
+
+
+def test_control_watch_passes_the_answer_on() -> None:
+    """Answered checks let a long wait run on; its answer comes through."""
+    control = SilentControl(stall=4.0)
+    work: Deferred[str] = Deferred()
+    result = watchControl(control, object(), "m1", "x", work)
+    for _ in range(10):
+        control.reactor.advance(2)
+        control.checks[-1].errback(RuntimeError("an answer all the same"))
+    work.callback("verified")
+    assert result.result == "verified"
+    assert not control.reactor.getDelayedCalls()

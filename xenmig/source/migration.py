@@ -28,7 +28,7 @@ from xenmig.source.device import DeviceRun, SourceContext
 from xenmig.source.pacing import Slots, commandSlots
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
 from xenmig.source.report import migrationReport
-from xenmig.source.stall import watchStream
+from xenmig.source.stall import watchControl, watchStream
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 
@@ -273,15 +273,15 @@ class SourceMigration:
             self.client, run.name, sender, "the final transfer", final()
         )
         assert self.control is not None
-        answer = await self.client.pacedCall(
-            self.commands,
-            self.client.timeouts.ready,
-            f"verification of device {run.name}",
-            self.control,
-            commands.DeviceReady,
-            migration_id=self.migrationId,
-            device=run.name,
-        )
+        verification = f"verification of device {run.name}"
+        answer = await watchControl(
+            self.client, self.control, self.migrationId, f"the {verification}",
+            self.client.pacedCall(
+                self.commands, self.client.timeouts.ready, verification,
+                self.control, commands.DeviceReady,
+                migration_id=self.migrationId, device=run.name,
+            ),
+        )  # fmt: skip
         theirs = ContentDigest(answer["size"], answer["algorithm"], answer["digest"])
         if theirs != digest:
             raise DigestMismatch(
