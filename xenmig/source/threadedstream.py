@@ -376,13 +376,15 @@ class ThreadedStreamSender(RecordFraming):
         is empty), so that the stream's progress is watched to its real end;
         the migration's progress watch aborts a stream that stops here.
         """
+        pause = 0.001
         while not self._aborted and channel.unacknowledged() > 0:
             if not channel.connected():
                 raise ConnectionResetError(
                     f"the connection closed with {channel.unacknowledged()} bytes"
                     " not acknowledged by the target"
                 )
-            time.sleep(0.02)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
     def progress(self) -> tuple[int, int, int]:
         """
