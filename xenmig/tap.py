@@ -53,7 +53,12 @@ class Options(usage.Options):
     )
     optParameters = [
         ["port", "p", DEFAULT_PORT, "TCP port to listen on.", int],
-        ["interface", "i", "", "Address to listen on (default: all)."],
+        [
+            "interface",
+            "i",
+            "",
+            "Address to listen on (default: all IPv4; :: for all).",
+        ],
         ["state-dir", "d", DEFAULT_STATE_DIR, "Journal, staging and local socket."],
         ["ca", None, None, "PEM bundle of the CA(s) that peer certificates chain to."],
         [
@@ -207,6 +212,9 @@ class Options(usage.Options):
         ):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be 1 or more")
+        interface = self["interface"]
+        if interface.startswith("[") and interface.endswith("]"):
+            self["interface"] = interface[1:-1]  # [2001:db8::1] as written elsewhere
         if self["stall-timeout"] < 0:
             raise usage.UsageError("--stall-timeout must be 0 (never) or more")
         if self["tls-minimum"] not in TLS_VERSIONS:
