@@ -25,6 +25,8 @@ log = Logger()
 READ_SIZE = 1024 * 1024
 #: A KEEPALIVE record as it arrives: the source says it has nothing to send.
 _KEEPALIVE = b"".join(encodeKeepalive())
+#: More bytes than this at once are not KEEPALIVE records only (they come alone).
+_KEEPALIVES_AT_ONCE = 64 * len(_KEEPALIVE)
 
 
 class StreamReceiver(Protocol, TimeoutMixin):
@@ -101,7 +103,9 @@ class StreamReceiver(Protocol, TimeoutMixin):
                     if record.final
                     else f"pre-copy round {record.round}"
                 )
-        if data == _KEEPALIVE * (len(data) // len(_KEEPALIVE)):
+        if len(data) <= _KEEPALIVES_AT_ONCE and data == _KEEPALIVE * (
+            len(data) // len(_KEEPALIVE)
+        ):
             self._stopStall()  # nothing to send, says the source
         elif self._waiting is None:
             self._expectProgress()
