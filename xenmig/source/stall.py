@@ -20,7 +20,10 @@ def streamProgress(sender: Any) -> object:
     framed (handed to its connection or queue; KEEPALIVE records do not count)
     and, for a threaded sender, also the bytes its thread handed to the kernel
     and those the target has not acknowledged yet (L{ThreadedStreamSender.progress}).
+    A sender waiting out the migration's bandwidth limit is making progress.
     """
+    if getattr(sender, "pacing", False):
+        return object()  # waiting out the migration's own bandwidth limit
     progress = getattr(sender, "progress", None)
     if progress is not None:
         return progress()
