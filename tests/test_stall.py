@@ -211,3 +211,15 @@ def test_control_watch_passes_the_answer_on() -> None:
     work.callback("verified")
     assert result.result == "verified"
     assert not control.reactor.getDelayedCalls()
+
+
+def test_source_waiting_out_its_bandwidth_is_progress() -> None:
+    """A sender that waits out the migration's --bandwidth is not stalled."""
+    from types import SimpleNamespace
+
+    from xenmig.source.stall import streamProgress
+
+    sender = SimpleNamespace(pacing=True, framedBytes=5, bytesWritten=5)
+    assert streamProgress(sender) != streamProgress(sender)
+    sender.pacing = False
+    assert streamProgress(sender) == streamProgress(sender)
