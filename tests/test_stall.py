@@ -223,3 +223,32 @@ def test_source_waiting_out_its_bandwidth_is_progress() -> None:
     assert streamProgress(sender) != streamProgress(sender)
     sender.pacing = False
     assert streamProgress(sender) == streamProgress(sender)
+
+
+def test_target_bandwidth_limit_holds_the_stall(target, clock) -> None:  # noqa: F811
+    """While the daemon's --max-bandwidth holds a stream, it is not stalled."""
+    from xenmig.pump import MIN_BANDWIDTH, TokenBucket
+
+    server, client, pump = connect(target)
+    prepare(pump, client)
+    session = target.sessions["m1"]
+    session.streamStarted("dev")
+    bucket = TokenBucket(MIN_BANDWIDTH, burst=1, clock=clock.seconds)
+    protocol = StreamReceiver(
+        session, "dev", idleTimeout=60, bandwidth=bucket, stallTimeout=3
+    )
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    bucket.take(4 * MIN_BANDWIDTH)  # others' debt: this stream waits about 4 s
+    data = b"x" * 1000
+    protocol.dataReceived(encodeStreamHeader() + b"".join(encodeData(0, data)))
+    assert transport.producerState == "paused"
+    clock.advance(3.5)  # held past the stall time-out: not a stall
+    assert session.phase is Phase.RECEIVING, session.reason
+    clock.advance(1)  # paid for: parsed, and progress expected from about 4 s
+    assert transport.producerState == "producing"
+    clock.advance(2.4)
+    assert session.phase is Phase.RECEIVING, session.reason
+    clock.advance(0.7)
+    assert session.phase is Phase.ABORTED
+    assert "no progress for 3 s" in session.reason
