@@ -79,3 +79,11 @@ class DeviceRun:
     @property
     def bytesSent(self) -> int:
         return self.sender.bytesWritten if self.sender else 0
+
+    async def sendFinal(self) -> ContentDigest:
+        """The final round on its open stream: the ROUND marker, the state, END."""
+        assert self.sender is not None
+        await self.sender.writeRound(len(self.rounds or []), True)
+        digest = await self.device.sendFinal(self.sender)
+        await self.sender.finish(digest)
+        return digest

@@ -29,6 +29,7 @@ from xenmig.source.device import DeviceRun, SourceContext
 from xenmig.source.pacing import Slots, commandSlots
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
 from xenmig.source.report import migrationReport
+from xenmig.source.stall import watchControl, watchStream
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 
@@ -233,7 +234,10 @@ class SourceMigration:
             started = self._monotonic()
             await sender.writeRound(round, False)
             before = sender.bytesWritten
-            result: RoundResult = await run.device.sendRound(sender, round)
+            result: RoundResult = await watchStream(
+                self.client, run.name, sender, f"pre-copy round {round}",
+                run.device.sendRound(sender, round),
+            )  # fmt: skip
             result = timed(result, self._monotonic() - started, sender.unsent)
             run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
             log.info(
@@ -274,19 +278,19 @@ class SourceMigration:
 
     async def _transfer(self, run: DeviceRun) -> None:
         sender = await self._openStream(run)
-        await sender.writeRound(len(run.rounds or []), True)
-        digest = await run.device.sendFinal(sender)
-        await sender.finish(digest)
-        assert self.control is not None
-        answer = await self.client.pacedCall(
-            self.commands,
-            self.client.timeouts.ready,
-            f"verification of device {run.name}",
-            self.control,
-            commands.DeviceReady,
-            migration_id=self.migrationId,
-            device=run.name,
+        digest = await watchStream(
+            self.client, run.name, sender, "the final transfer", run.sendFinal()
         )
+        assert self.control is not None
+        verification = f"verification of device {run.name}"
+        answer = await watchControl(
+            self.client, self.control, self.migrationId, f"the {verification}",
+            self.client.pacedCall(
+                self.commands, self.client.timeouts.ready, verification,
+                self.control, commands.DeviceReady,
+                migration_id=self.migrationId, device=run.name,
+            ),
+        )  # fmt: skip
         theirs = ContentDigest(answer["size"], answer["algorithm"], answer["digest"])
         if theirs != digest:
             raise DigestMismatch(
