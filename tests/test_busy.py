@@ -41,7 +41,9 @@ from xenmig.testing import MemoryKind
 
 def test_busyNamesItsLimitAndHint() -> None:
     """A Busy reads its limit and retry hint back from its message (the wire's)."""
-    busy = Busy.at("--max-sessions", "the target host already runs 16 migration(s)", 2.0)
+    busy = Busy.at(
+        "--max-sessions", "the target host already runs 16 migration(s)", 2.0
+    )
     assert str(busy) == (
         "--max-sessions: the target host already runs 16 migration(s); retry after 2 s"
     )
@@ -271,8 +273,8 @@ def test_busyGivesUpNamingTheLimit() -> None:
     failure = d.result
     assert isinstance(failure, Failure) and failure.check(Busy)
     assert str(failure.value).startswith(
-        "target busy: --max-sessions: the target host already runs 1 migration(s); gave up "
-        "after 3 attempt(s) in 4 s"
+        "target busy: --max-sessions: the target host already runs 1 migration(s); "
+        "gave up after 3 attempt(s) in 4 s"
     )
     d.addErrback(lambda _: None)
 
