@@ -240,10 +240,15 @@ class MigrationStatus:
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What one pre-copy round sent, and how much is still to send."""
+    """
+    What one pre-copy round sent, and how much is still to send; ``figures``
+    are the handler's own numbers for the report (the ``devmodel`` kind: QEMU's
+    RAM counters), plain JSON values.
+    """
 
     bytesSent: int
     remaining: int
+    figures: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)

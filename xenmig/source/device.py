@@ -66,6 +66,8 @@ class DeviceRun:
     description: DeviceDescription | None = None
     sender: StreamSender | ThreadedStreamSender | None = None
     rounds: list[int] | None = None
+    #: The handler's own figures of each pre-copy round (L{RoundResult.figures}).
+    roundFigures: list[dict[str, Any]] | None = None
     digest: ContentDigest | None = None
     started: float | None = None
     finished: float | None = None

@@ -207,7 +207,11 @@ class SourceMigration:
         self._moveTo(Phase.PRECOPY)
         policy = policy or ConvergencePolicy()
         runs = [r for r in self.devices.values() if r.device.precopy]
-        await self._allOrAbort([self._precopy(r, _fresh(policy)) for r in runs])
+        # A device whose convergence pauses the VM (QEMU's RAM: QEMU stops the
+        # VM for its switch-over) runs once every other device has converged.
+        last = [r for r in runs if getattr(r.device, "precopyLast", False)]
+        for group in ([r for r in runs if r not in last], last):
+            await self._allOrAbort([self._precopy(r, _fresh(policy)) for r in group])
         self._moveTo(Phase.PRECOPIED)
         self._mark("precopied")
         return {r.name: list(r.rounds or []) for r in runs}
@@ -215,12 +219,14 @@ class SourceMigration:
     async def _precopy(self, run: DeviceRun, policy: IConvergencePolicy) -> None:
         sender = await self._openStream(run)
         run.rounds = []
+        run.roundFigures = []
         round = 0
         while True:
             await sender.writeRound(round, False)
             before = sender.bytesWritten
             result: RoundResult = await run.device.sendRound(sender, round)
             run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
+            run.roundFigures.append(dict(result.figures))
             log.info(
                 "migration {migration_id}: {device} round {round} sent {sent} bytes",
                 migration_id=self.migrationId,

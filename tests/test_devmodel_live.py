@@ -1,0 +1,187 @@
+"""The ``devmodel`` kind's live RAM: QEMU's pre-copy while the guest runs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest_twisted
+from test_devmodel import (  # the real-QEMU fixtures: guests, workdir, pair, pause
+    Guests,
+    guests,
+    pair,
+    pause,
+    randomRAM,
+    workdir,
+)
+from test_sourcemigration import FakeClient, RoundsKind, RoundsSource, run
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from zope.interface import implementer
+
+from xenmig.demo import testguest
+from xenmig.devices.devmodel.source import DevmodelSource
+from xenmig.interfaces import ISourceDevice
+from xenmig.model import DeviceSpec, RoundResult
+from xenmig.source.convergence import FixedRounds
+from xenmig.source.migration import SourceMigration
+from xenmig.testing import PipeWriter
+from xenmig.toolstack.domains import QMPDomainControl
+
+__all__ = ["guests", "workdir"]  # fixtures, used by name
+
+
+def dirtying(workdir: str) -> str:
+    """The firmware of the guest that rewrites 512 KiB of its RAM as it counts."""
+    path = os.path.join(workdir, "dirtying.rom")
+    testguest.writeGuestImage(path, dirtying=True)
+    return path
+
+
+async def queryMigrate(guest: Any) -> dict[str, Any]:
+    result: dict[str, Any] = await guest.observer.execute("query-migrate")
+    return result
+
+
+@pytest_twisted.ensureDeferred
+async def test_ramMovesWhileTheGuestRuns(guests: Guests, workdir: str) -> None:
+    """
+    RAM goes in a pre-copy round while the guest dirties memory, straight into
+    the incoming QEMU; the paused window carries the rest; the guest counts on.
+    """
+    image = dirtying(workdir)
+    running = await guests.start("src", image=image, extra=randomRAM(workdir))
+    waiting = await guests.start("dst", incoming=True, image=image)
+    # QEMU stops the guest once what is left takes under 10 ms to send.
+    device, receiver = await pair(
+        workdir, running, **{"target-qmp": waiting.qmpPath, "downtime": "10"}
+    )
+    assert device.precopy
+    before = await running.countsPast(3)
+    writer = PipeWriter(receiver)
+    result = await device.sendRound(writer, 0)
+    figures = result.figures
+    # QEMU sent the 16 MiB of random RAM while the guest ran and counted.
+    assert result.bytesSent > 16 * 1024 * 1024
+    assert figures["ram_transferred"] >= 16 * 1024 * 1024
+    assert figures["stream_bytes"] == result.bytesSent
+    assert running.first("STOP") is None or figures["qemu_status"] != "active"
+    # The incoming QEMU is loading already: nothing was staged whole first.
+    assert (await queryMigrate(waiting))["status"] == "active"
+    atPause = await pause(running)
+    assert atPause > before
+    digest = await device.sendFinal(writer)
+    final = digest.size - result.bytesSent
+    assert 0 < final < digest.size // 4  # the last dirty RAM and the devices
+    assert await writer.finish(digest) == digest
+    assert [name for name, _ in running.events].count("STOP") == 1  # one pause
+    assert await running.status() == "postmigrate"
+    assert await waiting.status() == "paused"
+    assert await waiting.readCounter() == atPause
+    await receiver.commit()
+    await QMPDomainControl(reactor, waiting.qmpPath).resume()
+    await waiting.countsPast(atPause)
+    # The source QEMU's migration settings are as they were.
+    observer: Any = running.observer
+    capabilities = await observer.execute("query-migrate-capabilities")
+    states = {c["capability"]: c["state"] for c in capabilities}
+    assert states["pause-before-switchover"] is False
+    parameters = await observer.execute("query-migrate-parameters")
+    assert parameters["downtime-limit"] == 300  # QEMU's default, put back
+    await device.release()
+    assert await running.whenEnded()
+
+
+class SlowWriter(PipeWriter):
+    """Holds every write a moment: a stream slower than QEMU."""
+
+    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
+        written = super().writeData(offset, data)
+        return written.addCallback(lambda _: deferLater(reactor, 0.005, lambda: None))
+
+
+@pytest_twisted.ensureDeferred
+async def test_abortDuringPreCopy(guests: Guests, workdir: str) -> None:
+    """An abort in pre-copy cancels QEMU's migration; the source guest runs on."""
+    image = dirtying(workdir)
+    running = await guests.start("src", image=image, extra=randomRAM(workdir))
+    waiting = await guests.start("dst", incoming=True, image=image)
+    device, receiver = await pair(workdir, running, **{"target-qmp": waiting.qmpPath})
+    writer = SlowWriter(receiver)
+    round = device.sendRound(writer, 0)
+    round.addErrback(lambda f: None)  # cancelled by the rollback
+    await deferLater(reactor, 0.3, lambda: None)
+    assert (await queryMigrate(running))["status"] == "active"
+    await device.rollback()
+    await receiver.abort()
+    assert (await queryMigrate(running))["status"] == "cancelled"
+    assert await running.status() == "running"
+    assert running.first("STOP") is None  # never paused, by QEMU or anyone
+    await running.countsPast(await running.readCounter())
+    assert await waiting.whenEnded()  # it held part of a state: quit
+    assert waiting.first("RESUME") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_abortAfterQEMUStoppedTheGuest(guests: Guests, workdir: str) -> None:
+    """QEMU stopped the guest for its switch-over; an abort has it run again."""
+    running = await guests.start("src")
+    waiting = await guests.start("dst", incoming=True)
+    device, receiver = await pair(workdir, running, **{"target-qmp": waiting.qmpPath})
+    result = await device.sendRound(PipeWriter(receiver), 0)
+    # A quiet guest: QEMU's RAM converged at once and QEMU stopped the guest.
+    assert result.figures["qemu_status"] == "pre-switchover"
+    assert result.remaining == 0
+    assert await running.status() == "finish-migrate"
+    await device.rollback()
+    await receiver.abort()
+    assert await running.status() == "running"
+    assert (await queryMigrate(running))["status"] == "cancelled"
+
+
+def test_xenModeHasNoPreCopy() -> None:
+    """xen=1 sends device state only, in the paused window: no pre-copy rounds."""
+    spec = DeviceSpec.parse("devmodel:q:qmp=/s,xen=1,target-statefile=f")
+    assert not DevmodelSource(spec, None).precopy  # type: ignore[arg-type]
+    spec = DeviceSpec.parse("devmodel:q:qmp=/s,live=0,target-qmp=t")
+    assert not DevmodelSource(spec, None).precopy  # type: ignore[arg-type]
+
+
+# -- the order of the rounds, without QEMU --------------------------------------------
+
+
+@implementer(ISourceDevice)
+class OrderedSource(RoundsSource):
+    """A pre-copy device that notes its rounds; ``last=1``: it pauses the VM."""
+
+    log: list[str] = []
+
+    @property
+    def precopyLast(self) -> bool:
+        return bool(self.spec.params.get("last"))
+
+    def sendRound(self, writer: Any, round: int) -> Deferred[RoundResult]:
+        self.log.append(f"{self.spec.name}{round}")
+        return super().sendRound(writer, round)
+
+
+class OrderedKind(RoundsKind):
+    def source(self, spec: DeviceSpec, context: Any) -> OrderedSource:
+        device = OrderedSource(spec, context)
+        self.sources.append(device)
+        return device
+
+
+def test_pausingDeviceGoesLast() -> None:
+    """A device whose convergence pauses the VM pre-copies after all the others."""
+    OrderedSource.log = []
+    client = FakeClient({"memory": OrderedKind()})
+    migration = SourceMigration(client, "vm1", "m1")  # type: ignore[arg-type]
+    specs = ["memory:ram:data=x,last=1", "memory:disk:data=y", "memory:tpm:data=z"]
+    run(migration.prepare([DeviceSpec.parse(s) for s in specs]))
+    rounds = run(migration.precopy(FixedRounds(2)))
+    log = OrderedSource.log
+    assert sorted(log[:4]) == ["disk0", "disk1", "tpm0", "tpm1"]
+    assert log[4:] == ["ram0", "ram1"]
+    assert set(rounds) == {"ram", "disk", "tpm"}
