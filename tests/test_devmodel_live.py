@@ -47,33 +47,36 @@ async def queryMigrate(guest: Any) -> dict[str, Any]:
 @pytest_twisted.ensureDeferred
 async def test_ramMovesWhileTheGuestRuns(guests: Guests, workdir: str) -> None:
     """
-    RAM goes in a pre-copy round while the guest dirties memory, straight into
+    RAM goes in pre-copy rounds while the guest dirties memory, straight into
     the incoming QEMU; the paused window carries the rest; the guest counts on.
     """
     image = dirtying(workdir)
     running = await guests.start("src", image=image, extra=randomRAM(workdir))
     waiting = await guests.start("dst", incoming=True, image=image)
-    # QEMU stops the guest once what is left takes under 50 ms to send: after
-    # its first pass, as the guest rewrites only 512 KiB.
+    # QEMU stops the guest once what is left takes under 50 ms to send: soon
+    # after its first pass, as the guest rewrites only 512 KiB.
     device, receiver = await pair(
         workdir, running, **{"target-qmp": waiting.qmpPath, "downtime": "50"}
     )
     assert device.precopy
     before = await running.countsPast(3)
     writer = PipeWriter(receiver)
-    result = await device.sendRound(writer, 0)
-    figures = result.figures
-    # QEMU sent the 16 MiB of random RAM while the guest ran and counted.
-    assert result.bytesSent > 16 * 1024 * 1024
-    assert figures["ram_transferred"] >= 16 * 1024 * 1024
-    assert figures["stream_bytes"] == result.bytesSent
-    assert running.first("STOP") is None or figures["qemu_status"] != "active"
+    results = []
+    while not results or (results[-1].remaining and len(results) < 5):
+        result = await device.sendRound(writer, len(results))
+        assert result.figures["stream_bytes"] == result.bytesSent
+        results.append(result)
+    sent = sum(r.bytesSent for r in results)
+    # QEMU sent most of the 16 MiB of random RAM while the guest ran and counted
+    # (it stops the guest with up to 50 ms of sending left).
+    assert sent > 12 * 1024 * 1024
+    assert results[-1].figures["ram_transferred"] > 12 * 1024 * 1024
     # The incoming QEMU is loading already: nothing was staged whole first.
     assert (await queryMigrate(waiting))["status"] == "active"
     atPause = await pause(running)
     assert atPause > before
     digest = await device.sendFinal(writer)
-    final = digest.size - result.bytesSent
+    final = digest.size - sent
     assert 0 < final < digest.size // 4  # the last dirty RAM and the devices
     assert await writer.finish(digest) == digest
     assert [name for name, _ in running.events].count("STOP") == 1  # one pause
