@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import pytest_twisted
+from daemons import CLIENT, PKI, Daemon
 from test_devmodel import (  # the real-QEMU fixtures: guests, workdir, pair, pause
     Guests,
+    _waitFor,
     guests,
     pair,
     pause,
@@ -26,7 +33,7 @@ from xenmig.interfaces import ISourceDevice
 from xenmig.model import DeviceSpec, RoundResult
 from xenmig.source.convergence import FixedRounds
 from xenmig.source.migration import SourceMigration
-from xenmig.testing import PipeWriter
+from xenmig.testing import PipeWriter, requirePrograms
 from xenmig.toolstack.domains import QMPDomainControl
 
 __all__ = ["guests", "workdir"]  # fixtures, used by name
@@ -44,19 +51,23 @@ async def queryMigrate(guest: Any) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.parametrize("rewriting", [False, True], ids=["quiet", "rewriting"])
 @pytest_twisted.ensureDeferred
-async def test_ramMovesWhileTheGuestRuns(guests: Guests, workdir: str) -> None:
+async def test_ramMovesWhileTheGuestRuns(
+    guests: Guests, workdir: str, rewriting: bool
+) -> None:
     """
-    RAM goes in pre-copy rounds while the guest dirties memory, straight into
-    the incoming QEMU; the paused window carries the rest; the guest counts on.
+    RAM goes in pre-copy rounds while the guest runs (and rewrites memory),
+    straight into the incoming QEMU; the paused window carries the rest; the
+    guest counts on from where it stopped.
     """
-    image = dirtying(workdir)
+    image = dirtying(workdir) if rewriting else guests.image
     running = await guests.start("src", image=image, extra=randomRAM(workdir))
     waiting = await guests.start("dst", incoming=True, image=image)
-    # QEMU stops the guest once what is left takes under 50 ms to send: soon
-    # after its first pass, as the guest rewrites only 512 KiB.
+    # QEMU stops the guest once what is left takes under 20 ms to send: soon
+    # after its first pass, as the guest rewrites at most 512 KiB.
     device, receiver = await pair(
-        workdir, running, **{"target-qmp": waiting.qmpPath, "downtime": "50"}
+        workdir, running, **{"target-qmp": waiting.qmpPath, "downtime": "20"}
     )
     assert device.precopy
     before = await running.countsPast(3)
@@ -68,7 +79,7 @@ async def test_ramMovesWhileTheGuestRuns(guests: Guests, workdir: str) -> None:
         results.append(result)
     sent = sum(r.bytesSent for r in results)
     # QEMU sent most of the 16 MiB of random RAM while the guest ran and counted
-    # (it stops the guest with up to 50 ms of sending left).
+    # (it stops the guest with up to 20 ms of sending left).
     assert sent > 12 * 1024 * 1024
     assert results[-1].figures["ram_transferred"] > 12 * 1024 * 1024
     # The incoming QEMU is loading already: nothing was staged whole first.
@@ -82,10 +93,18 @@ async def test_ramMovesWhileTheGuestRuns(guests: Guests, workdir: str) -> None:
     assert [name for name, _ in running.events].count("STOP") == 1  # one pause
     assert await running.status() == "postmigrate"
     assert await waiting.status() == "paused"
-    assert await waiting.readCounter() == atPause
+    loaded = await waiting.readCounter()
+    if rewriting:
+        # QEMU 7.2's dirty tracking under TCG can lose a store that races its
+        # bitmap sync (doc/devmodel.md, "TCG caveat"; QEMU alone loses it too):
+        # with passes while this guest rewrites memory, the loaded count may
+        # lag.  The quiet guest's exact count is checked below.
+        assert 0 < loaded <= atPause
+    else:
+        assert loaded == atPause
     await receiver.commit()
     await QMPDomainControl(reactor, waiting.qmpPath).resume()
-    await waiting.countsPast(atPause)
+    await waiting.countsPast(loaded)
     # The source QEMU's migration settings are as they were.
     observer: Any = running.observer
     capabilities = await observer.execute("query-migrate-capabilities")
@@ -189,3 +208,82 @@ def test_pausingDeviceGoesLast() -> None:
     assert sorted(log[:4]) == ["disk0", "disk1", "tpm0", "tpm1"]
     assert log[4:] == ["ram0", "ram1"]
     assert set(rounds) == {"ram", "disk", "tpm"}
+
+
+# -- the command line, through a twistd daemon over mutual TLS -------------------------
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The target host's daemon; its allowed root holds the incoming QEMU's socket."""
+    requirePrograms(testguest.QEMU)
+    running = Daemon(tmp_path_factory.mktemp("b"), PKI(tmp_path_factory.mktemp("pki")))
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_cliShowsTheRAMRounds(daemon: Daemon, workdir: str) -> None:
+    """``xenmig migrate --live``: RAM rounds on the terminal and in the report."""
+    image = dirtying(workdir)
+    sourceQMP = os.path.join(workdir, "live-src.qmp")
+    targetQMP = daemon.dest / "live-dst.qmp"
+    processes = [
+        subprocess.Popen(testguest.qemuCommand(image, sourceQMP)),
+        subprocess.Popen(testguest.qemuCommand(image, str(targetQMP), incoming=True)),
+    ]
+    where = daemon.pki.ca
+    try:
+        for path in (sourceQMP, str(targetQMP)):
+            _waitFor(path)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "xenmig.cli.main",
+                "migrate",
+                "--target",
+                f"127.0.0.1:{daemon.port}",
+                "--ca",
+                str(where / "ca.pem"),
+                "--cert",
+                str(where / f"{CLIENT}.pem"),
+                "--key",
+                str(where / f"{CLIENT}.key"),
+                "--domain",
+                "live-vm",
+                "--device",
+                f"devmodel:qemu:qmp={sourceQMP},target-qmp={targetQMP},downtime=50",
+                "--domain-control",
+                f"qmp:{sourceQMP}",
+                "--live",
+                "--json",
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["phase"] == "COMMITTED"
+        [qemu] = report["devices"]
+        figures = qemu["round_figures"]
+        assert len(figures) == len(qemu["rounds"]) >= 1
+        assert [f["stream_bytes"] for f in figures] == qemu["rounds"]
+        assert all(f["ram_transferred"] > 0 for f in figures)
+        assert {"ram_remaining", "dirty_pages_rate", "dirty_bytes_rate"} <= set(
+            figures[0]
+        )
+        assert sum(qemu["rounds"]) < qemu["data_bytes"]  # the paused window's part
+        # QEMU stopped the VM in the last round: the paused window starts there.
+        assert figures[-1]["vm_stopped"] is True
+        assert 0 < report["paused_window"] < report["durations"]["total"]
+        assert report["paused_window"] > report["live"]["pause"]["seconds"]
+        assert "qemu RAM round 0: " in result.stderr
+        assert processes[0].wait(timeout=10) == 0  # the source QEMU quit
+        assert processes[1].poll() is None  # the target waits, paused
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

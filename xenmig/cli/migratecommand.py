@@ -317,5 +317,5 @@ def ramRound(name: str, number: int, figure: dict[str, Any]) -> str:
         f"  {name} RAM round {number}: {formatBytes(figure['stream_bytes'])} sent, "
         f"{formatBytes(figure['ram_remaining'])} left, guest dirtying "
         f"{formatRate(figure['dirty_bytes_rate'])}"
-        + (" (QEMU stopped the VM)" if figure.get("qemu_status") != "active" else "")
+        + (" (QEMU stopped the VM)" if figure.get("vm_stopped") else "")
     )

@@ -227,6 +227,8 @@ class SourceMigration:
             result: RoundResult = await run.device.sendRound(sender, round)
             run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
             run.roundFigures.append(dict(result.figures))
+            if result.figures.get("vm_stopped") and self.pausedAt is None:
+                self.pausedAt = self._monotonic()  # the paused window began
             log.info(
                 "migration {migration_id}: {device} round {round} sent {sent} bytes",
                 migration_id=self.migrationId,
@@ -241,8 +243,13 @@ class SourceMigration:
     # -- the paused part -------------------------------------------------------------
 
     def paused(self) -> None:
-        """Note that the toolstack has just paused the VM (for the report)."""
-        self.pausedAt = self._monotonic()
+        """
+        Note that the toolstack has just paused the VM (for the report), unless a
+        device's round already saw the VM stop (``vm_stopped`` in its figures:
+        QEMU stops the VM itself once its RAM converged); the earlier counts.
+        """
+        if self.pausedAt is None:
+            self.pausedAt = self._monotonic()
 
     async def transfer(self) -> dict[str, ContentDigest]:
         """

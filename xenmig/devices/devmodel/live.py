@@ -66,6 +66,8 @@ class RoundFigures:
             "dirty_bytes_rate": self.dirtyRate * self.pageSize,
             "dirty_sync_count": self.syncs,
             "qemu_status": self.status,
+            # QEMU stopped the VM for its switch-over: the paused window began.
+            "vm_stopped": self.switching,
         }
 
 
