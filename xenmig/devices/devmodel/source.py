@@ -20,7 +20,7 @@ from xenmig.clients.qmpclient import (
     connectQMP,
     qmpSession,
 )
-from xenmig.devices.devmodel.live import LiveRAM, RoundFigures
+from xenmig.devices.devmodel.live import CAPABILITY, LiveRAM, RoundFigures
 from xenmig.devices.devmodel.params import KIND, DevmodelParams
 from xenmig.devices.devmodel.reader import StateReader
 from xenmig.devices.sparse import sendFile
@@ -116,6 +116,7 @@ class DevmodelSource:
         self.precopy = params.live and not params.xen
         self.downtime = params.downtime
         self.live: LiveRAM | None = None
+        self.liveStarting = False  # LiveRAM.start began (and may not have ended)
         self.final: RoundFigures | None = None
         self.started = False
         self.stoppedHere = False  # xen=1: this handler stopped the device model
@@ -190,6 +191,7 @@ class DevmodelSource:
                     device=self.name,
                     status=status,
                 )
+            self.liveStarting = True
             self.live = await LiveRAM.start(
                 self.context.reactor, self.name, client, writer, self.downtime
             )
@@ -306,6 +308,13 @@ class DevmodelSource:
         if self.live is not None:
             self.live.reader.abort()
             await self.live.restore(client)
+        elif self.liveStarting:
+            # Stopped while it started: at least QEMU must not wait at the next
+            # migration's switch-over (a best-effort cleanup).
+            await client.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": CAPABILITY, "state": False}]},
+            ).addErrback(lambda f: None)
         if self.stoppedHere:
             await client.cont()  # the device model runs as before (libxl does too)
             self.stoppedHere = False

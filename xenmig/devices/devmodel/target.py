@@ -50,6 +50,8 @@ log = Logger()
 
 #: How much of the target QEMU's log a refusal quotes.
 LOG_TAIL = 4096
+#: Seconds between two looks at a QEMU finishing its load, in the paused window.
+LOAD_POLL = 0.01
 
 
 def _versionTuple(text: str) -> tuple[int, ...]:
@@ -271,15 +273,18 @@ class DevmodelTarget:
                 f"the source's digest; that QEMU will not run"
             )
         self.feed.close()
-        self.loading = self._session(
-            lambda client: client.awaitIncoming(), self.timeout
-        )
+        self.loading = self._session(self._awaitLoad, self.timeout)
         try:
             status = await self.loading
         except DeviceError as e:
             raise DeviceError(await self._refusal(e, self.logStart))
         self._checkPaused(status)
         return digest
+
+    async def _awaitLoad(self, client: QMPClient) -> str:
+        # The VM is paused meanwhile: look often (QMP answers in well under 1 ms).
+        client.pollInterval = LOAD_POLL
+        return await client.awaitIncoming()
 
     def _checkPaused(self, status: str) -> None:
         if status not in ("paused", "prelaunch"):
