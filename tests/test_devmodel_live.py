@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from xenmig.demo import testguest
 from xenmig.devices.devmodel.source import DevmodelSource
+from xenmig.errors import MigrationAborted
 from xenmig.interfaces import ISourceDevice
 from xenmig.model import DeviceSpec, RoundResult
 from xenmig.source.convergence import FixedRounds
@@ -287,3 +288,52 @@ def test_cliShowsTheRAMRounds(daemon: Daemon, workdir: str) -> None:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def bigRandomRAM(workdir: str, mib: int) -> tuple[str, ...]:
+    """QEMU options giving the guest ``mib`` MiB of random RAM (the last -m wins)."""
+    path = os.path.join(workdir, f"ram{mib}.bin")
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    return (
+        "-m", str(mib),
+        "-object",
+        f"memory-backend-file,id=pc.ram,size={mib}M,mem-path={path},share=off",
+        "-machine", "memory-backend=pc.ram",
+    )  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_incomingQEMUGoneDuringPreCopy(
+    guests: Guests, workdir: str, daemon: Daemon
+) -> None:
+    """
+    The incoming QEMU exits while RAM moves: the migration aborts with the
+    target's reason, nothing is installed, the source guest never stopped.
+    """
+    extra = bigRandomRAM(workdir, 128)
+    running = await guests.start("src", extra=extra)
+    waiting = await guests.start(
+        "dst", incoming=True, extra=extra, directory=str(daemon.dest)
+    )
+    spec = DeviceSpec.parse(
+        f"devmodel:qemu:qmp={running.qmpPath},target-qmp={waiting.qmpPath}"
+    )
+    migration = SourceMigration(daemon.client(reactor), "gone", f"gone-{os.getpid()}")
+    await migration.prepare([spec])
+    precopy = Deferred.fromCoroutine(migration.precopy())
+    await deferLater(reactor, 0.3, lambda: None)
+    assert (await queryMigrate(running))["status"] == "active"  # RAM is moving
+    observer: Any = waiting.observer
+    await observer.execute("quit")
+    with pytest.raises(MigrationAborted) as caught:
+        await precopy
+    assert "the target QEMU stopped reading the state" in str(caught.value)
+    status = await daemon.status(reactor, migration.migrationId)
+    assert status["phase"] == "ABORTED" and status["installed"] == []
+    # No migration in progress: the cut stream failed it (or the abort cancelled it).
+    assert (await queryMigrate(running))["status"] in ("failed", "cancelled")
+    assert await running.status() == "running"
+    assert running.first("STOP") is None
+    await running.countsPast(await running.readCounter())

@@ -11,6 +11,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from xenmig.clients.qmp import QEMUMigrationFailed
 from xenmig.digest import ContentHasher
 from xenmig.errors import DeviceError, StreamError
 from xenmig.model import ContentDigest
@@ -101,9 +102,9 @@ class IncomingFeed(Protocol):
             waiting.errback(self._lostError())
 
     def _lostError(self) -> DeviceError:
-        return DeviceError(
-            f"devmodel device {self.name}: the target QEMU stopped reading the "
-            f"state ({self.lost.getErrorMessage() if self.lost else 'closed'})"
+        return QEMUMigrationFailed(
+            "the target QEMU stopped reading the state (it exited, or closed the "
+            "stream; QEMU prints its reason on its standard error)"
         )
 
     def digest(self) -> ContentDigest:
