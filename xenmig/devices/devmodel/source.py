@@ -169,7 +169,12 @@ class DevmodelSource:
         if not self.precopy:
             return fail(DeviceError(f"devmodel device {self.name}: no pre-copy rounds"))
         if (self.live is None) != (round == 0) or self._saving is not None:
-            return fail(DeviceError(f"devmodel device {self.name}: round {round}?"))
+            return fail(
+                DeviceError(
+                    f"devmodel device {self.name}: pre-copy round {round} asked out "
+                    f"of order (round 0 starts QEMU's migration; one round at a time)"
+                )
+            )
         self.started = True
         self._saving = self._session(
             lambda client: self._round(client, writer, round), self.timeout

@@ -199,8 +199,6 @@ class DevmodelTarget:
 
     async def _feed(self, record: DataRecord) -> None:
         if self.feed is None:
-            if record.offset + len(record.data) > self.maxSize:
-                raise StreamError(f"devmodel device {self.name}: too much state")
             self.starting = Deferred.fromCoroutine(self._startIncoming())
             await self.starting
         assert self.feed is not None
