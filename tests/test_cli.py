@@ -677,6 +677,7 @@ class FakeMigration:
         from xenmig.source.connection import ClientTimeouts
 
         self.migrationId = "doubt-1"
+        self.bandwidth = None
         self.phase = "NEW"
         self.reason = ""
         self.times: dict[str, float] = {}

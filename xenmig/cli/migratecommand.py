@@ -81,6 +81,11 @@ class MigrateCommand:
             await migration.prepare(self.args.device)
             self._goOn()
             self.display.phase("the target accepted every device")
+            if migration.bandwidth:
+                self.display.phase(
+                    f"bandwidth limited to {formatRate(migration.bandwidth)}, "
+                    f"shared by the migration's streams"
+                )
             if self.args.live:
                 await self._precopy()
                 self._goOn()  # never pause the VM after an interrupt
@@ -123,6 +128,9 @@ class MigrateCommand:
             for number, figure in enumerate(figures):
                 if "ram_remaining" in figure:
                     self.display.phase(ramRound(name, number, figure))
+        downtime = self.migration.report().get("downtime")
+        if downtime is not None:
+            self.display.phase(downtimeLine(downtime))
 
     async def _pauseVM(self) -> None:
         from xenmig.clients.processes import runShell
@@ -299,6 +307,10 @@ def summary(report: dict[str, Any]) -> str:
         f"{report.get('target', 'the target')} in {formatSeconds(durations['total'])}"
         f" (paused window {formatSeconds(report['paused_window'])})"
     ]
+    if report.get("downtime"):
+        lines.append("  " + downtimeLine(report["downtime"]))
+    if report.get("bandwidth_limit"):
+        lines.append(f"  bandwidth limit {formatRate(report['bandwidth_limit'])}")
     for device in report["devices"]:
         seconds = device["seconds"] or 0.0
         rate = device["bytes"] / seconds if seconds else 0.0
@@ -319,3 +331,16 @@ def ramRound(name: str, number: int, figure: dict[str, Any]) -> str:
         f"{formatRate(figure['dirty_bytes_rate'])}"
         + (" (QEMU stopped the VM)" if figure.get("vm_stopped") else "")
     )
+
+
+def downtimeLine(downtime: dict[str, Any]) -> str:
+    """The maximum downtime, the final round's estimate and, once known, the window."""
+    line = (
+        f"final round estimated at {formatSeconds(downtime['estimate'])} "
+        f"(max downtime {formatSeconds(downtime['limit'])})"
+    )
+    if downtime["exceeded"]:
+        line += ": over it after the last round allowed, paused anyway"
+    if downtime["paused_window"] is not None:
+        line += f"; paused window {formatSeconds(downtime['paused_window'])}"
+    return line

@@ -176,7 +176,7 @@ class LiveRAM:
                 round=number,
             )
         remaining = 0 if figures.switching else figures.remaining
-        return RoundResult(sent, remaining, figures.asReport(sent))
+        return RoundResult(sent, remaining, figures=figures.asReport(sent))
 
     async def finish(self, client: QMPClient) -> RoundFigures:
         """
