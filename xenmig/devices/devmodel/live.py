@@ -88,7 +88,7 @@ class LiveRAM:
     reader: StateReader
     #: What the source had set, restored when the migration ends.
     saved: dict[str, Any] = field(default_factory=dict)
-    #: The stream's offset at the start of the running round.
+    #: The stream's offset where the last round ended (what followed is the next).
     mark: int = 0
     rounds: list[RoundFigures] = field(default_factory=list)
 
