@@ -23,7 +23,7 @@ SWITCHING = frozenset({"pre-switchover", "device", "completed"})
 #: ``query-migrate`` statuses of a migration that ended without completing.
 FAILED = frozenset({"failed", "cancelled"})
 #: Seconds between two ``query-migrate`` while a round or the switch-over runs.
-POLL = 0.02
+POLL = 0.01
 CAPABILITY = "pause-before-switchover"
 
 
