@@ -221,14 +221,17 @@ class SourceMigration:
         self._moveTo(Phase.PRECOPY)
         policy = self.policy = policy or ConvergencePolicy()
         runs = [r for r in self.devices.values() if r.device.precopy]
-        await self._allOrAbort([self._precopy(r, perDevice(policy)) for r in runs])
+        # A device whose convergence pauses the VM (QEMU's RAM) goes last.
+        last = [r for r in runs if getattr(r.device, "precopyLast", False)]
+        for group in ([r for r in runs if r not in last], last):
+            await self._allOrAbort([self._precopy(r, perDevice(policy)) for r in group])
         self._moveTo(Phase.PRECOPIED)
         self._mark("precopied")
         return {r.name: list(r.rounds or []) for r in runs}
 
     async def _precopy(self, run: DeviceRun, policy: IConvergencePolicy) -> None:
         sender = await self._openStream(run)
-        run.rounds, run.policy = [], policy
+        run.rounds, run.policy, run.roundFigures = [], policy, []
         round = 0
         while True:
             started = self._monotonic()
@@ -240,6 +243,9 @@ class SourceMigration:
             )  # fmt: skip
             result = timed(result, self._monotonic() - started, sender.unsent)
             run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
+            run.roundFigures.append(dict(result.figures))
+            if result.figures.get("vm_stopped"):
+                self.paused()  # QEMU stopped the VM: the paused window began
             log.info(
                 "migration {migration_id}: {device} round {round} sent {sent} bytes",
                 migration_id=self.migrationId,
@@ -255,8 +261,9 @@ class SourceMigration:
     # -- the paused part -------------------------------------------------------------
 
     def paused(self) -> None:
-        """Note that the toolstack has just paused the VM (for the report)."""
-        self.pausedAt = self._monotonic()
+        """Note the VM's pause (for the report), unless a round saw QEMU stop it."""
+        if self.pausedAt is None:
+            self.pausedAt = self._monotonic()
 
     async def transfer(self) -> dict[str, ContentDigest]:
         """
