@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -26,7 +26,7 @@ from xenmig.pump import TokenBucket
 from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
 from xenmig.source.convergence import ConvergencePolicy, perDevice, proceed, timed
 from xenmig.source.device import DeviceRun, SourceContext
-from xenmig.source.pacing import Slots, commandSlots
+from xenmig.source.pacing import Slots, commandSlots, gatherOrCancel
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
 from xenmig.source.report import migrationReport
 from xenmig.source.stall import watchControl, watchStream
@@ -408,7 +408,7 @@ class SourceMigration:
         """
         self._steps = [Deferred.fromCoroutine(step) for step in steps]
         try:
-            await _gather(self._steps)
+            await gatherOrCancel(self._steps)
         except BaseException as e:
             reason = await self._targetReason(e)
             await self._failed(reason or e)
@@ -485,18 +485,3 @@ class SourceMigration:
     def report(self) -> dict[str, Any]:
         """The JSON report: ids, per-device bytes and digests, phase durations."""
         return migrationReport(self)
-
-
-async def _gather(deferreds: list[Deferred[Any]]) -> list[Any]:
-    """Wait for steps in parallel; the first failure cancels the rest and is raised."""
-    if not deferreds:
-        return []
-    try:
-        return await gatherResults(deferreds, consumeErrors=True)
-    except BaseException as e:
-        for d in deferreds:
-            d.cancel()
-        inner = getattr(e, "subFailure", None)
-        if inner is not None:
-            inner.raiseException()
-        raise
