@@ -24,6 +24,7 @@ from xenmig.plugins import deviceKinds
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
 from xenmig.source.pacing import Slots, handshakeSlots
 from xenmig.source.streamsender import StreamSender
+from xenmig.source.streamtls import StreamTLS
 from xenmig.source.threadedstream import StreamEndpoint, ThreadedStreamSender
 
 T = TypeVar("T")
@@ -52,8 +53,9 @@ class TargetConnection:
 
     @param tls: client TLS options (L{xenmig.tls.clientOptions}), or None for the
         development plaintext mode (loopback only).
-    @param sslContext: the same TLS settings as an C{ssl.SSLContext}
-        (L{xenmig.source.threadedstream.sslContext}): state streams are then
+    @param sslContext: the same TLS settings for streams sent from threads
+        (L{xenmig.source.threadedstream.sslContext}, or an
+        C{ssl.SSLContext}): state streams are then
         sent from threads (L{xenmig.source.threadedstream}), several times
         faster than through the reactor.  Without it, streams go through
         Twisted's TLS, unless in plaintext mode.
@@ -75,7 +77,7 @@ class TargetConnection:
         tls: Any = None,
         timeouts: ClientTimeouts | None = None,
         kinds: dict[str, IDeviceKind] | None = None,
-        sslContext: ssl.SSLContext | None = None,
+        sslContext: StreamTLS | ssl.SSLContext | None = None,
         serverName: str | None = None,
         onRetry: Callable[[str], Any] | None = None,
     ) -> None:

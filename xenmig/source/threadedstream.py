@@ -13,18 +13,16 @@ command, the same records.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import socket
 import ssl
 import struct
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.protocols import amp
@@ -48,88 +46,71 @@ from xenmig.records import (
 )
 from xenmig.source.backoff import NotConnected
 from xenmig.source.framing import RecordFraming
+from xenmig.source.streamtls import StreamTLS, raiseSysCall
 
 _FINISH = object()
 _CODES = {code: error for error, code in WIRE_ERRORS.items()}
 _MAX_ANSWER = 65536
 
 
-class PinnedContext(ssl.SSLContext):
-    """An SSLContext that also carries the target's pinned fingerprints."""
-
-    pins: frozenset[str] = frozenset()
-
-
 def sslContext(
     identity: PrivateCertificate,
     authorities: Sequence[Certificate],
     pins: Sequence[str] = (),
-) -> ssl.SSLContext:
+) -> StreamTLS:
     """
-    A client context equivalent to L{xenmig.tls.clientOptions}: the daemon must
-    chain to ``authorities``, name the host in its subjectAltName, and be one of
-    ``pins`` (SHA-256 fingerprints) if any; this host presents ``identity``.
-    TLS 1.2 at least, forward-secret AEAD suites only.
+    The TLS settings of threaded streams, equivalent to
+    L{xenmig.tls.clientOptions}: the daemon must chain to ``authorities``, name
+    the host in its subjectAltName, and be one of ``pins`` (SHA-256
+    fingerprints) if any; this host presents ``identity``.  TLS 1.2 at least,
+    forward-secret AEAD suites only.  (An C{ssl.SSLContext} is accepted in its
+    place, with the standard library's slower TLS.)
     """
-    from xenmig.tls import CIPHERS, parsePin
-
-    context = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.pins = frozenset(parsePin(p) for p in pins)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(CIPHERS)
-    context.load_verify_locations(
-        cadata="".join(
-            a.original.to_cryptography()
-            .public_bytes(serialization.Encoding.PEM)
-            .decode()
-            for a in authorities
-        )
-    )
-    # load_cert_chain reads files only: a private file, removed at once.
-    with tempfile.TemporaryDirectory(prefix="xenmig-tls-") as directory:
-        path = os.path.join(directory, "identity.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_identityPEM(identity))
-        context.load_cert_chain(path)
-    return context
+    return StreamTLS(identity, authorities, pins)
 
 
-def _identityPEM(identity: PrivateCertificate) -> bytes:
-    certificate = identity.original.to_cryptography()
-    key = identity.privateKey.original.to_cryptography_key()
-    return certificate.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+#: The largest payload of a TLS record: the sender writes whole records.
+RECORD = 16384
 
 
 class _Channel:
-    """A blocking byte channel: plain TCP, or TLS through memory BIOs."""
+    """
+    A blocking byte channel on a connected socket: plain TCP, OpenSSL's TLS
+    writing its records straight to the socket, or the standard library's.
 
-    def __init__(self, sock: socket.socket, tls: ssl.SSLObject | None = None) -> None:
-        self.sock = sock
+    What is sent is cut into writes of whole TLS records: small parts (a
+    record's header, its padding) travel with the start or the end of the
+    large ones, and a partial record is carried to the next L{send} unless
+    told to flush.
+    """
+
+    def __init__(
+        self, sock: socket.socket, tls: SSL.Connection | ssl.SSLSocket | None = None
+    ) -> None:
+        self.sock: socket.socket = tls if isinstance(tls, ssl.SSLSocket) else sock
         self.tls = tls
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
+        self._carry: list[bytes | memoryview] = []
+        self._carried = 0
 
     @classmethod
     def open(cls, sock: socket.socket, endpoint: StreamEndpoint) -> _Channel:
-        """Wrap ``sock``; for TLS, run the handshake."""
-        if endpoint.context is None:
+        """Wrap ``sock``; for TLS, run the handshake (blocking)."""
+        context = endpoint.context
+        if context is None:
             return cls(sock)
-        channel = cls(sock)
-        channel.tls = endpoint.context.wrap_bio(
-            channel.incoming, channel.outgoing, server_hostname=endpoint.serverName
-        )
-        channel._pump(channel.tls.do_handshake)
-        channel._checkPin(getattr(endpoint.context, "pins", frozenset()))
+        if isinstance(context, StreamTLS):
+            return cls(sock, context.handshake(sock, endpoint.serverName))
+        try:
+            tls = context.wrap_socket(sock, server_hostname=endpoint.serverName)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            raise TimeoutError("the TLS handshake timed out") from None
+        channel = cls(sock, tls)
+        channel._checkPin(getattr(context, "pins", frozenset()))
         return channel
 
     def _checkPin(self, pins: frozenset[str]) -> None:
-        """Refuse a target whose certificate is not pinned (when pins are given)."""
-        if not pins or self.tls is None:
+        """Refuse a target whose certificate is not pinned (stdlib contexts)."""
+        if not pins or not isinstance(self.tls, ssl.SSLSocket):
             return
         der = self.tls.getpeercert(binary_form=True) or b""
         fingerprint = hashlib.sha256(der).hexdigest()
@@ -139,49 +120,70 @@ class _Channel:
                 f"pinned with --pin-sha256"
             )
 
-    def _pump(self, operation: Any) -> Any:
-        """Run a TLS ``operation``, feeding the network to it until it completes."""
-        while True:
-            try:
-                result = operation()
-            except ssl.SSLWantReadError:
-                self._flush()
-                data = self.sock.recv(65536)
-                if not data:
-                    raise StreamError("the target closed the stream connection")
-                self.incoming.write(data)
-                continue
-            self._flush()
-            return result
-
-    def _flush(self) -> None:
-        if self.outgoing.pending:
-            self.sock.sendall(self.outgoing.read())
-
-    def send(self, parts: list[bytes]) -> None:
-        """Send ``parts``: encrypted together, one system call (TLS)."""
-        if self.tls is None:
-            for part in parts:
-                self.sock.sendall(part)
-            return
+    def send(self, parts: Sequence[bytes], flush: bool = True) -> None:
+        """
+        Send ``parts`` in writes of whole TLS records (blocking); keep a last
+        partial record for the next call unless ``flush``.
+        """
+        pending, size = self._carry, self._carried
         for part in parts:
-            self.tls.write(part)  # into the memory BIO: never blocks
-        self._flush()
+            if len(part) < RECORD:
+                pending.append(part)
+                size += len(part)
+                continue
+            view = memoryview(part)
+            if pending:
+                cut = -size % RECORD
+                pending.append(view[:cut])
+                self._write(b"".join(pending))
+                view = view[cut:]
+            whole = len(view) - len(view) % RECORD
+            if whole:
+                self._write(view[:whole])
+            pending = [view[whole:]] if whole < len(view) else []
+            size = len(view) - whole
+        if flush and pending:
+            self._write(b"".join(pending))
+            pending, size = [], 0
+        self._carry, self._carried = pending, size
+
+    def _write(self, data: bytes | memoryview) -> None:
+        if isinstance(self.tls, SSL.Connection):
+            try:
+                self.tls.sendall(data)
+            except SSL.SysCallError as e:
+                raiseSysCall(e)
+        else:
+            self.sock.sendall(data)
 
     def recv(self, length: int) -> bytes:
-        if self.tls is None:
+        """Blocking: up to ``length`` bytes; b"" at the end of the stream."""
+        try:
+            if isinstance(self.tls, SSL.Connection):
+                return self.tls.recv(length)
             return self.sock.recv(length)
-        tls = self.tls
-        return self._pump(lambda: tls.read(length))
+        except (SSL.WantReadError, SSL.WantWriteError, ssl.SSLWantReadError):
+            raise TimeoutError("the target did not answer in time") from None
+        except BlockingIOError:
+            raise TimeoutError("the target did not answer in time") from None
+        except SSL.ZeroReturnError:
+            return b""
+        except SSL.SysCallError as e:
+            if e.args and e.args[0] == -1:
+                return b""
+            raiseSysCall(e)
 
     def close(self) -> None:
-        """Close cleanly: TLS close_notify, then end the sending side."""
-        if self.tls is not None:
+        """Close cleanly: flush, TLS close_notify, then end the sending side."""
+        self.send([], flush=True)
+        if isinstance(self.tls, SSL.Connection):
+            self.tls.shutdown()  # the peer's close_notify is not waited for
+        elif isinstance(self.tls, ssl.SSLSocket):
+            self.tls.setblocking(False)
             try:
                 self.tls.unwrap()
-            except ssl.SSLWantReadError:
-                pass  # the peer's close_notify is not waited for
-            self._flush()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                pass
         self.sock.shutdown(socket.SHUT_WR)
         self.sock.close()
 
@@ -193,13 +195,24 @@ class _Channel:
             pass
 
 
+def _setTimeout(sock: socket.socket, seconds: float) -> None:
+    """
+    Bound each blocking receive and send on ``sock`` to ``seconds`` (0: no
+    bound), in the kernel: OpenSSL then sees the socket as blocking.
+    """
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 @dataclass(frozen=True)
 class StreamEndpoint:
     """Where and how a threaded stream connects: the daemon's address and TLS."""
 
     host: str
     port: int
-    context: ssl.SSLContext | None  # None: the development plaintext mode
+    context: StreamTLS | ssl.SSLContext | None  # None: the development plaintext mode
     serverName: str
     timeout: float = 30.0
 
@@ -217,24 +230,34 @@ class StreamEndpoint:
             raw = socket.create_connection((self.host, self.port), self.timeout)
         except ConnectionError as e:
             raise NotConnected(e) from e
+        # OpenSSL on the socket needs it blocking: the kernel bounds each call.
+        kernelTimeout = not isinstance(self.context, ssl.SSLContext)
+        sock = raw
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if kernelTimeout:
+                raw.settimeout(None)
+                _setTimeout(raw, self.timeout)
             try:
                 channel = _Channel.open(raw, self)
             except ConnectionError as e:
                 raise NotConnected(e) from e
+            sock = channel.sock  # the standard library's TLS took over ``raw``
             box = amp.AmpBox(_command=StartStream.commandName, _ask=b"1", token=token)
             channel.send([box.serialize()])
             answer = _readBox(channel)
         except BaseException:
-            raw.close()
+            sock.close()
             raise
         if b"_error" in answer:
-            raw.close()
+            sock.close()
             code = answer.get(b"_error_code", b"")
             text = answer.get(b"_error_description", b"").decode("utf-8", "replace")
             raise _CODES.get(code, PeerError)(text or code.decode("ascii", "replace"))
-        raw.settimeout(None)
+        if kernelTimeout:
+            _setTimeout(sock, 0)
+        else:
+            sock.settimeout(None)
         return channel
 
 
@@ -316,7 +339,7 @@ class ThreadedStreamSender(RecordFraming):
             return
         self.reactor.callFromThread(self._opened, opened, None)
         try:
-            self._channel.send([encodeStreamHeader()])
+            self._channel.send([encodeStreamHeader()], flush=False)
             self._sendQueue(self._channel)
             self._channel.close()
             self.reactor.callFromThread(self._finished.callback, None)
@@ -334,7 +357,7 @@ class ThreadedStreamSender(RecordFraming):
                 return
             if item is None:  # aborted
                 raise StreamError("the stream was aborted")
-            channel.send(item)
+            channel.send(item, flush=self._queue.empty())
             if self._room.remove(sum(len(part) for part in item)):
                 self.reactor.callFromThread(self._room.release)
 
