@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,7 +20,7 @@ from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.errors import Busy
 from xenmig.interfaces import IDeviceKind
 from xenmig.limits import AnnouncedLimits, withDeadline
-from xenmig.plugins import deviceKinds
+from xenmig.plugins import LazyKinds
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
 from xenmig.source.pacing import Slots, handshakeSlots
 from xenmig.source.streamsender import StreamSender
@@ -76,7 +76,7 @@ class TargetConnection:
         port: int = DEFAULT_PORT,
         tls: Any = None,
         timeouts: ClientTimeouts | None = None,
-        kinds: dict[str, IDeviceKind] | None = None,
+        kinds: Mapping[str, IDeviceKind] | None = None,
         sslContext: StreamTLS | ssl.SSLContext | None = None,
         serverName: str | None = None,
         onRetry: Callable[[str], Any] | None = None,
@@ -86,7 +86,7 @@ class TargetConnection:
         self.port = port
         self.tls = tls
         self.timeouts = timeouts or ClientTimeouts()
-        self.kinds = kinds if kinds is not None else deviceKinds()
+        self.kinds = kinds if kinds is not None else LazyKinds()
         self.onRetry = onRetry
         #: What the target announced (an older one: AnnouncedLimits()).
         self.limits = AnnouncedLimits()

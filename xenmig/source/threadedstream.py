@@ -174,18 +174,27 @@ class _Channel:
             raiseSysCall(e)
 
     def close(self) -> None:
-        """Close cleanly: flush, TLS close_notify, then end the sending side."""
+        """
+        Close cleanly: flush, then TLS close_notify and the end of the sending
+        side.  Once everything is flushed, a failure to close is no loss (the
+        target may have closed first, having read the END record): the
+        target's answer says whether the stream arrived.
+        """
         self.send([], flush=True)
-        if isinstance(self.tls, SSL.Connection):
-            self.tls.shutdown()  # the peer's close_notify is not waited for
-        elif isinstance(self.tls, ssl.SSLSocket):
-            self.tls.setblocking(False)
-            try:
-                self.tls.unwrap()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                pass
-        self.sock.shutdown(socket.SHUT_WR)
-        self.sock.close()
+        try:
+            if isinstance(self.tls, SSL.Connection):
+                self.tls.shutdown()  # the peer's close_notify is not waited for
+            elif isinstance(self.tls, ssl.SSLSocket):
+                self.tls.setblocking(False)
+                try:
+                    self.tls.unwrap()
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+            self.sock.shutdown(socket.SHUT_WR)
+        except (OSError, SSL.Error):
+            pass
+        finally:
+            self.sock.close()
 
     def abort(self) -> None:
         """Unblock any system call on the socket at once (from another thread)."""
