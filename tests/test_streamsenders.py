@@ -164,6 +164,9 @@ class RecordingChannel(_Channel):
     def _write(self, data: bytes | memoryview) -> None:
         self.writes.append(bytes(data))
 
+    def _cork(self, on: bool) -> None:
+        self.corked = on
+
 
 def test_channelSendsWholeTLSRecords() -> None:
     """Records go out in writes of whole TLS records; the bytes are unchanged."""
@@ -174,7 +177,9 @@ def test_channelSendsWholeTLSRecords() -> None:
         sent += parts
         channel.send(parts, flush=False)
     assert all(len(w) % RECORD == 0 for w in channel.writes)
+    assert channel.corked  # the kernel holds partial segments meanwhile
     channel.send([], flush=True)
+    assert not channel.corked
     assert b"".join(channel.writes) == b"".join(sent)
     assert all(len(w) % RECORD == 0 for w in channel.writes[:-1])
     # A flushed send leaves nothing behind: the KEEPALIVE goes out at once.

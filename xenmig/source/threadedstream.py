@@ -71,6 +71,7 @@ def sslContext(
 
 #: The largest payload of a TLS record: the sender writes whole records.
 RECORD = 16384
+_TCP_CORK = getattr(socket, "TCP_CORK", None)  # Linux
 
 
 class _Channel:
@@ -91,6 +92,7 @@ class _Channel:
         self.tls = tls
         self._carry: list[bytes | memoryview] = []
         self._carried = 0
+        self._corked = False
 
     @classmethod
     def open(cls, sock: socket.socket, endpoint: StreamEndpoint) -> _Channel:
@@ -125,6 +127,7 @@ class _Channel:
         Send ``parts`` in writes of whole TLS records (blocking); keep a last
         partial record for the next call unless ``flush``.
         """
+        self._cork(True)
         pending, size = self._carry, self._carried
         for part in parts:
             if len(part) < RECORD:
@@ -146,6 +149,18 @@ class _Channel:
             self._write(b"".join(pending))
             pending, size = [], 0
         self._carry, self._carried = pending, size
+        if flush:
+            self._cork(False)
+
+    def _cork(self, on: bool) -> None:
+        """
+        Hold partial segments in the kernel while the records of a batch are
+        written (OpenSSL writes each 16 KiB record on its own), send them when
+        the batch ends: full-size segments, as one large write would make.
+        """
+        if self._corked != on and _TCP_CORK is not None:
+            self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
+            self._corked = on
 
     def _write(self, data: bytes | memoryview) -> None:
         if isinstance(self.tls, SSL.Connection):
