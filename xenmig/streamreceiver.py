@@ -31,6 +31,11 @@ READ_SIZE = 1024 * 1024
 #: What a TLS receive buffer may hold beyond the bytes just read: the rest of
 #: a record that arrived in part (a record's payload and its overhead).
 _RECORD_SLACK = 16384 + 512
+#: The most one receive buffer holds.  A megabyte DATA record then spans
+#: several buffers, which the parser joins into a block of the record's own
+#: size: what waits to be written holds no more memory than its bytes (a
+#: record viewing a larger buffer would keep all of it).
+_MOST = 256 * 1024
 _allocate = _ffi.new_allocator(should_clear_after_alloc=False)
 
 
@@ -180,10 +185,11 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
 class BulkTLSReader:
     """
-    Reads a TLS connection's plaintext in one buffer per socket read, not
-    Twisted's 32 KiB string per record: OpenSSL decrypts each record straight
-    into the buffer (no copy into a new string), and the protocol gets one
-    call per read instead of one per 16 KiB record.  It replaces the
+    Reads a TLS connection's plaintext in large buffers (a socket read's
+    worth, up to 256 KiB each), not Twisted's string per 16 KiB record:
+    OpenSSL decrypts each record straight into the buffer (no copy into a new
+    string), and the protocol gets one call per buffer instead of one per
+    record.  It replaces the
     receiving half of a L{TLSMemoryBIOProtocol} whose handshake is done; the
     errors are handled as Twisted's own loop handles them.
 
@@ -214,8 +220,8 @@ class BulkTLSReader:
         """Deliver every record the BIO holds, then send what TLS has to say."""
         tls, ssl = self.tls, self.connection._ssl
         while not tls._lostTLSConnection:
-            size = self._arrived + _RECORD_SLACK + _lib.SSL_pending(ssl)
-            self._arrived = 0
+            size = min(self._arrived + _RECORD_SLACK + _lib.SSL_pending(ssl), _MOST)
+            self._arrived = max(0, self._arrived - size)
             buffer = _allocate("char[]", size)
             filled, result = 0, 1
             while filled < size:
