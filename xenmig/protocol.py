@@ -298,6 +298,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
             device,
             self.target.timeouts.idle,
             self.target.chargeStream(session.migrationId),
+            self.target.bandwidth,
         )
 
     @commands.DeviceReady.responder

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from xenmig.errors import InternalError, StreamError, XenmigError
 from xenmig.interfaces import IReceivingSession
+from xenmig.pump import TokenBucket
 from xenmig.records import EndRecord, Record, RecordParser
 from xenmig.tls import ALTERED, ALTERED_IN_TRANSIT, describeTLSError
 
@@ -44,6 +45,10 @@ class StreamReceiver(Protocol, TimeoutMixin):
     The raw stream of one device, after StartStream.  It parses records and hands
     them to the session; when the device asks to wait, it pauses the transport.
     Idle for longer than ``idleTimeout`` (reset on every chunk), it aborts.
+    With a ``bandwidth`` (the daemon's L{TokenBucket}, which every incoming
+    stream shares), it takes each chunk it reads from it and, in debt, pauses
+    the transport and holds the chunk until a timer says the debt is paid (the
+    idle time-out waits meanwhile): nothing is parsed before it is paid for.
     """
 
     def __init__(
@@ -52,8 +57,13 @@ class StreamReceiver(Protocol, TimeoutMixin):
         device: str,
         idleTimeout: float,
         charge: Callable[[int], None] | None = None,
+        bandwidth: TokenBucket | None = None,
     ) -> None:
         self.session = session
+        self.bandwidth = bandwidth
+        self._throttled: Any = None  # the IDelayedCall that resumes reading
+        self._held: list[bytes] = []  # read while in debt, not yet paid for
+        self._broken = False  # failed or timed out: nothing more is parsed
         self.charge = charge
         self.device = device
         self.idleTimeout = idleTimeout
@@ -76,6 +86,15 @@ class StreamReceiver(Protocol, TimeoutMixin):
             BulkTLSReader(self.transport).install()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.bandwidth is not None and not self.ended:
+            delay = self.bandwidth.take(len(data))
+            if delay > 0 or self._throttled is not None:
+                self._held.append(data)
+                self._throttle(delay)
+                return
+        self._consume(data)
+
+    def _consume(self, data: bytes) -> None:
         self.resetTimeout()
         self._received += len(data)
         if self.ended:
@@ -89,6 +108,39 @@ class StreamReceiver(Protocol, TimeoutMixin):
             self._fail(e)
             return
         self._drain()
+
+    def _throttle(self, delay: float) -> None:
+        """In debt: stop reading for ``delay`` seconds (until all held is paid)."""
+        if self._throttled is not None:
+            if delay > 0:
+                self._throttled.reset(delay)
+            return
+        if self._gone is None:
+            self.transport.pauseProducing()
+        self.setTimeout(None)
+        self._throttled = self.callLater(max(delay, 0.0), self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        """The debt is paid: parse what was held; read again (unless in debt)."""
+        self._throttled = None
+        while self._held and not self._broken:
+            self._consume(self._held.pop(0))
+        assert self.bandwidth is not None
+        debt = self.bandwidth.take(0)
+        if debt > 0 and not self.ended:
+            self._throttle(debt)
+            return
+        if self._waiting is None and self._gone is None and not self.ended:
+            self.setTimeout(self.idleTimeout)
+            self.transport.resumeProducing()
+        self._checkGone()
+
+    def _stopThrottle(self) -> None:
+        self._held = []
+        if self._throttled is not None:
+            if self._throttled.active():
+                self._throttled.cancel()
+            self._throttled = None
 
     def _drain(self) -> None:
         while self._records and self._waiting is None and not self.ended:
@@ -125,7 +177,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def _resume(self, _: None) -> None:
         self._waiting = None
-        if self._gone is None:
+        if self._gone is None and self._throttled is None:
             self.setTimeout(self.idleTimeout)
             self.transport.resumeProducing()
         self._drain()
@@ -144,6 +196,8 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def _fail(self, error: BaseException) -> None:
         self.setTimeout(None)
+        self._broken = True
+        self._stopThrottle()
         self.ended = True
         log.warn(
             "migration {migration_id}: stream of {device} failed: {error}",
@@ -157,6 +211,8 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.ended = True
+        self._broken = True
+        self._stopThrottle()
         self.session.streamLost(
             self.device, f"was idle for more than {self.idleTimeout:g} seconds"
         )
@@ -167,10 +223,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
         # sender closed right after it.  Decide once they are handed over.
         self.setTimeout(None)
         self._gone = reason
+        if not self._held:
+            self._stopThrottle()
         self._checkGone()
 
     def _checkGone(self) -> None:
         if self._gone is None or self.ended or self._waiting is not None:
+            return
+        if self._held:  # what was read before the close is parsed first
             return
         self.ended = True
         why = self._gone.getErrorMessage()

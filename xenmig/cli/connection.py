@@ -28,11 +28,11 @@ class Reach:
     cert: str | None = None
 
 
-def parseTarget(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``, port 8002) -> ``(host, port)``."""
+def parseTarget(text: str, defaultPort: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``HOST``, port 8002 or ``defaultPort``) -> ``(host, port)``."""
     host, sep, port = text.rpartition(":")
     if not sep:
-        host, port = text, str(DEFAULT_PORT)
+        host, port = text, str(defaultPort)
     if not host or any(c.isspace() or c in "/[]@" for c in host):
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     if not port.isdigit() or not 0 < int(port) < 65536:
@@ -47,7 +47,7 @@ def addTargetOptions(parser: argparse.ArgumentParser, required: bool) -> None:
         required=required,
         type=parseTarget,
         metavar="HOST:PORT",
-        help="the target daemon (port 8002 if left out)",
+        help="the target daemon (port 8002, or client.toml's port, if left out)",
     )
     parser.add_argument("--ca", metavar="FILE", help="PEM bundle of the CA(s)")
     parser.add_argument(
@@ -102,7 +102,8 @@ def clientTLS(args: argparse.Namespace) -> dict[str, Any]:
         return {"tls": None}
     if not (args.ca and args.cert):
         raise UsageError(
-            "--ca and --cert are required with --target (mutual TLS); "
+            "--ca and --cert are required with --target (mutual TLS), on the "
+            "command line or in client.toml (see doc/cli.md); "
             "make them with 'xenmig pki'"
         )
     from xenmig.source.threadedstream import sslContext

@@ -11,7 +11,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from xenmig.errors import MigrationAborted
-from xenmig.interfaces import ISourceContext, ISourceDevice
+from xenmig.interfaces import IConvergencePolicy, ISourceContext, ISourceDevice
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
@@ -66,6 +66,8 @@ class DeviceRun:
     description: DeviceDescription | None = None
     sender: StreamSender | ThreadedStreamSender | None = None
     rounds: list[int] | None = None
+    #: Its own copy of the pre-copy convergence policy.
+    policy: IConvergencePolicy | None = None
     digest: ContentDigest | None = None
     started: float | None = None
     finished: float | None = None

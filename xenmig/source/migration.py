@@ -22,8 +22,9 @@ from xenmig.errors import (
 )
 from xenmig.interfaces import IConvergencePolicy
 from xenmig.model import ContentDigest, DeviceSpec, RoundResult
+from xenmig.pump import TokenBucket
 from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
-from xenmig.source.convergence import ConvergencePolicy
+from xenmig.source.convergence import ConvergencePolicy, perDevice, proceed, timed
 from xenmig.source.device import DeviceRun, SourceContext
 from xenmig.source.pacing import Slots, commandSlots
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
@@ -43,6 +44,8 @@ class SourceMigration:
     moves are L{TRANSITIONS}, drawn in doc/protocol.md).  It speaks to the
     target only through its connection (a L{TargetConnection}).
 
+    @param bandwidth: the most bytes per second its streams send together
+        (a L{TokenBucket} they share; None: no limit).
     @param monotonic: the clock of the report's durations.
     """
 
@@ -52,8 +55,13 @@ class SourceMigration:
         domain: str,
         migrationId: str,
         monotonic: Callable[[], float] = time.monotonic,
+        bandwidth: int | None = None,
     ) -> None:
         self.client = client
+        self.bandwidth = bandwidth
+        self._bucket = TokenBucket(bandwidth) if bandwidth else None
+        #: The convergence policy pre-copy was given (for the report).
+        self.policy: IConvergencePolicy | None = None
         self.reactor = client.reactor
         self.domain = domain
         self.migrationId = migrationId
@@ -69,6 +77,11 @@ class SourceMigration:
         self._preparing: Deferred[None] | None = None
         self._steps: list[Deferred[Any]] = []
         self._monotonic = monotonic
+
+    @property
+    def retries(self) -> int:
+        """How often a step waited and tried again while the target was busy."""
+        return self.client.retries[self.migrationId]
 
     def _mark(self, event: str) -> None:
         self.times[event] = self._monotonic()
@@ -186,7 +199,7 @@ class SourceMigration:
             return run.sender
         assert self.control is not None
         # Kept at once, so that an abort stops it however far its opening got.
-        sender = run.sender = self.client.streamSender(run.name)
+        sender = run.sender = self.client.streamSender(run.name, self._bucket)
         await self.client.openStream(
             self.control, self.migrationId, sender, self.commands
         )
@@ -205,21 +218,23 @@ class SourceMigration:
         self._require(Phase.PRECOPY)
         self._mark("precopy")
         self._moveTo(Phase.PRECOPY)
-        policy = policy or ConvergencePolicy()
+        policy = self.policy = policy or ConvergencePolicy()
         runs = [r for r in self.devices.values() if r.device.precopy]
-        await self._allOrAbort([self._precopy(r, _fresh(policy)) for r in runs])
+        await self._allOrAbort([self._precopy(r, perDevice(policy)) for r in runs])
         self._moveTo(Phase.PRECOPIED)
         self._mark("precopied")
         return {r.name: list(r.rounds or []) for r in runs}
 
     async def _precopy(self, run: DeviceRun, policy: IConvergencePolicy) -> None:
         sender = await self._openStream(run)
-        run.rounds = []
+        run.rounds, run.policy = [], policy
         round = 0
         while True:
+            started = self._monotonic()
             await sender.writeRound(round, False)
             before = sender.bytesWritten
             result: RoundResult = await run.device.sendRound(sender, round)
+            result = timed(result, self._monotonic() - started, sender.unsent)
             run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
             log.info(
                 "migration {migration_id}: {device} round {round} sent {sent} bytes",
@@ -228,7 +243,8 @@ class SourceMigration:
                 round=round,
                 sent=sender.bytesWritten - before,
             )
-            if not policy.proceed(round, result):
+            where = f"migration {self.migrationId}, device {run.name}"
+            if not proceed(policy, round, result, where):
                 return
             round += 1
 
@@ -458,12 +474,6 @@ class SourceMigration:
     def report(self) -> dict[str, Any]:
         """The JSON report: ids, per-device bytes and digests, phase durations."""
         return migrationReport(self)
-
-
-def _fresh(policy: IConvergencePolicy) -> IConvergencePolicy:
-    """A policy per device: policies may remember the rounds they have seen."""
-    fresh = getattr(policy, "fresh", None)
-    return fresh() if callable(fresh) else policy
 
 
 async def _gather(deferreds: list[Deferred[Any]]) -> list[Any]:

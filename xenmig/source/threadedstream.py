@@ -38,7 +38,7 @@ from xenmig.errors import (
 )
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
-from xenmig.pump import Backpressure
+from xenmig.pump import Backpressure, TokenBucket
 from xenmig.records import (
     encodeEnd,
     encodeKeepalive,
@@ -319,7 +319,10 @@ class ThreadedStreamSender(RecordFraming):
     Writes are queued (each record's parts as they are, no copy); once more than
     ``highWater`` bytes wait, writes return Deferreds that fire when the thread
     has sent the queue down to ``lowWater``.  When nothing is written for
-    ``keepalive`` seconds, the thread sends a KEEPALIVE record.
+    ``keepalive`` seconds, the thread sends a KEEPALIVE record.  With a
+    ``bandwidth`` (a L{TokenBucket} its migration's streams share), the thread
+    waits before each record until the bucket allows it, sending KEEPALIVEs
+    meanwhile.
     """
 
     def __init__(
@@ -329,8 +332,11 @@ class ThreadedStreamSender(RecordFraming):
         keepalive: float = 10.0,
         highWater: int = 16 * 1024 * 1024,
         lowWater: int = 8 * 1024 * 1024,
+        bandwidth: TokenBucket | None = None,
     ) -> None:
         super().__init__(device)
+        self.bandwidth = bandwidth
+        self._aborted = threading.Event()
         self.reactor = reactor
         self.keepaliveInterval = keepalive
         self.highWater = highWater
@@ -340,6 +346,11 @@ class ThreadedStreamSender(RecordFraming):
         self._channel: _Channel | None = None
         self._thread: threading.Thread | None = None
         self._finished: Deferred[None] = Deferred()
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+        return self._room.queued
 
     def open(self, endpoint: StreamEndpoint, token: bytes) -> Deferred[None]:
         """Connect in the sender thread; a Deferred firing once the stream is open."""
@@ -381,9 +392,23 @@ class ThreadedStreamSender(RecordFraming):
                 return
             if item is None:  # aborted
                 raise StreamError("the stream was aborted")
+            if self.bandwidth is not None:
+                self._pace(channel, sum(len(part) for part in item))
             channel.send(item, flush=self._queue.empty())
             if self._room.remove(sum(len(part) for part in item)):
                 self.reactor.callFromThread(self._room.release)
+
+    def _pace(self, channel: _Channel, count: int) -> None:
+        """Wait (in the sender thread) until the bandwidth allows ``count`` bytes."""
+        assert self.bandwidth is not None
+        delay = self.bandwidth.take(count)
+        while delay > 0:
+            step = min(delay, self.keepaliveInterval)
+            if self._aborted.wait(step):
+                raise StreamError("the stream was aborted")
+            delay -= step
+            if delay > 0:
+                channel.send(encodeKeepalive())
 
     # -- the reactor thread ---------------------------------------------------------
 
@@ -426,6 +451,7 @@ class ThreadedStreamSender(RecordFraming):
         """Stop sending at once and close the connection (the migration aborts)."""
         self._done = True
         self._finished.addErrback(lambda _: None)  # nobody waits for it now
+        self._aborted.set()
         self._queue.put(None)
         if self._channel is not None:
             self._channel.abort()
