@@ -240,7 +240,9 @@ async def test_busyGivesUpNamingTheLimit(certs: PKI, tmp_path: Path) -> None:
         )
         code, err = await deferToThread(finish, process)
         assert code == 1, err
-        assert "aborted: target busy: --max-sessions: this host already runs" in err
+        assert (
+            "aborted: target busy: --max-sessions: the target host already runs" in err
+        )
         await held.abort("test over")
     finally:
         daemon.stop()

@@ -20,13 +20,9 @@ from twisted.python.failure import Failure
 from xenmig.digest import hashBytes
 from xenmig.errors import StreamError, StreamLost
 from xenmig.records import encodeData, encodeKeepalive
+from xenmig.source.streamchannel import RECORD, StreamChannel
 from xenmig.source.streamsender import StreamSender
-from xenmig.source.threadedstream import (
-    RECORD,
-    StreamEndpoint,
-    ThreadedStreamSender,
-    _Channel,
-)
+from xenmig.source.threadedstream import StreamEndpoint, ThreadedStreamSender
 
 MiB = 1024 * 1024
 
@@ -153,7 +149,7 @@ async def test_threadedSenderLosesTheStream(servers: list[StreamServer]) -> None
 # -- how a threaded stream cuts what it sends ------------------------------------------
 
 
-class RecordingChannel(_Channel):
+class RecordingChannel(StreamChannel):
     """A channel whose writes are recorded instead of sent."""
 
     def __init__(self) -> None:

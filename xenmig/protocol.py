@@ -299,6 +299,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
             self.target.timeouts.idle,
             self.target.chargeStream(session.migrationId),
             self.target.bandwidth,
+            stallTimeout=self.target.timeouts.stall,
         )
 
     @commands.DeviceReady.responder

@@ -19,10 +19,11 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from xenmig.errors import InternalError, StreamError, XenmigError
+from xenmig.certificates import hostPort
+from xenmig.errors import InternalError, StreamError, StreamStalled, XenmigError
 from xenmig.interfaces import IReceivingSession
 from xenmig.pump import TokenBucket
-from xenmig.records import EndRecord, Record, RecordParser
+from xenmig.records import EndRecord, Record, RecordParser, RoundRecord, encodeKeepalive
 from xenmig.tls import ALTERED, ALTERED_IN_TRANSIT, describeTLSError
 
 log = Logger()
@@ -38,6 +39,10 @@ _RECORD_SLACK = 16384 + 512
 #: record viewing a larger buffer would keep all of it).
 _MOST = 256 * 1024
 _allocate = _ffi.new_allocator(should_clear_after_alloc=False)
+#: A KEEPALIVE record as it arrives: the source says it has nothing to send.
+_KEEPALIVE = b"".join(encodeKeepalive())
+#: More bytes than this at once are not KEEPALIVE records only (they come alone).
+_KEEPALIVES_AT_ONCE = 64 * len(_KEEPALIVE)
 
 
 class StreamReceiver(Protocol, TimeoutMixin):
@@ -49,6 +54,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
     stream shares), it takes each chunk it reads from it and, in debt, pauses
     the transport and holds the chunk until a timer says the debt is paid (the
     idle time-out waits meanwhile): nothing is parsed before it is paid for.
+
+    Without progress for longer than ``stallTimeout`` (0: never) while progress
+    is expected, it aborts with L{StreamStalled} naming the device and the phase.
+    Progress is any byte but a KEEPALIVE record; it is expected from the
+    stream's start, except after a KEEPALIVE (the source has nothing to send:
+    between pre-copy and the final round, while the VM is paused) until the
+    next record, while the device holds the stream paused, and while the
+    ``bandwidth`` limit holds it.
     """
 
     def __init__(
@@ -58,6 +71,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
         idleTimeout: float,
         charge: Callable[[int], None] | None = None,
         bandwidth: TokenBucket | None = None,
+        stallTimeout: float = 0.0,
     ) -> None:
         self.session = session
         self.bandwidth = bandwidth
@@ -75,9 +89,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self._waiting: Deferred[None] | None = None
         self._received = 0
         self._gone: Failure | None = None  # the connection closed, records may wait
+        self.stallTimeout = stallTimeout
+        self._stall: Any = None  # the progress timer, while progress is expected
+        #: What the stream is in, for the stall message.
+        self.during = "the start of the stream"
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
+        self._expectProgress()
         # Bulk: read up to a megabyte per system call, not Twisted's 64 KiB.
         tcp = getattr(self.transport, "transport", self.transport)
         if hasattr(tcp, "bufferSize"):
@@ -103,10 +122,12 @@ class StreamReceiver(Protocol, TimeoutMixin):
         try:
             if self.charge is not None:
                 self.charge(len(data))
-            self._records.extend(self.parser.feed(data))
+            records = self.parser.feed(data)
         except XenmigError as e:
             self._fail(e)
             return
+        self._progressed(data, records)
+        self._records.extend(records)
         self._drain()
 
     def _throttle(self, delay: float) -> None:
@@ -118,6 +139,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
         if self._gone is None:
             self.transport.pauseProducing()
         self.setTimeout(None)
+        self._stopStall()  # held by this host's limit, not by the network
         self._throttled = self.callLater(max(delay, 0.0), self._unthrottle)
 
     def _unthrottle(self) -> None:
@@ -132,6 +154,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
             return
         if self._waiting is None and self._gone is None and not self.ended:
             self.setTimeout(self.idleTimeout)
+            self._expectProgress()
             self.transport.resumeProducing()
         self._checkGone()
 
@@ -141,6 +164,51 @@ class StreamReceiver(Protocol, TimeoutMixin):
             if self._throttled.active():
                 self._throttled.cancel()
             self._throttled = None
+
+    # -- progress ----------------------------------------------------------------------
+
+    def _progressed(self, data: bytes, records: list[Record]) -> None:
+        for record in records:
+            if isinstance(record, RoundRecord):
+                self.during = (
+                    "the final transfer"
+                    if record.final
+                    else f"pre-copy round {record.round}"
+                )
+        if len(data) <= _KEEPALIVES_AT_ONCE and data == _KEEPALIVE * (
+            len(data) // len(_KEEPALIVE)
+        ):
+            self._stopStall()  # nothing to send, says the source
+        elif self._waiting is None and self._throttled is None:
+            self._expectProgress()
+
+    def _expectProgress(self) -> None:
+        if self.stallTimeout <= 0 or self.ended:
+            return
+        if self._stall is not None and self._stall.active():
+            self._stall.reset(self.stallTimeout)
+        else:
+            self._stall = self.callLater(self.stallTimeout, self._stalled)
+
+    def _stopStall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self.ended:
+            return
+        peer = self.transport.getPeer()
+        where = hostPort(str(getattr(peer, "host", peer)), getattr(peer, "port", "?"))
+        self._fail(
+            StreamStalled(
+                f"device {self.device}: no progress for {self.stallTimeout:g} s"
+                f" during {self.during} (stream from source {where})"
+            )
+        )
+
+    # -- records -----------------------------------------------------------------------
 
     def _drain(self) -> None:
         while self._records and self._waiting is None and not self.ended:
@@ -173,12 +241,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self.transport.pauseProducing()
         # While paused we wait on the device, not the network: no idle time-out.
         self.setTimeout(None)
+        self._stopStall()
         waiting.addCallbacks(self._resume, self._deviceFailed)
 
     def _resume(self, _: None) -> None:
         self._waiting = None
         if self._gone is None and self._throttled is None:
             self.setTimeout(self.idleTimeout)
+            self._expectProgress()
             self.transport.resumeProducing()
         self._drain()
         self._checkGone()
@@ -190,12 +260,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
     def _end(self, end: EndRecord) -> None:
         self.ended = True
         self.setTimeout(None)
+        self._stopStall()
         self.session.streamEnded(self.device, end)
         if self._gone is None:
             self.transport.loseConnection()
 
     def _fail(self, error: BaseException) -> None:
         self.setTimeout(None)
+        self._stopStall()
         self._broken = True
         self._stopThrottle()
         self.ended = True
@@ -211,6 +283,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.ended = True
+        self._stopStall()
         self._broken = True
         self._stopThrottle()
         self.session.streamLost(
@@ -222,6 +295,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
         # Records may still wait for a paused device: the END among them, if the
         # sender closed right after it.  Decide once they are handed over.
         self.setTimeout(None)
+        self._stopStall()
         self._gone = reason
         if not self._held:
             self._stopThrottle()

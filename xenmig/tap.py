@@ -15,6 +15,7 @@ from twisted.python import threadpool, usage
 from twisted.python.filepath import FilePath
 
 from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
+from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
 from xenmig.limits import ConnectionLimits
@@ -57,7 +58,12 @@ class Options(ConfigFileOptions, usage.Options):
     )
     optParameters = [
         ["port", "p", DEFAULT_PORT, "TCP port to listen on.", int],
-        ["interface", "i", "", "Address to listen on (default: all)."],
+        [
+            "interface",
+            "i",
+            "",
+            "Address to listen on (default: all IPv4; :: for all).",
+        ],
         ["state-dir", "d", DEFAULT_STATE_DIR, "Journal, staging and local socket."],
         ["ca", None, None, "PEM bundle of the CA(s) that peer certificates chain to."],
         [
@@ -80,6 +86,13 @@ class Options(ConfigFileOptions, usage.Options):
             None,
             _TIMEOUTS.idle,
             "Seconds a stream may stay silent.",
+            float,
+        ],
+        [
+            "stall-timeout",
+            None,
+            _TIMEOUTS.stall,
+            "Seconds a stream may make no progress while it should (0: never).",
             float,
         ],
         [
@@ -220,6 +233,13 @@ class Options(ConfigFileOptions, usage.Options):
         ):
             if self[name] < 1:
                 raise usage.UsageError(f"{self.named(name)} must be 1 or more")
+        interface = self["interface"]
+        if interface.startswith("[") and interface.endswith("]"):
+            self["interface"] = interface[1:-1]  # [2001:db8::1] as written elsewhere
+        if self["stall-timeout"] < 0:
+            raise usage.UsageError(
+                f"{self.named('stall-timeout')} must be 0 (never) or more"
+            )
         if self["max-bandwidth"] is not None:
             try:
                 self["max-bandwidth"] = parseBandwidth(self["max-bandwidth"])
@@ -276,6 +296,7 @@ def _config(options: Options) -> TargetConfig:
     timeouts = Timeouts(
         handshake=options["handshake-timeout"],
         idle=options["idle-timeout"],
+        stall=options["stall-timeout"],
         prepared=options["prepare-timeout"],
         receiving=options["receive-timeout"],
         ready=options["ready-timeout"],
@@ -341,7 +362,7 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     policies = PolicySource(options["peers"], config.roots, kinds, settings)
     policies.load()
     _logPolicy(options["peers"], policies)
-    address = f"{options['interface'] or '*'}:{options['port']}"
+    address = hostPort(options["interface"], options["port"])
     twistd = getattr(options, "parent", None)
     observer = None
     if twistd is not None and not twistd.get("logger"):  # twistd's --logger wins

@@ -68,6 +68,8 @@ class DeviceRun:
     rounds: list[int] | None = None
     #: Its own copy of the pre-copy convergence policy.
     policy: IConvergencePolicy | None = None
+    #: The handler's own figures of each pre-copy round (L{RoundResult.figures}).
+    roundFigures: list[dict[str, Any]] | None = None
     digest: ContentDigest | None = None
     started: float | None = None
     finished: float | None = None
@@ -79,3 +81,11 @@ class DeviceRun:
     @property
     def bytesSent(self) -> int:
         return self.sender.bytesWritten if self.sender else 0
+
+    async def sendFinal(self) -> ContentDigest:
+        """The final round on its open stream: the ROUND marker, the state, END."""
+        assert self.sender is not None
+        await self.sender.writeRound(len(self.rounds or []), True)
+        digest = await self.device.sendFinal(self.sender)
+        await self.sender.finish(digest)
+        return digest

@@ -118,7 +118,7 @@ def deviceReport(run: DeviceRun) -> dict[str, Any]:
     seconds = None
     if run.started is not None and run.finished is not None:
         seconds = round(run.finished - run.started, 6)
-    return {
+    report = {
         "name": run.name,
         "kind": run.spec.kind,
         "bytes": run.bytesSent,
@@ -128,3 +128,6 @@ def deviceReport(run: DeviceRun) -> dict[str, Any]:
         "digest": run.digest.hex if run.digest else None,
         "seconds": seconds,
     }
+    if any(run.roundFigures or []):
+        report["round_figures"] = [dict(f) for f in run.roundFigures or []]
+    return report

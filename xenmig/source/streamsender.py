@@ -118,6 +118,11 @@ class StreamSender(RecordFraming, Protocol):
         self._waiters.append(waiter)
         return waiter
 
+    @property
+    def pacing(self) -> bool:
+        """Whether a write waits out the bandwidth limit (not a stall)."""
+        return self._throttle is not None
+
     def _throttled(self, throttle: Deferred[None]) -> Deferred[None]:
         """A write's Deferred that waits out the bandwidth, then the transport."""
         waiter: Deferred[None] = Deferred()

@@ -12,7 +12,6 @@ command, the same records.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import socket
 import ssl
@@ -22,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.protocols import amp
@@ -32,7 +30,6 @@ from zope.interface import implementer
 from xenmig.amp_commands import StartStream
 from xenmig.errors import (
     WIRE_ERRORS,
-    NotAuthorized,
     PeerError,
     StreamError,
 )
@@ -46,7 +43,8 @@ from xenmig.records import (
 )
 from xenmig.source.backoff import NotConnected
 from xenmig.source.framing import RecordFraming
-from xenmig.source.streamtls import StreamTLS, raiseSysCall
+from xenmig.source.streamchannel import StreamChannel, setSocketTimeout
+from xenmig.source.streamtls import StreamTLS
 
 _FINISH = object()
 _CODES = {code: error for error, code in WIRE_ERRORS.items()}
@@ -69,165 +67,7 @@ def sslContext(
     return StreamTLS(identity, authorities, pins)
 
 
-#: The largest payload of a TLS record: the sender writes whole records.
-RECORD = 16384
-_TCP_CORK = getattr(socket, "TCP_CORK", None)  # Linux
-
-
-class _Channel:
-    """
-    A blocking byte channel on a connected socket: plain TCP, OpenSSL's TLS
-    writing its records straight to the socket, or the standard library's.
-
-    What is sent is cut into writes of whole TLS records: small parts (a
-    record's header, its padding) travel with the start or the end of the
-    large ones, and a partial record is carried to the next L{send} unless
-    told to flush.
-    """
-
-    def __init__(
-        self, sock: socket.socket, tls: SSL.Connection | ssl.SSLSocket | None = None
-    ) -> None:
-        self.sock: socket.socket = tls if isinstance(tls, ssl.SSLSocket) else sock
-        self.tls = tls
-        self._carry: list[bytes | memoryview] = []
-        self._carried = 0
-        self._corked = False
-
-    @classmethod
-    def open(cls, sock: socket.socket, endpoint: StreamEndpoint) -> _Channel:
-        """Wrap ``sock``; for TLS, run the handshake (blocking)."""
-        context = endpoint.context
-        if context is None:
-            return cls(sock)
-        if isinstance(context, StreamTLS):
-            return cls(sock, context.handshake(sock, endpoint.serverName))
-        try:
-            tls = context.wrap_socket(sock, server_hostname=endpoint.serverName)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-            raise TimeoutError("the TLS handshake timed out") from None
-        channel = cls(sock, tls)
-        channel._checkPin(getattr(context, "pins", frozenset()))
-        return channel
-
-    def _checkPin(self, pins: frozenset[str]) -> None:
-        """Refuse a target whose certificate is not pinned (stdlib contexts)."""
-        if not pins or not isinstance(self.tls, ssl.SSLSocket):
-            return
-        der = self.tls.getpeercert(binary_form=True) or b""
-        fingerprint = hashlib.sha256(der).hexdigest()
-        if fingerprint not in pins:
-            raise NotAuthorized(
-                f"the target's certificate (sha256 {fingerprint}) is not the one "
-                f"pinned with --pin-sha256"
-            )
-
-    def send(self, parts: Sequence[bytes], flush: bool = True) -> None:
-        """
-        Send ``parts`` in writes of whole TLS records (blocking); keep a last
-        partial record for the next call unless ``flush``.
-        """
-        self._cork(True)
-        pending, size = self._carry, self._carried
-        for part in parts:
-            if len(part) < RECORD:
-                pending.append(part)
-                size += len(part)
-                continue
-            view = memoryview(part)
-            if pending:
-                cut = -size % RECORD
-                pending.append(view[:cut])
-                self._write(b"".join(pending))
-                view = view[cut:]
-            whole = len(view) - len(view) % RECORD
-            if whole:
-                self._write(view[:whole])
-            pending = [view[whole:]] if whole < len(view) else []
-            size = len(view) - whole
-        if flush and pending:
-            self._write(b"".join(pending))
-            pending, size = [], 0
-        self._carry, self._carried = pending, size
-        if flush:
-            self._cork(False)
-
-    def _cork(self, on: bool) -> None:
-        """
-        Hold partial segments in the kernel while the records of a batch are
-        written (OpenSSL writes each 16 KiB record on its own), send them when
-        the batch ends: full-size segments, as one large write would make.
-        """
-        if self._corked != on and _TCP_CORK is not None:
-            self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
-            self._corked = on
-
-    def _write(self, data: bytes | memoryview) -> None:
-        if isinstance(self.tls, SSL.Connection):
-            try:
-                self.tls.sendall(data)
-            except SSL.SysCallError as e:
-                raiseSysCall(e)
-        else:
-            self.sock.sendall(data)
-
-    def recv(self, length: int) -> bytes:
-        """Blocking: up to ``length`` bytes; b"" at the end of the stream."""
-        try:
-            if isinstance(self.tls, SSL.Connection):
-                return self.tls.recv(length)
-            return self.sock.recv(length)
-        except (SSL.WantReadError, SSL.WantWriteError, ssl.SSLWantReadError):
-            raise TimeoutError("the target did not answer in time") from None
-        except BlockingIOError:
-            raise TimeoutError("the target did not answer in time") from None
-        except SSL.ZeroReturnError:
-            return b""
-        except SSL.SysCallError as e:
-            if e.args and e.args[0] == -1:
-                return b""
-            raiseSysCall(e)
-
-    def close(self) -> None:
-        """
-        Close cleanly: flush, then TLS close_notify and the end of the sending
-        side.  Once everything is flushed, a failure to close is no loss (the
-        target may have closed first, having read the END record): the
-        target's answer says whether the stream arrived.
-        """
-        self.send([], flush=True)
-        try:
-            if isinstance(self.tls, SSL.Connection):
-                self.tls.shutdown()  # the peer's close_notify is not waited for
-            elif isinstance(self.tls, ssl.SSLSocket):
-                self.tls.setblocking(False)
-                try:
-                    self.tls.unwrap()
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    pass
-            self.sock.shutdown(socket.SHUT_WR)
-        except (OSError, SSL.Error):
-            pass
-        finally:
-            self.sock.close()
-
-    def abort(self) -> None:
-        """Unblock any system call on the socket at once (from another thread)."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
-def _setTimeout(sock: socket.socket, seconds: float) -> None:
-    """
-    Bound each blocking receive and send on ``sock`` to ``seconds`` (0: no
-    bound), in the kernel: OpenSSL then sees the socket as blocking.
-    """
-    whole = int(seconds)
-    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+_Channel = StreamChannel  # the name it had here
 
 
 @dataclass(frozen=True)
@@ -261,9 +101,9 @@ class StreamEndpoint:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if kernelTimeout:
                 raw.settimeout(None)
-                _setTimeout(raw, self.timeout)
+                setSocketTimeout(raw, self.timeout)
             try:
-                channel = _Channel.open(raw, self)
+                channel = StreamChannel.open(raw, self.context, self.serverName)
             except ConnectionError as e:
                 raise NotConnected(e) from e
             sock = channel.sock  # the standard library's TLS took over ``raw``
@@ -279,7 +119,7 @@ class StreamEndpoint:
             text = answer.get(b"_error_description", b"").decode("utf-8", "replace")
             raise _CODES.get(code, PeerError)(text or code.decode("ascii", "replace"))
         if kernelTimeout:
-            _setTimeout(sock, 0)
+            setSocketTimeout(sock, 0)
         else:
             sock.settimeout(None)
         return channel
@@ -346,6 +186,9 @@ class ThreadedStreamSender(RecordFraming):
         self._channel: _Channel | None = None
         self._thread: threading.Thread | None = None
         self._finished: Deferred[None] = Deferred()
+        #: Bytes of records this thread handed to the kernel (KEEPALIVE excepted).
+        self.bytesSent = 0
+        self._pacing = False
 
     @property
     def unsent(self) -> int:
@@ -376,6 +219,8 @@ class ThreadedStreamSender(RecordFraming):
         try:
             self._channel.send([encodeStreamHeader()], flush=False)
             self._sendQueue(self._channel)
+            self._channel.send([], flush=True)  # the END record: out of the cork
+            self._awaitAcknowledged(self._channel)
             self._channel.close()
             self.reactor.callFromThread(self._finished.callback, None)
         except BaseException as e:
@@ -395,20 +240,58 @@ class ThreadedStreamSender(RecordFraming):
             if self.bandwidth is not None:
                 self._pace(channel, sum(len(part) for part in item))
             channel.send(item, flush=self._queue.empty())
-            if self._room.remove(sum(len(part) for part in item)):
+            size = sum(len(part) for part in item)
+            self.bytesSent += size  # read by the reactor's progress watch
+            if self._room.remove(size):
                 self.reactor.callFromThread(self._room.release)
+
+    def _awaitAcknowledged(self, channel: _Channel) -> None:
+        """
+        Wait until the target acknowledged every byte (the kernel's send queue
+        is empty), so that the stream's progress is watched to its real end;
+        the migration's progress watch aborts a stream that stops here.
+        """
+        pause = 0.001
+        while not self._aborted.is_set() and channel.unacknowledged() > 0:
+            if not channel.connected():
+                raise ConnectionResetError(
+                    f"the connection closed with {channel.unacknowledged()} bytes"
+                    " not acknowledged by the target"
+                )
+            self._aborted.wait(pause)
+            pause = min(pause * 2, 0.02)
+
+    def progress(self) -> tuple[int, int, int]:
+        """
+        What moves while this stream makes progress: bytes framed, bytes handed
+        to the kernel, bytes the target has not acknowledged yet.
+        """
+        channel = self._channel
+        unacknowledged = channel.unacknowledged() if channel is not None else 0
+        return (self.framedBytes, self.bytesSent, unacknowledged)
+
+    @property
+    def pacing(self) -> bool:
+        """Whether the thread waits out the bandwidth limit (not a stall)."""
+        return self._pacing
 
     def _pace(self, channel: _Channel, count: int) -> None:
         """Wait (in the sender thread) until the bandwidth allows ``count`` bytes."""
         assert self.bandwidth is not None
         delay = self.bandwidth.take(count)
-        while delay > 0:
-            step = min(delay, self.keepaliveInterval)
-            if self._aborted.wait(step):
-                raise StreamError("the stream was aborted")
-            delay -= step
-            if delay > 0:
-                channel.send(encodeKeepalive())
+        self._pacing = delay > 0
+        if self._pacing:
+            channel.send([], flush=True)  # nothing held back while waiting
+        try:
+            while delay > 0:
+                step = min(delay, self.keepaliveInterval)
+                if self._aborted.wait(step):
+                    raise StreamError("the stream was aborted")
+                delay -= step
+                if delay > 0:
+                    channel.send(encodeKeepalive())
+        finally:
+            self._pacing = False
 
     # -- the reactor thread ---------------------------------------------------------
 
