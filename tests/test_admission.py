@@ -41,6 +41,7 @@ from xenmig.errors import (
     UnknownMigration,
 )
 from xenmig.interfaces import IDeviceKind, ITargetDevice
+from xenmig.limits import ADMISSION_WAIT
 from xenmig.model import DeviceDescription, DeviceSpec
 from xenmig.protocol import ControlProtocol
 from xenmig.records import encodeData, encodeEnd, encodeStreamHeader
@@ -266,10 +267,17 @@ def test_duplicateIdInFlightLeavesTheFirstAlone(host: Host) -> None:
 
 
 def test_hostLimitInFlight(tmp_path: Path) -> None:
-    """With --max-sessions 2, two of six Prepares in flight together are admitted."""
+    """
+    With --max-sessions 2, two of six Prepares in flight together are
+    admitted; the others wait in line, and are answered BUSY when no place
+    frees within the admission wait.
+    """
     host = Host(tmp_path, maxSessions=2)
     preparing = [host.prepare(f"m{i}", f"vm{i}") for i in range(6)]
-    assert pending(preparing[0]) and pending(preparing[1])
+    assert not any(d.called for d in preparing)
+    host.clock.advance(ADMISSION_WAIT - 0.01)
+    assert not any(d.called for d in preparing[2:])
+    host.clock.advance(0.01)
     for d in preparing[2:]:
         failure = failureOf(d, Busy)
         assert "already runs 2 migration(s), its limit (--max-sessions 2)" in str(
@@ -281,7 +289,65 @@ def test_hostLimitInFlight(tmp_path: Path) -> None:
     assert sorted(host.target.sessions) == ["m0", "m1"]
     resultOf(maybeDeferred(host.target.abort, PEER, "m0", "done"))
     host.prepare("m6", "vm6")  # one place is free again
-    failureOf(host.prepare("m7", "vm7"), Busy)
+    late = host.prepare("m7", "vm7")
+    host.clock.advance(ADMISSION_WAIT)
+    failureOf(late, Busy)
+
+
+def test_lineIsFirstComeFirstServed(tmp_path: Path) -> None:
+    """
+    A place that frees goes to the Prepare that waited longest; a Prepare that
+    comes while others wait joins the line behind them, even if a place is
+    free at that moment.
+    """
+    host = Host(tmp_path, maxSessions=1)
+    first = host.prepare("m0", "vm0")
+    waiting = [host.prepare(f"m{i}", f"vm{i}") for i in (1, 2)]
+    host.kind.allowAll()
+    assert resultOf(first)
+    resultOf(maybeDeferred(host.target.abort, PEER, "m0", "done"))
+    late = host.prepare("m3", "vm3")  # behind m1 (woken, not yet in) and m2
+    assert not late.called
+    host.clock.advance(0)  # m1 takes the place it was woken for
+    host.kind.allowAll()
+    assert resultOf(waiting[0])
+    assert not waiting[1].called and not late.called
+    assert sorted(host.target.sessions) == ["m0", "m1"]
+    resultOf(maybeDeferred(host.target.abort, PEER, "m1", "done"))
+    host.clock.advance(0)
+    host.kind.allowAll()
+    assert resultOf(waiting[1])
+    assert not late.called
+    resultOf(maybeDeferred(host.target.abort, PEER, "m2", "done"))
+    host.clock.advance(0)
+    host.kind.allowAll()
+    assert resultOf(late)
+
+
+def test_requesterGoneLeavesTheLine(tmp_path: Path) -> None:
+    """
+    A Prepare whose control connection is lost while it waits in line leaves
+    it (its place goes to the next); one woken for a place but gone before it
+    took it opens no session, and its place goes to the next too.
+    """
+    host = Host(tmp_path, maxSessions=1)
+    first = host.prepare("m0", "vm0")
+    inLine = [host.prepare(f"m{i}", f"vm{i}") for i in (1, 2, 3)]
+    host.target.controlConnectionLost(PEER, ["m2"])
+    failure = failureOf(inLine[1], MigrationAborted)
+    assert "control connection was lost" in str(failure.value)
+    host.kind.allowAll()
+    assert resultOf(first)
+    resultOf(maybeDeferred(host.target.abort, PEER, "m0", "done"))
+    # m1 is woken for the place; its requester goes before its turn comes.
+    host.target.controlConnectionLost(PEER, ["m1"])
+    host.clock.advance(0)
+    failureOf(inLine[0], MigrationAborted)
+    assert "m1" not in host.target.sessions
+    host.clock.advance(0)  # m3, next in line, gets the place
+    host.kind.allowAll()
+    assert resultOf(inLine[2])
+    assert sorted(host.target.sessions) == ["m0", "m3"]
 
 
 PEERS = """

@@ -33,6 +33,10 @@ REFUSAL_LOG_INTERVAL = 10.0
 #: The seconds a BUSY answer suggests waiting, by what the target is short of:
 #: a session lasts seconds to minutes; a command or a connection much less.
 RETRY_SESSIONS = 2.0
+#: Seconds a Prepare beyond --max-sessions waits in line for a place (first
+#: come, first served) before it is answered BUSY; and how many wait at most.
+ADMISSION_WAIT = 5.0
+ADMISSION_LINE = 256
 RETRY_COMMANDS = 0.5
 RETRY_CONNECTIONS = 1.0
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from xenmig.errors import (
     Busy,
     DeviceRefused,
     DuplicateMigration,
+    MigrationAborted,
     NotAuthorized,
     StreamError,
 )
-from xenmig.limits import RETRY_SESSIONS
+from xenmig.limits import ADMISSION_LINE, RETRY_SESSIONS
 from xenmig.model import DeviceDescription
 from xenmig.target.authz import Grant
 from xenmig.target.config import TargetConfig
@@ -101,6 +105,12 @@ class Admission:
         self.config = config
         self._byId: dict[str, Reservation] = {}
         self._byDomain: dict[str, Reservation] = {}
+        #: Prepares waiting for a place under --max-sessions, first come first.
+        self._line: deque[_Waiting] = deque()
+        #: Those woken for a place that they have not yet taken (or given up).
+        self._promised: set[str] = set()
+        #: Those woken whose requester went before they took their place: why.
+        self._left: dict[str, str] = {}
 
     # -- taking a migration on ---------------------------------------------------------
 
@@ -120,10 +130,20 @@ class Admission:
         @raise Busy: beyond the host's or the peer's sessions (for now).
         @raise DeviceRefused: beyond the peer's bytes.
         """
-        checkKinds(grant, migrationId, descriptions)
-        self._checkUnique(migrationId, domain)
-        self._checkCounts(grant)
-        checkBytes(grant, migrationId, descriptions)
+        promised = migrationId in self._promised
+        self._promised.discard(migrationId)
+        left = self._left.pop(migrationId, None)
+        if left is not None:
+            raise MigrationAborted(f"migration {migrationId}: {left}")
+        try:
+            checkKinds(grant, migrationId, descriptions)
+            self._checkUnique(migrationId, domain)
+            self._checkCounts(grant, promised)
+            checkBytes(grant, migrationId, descriptions)
+        except BaseException:
+            if promised:
+                self._wakeNext()  # the place it was woken for goes to the next
+            raise
         reservation = Reservation(
             self, migrationId, domain, grant.identity, grant.maxBytes
         )
@@ -143,12 +163,19 @@ class Admission:
                 f"{holder.migrationId}); wait for it to end, or abort it"
             )
 
-    def _checkCounts(self, grant: Grant) -> None:
+    def _checkCounts(self, grant: Grant, promised: bool = False) -> None:
         held = len(self._byId)
-        if held >= self.config.maxSessions:
+        if held + len(self._promised) >= self.config.maxSessions:
             raise Busy.at(
                 "--max-sessions",
                 f"the target host already runs {held} migration(s), its limit "
+                f"(--max-sessions {self.config.maxSessions})",
+                RETRY_SESSIONS,
+            )
+        if self._line and not promised:
+            raise Busy.at(
+                "--max-sessions",
+                f"{len(self._line)} Prepare(s) wait for a place before it "
                 f"(--max-sessions {self.config.maxSessions})",
                 RETRY_SESSIONS,
             )
@@ -161,6 +188,45 @@ class Admission:
                 f"(max-sessions of {grant.entry})",
                 RETRY_SESSIONS,
             )
+
+    # -- the line ----------------------------------------------------------------------
+
+    def canWait(self) -> bool:
+        """Whether one more Prepare may wait in line for a place."""
+        return len(self._line) < ADMISSION_LINE
+
+    def waitForPlace(
+        self, migrationId: str, clock: IReactorTime, seconds: float, busy: Busy
+    ) -> Deferred[None]:
+        """
+        Wait in line for a place under ``--max-sessions``: fires once one is
+        free and it is this Prepare's turn (first come, first served; then
+        L{reserve} it at once), or fails with ``busy`` after ``seconds``, or
+        with MigrationAborted if its requester goes (L{abandon}).
+        """
+        waiting = _Waiting(migrationId, Deferred(), clock)
+        waiting.timer = clock.callLater(seconds, self._gaveUp, waiting, busy)
+        self._line.append(waiting)
+        self._wakeNext()
+        return waiting.deferred
+
+    def _gaveUp(self, waiting: _Waiting, busy: Busy) -> None:
+        waiting.timer = None
+        self._line.remove(waiting)
+        waiting.deferred.errback(busy)
+
+    def _wakeNext(self) -> None:
+        """Give each place now free to the next in line, on the next turn."""
+        while self._line and len(self._byId) + len(self._promised) < (
+            self.config.maxSessions
+        ):
+            waiting = self._line.popleft()
+            if waiting.timer is not None:
+                waiting.timer.cancel()
+                waiting.timer = None
+            self._promised.add(waiting.migrationId)
+            # Not from within whatever released the place: on the next turn.
+            waiting.clock.callLater(0, waiting.deferred.callback, None)
 
     # -- while it runs -----------------------------------------------------------------
 
@@ -175,9 +241,27 @@ class Admission:
         """
         reservation = self._byId.get(migrationId)
         if reservation is None:
-            return False
+            return self._leaveLine(migrationId, reason)
         reservation.abandon(reason)
         return True
+
+    def _leaveLine(self, migrationId: str, reason: str) -> bool:
+        """A Prepare in line (or woken) whose requester is gone leaves it."""
+        if migrationId in self._promised:
+            self._promised.discard(migrationId)
+            self._left[migrationId] = reason  # its Prepare stops at reserve
+            self._wakeNext()
+            return True
+        for waiting in self._line:
+            if waiting.migrationId == migrationId:
+                self._line.remove(waiting)
+                if waiting.timer is not None:
+                    waiting.timer.cancel()
+                waiting.deferred.errback(
+                    MigrationAborted(f"migration {migrationId}: {reason}")
+                )
+                return True
+        return False
 
     def charge(self, migrationId: str) -> Callable[[int], None]:
         """
@@ -210,6 +294,7 @@ class Admission:
             del self._byId[reservation.migrationId]
         if self._byDomain.get(reservation.domain) is reservation:
             del self._byDomain[reservation.domain]
+        self._wakeNext()
         log.debug(
             "migration {migration_id}: admission released ({held} held)",
             migration_id=reservation.migrationId,
@@ -250,3 +335,15 @@ def declaredBytes(description: DeviceDescription) -> int:
     if isinstance(most, int) and not isinstance(most, bool):
         return max(description.size, most)
     return description.size
+
+
+class _Waiting:
+    """A Prepare waiting in L{Admission}'s line: its id, and what wakes it."""
+
+    def __init__(
+        self, migrationId: str, deferred: Deferred[None], clock: IReactorTime
+    ) -> None:
+        self.migrationId = migrationId
+        self.deferred = deferred
+        self.clock = clock
+        self.timer: IDelayedCall | None = None

@@ -12,9 +12,9 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from xenmig.amp_commands import PROTOCOL_VERSION
-from xenmig.errors import NotAuthorized, UnknownDevice, XenmigError
+from xenmig.errors import Busy, NotAuthorized, UnknownDevice, XenmigError
 from xenmig.interfaces import IDeviceKind, IMigrationTarget
-from xenmig.limits import bounded
+from xenmig.limits import ADMISSION_WAIT, bounded
 from xenmig.model import DeviceOffer
 from xenmig.pump import TokenBucket
 from xenmig.target.admission import Admission
@@ -175,11 +175,40 @@ class MigrationTarget:
             grant = self.authorize(peer, fingerprint)
             checkVersion(version)
             admitted = self.preparation.admit(grant, migrationId, domain, devices)
+        except Busy as e:
+            if e.limit != "--max-sessions" or not self.admission.canWait():
+                self._refused(migrationId, domain, peer, devices, str(e), started)
+                raise
+            # The host is full: wait in line for a place (first come, first
+            # served) rather than have every source retry on its own.
+            return Deferred.fromCoroutine(
+                self._prepareInLine(grant, migrationId, domain, devices, started, e)
+            )
         except Exception as e:
             reason = str(e) if isinstance(e, XenmigError) else repr(e)
             self._refused(migrationId, domain, peer, devices, reason, started)
             raise
         return Deferred.fromCoroutine(self._prepare(admitted, started))
+
+    async def _prepareInLine(
+        self,
+        grant: Grant,
+        migrationId: str,
+        domain: str,
+        devices: list[dict[str, Any]],
+        started: float,
+        busy: Busy,
+    ) -> tuple[int, list[DeviceOffer]]:
+        try:
+            await self.admission.waitForPlace(
+                migrationId, self.clock, ADMISSION_WAIT, busy
+            )
+            admitted = self.preparation.admit(grant, migrationId, domain, devices)
+        except Exception as e:
+            reason = str(e) if isinstance(e, XenmigError) else repr(e)
+            self._refused(migrationId, domain, grant.identity, devices, reason, started)
+            raise
+        return await self._prepare(admitted, started)
 
     async def _prepare(
         self, admitted: Admitted, started: float
