@@ -16,6 +16,7 @@ from twisted.python.filepath import FilePath
 from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
+from xenmig.fs import InstallAs, parseMode, parseOwner
 from xenmig.limits import ConnectionLimits
 from xenmig.plugins import deviceKinds
 from xenmig.target.authz import PolicySource
@@ -155,6 +156,18 @@ class Options(usage.Options):
             "Seconds a control connection with nothing running may stay silent.",
             float,
         ],
+        [
+            "image-owner",
+            None,
+            None,
+            "USER[:GROUP] of installed images (default: the daemon's user).",
+        ],
+        [
+            "image-mode",
+            None,
+            None,
+            "Octal mode of installed images (default: the source's, else 0600).",
+        ],
         ["tls-minimum", None, "1.2", "Lowest TLS version accepted: 1.2 or 1.3."],
         ["log-level", None, "info", "Lowest level logged: debug, info, warn, error."],
         ["log-format", None, "text", "text, or json: one object per line."],
@@ -251,8 +264,17 @@ def _config(options: Options) -> TargetConfig:
         token=options["token-timeout"],
         commit=options["commit-timeout"],
     )
+    try:
+        installAs = InstallAs()
+        if options["image-owner"]:
+            installAs = parseOwner(options["image-owner"])
+        if options["image-mode"]:
+            installAs = InstallAs(mode=parseMode(options["image-mode"])).over(installAs)
+    except ValueError as e:
+        raise ConfigurationError(f"--image-owner/--image-mode: {e}")
     return TargetConfig(
         stateDir=state,
+        installAs=installAs,
         allowedRoots=roots,
         onCommit=options["on-commit"],
         timeouts=timeouts,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from twisted.python.filepath import FilePath
 
+from xenmig.fs import InstallAs
 from xenmig.target.session import Phase
 
 #: Concurrent unfinished migrations a host accepts, unless configured.
@@ -46,6 +47,8 @@ class TargetConfig:
     maxSessions: int = MAX_SESSIONS
     #: Devices (so streams) of one migration.
     maxDevices: int = MAX_DEVICES
+    #: The owner and mode of installed images, unless a device says otherwise.
+    installAs: InstallAs = field(default_factory=InstallAs)
 
     @property
     def roots(self) -> tuple[FilePath, ...]:
