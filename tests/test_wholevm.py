@@ -66,6 +66,9 @@ async def test_wholeVMMoves(daemon: Daemon, home: str) -> None:
     assert outcome.counterLoaded == outcome.counterAtPause < outcome.counterAfter
     assert outcome.pcrAfter == outcome.pcr and "sha256" in outcome.pcr
     assert outcome.diskInstalled == outcome.diskAtPause != outcome.diskBefore
+    # The target QEMU runs on the installed image, and its writes land there.
+    assert outcome.diskAttached.endswith("vm-whole-disk0.raw")
+    assert outcome.writeAfterLanded
     report = outcome.report
     assert {d["name"]: d["kind"] for d in report["devices"]} == {
         "qemu": "devmodel",
