@@ -109,6 +109,8 @@ async def test_realGuestMovesWhole(daemon: Daemon, home: str) -> None:
         assert await source.whenEnded()
         assert move.awaited["resumed"] and move.awaited["exit_status"] == 0
         assert 0 < move.report["paused_window"] < move.report["durations"]["total"]
+        sizes = {d["name"]: d.get("bytes") for d in move.report["devices"]}
+        print(f"paused window {move.report['paused_window']:.2f} s, sent {sizes}")
         last = await vm.shutDown(target)
         assert last >= target.console.syncs[-1]
         await checkDisk(vm.targetImage("ok"), last)
