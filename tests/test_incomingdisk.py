@@ -1,7 +1,8 @@
 """
 The disk kind hands the installed image to an incoming QEMU (``target-qmp``,
 ``target-node``): refused at Prepare when the QEMU is not set up for it, attached
-only at the commit, the placeholder kept on an abort.  Real QEMUs, no guest.
+only at the commit, the placeholder kept on an abort.  Real QEMUs, no guest.  And
+the installed image's mode: the source's, or ``target-mode``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ async def staged(
     tmp_path: Any, root: FilePath, qmpPath: str, format: str = "raw", **keys: str
 ) -> tuple[Any, str, bytes]:
     """A source image migrated into a disk target (not yet committed)."""
+    if qmpPath:
+        keys = {"target-qmp": qmpPath, "target-node": "disk0", **keys}
     image = str(tmp_path / f"src.{format}")
     if format == "qcow2":
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, str(SIZE)])
@@ -85,10 +88,10 @@ async def staged(
         with open(image, "wb") as f:
             f.write(content)
             f.truncate(SIZE)
+        os.chmod(image, 0o640)
     spec = DeviceSpec.parse(
-        f"disk:disk0:path={image},target=vm.img,format={format},"
-        f"target-qmp={qmpPath},"
-        + ",".join(f"{k}={v}" for k, v in {"target-node": "disk0", **keys}.items())
+        f"disk:disk0:path={image},target=vm.img,format={format}"
+        + "".join(f",{k}={v}" for k, v in keys.items())
     )
     kind = DiskKind()
     source = kind.source(spec, FakeSourceContext())
@@ -202,3 +205,16 @@ async def test_commitFailsWhenTheQEMUIsGone(tmp_path: Any) -> None:
         await qmp.quit()
     with pytest.raises(CommitFailed, match="node 'disk0' of the QEMU at"):
         await pair[1].commit()
+
+
+@pytest.mark.parametrize(
+    ("keys", "mode"), [({}, 0o640), ({"target-mode": "0604"}, 0o604)]
+)
+@pytest_twisted.ensureDeferred
+async def test_imageModeTravels(tmp_path: Any, keys: dict[str, str], mode: int) -> None:
+    """The source image's mode reaches the target, unless target-mode says another."""
+    root = FilePath(str(tmp_path))
+    pair, destination, _ = await staged(tmp_path, root, "", **keys)
+    await run(pair)
+    assert await pair[1].commit() == [destination]
+    assert os.stat(destination).st_mode & 0o7777 == mode
