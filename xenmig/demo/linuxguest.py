@@ -4,9 +4,10 @@ A real Linux guest for whole-VM migrations: Debian's kernel, a busybox initramfs
 The guest mounts an ext4 disk (virtio-blk), extends PCR 16 of its TPM (QEMU's
 ``tpm-tis`` on a swtpm) with a raw TPM2_PCR_Extend, then appends numbered,
 checksummed records to ``/log`` on the disk, each fsynced before the serial
-console says ``XM SYNC n``, while a second job rewrites a tmpfs file from
-``/dev/urandom`` (RAM the migration must carry).  A line on the console
-(``stop``) ends the workload; the guest unmounts the disk and powers off.
+console says ``XM SYNC n``, while a second job rewrites a tmpfs file of
+``dirtyMiB`` MiB with random bytes, then sleeps (RAM the migration must carry).
+A line on the console (``stop``) ends the workload; the guest unmounts the disk
+and powers off.
 
 Needs ``linux-image-amd64`` (the kernel under ``/boot``, its modules under
 ``/lib/modules``), ``busybox-static``, ``e2fsprogs`` (``mkfs.ext4``,
@@ -66,8 +67,13 @@ exec 3>&-
 echo "XM PCR16 $(cat /sys/class/tpm/tpm0/pcr-sha256/16)"
 ( read line; touch /tmp/stop ) </dev/console &
 (
+  dd if=/dev/urandom of=/tmp/r0 bs=1M count={dirtyMiB} 2>/dev/null
+  dd if=/dev/urandom of=/tmp/r1 bs=1M count={dirtyMiB} 2>/dev/null
+  i=0
   while [ ! -e /tmp/stop ]; do
-    dd if=/dev/urandom of=/tmp/dirty bs=1M count={dirtyMiB} conv=notrunc 2>/dev/null
+    dd if=/tmp/r$((i % 2)) of=/tmp/dirty bs=1M conv=notrunc 2>/dev/null
+    echo "XM DIRTY {dirtyMiB}"
+    i=$((i+1))
     sleep {dirtyPause}
   done
 ) &
@@ -152,7 +158,7 @@ def initScript(order: list[str], dirtyMiB: int = 8, dirtyPause: float = 0.2) -> 
     """The guest's /init: ``dirtyMiB`` MiB of RAM rewritten, then a pause."""
     names = " ".join(os.path.basename(m).split(".")[0] for m in order)
     return INIT.format(
-        tmpfsMiB=max(16, 2 * dirtyMiB),
+        tmpfsMiB=max(16, 4 * dirtyMiB),
         modules=names,
         extend="".join(f"\\{b:03o}" for b in PCR_EXTEND),
         dirtyMiB=dirtyMiB,
@@ -163,7 +169,9 @@ def initScript(order: list[str], dirtyMiB: int = 8, dirtyPause: float = 0.2) -> 
     )
 
 
-def buildInitramfs(path: str, modules: str, dirtyMiB: int = 8, dirtyPause=0.2) -> None:
+def buildInitramfs(
+    path: str, modules: str, dirtyMiB: int = 8, dirtyPause: float = 0.2
+) -> None:
     """Blocking: write the guest's initramfs (gzipped newc cpio) to ``path``."""
     archive = _Cpio()
     for directory in ("bin", "dev", "proc", "sys", "tmp", "mnt", "lib", "lib/modules"):

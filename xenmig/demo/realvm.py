@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,8 @@ class Console(LineOnlyReceiver):
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.syncs: list[int] = []
+        #: When the guest said it rewrote its RAM (``time.monotonic()``).
+        self.dirtied: list[float] = []
 
     def lineReceived(self, line: bytes) -> None:
         text = line.decode(errors="replace").strip()
@@ -61,9 +64,19 @@ class Console(LineOnlyReceiver):
         if at < 0:
             return
         text = text[at:]
+        if text.startswith("XM DIRTY "):
+            self.dirtied.append(time.monotonic())
+            return
         self.lines.append(text)
         if text.startswith("XM SYNC "):
             self.syncs.append(int(text.split()[2]))
+
+    def dirtyRate(self, mib: int) -> float:
+        """The MiB per second the guest rewrote (``mib`` each time), so far."""
+        times = self.dirtied
+        if len(times) < 2:
+            return 0.0
+        return (len(times) - 1) * mib / (times[-1] - times[0])
 
     def said(self, word: str) -> list[str]:
         """What followed ``XM word`` in each line that said it."""
@@ -87,8 +100,10 @@ class LinuxQEMU(ObservedGuest):
         incoming: bool,
         disk: list[str],
         tpmSocket: str,
+        memoryMiB: int = MEMORY_MIB,
     ) -> None:
         super().__init__(reactor, directory, name, "", incoming, disk)
+        self.memoryMiB = memoryMiB
         self.files = files
         self.tpmSocket = tpmSocket
         self.consolePath = os.path.join(directory, f"{name}.console")
@@ -96,7 +111,7 @@ class LinuxQEMU(ObservedGuest):
 
     def command(self) -> list[str]:
         command = [
-            "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", str(MEMORY_MIB),
+            "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", str(self.memoryMiB),
             "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
             "-no-reboot", "-kernel", self.files["kernel"],
             "-initrd", self.files["initrd"],
@@ -186,6 +201,8 @@ class RealVM:
         targetStateDir: str,
         domain: str = "realvm",
         dirtyMiB: int = 8,
+        dirtyPause: float = 0.2,
+        memoryMiB: int = MEMORY_MIB,
     ) -> None:
         self.reactor = reactor
         self.client = client
@@ -194,8 +211,11 @@ class RealVM:
         self.targetStateDir = targetStateDir
         self.domain = domain
         self.dirtyMiB = dirtyMiB
+        self.dirtyPause = dirtyPause
+        self.memoryMiB = memoryMiB
         self.image = os.path.join(home, "vda.raw")
         self.files: dict[str, str] = {}
+        self.sourceDisk: list[str] = []
         self.source: LinuxQEMU | None = None
         self.guests: list[LinuxQEMU] = []
         self.children: list[ChildProcess] = []
@@ -211,18 +231,21 @@ class RealVM:
             raise ScenarioFailed("no kernel under /boot: install linux-image-amd64")
         kernel, modules = found
         initrd = os.path.join(self.home, "initrd.gz")
-        await self.inThread(linuxguest.buildInitramfs, initrd, modules, self.dirtyMiB)
+        await self.inThread(
+            linuxguest.buildInitramfs, initrd, modules, self.dirtyMiB, self.dirtyPause
+        )
         await self.inThread(linuxguest.makeDisk, self.image, DISK_MIB)
         self.files = {"kernel": kernel, "initrd": initrd}
         disk = [
             "-blockdev", f"driver=file,node-name=vda-file,filename={self.image}",
             "-blockdev", f"driver=raw,node-name={DISK_NODE},file=vda-file",
         ]  # fmt: skip
-        self.source = await self._start(self.home, "source", False, disk)
+        self.sourceDisk = disk
+        self.source = await self.startQEMU(self.home, "source", False, disk)
         await self.source.says("START", BOOT_TIMEOUT)
         return self.source
 
-    async def _start(
+    async def startQEMU(
         self, directory: str, name: str, incoming: bool, disk: list[str]
     ) -> LinuxQEMU:
         tpm = os.path.join(directory, f"{name}-tpm")
@@ -239,7 +262,14 @@ class RealVM:
                 raise ScenarioFailed(f"swtpm for {name} did not start: {swtpm.output}")
             await deferLater(self.reactor, 0.02, lambda: None)
         guest = LinuxQEMU(
-            self.reactor, directory, name, self.files, incoming, disk, socket
+            self.reactor,
+            directory,
+            name,
+            self.files,
+            incoming,
+            disk,
+            socket,
+            self.memoryMiB,
         )
         self.guests.append(guest)
         await guest.start()
@@ -253,7 +283,7 @@ class RealVM:
                          f"read-zeroes=on",
             "-blockdev", f"driver=raw,node-name={DISK_NODE},file={PLACEHOLDER}",
         ]  # fmt: skip
-        return await self._start(self.targetRoot, f"{self.domain}-{tag}", True, disk)
+        return await self.startQEMU(self.targetRoot, f"{self.domain}-{tag}", True, disk)
 
     def targetImage(self, tag: str) -> str:
         return os.path.join(self.targetRoot, f"{self.domain}-{tag}-vda.raw")
