@@ -162,6 +162,7 @@ class Move:
     """What one attempt to move the guest did."""
 
     migrationId: str
+    tag: str = ""
     committed: bool = False
     reason: str = ""
     report: dict[str, Any] = field(default_factory=dict)
@@ -320,7 +321,7 @@ class RealVM:
         migration = SourceMigration(
             self.client, self.domain, f"{self.domain}-{tag}-{os.getpid()}"
         )
-        move = Move(migration.migrationId, target=target)
+        move = Move(migration.migrationId, tag, target=target)
         move.pcrBefore = (await source.says("PCR16", 30))[-1]
         control = QMPDomainControl(self.reactor, source.qmpPath)
         awaiter: ChildProcess | None = None
