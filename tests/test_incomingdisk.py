@@ -8,7 +8,10 @@ the installed image's mode: the source's, or ``target-mode``.
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,7 +25,7 @@ from twisted.python.filepath import FilePath
 from xenmig.clients.qmpclient import QMPClient
 from xenmig.demo.testguest import QEMU, startQEMU, writeThroughQEMU
 from xenmig.devices.disk.kind import DiskKind
-from xenmig.errors import CommitFailed, DeviceRefused
+from xenmig.errors import CommitFailed, DeviceError, DeviceRefused
 from xenmig.model import DeviceDescription, DeviceSpec
 from xenmig.testing import PipeWriter, requirePrograms
 
@@ -37,7 +40,7 @@ def _programs() -> None:
 
 @asynccontextmanager
 async def incomingQEMU(
-    root: FilePath, child: list[str], node: str = "disk0"
+    root: FilePath, child: list[str], node: str = "disk0", more: tuple[str, ...] = ()
 ) -> AsyncIterator[tuple[QMPClient, str]]:
     """
     A paused QEMU (``-S``; as an incoming one is once it loaded the state) with
@@ -47,7 +50,7 @@ async def incomingQEMU(
     control, free = root.child("control.qmp").path, root.child("in.qmp").path
     command = [
         QEMU, "-machine", "none", "-nodefaults", "-no-user-config",
-        "-display", "none", "-S", *child,
+        "-display", "none", "-S", *more, *child,
         "-blockdev", f"driver=raw,file=ph,node-name={node}",
         "-qmp", f"unix:{control},server=on,wait=off",
         "-qmp", f"unix:{free},server=on,wait=off",
@@ -218,3 +221,49 @@ async def test_imageModeTravels(tmp_path: Any, keys: dict[str, str], mode: int) 
     await run(pair)
     assert await pair[1].commit() == [destination]
     assert os.stat(destination).st_mode & 0o7777 == mode
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="QEMU's -runas needs root")
+@pytest_twisted.ensureDeferred
+async def test_refusedWhenTheQEMUCouldNotOpenIt(tmp_path: Any) -> None:
+    """A QEMU running as another user that could not open the image fails finish."""
+    root = FilePath(str(tmp_path))
+    async with incomingQEMU(root, placeholder(), more=("-runas", "nobody")) as (
+        _,
+        qmpPath,
+    ):
+        pair, destination, _ = await staged(tmp_path, root, qmpPath)
+        with pytest.raises(DeviceError, match=r"runs as uid \d+ .*could not open"):
+            await run(pair)
+        await pair[1].abort()
+    assert not os.path.exists(destination)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="QEMU's -runas needs root")
+@pytest_twisted.ensureDeferred
+async def test_anUnprivilegedQEMUGetsItsImage(tmp_path: Any) -> None:
+    """With target-owner, a QEMU running as that user runs on the installed image."""
+    directory = tempfile.mkdtemp(prefix="xm-owner-")  # not under pytest's 0700 dirs
+    os.chmod(directory, 0o755)
+    root = FilePath(directory)
+    try:
+        async with incomingQEMU(root, placeholder(), more=("-runas", "nobody")) as (
+            qmp,
+            qmpPath,
+        ):
+            pair, destination, _ = await staged(
+                tmp_path, root, qmpPath, **{"target-owner": "nobody"}
+            )
+            await run(pair)
+            await pair[1].commit()
+            assert (await nodeFiles(qmp))["disk0"] == destination
+            await writeThroughQEMU(qmp, "disk0", 2 * MiB, 4096, 0x66)
+            await qmp.execute(
+                "human-monitor-command", {"command-line": 'qemu-io disk0 "flush"'}
+            )
+        assert os.stat(destination).st_uid == pwd.getpwnam("nobody").pw_uid
+        with open(destination, "rb") as f:
+            f.seek(2 * MiB)
+            assert f.read(4096) == b"\x66" * 4096
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import struct
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -120,6 +122,34 @@ class IncomingDisk:
                 return str(names.get(edge.get("child"), ""))
         raise DeviceRefused(f"{self.what}: the node has no file child")
 
+    # -- at finish --------------------------------------------------------------------
+
+    def checkAccess(self, staged: str, directory: str) -> None:
+        """
+        Blocking: whether the QEMU's user may open the image, staged at
+        ``staged`` with the owner and mode it is installed with, once it is in
+        ``directory``.
+
+        @raise DeviceError: naming the QEMU's user and what it lacks.
+        """
+        try:
+            user = qemuUser(self.qmpPath)
+        except OSError as e:
+            raise DeviceError(f"{self.what}: cannot tell who runs it: {e.strerror}")
+        if user is None or user[0] == 0:
+            return  # root, or not to be told: QEMU will say at the commit
+        uid, gids = user
+        image, folder = os.stat(staged), os.stat(directory)
+        if not _may(uid, gids, image, 6) or not _may(uid, gids, folder, 1):
+            raise DeviceError(
+                f"{self.what}: that QEMU runs as uid {uid} (groups "
+                f"{', '.join(map(str, sorted(gids)))}) and could not open the image "
+                f"(owner {image.st_uid}:{image.st_gid}, mode "
+                f"{image.st_mode & 0o777:04o}, in {directory}) to read and write it; "
+                f"give it to QEMU's user or group (target-owner=, target-mode=, or "
+                f"the daemon's --image-owner, --image-mode)"
+            )
+
     # -- at the commit ----------------------------------------------------------------
 
     async def attach(self, path: str, format: str) -> None:
@@ -186,3 +216,32 @@ class IncomingDisk:
         if readOnly:
             options["read-only"] = True
         return options
+
+
+def _may(uid: int, gids: set[int], st: os.stat_result, bits: int) -> bool:
+    """Whether ``uid`` in ``gids`` has the permission ``bits`` (rwx) on ``st``."""
+    shift = 6 if uid == st.st_uid else 3 if st.st_gid in gids else 0
+    return (st.st_mode >> shift) & bits == bits
+
+
+def qemuUser(qmpPath: str) -> tuple[int, set[int]] | None:
+    """
+    Blocking: the uid and the groups of the process serving the unix socket
+    ``qmpPath`` (from the socket's peer and its ``/proc`` status, which follows
+    a QEMU that dropped its privileges with ``-runas``); None if unknown.
+    """
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.settimeout(5)
+        connection.connect(qmpPath)
+        credentials = connection.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+        )
+    pid = struct.unpack("3i", credentials)[0]
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+    except OSError:
+        return None
+    uid = int(fields["Uid"].split()[1])  # effective
+    gids = {int(fields["Gid"].split()[1]), *map(int, fields["Groups"].split())}
+    return uid, gids

@@ -203,7 +203,16 @@ class DiskTarget:
     async def _finish(self, size: int) -> ContentDigest:
         assert self.staged is not None
         digest = await self.staged.finishImage(size)
-        await self.staged.setAttributes(await self._installAs())
+        attributes = await self._installAs()
+        await self.staged.setAttributes(attributes)
+        if self.incoming is not None:
+            # Before READY: a QEMU that could not open it would fail the commit.
+            assert self.destination is not None
+            await self.context.runInThread(
+                self.incoming.checkAccess,
+                self.staged.path.path,
+                self.destination.dirname(),
+            )
         return digest
 
     def _installAs(self) -> Deferred[InstallAs]:
