@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,11 +56,14 @@ class Console(LineOnlyReceiver):
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.syncs: list[int] = []
+        #: The last lines, whatever they say (a kernel's last words).
+        self.tail: deque[str] = deque(maxlen=30)
         #: When the guest said it rewrote its RAM (``time.monotonic()``).
         self.dirtied: list[float] = []
 
     def lineReceived(self, line: bytes) -> None:
         text = line.decode(errors="replace").strip()
+        self.tail.append(text)
         at = text.find("XM ")
         if at < 0:
             return
@@ -144,7 +148,12 @@ class LinuxQEMU(ObservedGuest):
         deadline = self.reactor.seconds() + timeout
         while len(said := self.console.said(word)) < count:
             if not self.running:
-                raise ScenarioFailed(f"QEMU {self.name} exited: {self.log()}")
+                ended = self.process.ended.value if self.process.ended else None
+                raise ScenarioFailed(
+                    f"QEMU {self.name} exited ({ended}) while waiting for {word}: "
+                    f"{self.log()} (its console's last lines: "
+                    f"{' | '.join(self.console.tail)})"
+                )
             failed = self.console.said("FAIL")
             if failed:
                 raise ScenarioFailed(f"the guest in {self.name} failed: {failed}")
