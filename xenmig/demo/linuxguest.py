@@ -87,6 +87,7 @@ while [ ! -e /tmp/stop ]; do
   [ $((n % 20)) -eq 0 ] && echo "XM PCR16 $(cat /sys/class/tpm/tpm0/pcr-sha256/16)"
 done
 umount /mnt && echo "XM DONE $n"
+sleep 0.5  # the console's last line out of the UART before the power goes
 poweroff -f
 """
 

@@ -56,6 +56,7 @@ class Console(LineOnlyReceiver):
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.syncs: list[int] = []
+        self.closed = False
         #: The last lines, whatever they say (a kernel's last words).
         self.tail: deque[str] = deque(maxlen=30)
         #: When the guest said it rewrote its RAM (``time.monotonic()``).
@@ -81,6 +82,27 @@ class Console(LineOnlyReceiver):
         if len(times) < 2:
             return 0.0
         return (len(times) - 1) * mib / (times[-1] - times[0])
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+
+    async def whenClosed(self, reactor: Any, timeout: float) -> None:
+        """Wait until the console's connection closed, at most ``timeout`` s."""
+        deadline = reactor.seconds() + timeout
+        while not self.closed and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.02, lambda: None)
+        self.closed = True  # nothing more will come
+
+    def reread(self, path: str) -> None:
+        """Blocking (a small file): take every line again from QEMU's log of it."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return
+        self.lines, self.syncs, self.dirtied = [], [], []
+        for line in data.split(self.delimiter):
+            self.lineReceived(line)
 
     def said(self, word: str) -> list[str]:
         """What followed ``XM word`` in each line that said it."""
@@ -120,7 +142,8 @@ class LinuxQEMU(ObservedGuest):
             "-no-reboot", "-kernel", self.files["kernel"],
             "-initrd", self.files["initrd"],
             "-append", "console=ttyS0 quiet panic=-1",
-            "-chardev", f"socket,id=ser0,path={self.consolePath},server=on,wait=off",
+            "-chardev", f"socket,id=ser0,path={self.consolePath},server=on,"
+                        f"wait=off,logfile={self.consolePath}.log",
             "-serial", "chardev:ser0",
             "-chardev", f"socket,id=chrtpm,path={self.tpmSocket}",
             "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
@@ -146,13 +169,23 @@ class LinuxQEMU(ObservedGuest):
     async def says(self, word: str, timeout: float, count: int = 1) -> list[str]:
         """Wait until the guest said ``XM word`` ``count`` times; what it said."""
         deadline = self.reactor.seconds() + timeout
+        reread = False
         while len(said := self.console.said(word)) < count:
+            if not self.running and not reread:
+                # Its last words may still be on the way: read to the end, then
+                # take QEMU's own log of the console (its last lines were seen
+                # missing from the socket once QEMU had exited).
+                await self.console.whenClosed(self.reactor, 2.0)
+                self.console.reread(self.consolePath + ".log")
+                reread = True
+                continue
             if not self.running:
                 ended = self.process.ended.value if self.process.ended else None
                 raise ScenarioFailed(
                     f"QEMU {self.name} exited ({ended}) while waiting for {word}: "
                     f"{self.log()} (its console's last lines: "
-                    f"{' | '.join(self.console.tail)})"
+                    f"{' | '.join(self.console.tail)}; QEMU's log of it ends "
+                    f"{_tail(self.consolePath + '.log')!r})"
                 )
             failed = self.console.said("FAIL")
             if failed:
@@ -416,3 +449,13 @@ async def connectConsole(reactor: Any, path: str, console: Console) -> None:
         await connectProtocol(UNIXClientEndpoint(reactor, path), console)
     except ConnectError as e:
         raise ScenarioFailed(f"cannot connect to the console {path}: {e}")
+
+
+def _tail(path: str, size: int = 600) -> str:
+    """Blocking (a small file): the end of the file at ``path``."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
