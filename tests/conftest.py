@@ -13,9 +13,17 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from nethosts import network  # noqa: E402, F401  (namespaced hosts, for any test)
+
 from xenmig.testing import requirePrograms  # noqa: E402
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="session", autouse=True)
+def noUserClientConfig(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The command lines the tests run read no client.toml of the user running them."""
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
 
 
 @pytest.fixture(scope="session")

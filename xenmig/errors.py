@@ -99,6 +99,14 @@ class StreamLost(StreamError):
     """This side's connection carrying a stream broke (the peer may know why)."""
 
 
+class StreamStalled(StreamError):
+    """
+    A state stream made no progress for longer than its progress time-out
+    (``--stall-timeout``) while its phase expected some: the message names the
+    device, the phase and the stream's peer.
+    """
+
+
 class DigestMismatch(StreamError):
     """The digest of the received state differs from the one the source sent."""
 
@@ -175,6 +183,7 @@ _WIRE_CODES: dict[type[Exception], bytes] = {
     PathNotAllowed: b"PATH_NOT_ALLOWED",
     StreamError: b"STREAM_ERROR",
     DigestMismatch: b"DIGEST_MISMATCH",
+    StreamStalled: b"STREAM_STALLED",
     BadToken: b"BAD_TOKEN",
     NotAuthorized: b"NOT_AUTHORIZED",
     PhaseTimeout: b"PHASE_TIMEOUT",

@@ -298,6 +298,8 @@ class ControlProtocol(StatusResponders, amp.AMP):
             device,
             self.target.timeouts.idle,
             self.target.chargeStream(session.migrationId),
+            self.target.bandwidth,
+            stallTimeout=self.target.timeouts.stall,
         )
 
     @commands.DeviceReady.responder

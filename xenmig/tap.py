@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from functools import partial
 from typing import Any
 
 from twisted.application import internet, service
@@ -14,18 +15,23 @@ from twisted.python import threadpool, usage
 from twisted.python.filepath import FilePath
 
 from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
+from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
 from xenmig.fs import InstallAs, parseMode, parseOwner
 from xenmig.limits import ConnectionLimits
 from xenmig.plugins import deviceKinds
+from xenmig.pump import parseBandwidth
 from xenmig.target.authz import PolicySource
 from xenmig.target.config import MAX_DEVICES, MAX_SESSIONS, TargetConfig, Timeouts
+from xenmig.target.configfile import DAEMON_CONFIG, settingsChanged
+from xenmig.target.configoptions import ConfigFileOptions
 from xenmig.target.core import MigrationTarget
 from xenmig.target.hooks import runHook
 from xenmig.target.logobserver import checkLogging, daemonObserver
 from xenmig.target.metrics import PrometheusMetrics
 from xenmig.target.metricsweb import MetricsService, parseAddress
+from xenmig.target.notify import SystemdNotifier
 from xenmig.target.service import (
     LOCAL_SOCKET,
     ExpiryService,
@@ -43,7 +49,7 @@ _TIMEOUTS = Timeouts()
 _LIMITS = ConnectionLimits()
 
 
-class Options(usage.Options):
+class Options(ConfigFileOptions, usage.Options):
     """Options of ``twistd xenmig``."""
 
     synopsis = "[options]"
@@ -53,7 +59,12 @@ class Options(usage.Options):
     )
     optParameters = [
         ["port", "p", DEFAULT_PORT, "TCP port to listen on.", int],
-        ["interface", "i", "", "Address to listen on (default: all)."],
+        [
+            "interface",
+            "i",
+            "",
+            "Address to listen on (default: all IPv4; :: for all).",
+        ],
         ["state-dir", "d", DEFAULT_STATE_DIR, "Journal, staging and local socket."],
         ["ca", None, None, "PEM bundle of the CA(s) that peer certificates chain to."],
         [
@@ -76,6 +87,13 @@ class Options(usage.Options):
             None,
             _TIMEOUTS.idle,
             "Seconds a stream may stay silent.",
+            float,
+        ],
+        [
+            "stall-timeout",
+            None,
+            _TIMEOUTS.stall,
+            "Seconds a stream may make no progress while it should (0: never).",
             float,
         ],
         [
@@ -157,6 +175,13 @@ class Options(usage.Options):
             float,
         ],
         [
+            "max-bandwidth",
+            None,
+            None,
+            "Bytes per second all incoming streams receive together (e.g. 1G; "
+            "K, M, G are powers of 1024), shared fairly; default: no limit.",
+        ],
+        [
             "image-owner",
             None,
             None,
@@ -177,6 +202,13 @@ class Options(usage.Options):
             None,
             "Serve Prometheus metrics on [HOST:]PORT/metrics (host: 127.0.0.1).",
         ],
+        [
+            "config",
+            "c",
+            None,
+            f"TOML file of these options (default: {DAEMON_CONFIG}, if it exists);"
+            " the command line overrides it.",
+        ],
     ]
     optFlags = [
         [
@@ -189,6 +221,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["allow-root"] = []
+        self.file = None
+        self.sources = {}
 
     def opt_allow_root(self, path: str) -> None:
         """A directory where received state may be installed (repeatable)."""
@@ -211,16 +245,31 @@ class Options(usage.Options):
             "io-threads",
         ):
             if self[name] < 1:
-                raise usage.UsageError(f"--{name} must be 1 or more")
+                raise usage.UsageError(f"{self.named(name)} must be 1 or more")
+        interface = self["interface"]
+        if interface.startswith("[") and interface.endswith("]"):
+            self["interface"] = interface[1:-1]  # [2001:db8::1] as written elsewhere
+        if self["stall-timeout"] < 0:
+            raise usage.UsageError(
+                f"{self.named('stall-timeout')} must be 0 (never) or more"
+            )
+        if self["max-bandwidth"] is not None:
+            try:
+                self["max-bandwidth"] = parseBandwidth(self["max-bandwidth"])
+            except ValueError as e:
+                raise usage.UsageError(f"{self.named('max-bandwidth')}: {e}")
         if self["tls-minimum"] not in TLS_VERSIONS:
-            raise usage.UsageError("--tls-minimum must be 1.2 or 1.3")
+            raise usage.UsageError(f"{self.named('tls-minimum')} must be 1.2 or 1.3")
         if self["insecure-plaintext"]:
             if not self["interface"]:
                 self["interface"] = "127.0.0.1"
             if not _isLoopback(self["interface"]):
                 raise usage.UsageError("--insecure-plaintext binds to loopback only")
         elif not (self["ca"] and self["cert"]):
-            raise usage.UsageError("--ca and --cert are required (mutual TLS)")
+            raise usage.UsageError(
+                "--ca and --cert are required (mutual TLS): on the command line, "
+                "or as ca and cert in the configuration file"
+            )
         self._checkObservability()
 
     def _checkObservability(self) -> None:
@@ -254,10 +303,13 @@ def _config(options: Options) -> TargetConfig:
     roots = tuple(FilePath(os.path.abspath(p)) for p in options["allow-root"])
     for root in roots:
         if not root.isdir():
-            raise ConfigurationError(f"--allow-root {root.path} is not a directory")
+            raise ConfigurationError(
+                f"{options.named('allow-root')} {root.path} is not a directory"
+            )
     timeouts = Timeouts(
         handshake=options["handshake-timeout"],
         idle=options["idle-timeout"],
+        stall=options["stall-timeout"],
         prepared=options["prepare-timeout"],
         receiving=options["receive-timeout"],
         ready=options["ready-timeout"],
@@ -280,6 +332,7 @@ def _config(options: Options) -> TargetConfig:
         timeouts=timeouts,
         maxSessions=options["max-sessions"],
         maxDevices=options["max-devices"],
+        maxBandwidth=options["max-bandwidth"],
     )
 
 
@@ -290,6 +343,23 @@ def _limits(options: Options) -> ConnectionLimits:
         handshakesPerAddress=options["per-address-handshakes"],
         idle=options["control-idle-timeout"] or None,
     )
+
+
+def checkConfiguration(options: Options) -> None:
+    """
+    Blocking: check what makeService reads (roots, the peers, the TLS files)
+    without building anything; for ``xenmig config check``.
+
+    @raise ConfigurationError: saying what is wrong.
+    """
+    from xenmig import tls
+
+    config = _config(options)
+    settings = options.settingKinds() if options.peersInConfig else ()
+    PolicySource(options["peers"], config.roots, deviceKinds(), settings).load()
+    if not options["insecure-plaintext"]:
+        tls.loadIdentity(options["cert"], options["key"])
+        tls.loadAuthority(options["ca"])
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
@@ -310,16 +380,18 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 def _makeService(options: Options, reactor: Any) -> service.MultiService:
     config = _config(options)
     kinds = deviceKinds()
-    policies = PolicySource(options["peers"], config.roots, kinds)
+    settings = options.settingKinds() if options.peersInConfig else ()
+    policies = PolicySource(options["peers"], config.roots, kinds, settings)
     policies.load()
     _logPolicy(options["peers"], policies)
-    address = f"{options['interface'] or '*'}:{options['port']}"
+    address = hostPort(options["interface"], options["port"])
     twistd = getattr(options, "parent", None)
     observer = None
     if twistd is not None and not twistd.get("logger"):  # twistd's --logger wins
         level, form = options["log-level"], options["log-format"]
         observer = daemonObserver(level, form, twistd, reactor)
-    top = TargetDaemon(address, twistd, observer)
+    notifier = SystemdNotifier.fromEnvironment(os.environ)
+    top = TargetDaemon(address, twistd, observer, notifier)
     pool = threadpool.ThreadPool(2, options["io-threads"], name="xenmig-io")
     ThreadPoolService(pool).setServiceParent(top)
 
@@ -334,7 +406,12 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
         reactor, config, kinds, runInThread, hook, policies, metrics
     )
     TargetService(target, options["interface"], options["port"]).setServiceParent(top)
-    PolicyService(policies, reactor, runInThread).setServiceParent(top)
+    changed = None
+    if options.file is not None:
+        changed = partial(settingsChanged, options.file, options.settingKinds())
+    PolicyService(policies, reactor, runInThread, notifier, changed).setServiceParent(
+        top
+    )
     _listen(options, reactor, target, metrics).setServiceParent(top)
     local = UNIXServerEndpoint(
         reactor, config.stateDir.child(LOCAL_SOCKET).path, mode=0o600, wantPID=False
@@ -342,6 +419,11 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     internet.StreamServerEndpointService(
         local, LocalControlFactory(target)
     ).setServiceParent(top)
+    if config.maxBandwidth:
+        log.info(
+            "incoming streams limited to {rate} bytes/s in all",
+            rate=config.maxBandwidth,
+        )
     log.info(
         "xenmig target on {address}, state in {state}, roots {roots}",
         address=address,

@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 
 from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
+from xenmig.certificates import hostPort, splitHostPort
 from xenmig.cli.outcome import UsageError, say
 
 
@@ -28,11 +29,17 @@ class Reach:
     cert: str | None = None
 
 
-def parseTarget(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``, port 8002) -> ``(host, port)``."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(DEFAULT_PORT)
+def parseTarget(text: str, defaultPort: int = DEFAULT_PORT) -> tuple[str, int]:
+    """
+    ``HOST:PORT``, ``[IPv6]:PORT`` (or ``HOST``, ``[IPv6]``: port 8002 or
+    ``defaultPort``) -> ``(host, port)``, the host without brackets.
+    """
+    try:
+        host, port = splitHostPort(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    if not port and not text.endswith(":"):
+        port = str(defaultPort)
     if not host or any(c.isspace() or c in "/[]@" for c in host):
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     if not port.isdigit() or not 0 < int(port) < 65536:
@@ -47,7 +54,7 @@ def addTargetOptions(parser: argparse.ArgumentParser, required: bool) -> None:
         required=required,
         type=parseTarget,
         metavar="HOST:PORT",
-        help="the target daemon (port 8002 if left out)",
+        help="the target daemon (port 8002, or client.toml's port, if left out)",
     )
     parser.add_argument("--ca", metavar="FILE", help="PEM bundle of the CA(s)")
     parser.add_argument(
@@ -102,7 +109,8 @@ def clientTLS(args: argparse.Namespace) -> dict[str, Any]:
         return {"tls": None}
     if not (args.ca and args.cert):
         raise UsageError(
-            "--ca and --cert are required with --target (mutual TLS); "
+            "--ca and --cert are required with --target (mutual TLS), on the "
+            "command line or in client.toml (see doc/cli.md); "
             "make them with 'xenmig pki'"
         )
     from xenmig.source.threadedstream import sslContext
@@ -145,7 +153,7 @@ def daemonFor(reactor: Any, args: argparse.Namespace) -> Any:
 def where(args: argparse.Namespace) -> str:
     """Where the daemon is: ``HOST:PORT``, or its local socket."""
     if args.target is not None:
-        return "{}:{}".format(*args.target)
+        return hostPort(*args.target)
     return os.path.join(args.state_dir, "control.sock")
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 
+from xenmig.certificates import hostPort
 from xenmig.cli.connection import reach
 from xenmig.cli.failures import Explained, diagnose
 from xenmig.cli.outcome import EXIT_FAILED, EXIT_IN_DOUBT, EXIT_OK, EXIT_USAGE, say
@@ -47,7 +48,7 @@ class MigrateCommand:
         self.policy = policy
         self.control = control  # an IDomainControl, or None
         self.released: bool | None = None
-        self.target = "{}:{}".format(*args.target)
+        self.target = hostPort(*args.target)
         self.reach = reach(args)
         #: Why the migration did not commit (for --json), once it is known.
         self.error: Explained | None = None
@@ -81,6 +82,11 @@ class MigrateCommand:
             await migration.prepare(self.args.device)
             self._goOn()
             self.display.phase("the target accepted every device")
+            if migration.bandwidth:
+                self.display.phase(
+                    f"bandwidth limited to {formatRate(migration.bandwidth)}, "
+                    f"shared by the migration's streams"
+                )
             if self.args.live:
                 await self._precopy()
                 self._goOn()  # never pause the VM after an interrupt
@@ -119,6 +125,13 @@ class MigrateCommand:
             self.display.phase(
                 f"{name}: {len(sent)} pre-copy round(s), {formatBytes(sum(sent))}"
             )
+            figures = self.migration.devices[name].roundFigures or []
+            for number, figure in enumerate(figures):
+                if "ram_remaining" in figure:
+                    self.display.phase(ramRound(name, number, figure))
+        downtime = self.migration.report().get("downtime")
+        if downtime is not None:
+            self.display.phase(downtimeLine(downtime))
 
     async def _pauseVM(self) -> None:
         from xenmig.clients.processes import runShell
@@ -295,6 +308,10 @@ def summary(report: dict[str, Any]) -> str:
         f"{report.get('target', 'the target')} in {formatSeconds(durations['total'])}"
         f" (paused window {formatSeconds(report['paused_window'])})"
     ]
+    if report.get("downtime"):
+        lines.append("  " + downtimeLine(report["downtime"]))
+    if report.get("bandwidth_limit"):
+        lines.append(f"  bandwidth limit {formatRate(report['bandwidth_limit'])}")
     for device in report["devices"]:
         seconds = device["seconds"] or 0.0
         rate = device["bytes"] / seconds if seconds else 0.0
@@ -305,3 +322,26 @@ def summary(report: dict[str, Any]) -> str:
         )
     lines += [f"  installed {path}" for path in report["installed"]]
     return "\n".join(lines)
+
+
+def ramRound(name: str, number: int, figure: dict[str, Any]) -> str:
+    """One RAM pre-copy round for the display: sent, left, the guest's dirty rate."""
+    return (
+        f"  {name} RAM round {number}: {formatBytes(figure['stream_bytes'])} sent, "
+        f"{formatBytes(figure['ram_remaining'])} left, guest dirtying "
+        f"{formatRate(figure['dirty_bytes_rate'])}"
+        + (" (QEMU stopped the VM)" if figure.get("vm_stopped") else "")
+    )
+
+
+def downtimeLine(downtime: dict[str, Any]) -> str:
+    """The maximum downtime, the final round's estimate and, once known, the window."""
+    line = (
+        f"final round estimated at {formatSeconds(downtime['estimate'])} "
+        f"(max downtime {formatSeconds(downtime['limit'])})"
+    )
+    if downtime["exceeded"]:
+        line += ": over it after the last round allowed, paused anyway"
+    if downtime["paused_window"] is not None:
+        line += f"; paused window {formatSeconds(downtime['paused_window'])}"
+    return line

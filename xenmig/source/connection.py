@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.protocols import amp
@@ -21,6 +22,7 @@ from xenmig.errors import Busy
 from xenmig.interfaces import IDeviceKind
 from xenmig.limits import AnnouncedLimits, withDeadline
 from xenmig.plugins import deviceKinds
+from xenmig.pump import TokenBucket
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
 from xenmig.source.pacing import Slots, handshakeSlots
 from xenmig.source.streamsender import StreamSender
@@ -39,6 +41,9 @@ class ClientTimeouts:
     commit: float = 120.0
     keepalive: float = 10.0
     abort: float = 10.0
+    #: A state stream that makes no progress for this long while it should (a
+    #: pre-copy round, the final transfer) fails with StreamStalled; 0: never.
+    stall: float = 60.0
     #: How long a step (a Prepare, a stream's opening) is tried again while
     #: the target answers BUSY; a connection refused or reset while
     #: connecting is tried again for up to ``connect`` seconds.
@@ -86,6 +91,8 @@ class TargetConnection:
         self.timeouts = timeouts or ClientTimeouts()
         self.kinds = kinds if kinds is not None else deviceKinds()
         self.onRetry = onRetry
+        #: Waits for load (BUSY answers, resets while connecting), by migration id.
+        self.retries: Counter[str] = Counter()
         #: What the target announced (an older one: AnnouncedLimits()).
         self.limits = AnnouncedLimits()
         self.handshakes = Slots(handshakeSlots(self.limits))
@@ -98,7 +105,8 @@ class TargetConnection:
     # -- connections and calls -------------------------------------------------------
 
     def endpoint(self) -> IStreamClientEndpoint:
-        tcp = TCP4ClientEndpoint(
+        # IPv4 or IPv6, an address or a name (every address it has is tried)
+        tcp = HostnameEndpoint(
             self.reactor, self.host, self.port, timeout=self.timeouts.connect
         )
         return wrapClientTLS(self.tls, tcp) if self.tls is not None else tcp
@@ -142,26 +150,31 @@ class TargetConnection:
         step: Callable[[], Awaitable[T]],
         what: str = "",
         retryRefused: bool = True,
+        migrationId: str | None = None,
     ) -> Deferred[T]:
         """
         ``step``, tried again while the target is busy (see
-        L{xenmig.source.backoff.whileBusy}), within L{ClientTimeouts.busy}.
+        L{xenmig.source.backoff.whileBusy}), within L{ClientTimeouts.busy};
+        each wait counted in L{retries} under ``migrationId``.
         """
+
+        def retrying(line: str) -> None:
+            if migrationId is not None:
+                self.retries[migrationId] += 1
+            if self.onRetry is not None:
+                self.onRetry(line)
+
         return Deferred.fromCoroutine(
             whileBusy(
                 self.reactor,
                 step,
                 self.timeouts.busy,
                 self.timeouts.connect,
-                self._retrying,
+                retrying,
                 what,
                 retryRefused,
             )
         )
-
-    def _retrying(self, line: str) -> None:
-        if self.onRetry is not None:
-            self.onRetry(line)
 
     def learn(self, announced: Any) -> None:
         """Take the limits a target announced at Prepare (None: an older one)."""
@@ -220,7 +233,9 @@ class TargetConnection:
                 raise
 
         try:
-            prepared, answer = await self.whileBusy(once)
+            prepared, answer = await self.whileBusy(
+                once, migrationId=kw.get("migration_id")
+            )
         except BaseException:
             self.hangUp(control)
             raise
@@ -260,15 +275,20 @@ class TargetConnection:
 
     # -- the streams of a migration's devices -----------------------------------------
 
-    def streamSender(self, device: str) -> StreamSender | ThreadedStreamSender:
+    def streamSender(
+        self, device: str, bandwidth: TokenBucket | None = None
+    ) -> StreamSender | ThreadedStreamSender:
         """
         A sender for ``device``'s stream, not yet open: sent from a thread when
-        the client has a stream endpoint, else through Twisted's TLS.
+        the client has a stream endpoint, else through Twisted's TLS; paced by
+        ``bandwidth`` (shared by the migration's streams) if given.
         """
         keepalive = self.timeouts.keepalive
         if self.streamEndpoint is not None:
-            return ThreadedStreamSender(self.reactor, device, keepalive)
-        return StreamSender(device, self.reactor, keepalive)
+            return ThreadedStreamSender(
+                self.reactor, device, keepalive, bandwidth=bandwidth
+            )
+        return StreamSender(device, self.reactor, keepalive, bandwidth)
 
     async def openStream(
         self,
@@ -294,7 +314,9 @@ class TargetConnection:
             )
             await self._startStream(sender, answer["token"])
 
-        await self.whileBusy(once, f"the stream of {sender.device}")
+        await self.whileBusy(
+            once, f"the stream of {sender.device}", migrationId=migrationId
+        )
 
     async def _startStream(
         self, sender: StreamSender | ThreadedStreamSender, token: bytes
@@ -346,7 +368,7 @@ class TargetConnection:
                 self.callWithin, seconds, what, control, command, **kw
             )
 
-        return await self.whileBusy(once, what)
+        return await self.whileBusy(once, what, migrationId=kw.get("migration_id"))
 
 
 @implementer(IHandshakeListener)

@@ -11,7 +11,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from xenmig.errors import MigrationAborted
-from xenmig.interfaces import ISourceContext, ISourceDevice
+from xenmig.interfaces import IConvergencePolicy, ISourceContext, ISourceDevice
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
@@ -66,6 +66,10 @@ class DeviceRun:
     description: DeviceDescription | None = None
     sender: StreamSender | ThreadedStreamSender | None = None
     rounds: list[int] | None = None
+    #: Its own copy of the pre-copy convergence policy.
+    policy: IConvergencePolicy | None = None
+    #: The handler's own figures of each pre-copy round (L{RoundResult.figures}).
+    roundFigures: list[dict[str, Any]] | None = None
     digest: ContentDigest | None = None
     started: float | None = None
     finished: float | None = None
@@ -77,3 +81,11 @@ class DeviceRun:
     @property
     def bytesSent(self) -> int:
         return self.sender.bytesWritten if self.sender else 0
+
+    async def sendFinal(self) -> ContentDigest:
+        """The final round on its open stream: the ROUND marker, the state, END."""
+        assert self.sender is not None
+        await self.sender.writeRound(len(self.rounds or []), True)
+        digest = await self.device.sendFinal(self.sender)
+        await self.sender.finish(digest)
+        return digest

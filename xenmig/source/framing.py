@@ -34,6 +34,8 @@ class RecordFraming:
         self.device = device
         self.bytesWritten = 0
         self.dataBytes = 0
+        #: Bytes of every record framed so far (KEEPALIVE records excepted).
+        self.framedBytes = 0
         self._lost: Failure | None = None
         self._done = False
 
@@ -64,6 +66,7 @@ class RecordFraming:
             return fail(self._lost)
         if self._done:
             return fail(Failure(StreamError(f"device {self.device}: stream closed")))
+        self.framedBytes += sum(len(part) for part in parts)
         return self._send(parts)
 
     def writeData(self, offset: int, data: bytes) -> Deferred[None]:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -22,12 +22,14 @@ from xenmig.errors import (
 )
 from xenmig.interfaces import IConvergencePolicy
 from xenmig.model import ContentDigest, DeviceSpec, RoundResult
+from xenmig.pump import TokenBucket
 from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
-from xenmig.source.convergence import ConvergencePolicy
+from xenmig.source.convergence import ConvergencePolicy, perDevice, proceed, timed
 from xenmig.source.device import DeviceRun, SourceContext
-from xenmig.source.pacing import Slots, commandSlots
+from xenmig.source.pacing import Slots, commandSlots, gatherOrCancel
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
 from xenmig.source.report import migrationReport
+from xenmig.source.stall import watchControl, watchStream
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 
@@ -43,6 +45,8 @@ class SourceMigration:
     moves are L{TRANSITIONS}, drawn in doc/protocol.md).  It speaks to the
     target only through its connection (a L{TargetConnection}).
 
+    @param bandwidth: the most bytes per second its streams send together
+        (a L{TokenBucket} they share; None: no limit).
     @param monotonic: the clock of the report's durations.
     """
 
@@ -52,8 +56,13 @@ class SourceMigration:
         domain: str,
         migrationId: str,
         monotonic: Callable[[], float] = time.monotonic,
+        bandwidth: int | None = None,
     ) -> None:
         self.client = client
+        self.bandwidth = bandwidth
+        self._bucket = TokenBucket(bandwidth) if bandwidth else None
+        #: The convergence policy pre-copy was given (for the report).
+        self.policy: IConvergencePolicy | None = None
         self.reactor = client.reactor
         self.domain = domain
         self.migrationId = migrationId
@@ -69,6 +78,11 @@ class SourceMigration:
         self._preparing: Deferred[None] | None = None
         self._steps: list[Deferred[Any]] = []
         self._monotonic = monotonic
+
+    @property
+    def retries(self) -> int:
+        """How often a step waited and tried again while the target was busy."""
+        return self.client.retries[self.migrationId]
 
     def _mark(self, event: str) -> None:
         self.times[event] = self._monotonic()
@@ -186,7 +200,7 @@ class SourceMigration:
             return run.sender
         assert self.control is not None
         # Kept at once, so that an abort stops it however far its opening got.
-        sender = run.sender = self.client.streamSender(run.name)
+        sender = run.sender = self.client.streamSender(run.name, self._bucket)
         await self.client.openStream(
             self.control, self.migrationId, sender, self.commands
         )
@@ -205,22 +219,33 @@ class SourceMigration:
         self._require(Phase.PRECOPY)
         self._mark("precopy")
         self._moveTo(Phase.PRECOPY)
-        policy = policy or ConvergencePolicy()
+        policy = self.policy = policy or ConvergencePolicy()
         runs = [r for r in self.devices.values() if r.device.precopy]
-        await self._allOrAbort([self._precopy(r, _fresh(policy)) for r in runs])
+        # A device whose convergence pauses the VM (QEMU's RAM) goes last.
+        last = [r for r in runs if getattr(r.device, "precopyLast", False)]
+        for group in ([r for r in runs if r not in last], last):
+            await self._allOrAbort([self._precopy(r, perDevice(policy)) for r in group])
         self._moveTo(Phase.PRECOPIED)
         self._mark("precopied")
         return {r.name: list(r.rounds or []) for r in runs}
 
     async def _precopy(self, run: DeviceRun, policy: IConvergencePolicy) -> None:
         sender = await self._openStream(run)
-        run.rounds = []
+        run.rounds, run.policy, run.roundFigures = [], policy, []
         round = 0
         while True:
+            started = self._monotonic()
             await sender.writeRound(round, False)
             before = sender.bytesWritten
-            result: RoundResult = await run.device.sendRound(sender, round)
+            result: RoundResult = await watchStream(
+                self.client, run.name, sender, f"pre-copy round {round}",
+                run.device.sendRound(sender, round),
+            )  # fmt: skip
+            result = timed(result, self._monotonic() - started, sender.unsent)
             run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
+            run.roundFigures.append(dict(result.figures))
+            if result.figures.get("vm_stopped"):
+                self.paused()  # QEMU stopped the VM: the paused window began
             log.info(
                 "migration {migration_id}: {device} round {round} sent {sent} bytes",
                 migration_id=self.migrationId,
@@ -228,15 +253,17 @@ class SourceMigration:
                 round=round,
                 sent=sender.bytesWritten - before,
             )
-            if not policy.proceed(round, result):
+            where = f"migration {self.migrationId}, device {run.name}"
+            if not proceed(policy, round, result, where):
                 return
             round += 1
 
     # -- the paused part -------------------------------------------------------------
 
     def paused(self) -> None:
-        """Note that the toolstack has just paused the VM (for the report)."""
-        self.pausedAt = self._monotonic()
+        """Note the VM's pause (for the report), unless a round saw QEMU stop it."""
+        if self.pausedAt is None:
+            self.pausedAt = self._monotonic()
 
     async def transfer(self) -> dict[str, ContentDigest]:
         """
@@ -258,19 +285,19 @@ class SourceMigration:
 
     async def _transfer(self, run: DeviceRun) -> None:
         sender = await self._openStream(run)
-        await sender.writeRound(len(run.rounds or []), True)
-        digest = await run.device.sendFinal(sender)
-        await sender.finish(digest)
-        assert self.control is not None
-        answer = await self.client.pacedCall(
-            self.commands,
-            self.client.timeouts.ready,
-            f"verification of device {run.name}",
-            self.control,
-            commands.DeviceReady,
-            migration_id=self.migrationId,
-            device=run.name,
+        digest = await watchStream(
+            self.client, run.name, sender, "the final transfer", run.sendFinal()
         )
+        assert self.control is not None
+        verification = f"verification of device {run.name}"
+        answer = await watchControl(
+            self.client, self.control, self.migrationId, f"the {verification}",
+            self.client.pacedCall(
+                self.commands, self.client.timeouts.ready, verification,
+                self.control, commands.DeviceReady,
+                migration_id=self.migrationId, device=run.name,
+            ),
+        )  # fmt: skip
         theirs = ContentDigest(answer["size"], answer["algorithm"], answer["digest"])
         if theirs != digest:
             raise DigestMismatch(
@@ -381,7 +408,7 @@ class SourceMigration:
         """
         self._steps = [Deferred.fromCoroutine(step) for step in steps]
         try:
-            await _gather(self._steps)
+            await gatherOrCancel(self._steps)
         except BaseException as e:
             reason = await self._targetReason(e)
             await self._failed(reason or e)
@@ -458,24 +485,3 @@ class SourceMigration:
     def report(self) -> dict[str, Any]:
         """The JSON report: ids, per-device bytes and digests, phase durations."""
         return migrationReport(self)
-
-
-def _fresh(policy: IConvergencePolicy) -> IConvergencePolicy:
-    """A policy per device: policies may remember the rounds they have seen."""
-    fresh = getattr(policy, "fresh", None)
-    return fresh() if callable(fresh) else policy
-
-
-async def _gather(deferreds: list[Deferred[Any]]) -> list[Any]:
-    """Wait for steps in parallel; the first failure cancels the rest and is raised."""
-    if not deferreds:
-        return []
-    try:
-        return await gatherResults(deferreds, consumeErrors=True)
-    except BaseException as e:
-        for d in deferreds:
-            d.cancel()
-        inner = getattr(e, "subFailure", None)
-        if inner is not None:
-            inner.raiseException()
-        raise

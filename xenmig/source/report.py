@@ -27,6 +27,12 @@ class ReportedMigration(Protocol):
     def pausedAt(self) -> float | None: ...
     @property
     def devices(self) -> Mapping[str, DeviceRun]: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def bandwidth(self) -> int | None: ...
+    @property
+    def policy(self) -> Any: ...
 
 
 #: Each reported duration: from one mark of the migration's C{times} to another.
@@ -66,8 +72,45 @@ def migrationReport(migration: ReportedMigration) -> dict[str, Any]:
             for name, marks in DURATIONS.items()
         },
         "paused_window": paused,
+        "retries": migration.retries,
+        "bandwidth_limit": migration.bandwidth,
+        "downtime": downtimeReport(migration, paused),
         "devices": [deviceReport(run) for run in migration.devices.values()],
     }
+
+
+def downtimeReport(
+    migration: ReportedMigration, paused: float | None
+) -> dict[str, Any] | None:
+    """
+    With a maximum downtime: the limit, the largest of the devices' estimates
+    of their final round (seconds), each device's, and the paused window.
+    """
+    limit = getattr(migration.policy, "maxDowntime", None)
+    if limit is None:
+        return None
+    estimates = {
+        run.name: _rounded(getattr(run.policy, "estimate", None))
+        for run in migration.devices.values()
+        if run.policy is not None
+    }
+    known = [e for e in estimates.values() if e is not None]
+    return {
+        "limit": limit,
+        "estimate": max(known) if known else None,
+        "estimates": estimates,
+        "fallback": migration.policy.fallback,
+        "exceeded": any(
+            getattr(run.policy, "exceeded", False) for run in migration.devices.values()
+        ),
+        "paused_window": paused,
+    }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    if seconds is None or seconds == float("inf"):
+        return None
+    return round(seconds, 6)
 
 
 def deviceReport(run: DeviceRun) -> dict[str, Any]:
@@ -75,7 +118,7 @@ def deviceReport(run: DeviceRun) -> dict[str, Any]:
     seconds = None
     if run.started is not None and run.finished is not None:
         seconds = round(run.finished - run.started, 6)
-    return {
+    report = {
         "name": run.name,
         "kind": run.spec.kind,
         "bytes": run.bytesSent,
@@ -85,3 +128,6 @@ def deviceReport(run: DeviceRun) -> dict[str, Any]:
         "digest": run.digest.hex if run.digest else None,
         "seconds": seconds,
     }
+    if any(run.roundFigures or []):
+        report["round_figures"] = [dict(f) for f in run.roundFigures or []]
+    return report

@@ -12,6 +12,7 @@ command, the same records.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import queue
@@ -19,6 +20,7 @@ import socket
 import ssl
 import struct
 import tempfile
+import termios
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from xenmig.errors import (
 )
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
-from xenmig.pump import Backpressure
+from xenmig.pump import Backpressure, TokenBucket
 from xenmig.records import (
     encodeEnd,
     encodeKeepalive,
@@ -103,6 +105,10 @@ def _identityPEM(identity: PrivateCertificate) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+#: TCP_ESTABLISHED and TCP_CLOSE_WAIT (Linux's ``tcp_states.h``).
+_OPEN_STATES = (1, 8)
 
 
 class _Channel:
@@ -184,6 +190,25 @@ class _Channel:
             self._flush()
         self.sock.shutdown(socket.SHUT_WR)
         self.sock.close()
+
+    def unacknowledged(self) -> int:
+        """
+        Bytes handed to the kernel that the peer has not acknowledged yet
+        (``SIOCOUTQ``; 0 once the socket is closed).  Safe from any thread.
+        """
+        try:
+            queued = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        except (OSError, ValueError):
+            return 0
+        return int(struct.unpack("i", queued)[0])
+
+    def connected(self) -> bool:
+        """Whether the TCP connection is still open (established, or half-closed)."""
+        try:
+            state = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+        except OSError:
+            return False
+        return state in _OPEN_STATES
 
     def abort(self) -> None:
         """Unblock any system call on the socket at once (from another thread)."""
@@ -272,7 +297,10 @@ class ThreadedStreamSender(RecordFraming):
     Writes are queued (each record's parts as they are, no copy); once more than
     ``highWater`` bytes wait, writes return Deferreds that fire when the thread
     has sent the queue down to ``lowWater``.  When nothing is written for
-    ``keepalive`` seconds, the thread sends a KEEPALIVE record.
+    ``keepalive`` seconds, the thread sends a KEEPALIVE record.  With a
+    ``bandwidth`` (a L{TokenBucket} its migration's streams share), the thread
+    waits before each record until the bucket allows it, sending KEEPALIVEs
+    meanwhile.
     """
 
     def __init__(
@@ -282,8 +310,11 @@ class ThreadedStreamSender(RecordFraming):
         keepalive: float = 10.0,
         highWater: int = 16 * 1024 * 1024,
         lowWater: int = 8 * 1024 * 1024,
+        bandwidth: TokenBucket | None = None,
     ) -> None:
         super().__init__(device)
+        self.bandwidth = bandwidth
+        self._aborted = threading.Event()
         self.reactor = reactor
         self.keepaliveInterval = keepalive
         self.highWater = highWater
@@ -293,6 +324,14 @@ class ThreadedStreamSender(RecordFraming):
         self._channel: _Channel | None = None
         self._thread: threading.Thread | None = None
         self._finished: Deferred[None] = Deferred()
+        #: Bytes of records this thread handed to the kernel (KEEPALIVE excepted).
+        self.bytesSent = 0
+        self._pacing = False
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+        return self._room.queued
 
     def open(self, endpoint: StreamEndpoint, token: bytes) -> Deferred[None]:
         """Connect in the sender thread; a Deferred firing once the stream is open."""
@@ -318,6 +357,7 @@ class ThreadedStreamSender(RecordFraming):
         try:
             self._channel.send([encodeStreamHeader()])
             self._sendQueue(self._channel)
+            self._awaitAcknowledged(self._channel)
             self._channel.close()
             self.reactor.callFromThread(self._finished.callback, None)
         except BaseException as e:
@@ -334,9 +374,59 @@ class ThreadedStreamSender(RecordFraming):
                 return
             if item is None:  # aborted
                 raise StreamError("the stream was aborted")
+            if self.bandwidth is not None:
+                self._pace(channel, sum(len(part) for part in item))
             channel.send(item)
-            if self._room.remove(sum(len(part) for part in item)):
+            size = sum(len(part) for part in item)
+            self.bytesSent += size  # read by the reactor's progress watch
+            if self._room.remove(size):
                 self.reactor.callFromThread(self._room.release)
+
+    def _awaitAcknowledged(self, channel: _Channel) -> None:
+        """
+        Wait until the target acknowledged every byte (the kernel's send queue
+        is empty), so that the stream's progress is watched to its real end;
+        the migration's progress watch aborts a stream that stops here.
+        """
+        pause = 0.001
+        while not self._aborted.is_set() and channel.unacknowledged() > 0:
+            if not channel.connected():
+                raise ConnectionResetError(
+                    f"the connection closed with {channel.unacknowledged()} bytes"
+                    " not acknowledged by the target"
+                )
+            self._aborted.wait(pause)
+            pause = min(pause * 2, 0.02)
+
+    def progress(self) -> tuple[int, int, int]:
+        """
+        What moves while this stream makes progress: bytes framed, bytes handed
+        to the kernel, bytes the target has not acknowledged yet.
+        """
+        channel = self._channel
+        unacknowledged = channel.unacknowledged() if channel is not None else 0
+        return (self.framedBytes, self.bytesSent, unacknowledged)
+
+    @property
+    def pacing(self) -> bool:
+        """Whether the thread waits out the bandwidth limit (not a stall)."""
+        return self._pacing
+
+    def _pace(self, channel: _Channel, count: int) -> None:
+        """Wait (in the sender thread) until the bandwidth allows ``count`` bytes."""
+        assert self.bandwidth is not None
+        delay = self.bandwidth.take(count)
+        self._pacing = delay > 0
+        try:
+            while delay > 0:
+                step = min(delay, self.keepaliveInterval)
+                if self._aborted.wait(step):
+                    raise StreamError("the stream was aborted")
+                delay -= step
+                if delay > 0:
+                    channel.send(encodeKeepalive())
+        finally:
+            self._pacing = False
 
     # -- the reactor thread ---------------------------------------------------------
 
@@ -379,6 +469,7 @@ class ThreadedStreamSender(RecordFraming):
         """Stop sending at once and close the connection (the migration aborts)."""
         self._done = True
         self._finished.addErrback(lambda _: None)  # nobody waits for it now
+        self._aborted.set()
         self._queue.put(None)
         if self._channel is not None:
             self._channel.abort()

@@ -21,6 +21,9 @@ class Timeouts:
 
     handshake: float = 30.0
     idle: float = 60.0
+    #: No progress on a stream that should make some (0: never); see
+    #: L{xenmig.streamreceiver.StreamReceiver}.
+    stall: float = 60.0
     prepared: float = 600.0
     receiving: float = 3600.0
     ready: float = 600.0
@@ -47,6 +50,9 @@ class TargetConfig:
     maxSessions: int = MAX_SESSIONS
     #: Devices (so streams) of one migration.
     maxDevices: int = MAX_DEVICES
+    #: The most bytes per second all incoming streams receive together (None: no
+    #: limit).
+    maxBandwidth: int | None = None
     #: The owner and mode of installed images, unless a device says otherwise.
     installAs: InstallAs = field(default_factory=InstallAs)
 
