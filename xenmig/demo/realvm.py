@@ -15,6 +15,7 @@ the checks.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -73,8 +74,9 @@ class Console(LineOnlyReceiver):
             self.dirtied.append(time.monotonic())
             return
         self.lines.append(text)
-        if text.startswith("XM SYNC "):
-            self.syncs.append(int(text.split()[2]))
+        number = re.match(r"XM SYNC (\d+)", text)  # typed input may echo after it
+        if number:
+            self.syncs.append(int(number[1]))
 
     def dirtyRate(self, mib: int) -> float:
         """The MiB per second the guest rewrote (``mib`` each time), so far."""
@@ -431,7 +433,10 @@ class RealVM:
         done = await guest.says("DONE", timeout)
         if not await guest.whenEnded(timeout):
             raise ScenarioFailed(f"QEMU {guest.name} did not exit after power-off")
-        return int(done[-1])
+        number = re.match(r"\d+", done[-1])
+        if number is None:
+            raise ScenarioFailed(f"the guest in {guest.name} said DONE {done[-1]!r}")
+        return int(number[0])
 
     async def tearDown(self) -> None:
         """End every process this scenario started."""
