@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from daemons import CLIENT, PKI, Daemon, MiB, sparseFile
+from daemons import PKI, Daemon, MiB, sparseFile
 from twisted.internet.task import Clock
 
 from xenmig.cli import connection, migratecommand
@@ -51,17 +51,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, certs: PKI) -> Iterator[Dae
 
 
 def tlsArgs(daemon: Daemon) -> list[str]:
-    where = daemon.pki.ca
-    return [
-        "--target",
-        f"127.0.0.1:{daemon.port}",
-        "--ca",
-        str(where / "ca.pem"),
-        "--cert",
-        str(where / f"{CLIENT}.pem"),
-        "--key",
-        str(where / f"{CLIENT}.key"),
-    ]
+    return daemon.targetArgs()
 
 
 def sourceFile(tmp_path: Path, name: str = "state.img") -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from daemons import CLIENT, PKI, Daemon, settled
+from daemons import PKI, Daemon, settled
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
@@ -574,21 +574,13 @@ def test_cliMigratesWithTheQMPDomainControl(
     try:
         for path in (sourceQMP, str(targetQMP)):
             _waitFor(path)
-        where = b.pki.ca
         result = subprocess.run(
             [
                 sys.executable,
                 "-m",
                 "xenmig.cli.main",
                 "migrate",
-                "--target",
-                f"127.0.0.1:{b.port}",
-                "--ca",
-                str(where / "ca.pem"),
-                "--cert",
-                str(where / f"{CLIENT}.pem"),
-                "--key",
-                str(where / f"{CLIENT}.key"),
+                *b.targetArgs(),
                 "--domain",
                 "cli-vm",
                 "--device",

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from daemons import CLIENT, PKI, Daemon
+from daemons import PKI, Daemon
 from test_devmodel import (  # the real-QEMU fixtures: guests, workdir, pair, pause
     Guests,
     _waitFor,
@@ -233,7 +233,6 @@ def test_cliShowsTheRAMRounds(daemon: Daemon, workdir: str) -> None:
         subprocess.Popen(testguest.qemuCommand(image, sourceQMP)),
         subprocess.Popen(testguest.qemuCommand(image, str(targetQMP), incoming=True)),
     ]
-    where = daemon.pki.ca
     try:
         for path in (sourceQMP, str(targetQMP)):
             _waitFor(path)
@@ -243,14 +242,7 @@ def test_cliShowsTheRAMRounds(daemon: Daemon, workdir: str) -> None:
                 "-m",
                 "xenmig.cli.main",
                 "migrate",
-                "--target",
-                f"127.0.0.1:{daemon.port}",
-                "--ca",
-                str(where / "ca.pem"),
-                "--cert",
-                str(where / f"{CLIENT}.pem"),
-                "--key",
-                str(where / f"{CLIENT}.key"),
+                *daemon.targetArgs(),
                 "--domain",
                 "live-vm",
                 "--device",
