@@ -38,6 +38,7 @@ from xenmig.devices.disk.kind import diskKind  # noqa: E402
 from xenmig.devices.disk.source import DiskSource  # noqa: E402
 from xenmig.devices.disk.target import DiskTarget  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
+from xenmig.fs import InstallAs
 from xenmig.interfaces import (  # noqa: E402
     IConvergencePolicy,
     IRecordWriter,
@@ -68,6 +69,7 @@ class SourceContext:
 @implementer(ITargetContext)
 class TargetContext(SourceContext):
     peer = "bench-source"
+    installAs = InstallAs()
 
     def __init__(self, reactor: Any, root: str) -> None:
         super().__init__(reactor)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shlex
 import socket
@@ -43,6 +44,7 @@ from xenmig.clients import processes  # noqa: E402
 from xenmig.devices.sparse import dataExtents  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
 from xenmig.errors import ConfigurationError, PhaseTimeout  # noqa: E402
+from xenmig.fs import InstallAs  # noqa: E402
 from xenmig.model import DeviceSpec  # noqa: E402
 from xenmig.source.connection import ClientTimeouts  # noqa: E402
 from xenmig.source.streamsender import StreamSender  # noqa: E402
@@ -470,3 +472,31 @@ def test_optionDefaultsAreTheConfigs() -> None:
     assert config.timeouts == Timeouts()
     assert config.maxSessions == TargetConfig(config.stateDir).maxSessions
     assert config.maxDevices == TargetConfig(config.stateDir).maxDevices
+    assert config.installAs == InstallAs()  # the daemon's user; the source's mode
+
+
+def test_imageOwnerAndMode() -> None:
+    """--image-owner and --image-mode become the installs' defaults, as numbers."""
+    options = tap.Options()
+    options.parseOptions(
+        ["--insecure-plaintext", "--image-owner", "nobody:0", "--image-mode", "0640"]
+    )
+    config = tap._config(options)
+    assert config.installAs == InstallAs(pwd.getpwnam("nobody").pw_uid, 0, 0o640)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--image-owner", "no-such-user-xm", "no user 'no-such-user-xm' on this host"),
+        ("--image-owner", "a:b:c", "is not USER, USER:GROUP or :GROUP"),
+        ("--image-mode", "4755", "a mode has permission bits only"),
+        ("--image-mode", "rw", "is not an octal mode"),
+    ],
+)
+def test_badImageOwnerOrMode(option: str, value: str, message: str) -> None:
+    """A bad --image-owner or --image-mode stops the daemon, saying what is wrong."""
+    options = tap.Options()
+    options.parseOptions(["--insecure-plaintext", option, value])
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        tap._config(options)

@@ -15,7 +15,7 @@ from xenmig.demo.devices import FileDemo, demoDevices
 def test_demo_runs_and_cleans_up() -> None:
     """``xenmig demo`` migrates A->B->A, verifies, stops its daemons, exits 0."""
     result = subprocess.run(
-        [sys.executable, "-m", "xenmig.cli.main", "demo"],
+        [sys.executable, "-m", "xenmig.cli.main", "demo", "--no-real-guest"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -45,7 +45,16 @@ def test_demo_runs_and_cleans_up() -> None:
 def test_demo_keep_leaves_the_workspace(tmp_path: Path) -> None:
     """``--keep`` leaves the workspace with both hosts' received state and logs."""
     result = subprocess.run(
-        [sys.executable, "-m", "xenmig.cli.main", "demo", "--size-mib", "1", "--keep"],
+        [
+            sys.executable,
+            "-m",
+            "xenmig.cli.main",
+            "demo",
+            "--size-mib",
+            "1",
+            "--keep",
+            "--no-real-guest",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=120,
@@ -74,7 +83,15 @@ def test_registered_kind_joins_the_demo(tmp_path: Path) -> None:
         filter(None, [str(tmp_path), env.get("PYTHONPATH", "")])
     )
     result = subprocess.run(
-        [sys.executable, "-m", "xenmig.cli.main", "demo", "--size-mib", "4"],
+        [
+            sys.executable,
+            "-m",
+            "xenmig.cli.main",
+            "demo",
+            "--size-mib",
+            "4",
+            "--no-real-guest",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=120,

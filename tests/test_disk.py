@@ -44,6 +44,7 @@ from xenmig.errors import (
     PathNotAllowed,
     StreamError,
 )
+from xenmig.fs import InstallAs
 from xenmig.interfaces import (
     IConvergencePolicy,
     IDeviceKind,
@@ -95,6 +96,7 @@ class FakeTargetContext:
     migrationId = "m-disk-test"
     domain = "vm-test"
     peer = "source.example"
+    installAs = InstallAs()
 
     def __init__(self, roots: list[FilePath], stagingDir: FilePath) -> None:
         self.reactor = reactor

@@ -1,15 +1,25 @@
 """The file kind and its staging, driven source to target without a daemon."""
 
+import grp
 import os
+import pwd
 from dataclasses import replace
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import succeed
 
 from xenmig.devices.file import FileKind
 from xenmig.digest import hashFile
-from xenmig.errors import DeviceError, DeviceRefused, PathNotAllowed, StreamError
+from xenmig.errors import (
+    BadSpec,
+    DeviceError,
+    DeviceRefused,
+    PathNotAllowed,
+    StreamError,
+)
+from xenmig.fs import InstallAs
 from xenmig.model import DeviceSpec
 from xenmig.records import DataRecord
 from xenmig.testing import FakeSourceContext, FakeTargetContext, PipeWriter
@@ -23,7 +33,7 @@ def sparseFile(path, size=8 << 20):
         f.truncate(size)
 
 
-async def pair(tmp_path, spec, **targetKw):
+async def pair(tmp_path, spec, installAs=None, **targetKw):
     kind = FileKind()
     roots = targetKw.pop("roots", [str(tmp_path / "dest")])
     os.makedirs(roots[0], exist_ok=True)
@@ -33,7 +43,9 @@ async def pair(tmp_path, spec, **targetKw):
     description = type(description)(
         description.kind, description.name, description.size, params
     )
-    context = FakeTargetContext(reactor, roots, stagingDir=str(tmp_path / "staging"))
+    context = FakeTargetContext(
+        reactor, roots, stagingDir=str(tmp_path / "staging"), installAs=installAs
+    )
     target = kind.target(description, context)
     return source, target, context
 
@@ -43,6 +55,7 @@ async def test_migrateSparse(tmp_path):
     """A sparse file arrives equal, still sparse, only at commit, staging gone."""
     src = tmp_path / "src"
     sparseFile(src)
+    os.chmod(src, 0o640)
     source, target, context = await pair(tmp_path, f"file:f:path={src},target=out")
     await target.accept()
     writer = PipeWriter(target)
@@ -55,7 +68,7 @@ async def test_migrateSparse(tmp_path):
     assert destination.read_bytes() == src.read_bytes()
     assert os.stat(destination).st_blocks <= os.stat(src).st_blocks + 16
     assert writer.dataBytes < 2 << 20
-    assert oct(os.stat(destination).st_mode & 0o777) == "0o600"
+    assert oct(os.stat(destination).st_mode & 0o777) == "0o640"  # the source's
     assert os.listdir(tmp_path / "staging") == []
     assert hashFile(str(destination)) == digest
 
@@ -166,3 +179,84 @@ async def test_fullFilesystem(tmp_path):
         assert os.listdir(small) == []
     finally:
         os.system(f"umount {small}")
+
+
+class WithoutMetadata(PipeWriter):
+    """A stream as a source before the mode travelled sends it: no METADATA."""
+
+    def writeMetadata(self, metadata):
+        return succeed(None)
+
+
+async def installedMode(tmp_path, spec, writerType=PipeWriter, installAs=None):
+    """Migrate ``src`` (mode 0754) with ``spec``; the installed file's stat."""
+    src = tmp_path / "src"
+    src.write_bytes(b"state" * 1000)
+    os.chmod(src, 0o754)
+    source, target, _ = await pair(tmp_path, spec, installAs=installAs)
+    await target.accept()
+    writer = writerType(target)
+    await writer.finish(await source.sendFinal(writer))
+    [path] = await target.commit()
+    return os.stat(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_modeTravels(tmp_path):
+    """The source file's permission bits (not set-id bits) reach the target."""
+    st = await installedMode(tmp_path, f"file:f:path={tmp_path / 'src'},target=out")
+    assert oct(st.st_mode & 0o7777) == "0o754"
+
+
+@pytest_twisted.ensureDeferred
+async def test_olderSourceGivesOwnerOnly(tmp_path):
+    """A stream without the mode (an older source) installs the file as 0600."""
+    spec = f"file:f:path={tmp_path / 'src'},target=out"
+    st = await installedMode(tmp_path, spec, WithoutMetadata)
+    assert oct(st.st_mode & 0o777) == "0o600"
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemonDefaultOverSourceMode(tmp_path):
+    """The daemon's --image-mode and --image-owner win over the source's mode."""
+    spec = f"file:f:path={tmp_path / 'src'},target=out"
+    daemon = InstallAs(uid=os.getuid(), gid=os.getgid(), mode=0o660)
+    st = await installedMode(tmp_path, spec, installAs=daemon)
+    assert oct(st.st_mode & 0o777) == "0o660"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a file away needs root")
+@pytest_twisted.ensureDeferred
+async def test_deviceKeysSetOwnerAndMode(tmp_path):
+    """target-owner and target-mode win over the daemon's default and the source."""
+    nobody, nogroup = (
+        pwd.getpwnam("nobody"),
+        grp.getgrgid(pwd.getpwnam("nobody").pw_gid),
+    )
+    spec = (
+        f"file:f:path={tmp_path / 'src'},target=out,"
+        f"target-owner=nobody:{nogroup.gr_name},target-mode=0640"
+    )
+    daemon = InstallAs(uid=0, gid=0, mode=0o600)
+    st = await installedMode(tmp_path, spec, installAs=daemon)
+    assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert oct(st.st_mode & 0o777) == "0o640"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknownOwnerRefusedAtPrepare(tmp_path):
+    """A target-owner unknown on the target is refused at Prepare, named."""
+    (tmp_path / "src").write_bytes(b"x")
+    spec = f"file:f:path={tmp_path / 'src'},target=out,target-owner=no-such-user-xm"
+    _, target, _ = await pair(tmp_path, spec)
+    with pytest.raises(DeviceRefused, match="target-owner=no-such-user-xm: no user"):
+        await target.accept()
+
+
+def test_badModeIsABadSpec(tmp_path):
+    """A malformed target-mode is refused when the spec is read, on the source."""
+    with pytest.raises(BadSpec, match="target-mode: '0999' is not an octal mode"):
+        FileKind().source(
+            DeviceSpec.parse("file:f:path=/x,target=y,target-mode=0999"),
+            FakeSourceContext(reactor),
+        )

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import grp
 import os
+import pwd
 import shutil
+from dataclasses import dataclass
 
 from twisted.python.filepath import FilePath
 
@@ -167,3 +170,82 @@ def _processesWith(device: int, inode: int) -> list[tuple[str, int]]:
 def describeHolders(holders: list[tuple[str, int]]) -> str:
     """``qemu-system-x86 (pid 42), ...`` for a message."""
     return ", ".join(f"{name} (pid {pid})" if pid else name for name, pid in holders)
+
+
+#: The mode of an installed file when nobody says otherwise (and of staged files).
+DEFAULT_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class InstallAs:
+    """Who owns an installed file, and its mode; None: left as it is."""
+
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
+
+    def over(self, other: InstallAs) -> InstallAs:
+        """These attributes, each one not given taken from ``other``."""
+        return InstallAs(
+            other.uid if self.uid is None else self.uid,
+            other.gid if self.gid is None else self.gid,
+            other.mode if self.mode is None else self.mode,
+        )
+
+    def apply(self, fd: int) -> None:
+        """Blocking: give the open file ``fd`` this owner, group and mode."""
+        if self.uid is not None or self.gid is not None:
+            os.fchown(fd, -1 if self.uid is None else self.uid,
+                      -1 if self.gid is None else self.gid)  # fmt: skip
+        if self.mode is not None:
+            os.fchmod(fd, self.mode)
+
+
+def parseMode(text: str) -> int:
+    """
+    A permission mode in octal (``0640``): read, write and execute bits only.
+
+    @raise ValueError: saying what is wrong.
+    """
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an octal mode such as 0640")
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{text!r}: a mode has permission bits only (0 to 0777)")
+    return mode
+
+
+def checkOwner(text: str) -> tuple[str, str]:
+    """
+    ``USER[:GROUP]`` split (either may be a name or a number, either may be
+    empty, not both).
+
+    @raise ValueError: saying what is wrong.
+    """
+    user, _, group = text.partition(":")
+    if not (user or group) or ":" in group:
+        raise ValueError(f"{text!r} is not USER, USER:GROUP or :GROUP")
+    return user, group
+
+
+def parseOwner(text: str) -> InstallAs:
+    """
+    ``USER[:GROUP]`` resolved on this host to numbers (blocking: it may ask
+    NSS).
+
+    @raise ValueError: naming the user or group that does not exist here.
+    """
+    user, group = checkOwner(text)
+    uid = gid = None
+    if user:
+        try:
+            uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise ValueError(f"no user {user!r} on this host")
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"no group {group!r} on this host")
+    return InstallAs(uid, gid)

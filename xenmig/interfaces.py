@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
-# Methods are written without ``self``, as zope.interface wants.  Every method that
-# does work returns a Deferred; cancelling that Deferred stops the work and leaves
-# the component as it was before the call.
+# Methods are written without ``self``, as zope.interface wants.  Every method that does
+# work returns a Deferred; cancelling it stops the work and leaves things as they were.
 
 
 class IDeviceKind(Interface):
@@ -235,9 +234,10 @@ class ITargetContext(Interface):
     domain = Attribute("str: the VM's name.")
     peer = Attribute("str: the identity of the source host (from its certificate).")
     stagingDir = Attribute(
-        "L{twisted.python.filepath.FilePath}: a directory, private to this device, "
-        "for staged state; removed by the framework after commit or abort."
+        "FilePath: a directory private to this device for staged state; removed by "
+        "the framework after commit or abort."
     )
+    installAs = Attribute("xenmig.fs.InstallAs: the daemon's owner and mode of images.")
 
     def runInThread(function, *args, **kwargs):
         """Run blocking ``function`` in xenmig's I/O thread pool; a Deferred."""
@@ -246,9 +246,8 @@ class ITargetContext(Interface):
         """
         A path for staging the state that will be installed at ``destination``.
 
-        It lies on the same filesystem as ``destination`` (so the install is an atomic
-        rename) but never at ``destination`` itself, and the framework removes it
-        after an abort or a crash.  @return: a L{twisted.python.filepath.FilePath}.
+        On the same filesystem as ``destination`` (the install is an atomic rename),
+        never at it; removed after an abort or a crash.  @return: a FilePath.
         """
 
     def resolveDestination(path):

@@ -18,6 +18,7 @@ from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
 from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
+from xenmig.fs import InstallAs, parseMode, parseOwner
 from xenmig.limits import ConnectionLimits
 from xenmig.plugins import deviceKinds
 from xenmig.pump import parseBandwidth
@@ -180,6 +181,18 @@ class Options(ConfigFileOptions, usage.Options):
             "Bytes per second all incoming streams receive together (e.g. 1G; "
             "K, M, G are powers of 1024), shared fairly; default: no limit.",
         ],
+        [
+            "image-owner",
+            None,
+            None,
+            "USER[:GROUP] of installed images (default: the daemon's user).",
+        ],
+        [
+            "image-mode",
+            None,
+            None,
+            "Octal mode of installed images (default: the source's, else 0600).",
+        ],
         ["tls-minimum", None, "1.2", "Lowest TLS version accepted: 1.2 or 1.3."],
         ["log-level", None, "info", "Lowest level logged: debug, info, warn, error."],
         ["log-format", None, "text", "text, or json: one object per line."],
@@ -303,8 +316,17 @@ def _config(options: Options) -> TargetConfig:
         token=options["token-timeout"],
         commit=options["commit-timeout"],
     )
+    try:
+        installAs = InstallAs()
+        if options["image-owner"]:
+            installAs = parseOwner(options["image-owner"])
+        if options["image-mode"]:
+            installAs = InstallAs(mode=parseMode(options["image-mode"])).over(installAs)
+    except ValueError as e:
+        raise ConfigurationError(f"--image-owner/--image-mode: {e}")
     return TargetConfig(
         stateDir=state,
+        installAs=installAs,
         allowedRoots=roots,
         onCommit=options["on-commit"],
         timeouts=timeouts,

@@ -22,6 +22,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from xenmig.destinations import resolveDestination
+from xenmig.fs import InstallAs
 from xenmig.interfaces import (
     IDeviceKind,
     IRecordWriter,
@@ -186,6 +187,7 @@ class FakeTargetContext:
         migrationId: str = "test-migration",
         domain: str = "vm",
         peer: str = "source.test",
+        installAs: InstallAs | None = None,
     ) -> None:
         self.reactor = reactor
         self.migrationId = migrationId
@@ -196,6 +198,7 @@ class FakeTargetContext:
         self.stagingDir.makedirs(ignoreExistingDirectory=True)
         self.externalStaging: list[str] = []
         self.runInThread = _runner(reactor)
+        self.installAs = installAs or InstallAs()
 
     def resolveDestination(self, path: str) -> FilePath:
         return resolveDestination(path, self.roots)

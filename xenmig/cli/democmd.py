@@ -22,6 +22,12 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         metavar="N",
         help="size of the demo's state file, in MiB (default 64)",
     )
+    demo.add_argument(
+        "--no-real-guest",
+        dest="real_guest",
+        action="store_false",
+        help="leave out the real Linux guest (it boots under TCG: about 30 s)",
+    )
     demo.set_defaults(main=main)
 
 
@@ -29,4 +35,6 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     """Run the demo; 0 only if everything verified."""
     from xenmig.demo.run import runDemo
 
-    return await runDemo(reactor, sizeMiB=args.size_mib, keep=args.keep)
+    return await runDemo(
+        reactor, sizeMiB=args.size_mib, keep=args.keep, realGuest=args.real_guest
+    )

@@ -25,6 +25,8 @@ class Outcome:
     diskBefore: str = ""
     diskAtPause: str = ""
     diskInstalled: str = ""
+    diskAttached: str = ""
+    writeAfterLanded: bool = False
     bitmapsAfter: list[str] = field(default_factory=list)
     awaited: dict[str, Any] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)
@@ -60,7 +62,7 @@ def verifyOutcome(
         "QEMU did not change the disk during pre-copy",
     )
     if outcome.committed:
-        _verifyCommitted(outcome, check, stopped, source, target)
+        _verifyCommitted(outcome, check, stopped, source, target, diskTarget)
     else:
         _verifyAborted(outcome, check, stopped, source, target, sourceTPM, diskTarget)
     return checks
@@ -72,6 +74,7 @@ def _verifyCommitted(
     stopped: float,
     source: ObservedGuest,
     target: ObservedGuest,
+    diskTarget: str,
 ) -> None:
     resumed = target.first("RESUME")
     check(
@@ -105,6 +108,12 @@ def _verifyCommitted(
         "the target's disk is the source's disk at its pause",
         f"the target's disk is {outcome.diskInstalled}, the source's at the "
         f"pause {outcome.diskAtPause}",
+    )
+    check(
+        outcome.diskAttached == diskTarget and outcome.writeAfterLanded,
+        "the target QEMU runs on the installed image (a write after resume is there)",
+        f"the target QEMU's disk node opens {outcome.diskAttached!r}, not "
+        f"{diskTarget}, or a write after resume is not in it",
     )
     check(
         outcome.awaited.get("committed") and outcome.awaited.get("resumed"),

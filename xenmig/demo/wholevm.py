@@ -51,6 +51,8 @@ DISK_SIZE = 16 * MiB
 #: QEMU's block node names of the disk: its file, and the raw format above it.
 DISK_FILE_NODE = "disk0-file"
 DISK_NODE = "disk0"
+#: The incoming QEMU's placeholder below that node, until the commit.
+DISK_PLACEHOLDER = "disk0-placeholder"
 
 
 def missingPrograms() -> list[str]:
@@ -127,8 +129,22 @@ class WholeVM:
             self.reactor, self.home, "source", self.image, extra=disk
         )
         await self.source.start()
+        # The incoming QEMU gets the disk's node over a placeholder of the image's
+        # size: the disk kind puts the installed image in its place at the commit.
+        placeholder = [
+            "-blockdev",
+            f"driver=null-co,node-name={DISK_PLACEHOLDER},size={DISK_SIZE},"
+            f"read-zeroes=on",
+            "-blockdev",
+            f"driver=raw,file={DISK_PLACEHOLDER},node-name={DISK_NODE}",
+        ]
         self.target = ObservedGuest(
-            self.reactor, self.targetRoot, f"{self.domain}-target", targetImage, True
+            self.reactor,
+            self.targetRoot,
+            f"{self.domain}-target",
+            targetImage,
+            True,
+            extra=placeholder,
         )
         await self.target.start()
         await self._startTPMs()
@@ -171,7 +187,8 @@ class WholeVM:
             ),
             DeviceSpec.parse(
                 f"disk:disk0:path={self.disk},target={self.diskTarget},format=raw,"
-                f"qmp={self.source.qmpPath}"
+                f"qmp={self.source.qmpPath},target-qmp={self.target.qmpPath},"
+                f"target-node={DISK_NODE}"
             ),
         ]
 
@@ -292,11 +309,27 @@ class WholeVM:
                 outcome.diskInstalled = (
                     await self.inThread(hashFile, self.diskTarget)
                 ).hex
+                await self._writeOnTarget(outcome)
         else:
             outcome.counterAfter = await self.source.countsPast(outcome.counterAtPause)
             outcome.pcrAfter = await self._tpm2(self.tpm, "tpm2_pcrread", "sha256:16")
             outcome.bitmapsAfter = await self.source.dirtyBitmaps()
             await self.target.whenEnded()
+
+    async def _writeOnTarget(self, outcome: Outcome) -> None:
+        """Which file the target's disk node opens; a write there reaches it."""
+        observer = self.target.observer if self.target else None
+        assert observer is not None
+        nodes = await observer.execute("query-named-block-nodes", {"flat": True})
+        outcome.diskAttached = next(
+            (n["file"] for n in nodes if n["node-name"] == DISK_NODE), ""
+        )
+        await testguest.writeThroughQEMU(observer, DISK_NODE, 0, 4096, 0x5C)
+        await observer.execute(
+            "human-monitor-command", {"command-line": f'qemu-io {DISK_NODE} "flush"'}
+        )
+        head = await self.inThread(_readHead, self.diskTarget, 4096)
+        outcome.writeAfterLanded = head == b"\x5c" * 4096
 
     def verify(self, outcome: Outcome) -> list[str]:
         """
@@ -309,6 +342,12 @@ class WholeVM:
         return verifyOutcome(
             outcome, self.source, self.target, self.tpm, self.diskTarget
         )
+
+
+def _readHead(path: str, length: int) -> bytes:
+    """Blocking: the first ``length`` bytes of the file at ``path``."""
+    with open(path, "rb") as f:
+        return f.read(length)
 
 
 def _writeDisk(path: str, size: int) -> None:

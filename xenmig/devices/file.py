@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +13,15 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from xenmig.devices.sparse import sendFile
-from xenmig.devices.staging import StagedFile, refuseIfHeld
+from xenmig.devices.staging import (
+    StagedFile,
+    checkInstallKeys,
+    installAsFor,
+    refuseIfHeld,
+    sourceMode,
+)
 from xenmig.errors import DeviceError, DeviceRefused, StreamError
-from xenmig.fs import freeBytes
+from xenmig.fs import InstallAs, freeBytes
 from xenmig.interfaces import (
     IDeviceKind,
     IInstallingDevice,
@@ -26,7 +33,7 @@ from xenmig.interfaces import (
 )
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec, RoundResult
 from xenmig.params import DeviceParams, Where, flag, key, text, whole
-from xenmig.records import DataRecord, EndRecord, Record, ZeroRecord
+from xenmig.records import DataRecord, EndRecord, MetadataRecord, Record, ZeroRecord
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,13 @@ class FileParams(DeviceParams):
     path: str = key("path", text, "", required=True, usage="path=SOURCE_FILE")
     target: str = key("target", text, "", required=True, usage="target=DESTINATION")
     targetOverwrite: bool = key("target-overwrite", flag, False)
+    targetOwner: str = key("target-owner", text, "")
+    targetMode: str = key("target-mode", text, "")
     #: The bytes the file takes on the source's disk.
     allocated: int | None = key("allocated", whole, where=Where.DESCRIPTION)
+
+    def check(self, what: str, where: Where) -> None:
+        checkInstallKeys(what, self.targetOwner, self.targetMode)
 
 
 @implementer(ISourceDevice)
@@ -78,6 +90,9 @@ class FileSource:
         return Deferred.fromCoroutine(self._sendFinal(writer))
 
     async def _sendFinal(self, writer: IRecordWriter) -> ContentDigest:
+        mode = await self.context.runInThread(os.stat, self.path)
+        # The file's mode travels with it (older targets ignore it).
+        await writer.writeMetadata({"mode": stat.S_IMODE(mode.st_mode)})
         digest = await sendFile(self.context, writer, self.path)
         size = os.stat(self.path).st_size
         if size != digest.size:
@@ -111,6 +126,14 @@ class FileTarget:
         self.overwrite = self.params.targetOverwrite
         self.destination: FilePath = context.resolveDestination(self.params.target)
         self.staged: StagedFile | None = None
+        self.sourceMode: int | None = None
+
+    def _installAs(self) -> Deferred[InstallAs]:
+        what = f"device {self.description.name}"
+        owner, mode = self.params.targetOwner, self.params.targetMode
+        return Deferred.fromCoroutine(
+            installAsFor(self.context, what, owner, mode, self.sourceMode)
+        )
 
     def accept(self) -> Deferred[dict[str, Any]]:
         return Deferred.fromCoroutine(self._accept())
@@ -125,6 +148,7 @@ class FileTarget:
                 f"to replace it)"
             )
         await refuseIfHeld(self.context, self.destination)
+        await self._installAs()  # an unknown owner is refused now
         need = self.params.allocated
         if need is None:
             need = self.description.size
@@ -151,6 +175,8 @@ class FileTarget:
                     f"the {self.description.size} bytes it declared"
                 )
             return self.staged.receive(record)
+        if isinstance(record, MetadataRecord):
+            self.sourceMode = sourceMode(record)
         return None
 
     def finish(self, end: EndRecord) -> Deferred[ContentDigest]:
@@ -159,7 +185,13 @@ class FileTarget:
             raise StreamError(
                 f"the source sent {end.size} bytes, {self.description.size} declared"
             )
-        return Deferred.fromCoroutine(self.staged.finish())
+        return Deferred.fromCoroutine(self._finish())
+
+    async def _finish(self) -> ContentDigest:
+        assert self.staged is not None
+        digest = await self.staged.finish()
+        await self.staged.setAttributes(await self._installAs())
+        return digest
 
     def commit(self) -> Deferred[list[str]]:
         return Deferred.fromCoroutine(self._commit())

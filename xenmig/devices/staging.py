@@ -13,18 +13,29 @@ from twisted.python.filepath import FilePath
 
 from xenmig.destinations import openResolvedDirectory
 from xenmig.digest import ContentHasher, hashFile
-from xenmig.errors import CommitFailed, DeviceError, DeviceRefused, StreamError
+from xenmig.errors import (
+    BadSpec,
+    CommitFailed,
+    DeviceError,
+    DeviceRefused,
+    StreamError,
+)
 from xenmig.fs import (
+    DEFAULT_MODE,
     WRITEBACK_STEP,
+    InstallAs,
+    checkOwner,
     describeHolders,
     holdersOf,
+    parseMode,
+    parseOwner,
     punchHole,
     startWriteback,
 )
 from xenmig.interfaces import ITargetContext
 from xenmig.model import ContentDigest
 from xenmig.pump import BatchPump
-from xenmig.records import DataRecord, ZeroRecord
+from xenmig.records import DataRecord, MetadataRecord, ZeroRecord
 from xenmig.threads import ThreadCalls
 
 T = TypeVar("T")
@@ -200,6 +211,17 @@ class StagedFile:
             return self.hasher.result(size)
         return await self.onFile(hashFile, self.path.path, size)
 
+    async def setAttributes(self, attributes: InstallAs) -> None:
+        """Give the staged file the owner, group and mode it is installed with."""
+        try:
+            await self.onFile(attributes.apply, self._fd)
+        except OSError as e:
+            raise DeviceError(
+                f"cannot give {self.path.path} owner {attributes.uid}:"
+                f"{attributes.gid} and mode {attributes.mode:o}: {e.strerror} (the "
+                f"daemon must run as root to give files away)"
+            )
+
     async def install(self, destination: FilePath, overwrite: bool = False) -> None:
         """
         Move the staged file to ``destination`` atomically and durably.
@@ -275,3 +297,45 @@ async def refuseIfHeld(context: ITargetContext, destination: FilePath) -> None:
     holders = await context.runInThread(holdersOf, destination.path)
     if holders:
         raise DeviceRefused(heldMessage(destination.path, holders))
+
+
+def checkInstallKeys(what: str, owner: str, mode: str) -> None:
+    """
+    @raise BadSpec: if ``target-owner`` or ``target-mode`` is malformed (names
+        are looked up on the target only, L{installAsFor}).
+    """
+    try:
+        if owner:
+            checkOwner(owner)
+        if mode:
+            parseMode(mode)
+    except ValueError as e:
+        raise BadSpec(f"{what}: target-{'owner' if owner else 'mode'}: {e}")
+
+
+def sourceMode(record: MetadataRecord) -> int | None:
+    """The source file's mode that a METADATA record carries, if it does."""
+    mode = record.metadata.get("mode")
+    if isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode <= 0o7777:
+        return mode & 0o777  # never set-id bits from a peer
+    return None
+
+
+async def installAsFor(
+    context: ITargetContext, what: str, owner: str, mode: str, fromSource: int | None
+) -> InstallAs:
+    """
+    Who owns an installed file and its mode: the device's keys, else the
+    daemon's defaults, else (the mode) the source file's, else 0600.
+
+    @raise DeviceRefused: naming a user or group unknown on this host.
+    """
+    given = InstallAs(mode=parseMode(mode) if mode else None)
+    if owner:
+        try:
+            given = given.over(await context.runInThread(parseOwner, owner))
+        except ValueError as e:
+            raise DeviceRefused(f"{what}: target-owner={owner}: {e}")
+    attributes = given.over(context.installAs)
+    fallback = DEFAULT_MODE if fromSource is None else fromSource
+    return attributes.over(InstallAs(mode=fallback))

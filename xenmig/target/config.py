@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from twisted.python.filepath import FilePath
 
+from xenmig.fs import InstallAs
 from xenmig.target.session import Phase
 
 #: Concurrent unfinished migrations a host accepts, unless configured.
@@ -52,6 +53,8 @@ class TargetConfig:
     #: The most bytes per second all incoming streams receive together (None: no
     #: limit).
     maxBandwidth: int | None = None
+    #: The owner and mode of installed images, unless a device says otherwise.
+    installAs: InstallAs = field(default_factory=InstallAs)
 
     @property
     def roots(self) -> tuple[FilePath, ...]:

@@ -49,6 +49,7 @@ class TargetContext:
         self._target = target
         self._name = name
         self.roots = roots or target.config.roots
+        self.installAs = target.config.installAs
 
     def runInThread(self, function: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return self._target.runInThread(function, *args, **kw)

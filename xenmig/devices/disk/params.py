@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xenmig.devices.disk.blockmap import BLOCK_SIZE
+from xenmig.devices.staging import checkInstallKeys
 from xenmig.errors import BadSpec
 from xenmig.params import DeviceParams, Where, choice, flag, key, text, whole
 
@@ -20,7 +21,9 @@ FACT = Where.DESCRIPTION
 class DiskParams(DeviceParams):
     """
     ``disk:NAME:path=SRC,target=DST[,format=raw|qcow2][,qmp=SOCKET[,qmp-node=N]]
-    [,reflink=1][,target-overwrite=yes]``, and what the source adds at Prepare.
+    [,reflink=1][,target-overwrite=yes][,target-qmp=SOCKET,target-node=NODE]
+    [,target-owner=USER:GROUP][,target-mode=0640]``, and what the source adds at
+    Prepare.
     """
 
     KIND = KIND
@@ -33,12 +36,23 @@ class DiskParams(DeviceParams):
     qmpNode: str = key("qmp-node", text, "")
     reflink: bool = key("reflink", flag, False)
     targetOverwrite: bool = key("target-overwrite", flag, False)
+    #: The incoming QEMU that takes the installed image at its block node.
+    targetQmp: str = key("target-qmp", text, "")
+    targetNode: str = key("target-node", text, "")
+    targetOwner: str = key("target-owner", text, "")
+    targetMode: str = key("target-mode", text, "")
     allocated: int | None = key("allocated", whole, where=FACT)
     maxSize: int | None = key("max_size", whole, where=FACT)
     blockSize: int = key("block_size", whole, BLOCK_SIZE, where=FACT)
     backing: str = key("backing", text, "", where=FACT)
 
     def check(self, what: str, where: Where) -> None:
+        checkInstallKeys(what, self.targetOwner, self.targetMode)
+        if bool(self.targetQmp) != bool(self.targetNode):
+            raise BadSpec(
+                f"{what}: target-qmp= and target-node= go together (the incoming "
+                f"QEMU's QMP socket, and the block node that takes the image)"
+            )
         if self.qmp and self.reflink:
             raise BadSpec(
                 f"{what}: give qmp= or reflink= (one source of changed blocks), "

@@ -245,6 +245,9 @@ class DiskSource:
         round = len([r for r in self.history if not r.final])
         await self._pass(writer, round, final=True)
         self._baseline = True
+        # The image's mode travels with it (older targets ignore it).
+        st = await self._threads.run(os.fstat, self._fd)
+        await writer.writeMetadata({"mode": stat.S_IMODE(st.st_mode)})
         scanner = self._scanner
         assert scanner is not None
         # The guest is paused: the image may not have moved during the final pass.

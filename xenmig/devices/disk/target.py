@@ -14,10 +14,11 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from xenmig.devices.disk.attach import IncomingDisk
 from xenmig.devices.disk.blockmap import treeAlgorithm
 from xenmig.devices.disk.imagestaging import ImageStaging
 from xenmig.devices.disk.params import DiskParams
-from xenmig.devices.staging import refuseIfHeld
+from xenmig.devices.staging import installAsFor, refuseIfHeld, sourceMode
 from xenmig.errors import (
     BadSpec,
     DeviceError,
@@ -26,7 +27,7 @@ from xenmig.errors import (
     StreamError,
     XenmigError,
 )
-from xenmig.fs import freeBytes
+from xenmig.fs import InstallAs, freeBytes
 from xenmig.interfaces import (
     IInstallingDevice,
     ITargetContext,
@@ -78,6 +79,16 @@ class DiskTarget:
         self.staged: ImageStaging | None = None
         self.round = -1
         self.final = False
+        self.sourceMode: int | None = None
+        self.incoming: IncomingDisk | None = None
+        if params.targetQmp:
+            self.incoming = IncomingDisk(
+                context.reactor,
+                context.resolveDestination(params.targetQmp).path,
+                params.targetNode,
+                description.name,
+                context.migrationId,
+            )
 
     @property
     def _name(self) -> str:
@@ -104,6 +115,12 @@ class DiskTarget:
         except DeviceRefused as e:
             raise DeviceRefused(f"{self._name}: {e}")
         await self._checkBacking(directory)
+        await self._installAs()  # an unknown owner is refused now
+        if self.incoming is not None:
+            raw = self.params.format != "qcow2"
+            await self.incoming.check(
+                destination.path, self.description.size if raw else None
+            )
         allocated = self.params.allocated
         if allocated is None:
             allocated = self.description.size
@@ -161,7 +178,9 @@ class DiskTarget:
                 self.staged.flushInBackground()
             return None
         if isinstance(record, MetadataRecord):
-            return None  # nothing the disk kind needs; newer sources may add some
+            # The source image's mode; newer sources may add more.
+            self.sourceMode = sourceMode(record)
+            return None
         raise StreamError(f"{self._name}: unexpected {type(record).__name__}")
 
     def finish(self, end: EndRecord) -> Deferred[ContentDigest]:
@@ -178,8 +197,34 @@ class DiskTarget:
                 f"{self._name}: the source's content digest is {end.algorithm!r}; "
                 f"this target computes {algorithm!r} (xenmig versions differ?)"
             )
-        d = Deferred.fromCoroutine(self.staged.finishImage(end.size))
+        d = Deferred.fromCoroutine(self._finish(end.size))
         return d.addErrback(self._namedFailure)
+
+    async def _finish(self, size: int) -> ContentDigest:
+        assert self.staged is not None
+        digest = await self.staged.finishImage(size)
+        attributes = await self._installAs()
+        await self.staged.setAttributes(attributes)
+        if self.incoming is not None:
+            # Before READY: a QEMU that could not open it would fail the commit.
+            assert self.destination is not None
+            await self.context.runInThread(
+                self.incoming.checkAccess,
+                self.staged.path.path,
+                self.destination.dirname(),
+            )
+        return digest
+
+    def _installAs(self) -> Deferred[InstallAs]:
+        return Deferred.fromCoroutine(
+            installAsFor(
+                self.context,
+                self._name,
+                self.params.targetOwner,
+                self.params.targetMode,
+                self.sourceMode,
+            )
+        )
 
     def commit(self) -> Deferred[list[str]]:
         return Deferred.fromCoroutine(self._commit())
@@ -187,7 +232,14 @@ class DiskTarget:
     async def _commit(self) -> list[str]:
         assert self.staged is not None and self.destination is not None
         await self.staged.install(self.destination, self.overwrite)
-        return [self.destination.path]
+        if self.incoming is None:
+            return [self.destination.path]
+        # Installed and durable: only now may the incoming QEMU use it.
+        await self.incoming.attach(self.destination.path, self.params.format or "raw")
+        return [
+            self.destination.path,
+            f"{self.destination.path} attached at {self.incoming.what}",
+        ]
 
     def abort(self) -> Deferred[None]:
         staged, self.staged = self.staged, None
