@@ -112,6 +112,13 @@ class Options(usage.Options):
             "Seconds each device may take to install.",
             float,
         ],
+        [
+            "reconnect-grace",
+            None,
+            _TIMEOUTS.reconnect,
+            "Seconds a migration waits for a lost connection to come back (0: abort).",
+            float,
+        ],
         ["max-sessions", None, MAX_SESSIONS, "Concurrent migrations accepted.", int],
         ["io-threads", None, 8, "Threads for file I/O and hashing.", int],
         [
@@ -199,6 +206,8 @@ class Options(usage.Options):
         ):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be 1 or more")
+        if not self["reconnect-grace"] >= 0:
+            raise usage.UsageError("--reconnect-grace must be 0 or more seconds")
         if self["tls-minimum"] not in TLS_VERSIONS:
             raise usage.UsageError("--tls-minimum must be 1.2 or 1.3")
         if self["insecure-plaintext"]:
@@ -250,6 +259,7 @@ def _config(options: Options) -> TargetConfig:
         ready=options["ready-timeout"],
         token=options["token-timeout"],
         commit=options["commit-timeout"],
+        reconnect=options["reconnect-grace"],
     )
     return TargetConfig(
         stateDir=state,

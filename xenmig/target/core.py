@@ -12,7 +12,12 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from xenmig.amp_commands import PROTOCOL_VERSION
-from xenmig.errors import NotAuthorized, UnknownDevice, XenmigError
+from xenmig.errors import (
+    NotAuthorized,
+    StreamInterrupted,
+    UnknownDevice,
+    XenmigError,
+)
 from xenmig.interfaces import IDeviceKind, IMigrationTarget
 from xenmig.limits import bounded
 from xenmig.model import DeviceOffer
@@ -29,6 +34,7 @@ from xenmig.target.metrics import MigrationMetrics
 from xenmig.target.migrationrecord import MigrationRecord
 from xenmig.target.offers import checkVersion
 from xenmig.target.prepare import Admitted, Preparation
+from xenmig.target.resumption import ResumingTarget, Resumption
 from xenmig.target.session import FINAL, Phase, TargetSession
 from xenmig.target.staging import StagingArea
 from xenmig.target.summary import MigrationSummary
@@ -38,7 +44,7 @@ log = Logger()
 
 
 @implementer(IMigrationTarget)
-class MigrationTarget:
+class MigrationTarget(ResumingTarget):
     """
     Everything a target host knows about its migrations, behind one face: the
     AMP protocols call it with the peer's identity; it authorizes, admits,
@@ -71,6 +77,7 @@ class MigrationTarget:
         self.history = MigrationHistory(self.journal)
         self.admission = Admission(config)
         self.tokens = StreamTokens(self.clock, config.timeouts.token)
+        self.resumption = Resumption(self.clock, config.timeouts.reconnect)
         self.gate = ResumeGate(self.clock, self.history.claim)
         self.commitHook = CommitHook(config.onCommit, runHook)
         self.commits: dict[str, SessionCommit] = {}
@@ -239,8 +246,15 @@ class MigrationTarget:
     # -- verification, commit, abort ------------------------------------------------
 
     def deviceReady(self, peer: str, migrationId: str, device: str) -> Deferred[Any]:
-        """A Deferred firing with the device's verified ContentDigest."""
-        return self.session(migrationId, peer).awaitReady(device)
+        """
+        A Deferred firing with the device's verified ContentDigest; failing
+        with StreamInterrupted while its stream waits to be opened again.
+        """
+        session = self.session(migrationId, peer)
+        why = self.resumption.interruption(session, device)
+        if why is not None and session.phase not in FINAL:
+            raise StreamInterrupted(f"migration {migrationId}: {why}")
+        return session.awaitReady(device)
 
     async def commit(self, peer: str, migrationId: str) -> list[str]:
         """
@@ -303,7 +317,10 @@ class MigrationTarget:
         being answered opens no session (or aborts the one it opens).
         """
         reason = "the source's control connection was lost"
-        for migrationId in migrationIds:
+        holder = migrationIds if isinstance(migrationIds, set) else set(migrationIds)
+        for migrationId in list(holder):
+            if not self.resumption.held(migrationId, holder):
+                continue  # re-attached on another connection since
             session = self.sessions.get(migrationId)
             if session is None:
                 # Its Prepare is still being answered: it opens no session.
@@ -314,7 +331,11 @@ class MigrationTarget:
                         reason=reason,
                     )
                 continue
-            if session.phase not in FINAL and session.phase is not Phase.COMMITTING:
+            if session.phase in FINAL or session.phase is Phase.COMMITTING:
+                continue
+            if session.onInterrupted is not None:
+                self.resumption.detached(session)
+            else:
                 session.abort(reason)
 
     # -- status and the resume gate -------------------------------------------------
@@ -353,6 +374,7 @@ class MigrationTarget:
         if session.phase in FINAL:
             # Its admission ends with it, whatever the journal makes of this.
             self.admission.release(session.migrationId)
+            self.resumption.forget(session.migrationId)
         d = self.history.changed(session, self.staging.paths(session.migrationId))
         if session.phase in FINAL:
 
