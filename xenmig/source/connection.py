@@ -23,6 +23,7 @@ from xenmig.limits import AnnouncedLimits, withDeadline
 from xenmig.plugins import deviceKinds
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
 from xenmig.source.pacing import Slots, handshakeSlots
+from xenmig.source.resumable import Retries
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import StreamEndpoint, ThreadedStreamSender
 
@@ -60,7 +61,12 @@ class TargetConnection:
     @param serverName: the name the daemon's certificate must carry (default:
         C{host}), for the threaded streams.
     @param onRetry: told, in one line, each time a step waits to be tried
-        again because the target is busy (a progress display).
+        again because the target is busy, or a broken connection is
+        re-established (a progress display).
+    @param resume: ask the target to keep each migration through broken
+        connections (streams reopened, the control connection re-attached),
+        tried again within ``retries``; an older target does not, and a
+        broken connection then aborts as it always did.
 
     It paces itself within the target's L{limits}, which the target
     announces at Prepare: at most L{handshakes} connections being opened at
@@ -78,6 +84,8 @@ class TargetConnection:
         sslContext: ssl.SSLContext | None = None,
         serverName: str | None = None,
         onRetry: Callable[[str], Any] | None = None,
+        resume: bool = False,
+        retries: Retries | None = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -86,6 +94,8 @@ class TargetConnection:
         self.timeouts = timeouts or ClientTimeouts()
         self.kinds = kinds if kinds is not None else deviceKinds()
         self.onRetry = onRetry
+        self.resume = resume
+        self.retries = retries or Retries()
         #: What the target announced (an older one: AnnouncedLimits()).
         self.limits = AnnouncedLimits()
         self.handshakes = Slots(handshakeSlots(self.limits))
@@ -276,15 +286,17 @@ class TargetConnection:
         migrationId: str,
         sender: StreamSender | ThreadedStreamSender,
         slots: Slots | None = None,
-    ) -> None:
+    ) -> dict[str, Any]:
         """
         Open ``sender``'s stream: a token from the target (OpenStream on the
         control connection, one of a migration's command ``slots``), presented on a new
         connection (StartStream, one of L{handshakes}); tried again, with a
-        new token, while the target is busy.
+        new token, while the target is busy.  The answer to OpenStream: in a
+        resumable session, how many records the target has (``position``),
+        and whether END among them (``ended``: nothing is opened then).
         """
 
-        async def once() -> None:
+        async def once() -> dict[str, Any]:
             answer = await (slots or Slots(1)).run(
                 self.call,
                 control,
@@ -292,9 +304,11 @@ class TargetConnection:
                 migration_id=migrationId,
                 device=sender.device,
             )
-            await self._startStream(sender, answer["token"])
+            if not answer.get("ended"):
+                await self._startStream(sender, answer["token"])
+            return answer
 
-        await self.whileBusy(once, f"the stream of {sender.device}")
+        return await self.whileBusy(once, f"the stream of {sender.device}")
 
     async def _startStream(
         self, sender: StreamSender | ThreadedStreamSender, token: bytes
@@ -362,6 +376,8 @@ class ControlClient(amp.AMP):
         self.tls = tls
         self.lost = False
         self.handshaken: Deferred[None] = Deferred()
+        #: Told when the connection is lost (a resumable migration reconnects).
+        self.onLost: Callable[[], Any] | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -375,6 +391,8 @@ class ControlClient(amp.AMP):
         self.lost = True
         self._up(reason)
         super().connectionLost(reason)
+        if self.onLost is not None:
+            self.onLost()
 
     def _up(self, failure: Failure | None) -> None:
         if self.handshaken.called:

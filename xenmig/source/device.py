@@ -13,6 +13,7 @@ from zope.interface import implementer
 from xenmig.errors import MigrationAborted
 from xenmig.interfaces import ISourceContext, ISourceDevice
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec
+from xenmig.source.resumable import ResumableStream
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 
@@ -64,7 +65,7 @@ class DeviceRun:
     spec: DeviceSpec
     device: ISourceDevice
     description: DeviceDescription | None = None
-    sender: StreamSender | ThreadedStreamSender | None = None
+    sender: StreamSender | ThreadedStreamSender | ResumableStream | None = None
     rounds: list[int] | None = None
     digest: ContentDigest | None = None
     started: float | None = None
@@ -77,3 +78,11 @@ class DeviceRun:
     @property
     def bytesSent(self) -> int:
         return self.sender.bytesWritten if self.sender else 0
+
+    @property
+    def resent(self) -> tuple[int, int]:
+        """Its stream's bytes sent again after breaks, and the breaks survived."""
+        sender = self.sender
+        if isinstance(sender, ResumableStream):
+            return sender.resent, sender.reconnections
+        return 0, 0

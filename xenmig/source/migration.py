@@ -23,11 +23,14 @@ from xenmig.errors import (
 from xenmig.interfaces import IConvergencePolicy
 from xenmig.model import ContentDigest, DeviceSpec, RoundResult
 from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
+from xenmig.source.controllink import ControlLink
 from xenmig.source.convergence import ConvergencePolicy
 from xenmig.source.device import DeviceRun, SourceContext
 from xenmig.source.pacing import Slots, commandSlots
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
+from xenmig.source.reopening import deviceReady, resumableStream
 from xenmig.source.report import migrationReport
+from xenmig.source.resumable import ResumableStream
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 
@@ -63,12 +66,18 @@ class SourceMigration:
         self.installed: list[str] = []
         self.times: dict[str, float] = {}
         self.pausedAt: float | None = None
-        self.control: amp.AMP | None = None
+        #: The control connection, re-established if the target allows it.
+        self.link = ControlLink(client, migrationId, None, notice=client.onRetry)
         #: The share of the target's commands in flight this migration uses.
         self.commands = Slots(commandSlots(client.limits))
         self._preparing: Deferred[None] | None = None
         self._steps: list[Deferred[Any]] = []
         self._monotonic = monotonic
+
+    @property
+    def control(self) -> amp.AMP | None:
+        """The control connection the migration speaks on now."""
+        return self.link.protocol
 
     def _mark(self, event: str) -> None:
         self.times[event] = self._monotonic()
@@ -129,7 +138,7 @@ class SourceMigration:
         try:
             await self._preparing  # an abort meanwhile cancels it
         except BaseException:
-            self.client.hangUp(self.control)
+            self.link.close()
             if self.phase is not Phase.ABORTED:
                 self._moveTo(Phase.ABORTED)
             raise
@@ -148,12 +157,17 @@ class SourceMigration:
             for r in self.devices.values()
             if r.description is not None
         ]
-        self.control, answer = await self.client.prepareRemote(
+        resume = getattr(self.client, "resume", False)
+        control, answer = await self.client.prepareRemote(
             migration_id=self.migrationId,
             domain=self.domain,
             protocol_version=commands.PROTOCOL_VERSION,
             devices=devices,
+            **({"resume": True} if resume else {}),
         )
+        # An older target, or one with --reconnect-grace 0, does not resume.
+        self.link.resumable = bool(answer.get("resume"))
+        self.link.hold(control)
         self.commands.resize(commandSlots(self.client.limits))
         refused = [o for o in answer["offers"] if not o["accepted"]]
         if refused:
@@ -181,15 +195,23 @@ class SourceMigration:
         )
         return d.addCallback(lambda answer: answer["payload"])
 
-    async def _openStream(self, run: DeviceRun) -> StreamSender | ThreadedStreamSender:
+    async def _openStream(
+        self, run: DeviceRun
+    ) -> StreamSender | ThreadedStreamSender | ResumableStream:
         if run.sender is not None:
             return run.sender
-        assert self.control is not None
         # Kept at once, so that an abort stops it however far its opening got.
-        sender = run.sender = self.client.streamSender(run.name)
-        await self.client.openStream(
-            self.control, self.migrationId, sender, self.commands
-        )
+        if self.link.resumable:
+            resumable = run.sender = resumableStream(self, run.name)
+            await resumable.open()
+            sender: StreamSender | ThreadedStreamSender | ResumableStream = resumable
+        else:
+            assert self.control is not None
+            plain = run.sender = self.client.streamSender(run.name)
+            await self.client.openStream(
+                self.control, self.migrationId, plain, self.commands
+            )
+            sender = plain
         run.started = self._monotonic()
         return sender
 
@@ -261,16 +283,7 @@ class SourceMigration:
         await sender.writeRound(len(run.rounds or []), True)
         digest = await run.device.sendFinal(sender)
         await sender.finish(digest)
-        assert self.control is not None
-        answer = await self.client.pacedCall(
-            self.commands,
-            self.client.timeouts.ready,
-            f"verification of device {run.name}",
-            self.control,
-            commands.DeviceReady,
-            migration_id=self.migrationId,
-            device=run.name,
-        )
+        answer = await deviceReady(self, run)
         theirs = ContentDigest(answer["size"], answer["algorithm"], answer["digest"])
         if theirs != digest:
             raise DigestMismatch(
@@ -300,12 +313,13 @@ class SourceMigration:
         self._require(Phase.COMMITTING)
         self._moveTo(Phase.COMMITTING)
         self._mark("commit")
-        assert self.control is not None
         try:
+            control = await self.link.current()
+            self.link.closing = True  # a lost answer is asked for, never re-sent
             answer = await self.client.callWithin(
                 self.client.timeouts.commit,
                 "commit",
-                self.control,
+                control,
                 commands.Commit,
                 migration_id=self.migrationId,
             )
@@ -343,7 +357,7 @@ class SourceMigration:
         raise stillInDoubt(self.migrationId, str(status["phase"]), error)
 
     async def _release(self) -> None:
-        self.client.hangUp(self.control)
+        self.link.close()
         await self._everyDevice("release")
 
     async def _everyDevice(self, step: str) -> None:
@@ -397,10 +411,9 @@ class SourceMigration:
         if not isinstance(error, StreamLost) or self.control is None:
             return None
         try:
-            answer = await self.client.callWithin(
+            answer = await self.link.call(
                 self.client.timeouts.abort,
                 "query",
-                self.control,
                 commands.QueryMigration,
                 migration_id=self.migrationId,
             )
@@ -425,11 +438,11 @@ class SourceMigration:
         # Abort first, so the target records this reason, not "stream cut off".
         if self.control is not None:
             try:
-                await self.client.callWithin(
+                await self.link.call(
                     self.client.timeouts.abort,
                     "abort",
-                    self.control,
                     commands.Abort,
+                    again=True,
                     migration_id=self.migrationId,
                     reason=self.reason[:2000],
                 )
@@ -443,7 +456,7 @@ class SourceMigration:
         for run in self.devices.values():
             if run.sender is not None:
                 run.sender.abort()
-        self.client.hangUp(self.control)
+        self.link.close()
         await self._everyDevice("rollback")
 
     # -- figures -----------------------------------------------------------------------

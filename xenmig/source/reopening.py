@@ -1,0 +1,88 @@
+"""Opening a resumable migration's streams (again, when they break); verifying them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from xenmig import amp_commands as commands
+from xenmig.errors import StreamInterrupted
+from xenmig.source.controllink import ControlLink
+from xenmig.source.device import DeviceRun
+from xenmig.source.pacing import Slots
+from xenmig.source.resumable import RawStream, ResumableStream, Retries
+
+if TYPE_CHECKING:
+    from xenmig.source.connection import TargetConnection
+
+
+class Resuming(Protocol):
+    """What reopening uses of a L{xenmig.source.migration.SourceMigration}."""
+
+    client: TargetConnection
+    link: ControlLink
+    migrationId: str
+    commands: Slots
+
+
+def resumableStream(migration: Resuming, device: str) -> ResumableStream:
+    """
+    A L{ResumableStream} for ``device``: each opening asks the target for a
+    token and how many records it has (OpenStream on the live control
+    connection), then presents the token on a new connection.  Broken, it
+    is tried again within the client's C{retries}.
+    """
+    client, link, slots = migration.client, migration.link, migration.commands
+    migrationId = migration.migrationId
+
+    async def opener() -> tuple[RawStream | None, int]:
+        sender = client.streamSender(device)
+        protocol = await link.current()
+        try:
+            answer = await client.openStream(protocol, migrationId, sender, slots)
+        except BaseException:
+            sender.abort()
+            raise
+        position = int(answer.get("position") or 0)
+        return (None if answer.get("ended") else sender), position
+
+    async def asker() -> int:
+        answer = await link.call(
+            client.timeouts.call,
+            f"the position of the stream of {device}",
+            commands.StreamPosition,
+            slots,
+            again=True,
+            migration_id=migrationId,
+            device=device,
+        )
+        return int(answer["position"])
+
+    retries = getattr(client, "retries", None) or Retries()
+    return ResumableStream(
+        device, client.reactor, opener, asker, retries=retries, notice=client.onRetry
+    )
+
+
+async def deviceReady(migration: Resuming, run: DeviceRun) -> dict[str, Any]:
+    """
+    DeviceReady for ``run``, asked again if the control connection went; if
+    the target says the stream broke before its END arrived, the stream is
+    opened again (what the target has not taken, sent again) first.
+    """
+    client, link, slots = migration.client, migration.link, migration.commands
+    migrationId = migration.migrationId
+    while True:
+        try:
+            return await link.call(
+                client.timeouts.ready,
+                f"verification of device {run.name}",
+                commands.DeviceReady,
+                slots,
+                again=link.resumable,
+                migration_id=migrationId,
+                device=run.name,
+            )
+        except StreamInterrupted:
+            if not isinstance(run.sender, ResumableStream):
+                raise
+            await run.sender.resume()
