@@ -13,6 +13,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from nethosts import network  # noqa: E402, F401  (namespaced hosts, for any test)
+
 from xenmig.testing import requirePrograms  # noqa: E402
 
 MiB = 1024 * 1024
