@@ -23,7 +23,7 @@ from xenmig.limits import AnnouncedLimits, withDeadline
 from xenmig.plugins import deviceKinds
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
 from xenmig.source.pacing import Slots, handshakeSlots
-from xenmig.source.resumable import Retries
+from xenmig.source.resumable import ResumePolicy
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import StreamEndpoint, ThreadedStreamSender
 
@@ -85,7 +85,7 @@ class TargetConnection:
         serverName: str | None = None,
         onRetry: Callable[[str], Any] | None = None,
         resume: bool = False,
-        retries: Retries | None = None,
+        retries: ResumePolicy | None = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -95,7 +95,7 @@ class TargetConnection:
         self.kinds = kinds if kinds is not None else deviceKinds()
         self.onRetry = onRetry
         self.resume = resume
-        self.retries = retries or Retries()
+        self.retries = retries or ResumePolicy()
         #: What the target announced (an older one: AnnouncedLimits()).
         self.limits = AnnouncedLimits()
         self.handshakes = Slots(handshakeSlots(self.limits))

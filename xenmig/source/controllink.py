@@ -16,7 +16,7 @@ from xenmig import amp_commands as commands
 from xenmig.errors import PhaseTimeout
 from xenmig.source.backoff import Backoff
 from xenmig.source.pacing import Slots
-from xenmig.source.resumable import Retries, retryable
+from xenmig.source.resumable import ResumePolicy, retryable
 
 if TYPE_CHECKING:
     from xenmig.source.connection import TargetConnection
@@ -50,13 +50,13 @@ class ControlLink:
         migrationId: str,
         protocol: amp.AMP | None,
         resumable: bool = False,
-        retries: Retries | None = None,
+        retries: ResumePolicy | None = None,
         notice: Callable[[str], Any] | None = None,
     ) -> None:
         self.client = client
         self.migrationId = migrationId
         self.resumable = resumable
-        self.retries = retries or Retries()
+        self.retries = retries or ResumePolicy()
         self.reconnections = 0
         self.protocol: amp.AMP | None = None
         #: No more re-establishing (the commit began, or the migration ended).

@@ -67,7 +67,8 @@ class SourceMigration:
         self.times: dict[str, float] = {}
         self.pausedAt: float | None = None
         #: The control connection, re-established if the target allows it.
-        self.link = ControlLink(client, migrationId, None, notice=client.onRetry)
+        notice = getattr(client, "onRetry", None)
+        self.link = ControlLink(client, migrationId, None, notice=notice)
         #: The share of the target's commands in flight this migration uses.
         self.commands = Slots(commandSlots(client.limits))
         self._preparing: Deferred[None] | None = None

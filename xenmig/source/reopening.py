@@ -9,7 +9,7 @@ from xenmig.errors import StreamInterrupted
 from xenmig.source.controllink import ControlLink
 from xenmig.source.device import DeviceRun
 from xenmig.source.pacing import Slots
-from xenmig.source.resumable import RawStream, ResumableStream, Retries
+from xenmig.source.resumable import RawStream, ResumableStream, ResumePolicy
 
 if TYPE_CHECKING:
     from xenmig.source.connection import TargetConnection
@@ -57,9 +57,15 @@ def resumableStream(migration: Resuming, device: str) -> ResumableStream:
         )
         return int(answer["position"])
 
-    retries = getattr(client, "retries", None) or Retries()
+    retries = getattr(client, "retries", None) or ResumePolicy()
     return ResumableStream(
-        device, client.reactor, opener, asker, retries=retries, notice=client.onRetry
+        device,
+        client.reactor,
+        opener,
+        asker,
+        window=retries.window,
+        retries=retries,
+        notice=client.onRetry,
     )
 
 

@@ -62,13 +62,18 @@ Asker = Callable[[], Awaitable[int]]
 
 
 @dataclass(frozen=True)
-class Retries:
-    """How often, and for how long in a row, a broken connection is tried again."""
+class ResumePolicy:
+    """
+    How often, and for how long in a row, a broken connection is tried again
+    (waits from ``initial`` doubling up to ``maximum`` seconds, jittered), and
+    how many bytes of records a stream keeps for the target (``window``).
+    """
 
-    attempts: int = 8
+    attempts: int = 20
     seconds: float = 60.0
     initial: float = 0.25
     maximum: float = 5.0
+    window: int = WINDOW
 
 
 def retryable(error: BaseException) -> bool:
@@ -115,13 +120,13 @@ class ResumableStream:
         opener: Opener,
         asker: Asker,
         window: int = WINDOW,
-        retries: Retries | None = None,
+        retries: ResumePolicy | None = None,
         notice: Callable[[str], Any] | None = None,
     ) -> None:
         self.device = device
         self.clock = clock
         self.window = window
-        self.retries = retries or Retries()
+        self.retries = retries or ResumePolicy()
         self.bytesWritten = 0
         self.dataBytes = 0
         #: Stream bytes sent again after a break, and breaks survived.
