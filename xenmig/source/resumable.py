@@ -39,6 +39,8 @@ log = Logger()
 #: has: past half of it the source asks (StreamPosition), past all of it the
 #: device waits for the answer.
 WINDOW = 64 * 1024 * 1024
+#: Seconds between asks while the target has taken nothing more.
+ASK_AGAIN = 0.05
 
 
 class RawStream(Protocol):
@@ -218,8 +220,13 @@ class ResumableStream:
             raise StreamError(f"the stream of device {self.device} is not open")
         if self._keptBytes > self.window // 2:
             asking = self._confirm()
-            if self._keptBytes > self.window:
+            while self._keptBytes > self.window:  # wait for the target to take some
+                kept = self._keptBytes
                 await asking
+                if self._keptBytes >= kept:
+                    await deferLater(self.clock, ASK_AGAIN, lambda: None)
+                asking = self._confirm()
+            asking.addErrback(lambda _: None)  # a later ask says
 
     def _send(self, sender: RawStream, entry: _Entry) -> Deferred[None]:
         self._handed = max(self._handed, entry.number + 1)
