@@ -105,7 +105,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, certs: PKI) -> Iterator[Dae
     """One daemon for the module; ``small`` is a second allowed root (for a tmpfs)."""
     root = tmp_path_factory.mktemp("daemon")
     (root / "small").mkdir()
-    running = Daemon(root, certs, "--allow-root", str(root / "small")).start()
+    # A source that is killed, or whose connections are cut for good, is waited
+    # for a second (not the default minute) before its migration aborts.
+    extra = ("--allow-root", str(root / "small"), "--reconnect-grace", "1")
+    running = Daemon(root, certs, *extra).start()
     yield running
     running.stop()
 

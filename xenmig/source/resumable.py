@@ -236,10 +236,12 @@ class ResumableStream:
 
     def _confirm(self) -> Deferred[None]:
         """Ask the target what it has taken (once at a time); forget that."""
-        if self._asking is None:
-            self._asking = []
-            Deferred.fromCoroutine(self._askTarget())
-        return self._wait(self._asking)
+        if self._asking is not None:
+            return self._wait(self._asking)
+        self._asking = []
+        waiter = self._wait(self._asking)
+        Deferred.fromCoroutine(self._askTarget())
+        return waiter
 
     async def _askTarget(self) -> None:
         failure: Failure | None = None
@@ -340,13 +342,14 @@ class ResumableStream:
 
     async def _openAndReplay(self) -> None:
         sender, taken = await self._open()
-        self._forget(taken)
-        if self._kept and self._kept[0].number > taken:
+        if taken < self._taken or (self._kept and self._kept[0].number > taken):
+            since = max(self._taken, self._kept[0].number if self._kept else 0)
             raise StreamError(
                 f"the stream of device {self.device} cannot go on: the target "
-                f"has {taken} records, the source kept them from record "
-                f"{self._kept[0].number}"
+                f"has {taken} records, the source kept them only from record "
+                f"{since} (the target had said it took them)"
             )
+        self._forget(taken)
         if sender is None:  # the target has every record, END included
             self._ended = True
             self._forget(self._next)
