@@ -29,6 +29,7 @@ from daemons import PKI, Daemon, MiB, denseFile, eventually, settled  # noqa: E4
 from faultproxy import FaultProxy  # noqa: E402
 from nethosts import HostPKI, NetDaemon, Network, hostPort  # noqa: E402
 
+from xenmig.cli.migratecommand import summary  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
 from xenmig.errors import CommitInDoubt, MigrationAborted  # noqa: E402
 from xenmig.model import DeviceSpec  # noqa: E402
@@ -155,6 +156,8 @@ async def test_stream_cut_three_times_commits_with_bounded_resend(
     print(f"resent {resent} bytes over 3 cuts (bound {3 * (WINDOW + RECORD)})")
     assert 0 < resent <= 3 * (WINDOW + RECORD), resent
     assert report["devices"][0]["bytes"] == size  # the content counted once
+    lines = summary({**report, "target": proxy.listen})
+    assert "survived 3 broken stream(s) and 0 lost control connection(s)" in lines
     status = await daemon.status(reactor, migration.migrationId)
     assert status["phase"] == "COMMITTED"
     await settled(reactor)
