@@ -156,6 +156,7 @@ class ControlLink:
         clock = self.client.reactor
         started = clock.seconds()
         attempts = 0
+        self._tell("the control connection was lost: re-establishing it")
         while True:
             attempts += 1
             try:
@@ -191,11 +192,15 @@ class ControlLink:
                         f"the control connection could not be re-established "
                         f"({attempts} attempt(s) in {spent:.0f} s): {e}"
                     ) from e
-                line = (
-                    f"the control connection was lost ({e}): reconnecting in "
-                    f"{delay:.1f} s"
+                self._tell(
+                    f"the control connection could not be re-established ({e}): "
+                    f"trying again in {delay:.1f} s"
                 )
-                log.info("{line}", line=line)
-                if self.notice is not None:
-                    self.notice(line)
                 await deferLater(clock, delay, lambda: None)
+
+    def _tell(self, line: str) -> None:
+        log.info(
+            "migration {migration_id}: {line}", migration_id=self.migrationId, line=line
+        )
+        if self.notice is not None:
+            self.notice(line)

@@ -312,6 +312,8 @@ class ResumableStream:
         if self._sender is not None:
             self._sender.abort()
             self._sender = None
+        if error is not None:
+            self._tell(f"the stream of {self.device} broke ({error}): opening it again")
         while True:
             attempts += 1
             try:
@@ -331,14 +333,16 @@ class ResumableStream:
                         f"the stream of device {self.device} could not be opened "
                         f"again ({attempts} attempt(s) in {spent:.0f} s): {e}"
                     ) from e
-                line = (
-                    f"the stream of {self.device} broke ({e}): opening it again "
-                    f"in {delay:.1f} s"
+                self._tell(
+                    f"the stream of {self.device} could not be opened again ({e}): "
+                    f"trying again in {delay:.1f} s"
                 )
-                log.info("{line}", line=line)
-                if self._notice is not None:
-                    self._notice(line)
                 await deferLater(self.clock, delay, lambda: None)
+
+    def _tell(self, line: str) -> None:
+        log.info("{line}", line=line)
+        if self._notice is not None:
+            self._notice(line)
 
     async def _openAndReplay(self) -> None:
         sender, taken = await self._open()
