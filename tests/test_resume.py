@@ -288,6 +288,41 @@ async def test_partition_after_commit_sent_is_in_doubt_not_guessed(
     await settled(reactor)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_target_that_does_not_resume_aborts_as_before(
+    daemons: Callable[..., Daemon],
+    proxies: Callable[[Daemon], FaultProxy],
+    tmp_path: Path,
+) -> None:
+    """A target run with --reconnect-grace 0 (as an older one) does not grant
+    resume: a cut stream aborts the migration, with the target's reason."""
+    daemon = await daemons("--reconnect-grace", "0").launch(reactor)
+    proxy = proxies(daemon)
+    state = denseFile(tmp_path / "state.bin", 32 * MiB)
+    destination = daemon.dest / "state.bin"
+    await steer(proxy, op="set", rate=32 * MiB, directions=["up"])
+    client = clientThrough(daemon, proxy)
+    migration = await client.prepare(
+        "vm6", [DeviceSpec.parse(f"file:blob:path={state},target={destination}")]
+    )
+    assert not migration.link.resumable
+    transfer = Deferred.fromCoroutine(migration.transfer())
+    await eventually(
+        reactor,
+        lambda: migration.devices["blob"].bytesSent > 8 * MiB,
+        timeout=30,
+        what="a quarter sent",
+    )
+    await steer(proxy, op="reset", min_bytes=MiB)
+    with pytest.raises(MigrationAborted, match="the stream of device blob was cut"):
+        await transfer
+    assert migration.phase == "ABORTED"
+    assert migration.report()["reconnections"]["streams"] == 0
+    await daemon.waitPhase(reactor, migration.migrationId, "ABORTED")
+    assert not destination.exists()
+    await settled(reactor)
+
+
 # -- across namespaced hosts ----------------------------------------------------------
 
 

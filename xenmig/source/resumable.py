@@ -38,7 +38,7 @@ log = Logger()
 #: How many bytes of records a stream keeps that the target has not said it
 #: has: past half of it the source asks (StreamPosition), past all of it the
 #: device waits for the answer.
-WINDOW = 64 * 1024 * 1024
+WINDOW = 32 * 1024 * 1024
 #: Seconds between asks while the target has taken nothing more.
 ASK_AGAIN = 0.05
 
