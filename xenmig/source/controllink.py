@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from xenmig import amp_commands as commands
 from xenmig.errors import PhaseTimeout
+from xenmig.limits import withDeadline
 from xenmig.source.backoff import Backoff
 from xenmig.source.pacing import Slots
 from xenmig.source.resumable import ResumePolicy, retryable
@@ -100,12 +101,21 @@ class ControlLink:
         command: type,
         slots: Slots | None = None,
         again: bool = False,
+        within: float | None = None,
         **kw: Any,
     ) -> dict[str, Any]:
         """
         One call on the live connection; if ``again`` and the connection went
-        during it, once more on a new one (as often as it comes back).
+        during it, once more on a new one (as often as it comes back).  With
+        ``within``, all of it (re-establishing the connection included) is
+        bounded to that many seconds.
         """
+        if within is not None:
+            calling = Deferred.fromCoroutine(
+                self.call(seconds, what, command, slots, again, **kw)
+            )
+            message = f"{what} did not finish within {within:g} s"
+            return await withDeadline(calling, within, self.client.reactor, message)
         while True:
             protocol = await self.current()
             try:

@@ -416,6 +416,7 @@ class SourceMigration:
                 self.client.timeouts.abort,
                 "query",
                 commands.QueryMigration,
+                within=self.client.timeouts.abort,
                 migration_id=self.migrationId,
             )
         except Exception:
@@ -444,6 +445,7 @@ class SourceMigration:
                     "abort",
                     commands.Abort,
                     again=True,
+                    within=self.client.timeouts.abort,
                     migration_id=self.migrationId,
                     reason=self.reason[:2000],
                 )
