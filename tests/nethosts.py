@@ -157,6 +157,17 @@ class Host:
         )
         return self.run([sys.executable, "-c", probe], timeout + 10).returncode == 0
 
+    def setHosts(self, names: dict[str, Sequence[str]]) -> None:
+        """
+        Names this host resolves (its own ``/etc/hosts``: ``ip netns exec``
+        mounts ``/etc/netns/NS/hosts`` over it): name -> addresses.
+        """
+        directory = Path("/etc/netns") / self.netns
+        directory.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        lines += [f"{a} {name}" for name, addresses in names.items() for a in addresses]
+        (directory / "hosts").write_text("\n".join(lines) + "\n")
+
     def linkDown(self) -> None:
         """Take this host's link down (its ``eth0``): packets stop, no reset."""
         ip("-n", self.netns, "link", "set", "eth0", "down")
@@ -237,6 +248,7 @@ class Network:
             for pid in _pidsIn(netns):  # started here by a process of ours
                 _kill(pid)
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
 
 
 def _sysctl(netns: str, setting: str) -> None:

@@ -185,3 +185,19 @@ def test_fault_proxy_faults_are_seen_by_the_hosts(
             proxy.set(jitter=1)
     finally:
         proxy.stop()
+
+
+def test_the_documented_example_runs(network: Network, tmp_path: Path) -> None:
+    """The example of doc/testing.md runs as written (a stalled stream fails)."""
+    text = (Path(__file__).parent.parent / "doc" / "testing.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {
+        "network": network,
+        "tmp_path": tmp_path,
+        "HostPKI": HostPKI,
+        "NetDaemon": NetDaemon,
+        "FaultProxy": FaultProxy,
+        "hostPort": hostPort,
+        "denseFile": denseFile,
+    }
+    exec(compile(block, "doc/testing.md", "exec"), namespace)

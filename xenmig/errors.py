@@ -106,6 +106,14 @@ class StreamInterrupted(StreamError):
     """
 
 
+class StreamStalled(StreamError):
+    """
+    A state stream made no progress for longer than its progress time-out
+    (``--stall-timeout``) while its phase expected some: the message names the
+    device, the phase and the stream's peer.
+    """
+
+
 class DigestMismatch(StreamError):
     """The digest of the received state differs from the one the source sent."""
 
@@ -183,6 +191,7 @@ _WIRE_CODES: dict[type[Exception], bytes] = {
     StreamError: b"STREAM_ERROR",
     DigestMismatch: b"DIGEST_MISMATCH",
     StreamInterrupted: b"STREAM_INTERRUPTED",
+    StreamStalled: b"STREAM_STALLED",
     BadToken: b"BAD_TOKEN",
     NotAuthorized: b"NOT_AUTHORIZED",
     PhaseTimeout: b"PHASE_TIMEOUT",

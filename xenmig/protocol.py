@@ -336,6 +336,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
             device,
             self.target.timeouts.idle,
             self.target.chargeStream(session.migrationId),
+            self.target.timeouts.stall,
         )
         self._resuming().streamAttached(session, device, receiver)
         return receiver

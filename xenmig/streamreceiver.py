@@ -13,15 +13,18 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from xenmig.errors import InternalError, StreamError, XenmigError
+from xenmig.certificates import hostPort
+from xenmig.errors import InternalError, StreamError, StreamStalled, XenmigError
 from xenmig.interfaces import IReceivingSession
-from xenmig.records import EndRecord, Record, RecordParser
+from xenmig.records import EndRecord, Record, RecordParser, RoundRecord, encodeKeepalive
 from xenmig.tls import ALTERED, ALTERED_IN_TRANSIT, describeTLSError
 
 log = Logger()
 
 #: How much a stream connection reads per system call.
 READ_SIZE = 1024 * 1024
+#: A KEEPALIVE record as it arrives: the source says it has nothing to send.
+_KEEPALIVE = b"".join(encodeKeepalive())
 
 
 class StreamReceiver(Protocol, TimeoutMixin):
@@ -29,6 +32,13 @@ class StreamReceiver(Protocol, TimeoutMixin):
     The raw stream of one device, after StartStream.  It parses records and hands
     them to the session; when the device asks to wait, it pauses the transport.
     Idle for longer than ``idleTimeout`` (reset on every chunk), it aborts.
+
+    Without progress for longer than ``stallTimeout`` (0: never) while progress
+    is expected, it aborts with L{StreamStalled} naming the device and the phase.
+    Progress is any byte but a KEEPALIVE record; it is expected from the
+    stream's start, except after a KEEPALIVE (the source has nothing to send:
+    between pre-copy and the final round, while the VM is paused) until the
+    next record, and while the device holds the stream paused.
     """
 
     def __init__(
@@ -37,6 +47,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
         device: str,
         idleTimeout: float,
         charge: Callable[[int], None] | None = None,
+        stallTimeout: float = 0.0,
     ) -> None:
         self.session = session
         self.charge = charge
@@ -50,9 +61,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self._waiting: Deferred[None] | None = None
         self._received = 0
         self._gone: Failure | None = None  # the connection closed, records may wait
+        self.stallTimeout = stallTimeout
+        self._stall: Any = None  # the progress timer, while progress is expected
+        #: What the stream is in, for the stall message.
+        self.during = "the start of the stream"
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idleTimeout)
+        self._expectProgress()
         # Bulk: read up to a megabyte per system call, not Twisted's 64 KiB.
         tcp = getattr(self.transport, "transport", self.transport)
         if hasattr(tcp, "bufferSize"):
@@ -67,11 +83,54 @@ class StreamReceiver(Protocol, TimeoutMixin):
         try:
             if self.charge is not None:
                 self.charge(len(data))
-            self._records.extend(self.parser.feed(data))
+            records = self.parser.feed(data)
         except XenmigError as e:
             self._fail(e)
             return
+        self._progressed(data, records)
+        self._records.extend(records)
         self._drain()
+
+    # -- progress ----------------------------------------------------------------------
+
+    def _progressed(self, data: bytes, records: list[Record]) -> None:
+        for record in records:
+            if isinstance(record, RoundRecord):
+                self.during = (
+                    "the final transfer"
+                    if record.final
+                    else f"pre-copy round {record.round}"
+                )
+        if data == _KEEPALIVE * (len(data) // len(_KEEPALIVE)):
+            self._stopStall()  # nothing to send, says the source
+        elif self._waiting is None:
+            self._expectProgress()
+
+    def _expectProgress(self) -> None:
+        if self.stallTimeout <= 0 or self.ended:
+            return
+        if self._stall is not None and self._stall.active():
+            self._stall.reset(self.stallTimeout)
+        else:
+            self._stall = self.callLater(self.stallTimeout, self._stalled)
+
+    def _stopStall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self.ended:
+            return
+        peer = self.transport.getPeer()
+        where = hostPort(str(getattr(peer, "host", peer)), getattr(peer, "port", "?"))
+        self._fail(
+            StreamStalled(
+                f"device {self.device}: no progress for {self.stallTimeout:g} s"
+                f" during {self.during} (stream from source {where})"
+            )
+        )
 
     def _drain(self) -> None:
         while self._records and self._waiting is None and not self.ended:
@@ -104,12 +163,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self.transport.pauseProducing()
         # While paused we wait on the device, not the network: no idle time-out.
         self.setTimeout(None)
+        self._stopStall()
         waiting.addCallbacks(self._resume, self._deviceFailed)
 
     def _resume(self, _: None) -> None:
         self._waiting = None
         if self._gone is None:
             self.setTimeout(self.idleTimeout)
+            self._expectProgress()
             self.transport.resumeProducing()
         self._drain()
         self._checkGone()
@@ -121,12 +182,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
     def _end(self, end: EndRecord) -> None:
         self.ended = True
         self.setTimeout(None)
+        self._stopStall()
         self.session.streamEnded(self.device, end)
         if self._gone is None:
             self.transport.loseConnection()
 
     def _fail(self, error: BaseException) -> None:
         self.setTimeout(None)
+        self._stopStall()
         self.ended = True
         log.warn(
             "migration {migration_id}: stream of {device} failed: {error}",
@@ -140,6 +203,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.ended = True
+        self._stopStall()
         self.session.streamLost(
             self.device, f"was idle for more than {self.idleTimeout:g} seconds"
         )
@@ -149,6 +213,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
         # Records may still wait for a paused device: the END among them, if the
         # sender closed right after it.  Decide once they are handed over.
         self.setTimeout(None)
+        self._stopStall()
         self._gone = reason
         self._checkGone()
 

@@ -14,6 +14,7 @@ from twisted.python import threadpool, usage
 from twisted.python.filepath import FilePath
 
 from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
+from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
 from xenmig.limits import ConnectionLimits
@@ -75,6 +76,13 @@ class Options(usage.Options):
             None,
             _TIMEOUTS.idle,
             "Seconds a stream may stay silent.",
+            float,
+        ],
+        [
+            "stall-timeout",
+            None,
+            _TIMEOUTS.stall,
+            "Seconds a stream may make no progress while it should (0: never).",
             float,
         ],
         [
@@ -208,6 +216,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be 1 or more")
         if not self["reconnect-grace"] >= 0:
             raise usage.UsageError("--reconnect-grace must be 0 or more seconds")
+        if self["stall-timeout"] < 0:
+            raise usage.UsageError("--stall-timeout must be 0 (never) or more")
         if self["tls-minimum"] not in TLS_VERSIONS:
             raise usage.UsageError("--tls-minimum must be 1.2 or 1.3")
         if self["insecure-plaintext"]:
@@ -254,6 +264,7 @@ def _config(options: Options) -> TargetConfig:
     timeouts = Timeouts(
         handshake=options["handshake-timeout"],
         idle=options["idle-timeout"],
+        stall=options["stall-timeout"],
         prepared=options["prepare-timeout"],
         receiving=options["receive-timeout"],
         ready=options["ready-timeout"],
@@ -301,7 +312,7 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     policies = PolicySource(options["peers"], config.roots, kinds)
     policies.load()
     _logPolicy(options["peers"], policies)
-    address = f"{options['interface'] or '*'}:{options['port']}"
+    address = hostPort(options["interface"], options["port"])
     twistd = getattr(options, "parent", None)
     observer = None
     if twistd is not None and not twistd.get("logger"):  # twistd's --logger wins

@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 
 from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
+from xenmig.certificates import hostPort, splitHostPort
 from xenmig.cli.outcome import UsageError, say
 
 
@@ -29,10 +30,16 @@ class Reach:
 
 
 def parseTarget(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``, port 8002) -> ``(host, port)``."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(DEFAULT_PORT)
+    """
+    ``HOST:PORT``, ``[IPv6]:PORT`` (or ``HOST``, ``[IPv6]``: port 8002) ->
+    ``(host, port)``, the host without brackets.
+    """
+    try:
+        host, port = splitHostPort(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    if not port and not text.endswith(":"):
+        port = str(DEFAULT_PORT)
     if not host or any(c.isspace() or c in "/[]@" for c in host):
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     if not port.isdigit() or not 0 < int(port) < 65536:
@@ -145,7 +152,7 @@ def daemonFor(reactor: Any, args: argparse.Namespace) -> Any:
 def where(args: argparse.Namespace) -> str:
     """Where the daemon is: ``HOST:PORT``, or its local socket."""
     if args.target is not None:
-        return "{}:{}".format(*args.target)
+        return hostPort(*args.target)
     return os.path.join(args.state_dir, "control.sock")
 
 

@@ -12,6 +12,7 @@ from service_identity import VerificationError
 from twisted.internet import error as net
 from twisted.python.filepath import FilePath
 
+from xenmig.certificates import splitHostPort
 from xenmig.cli.connection import Reach
 from xenmig.errors import WIRE_ERRORS, PhaseTimeout, XenmigError
 from xenmig.tls import (
@@ -67,7 +68,7 @@ async def diagnose(
     if reach.remote and reach.plaintext and not answered and _isLost(error):
         from xenmig.cli.probe import speaksTLS
 
-        host, _, port = reach.where.rpartition(":")
+        host, port = _hostPort(reach)
         spokeTLS = await speaksTLS(reactor, host, int(port))
     return explain(error, reach, answered, spokeTLS)
 
@@ -103,8 +104,12 @@ def _oneLine(error: BaseException) -> str:
 
 
 def _hostPort(reach: Reach) -> tuple[str, str]:
-    host, _, port = reach.where.rpartition(":")
-    return host, port
+    """The host (an IPv6 address without its brackets) and port of ``--target``."""
+    try:
+        return splitHostPort(reach.where)
+    except ValueError:
+        host, _, port = reach.where.rpartition(":")
+        return host, port
 
 
 # -- reaching the port -----------------------------------------------------------------

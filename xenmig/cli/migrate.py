@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from xenmig.cli.arguments import addVerbose, parseMigrationId, positive
@@ -96,7 +97,26 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         metavar="S",
         help="seconds to keep re-establishing a broken connection (default 60)",
     )
+    migrate.add_argument(
+        "--stall-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="S",
+        help="seconds a state stream may make no progress during a pre-copy round "
+        "or the final transfer before the migration aborts (default 60; 0: never)",
+    )
     migrate.set_defaults(main=main)
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> int:
@@ -140,9 +160,9 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     host, port = args.target
     bars = sys.stderr.isatty()
     display = ProgressDisplay(reactor, sys.stderr, bars, prefix="xenmig migrate")
-    timeouts = ClientTimeouts()
+    timeouts = ClientTimeouts(stall=args.stall_timeout)
     if args.busy_timeout is not None:
-        timeouts = ClientTimeouts(busy=args.busy_timeout)
+        timeouts = replace(timeouts, busy=args.busy_timeout)
     client = MigrationClient(
         reactor,
         host,

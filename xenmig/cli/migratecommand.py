@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 
+from xenmig.certificates import hostPort
 from xenmig.cli.connection import reach
 from xenmig.cli.failures import Explained, diagnose
 from xenmig.cli.outcome import EXIT_FAILED, EXIT_IN_DOUBT, EXIT_OK, EXIT_USAGE, say
@@ -47,7 +48,7 @@ class MigrateCommand:
         self.policy = policy
         self.control = control  # an IDomainControl, or None
         self.released: bool | None = None
-        self.target = "{}:{}".format(*args.target)
+        self.target = hostPort(*args.target)
         self.reach = reach(args)
         #: Why the migration did not commit (for --json), once it is known.
         self.error: Explained | None = None

@@ -6,7 +6,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
@@ -44,7 +44,7 @@ async def speaksTLS(reactor: Any, host: str, port: int, timeout: float = 5.0) ->
     """
     probe = TLSProbe()
     endpoint = wrapClientTLS(
-        CertificateOptions(), TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        CertificateOptions(), HostnameEndpoint(reactor, host, port, timeout=timeout)
     )
     try:
         await endpoint.connect(Factory.forProtocol(lambda: probe))

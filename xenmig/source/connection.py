@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.protocols import amp
@@ -40,6 +40,9 @@ class ClientTimeouts:
     commit: float = 120.0
     keepalive: float = 10.0
     abort: float = 10.0
+    #: A state stream that makes no progress for this long while it should (a
+    #: pre-copy round, the final transfer) fails with StreamStalled; 0: never.
+    stall: float = 60.0
     #: How long a step (a Prepare, a stream's opening) is tried again while
     #: the target answers BUSY; a connection refused or reset while
     #: connecting is tried again for up to ``connect`` seconds.
@@ -108,7 +111,8 @@ class TargetConnection:
     # -- connections and calls -------------------------------------------------------
 
     def endpoint(self) -> IStreamClientEndpoint:
-        tcp = TCP4ClientEndpoint(
+        # IPv4 or IPv6, an address or a name (every address it has is tried)
+        tcp = HostnameEndpoint(
             self.reactor, self.host, self.port, timeout=self.timeouts.connect
         )
         return wrapClientTLS(self.tls, tcp) if self.tls is not None else tcp

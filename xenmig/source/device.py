@@ -17,6 +17,9 @@ from xenmig.source.resumable import ResumableStream
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 
+#: What a device's stream is written through.
+Sender = StreamSender | ThreadedStreamSender | ResumableStream
+
 
 class PeerCalls(Protocol):
     """What a device's context uses of its migration: its names and the peer."""
@@ -65,7 +68,7 @@ class DeviceRun:
     spec: DeviceSpec
     device: ISourceDevice
     description: DeviceDescription | None = None
-    sender: StreamSender | ThreadedStreamSender | ResumableStream | None = None
+    sender: Sender | None = None
     rounds: list[int] | None = None
     digest: ContentDigest | None = None
     started: float | None = None

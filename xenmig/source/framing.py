@@ -35,6 +35,8 @@ class RecordFraming:
         self.device = device
         self.bytesWritten = 0
         self.dataBytes = 0
+        #: Bytes of every record framed so far (KEEPALIVE records excepted).
+        self.framedBytes = 0
         self._lost: Failure | None = None
         self._done = False
         #: Told once when the stream breaks (a resumable stream opens it again).
@@ -69,6 +71,7 @@ class RecordFraming:
             return fail(self._lost)
         if self._done:
             return fail(Failure(StreamError(f"device {self.device}: stream closed")))
+        self.framedBytes += sum(len(part) for part in parts)
         return self._send(parts)
 
     def writeRecord(self, parts: list[bytes]) -> Deferred[None]:

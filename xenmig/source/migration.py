@@ -25,14 +25,12 @@ from xenmig.model import ContentDigest, DeviceSpec, RoundResult
 from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
 from xenmig.source.controllink import ControlLink
 from xenmig.source.convergence import ConvergencePolicy
-from xenmig.source.device import DeviceRun, SourceContext
+from xenmig.source.device import DeviceRun, Sender, SourceContext
 from xenmig.source.pacing import Slots, commandSlots
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
-from xenmig.source.reopening import deviceReady, resumableStream
+from xenmig.source.reopening import deviceReady, openDeviceStream
 from xenmig.source.report import migrationReport
-from xenmig.source.resumable import ResumableStream
-from xenmig.source.streamsender import StreamSender
-from xenmig.source.threadedstream import ThreadedStreamSender
+from xenmig.source.stall import watchStream
 
 if TYPE_CHECKING:
     from xenmig.source.connection import TargetConnection
@@ -196,25 +194,12 @@ class SourceMigration:
         )
         return d.addCallback(lambda answer: answer["payload"])
 
-    async def _openStream(
-        self, run: DeviceRun
-    ) -> StreamSender | ThreadedStreamSender | ResumableStream:
-        if run.sender is not None:
-            return run.sender
-        # Kept at once, so that an abort stops it however far its opening got.
-        if self.link.resumable:
-            resumable = run.sender = resumableStream(self, run.name)
-            await resumable.open()
-            sender: StreamSender | ThreadedStreamSender | ResumableStream = resumable
-        else:
-            assert self.control is not None
-            plain = run.sender = self.client.streamSender(run.name)
-            await self.client.openStream(
-                self.control, self.migrationId, plain, self.commands
-            )
-            sender = plain
-        run.started = self._monotonic()
-        return sender
+    async def _openStream(self, run: DeviceRun) -> Sender:
+        if run.sender is None:
+            await openDeviceStream(self, run)  # kept at once: an abort stops it
+            run.started = self._monotonic()
+        assert run.sender is not None
+        return run.sender
 
     # -- pre-copy ------------------------------------------------------------------
 
@@ -242,7 +227,10 @@ class SourceMigration:
         while True:
             await sender.writeRound(round, False)
             before = sender.bytesWritten
-            result: RoundResult = await run.device.sendRound(sender, round)
+            result: RoundResult = await watchStream(
+                self.client, run.name, sender, f"pre-copy round {round}",
+                run.device.sendRound(sender, round),
+            )  # fmt: skip
             run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
             log.info(
                 "migration {migration_id}: {device} round {round} sent {sent} bytes",
@@ -281,9 +269,16 @@ class SourceMigration:
 
     async def _transfer(self, run: DeviceRun) -> None:
         sender = await self._openStream(run)
-        await sender.writeRound(len(run.rounds or []), True)
-        digest = await run.device.sendFinal(sender)
-        await sender.finish(digest)
+
+        async def final() -> ContentDigest:
+            await sender.writeRound(len(run.rounds or []), True)
+            digest = await run.device.sendFinal(sender)
+            await sender.finish(digest)
+            return digest
+
+        digest = await watchStream(
+            self.client, run.name, sender, "the final transfer", final()
+        )
         answer = await deviceReady(self, run)
         theirs = ContentDigest(answer["size"], answer["algorithm"], answer["digest"])
         if theirs != digest:

@@ -24,6 +24,24 @@ class Resuming(Protocol):
     commands: Slots
 
 
+async def openDeviceStream(migration: Resuming, run: DeviceRun) -> None:
+    """
+    Open the stream of ``run``'s device (kept in ``run.sender`` at once, so
+    that an abort stops it however far its opening got): resumable if the
+    target granted it, else one connection as before.
+    """
+    if migration.link.resumable:
+        resumable = run.sender = resumableStream(migration, run.name)
+        await resumable.open()
+        return
+    control = migration.link.protocol
+    assert control is not None
+    plain = run.sender = migration.client.streamSender(run.name)
+    await migration.client.openStream(
+        control, migration.migrationId, plain, migration.commands
+    )
+
+
 def resumableStream(migration: Resuming, device: str) -> ResumableStream:
     """
     A L{ResumableStream} for ``device``: each opening asks the target for a

@@ -12,6 +12,7 @@ command, the same records.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import queue
@@ -19,7 +20,9 @@ import socket
 import ssl
 import struct
 import tempfile
+import termios
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +108,10 @@ def _identityPEM(identity: PrivateCertificate) -> bytes:
     )
 
 
+#: TCP_ESTABLISHED and TCP_CLOSE_WAIT (Linux's ``tcp_states.h``).
+_OPEN_STATES = (1, 8)
+
+
 class _Channel:
     """A blocking byte channel: plain TCP, or TLS through memory BIOs."""
 
@@ -184,6 +191,25 @@ class _Channel:
             self._flush()
         self.sock.shutdown(socket.SHUT_WR)
         self.sock.close()
+
+    def unacknowledged(self) -> int:
+        """
+        Bytes handed to the kernel that the peer has not acknowledged yet
+        (``SIOCOUTQ``; 0 once the socket is closed).  Safe from any thread.
+        """
+        try:
+            queued = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        except (OSError, ValueError):
+            return 0
+        return int(struct.unpack("i", queued)[0])
+
+    def connected(self) -> bool:
+        """Whether the TCP connection is still open (established, or half-closed)."""
+        try:
+            state = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+        except OSError:
+            return False
+        return state in _OPEN_STATES
 
     def abort(self) -> None:
         """Unblock any system call on the socket at once (from another thread)."""
@@ -293,6 +319,9 @@ class ThreadedStreamSender(RecordFraming):
         self._channel: _Channel | None = None
         self._thread: threading.Thread | None = None
         self._finished: Deferred[None] = Deferred()
+        #: Bytes of records this thread handed to the kernel (KEEPALIVE excepted).
+        self.bytesSent = 0
+        self._aborted = False
 
     def open(self, endpoint: StreamEndpoint, token: bytes) -> Deferred[None]:
         """Connect in the sender thread; a Deferred firing once the stream is open."""
@@ -318,6 +347,7 @@ class ThreadedStreamSender(RecordFraming):
         try:
             self._channel.send([encodeStreamHeader()])
             self._sendQueue(self._channel)
+            self._awaitAcknowledged(self._channel)
             self._channel.close()
             self.reactor.callFromThread(self._finished.callback, None)
         except BaseException as e:
@@ -335,8 +365,33 @@ class ThreadedStreamSender(RecordFraming):
             if item is None:  # aborted
                 raise StreamError("the stream was aborted")
             channel.send(item)
-            if self._room.remove(sum(len(part) for part in item)):
+            size = sum(len(part) for part in item)
+            self.bytesSent += size  # read by the reactor's progress watch
+            if self._room.remove(size):
                 self.reactor.callFromThread(self._room.release)
+
+    def _awaitAcknowledged(self, channel: _Channel) -> None:
+        """
+        Wait until the target acknowledged every byte (the kernel's send queue
+        is empty), so that the stream's progress is watched to its real end;
+        the migration's progress watch aborts a stream that stops here.
+        """
+        while not self._aborted and channel.unacknowledged() > 0:
+            if not channel.connected():
+                raise ConnectionResetError(
+                    f"the connection closed with {channel.unacknowledged()} bytes"
+                    " not acknowledged by the target"
+                )
+            time.sleep(0.02)
+
+    def progress(self) -> tuple[int, int, int]:
+        """
+        What moves while this stream makes progress: bytes framed, bytes handed
+        to the kernel, bytes the target has not acknowledged yet.
+        """
+        channel = self._channel
+        unacknowledged = channel.unacknowledged() if channel is not None else 0
+        return (self.framedBytes, self.bytesSent, unacknowledged)
 
     # -- the reactor thread ---------------------------------------------------------
 
@@ -378,6 +433,7 @@ class ThreadedStreamSender(RecordFraming):
     def abort(self) -> None:
         """Stop sending at once and close the connection (the migration aborts)."""
         self._done = True
+        self._aborted = True
         self._finished.addErrback(lambda _: None)  # nobody waits for it now
         self._queue.put(None)
         if self._channel is not None:

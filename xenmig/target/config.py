@@ -20,6 +20,9 @@ class Timeouts:
 
     handshake: float = 30.0
     idle: float = 60.0
+    #: No progress on a stream that should make some (0: never); see
+    #: L{xenmig.streamreceiver.StreamReceiver}.
+    stall: float = 60.0
     prepared: float = 600.0
     receiving: float = 3600.0
     ready: float = 600.0

@@ -18,6 +18,7 @@ from twisted.python import threadpool
 from twisted.python.components import Componentized
 from twisted.python.filepath import FilePath
 
+from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
 from xenmig.target.authz import PolicySource
 from xenmig.target.core import MigrationTarget
@@ -163,12 +164,13 @@ def checkPortFree(interface: str, port: int) -> None:
 
     @raise ConfigurationError: if it cannot be bound.
     """
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
     try:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((interface, port))
     except OSError as e:
-        where = f"{interface or '*'}:{port}"
+        where = hostPort(interface, port)
         reason = "address already in use" if e.errno == errno.EADDRINUSE else e.strerror
         raise ConfigurationError(f"cannot listen on {where}: {reason}")
     finally:
