@@ -549,6 +549,10 @@ async def test_migrateExampleAborts(tmp_path):
         restored = daemon.toolstack.callRemote(
             amp_commands.AwaitRestored, domain="vm1", timeout=60.0
         )
+        # Handled at once: AMP drops a connection whose answer nobody handles,
+        # and the abort may reach the toolstack before migrate() returns.
+        outcome = []
+        restored.addBoth(outcome.append)
         steps = []
 
         async def pauseAndSpoil():
@@ -562,8 +566,11 @@ async def test_migrateExampleAborts(tmp_path):
         with pytest.raises(StreamError, match="not an object of integer counters"):
             await migrate_example.migrate(client, "vm1", [spec], pauseAndSpoil, resume)
         assert steps == ["pause", "resume"]
-        with pytest.raises(Exception, match="aborted"):
-            await restored
+        for _ in range(500):
+            if outcome:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert outcome and "aborted" in str(outcome[0].value), outcome
         [status] = await client.listMigrations()
         assert status["phase"] == "ABORTED"
         assert "not an object of integer counters" in status["reason"]
