@@ -163,6 +163,40 @@ async def test_stream_cut_three_times_commits_with_bounded_resend(
     await settled(reactor)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_stream_is_opened_again(
+    daemons: Callable[..., Daemon],
+    proxies: Callable[[Daemon], FaultProxy],
+    tmp_path: Path,
+) -> None:
+    """A stream whose path goes silent (bytes held, no reset) is noticed within
+    half the progress time-out (the target takes no record) and opened again,
+    as often as it stalls; the migration commits with the digest."""
+    daemon = await daemons().launch(reactor)
+    proxy = proxies(daemon)
+    size = 16 * MiB
+    state = denseFile(tmp_path / "state.bin", size)
+    destination = daemon.dest / "state.bin"
+    # Each connection carries 6 MiB up, then holds everything: the stream's
+    # connections stall, the control connection never gets that far.
+    await steer(proxy, op="set", stall_after=6 * MiB, directions=["up"])
+    timeouts = ClientTimeouts(connect=1.0, call=5.0, commit=5.0, stall=1.0)
+    client = clientThrough(daemon, proxy, timeouts=timeouts)
+    client.retries = ResumePolicy(seconds=20.0, maximum=1.0, window=2 * MiB)
+    migration = await client.prepare(
+        "vm7", [DeviceSpec.parse(f"file:blob:path={state},target={destination}")]
+    )
+    digests = await migration.transfer()
+    await migration.commit()
+
+    assert hashFile(str(destination)) == hashFile(str(state)) == digests["blob"]
+    again = migration.report()["reconnections"]
+    print(f"stalled stream: {again}")
+    assert 2 <= again["streams"] <= 8, again
+    assert again["resent_bytes"] <= again["streams"] * (2 * MiB + RECORD)
+    await settled(reactor)
+
+
 def precopyDisk(tmp_path: Path, daemon: Daemon, size: int) -> tuple[Path, Path]:
     image = denseFile(tmp_path / "vm.img", size)
     return image, daemon.dest / "vm.img"

@@ -84,6 +84,7 @@ def resumableStream(migration: Resuming, device: str) -> ResumableStream:
         window=retries.window,
         retries=retries,
         notice=client.onRetry,
+        stall=getattr(client.timeouts, "stall", 0.0),
     )
 
 
@@ -97,7 +98,7 @@ async def deviceReady(migration: Resuming, run: DeviceRun) -> dict[str, Any]:
     migrationId = migration.migrationId
     while True:
         try:
-            return await link.call(
+            answer = await link.call(
                 client.timeouts.ready,
                 f"verification of device {run.name}",
                 commands.DeviceReady,
@@ -110,3 +111,7 @@ async def deviceReady(migration: Resuming, run: DeviceRun) -> dict[str, Any]:
             if not isinstance(run.sender, ResumableStream):
                 raise
             await run.sender.resume()
+            continue
+        if isinstance(run.sender, ResumableStream):
+            run.sender.verified()
+        return answer

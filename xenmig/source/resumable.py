@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from twisted.internet import error as neterror
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -124,6 +124,7 @@ class ResumableStream:
         window: int = WINDOW,
         retries: ResumePolicy | None = None,
         notice: Callable[[str], Any] | None = None,
+        stall: float = 0.0,
     ) -> None:
         self.device = device
         self.clock = clock
@@ -137,6 +138,7 @@ class ResumableStream:
         self._open = opener
         self._ask = asker
         self._notice = notice
+        self._stall = stall
         self._sender: RawStream | None = None
         self._kept: deque[_Entry] = deque()
         self._keptBytes = 0
@@ -147,15 +149,68 @@ class ResumableStream:
         self._failure: Failure | None = None
         self._recovering: list[Deferred[None]] | None = None
         self._asking: list[Deferred[None]] | None = None
+        self._watch: LoopingCall | None = None
+        if stall > 0:
+            self._watch = LoopingCall(self._checkStall)
+            self._watch.clock = clock
+        self._stallSeen = -1
 
     # -- opening ---------------------------------------------------------------------
 
     async def open(self) -> None:
         """Open the stream for the first time (tried again like a break)."""
         await self._recover(None)
+        if self._watch is not None and not self._watch.running:
+            interval = self._stallInterval
+            self._watch.start(interval, now=False)
+
+    @property
+    def _stallInterval(self) -> float:
+        return self._stall / 2
+
+    def progress(self) -> tuple[int, int, int, int]:
+        """What moves while the stream makes progress (a stall watch's view)."""
+        return (self._next, self._taken, self.reconnections, self.resent)
+
+    def _checkStall(self) -> None:
+        """
+        Every half stall time-out: if the target has not taken every record
+        written and took none since the last check, its connection is stalled
+        (a path gone silent, no reset): open it again.
+        """
+        if self._recovering is not None or self._failure is not None or self._ended:
+            return
+        d = Deferred.fromCoroutine(self._stallCheck())
+        d.addErrback(lambda _: None)  # the next write, or DeviceReady, says
+
+    async def _stallCheck(self) -> None:
+        try:
+            taken = await self._ask()
+        except Exception:
+            return  # the control connection's own recovery is under way
+        self._forget(taken)
+        moved, self._stallSeen = taken != self._stallSeen, taken
+        if moved or taken >= self._next or self._recovering is not None:
+            return
+        if self._sender is not None:
+            self._sender.abort()
+        await self._recover(
+            StreamLost(f"the target took no record for {self._stallInterval:g} s")
+        )
+
+    def verified(self) -> None:
+        """The target verified the whole stream: keep nothing, watch no more."""
+        self._ended = True
+        self._forget(self._next)
+        self._stopWatch()
+
+    def _stopWatch(self) -> None:
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
 
     def abort(self) -> None:
         """Drop the stream for good (the migration aborts)."""
+        self._stopWatch()
         self._failure = self._failure or Failure(
             StreamError(f"the stream of device {self.device} was aborted")
         )
@@ -355,8 +410,7 @@ class ResumableStream:
             )
         self._forget(taken)
         if sender is None:  # the target has every record, END included
-            self._ended = True
-            self._forget(self._next)
+            self.verified()
             return
         sender.onLost = lambda failure: self._lost(sender, failure)
         handed = self._handed

@@ -19,6 +19,7 @@ from xenmig.errors import (
     MigrationAborted,
     PhaseTimeout,
     StreamError,
+    StreamStalled,
     UnknownDevice,
     XenmigError,
 )
@@ -103,8 +104,7 @@ class TargetDeviceSlot:
         self.streaming = False
         #: Its install completed, in a commit that has not ended yet.
         self.installed = False
-        #: Records its device took (END included); why its stream broke, while
-        #: it waits to be opened again (resumable).
+        #: Records its device took (END included); why its stream broke (resumable).
         self.records = 0
         self.interrupted: str | None = None
         self._clock = clock
@@ -302,8 +302,7 @@ class TargetSession:
         slot.moveTo(DeviceState.VERIFYING)
         slot.streaming = False
         slot.records += 1
-        d = Deferred.fromCoroutine(self._verify(slot, end))
-        return d
+        return Deferred.fromCoroutine(self._verify(slot, end))
 
     async def _verify(self, slot: TargetDeviceSlot, end: EndRecord) -> None:
         try:
@@ -353,6 +352,8 @@ class TargetSession:
         """A device failed: abort the whole session with its reason."""
         if self.phase in FINAL or self.phase is Phase.COMMITTING:
             return
+        if isinstance(error, StreamStalled) and self.onInterrupted is not None:
+            return self.streamLost(name, f"made no progress ({error})")  # reopened
         reason = str(error) if isinstance(error, XenmigError) else repr(error)
         if name not in reason:
             reason = f"device {name}: {reason}"
