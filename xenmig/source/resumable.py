@@ -192,8 +192,7 @@ class ResumableStream:
         moved, self._stallSeen = taken != self._stallSeen, taken
         if moved or taken >= self._next or self._recovering is not None:
             return
-        if self._sender is not None:
-            self._sender.abort()
+        self._dropSender()
         await self._recover(
             StreamLost(f"the target took no record for {self._stallInterval:g} s")
         )
@@ -203,6 +202,12 @@ class ResumableStream:
         self._ended = True
         self._forget(self._next)
         self._stopWatch()
+
+    def _dropSender(self) -> None:
+        """Give the connection up (its loss, heard later, is then not news)."""
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.abort()
 
     def _stopWatch(self) -> None:
         if self._watch is not None and self._watch.running:
@@ -245,8 +250,7 @@ class ResumableStream:
 
     async def resume(self) -> None:
         """Open the stream again now (the target says it broke)."""
-        if self._sender is not None:
-            self._sender.abort()
+        self._dropSender()
         await self._recover(StreamInterrupted("the target says the stream broke"))
 
     # -- keeping and sending ---------------------------------------------------------
@@ -364,9 +368,7 @@ class ResumableStream:
         backoff = Backoff(self.retries.initial, self.retries.maximum)
         started = self.clock.seconds()
         attempts = 0
-        if self._sender is not None:
-            self._sender.abort()
-            self._sender = None
+        self._dropSender()
         if error is not None:
             self._tell(f"the stream of {self.device} broke ({error}): opening it again")
         while True:
