@@ -363,9 +363,11 @@ async def test_a_target_that_does_not_resume_aborts_as_before(
 def test_link_down_and_up_mid_stream_between_hosts(
     network: Network, tmp_path: Path
 ) -> None:
-    """Between namespaced hosts, the source's link goes down mid-transfer while the
-    proxy between them loses its connections: the command line reopens its
-    stream when the link is back, and the migration commits with the digest."""
+    """Between namespaced hosts, three times during the transfer the source's link
+    goes down while the proxy between them loses the stream's connection: each
+    time the command line opens its stream again when the link is back, sending
+    again at most its window plus a record, and the migration commits with the
+    digest."""
     source = network.addHost("source")
     target = network.addHost("target")
     certs = HostPKI(tmp_path / "pki")
@@ -378,28 +380,34 @@ def test_link_down_and_up_mid_stream_between_hosts(
         str(tmp_path / "proxy.sock"),
     )
     try:
-        size = 64 * MiB
+        size = 128 * MiB
         state = denseFile(tmp_path / "state.img", size)
         destination = daemon.dest / "state.img"
-        proxy.set(rate=32 * MiB, directions=["up"])
+        proxy.set(rate=64 * MiB, directions=["up"])
         argv = [sys.executable, "-m", "xenmig.cli.main", "migrate", "--target",
                 proxy.listen, *certs.tlsArgs("source.test"), "--server-name",
                 target.ipv4, "--domain", "vm5", "--device",
                 f"file:blob:path={state},target={destination}", "--json"]  # fmt: skip
         process = source.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while proxy.stats()["bytes_up"] < size // 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        source.linkDown()
-        proxy.reset()  # the path's state is gone with the link
-        time.sleep(1.5)
-        source.linkUp()
+        for quarter in (1, 2, 3):
+            deadline = time.monotonic() + 30
+            while proxy.stats()["bytes_up"] < quarter * size // 4:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.05)
+            source.linkDown()
+            proxy.reset(minBytes=MiB)  # the path's state of the stream is gone
+            time.sleep(1.0)
+            source.linkUp()
         out, err = process.communicate(timeout=60)
         assert process.returncode == 0, err.decode()
         report = json.loads(out)
         assert report["phase"] == "COMMITTED"
         assert hashFile(str(destination)) == hashFile(str(state))
-        assert report["reconnections"]["streams"] >= 1
+        again = report["reconnections"]
+        print(f"between hosts: {again}")
+        assert again["streams"] == 3, err.decode()
+        assert again["resent_bytes"] <= 3 * (32 * MiB + RECORD)
+        assert err.decode().count("the stream of blob broke") == 3
     finally:
         proxy.stop()
         daemon.stop()

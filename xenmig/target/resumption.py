@@ -265,5 +265,6 @@ class ResumingTarget:
                 f"migration {migrationId} was not prepared to survive its control "
                 f"connection"
             )
-        self.resumption.reattached(session, holder)
+        if session.phase not in FINAL:
+            self.resumption.reattached(session, holder)
         return session.phase.value
