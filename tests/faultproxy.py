@@ -10,8 +10,11 @@ process (asyncio, no reactor shared with the test)::
     python tests/faultproxy.py --listen 10.77.1.1:9002 --connect 10.77.2.2:8002 \\
         --control /tmp/x/proxy.sock
 
-and is steered through ``--control``, a unix socket taking one JSON object per
-line and answering one (the L{FaultProxy} client does this from the tests).
+Its socket buffers are small (``--buffer``, 256 KiB), as a router's: the bytes
+it holds are acknowledged to the sender, which would otherwise see a stalled path
+take megabytes.  It is steered through ``--control``, a unix socket taking one
+JSON object per line and answering one (the L{FaultProxy} client does this from
+the tests).
 Directions: ``up`` is from the connecting side (the source) to the target,
 ``down`` the other way; a fault applies to the directions given (default both).
 
@@ -159,6 +162,10 @@ class Relay:
             except OSError:
                 self.reset()
                 return
+            upstream = self.server[1].get_extra_info("socket")
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.proxy.buffer)
+            self.client[1].transport.set_write_buffer_limits(high=self.proxy.buffer)
+            self.server[1].transport.set_write_buffer_limits(high=self.proxy.buffer)
             pumps = {
                 asyncio.ensure_future(self._pump("up", *self._ends("up"))),
                 asyncio.ensure_future(self._pump("down", *self._ends("down"))),
@@ -289,8 +296,9 @@ class Relay:
 class Proxy:
     """The listening relay and its control socket."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int], buffer: int = 256 * 1024) -> None:
         self.upstream = upstream
+        self.buffer = buffer
         self.faults = Faults()
         self.relays: set[Relay] = set()
 
@@ -334,9 +342,15 @@ def parseAddress(text: str) -> tuple[str, int]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    proxy = Proxy(parseAddress(args.connect))
+    proxy = Proxy(parseAddress(args.connect), args.buffer)
     host, port = parseAddress(args.listen)
-    server = await asyncio.start_server(proxy.accepted, host, port)
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # A router's buffers, not a host's: what the proxy holds is acknowledged to
+    # the sender, so keep it small (accepted sockets inherit it).
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.buffer)
+    listener.bind((host, port))
+    server = await asyncio.start_server(proxy.accepted, sock=listener)
     if os.path.exists(args.control):
         os.unlink(args.control)
     control = await asyncio.start_unix_server(proxy.control, args.control)
@@ -350,6 +364,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", required=True, help="HOST:PORT to accept on")
     parser.add_argument("--connect", required=True, help="HOST:PORT to relay to")
     parser.add_argument("--control", required=True, help="the control unix socket")
+    parser.add_argument(
+        "--buffer",
+        type=int,
+        default=256 * 1024,
+        help="socket buffer sizes, bytes (small, as a router's: default 256 KiB)",
+    )
     args = parser.parse_args(argv)
     try:
         asyncio.run(serve(args))

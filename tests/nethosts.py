@@ -212,6 +212,7 @@ class Network:
     """
 
     def __init__(self) -> None:
+        _forgetStaleNamespaces()
         self.prefix = f"xmt-{os.getpid()}-{next(_counter)}"
         self.router = f"{self.prefix}-router"
         self.hosts: dict[str, Host] = {}
@@ -249,6 +250,23 @@ class Network:
                 _kill(pid)
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
             shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+
+
+def _forgetStaleNamespaces() -> None:
+    """
+    Delete the names of namespaces left by a test run whose process is gone
+    (``xmt-PID-...`` with no process PID), and their ``/etc/netns`` files.
+    """
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    for line in listed.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != "xmt" or not parts[1].isdigit():
+            continue
+        if os.path.exists(f"/proc/{parts[1]}"):
+            continue
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
 
 
 def _sysctl(netns: str, setting: str) -> None:

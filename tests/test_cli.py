@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import re
@@ -131,7 +132,10 @@ def test_bad_device_spec_exits_2(
     assert len(lines) == 1 and message in lines[0]
 
 
-@pytest.mark.parametrize("target", ["host:99999", "host:http", ":8002", "a b:1"])
+@pytest.mark.parametrize(
+    "target",
+    ["host:99999", "host:http", ":8002", "a b:1", "::1", "[::1", "[::1]8002", "[]:1"],
+)
 def test_bad_target_exits_2(target: str) -> None:
     """A --target that is not HOST:PORT exits 2 with one line."""
     result = xenmig(
@@ -177,6 +181,10 @@ def test_parse_target() -> None:
     """HOST:PORT splits at the last colon; a bare host gets port 8002."""
     assert connection.parseTarget("hostb.example:9000") == ("hostb.example", 9000)
     assert connection.parseTarget("10.0.0.2") == ("10.0.0.2", 8002)
+    assert connection.parseTarget("[2001:db8::1]:8003") == ("2001:db8::1", 8003)
+    assert connection.parseTarget("[::1]") == ("::1", 8002)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"in brackets, as \[::1\]"):
+        connection.parseTarget("::1")
 
 
 def test_kinds_lists_file() -> None:
@@ -677,6 +685,7 @@ class FakeMigration:
         from xenmig.source.connection import ClientTimeouts
 
         self.migrationId = "doubt-1"
+        self.bandwidth = None
         self.phase = "NEW"
         self.reason = ""
         self.times: dict[str, float] = {}

@@ -129,13 +129,13 @@ async def test_xlMissing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_parseDomainControl() -> None:
-    """--domain-control takes xl, qmp:PATH and none; anything else is a bad spec."""
+    """--domain-control takes xl, qmp:PATH, libvirt:URI and none; nothing else."""
     assert isinstance(parseDomainControl("xl", reactor, "vm1"), XLDomainControl)
     qmp = parseDomainControl("qmp:/run/vm1.qmp", reactor, "vm1")
     assert isinstance(qmp, QMPDomainControl) and qmp.path == "/run/vm1.qmp"
     assert parseDomainControl("none", reactor, "vm1") is None
-    for bad in ("libvirt", "qmp:", "xl:vm1"):
-        with pytest.raises(BadSpec, match="xl, qmp:PATH or none"):
+    for bad in ("libvirt", "qmp:", "xl:vm1", "virsh:qemu:///system"):
+        with pytest.raises(BadSpec, match="xl, qmp:PATH, libvirt:URI or none"):
             parseDomainControl(bad, reactor, "vm1")
     with pytest.raises(BadSpec):
         XLDomainControl(reactor, "vm 1; rm -rf /")
@@ -213,7 +213,7 @@ def xenmig(*args: str, env: dict[str, str] | None = None) -> Any:
             ["--domain-control", "xl", "--pause-command", "true"],
             "give --domain-control or the pause and resume commands",
         ),
-        (["--domain-control", "libvirt"], "xl, qmp:PATH or none"),
+        (["--domain-control", "libvirt"], "xl, qmp:PATH, libvirt:URI or none"),
         (["--live"], "--live needs --pause-command and --resume-command (or"),
     ],
 )

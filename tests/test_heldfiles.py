@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,12 @@ class Holder:
         )
         assert self.process.stdout is not None
         assert self.process.stdout.readline() == "open\n"
+        # "open" is said before the shell execs sleep: wait for the exec.
+        comm = Path(f"/proc/{self.process.pid}/comm")
+        deadline = time.monotonic() + 10
+        while comm.read_text().strip() != "sleep":
+            assert time.monotonic() < deadline, "the holder never became sleep"
+            time.sleep(0.01)
 
     @property
     def pid(self) -> int:

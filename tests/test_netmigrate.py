@@ -161,10 +161,14 @@ def test_stalled_stream_aborts_naming_phase_and_device(
             "vm1",
             "--device",
             fileDevice(state, destination),
+            "--json",
         )
         elapsed = time.monotonic() - started
         assert result.returncode == 1, result.stderr
         message = result.stderr
+        code = json.loads(result.stdout)["error"]["code"]
+        # the side that saw it: its own error; else the target's reason, fetched
+        assert code == ("STREAM_STALLED" if side == "source" else "MIGRATION_ABORTED")
         assert "device blob: no progress for 1.5 s during the final transfer" in message
         if side == "source":
             assert f"(stream to target {proxy.listen})" in message

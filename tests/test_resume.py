@@ -106,7 +106,7 @@ def clientThrough(
         sslContext=daemon.pki.clientSSL(),
         serverName="127.0.0.1",
         resume=True,
-        retries=ResumePolicy(seconds=seconds, maximum=1.0, window=WINDOW),
+        resumePolicy=ResumePolicy(seconds=seconds, maximum=1.0, window=WINDOW),
         **kw,
     )
 
@@ -182,7 +182,7 @@ async def test_a_stalled_stream_is_opened_again(
     await steer(proxy, op="set", stall_after=6 * MiB, directions=["up"])
     timeouts = ClientTimeouts(connect=1.0, call=5.0, commit=5.0, stall=1.0)
     client = clientThrough(daemon, proxy, timeouts=timeouts)
-    client.retries = ResumePolicy(seconds=20.0, maximum=1.0, window=2 * MiB)
+    client.resumePolicy = ResumePolicy(seconds=20.0, maximum=1.0, window=2 * MiB)
     migration = await client.prepare(
         "vm7", [DeviceSpec.parse(f"file:blob:path={state},target={destination}")]
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ Answer = Callable[[dict[str, Any]], dict[str, Any]]
 
 class FakeSender:
     """A stream that takes every record and remembers whether it was aborted."""
+
+    unsent = 0
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -86,6 +89,7 @@ class FakeClient:
         self.reactor = Clock()
         self.timeouts = ClientTimeouts()
         self.limits = AnnouncedLimits()
+        self.retries: Counter[str] = Counter()
         self.kinds = kinds
         self.sent: list[tuple[bytes, dict[str, Any]]] = []
         self.answers: dict[type, Answer] = {
@@ -152,7 +156,7 @@ class FakeClient:
         answer = self._answer(commands.QueryMigration, {"migration_id": migrationId})
         return answer["status"]
 
-    def streamSender(self, device: str) -> FakeSender:
+    def streamSender(self, device: str, bandwidth: Any = None) -> FakeSender:
         return FakeSender(device)
 
     async def openStream(

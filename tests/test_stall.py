@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 
 from xenmig.errors import StreamStalled
 from xenmig.records import encodeData, encodeKeepalive, encodeRound, encodeStreamHeader
-from xenmig.source.stall import watchProgress
+from xenmig.source.stall import watchControl, watchProgress
 from xenmig.streamreceiver import StreamReceiver
 from xenmig.target.session import Phase
 
@@ -156,3 +156,99 @@ def test_source_watch_off(seconds: float) -> None:
     fake.advance(1000)
     work.callback("late")
     assert result.result == "late"
+
+
+class SilentControl:
+    """A target connection whose checks are answered only when told."""
+
+    def __init__(self, stall: float) -> None:
+        from xenmig.source.connection import ClientTimeouts, bounded
+
+        self.reactor = task.Clock()
+        self.timeouts = ClientTimeouts(stall=stall)
+        self.host, self.port = "2001:db8::20", 8002
+        self.checks: list[Deferred[Any]] = []
+        self._bounded = bounded
+
+    async def callWithin(self, seconds: float, what: str, *a: Any, **kw: Any) -> Any:
+        check: Deferred[Any] = Deferred()
+        self.checks.append(check)
+        return await self._bounded(check, seconds, self.reactor, what)
+
+
+def test_control_watch_fails_when_checks_go_unanswered() -> None:
+    """A long wait whose control connection stops answering fails: StreamStalled."""
+    control = SilentControl(stall=4.0)
+    work: Deferred[str] = Deferred()
+    result = watchControl(control, object(), "m1", "the verification of device d", work)
+    control.reactor.advance(2)  # the first check
+    control.checks[-1].callback({"status": {}})
+    control.reactor.advance(2)  # the second, never answered
+    assert len(control.checks) == 2
+    control.reactor.advance(3.9)
+    assert not result.called
+    control.reactor.advance(0.2)
+    failure = result.result
+    result.addErrback(lambda _: None)
+    assert isinstance(failure.value, StreamStalled)
+    assert str(failure.value) == (
+        "no progress on the control connection for 4 s while waiting for the"
+        " verification of device d (control connection to target [2001:db8::20]:8002)"
+    )
+    work.addErrback(lambda f: f.trap(CancelledError))
+    assert work.called
+    assert not control.reactor.getDelayedCalls()
+
+
+def test_control_watch_passes_the_answer_on() -> None:
+    """Answered checks let a long wait run on; its answer comes through."""
+    control = SilentControl(stall=4.0)
+    work: Deferred[str] = Deferred()
+    result = watchControl(control, object(), "m1", "x", work)
+    for _ in range(10):
+        control.reactor.advance(2)
+        control.checks[-1].errback(RuntimeError("an answer all the same"))
+    work.callback("verified")
+    assert result.result == "verified"
+    assert not control.reactor.getDelayedCalls()
+
+
+def test_source_waiting_out_its_bandwidth_is_progress() -> None:
+    """A sender that waits out the migration's --bandwidth is not stalled."""
+    from types import SimpleNamespace
+
+    from xenmig.source.stall import streamProgress
+
+    sender = SimpleNamespace(pacing=True, framedBytes=5, bytesWritten=5)
+    assert streamProgress(sender) != streamProgress(sender)
+    sender.pacing = False
+    assert streamProgress(sender) == streamProgress(sender)
+
+
+def test_target_bandwidth_limit_holds_the_stall(target, clock) -> None:  # noqa: F811
+    """While the daemon's --max-bandwidth holds a stream, it is not stalled."""
+    from xenmig.pump import MIN_BANDWIDTH, TokenBucket
+
+    server, client, pump = connect(target)
+    prepare(pump, client)
+    session = target.sessions["m1"]
+    session.streamStarted("dev")
+    bucket = TokenBucket(MIN_BANDWIDTH, burst=1, clock=clock.seconds)
+    protocol = StreamReceiver(
+        session, "dev", idleTimeout=60, bandwidth=bucket, stallTimeout=3
+    )
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    bucket.take(4 * MIN_BANDWIDTH)  # others' debt: this stream waits about 4 s
+    data = b"x" * 1000
+    protocol.dataReceived(encodeStreamHeader() + b"".join(encodeData(0, data)))
+    assert transport.producerState == "paused"
+    clock.advance(3.5)  # held past the stall time-out: not a stall
+    assert session.phase is Phase.RECEIVING, session.reason
+    clock.advance(1)  # paid for: parsed, and progress expected from about 4 s
+    assert transport.producerState == "producing"
+    clock.advance(2.4)
+    assert session.phase is Phase.RECEIVING, session.reason
+    clock.advance(0.7)
+    assert session.phase is Phase.ABORTED
+    assert "no progress for 3 s" in session.reason

@@ -81,10 +81,14 @@ class FakeClient:
         self.refuse = refuse
         self.failures = failures
         self.prepared: list[tuple[str, list[DeviceSpec]]] = []
+        self.bandwidths: list[int | None] = []
 
-    def prepare(self, domain: str, specs: list[DeviceSpec]) -> FakeMigration:
+    def prepare(
+        self, domain: str, specs: list[DeviceSpec], bandwidth: int | None = None
+    ) -> FakeMigration:
         self.calls.append("prepare")
         self.prepared.append((domain, list(specs)))
+        self.bandwidths.append(bandwidth)
         if self.refuse:
             raise DeviceRefused(self.refuse)
         return FakeMigration(self.calls, **self.failures)
@@ -122,6 +126,14 @@ def test_stepsMakeOneMigration() -> None:
     assert hosts == ["hostb"]
     assert client.prepared == [("vm1", SPECS)]
     assert h.commit("vm1") == ["/installed"]  # asked again: the same answer
+
+
+def test_bandwidthReachesPrepare() -> None:
+    """The hooks' bandwidth is the migration's: prepare is given it."""
+    client = FakeClient()
+    h = XendMigrationHooks(lambda host: client, lambda domain: SPECS, bandwidth=2**20)
+    assert step(h, DEV_MIGRATE_TEST) == [0, 0]
+    assert client.bandwidths == [2**20]
 
 
 def test_refusalAtStep0() -> None:

@@ -275,12 +275,12 @@ class IDomainControl(Interface):
     """
     How xenmig pauses, resumes and releases a whole VM for its toolstack.
 
-    Implementations speak to the hypervisor's own tool (``xl``) or to the VM's QEMU
-    (QMP).  The resume gate uses them: the source pauses the VM before the final
-    transfer and resumes it only after an abort; the target resumes it only after
-    the commit.  Every method is bounded; cancelling its Deferred stops waiting
-    (an external program is terminated) but cannot take back what the hypervisor
-    already did.
+    Implementations speak to the hypervisor's own tool (``xl``), to the VM's QEMU
+    (QMP) or to libvirt (``virsh``).  The resume gate uses them: the source pauses
+    the VM before the final transfer and resumes it only after an abort; the target
+    resumes it only after the commit.  Every method is bounded; cancelling its
+    Deferred stops waiting (an external program is terminated) but cannot take
+    back what the hypervisor already did.
     """
 
     description = Attribute("str: what is controlled, e.g. 'xl domain vm1'.")
@@ -391,10 +391,9 @@ class IReceivingSession(Interface):
 class IMigrationTarget(Interface):
     """
     What a target host's protocols call: the AMP control connection (with the
-    peer's certificate identity, ``peer``, and fingerprint), the local socket
-    of the toolstack (``peer`` None), and the stream switch.  It decides; the
-    protocols only parse and answer.  Every error it raises is a
-    L{xenmig.errors.XenmigError} the protocols send back as is.
+    peer's certificate identity, ``peer``, and fingerprint), the local socket of
+    the toolstack (``peer`` None), and the stream switch.  It decides; the
+    protocols only parse and answer; they send back its XenmigErrors as they are.
     """
 
     clock = Attribute("The IReactorTime the protocols' timers run on.")
@@ -403,6 +402,7 @@ class IMigrationTarget(Interface):
         "The time-outs in seconds (a xenmig.target.config.Timeouts): the "
         "protocols use ``handshake`` (TLS) and ``idle`` (a silent stream)."
     )
+    bandwidth = Attribute("The TokenBucket incoming streams read through, or None.")
 
     def authorize(peer, fingerprint=""):
         """

@@ -240,10 +240,17 @@ class MigrationStatus:
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What one pre-copy round sent, and how much is still to send."""
+    """
+    What one pre-copy round sent, and how much is still to send.  The
+    migration adds what it measured of the round: how long it took
+    (``seconds``) and how many of the bytes it queued had not yet left the
+    source when it ended (``unsent``).
+    """
 
     bytesSent: int
     remaining: int
+    seconds: float | None = None
+    unsent: int = 0
 
 
 @dataclass(frozen=True)

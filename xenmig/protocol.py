@@ -336,7 +336,8 @@ class ControlProtocol(StatusResponders, amp.AMP):
             device,
             self.target.timeouts.idle,
             self.target.chargeStream(session.migrationId),
-            self.target.timeouts.stall,
+            self.target.bandwidth,
+            stallTimeout=self.target.timeouts.stall,
         )
         self._resuming().streamAttached(session, device, receiver)
         return receiver

@@ -1,13 +1,17 @@
-"""Queued work handed to the thread pool in bounded batches, with backpressure."""
+"""Queued work handed to the thread pool in bounded batches, with backpressure;
+and the token bucket that paces streams to a bandwidth."""
 
 from __future__ import annotations
 
+import re
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 Item = TypeVar("Item")
@@ -193,3 +197,101 @@ class BatchPump(Generic[Item]):
             waiters, self._idleWaiters = self._idleWaiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+
+class TokenBucket:
+    """
+    A bandwidth in bytes per second that several streams share: a token bucket
+    that lends.
+
+    Tokens accrue at ``rate`` per second, up to ``burst``.  A stream takes what
+    it sends (or has just read) with L{take}: the count is always granted, even
+    into debt, and the answer is how many seconds the stream waits before it
+    sends (or reads) again: until the debt is paid.  A take made while others
+    wait queues behind their debt, and each stream waits out its own take before
+    the next, so the streams that have something to send take turns (a turn is
+    one record or one read, at most about a mebibyte); a stream with nothing to
+    send takes nothing and its share goes to the others.
+
+    Any thread may take; nothing here sleeps or needs a timer: the caller waits
+    (L{paced} in the reactor; a sender thread on an event).
+    """
+
+    def __init__(
+        self,
+        rate: int,
+        burst: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate < MIN_BANDWIDTH:
+            raise ValueError(f"a bandwidth is at least {MIN_BANDWIDTH} bytes/s")
+        self.rate = rate
+        #: What may go at once after an idle spell: 50 ms of the rate.
+        self.burst = burst if burst is not None else max(64 * 1024, rate // 20)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens = float(self.burst)  # guarded by _lock; negative: debt
+        self._stamp = clock()  # guarded by _lock
+
+    def take(self, count: int) -> float:
+        """Take ``count`` bytes' tokens; the seconds to wait before the next take."""
+        with self._lock:
+            now = self._clock()
+            elapsed = max(0.0, now - self._stamp)
+            self._stamp = now
+            self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+            self._tokens -= count
+            return -self._tokens / self.rate if self._tokens < 0 else 0.0
+
+
+def paced(
+    bucket: TokenBucket, count: int, clock: IReactorTime
+) -> Deferred[None] | None:
+    """
+    Take ``count`` from ``bucket`` in the reactor: None if the caller may go on,
+    else a Deferred that fires once the debt is paid (a timer: cancelling the
+    Deferred cancels it).
+    """
+    delay = bucket.take(count)
+    if delay <= 0:
+        return None
+    call: list[IDelayedCall] = []
+
+    def cancel(_: Deferred[None]) -> None:
+        if call and call[0].active():
+            call[0].cancel()
+
+    waiter: Deferred[None] = Deferred(cancel)
+    call.append(clock.callLater(delay, waiter.callback, None))
+    return waiter
+
+
+#: The lowest bandwidth accepted (bytes per second): slower streams would sit
+#: silent for longer than the time-outs allow between records.
+MIN_BANDWIDTH = 64 * 1024
+_RATE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_RATE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)(?:i?b)?(?:/s)?$", re.IGNORECASE)
+
+
+def parseBandwidth(text: str) -> int:
+    """
+    A bandwidth in bytes per second: ``"500M"`` -> 524288000 (K, M, G in powers
+    of 1024; a trailing ``B``, ``iB`` or ``/s`` is allowed; a plain number is
+    bytes per second).
+
+    @raise ValueError: saying what is wrong with ``text``.
+    """
+    match = _RATE.match(text.strip())
+    if match is None:
+        raise ValueError(
+            f"bandwidth {text!r} is not a number of bytes per second with an "
+            f"optional K, M or G suffix (e.g. 500M)"
+        )
+    number, unit = match.groups()
+    rate = int(float(number) * _RATE_UNITS[unit.lower()])
+    if rate < MIN_BANDWIDTH:
+        raise ValueError(
+            f"bandwidth {text!r} is below the lowest accepted, "
+            f"{MIN_BANDWIDTH // 1024}K bytes per second"
+        )
+    return rate

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from xenmig.certificates import hostPort
 from xenmig.errors import InternalError, StreamError, StreamStalled, XenmigError
 from xenmig.interfaces import IReceivingSession
+from xenmig.pump import TokenBucket
 from xenmig.records import EndRecord, Record, RecordParser, RoundRecord, encodeKeepalive
 from xenmig.tls import ALTERED, ALTERED_IN_TRANSIT, describeTLSError
 
@@ -25,6 +26,8 @@ log = Logger()
 READ_SIZE = 1024 * 1024
 #: A KEEPALIVE record as it arrives: the source says it has nothing to send.
 _KEEPALIVE = b"".join(encodeKeepalive())
+#: More bytes than this at once are not KEEPALIVE records only (they come alone).
+_KEEPALIVES_AT_ONCE = 64 * len(_KEEPALIVE)
 
 
 class StreamReceiver(Protocol, TimeoutMixin):
@@ -32,13 +35,18 @@ class StreamReceiver(Protocol, TimeoutMixin):
     The raw stream of one device, after StartStream.  It parses records and hands
     them to the session; when the device asks to wait, it pauses the transport.
     Idle for longer than ``idleTimeout`` (reset on every chunk), it aborts.
+    With a ``bandwidth`` (the daemon's L{TokenBucket}, which every incoming
+    stream shares), it takes each chunk it reads from it and, in debt, pauses
+    the transport and holds the chunk until a timer says the debt is paid (the
+    idle time-out waits meanwhile): nothing is parsed before it is paid for.
 
     Without progress for longer than ``stallTimeout`` (0: never) while progress
     is expected, it aborts with L{StreamStalled} naming the device and the phase.
     Progress is any byte but a KEEPALIVE record; it is expected from the
     stream's start, except after a KEEPALIVE (the source has nothing to send:
     between pre-copy and the final round, while the VM is paused) until the
-    next record, and while the device holds the stream paused.
+    next record, while the device holds the stream paused, and while the
+    ``bandwidth`` limit holds it.
     """
 
     def __init__(
@@ -47,9 +55,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
         device: str,
         idleTimeout: float,
         charge: Callable[[int], None] | None = None,
+        bandwidth: TokenBucket | None = None,
         stallTimeout: float = 0.0,
     ) -> None:
         self.session = session
+        self.bandwidth = bandwidth
+        self._throttled: Any = None  # the IDelayedCall that resumes reading
+        self._held: list[bytes] = []  # read while in debt, not yet paid for
+        self._broken = False  # failed or timed out: nothing more is parsed
         self.charge = charge
         self.device = device
         self.idleTimeout = idleTimeout
@@ -75,6 +88,15 @@ class StreamReceiver(Protocol, TimeoutMixin):
             tcp.bufferSize = READ_SIZE
 
     def dataReceived(self, data: bytes) -> None:
+        if self.bandwidth is not None and not self.ended:
+            delay = self.bandwidth.take(len(data))
+            if delay > 0 or self._throttled is not None:
+                self._held.append(data)
+                self._throttle(delay)
+                return
+        self._consume(data)
+
+    def _consume(self, data: bytes) -> None:
         self.resetTimeout()
         self._received += len(data)
         if self.ended:
@@ -91,6 +113,41 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self._records.extend(records)
         self._drain()
 
+    def _throttle(self, delay: float) -> None:
+        """In debt: stop reading for ``delay`` seconds (until all held is paid)."""
+        if self._throttled is not None:
+            if delay > 0:
+                self._throttled.reset(delay)
+            return
+        if self._gone is None:
+            self.transport.pauseProducing()
+        self.setTimeout(None)
+        self._stopStall()  # held by this host's limit, not by the network
+        self._throttled = self.callLater(max(delay, 0.0), self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        """The debt is paid: parse what was held; read again (unless in debt)."""
+        self._throttled = None
+        while self._held and not self._broken:
+            self._consume(self._held.pop(0))
+        assert self.bandwidth is not None
+        debt = self.bandwidth.take(0)
+        if debt > 0 and not self.ended:
+            self._throttle(debt)
+            return
+        if self._waiting is None and self._gone is None and not self.ended:
+            self.setTimeout(self.idleTimeout)
+            self._expectProgress()
+            self.transport.resumeProducing()
+        self._checkGone()
+
+    def _stopThrottle(self) -> None:
+        self._held = []
+        if self._throttled is not None:
+            if self._throttled.active():
+                self._throttled.cancel()
+            self._throttled = None
+
     # -- progress ----------------------------------------------------------------------
 
     def _progressed(self, data: bytes, records: list[Record]) -> None:
@@ -101,9 +158,11 @@ class StreamReceiver(Protocol, TimeoutMixin):
                     if record.final
                     else f"pre-copy round {record.round}"
                 )
-        if data == _KEEPALIVE * (len(data) // len(_KEEPALIVE)):
+        if len(data) <= _KEEPALIVES_AT_ONCE and data == _KEEPALIVE * (
+            len(data) // len(_KEEPALIVE)
+        ):
             self._stopStall()  # nothing to send, says the source
-        elif self._waiting is None:
+        elif self._waiting is None and self._throttled is None:
             self._expectProgress()
 
     def _expectProgress(self) -> None:
@@ -131,6 +190,8 @@ class StreamReceiver(Protocol, TimeoutMixin):
                 f" during {self.during} (stream from source {where})"
             )
         )
+
+    # -- records -----------------------------------------------------------------------
 
     def _drain(self) -> None:
         while self._records and self._waiting is None and not self.ended:
@@ -168,7 +229,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
 
     def _resume(self, _: None) -> None:
         self._waiting = None
-        if self._gone is None:
+        if self._gone is None and self._throttled is None:
             self.setTimeout(self.idleTimeout)
             self._expectProgress()
             self.transport.resumeProducing()
@@ -190,6 +251,8 @@ class StreamReceiver(Protocol, TimeoutMixin):
     def _fail(self, error: BaseException) -> None:
         self.setTimeout(None)
         self._stopStall()
+        self._broken = True
+        self._stopThrottle()
         self.ended = True
         log.warn(
             "migration {migration_id}: stream of {device} failed: {error}",
@@ -204,6 +267,8 @@ class StreamReceiver(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         self.ended = True
         self._stopStall()
+        self._broken = True
+        self._stopThrottle()
         self.session.streamLost(
             self.device, f"was idle for more than {self.idleTimeout:g} seconds"
         )
@@ -215,10 +280,14 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._stopStall()
         self._gone = reason
+        if not self._held:
+            self._stopThrottle()
         self._checkGone()
 
     def _checkGone(self) -> None:
         if self._gone is None or self.ended or self._waiting is not None:
+            return
+        if self._held:  # what was read before the close is parsed first
             return
         self.ended = True
         why = self._gone.getErrorMessage()

@@ -19,6 +19,7 @@ from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
 from xenmig.limits import ConnectionLimits
 from xenmig.plugins import deviceKinds
+from xenmig.pump import parseBandwidth
 from xenmig.target.authz import PolicySource
 from xenmig.target.config import MAX_DEVICES, MAX_SESSIONS, TargetConfig, Timeouts
 from xenmig.target.core import MigrationTarget
@@ -53,7 +54,12 @@ class Options(usage.Options):
     )
     optParameters = [
         ["port", "p", DEFAULT_PORT, "TCP port to listen on.", int],
-        ["interface", "i", "", "Address to listen on (default: all)."],
+        [
+            "interface",
+            "i",
+            "",
+            "Address to listen on (default: all IPv4; :: for all).",
+        ],
         ["state-dir", "d", DEFAULT_STATE_DIR, "Journal, staging and local socket."],
         ["ca", None, None, "PEM bundle of the CA(s) that peer certificates chain to."],
         [
@@ -170,6 +176,13 @@ class Options(usage.Options):
             "Seconds a control connection with nothing running may stay silent.",
             float,
         ],
+        [
+            "max-bandwidth",
+            None,
+            None,
+            "Bytes per second all incoming streams receive together (e.g. 1G; "
+            "K, M, G are powers of 1024), shared fairly; default: no limit.",
+        ],
         ["tls-minimum", None, "1.2", "Lowest TLS version accepted: 1.2 or 1.3."],
         ["log-level", None, "info", "Lowest level logged: debug, info, warn, error."],
         ["log-format", None, "text", "text, or json: one object per line."],
@@ -216,8 +229,16 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be 1 or more")
         if not self["reconnect-grace"] >= 0:
             raise usage.UsageError("--reconnect-grace must be 0 or more seconds")
+        interface = self["interface"]
+        if interface.startswith("[") and interface.endswith("]"):
+            self["interface"] = interface[1:-1]  # [2001:db8::1] as written elsewhere
         if self["stall-timeout"] < 0:
             raise usage.UsageError("--stall-timeout must be 0 (never) or more")
+        if self["max-bandwidth"] is not None:
+            try:
+                self["max-bandwidth"] = parseBandwidth(self["max-bandwidth"])
+            except ValueError as e:
+                raise usage.UsageError(f"--max-bandwidth: {e}")
         if self["tls-minimum"] not in TLS_VERSIONS:
             raise usage.UsageError("--tls-minimum must be 1.2 or 1.3")
         if self["insecure-plaintext"]:
@@ -279,6 +300,7 @@ def _config(options: Options) -> TargetConfig:
         timeouts=timeouts,
         maxSessions=options["max-sessions"],
         maxDevices=options["max-devices"],
+        maxBandwidth=options["max-bandwidth"],
     )
 
 
@@ -341,6 +363,11 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     internet.StreamServerEndpointService(
         local, LocalControlFactory(target)
     ).setServiceParent(top)
+    if config.maxBandwidth:
+        log.info(
+            "incoming streams limited to {rate} bytes/s in all",
+            rate=config.maxBandwidth,
+        )
     log.info(
         "xenmig target on {address}, state in {state}, roots {roots}",
         address=address,

@@ -33,6 +33,26 @@ def positive(kind: type) -> Any:
     return convert
 
 
+def bandwidth(text: str) -> int:
+    """A bandwidth argument (``500M``: bytes per second, K/M/G in powers of 1024)."""
+    from xenmig.pump import parseBandwidth
+
+    try:
+        return parseBandwidth(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def duration(text: str) -> float:
+    """A duration argument with its unit (``300ms``, ``2s``), in seconds."""
+    from xenmig.source.convergence import parseDuration
+
+    try:
+        return parseDuration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def addVerbose(parser: argparse.ArgumentParser) -> None:
     """``-v``/``--verbose`` after the subcommand (as well as before it)."""
     parser.add_argument(

@@ -44,7 +44,7 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     )
     wait.add_argument(
         "--domain-control",
-        metavar="xl|qmp:PATH",
+        metavar="xl|qmp:PATH|libvirt:URI",
         help="how --resume resumes the VM (default xl)",
     )
     wait.set_defaults(main=main)
@@ -125,7 +125,7 @@ def _resumer(args: argparse.Namespace, reactor: Any) -> Any:
         return None
     control = parseDomainControl(args.domain_control or "xl", reactor, args.domain)
     if control is None:
-        raise UsageError("--resume needs a domain control: xl or qmp:PATH")
+        raise UsageError("--resume needs a domain control: xl, qmp:PATH or libvirt:URI")
     return control
 
 

@@ -8,7 +8,13 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from xenmig.cli.arguments import addVerbose, parseMigrationId, positive
+from xenmig.cli.arguments import (
+    addVerbose,
+    bandwidth,
+    duration,
+    parseMigrationId,
+    positive,
+)
 from xenmig.cli.connection import addTargetOptions, clientTLS
 from xenmig.cli.outcome import UsageError
 from xenmig.errors import BadSpec
@@ -56,9 +62,9 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     migrate.add_argument("--pause-command", metavar="CMD", help="pauses the VM")
     migrate.add_argument(
         "--domain-control",
-        metavar="xl|qmp:PATH|none",
+        metavar="xl|qmp:PATH|libvirt:URI|none",
         help="pause the VM (and resume it after a failure, release it after the "
-        "commit) through xl or QEMU's QMP, instead of commands",
+        "commit) through xl, QEMU's QMP or libvirt's virsh, instead of commands",
     )
     migrate.add_argument(
         "--resume-command", metavar="CMD", help="resumes the VM here after a failure"
@@ -70,6 +76,27 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         "--convergence",
         metavar="rounds=N,threshold=SIZE,shrink=F",
         help="pre-copy convergence policy",
+    )
+    migrate.add_argument(
+        "--bandwidth",
+        type=bandwidth,
+        metavar="RATE",
+        help="the most bytes per second the migration's streams send together, "
+        "shared fairly between them (e.g. 500M; K, M, G are powers of 1024)",
+    )
+    migrate.add_argument(
+        "--max-downtime",
+        type=duration,
+        metavar="TIME",
+        help="with --live: pause the VM only once the final round is estimated to "
+        "fit in TIME (e.g. 300ms, 2s); abort if it never does within --max-rounds "
+        "(default 10)",
+    )
+    migrate.add_argument(
+        "--downtime-fallback",
+        choices=("abort", "pause"),
+        help="when --max-downtime never fits within --max-rounds: abort (default; "
+        "the VM keeps running here) or pause anyway",
     )
     migrate.add_argument(
         "--command-timeout",
@@ -171,11 +198,13 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
         timeouts=timeouts,
         onRetry=display.phase,
         resume=args.resume,
-        retries=ResumePolicy(seconds=args.reconnect_timeout),
+        resumePolicy=ResumePolicy(seconds=args.reconnect_timeout),
         **clientTLS(args),
     )
     migrationId = args.migration_id or uuid.uuid4().hex
-    migration = SourceMigration(client, args.domain, migrationId)
+    migration = SourceMigration(
+        client, args.domain, migrationId, bandwidth=args.bandwidth
+    )
     command = MigrateCommand(reactor, migration, args, display, policy, control)
     return await command.run()
 
@@ -190,8 +219,20 @@ def _domainControl(args: argparse.Namespace, reactor: Any) -> Any:
 
 
 def _policy(args: argparse.Namespace) -> Any:
-    from xenmig.source.convergence import ConvergencePolicy
+    from xenmig.source.convergence import ConvergencePolicy, DowntimePolicy
 
+    if args.downtime_fallback and args.max_downtime is None:
+        raise UsageError("--downtime-fallback needs --max-downtime")
+    if args.max_downtime is not None:
+        if not args.live:
+            raise UsageError("--max-downtime needs --live (it ends pre-copy)")
+        if args.convergence:
+            raise UsageError("give --convergence or --max-downtime, not both")
+        return DowntimePolicy(
+            args.max_downtime,
+            maxRounds=args.max_rounds or 10,
+            fallback=args.downtime_fallback or "abort",
+        )
     if args.convergence and args.max_rounds:
         raise UsageError("give --convergence or --max-rounds, not both")
     if args.convergence:

@@ -82,6 +82,11 @@ class MigrateCommand:
             await migration.prepare(self.args.device)
             self._goOn()
             self.display.phase("the target accepted every device")
+            if migration.bandwidth:
+                self.display.phase(
+                    f"bandwidth limited to {formatRate(migration.bandwidth)}, "
+                    f"shared by the migration's streams"
+                )
             if self.args.live:
                 await self._precopy()
                 self._goOn()  # never pause the VM after an interrupt
@@ -120,6 +125,9 @@ class MigrateCommand:
             self.display.phase(
                 f"{name}: {len(sent)} pre-copy round(s), {formatBytes(sum(sent))}"
             )
+        downtime = self.migration.report().get("downtime")
+        if downtime is not None:
+            self.display.phase(downtimeLine(downtime))
 
     async def _pauseVM(self) -> None:
         from xenmig.clients.processes import runShell
@@ -296,6 +304,10 @@ def summary(report: dict[str, Any]) -> str:
         f"{report.get('target', 'the target')} in {formatSeconds(durations['total'])}"
         f" (paused window {formatSeconds(report['paused_window'])})"
     ]
+    if report.get("downtime"):
+        lines.append("  " + downtimeLine(report["downtime"]))
+    if report.get("bandwidth_limit"):
+        lines.append(f"  bandwidth limit {formatRate(report['bandwidth_limit'])}")
     for device in report["devices"]:
         seconds = device["seconds"] or 0.0
         rate = device["bytes"] / seconds if seconds else 0.0
@@ -313,3 +325,16 @@ def summary(report: dict[str, Any]) -> str:
         )
     lines += [f"  installed {path}" for path in report["installed"]]
     return "\n".join(lines)
+
+
+def downtimeLine(downtime: dict[str, Any]) -> str:
+    """The maximum downtime, the final round's estimate and, once known, the window."""
+    line = (
+        f"final round estimated at {formatSeconds(downtime['estimate'])} "
+        f"(max downtime {formatSeconds(downtime['limit'])})"
+    )
+    if downtime["exceeded"]:
+        line += ": over it after the last round allowed, paused anyway"
+    if downtime["paused_window"] is not None:
+        line += f"; paused window {formatSeconds(downtime['paused_window'])}"
+    return line

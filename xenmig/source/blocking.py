@@ -252,14 +252,16 @@ class BlockingMigrationClient:
         domain: str,
         specs: Sequence[DeviceSpec],
         migrationId: str | None = None,
+        bandwidth: int | None = None,
     ) -> BlockingMigration:
         """
-        Open a migration on the target (VM still running).
+        Open a migration on the target (VM still running); ``bandwidth``: the
+        most bytes per second its streams send together (None: no limit).
 
         @raise xenmig.errors.DeviceRefused: naming each refused device and why.
         """
         migration = self._thread.call(
-            self._client.prepare, domain, list(specs), migrationId
+            self._client.prepare, domain, list(specs), migrationId, bandwidth
         )
         return BlockingMigration(self._thread, migration)
 

@@ -41,12 +41,17 @@ class MigrationClient(TargetConnection):
         domain: str,
         specs: Sequence[DeviceSpec],
         migrationId: str | None = None,
+        bandwidth: int | None = None,
     ) -> SourceMigration:
         """
         Describe every device and open a session on the target (VM still running).
+        ``bandwidth``: the most bytes per second the migration's streams send
+        together (L{xenmig.pump.parseBandwidth} reads ``500M``); None: no limit.
 
         @raise DeviceRefused: naming every refused device and why; nothing changed.
         """
-        migration = SourceMigration(self, domain, migrationId or uuid.uuid4().hex)
+        migration = SourceMigration(
+            self, domain, migrationId or uuid.uuid4().hex, bandwidth=bandwidth
+        )
         await migration.prepare(specs)
         return migration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from xenmig.errors import Busy
 from xenmig.interfaces import IDeviceKind
 from xenmig.limits import AnnouncedLimits, withDeadline
 from xenmig.plugins import deviceKinds
+from xenmig.pump import TokenBucket
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
 from xenmig.source.pacing import Slots, handshakeSlots
 from xenmig.source.resumable import ResumePolicy
@@ -68,7 +70,7 @@ class TargetConnection:
         re-established (a progress display).
     @param resume: ask the target to keep each migration through broken
         connections (streams reopened, the control connection re-attached),
-        tried again within ``retries``; an older target does not, and a
+        tried again within ``resumePolicy``; an older target does not, and a
         broken connection then aborts as it always did.
 
     It paces itself within the target's L{limits}, which the target
@@ -88,7 +90,7 @@ class TargetConnection:
         serverName: str | None = None,
         onRetry: Callable[[str], Any] | None = None,
         resume: bool = False,
-        retries: ResumePolicy | None = None,
+        resumePolicy: ResumePolicy | None = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -97,8 +99,10 @@ class TargetConnection:
         self.timeouts = timeouts or ClientTimeouts()
         self.kinds = kinds if kinds is not None else deviceKinds()
         self.onRetry = onRetry
+        #: Waits for load (BUSY answers, resets while connecting), by migration id.
+        self.retries: Counter[str] = Counter()
         self.resume = resume
-        self.retries = retries or ResumePolicy()
+        self.resumePolicy = resumePolicy or ResumePolicy()
         #: What the target announced (an older one: AnnouncedLimits()).
         self.limits = AnnouncedLimits()
         self.handshakes = Slots(handshakeSlots(self.limits))
@@ -156,26 +160,31 @@ class TargetConnection:
         step: Callable[[], Awaitable[T]],
         what: str = "",
         retryRefused: bool = True,
+        migrationId: str | None = None,
     ) -> Deferred[T]:
         """
         ``step``, tried again while the target is busy (see
-        L{xenmig.source.backoff.whileBusy}), within L{ClientTimeouts.busy}.
+        L{xenmig.source.backoff.whileBusy}), within L{ClientTimeouts.busy};
+        each wait counted in L{retries} under ``migrationId``.
         """
+
+        def retrying(line: str) -> None:
+            if migrationId is not None:
+                self.retries[migrationId] += 1
+            if self.onRetry is not None:
+                self.onRetry(line)
+
         return Deferred.fromCoroutine(
             whileBusy(
                 self.reactor,
                 step,
                 self.timeouts.busy,
                 self.timeouts.connect,
-                self._retrying,
+                retrying,
                 what,
                 retryRefused,
             )
         )
-
-    def _retrying(self, line: str) -> None:
-        if self.onRetry is not None:
-            self.onRetry(line)
 
     def learn(self, announced: Any) -> None:
         """Take the limits a target announced at Prepare (None: an older one)."""
@@ -234,7 +243,9 @@ class TargetConnection:
                 raise
 
         try:
-            prepared, answer = await self.whileBusy(once)
+            prepared, answer = await self.whileBusy(
+                once, migrationId=kw.get("migration_id")
+            )
         except BaseException:
             self.hangUp(control)
             raise
@@ -274,15 +285,20 @@ class TargetConnection:
 
     # -- the streams of a migration's devices -----------------------------------------
 
-    def streamSender(self, device: str) -> StreamSender | ThreadedStreamSender:
+    def streamSender(
+        self, device: str, bandwidth: TokenBucket | None = None
+    ) -> StreamSender | ThreadedStreamSender:
         """
         A sender for ``device``'s stream, not yet open: sent from a thread when
-        the client has a stream endpoint, else through Twisted's TLS.
+        the client has a stream endpoint, else through Twisted's TLS; paced by
+        ``bandwidth`` (shared by the migration's streams) if given.
         """
         keepalive = self.timeouts.keepalive
         if self.streamEndpoint is not None:
-            return ThreadedStreamSender(self.reactor, device, keepalive)
-        return StreamSender(device, self.reactor, keepalive)
+            return ThreadedStreamSender(
+                self.reactor, device, keepalive, bandwidth=bandwidth
+            )
+        return StreamSender(device, self.reactor, keepalive, bandwidth)
 
     async def openStream(
         self,
@@ -312,7 +328,9 @@ class TargetConnection:
                 await self._startStream(sender, answer["token"])
             return answer
 
-        return await self.whileBusy(once, f"the stream of {sender.device}")
+        return await self.whileBusy(
+            once, f"the stream of {sender.device}", migrationId=migrationId
+        )
 
     async def _startStream(
         self, sender: StreamSender | ThreadedStreamSender, token: bytes
@@ -364,7 +382,7 @@ class TargetConnection:
                 self.callWithin, seconds, what, control, command, **kw
             )
 
-        return await self.whileBusy(once, what)
+        return await self.whileBusy(once, what, migrationId=kw.get("migration_id"))
 
 
 @implementer(IHandshakeListener)

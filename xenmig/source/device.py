@@ -11,7 +11,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from xenmig.errors import MigrationAborted
-from xenmig.interfaces import ISourceContext, ISourceDevice
+from xenmig.interfaces import IConvergencePolicy, ISourceContext, ISourceDevice
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec
 from xenmig.source.resumable import ResumableStream
 from xenmig.source.streamsender import StreamSender
@@ -70,6 +70,8 @@ class DeviceRun:
     description: DeviceDescription | None = None
     sender: Sender | None = None
     rounds: list[int] | None = None
+    #: Its own copy of the pre-copy convergence policy.
+    policy: IConvergencePolicy | None = None
     digest: ContentDigest | None = None
     started: float | None = None
     finished: float | None = None
@@ -89,3 +91,11 @@ class DeviceRun:
         if isinstance(sender, ResumableStream):
             return sender.resent, sender.reconnections
         return 0, 0
+
+    async def sendFinal(self) -> ContentDigest:
+        """The final round on its open stream: the ROUND marker, the state, END."""
+        assert self.sender is not None
+        await self.sender.writeRound(len(self.rounds or []), True)
+        digest = await self.device.sendFinal(self.sender)
+        await self.sender.finish(digest)
+        return digest

@@ -22,9 +22,10 @@ from xenmig.errors import (
 )
 from xenmig.interfaces import IConvergencePolicy
 from xenmig.model import ContentDigest, DeviceSpec, RoundResult
+from xenmig.pump import TokenBucket
 from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
 from xenmig.source.controllink import ControlLink
-from xenmig.source.convergence import ConvergencePolicy
+from xenmig.source.convergence import ConvergencePolicy, perDevice, proceed, timed
 from xenmig.source.device import DeviceRun, Sender, SourceContext
 from xenmig.source.pacing import Slots, commandSlots
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
@@ -44,6 +45,8 @@ class SourceMigration:
     moves are L{TRANSITIONS}, drawn in doc/protocol.md).  It speaks to the
     target only through its connection (a L{TargetConnection}).
 
+    @param bandwidth: the most bytes per second its streams send together
+        (a L{TokenBucket} they share; None: no limit).
     @param monotonic: the clock of the report's durations.
     """
 
@@ -53,8 +56,13 @@ class SourceMigration:
         domain: str,
         migrationId: str,
         monotonic: Callable[[], float] = time.monotonic,
+        bandwidth: int | None = None,
     ) -> None:
         self.client = client
+        self.bandwidth = bandwidth
+        self._bucket = TokenBucket(bandwidth) if bandwidth else None
+        #: The convergence policy pre-copy was given (for the report).
+        self.policy: IConvergencePolicy | None = None
         self.reactor = client.reactor
         self.domain = domain
         self.migrationId = migrationId
@@ -77,6 +85,11 @@ class SourceMigration:
     def control(self) -> amp.AMP | None:
         """The control connection the migration speaks on now."""
         return self.link.protocol
+
+    @property
+    def retries(self) -> int:
+        """How often a step waited and tried again while the target was busy."""
+        return self.client.retries[self.migrationId]
 
     def _mark(self, event: str) -> None:
         self.times[event] = self._monotonic()
@@ -213,24 +226,26 @@ class SourceMigration:
         self._require(Phase.PRECOPY)
         self._mark("precopy")
         self._moveTo(Phase.PRECOPY)
-        policy = policy or ConvergencePolicy()
+        policy = self.policy = policy or ConvergencePolicy()
         runs = [r for r in self.devices.values() if r.device.precopy]
-        await self._allOrAbort([self._precopy(r, _fresh(policy)) for r in runs])
+        await self._allOrAbort([self._precopy(r, perDevice(policy)) for r in runs])
         self._moveTo(Phase.PRECOPIED)
         self._mark("precopied")
         return {r.name: list(r.rounds or []) for r in runs}
 
     async def _precopy(self, run: DeviceRun, policy: IConvergencePolicy) -> None:
         sender = await self._openStream(run)
-        run.rounds = []
+        run.rounds, run.policy = [], policy
         round = 0
         while True:
+            started = self._monotonic()
             await sender.writeRound(round, False)
             before = sender.bytesWritten
             result: RoundResult = await watchStream(
                 self.client, run.name, sender, f"pre-copy round {round}",
                 run.device.sendRound(sender, round),
             )  # fmt: skip
+            result = timed(result, self._monotonic() - started, sender.unsent)
             run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
             log.info(
                 "migration {migration_id}: {device} round {round} sent {sent} bytes",
@@ -239,7 +254,8 @@ class SourceMigration:
                 round=round,
                 sent=sender.bytesWritten - before,
             )
-            if not policy.proceed(round, result):
+            where = f"migration {self.migrationId}, device {run.name}"
+            if not proceed(policy, round, result, where):
                 return
             round += 1
 
@@ -269,15 +285,8 @@ class SourceMigration:
 
     async def _transfer(self, run: DeviceRun) -> None:
         sender = await self._openStream(run)
-
-        async def final() -> ContentDigest:
-            await sender.writeRound(len(run.rounds or []), True)
-            digest = await run.device.sendFinal(sender)
-            await sender.finish(digest)
-            return digest
-
         digest = await watchStream(
-            self.client, run.name, sender, "the final transfer", final()
+            self.client, run.name, sender, "the final transfer", run.sendFinal()
         )
         answer = await deviceReady(self, run)
         theirs = ContentDigest(answer["size"], answer["algorithm"], answer["digest"])
@@ -469,12 +478,6 @@ class SourceMigration:
     def report(self) -> dict[str, Any]:
         """The JSON report: ids, per-device bytes and digests, phase durations."""
         return migrationReport(self)
-
-
-def _fresh(policy: IConvergencePolicy) -> IConvergencePolicy:
-    """A policy per device: policies may remember the rounds they have seen."""
-    fresh = getattr(policy, "fresh", None)
-    return fresh() if callable(fresh) else policy
 
 
 async def _gather(deferreds: list[Deferred[Any]]) -> list[Any]:

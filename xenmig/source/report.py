@@ -27,6 +27,12 @@ class ReportedMigration(Protocol):
     def pausedAt(self) -> float | None: ...
     @property
     def devices(self) -> Mapping[str, DeviceRun]: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def bandwidth(self) -> int | None: ...
+    @property
+    def policy(self) -> Any: ...
 
 
 #: Each reported duration: from one mark of the migration's C{times} to another.
@@ -66,6 +72,9 @@ def migrationReport(migration: ReportedMigration) -> dict[str, Any]:
             for name, marks in DURATIONS.items()
         },
         "paused_window": paused,
+        "retries": migration.retries,
+        "bandwidth_limit": migration.bandwidth,
+        "downtime": downtimeReport(migration, paused),
         "devices": [deviceReport(run) for run in migration.devices.values()],
         "reconnections": reconnections(migration),
     }
@@ -83,6 +92,40 @@ def reconnections(migration: ReportedMigration) -> dict[str, int]:
         "streams": sum(run.resent[1] for run in runs),
         "resent_bytes": sum(run.resent[0] for run in runs),
     }
+
+
+def downtimeReport(
+    migration: ReportedMigration, paused: float | None
+) -> dict[str, Any] | None:
+    """
+    With a maximum downtime: the limit, the largest of the devices' estimates
+    of their final round (seconds), each device's, and the paused window.
+    """
+    limit = getattr(migration.policy, "maxDowntime", None)
+    if limit is None:
+        return None
+    estimates = {
+        run.name: _rounded(getattr(run.policy, "estimate", None))
+        for run in migration.devices.values()
+        if run.policy is not None
+    }
+    known = [e for e in estimates.values() if e is not None]
+    return {
+        "limit": limit,
+        "estimate": max(known) if known else None,
+        "estimates": estimates,
+        "fallback": migration.policy.fallback,
+        "exceeded": any(
+            getattr(run.policy, "exceeded", False) for run in migration.devices.values()
+        ),
+        "paused_window": paused,
+    }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    if seconds is None or seconds == float("inf"):
+        return None
+    return round(seconds, 6)
 
 
 def deviceReport(run: DeviceRun) -> dict[str, Any]:

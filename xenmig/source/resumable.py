@@ -32,6 +32,7 @@ from xenmig.records import (
     encodeZero,
 )
 from xenmig.source.backoff import Backoff, NotConnected
+from xenmig.source.stall import streamProgress
 
 log = Logger()
 
@@ -168,9 +169,20 @@ class ResumableStream:
     def _stallInterval(self) -> float:
         return self._stall / 2
 
-    def progress(self) -> tuple[int, int, int, int]:
-        """What moves while the stream makes progress (a stall watch's view)."""
-        return (self._next, self._taken, self.reconnections, self.resent)
+    def progress(self) -> tuple[Any, ...]:
+        """
+        What moves while the stream makes progress (a stall watch's view): its
+        records written and taken, the breaks it survived, and what moves on
+        its connection (L{streamProgress}).
+        """
+        sender = self._sender
+        on = streamProgress(sender) if sender is not None else None
+        return (self._next, self._taken, self.reconnections, self.resent, on)
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written but not yet handed to the kernel (on its connection)."""
+        return int(getattr(self._sender, "unsent", 0))
 
     def _checkStall(self) -> None:
         """

@@ -20,7 +20,10 @@ def streamProgress(sender: Any) -> object:
     framed (handed to its connection or queue; KEEPALIVE records do not count)
     and, for a threaded sender, also the bytes its thread handed to the kernel
     and those the target has not acknowledged yet (L{ThreadedStreamSender.progress}).
+    A sender waiting out the migration's bandwidth limit is making progress.
     """
+    if getattr(sender, "pacing", False):
+        return object()  # waiting out the migration's own bandwidth limit
     progress = getattr(sender, "progress", None)
     if progress is not None:
         return progress()
@@ -103,3 +106,84 @@ def watchStream(
             connection.reactor, seconds, lambda: streamProgress(sender), stalled, work
         )
     )
+
+
+def watchControl(
+    connection: Any,
+    control: Any,
+    migrationId: str,
+    waitingFor: str,
+    work: Deferred[T] | Coroutine[Any, Any, T],
+) -> Deferred[T]:
+    """
+    Await ``work`` (an answer on the control connection ``control`` that may
+    take long: a device's verification) while the connection is checked: every
+    half ``timeouts.stall``, a QueryMigration that must be answered within
+    ``timeouts.stall``.  One that is not means the control connection makes no
+    progress: ``work`` is cancelled and L{StreamStalled} raised naming
+    ``waitingFor`` and the target.  Other answers, errors included, are
+    progress (``work`` reports the migration's own failures).
+    """
+    from xenmig.amp_commands import QueryMigration
+    from xenmig.certificates import hostPort
+    from xenmig.errors import PhaseTimeout
+
+    seconds = connection.timeouts.stall
+    inner: Deferred[T] = ensureDeferred(work)
+    if seconds <= 0:
+        return inner
+    outer: Deferred[T] = Deferred(lambda _: inner.cancel())
+    pending: list[Deferred[Any]] = []
+
+    def answered(result: Any) -> None:
+        pending.clear()
+        if isinstance(result, Failure) and result.check(PhaseTimeout):
+            stalled()
+
+    def stalled() -> None:
+        if outer.called:
+            return
+        where = hostPort(connection.host, connection.port)
+        outer.errback(
+            Failure(
+                StreamStalled(
+                    f"no progress on the control connection for {seconds:g} s"
+                    f" while waiting for {waitingFor} (control connection to"
+                    f" target {where})"
+                )
+            )
+        )
+        inner.cancel()
+
+    def beat() -> None:
+        if pending or outer.called:
+            return
+        call = ensureDeferred(
+            connection.callWithin(
+                seconds, "a check of the control connection", control,
+                QueryMigration, migration_id=migrationId,
+            )
+        )  # fmt: skip
+        pending.append(call)
+        call.addBoth(answered)
+
+    def done(result: Any) -> Any:
+        if heartbeat.running:
+            heartbeat.stop()
+        for call in list(pending):
+            call.cancel()
+        if outer.called:
+            if isinstance(result, Failure):
+                result.trap(Exception, CancelledError)  # reported as the stall
+            return None
+        if isinstance(result, Failure):
+            outer.errback(result)
+        else:
+            outer.callback(result)
+        return None
+
+    heartbeat = LoopingCall(beat)
+    heartbeat.clock = connection.reactor
+    heartbeat.start(seconds / 2, now=False)
+    inner.addBoth(done)
+    return outer

@@ -13,6 +13,7 @@ from zope.interface import implementer
 
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
+from xenmig.pump import TokenBucket, paced
 from xenmig.records import encodeEnd, encodeKeepalive, encodeStreamHeader
 from xenmig.source.framing import RecordFraming
 
@@ -27,15 +28,26 @@ class StreamSender(RecordFraming, Protocol):
     transport drains, so the device stops reading its source meanwhile.  When
     the device writes nothing for ``keepalive`` seconds (the toolstack pausing
     the VM, a slow component), it sends a KEEPALIVE record so that the target's
-    idle time-out measures the network, not the device.
+    idle time-out measures the network, not the device.  With a ``bandwidth``
+    (a L{TokenBucket} its migration's streams share), each write's Deferred
+    also waits until the bucket allows the next (needs a ``clock``).
     """
 
     transport: Any  # ITCPTransport & IProducer once connected
+    #: Bytes written but not yet handed over (the transport's buffer is not told).
+    unsent = 0
 
     def __init__(
-        self, device: str, clock: IReactorTime | None = None, keepalive: float = 10.0
+        self,
+        device: str,
+        clock: IReactorTime | None = None,
+        keepalive: float = 10.0,
+        bandwidth: TokenBucket | None = None,
     ) -> None:
         super().__init__(device)
+        self.bandwidth = bandwidth
+        #: A write waiting out the bandwidth: its timer, and the writer's Deferred.
+        self._throttle: tuple[Deferred[None], Deferred[None]] | None = None
         self.clock = clock
         self.keepaliveInterval = keepalive
         self._timer: LoopingCall | None = None
@@ -74,12 +86,16 @@ class StreamSender(RecordFraming, Protocol):
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         self._disconnected = True
         self._stopTimer()
-        if self._done and not self._waiters:
+        if self._done and not self._waiters and self._throttle is None:
             return
         self._lose(reason.getErrorMessage())
 
     def _failWaiting(self, failure: Failure) -> None:
         waiters, self._waiters = self._waiters, []
+        if self._throttle is not None:
+            (timer, writer), self._throttle = self._throttle, None
+            timer.cancel()
+            waiters.append(writer)
         for waiter in waiters:
             waiter.errback(failure)
 
@@ -88,10 +104,36 @@ class StreamSender(RecordFraming, Protocol):
     def _send(self, parts: list[bytes]) -> Deferred[None]:
         self.transport.writeSequence(parts)
         self._wrote = True
+        if self.bandwidth is not None and self.clock is not None:
+            throttle = paced(self.bandwidth, sum(map(len, parts)), self.clock)
+            if throttle is not None:
+                return self._throttled(throttle)
+        return self._room()
+
+    def _room(self) -> Deferred[None]:
+        """Fires once the transport takes more (at once unless it is paused)."""
         if not self._paused:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._waiters.append(waiter)
+        return waiter
+
+    @property
+    def pacing(self) -> bool:
+        """Whether a write waits out the bandwidth limit (not a stall)."""
+        return self._throttle is not None
+
+    def _throttled(self, throttle: Deferred[None]) -> Deferred[None]:
+        """A write's Deferred that waits out the bandwidth, then the transport."""
+        waiter: Deferred[None] = Deferred()
+        self._throttle = (throttle, waiter)
+
+        def paid(_: None) -> None:
+            self._throttle = None
+            self._room().chainDeferred(waiter)
+
+        # Cancelled only by _failWaiting, which fails the writer itself.
+        throttle.addCallbacks(paid, lambda _: None)
         return waiter
 
     def _tick(self) -> None:

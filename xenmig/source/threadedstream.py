@@ -22,7 +22,6 @@ import struct
 import tempfile
 import termios
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +42,7 @@ from xenmig.errors import (
 )
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
-from xenmig.pump import Backpressure
+from xenmig.pump import Backpressure, TokenBucket
 from xenmig.records import (
     encodeEnd,
     encodeKeepalive,
@@ -298,7 +297,10 @@ class ThreadedStreamSender(RecordFraming):
     Writes are queued (each record's parts as they are, no copy); once more than
     ``highWater`` bytes wait, writes return Deferreds that fire when the thread
     has sent the queue down to ``lowWater``.  When nothing is written for
-    ``keepalive`` seconds, the thread sends a KEEPALIVE record.
+    ``keepalive`` seconds, the thread sends a KEEPALIVE record.  With a
+    ``bandwidth`` (a L{TokenBucket} its migration's streams share), the thread
+    waits before each record until the bucket allows it, sending KEEPALIVEs
+    meanwhile.
     """
 
     def __init__(
@@ -308,8 +310,11 @@ class ThreadedStreamSender(RecordFraming):
         keepalive: float = 10.0,
         highWater: int = 16 * 1024 * 1024,
         lowWater: int = 8 * 1024 * 1024,
+        bandwidth: TokenBucket | None = None,
     ) -> None:
         super().__init__(device)
+        self.bandwidth = bandwidth
+        self._aborted = threading.Event()
         self.reactor = reactor
         self.keepaliveInterval = keepalive
         self.highWater = highWater
@@ -321,7 +326,12 @@ class ThreadedStreamSender(RecordFraming):
         self._finished: Deferred[None] = Deferred()
         #: Bytes of records this thread handed to the kernel (KEEPALIVE excepted).
         self.bytesSent = 0
-        self._aborted = False
+        self._pacing = False
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+        return self._room.queued
 
     def open(self, endpoint: StreamEndpoint, token: bytes) -> Deferred[None]:
         """Connect in the sender thread; a Deferred firing once the stream is open."""
@@ -364,6 +374,8 @@ class ThreadedStreamSender(RecordFraming):
                 return
             if item is None:  # aborted
                 raise StreamError("the stream was aborted")
+            if self.bandwidth is not None:
+                self._pace(channel, sum(len(part) for part in item))
             channel.send(item)
             size = sum(len(part) for part in item)
             self.bytesSent += size  # read by the reactor's progress watch
@@ -376,13 +388,15 @@ class ThreadedStreamSender(RecordFraming):
         is empty), so that the stream's progress is watched to its real end;
         the migration's progress watch aborts a stream that stops here.
         """
-        while not self._aborted and channel.unacknowledged() > 0:
+        pause = 0.001
+        while not self._aborted.is_set() and channel.unacknowledged() > 0:
             if not channel.connected():
                 raise ConnectionResetError(
                     f"the connection closed with {channel.unacknowledged()} bytes"
                     " not acknowledged by the target"
                 )
-            time.sleep(0.02)
+            self._aborted.wait(pause)
+            pause = min(pause * 2, 0.02)
 
     def progress(self) -> tuple[int, int, int]:
         """
@@ -392,6 +406,27 @@ class ThreadedStreamSender(RecordFraming):
         channel = self._channel
         unacknowledged = channel.unacknowledged() if channel is not None else 0
         return (self.framedBytes, self.bytesSent, unacknowledged)
+
+    @property
+    def pacing(self) -> bool:
+        """Whether the thread waits out the bandwidth limit (not a stall)."""
+        return self._pacing
+
+    def _pace(self, channel: _Channel, count: int) -> None:
+        """Wait (in the sender thread) until the bandwidth allows ``count`` bytes."""
+        assert self.bandwidth is not None
+        delay = self.bandwidth.take(count)
+        self._pacing = delay > 0
+        try:
+            while delay > 0:
+                step = min(delay, self.keepaliveInterval)
+                if self._aborted.wait(step):
+                    raise StreamError("the stream was aborted")
+                delay -= step
+                if delay > 0:
+                    channel.send(encodeKeepalive())
+        finally:
+            self._pacing = False
 
     # -- the reactor thread ---------------------------------------------------------
 
@@ -433,8 +468,8 @@ class ThreadedStreamSender(RecordFraming):
     def abort(self) -> None:
         """Stop sending at once and close the connection (the migration aborts)."""
         self._done = True
-        self._aborted = True
         self._finished.addErrback(lambda _: None)  # nobody waits for it now
+        self._aborted.set()
         self._queue.put(None)
         if self._channel is not None:
             self._channel.abort()

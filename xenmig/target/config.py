@@ -52,6 +52,9 @@ class TargetConfig:
     maxSessions: int = MAX_SESSIONS
     #: Devices (so streams) of one migration.
     maxDevices: int = MAX_DEVICES
+    #: The most bytes per second all incoming streams receive together (None: no
+    #: limit).
+    maxBandwidth: int | None = None
 
     @property
     def roots(self) -> tuple[FilePath, ...]:

@@ -21,6 +21,7 @@ from xenmig.errors import (
 from xenmig.interfaces import IDeviceKind, IMigrationTarget
 from xenmig.limits import bounded
 from xenmig.model import DeviceOffer
+from xenmig.pump import TokenBucket
 from xenmig.target.admission import Admission
 from xenmig.target.authz import Grant, PeerPolicy, PolicySource
 from xenmig.target.commit import CommitHost, SessionCommit
@@ -76,6 +77,12 @@ class MigrationTarget(ResumingTarget):
         self.journal = Journal(config.stateDir.child("sessions"), runInThread)
         self.history = MigrationHistory(self.journal)
         self.admission = Admission(config)
+        #: What every incoming stream takes its bytes from, if limited.
+        self.bandwidth = (
+            TokenBucket(config.maxBandwidth, clock=reactor.seconds)
+            if config.maxBandwidth
+            else None
+        )
         self.tokens = StreamTokens(self.clock, config.timeouts.token)
         self.resumption = Resumption(self.clock, config.timeouts.reconnect)
         self.gate = ResumeGate(self.clock, self.history.claim)

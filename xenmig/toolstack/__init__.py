@@ -1,1 +1,1 @@
-"""What toolstacks call: domain control (xl, QMP), xend hooks, the local socket."""
+"""What toolstacks call: domain control (xl, QMP, libvirt), xend, the local socket."""

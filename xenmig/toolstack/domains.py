@@ -1,24 +1,32 @@
-"""Domain control: pausing, resuming and releasing a whole VM through ``xl`` or QMP."""
+"""Domain control: pausing, resuming and releasing a whole VM (``xl``, QMP, libvirt)."""
 
 from __future__ import annotations
 
-import os
-import shlex
-import shutil
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig.clients.processes import ChildProcess
 from xenmig.clients.qmp import QMPConnectionError
 from xenmig.clients.qmpclient import QMPClient, connectQMP, qmpSession
-from xenmig.errors import BadSpec, XenmigError
+from xenmig.errors import BadSpec
 from xenmig.interfaces import IDomainControl
 from xenmig.model import checkName
+from xenmig.toolstack.tools import DomainControlError, runTool
+from xenmig.toolstack.virsh import LibvirtDomainControl
+
+__all__ = [
+    "FORMS",
+    "DomainControlError",
+    "LibvirtDomainControl",
+    "QMPDomainControl",
+    "XLDomainControl",
+    "parseDomainControl",
+    "runTool",
+]
 
 log = Logger()
 T = TypeVar("T")
@@ -27,45 +35,6 @@ T = TypeVar("T")
 XL_TIMEOUT = 120.0
 #: Seconds a QMP connection and each command may take.
 QMP_TIMEOUT = 10.0
-
-
-class DomainControlError(XenmigError):
-    """Pausing, resuming or releasing the VM failed; the tool's words are kept."""
-
-
-def runTool(
-    reactor: Any, argv: list[str], timeout: float, what: str
-) -> Deferred[ChildProcess]:
-    """
-    Run a program (found on ``PATH``) and wait for it; the ended child, whatever
-    its exit status.  Cancelling, or ``timeout`` seconds, kills it.
-
-    @raise DomainControlError: if it is not installed or does not end in time.
-    """
-    executable = shutil.which(argv[0])
-    if executable is None:
-        return fail(
-            DomainControlError(f"{what}: {argv[0]!r} is not installed (not on PATH)")
-        )
-    child = ChildProcess(shlex.join(argv))
-    reactor.spawnProcess(child, executable, argv, env=dict(os.environ))
-    result: Deferred[ChildProcess] = Deferred(lambda _: child.signal("KILL"))
-
-    def ended(status: int) -> None:
-        if not result.called:
-            result.callback(child)
-
-    child.ended.addCallback(ended)
-
-    def timedOut(_: object, seconds: float) -> Failure:
-        return Failure(
-            DomainControlError(
-                f"{what}: {shlex.join(argv)!r} did not finish within {seconds:g} s "
-                f"(killed)"
-            )
-        )
-
-    return result.addTimeout(timeout, reactor, onTimeoutCancel=timedOut)
 
 
 @implementer(IDomainControl)
@@ -188,13 +157,14 @@ class QMPDomainControl:
 
 
 #: The forms ``--domain-control`` takes.
-FORMS = "xl, qmp:PATH or none"
+FORMS = "xl, qmp:PATH, libvirt:URI or none"
 
 
 def parseDomainControl(text: str, reactor: Any, domain: str) -> IDomainControl | None:
     """
-    ``xl`` (the domain named ``domain``), ``qmp:PATH`` (one QEMU), or ``none``
-    (the caller pauses and resumes the VM itself): a control, or None.
+    ``xl`` (the domain named ``domain``), ``qmp:PATH`` (one QEMU),
+    ``libvirt:URI`` (the libvirt domain named ``domain``, through ``virsh``), or
+    ``none`` (the caller pauses and resumes the VM itself): a control, or None.
 
     @raise BadSpec: for anything else.
     """
@@ -205,4 +175,6 @@ def parseDomainControl(text: str, reactor: Any, domain: str) -> IDomainControl |
     kind, sep, path = text.partition(":")
     if kind == "qmp" and sep and path:
         return QMPDomainControl(reactor, path)
+    if kind == "libvirt" and sep and path:
+        return LibvirtDomainControl(reactor, path, domain)
     raise BadSpec(f"domain control {text!r} is not one of {FORMS}")

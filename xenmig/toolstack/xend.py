@@ -96,7 +96,10 @@ class XendMigrationHooks:
         L{tlsConnector}.
     @param devices: the xenmig devices of a domain, by its name: each a
         L{DeviceSpec} (``vtpm:tpm0:ctrl=...,target-ctrl=...``).
-    @param policy: the pre-copy convergence policy of step 1 (default: xenmig's).
+    @param policy: the pre-copy convergence policy of step 1 (default: xenmig's;
+        L{xenmig.source.convergence.DowntimePolicy} for a maximum downtime).
+    @param bandwidth: the most bytes per second each migration's streams send
+        together (None: no limit).
     """
 
     def __init__(
@@ -105,8 +108,10 @@ class XendMigrationHooks:
         devices: Callable[[str], Sequence[DeviceSpec]],
         policy: IConvergencePolicy | None = None,
         transferTimeout: float = TRANSFER_TIMEOUT,
+        bandwidth: int | None = None,
     ) -> None:
         self.connect = connect
+        self.bandwidth = bandwidth
         self.devices = devices
         self.policy = policy
         self.transferTimeout = transferTimeout
@@ -268,7 +273,9 @@ class XendMigrationHooks:
             return 0
         client = self.connect(state.dst)
         try:
-            state.migration = client.prepare(state.domain, state.specs)
+            state.migration = client.prepare(
+                state.domain, state.specs, bandwidth=self.bandwidth
+            )
         except DeviceRefused as e:
             state.finished, state.reason = "refused", str(e)
             log.error(
