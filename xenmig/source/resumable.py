@@ -154,7 +154,7 @@ class ResumableStream:
         if stall > 0:
             self._watch = LoopingCall(self._checkStall)
             self._watch.clock = clock
-        self._stallSeen = -1
+        self._stallSeen: tuple[int, Any] = (-1, None)
 
     # -- opening ---------------------------------------------------------------------
 
@@ -187,8 +187,9 @@ class ResumableStream:
     def _checkStall(self) -> None:
         """
         Every half stall time-out: if the target has not taken every record
-        written and took none since the last check, its connection is stalled
-        (a path gone silent, no reset): open it again.
+        written, took none since the last check, and nothing moved on the
+        connection either, it is stalled (a path gone silent, no reset): open
+        it again.
         """
         if self._recovering is not None or self._failure is not None or self._ended:
             return
@@ -201,7 +202,9 @@ class ResumableStream:
         except Exception:
             return  # the control connection's own recovery is under way
         self._forget(taken)
-        moved, self._stallSeen = taken != self._stallSeen, taken
+        sender = self._sender
+        seen = (taken, streamProgress(sender) if sender is not None else None)
+        moved, self._stallSeen = seen != self._stallSeen, seen
         if moved or taken >= self._next or self._recovering is not None:
             return
         self._dropSender()
