@@ -318,3 +318,20 @@ def test_reattach_by_another_identity_is_refused(tmp_path: Any) -> None:
     with pytest.raises(NotAuthorized):
         target.reattach("rogue.test", "m", set())
     assert target.reattach("source.test", "m", set()) == "PREPARED"
+
+
+def test_the_old_connection_lost_after_reattach_means_nothing() -> None:
+    """Once re-attached, the session is the new connection's: the old one (a
+    half-open connection noticed late) no longer holds it, the new one does."""
+    clock = Clock()
+    resumption = Resumption(clock, 3.0)
+    s = session(clock, resumption)
+    old: set[str] = {"m"}  # the connection that prepared it
+    new: set[str] = set()
+    assert resumption.held("m", old)
+    resumption.reattached(s, new)
+    assert new == {"m"}
+    assert not resumption.held("m", old)
+    assert resumption.held("m", new)
+    resumption.forget("m")
+    assert not clock.getDelayedCalls()
