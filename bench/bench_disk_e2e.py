@@ -63,10 +63,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import benchlib
-from benchlib import XENMIG, MiB, freePort, fsyncPath, plainCopy, tmpfsOr
+from benchlib import SSH, SSHD, XENMIG, MiB, freePort, plainCopy, tmpfsOr
 
 HERE = Path(__file__).resolve()
-SSHD = "/usr/sbin/sshd"
 #: Goals of issue 4.
 GOAL_SCP = 3.0  # dense: xenmig at least 3x faster than scp
 GOAL_RSYNC_SPARSE = 1.0  # sparse: at least as fast as rsync --sparse
@@ -249,101 +248,6 @@ class Daemon(benchlib.Daemon):
 
 
 # -- sshd, scp and rsync --------------------------------------------------------------
-
-
-class SSH:
-    """An sshd of our own on 127.0.0.1, and the options to reach it."""
-
-    def __init__(self, work: Path) -> None:
-        self.dir = work / "ssh"
-        self.dir.mkdir(mode=0o700)
-        for name in ("host", "client"):
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f"]
-                + [str(self.dir / name)],
-                check=True,
-            )
-        (self.dir / "authorized_keys").write_text((self.dir / "client.pub").read_text())
-        self.port = freePort()
-        config = self.dir / "sshd_config"
-        config.write_text(
-            f"ListenAddress 127.0.0.1\n"
-            f"HostKey {self.dir / 'host'}\n"
-            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\n"
-            f"PidFile {self.dir / 'sshd.pid'}\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
-            "Subsystem sftp internal-sftp\nLogLevel ERROR\n"
-        )
-        # sshd wants its privilege separation directory (the package's service
-        # makes it at boot); an empty root-owned directory, left in place.
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        self.log = open(self.dir / "sshd.log", "wb")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(config), "-p", str(self.port)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.options = [
-            "-i",
-            str(self.dir / "client"),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-        ]
-        self.user = os.environ.get("USER") or "root"
-        deadline = time.monotonic() + 20
-        while True:
-            probe = subprocess.run(
-                ["ssh", "-p", str(self.port), *self.options]
-                + [f"{self.user}@127.0.0.1", "true"],
-                capture_output=True,
-                text=True,
-            )
-            if probe.returncode == 0:
-                break
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.log.flush()
-                raise SystemExit(
-                    "bench: our sshd does not answer: "
-                    + probe.stderr
-                    + (self.dir / "sshd.log").read_text()
-                )
-            time.sleep(0.1)
-
-    def scp(self, source: Path, target: Path) -> float:
-        return timed(
-            ["scp", "-q", "-P", str(self.port), *self.options]
-            + [str(source), f"{self.user}@127.0.0.1:{target}"],
-            target,
-        )
-
-    def rsync(self, source: Path, target: Path, *extra: str) -> float:
-        shell = " ".join(["ssh", "-p", str(self.port), *self.options])
-        return timed(
-            ["rsync", *extra, "-e", shell, str(source)]
-            + [f"{self.user}@127.0.0.1:{target}"],
-            target,
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        self.log.close()
-
-
-def timed(argv: list[str], output: Path) -> float:
-    """Run a copy command, then fsync its output; the seconds both took."""
-    started = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
-    fsyncPath(output)
-    return time.perf_counter() - started
 
 
 # -- the plain socket copy and the TLS copy --------------------------------------------

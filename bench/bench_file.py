@@ -1,16 +1,22 @@
 """
-End-to-end benchmark of the ``file`` kind against a plain-socket copy, same run.
+End-to-end benchmark of the ``file`` kind against a plain-socket copy and scp.
 
     python bench/bench_file.py [--size-mib 1024] [--runs 3] [--client process|cli]
-                               [--dir DIR] [--cache DIR] [--profile]
+                               [--dir DIR] [--cache DIR] [--profile] [--no-scp]
 
 (a) Reference: a sender process streams the file over plain TCP on 127.0.0.1 to
     a receiver process, which writes it to DIR and fsyncs it (no TLS, no
-    framing, no hashing).
+    framing, no hashing).  With an sshd (``/usr/sbin/sshd``), ``scp`` to an
+    sshd of the bench's own, with its default cipher and with aes128-gcm.
 (b) xenmig: a real ``twistd xenmig`` daemon, a client process (the
     MigrationClient API, or ``xenmig migrate`` with ``--client cli``), mutual
     TLS, and the file installed into DIR: the wall time from Prepare to the
     Commit's answer, the daemon's peak RSS (VmHWM), and the digest of the result.
+
+Each round runs them interleaved; each prints its wall time and, for scp and
+xenmig, the CPU seconds per GiB of each side (the client's and scp's from their
+rusage, the daemon's from ``/proc``, sshd's from its reaped children), the
+measure that a busy machine disturbs least.
 
 Both write to DIR (default: tmpfs, so that the disk does not dominate).  The
 dense random source file is made once and kept in the cache dir.
@@ -31,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from benchlib import XENMIG, MiB, cpuSeconds, peakRSS, plainCopy, tmpfsOr
+from benchlib import SSHD, XENMIG, MiB, cpuSeconds, peakRSS, plainCopy, tmpfsOr
 
 HERE = Path(__file__).resolve()
 GOAL_RSS = 150 * 1000 * 1000
@@ -205,45 +211,96 @@ def runClient(argv: list[str]) -> None:
 
 # -- the run ---------------------------------------------------------------------------
 
+#: scp's default cipher, and its fastest here (AES-NI).
+SCP_CIPHERS = {"scp": None, "scp aes128-gcm": "aes128-gcm@openssh.com"}
+
 
 def bench(
-    daemon: Daemon, how: str, source: Path, expected: Any, run: int
-) -> tuple[float, float]:
-    """One plain copy then one migration (a busy machine slows both); seconds."""
+    daemon: Daemon,
+    how: str,
+    source: Path,
+    expected: Any,
+    run: int,
+    ssh: benchlib.SSH | None,
+) -> dict[str, dict[str, float]]:
+    """
+    One round, interleaved (a busy machine slows them all): the plain copy,
+    scp with each cipher (with an sshd), then a migration; each one's figures.
+    """
     from xenmig.digest import hashFile
 
     size = source.stat().st_size
-    plain = reference(source, daemon.work)["seconds"]
+    gib = size / (1024 * MiB)
+    round: dict[str, dict[str, float]] = {}
+    round["plain socket"] = {"wall": reference(source, daemon.work)["seconds"]}
+    for name, cipher in SCP_CIPHERS.items() if ssh is not None else ():
+        assert ssh is not None
+        output = daemon.work / "scp.bin"
+        figures = ssh.scpFigures(source, output, cipher)
+        if hashFile(str(output)) != expected:
+            raise SystemExit(f"bench: the copy of {name} differs")
+        output.unlink()
+        round[name] = figures
     faults = minorFaults(daemon.process.pid)
     result = migrate(daemon, how, source, run)
     faults = minorFaults(daemon.process.pid) - faults
     if hashFile(str(result["target"])) != expected:
         raise SystemExit("bench: the migrated file's digest differs")
     result["target"].unlink()
-    ours = result["seconds"]
+    round["xenmig"] = {
+        "wall": result["seconds"],
+        "sender_cpu": result["client_cpu"],
+        "receiver_cpu": result["daemon_cpu"],
+    }
+    print(f"run {run}:")
+    for name, figures in round.items():
+        print("  " + line(name, figures, size, gib))
     print(
-        f"run {run}: plain socket {plain:.3f} s {rate(size, plain):5.0f} MB/s | "
-        f"xenmig {ours:.3f} s {rate(size, ours):4.0f} MB/s, digest ok | "
-        f"ratio {plain / ours:.0%}"
-    )
-    print(
-        f"       daemon CPU {result['daemon_cpu']:.2f} s, {faults} page faults; "
-        f"client CPU {result['client_cpu']:.2f} s, "
+        f"  xenmig: daemon {faults} page faults; client "
         f"{result['client_faults']} page faults, "
-        f"peak RSS {result['client_rss'] / 1e6:.0f} MB"
+        f"peak RSS {result['client_rss'] / 1e6:.0f} MB",
+        flush=True,
     )
-    return plain, ours
+    return round
 
 
-def summarize(size: int, pairs: list[tuple[float, float]], rss: int) -> None:
-    plain = statistics.median(p for p, _ in pairs)
-    ours = statistics.median(o for _, o in pairs)
-    ratio = statistics.median(p / o for p, o in pairs)
+def line(name: str, figures: dict[str, float], size: int, gib: float) -> str:
+    """Wall time and rate, and CPU seconds per GiB for each side when known."""
+    wall = figures["wall"]
+    text = f"{name:<16} {wall:6.3f} s {rate(size, wall):5.0f} MB/s"
+    if "sender_cpu" in figures:
+        text += (
+            f" | CPU per GiB: sender {figures['sender_cpu'] / gib:.2f} s, "
+            f"receiver {figures['receiver_cpu'] / gib:.2f} s"
+        )
+    return text
+
+
+def summarize(size: int, rounds: list[dict[str, dict[str, float]]], rss: int) -> None:
+    """Medians over the rounds, and the ratios against the references."""
+    gib = size / (1024 * MiB)
+    print(f"\nmedians of {len(rounds)} rounds:")
+    medians: dict[str, dict[str, float]] = {}
+    for name in rounds[0]:
+        medians[name] = {
+            key: statistics.median(r[name][key] for r in rounds)
+            for key in rounds[0][name]
+        }
+        print("  " + line(name, medians[name], size, gib))
+    ours = medians["xenmig"]["wall"]
+    ratio = statistics.median(
+        r["plain socket"]["wall"] / r["xenmig"]["wall"] for r in rounds
+    )
     print(
-        f"\nmedian of {len(pairs)}: plain socket {rate(size, plain):.0f} MB/s, "
-        f"xenmig {rate(size, ours):.0f} MB/s, ratio {ratio:.0%} "
+        f"xenmig against the plain socket: {ratio:.0%} "
         f"(goal >= {GOAL_RATIO:.0%}: {'met' if ratio >= GOAL_RATIO else 'MISSED'})"
     )
+    for name in SCP_CIPHERS:
+        if name in medians:
+            faster = statistics.median(
+                r[name]["wall"] / r["xenmig"]["wall"] for r in rounds
+            )
+            print(f"xenmig against {name}: {faster:.2f}x as fast ({ours:.3f} s)")
     print(
         f"daemon peak RSS {rss / 1e6:.0f} MB (goal < {GOAL_RSS / 1e6:.0f} MB: "
         f"{'met' if rss < GOAL_RSS else 'MISSED'})"
@@ -268,6 +325,9 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile daemon and client"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    parser.add_argument(
+        "--no-scp", action="store_true", help="leave out the scp references"
+    )
     args = parser.parse_args()
 
     size = args.size_mib * MiB
@@ -290,15 +350,20 @@ def measure(
     print(f"\n== source {source}, {size // MiB} MiB; copies to {work}")
     try:
         daemon = Daemon(work, args.profile)
+        ssh = None
         try:
-            pairs = [
-                bench(daemon, args.client, source, expected, run)
+            if not args.no_scp and shutil.which("scp") and os.path.exists(SSHD):
+                ssh = benchlib.SSH(work)
+            rounds = [
+                bench(daemon, args.client, source, expected, run, ssh)
                 for run in range(args.runs)
             ]
             rss = peakRSS(daemon.process.pid)
         finally:
             daemon.stop()
-        summarize(size, pairs, rss)
+            if ssh is not None:
+                ssh.stop()
+        summarize(size, rounds, rss)
         if args.profile:
             benchlib.showProfile("daemon", daemon.stats)
             benchlib.showProfile("client", daemon.clientStats)

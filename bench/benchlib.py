@@ -1,7 +1,8 @@
 """
 What the end-to-end benchmarks share: where they work, a throwaway ``twistd
 xenmig`` daemon, the ``xenmig`` command line, a process's figures from
-``/proc``, running swtpms, and the plain-socket copy they measure against.
+``/proc``, running swtpms, an sshd of their own for ``scp`` and ``rsync``, and
+the plain-socket copy they measure against.
 
 Run as a script, it is the copy's two child processes:
 ``benchlib.py _receive PORT OUTPUT`` and ``benchlib.py _send PORT SOURCE``.
@@ -140,6 +141,22 @@ def cpuSeconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def childrenCPU(pid: int) -> float:
+    """The CPU time of the reaped children of a live process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def waitForChildren(pid: int, seconds: float = 10.0) -> None:
+    """Blocking: wait until the live process ``pid`` has no child left."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        tasks = Path(f"/proc/{pid}/task")
+        if not any((task / "children").read_text().strip() for task in tasks.iterdir()):
+            return
+        time.sleep(0.01)
+
+
 # -- profiles ------------------------------------------------------------------------
 
 
@@ -182,6 +199,134 @@ async def startSwtpm(reactor: Any, state: str, running: bool = True) -> Any:
         answer = await tpmCommand(reactor, swtpm.serverPath, TPM2_STARTUP_CLEAR)
         assert responseCode(answer) == 0, answer.hex()
     return swtpm
+
+
+# -- sshd and scp ---------------------------------------------------------------------
+
+#: The OpenSSH server the scp references run.
+SSHD = "/usr/sbin/sshd"
+
+
+class SSH:
+    """An sshd of our own on 127.0.0.1, and the options to reach it."""
+
+    def __init__(self, work: Path) -> None:
+        self.dir = work / "ssh"
+        self.dir.mkdir(mode=0o700)
+        for name in ("host", "client"):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f"]
+                + [str(self.dir / name)],
+                check=True,
+            )
+        (self.dir / "authorized_keys").write_text((self.dir / "client.pub").read_text())
+        self.port = freePort()
+        config = self.dir / "sshd_config"
+        config.write_text(
+            f"ListenAddress 127.0.0.1\n"
+            f"HostKey {self.dir / 'host'}\n"
+            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\n"
+            f"PidFile {self.dir / 'sshd.pid'}\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
+            "Subsystem sftp internal-sftp\nLogLevel ERROR\n"
+        )
+        # sshd wants its privilege separation directory (the package's service
+        # makes it at boot); an empty root-owned directory, left in place.
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        self.log = open(self.dir / "sshd.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(config), "-p", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.options = [
+            "-i",
+            str(self.dir / "client"),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        self.user = os.environ.get("USER") or "root"
+        deadline = time.monotonic() + 20
+        while True:
+            probe = subprocess.run(
+                ["ssh", "-p", str(self.port), *self.options]
+                + [f"{self.user}@127.0.0.1", "true"],
+                capture_output=True,
+                text=True,
+            )
+            if probe.returncode == 0:
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.log.flush()
+                raise SystemExit(
+                    "bench: our sshd does not answer: "
+                    + probe.stderr
+                    + (self.dir / "sshd.log").read_text()
+                )
+            time.sleep(0.1)
+
+    def scp(self, source: Path, target: Path, cipher: str | None = None) -> float:
+        """``scp`` (with ``cipher``, or its default) and an fsync; the seconds."""
+        return self.scpFigures(source, target, cipher)["wall"]
+
+    def scpFigures(
+        self, source: Path, target: Path, cipher: str | None = None
+    ) -> dict[str, float]:
+        """
+        ``scp`` and an fsync: ``wall`` seconds, ``sender_cpu`` (scp and its
+        ssh, from their rusage) and ``receiver_cpu`` (the session's sshd and
+        ``scp -t``, reaped by the listening sshd) in CPU seconds.
+        """
+        before = childrenCPU(self.process.pid)
+        argv = ["scp", "-q", "-P", str(self.port), *self.options]
+        argv += ["-c", cipher] if cipher else []
+        started = time.perf_counter()
+        child = subprocess.Popen(
+            [*argv, str(source), f"{self.user}@127.0.0.1:{target}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        if status != 0:
+            assert child.stderr is not None
+            raise SystemExit(f"bench: scp failed: {child.stderr.read().decode()}")
+        fsyncPath(target)
+        wall = time.perf_counter() - started
+        waitForChildren(self.process.pid)
+        return {
+            "wall": wall,
+            "sender_cpu": usage.ru_utime + usage.ru_stime,
+            "receiver_cpu": childrenCPU(self.process.pid) - before,
+        }
+
+    def rsync(self, source: Path, target: Path, *extra: str) -> float:
+        shell = " ".join(["ssh", "-p", str(self.port), *self.options])
+        return timed(
+            ["rsync", *extra, "-e", shell, str(source)]
+            + [f"{self.user}@127.0.0.1:{target}"],
+            target,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.log.close()
+
+
+def timed(argv: list[str], output: Path) -> float:
+    """Run a copy command, then fsync its output; the seconds both took."""
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    fsyncPath(output)
+    return time.perf_counter() - started
 
 
 # -- the plain-socket copy -----------------------------------------------------------

@@ -20,6 +20,12 @@ from xenmig.testing import requirePrograms  # noqa: E402
 MiB = 1024 * 1024
 
 
+@pytest.fixture(scope="session", autouse=True)
+def noUserClientConfig(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The command lines the tests run read no client.toml of the user running them."""
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+
+
 @pytest.fixture(scope="session")
 def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """

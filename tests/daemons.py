@@ -244,6 +244,20 @@ class Daemon:
     def socketPath(self) -> str:
         return str(self.stateDir / "control.sock")
 
+    def targetArgs(self) -> list[str]:
+        """`xenmig`'s --target and TLS options for this daemon, as source.test."""
+        where = self.pki.ca
+        return [
+            "--target",
+            f"127.0.0.1:{self.port}",
+            "--ca",
+            str(where / "ca.pem"),
+            "--cert",
+            str(where / f"{CLIENT}.pem"),
+            "--key",
+            str(where / f"{CLIENT}.key"),
+        ]
+
     def argv(self) -> list[str]:
         options = [
             "--port",

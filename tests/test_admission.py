@@ -272,7 +272,7 @@ def test_hostLimitInFlight(tmp_path: Path) -> None:
     assert pending(preparing[0]) and pending(preparing[1])
     for d in preparing[2:]:
         failure = failureOf(d, Busy)
-        assert "already runs 2 migrations, its limit (--max-sessions 2)" in str(
+        assert "already runs 2 migration(s), its limit (--max-sessions 2)" in str(
             failure.value
         )
         assert failure.value.limit == "--max-sessions"

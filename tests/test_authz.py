@@ -652,6 +652,36 @@ async def test_daemonWarnsBeforeExpiry(
 
 
 @pytest_twisted.ensureDeferred
+async def test_threadedStreamsCheckTheTargetsName(
+    daemons: Callable[..., Daemon], certs: PKI
+) -> None:
+    """A threaded stream's handshake refuses a target not carrying the name asked."""
+    import socket
+
+    from twisted.internet.threads import deferToThread
+
+    from xenmig.source.streamtls import StreamTLS
+    from xenmig.tls import NameMismatch
+
+    daemon = await daemons().launch(reactor)
+    identity = tls.loadIdentity(
+        certs.ca / "source.test.pem", certs.ca / "source.test.key"
+    )
+    streamTLS = StreamTLS(identity, certs.authorities)
+
+    def handshake(name: str) -> str:
+        with socket.create_connection(("127.0.0.1", daemon.port), 10) as sock:
+            sock.settimeout(None)
+            connection = streamTLS.handshake(sock, name)
+            return str(connection.get_protocol_version_name())
+
+    assert await deferToThread(handshake, "127.0.0.1") in ("TLSv1.2", "TLSv1.3")
+    with pytest.raises(NameMismatch, match="not wrong.test"):
+        await deferToThread(handshake, "wrong.test")
+    await settled(reactor)
+
+
+@pytest_twisted.ensureDeferred
 async def test_pinsApplyToThreadedStreams(
     daemons: Callable[..., Daemon], certs: PKI, tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from daemons import CLIENT, PKI, Daemon, MiB, denseFile, settled
+from daemons import PKI, Daemon, MiB, denseFile, settled
 from twisted.internet import reactor
 from twisted.python import usage
 
@@ -65,7 +65,6 @@ def migrateFiles(
     daemon: Daemon, tmp_path: Path, name: str, sizes: list[int], *options: str
 ) -> tuple[subprocess.CompletedProcess[str], float, list[tuple[Path, Path]]]:
     """``xenmig migrate --json`` of a file device per size; result, seconds, files."""
-    where = daemon.pki.ca
     files = []
     devices = []
     for number, size in enumerate(sizes):
@@ -76,14 +75,7 @@ def migrateFiles(
     started = time.monotonic()
     result = xenmig(
         "migrate",
-        "--target",
-        f"127.0.0.1:{daemon.port}",
-        "--ca",
-        str(where / "ca.pem"),
-        "--cert",
-        str(where / f"{CLIENT}.pem"),
-        "--key",
-        str(where / f"{CLIENT}.key"),
+        *daemon.targetArgs(),
         "--domain",
         name,
         "--json",

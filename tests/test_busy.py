@@ -41,13 +41,15 @@ from xenmig.testing import MemoryKind
 
 def test_busyNamesItsLimitAndHint() -> None:
     """A Busy reads its limit and retry hint back from its message (the wire's)."""
-    busy = Busy.at("--max-sessions", "this host already runs 16 migrations", 2.0)
+    busy = Busy.at(
+        "--max-sessions", "the target host already runs 16 migration(s)", 2.0
+    )
     assert str(busy) == (
-        "--max-sessions: this host already runs 16 migrations; retry after 2 s"
+        "--max-sessions: the target host already runs 16 migration(s); retry after 2 s"
     )
     assert busy.limit == "--max-sessions"
     assert busy.retryAfter == 2.0
-    assert busy.what == "--max-sessions: this host already runs 16 migrations"
+    assert busy.what == "--max-sessions: the target host already runs 16 migration(s)"
     assert WIRE_ERRORS[Busy] == b"BUSY"
     assert not issubclass(Busy, DeviceRefused)
     bare = Busy("too much")
@@ -243,7 +245,7 @@ def retried(
 
 
 def sessionsBusy() -> Busy:
-    return Busy.at("--max-sessions", "this host already runs 1 migrations", 2.0)
+    return Busy.at("--max-sessions", "the target host already runs 1 migration(s)", 2.0)
 
 
 def test_busyIsRetriedAndSaidSo() -> None:
@@ -271,8 +273,8 @@ def test_busyGivesUpNamingTheLimit() -> None:
     failure = d.result
     assert isinstance(failure, Failure) and failure.check(Busy)
     assert str(failure.value).startswith(
-        "target busy: --max-sessions: this host already runs 1 migrations; gave up "
-        "after 3 attempt(s) in 4 s"
+        "target busy: --max-sessions: the target host already runs 1 migration(s); "
+        "gave up after 3 attempt(s) in 4 s"
     )
     d.addErrback(lambda _: None)
 

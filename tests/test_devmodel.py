@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from daemons import CLIENT, PKI, Daemon, settled
+from daemons import PKI, Daemon, settled
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
@@ -38,7 +38,6 @@ from xenmig.errors import (
 )
 from xenmig.interfaces import IDeviceKind, IRecordWriter, ISourceDevice, ITargetDevice
 from xenmig.model import DeviceDescription, DeviceSpec
-from xenmig.records import DataRecord, EndRecord
 from xenmig.source.migration import SourceMigration
 from xenmig.testing import (
     FakeSourceContext,
@@ -378,8 +377,9 @@ async def test_loadRefusalQuotesQEMU(guests: Guests, workdir: str) -> None:
     )
     await pause(running)
     writer = PipeWriter(receiver)
-    digest = await device.sendFinal(writer)
     with pytest.raises(DeviceError) as caught:
+        # QEMU loads as the state arrives: it refuses while reading, or at the end.
+        digest = await device.sendFinal(writer)
         await writer.finish(digest)
     message = str(caught.value)
     assert message.startswith(
@@ -394,20 +394,33 @@ async def test_loadRefusalQuotesQEMU(guests: Guests, workdir: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_damagedStateNeverReachesQEMU(guests: Guests, workdir: str) -> None:
-    """A state whose digest differs from the source's is not given to QEMU."""
+async def test_damagedStateNeverRuns(guests: Guests, workdir: str) -> None:
+    """A state whose digest differs from the source's fails; its QEMU never runs."""
     running = await guests.start("src")
     waiting = await guests.start("dst", incoming=True)
     device, receiver = await pair(workdir, running, **{"target-qmp": waiting.qmpPath})
     await pause(running)
-    writer = PipeWriter(receiver)
+    writer = SpoilingWriter(receiver)
     digest = await device.sendFinal(writer)
-    receiver.receive(DataRecord(100, b"spoilt"))
-    end = EndRecord(digest.size, digest.algorithm, digest.digest)
-    with pytest.raises(DigestMismatch, match="it was not given to QEMU"):
-        await receiver.finish(end)
+    assert writer.spoilt  # a byte of firmware filler, which QEMU loads unnoticed
+    with pytest.raises(DigestMismatch, match="that QEMU will not run"):
+        await writer.finish(digest)
     await receiver.abort()
-    assert await waiting.status() == "inmigrate"
+    assert await waiting.whenEnded()  # quit: it held a state that must not run
+    assert waiting.first("RESUME") is None
+
+
+class SpoilingWriter(PipeWriter):
+    """Flips one byte of the first run of 0xff filler it carries."""
+
+    spoilt = False
+
+    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
+        where = data.find(b"\xff" * 64)
+        if not self.spoilt and where >= 0:
+            self.spoilt = True
+            data = data[:where] + b"\xfe" + data[where + 1 :]
+        return super().writeData(offset, data)
 
 
 @pytest_twisted.ensureDeferred
@@ -561,21 +574,13 @@ def test_cliMigratesWithTheQMPDomainControl(
     try:
         for path in (sourceQMP, str(targetQMP)):
             _waitFor(path)
-        where = b.pki.ca
         result = subprocess.run(
             [
                 sys.executable,
                 "-m",
                 "xenmig.cli.main",
                 "migrate",
-                "--target",
-                f"127.0.0.1:{b.port}",
-                "--ca",
-                str(where / "ca.pem"),
-                "--cert",
-                str(where / f"{CLIENT}.pem"),
-                "--key",
-                str(where / f"{CLIENT}.key"),
+                *b.targetArgs(),
                 "--domain",
                 "cli-vm",
                 "--device",

@@ -226,14 +226,26 @@ def commandLines(text: str, program: str) -> list[list[str]]:
     return lines
 
 
-def test_daemonCommandLinesParse():
-    """Every ``twistd ... xenmig`` line in daemon.md (systemd unit too) parses."""
+def test_daemonCommandLinesParse(tmp_path):
+    """
+    Every ``twistd ... xenmig`` line in daemon.md parses; one with ``--config``
+    reads the doc's example file (its /etc/xenmig files made in a temp dir).
+    """
+    example = (ROOT / "doc" / "examples" / "xenmigd.toml").read_text()
+    for name in ("ca.pem", "node2.pem", "node2.key"):
+        (tmp_path / name).write_text("")
+    config = tmp_path / "xenmigd.toml"
+    config.write_text(example.replace("/etc/xenmig/", f"{tmp_path}/"))
     found = commandLines(read("daemon.md"), "twistd")
     assert len(found) == 4
     for words in found:
         assert "xenmig" in words, words
+        arguments = words[words.index("xenmig") + 1 :]
+        if "--config" in arguments:
+            assert arguments == ["--config", "/etc/xenmig/xenmigd.toml"]
+            arguments = ["--config", str(config)]
         options = tap.Options()
-        options.parseOptions(words[words.index("xenmig") + 1 :])
+        options.parseOptions(arguments)
         assert options["port"] == 8002
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from daemons import CLIENT, PKI, Daemon, MiB, denseFile, eventually, settled
+from daemons import PKI, Daemon, MiB, denseFile, eventually, settled
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
@@ -48,20 +48,12 @@ def migrateArgv(
     daemon: Daemon, domain: str, devices: list[str], *extra: str
 ) -> list[str]:
     """``xenmig migrate`` into ``daemon`` as ``source.test``."""
-    where = daemon.pki.ca
     argv = [
         sys.executable,
         "-m",
         "xenmig.cli.main",
         "migrate",
-        "--target",
-        f"127.0.0.1:{daemon.port}",
-        "--ca",
-        str(where / "ca.pem"),
-        "--cert",
-        str(where / f"{CLIENT}.pem"),
-        "--key",
-        str(where / f"{CLIENT}.key"),
+        *daemon.targetArgs(),
         "--domain",
         domain,
         *extra,
@@ -240,7 +232,9 @@ async def test_busyGivesUpNamingTheLimit(certs: PKI, tmp_path: Path) -> None:
         )
         code, err = await deferToThread(finish, process)
         assert code == 1, err
-        assert "aborted: target busy: --max-sessions: this host already runs" in err
+        assert (
+            "aborted: target busy: --max-sessions: the target host already runs" in err
+        )
         await held.abort("test over")
     finally:
         daemon.stop()

@@ -107,3 +107,61 @@ def test_realContexts(tmp_path):
     assert verifyObject(ITargetContext, TargetContext(target, "m", "vm", "p", "d"))
     assert verifyObject(ISourceContext, SourceContext(None, reactor, "d"))
     assert verifyObject(IRecordWriter, StreamSender("d"))
+
+
+IMPORTS_OF = """
+import sys
+{code}
+print(" ".join(sorted(m for m in sys.modules if m.startswith("xenmig"))))
+"""
+
+
+def importedBy(code: str) -> set[str]:
+    """The xenmig modules a fresh interpreter has imported after ``code``."""
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_OF.format(code=code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return set(result.stdout.split())
+
+
+def test_lazyKindsImportOnlyTheKindAskedFor() -> None:
+    """Asking LazyKinds for the file kind imports no other kind's module."""
+    imported = importedBy(
+        "from xenmig.plugins import LazyKinds\n"
+        "assert LazyKinds()['file'].kind == 'file'"
+    )
+    assert "xenmig.devices.file" in imported
+    assert not {
+        m
+        for m in imported
+        if m.startswith(
+            ("xenmig.devices.disk", "xenmig.devices.vtpm", "xenmig.devices.devmodel")
+        )
+    }
+
+
+def test_helpImportsNoDeviceKind() -> None:
+    """``xenmig --help`` imports no device kind."""
+    imported = importedBy(
+        "from xenmig.cli.main import run\n"
+        "try:\n    run(['--help'])\nexcept SystemExit:\n    pass"
+    )
+    assert "xenmig.cli.main" in imported
+    assert not {m for m in imported if m.startswith("xenmig.devices")}
+
+
+def test_lazyKindsAreThePluginsKinds() -> None:
+    """LazyKinds finds the same kinds as the plugin scan, and nothing more."""
+    from xenmig.plugins import LazyKinds
+
+    kinds = LazyKinds()
+    scanned = deviceKinds()
+    assert kinds["disk"] is scanned["disk"]
+    assert kinds.get("no-such-kind") is None
+    assert sorted(kinds) == sorted(scanned)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IUNIXTransport
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -234,6 +236,23 @@ def test_connectionLostFailsPendingButNotQuit() -> None:
     assert result(quit) == {}
     assert closed.called
     assert result(proto.execute("cont")).check(QMPConnectionError)
+
+
+def test_connectionLostDuringNegotiationFailsTheWaiterOnce() -> None:
+    """A QEMU gone while capabilities are negotiated fails whenReady, once."""
+    errors: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(errors.append)
+    try:
+        proto, qemu, _ = connected()
+        d = proto.whenReady()
+        proto.dataReceived(GREETING)  # qmp_capabilities is now pending
+        proto.connectionLost(Failure(ConnectionError()))
+        assert result(d).check(QMPConnectionError)
+        del proto, qemu
+        gc.collect()  # an unhandled failure (AlreadyCalledError) is logged now
+    finally:
+        globalLogPublisher.removeObserver(errors.append)
+    assert [e for e in errors if e.get("log_level") == LogLevel.critical] == []
 
 
 def test_cancelledCommandIgnoresLateReply() -> None:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 from twisted.internet import task
-from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.python.filepath import FilePath
 
 from xenmig.digest import hashBytes
@@ -188,6 +188,33 @@ def test_journalWriteAndRecover(tmp_path):
     assert not staging.exists() and not external.exists()
     onDisk = json.loads((tmp_path / "sessions" / "m-open.json").read_text())
     assert onDisk["phase"] == "ABORTED"
+
+
+def test_journalWritesTheNewestOfWaitingRecords(tmp_path):
+    """Records written while one is under way land as one write: the newest."""
+    started = []  # (data, Deferred) of each write handed to the "thread"
+
+    def held(function, *args):
+        done = Deferred()
+        started.append((args, done, lambda: function(*args)))
+        return done
+
+    journal = Journal(FilePath(str(tmp_path / "sessions")), held)
+    first = journal.write("m1", {"migration_id": "m1", "phase": "RECEIVING"})
+    second = journal.write("m1", {"migration_id": "m1", "phase": "READY"})
+    third = journal.write("m1", {"migration_id": "m1", "phase": "COMMITTING"})
+    assert len(started) == 1  # the first is under way; the others wait
+    _, done, run = started[0]
+    run()
+    done.callback(None)
+    assert first.called and not second.called and not third.called
+    assert len(started) == 2  # one write for both waiting records: the newest
+    _, done, run = started[1]
+    run()
+    done.callback(None)
+    assert second.called and third.called
+    onDisk = json.loads((tmp_path / "sessions" / "m1.json").read_text())
+    assert onDisk["phase"] == "COMMITTING"
 
 
 def test_corruptJournalRemoved(tmp_path):

@@ -19,6 +19,8 @@ from twisted.python.failure import Failure
 
 from xenmig.digest import hashBytes
 from xenmig.errors import StreamError, StreamLost
+from xenmig.records import encodeData, encodeKeepalive
+from xenmig.source.streamchannel import RECORD, StreamChannel
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import StreamEndpoint, ThreadedStreamSender
 
@@ -142,3 +144,40 @@ async def test_threadedSenderLosesTheStream(servers: list[StreamServer]) -> None
     with pytest.raises(StreamLost):
         await sender.writeData(64 * MiB, b"x")
     sender.abort()  # as a failed migration does: nobody waits for the close now
+
+
+# -- how a threaded stream cuts what it sends ------------------------------------------
+
+
+class RecordingChannel(StreamChannel):
+    """A channel whose writes are recorded instead of sent."""
+
+    def __init__(self) -> None:
+        super().__init__(socket.socket())
+        self.sock.close()
+        self.writes: list[bytes] = []
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def _cork(self, on: bool) -> None:
+        self.corked = on
+
+
+def test_channelSendsWholeTLSRecords() -> None:
+    """Records go out in writes of whole TLS records; the bytes are unchanged."""
+    channel = RecordingChannel()
+    sent: list[bytes] = []
+    for size in (MiB, 5, 3 * RECORD + 7, 100):
+        parts = encodeData(0, bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+        sent += parts
+        channel.send(parts, flush=False)
+    assert all(len(w) % RECORD == 0 for w in channel.writes)
+    assert channel.corked  # the kernel holds partial segments meanwhile
+    channel.send([], flush=True)
+    assert not channel.corked
+    assert b"".join(channel.writes) == b"".join(sent)
+    assert all(len(w) % RECORD == 0 for w in channel.writes[:-1])
+    # A flushed send leaves nothing behind: the KEEPALIVE goes out at once.
+    channel.send(encodeKeepalive())
+    assert channel.writes[-1] == b"".join(encodeKeepalive())

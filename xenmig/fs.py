@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -13,7 +12,9 @@ from twisted.python.filepath import FilePath
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The process's own symbols, libc's among them: ctypes.util.find_library would
+# run ldconfig (tens of milliseconds at every start).
+_libc = ctypes.CDLL(None, use_errno=True)
 _ZEROS = bytes(1024 * 1024)
 
 

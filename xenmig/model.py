@@ -244,13 +244,16 @@ class RoundResult:
     What one pre-copy round sent, and how much is still to send.  The
     migration adds what it measured of the round: how long it took
     (``seconds``) and how many of the bytes it queued had not yet left the
-    source when it ended (``unsent``).
+    source when it ended (``unsent``).  ``figures`` are the handler's own
+    numbers for the report (the ``devmodel`` kind: QEMU's RAM counters), plain
+    JSON values.
     """
 
     bytesSent: int
     remaining: int
     seconds: float | None = None
     unsent: int = 0
+    figures: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,7 @@ class RecordParser:
         self.version: int | None = None
         self.options = 0
         self.bytesParsed = 0
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self._size = 0
         self._needed = HEADER_SIZE  # bytes required before parsing can progress
 
@@ -241,7 +241,7 @@ class RecordParser:
         """Bytes received but not yet parsed into a record."""
         return self._size
 
-    def feed(self, data: bytes) -> list[Record]:
+    def feed(self, data: bytes | memoryview) -> list[Record]:
         """
         Add ``data`` and return the records it completes.
 
@@ -280,7 +280,8 @@ class RecordParser:
             if record is not None:
                 records.append(record)
         self.bytesParsed += cursor
-        rest = buffer[cursor:] if cursor < len(buffer) else b""
+        # What is left starts the next record: a view, not a copy.
+        rest = view[cursor:] if cursor < len(buffer) else b""
         self._chunks = [rest] if rest else []
         self._size = len(rest)
         return records
@@ -294,7 +295,7 @@ class RecordParser:
         if recordType == TYPE_METADATA and length > MAX_METADATA:
             raise StreamError(f"METADATA record of {length} bytes is too large")
 
-    def _parseHeader(self, buffer: bytes) -> None:
+    def _parseHeader(self, buffer: bytes | memoryview) -> None:
         magic, version, options = _STREAM_HEADER.unpack_from(buffer)
         if magic != MAGIC:
             raise StreamError("stream does not start with the xenmig magic")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from functools import partial
 from typing import Any
 
 from twisted.application import internet, service
@@ -22,11 +23,14 @@ from xenmig.plugins import deviceKinds
 from xenmig.pump import parseBandwidth
 from xenmig.target.authz import PolicySource
 from xenmig.target.config import MAX_DEVICES, MAX_SESSIONS, TargetConfig, Timeouts
+from xenmig.target.configfile import DAEMON_CONFIG, settingsChanged
+from xenmig.target.configoptions import ConfigFileOptions
 from xenmig.target.core import MigrationTarget
 from xenmig.target.hooks import runHook
 from xenmig.target.logobserver import checkLogging, daemonObserver
 from xenmig.target.metrics import PrometheusMetrics
 from xenmig.target.metricsweb import MetricsService, parseAddress
+from xenmig.target.notify import SystemdNotifier
 from xenmig.target.service import (
     LOCAL_SOCKET,
     ExpiryService,
@@ -44,7 +48,7 @@ _TIMEOUTS = Timeouts()
 _LIMITS = ConnectionLimits()
 
 
-class Options(usage.Options):
+class Options(ConfigFileOptions, usage.Options):
     """Options of ``twistd xenmig``."""
 
     synopsis = "[options]"
@@ -192,6 +196,13 @@ class Options(usage.Options):
             None,
             "Serve Prometheus metrics on [HOST:]PORT/metrics (host: 127.0.0.1).",
         ],
+        [
+            "config",
+            "c",
+            None,
+            f"TOML file of these options (default: {DAEMON_CONFIG}, if it exists);"
+            " the command line overrides it.",
+        ],
     ]
     optFlags = [
         [
@@ -204,6 +215,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["allow-root"] = []
+        self.file = None
+        self.sources = {}
 
     def opt_allow_root(self, path: str) -> None:
         """A directory where received state may be installed (repeatable)."""
@@ -226,28 +239,33 @@ class Options(usage.Options):
             "io-threads",
         ):
             if self[name] < 1:
-                raise usage.UsageError(f"--{name} must be 1 or more")
+                raise usage.UsageError(f"{self.named(name)} must be 1 or more")
         if not self["reconnect-grace"] >= 0:
             raise usage.UsageError("--reconnect-grace must be 0 or more seconds")
         interface = self["interface"]
         if interface.startswith("[") and interface.endswith("]"):
             self["interface"] = interface[1:-1]  # [2001:db8::1] as written elsewhere
         if self["stall-timeout"] < 0:
-            raise usage.UsageError("--stall-timeout must be 0 (never) or more")
+            raise usage.UsageError(
+                f"{self.named('stall-timeout')} must be 0 (never) or more"
+            )
         if self["max-bandwidth"] is not None:
             try:
                 self["max-bandwidth"] = parseBandwidth(self["max-bandwidth"])
             except ValueError as e:
-                raise usage.UsageError(f"--max-bandwidth: {e}")
+                raise usage.UsageError(f"{self.named('max-bandwidth')}: {e}")
         if self["tls-minimum"] not in TLS_VERSIONS:
-            raise usage.UsageError("--tls-minimum must be 1.2 or 1.3")
+            raise usage.UsageError(f"{self.named('tls-minimum')} must be 1.2 or 1.3")
         if self["insecure-plaintext"]:
             if not self["interface"]:
                 self["interface"] = "127.0.0.1"
             if not _isLoopback(self["interface"]):
                 raise usage.UsageError("--insecure-plaintext binds to loopback only")
         elif not (self["ca"] and self["cert"]):
-            raise usage.UsageError("--ca and --cert are required (mutual TLS)")
+            raise usage.UsageError(
+                "--ca and --cert are required (mutual TLS): on the command line, "
+                "or as ca and cert in the configuration file"
+            )
         self._checkObservability()
 
     def _checkObservability(self) -> None:
@@ -281,7 +299,9 @@ def _config(options: Options) -> TargetConfig:
     roots = tuple(FilePath(os.path.abspath(p)) for p in options["allow-root"])
     for root in roots:
         if not root.isdir():
-            raise ConfigurationError(f"--allow-root {root.path} is not a directory")
+            raise ConfigurationError(
+                f"{options.named('allow-root')} {root.path} is not a directory"
+            )
     timeouts = Timeouts(
         handshake=options["handshake-timeout"],
         idle=options["idle-timeout"],
@@ -313,6 +333,23 @@ def _limits(options: Options) -> ConnectionLimits:
     )
 
 
+def checkConfiguration(options: Options) -> None:
+    """
+    Blocking: check what makeService reads (roots, the peers, the TLS files)
+    without building anything; for ``xenmig config check``.
+
+    @raise ConfigurationError: saying what is wrong.
+    """
+    from xenmig import tls
+
+    config = _config(options)
+    settings = options.settingKinds() if options.peersInConfig else ()
+    PolicySource(options["peers"], config.roots, deviceKinds(), settings).load()
+    if not options["insecure-plaintext"]:
+        tls.loadIdentity(options["cert"], options["key"])
+        tls.loadAuthority(options["ca"])
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """
     Assemble the daemon (it does nothing until twistd starts it: see
@@ -331,7 +368,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 def _makeService(options: Options, reactor: Any) -> service.MultiService:
     config = _config(options)
     kinds = deviceKinds()
-    policies = PolicySource(options["peers"], config.roots, kinds)
+    settings = options.settingKinds() if options.peersInConfig else ()
+    policies = PolicySource(options["peers"], config.roots, kinds, settings)
     policies.load()
     _logPolicy(options["peers"], policies)
     address = hostPort(options["interface"], options["port"])
@@ -340,7 +378,8 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     if twistd is not None and not twistd.get("logger"):  # twistd's --logger wins
         level, form = options["log-level"], options["log-format"]
         observer = daemonObserver(level, form, twistd, reactor)
-    top = TargetDaemon(address, twistd, observer)
+    notifier = SystemdNotifier.fromEnvironment(os.environ)
+    top = TargetDaemon(address, twistd, observer, notifier)
     pool = threadpool.ThreadPool(2, options["io-threads"], name="xenmig-io")
     ThreadPoolService(pool).setServiceParent(top)
 
@@ -355,7 +394,12 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
         reactor, config, kinds, runInThread, hook, policies, metrics
     )
     TargetService(target, options["interface"], options["port"]).setServiceParent(top)
-    PolicyService(policies, reactor, runInThread).setServiceParent(top)
+    changed = None
+    if options.file is not None:
+        changed = partial(settingsChanged, options.file, options.settingKinds())
+    PolicyService(policies, reactor, runInThread, notifier, changed).setServiceParent(
+        top
+    )
     _listen(options, reactor, target, metrics).setServiceParent(top)
     local = UNIXServerEndpoint(
         reactor, config.stateDir.child(LOCAL_SOCKET).path, mode=0o600, wantPID=False

@@ -29,17 +29,17 @@ class Reach:
     cert: str | None = None
 
 
-def parseTarget(text: str) -> tuple[str, int]:
+def parseTarget(text: str, defaultPort: int = DEFAULT_PORT) -> tuple[str, int]:
     """
-    ``HOST:PORT``, ``[IPv6]:PORT`` (or ``HOST``, ``[IPv6]``: port 8002) ->
-    ``(host, port)``, the host without brackets.
+    ``HOST:PORT``, ``[IPv6]:PORT`` (or ``HOST``, ``[IPv6]``: port 8002 or
+    ``defaultPort``) -> ``(host, port)``, the host without brackets.
     """
     try:
         host, port = splitHostPort(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
     if not port and not text.endswith(":"):
-        port = str(DEFAULT_PORT)
+        port = str(defaultPort)
     if not host or any(c.isspace() or c in "/[]@" for c in host):
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     if not port.isdigit() or not 0 < int(port) < 65536:
@@ -54,7 +54,7 @@ def addTargetOptions(parser: argparse.ArgumentParser, required: bool) -> None:
         required=required,
         type=parseTarget,
         metavar="HOST:PORT",
-        help="the target daemon (port 8002 if left out)",
+        help="the target daemon (port 8002, or client.toml's port, if left out)",
     )
     parser.add_argument("--ca", metavar="FILE", help="PEM bundle of the CA(s)")
     parser.add_argument(
@@ -109,7 +109,8 @@ def clientTLS(args: argparse.Namespace) -> dict[str, Any]:
         return {"tls": None}
     if not (args.ca and args.cert):
         raise UsageError(
-            "--ca and --cert are required with --target (mutual TLS); "
+            "--ca and --cert are required with --target (mutual TLS), on the "
+            "command line or in client.toml (see doc/cli.md); "
             "make them with 'xenmig pki'"
         )
     from xenmig.source.threadedstream import sslContext

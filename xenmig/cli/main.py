@@ -1,10 +1,11 @@
 """
 The ``xenmig`` console script: the parser, the entry point and the logging.
 
-The subcommands are migrate, status, abort, await, pki, kinds, demo, completion
-and manpage.  Each lives in a module of its own that adds its options to the
-parser (``register``) and runs it (``main(reactor, args)``), importing what it
-needs only then.
+The subcommands are migrate, status, abort, await, pki, kinds, demo,
+config, service, completion and manpage.  Each lives in a module of its own
+that adds its options to the parser (``register``) and runs it
+(``main(reactor, args)``), importing what it needs only then.  Their defaults
+come from the client files first (L{xenmig.cli.clientconfig}).
 
 Exit statuses: 0 success (a committed migration); 1 the migration aborted (the
 source may resume its VM) or the step failed; 2 a usage or configuration error;
@@ -34,11 +35,13 @@ from xenmig.cli import (
     abort,
     awaitcmd,
     completion,
+    configcmd,
     democmd,
     kinds,
     manpage,
     migrate,
     pki,
+    servicecmd,
     status,
 )
 from xenmig.cli.outcome import EXIT_USAGE, UsageError, printJSONError, say
@@ -63,6 +66,12 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
     top.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read the options' defaults from this TOML file only (default: "
+        "/etc/xenmig/client.toml, then $XDG_CONFIG_HOME/xenmig/client.toml)",
+    )
+    top.add_argument(
         "--version",
         action="version",
         version=f"xenmig {version()}",
@@ -80,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     pki.register(sub)
     kinds.register(sub)
     democmd.register(sub)
+    configcmd.register(sub, top)
+    servicecmd.register(sub)
     completion.register(sub, top)
     manpage.register(sub, top)
     return top
@@ -91,7 +102,14 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     if arguments[:1] == ["pki"]:
         sys.exit(pki.main(arguments[1:]))
     try:
-        args = parser().parse_args(arguments)
+        args = _parse(arguments)
+    except ConfigurationError as e:
+        from xenmig.cli.failures import errorCode
+
+        print(f"xenmig: error: {e}", file=sys.stderr)
+        if "--json" in arguments:
+            printJSONError(errorCode(e), str(e), EXIT_USAGE)
+        sys.exit(EXIT_USAGE)
     except UsageError as e:
         print(e, file=sys.stderr)
         if "--json" in arguments:
@@ -100,6 +118,25 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     startLogging(args.verbose)
     tuneAllocator()
     react(_entry, (args,))
+
+
+def _parse(arguments: list[str]) -> argparse.Namespace:
+    """The command line, with the client files' defaults (see L{clientconfig})."""
+    import os
+
+    from xenmig.cli.clientconfig import configured
+
+    command = parser()
+    config = None
+    for n, argument in enumerate(arguments):  # xenmig's own, before the command
+        if not argument.startswith("-"):
+            break
+        if argument.startswith("--config="):
+            config = argument.partition("=")[2]
+        elif argument == "--config" and n + 1 < len(arguments):
+            config = arguments[n + 1]
+    command.set_defaults(settings=configured(command, config, os.environ))
+    return command.parse_args(arguments)
 
 
 def startLogging(verbose: bool) -> None:

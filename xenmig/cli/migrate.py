@@ -150,7 +150,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     """Check the arguments, then run a L{MigrateCommand}; its exit status."""
     from xenmig.cli.migratecommand import MigrateCommand
     from xenmig.cli.progress import ProgressDisplay
-    from xenmig.plugins import deviceKinds
+    from xenmig.plugins import LazyKinds
     from xenmig.source.client import MigrationClient
     from xenmig.source.connection import ClientTimeouts
     from xenmig.source.device import SourceContext
@@ -170,7 +170,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
         )
     if not args.live and (args.pause_command or args.resume_command):
         raise UsageError("--pause-command and --resume-command need --live")
-    kinds = deviceKinds()
+    kinds = LazyKinds()
     for spec in args.device:
         if spec.kind not in kinds:
             known = ", ".join(sorted(kinds)) or "none"
@@ -211,10 +211,10 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
 
 def _domainControl(args: argparse.Namespace, reactor: Any) -> Any:
     """The IDomainControl of ``--domain-control`` (None for none or absent)."""
-    from xenmig.toolstack.domains import parseDomainControl
-
     if not args.domain_control:
         return None
+    from xenmig.toolstack.domains import parseDomainControl
+
     return parseDomainControl(args.domain_control, reactor, args.domain)
 
 

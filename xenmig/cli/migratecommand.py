@@ -125,6 +125,10 @@ class MigrateCommand:
             self.display.phase(
                 f"{name}: {len(sent)} pre-copy round(s), {formatBytes(sum(sent))}"
             )
+            figures = self.migration.devices[name].roundFigures or []
+            for number, figure in enumerate(figures):
+                if "ram_remaining" in figure:
+                    self.display.phase(ramRound(name, number, figure))
         downtime = self.migration.report().get("downtime")
         if downtime is not None:
             self.display.phase(downtimeLine(downtime))
@@ -325,6 +329,16 @@ def summary(report: dict[str, Any]) -> str:
         )
     lines += [f"  installed {path}" for path in report["installed"]]
     return "\n".join(lines)
+
+
+def ramRound(name: str, number: int, figure: dict[str, Any]) -> str:
+    """One RAM pre-copy round for the display: sent, left, the guest's dirty rate."""
+    return (
+        f"  {name} RAM round {number}: {formatBytes(figure['stream_bytes'])} sent, "
+        f"{formatBytes(figure['ram_remaining'])} left, guest dirtying "
+        f"{formatRate(figure['dirty_bytes_rate'])}"
+        + (" (QEMU stopped the VM)" if figure.get("vm_stopped") else "")
+    )
 
 
 def downtimeLine(downtime: dict[str, Any]) -> str:

@@ -157,7 +157,9 @@ def daemonArgv(
     """
     The command line of a ``twistd -n xenmig`` daemon: in the foreground, no pid
     file, its log in ``logFile``; ``options`` are xenmig's (``--port``, ``--ca``,
-    ...), ``twistdOptions`` twistd's own (e.g. profiling).
+    ...), ``twistdOptions`` twistd's own (e.g. profiling).  It reads no
+    configuration file (not the host's ``/etc/xenmig/xenmigd.toml``) unless
+    ``options`` give ``--config``.
     """
     return [
         *TWISTD,
@@ -167,6 +169,7 @@ def daemonArgv(
         logFile,
         *twistdOptions,
         "xenmig",
+        "--config=",
         *options,
     ]
 

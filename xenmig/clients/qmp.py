@@ -113,7 +113,10 @@ class QMPProtocol(LineOnlyReceiver):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
-        for d in self._readyWaiters:
+        # Taken first: failing the pending qmp_capabilities below fails the
+        # ready waiters too, and each must fire once.
+        ready, self._readyWaiters = self._readyWaiters, []
+        for d in ready:
             d.errback(self._closedError("the greeting"))
         for commandId, (command, d) in sorted(self._pending.items()):
             del self._pending[commandId]

@@ -107,11 +107,19 @@ class QMPClient:
         """
         return Deferred.fromCoroutine(self._migrateToFD(fd, maxBandwidth))
 
-    async def _migrateToFD(self, fd: int, maxBandwidth: int) -> JSONObject:
+    async def migrateStart(self, fd: int, maxBandwidth: int) -> None:
+        """
+        Set ``max-bandwidth``, pass ``fd`` (``getfd``) and run ``migrate fd:NAME``;
+        return once QEMU took the command (the migration runs on; follow it with
+        ``query-migrate``).
+        """
         await self.execute("migrate-set-parameters", {"max-bandwidth": maxBandwidth})
         name = await self._passFD(fd)
+        await self._consumeFD(name, "migrate", {"uri": f"fd:{name}"})
+
+    async def _migrateToFD(self, fd: int, maxBandwidth: int) -> JSONObject:
+        await self.migrateStart(fd, maxBandwidth)
         try:
-            await self._consumeFD(name, "migrate", {"uri": f"fd:{name}"})
             return await self._pollMigration()
         except CancelledError:
             self.execute("migrate_cancel").addErrback(
@@ -132,8 +140,24 @@ class QMPClient:
         return Deferred.fromCoroutine(self._migrateIncomingFromFD(fd))
 
     async def _migrateIncomingFromFD(self, fd: int) -> str:
+        await self.startIncomingFromFD(fd)
+        return await self.awaitIncoming()
+
+    async def startIncomingFromFD(self, fd: int) -> None:
+        """
+        Have a QEMU started with ``-incoming defer`` begin to load its state from
+        ``fd`` (``getfd`` + ``migrate-incoming``), and return at once: QEMU reads
+        the descriptor as the caller writes into its other end.
+        """
         name = await self._passFD(fd)
         await self._consumeFD(name, "migrate-incoming", {"uri": f"fd:{name}"})
+
+    async def awaitIncoming(self) -> str:
+        """
+        Wait until an incoming migration completed; the run state then.
+
+        @raise QEMUMigrationFailed: it failed, or QEMU exited while loading.
+        """
         try:
             await self._pollMigration()
             while (status := await self.queryStatus()) == "inmigrate":

@@ -41,24 +41,51 @@ _COUNTER_LOOP = bytes(
     ]
 )  # fmt: skip
 
+# The dirtying variant counts once per sweep over 512 KiB of RAM (physical
+# 0x10000-0x8FFFF, 128 pages), which it fills with the count: memory that a live
+# migration must send again and again.
+_DIRTYING_LOOP = bytes(
+    [
+        0xFA, 0xFC,  # 00: cli; cld           string stores go upwards
+        0x31, 0xC0,  # 02: xor ax, ax
+        0x8E, 0xD8,  # 04: mov ds, ax
+        0x66, 0xC7, 0x06, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00,  # 06: [0x500] = 0
+        0x66, 0xFF, 0x06, 0x00, 0x05,  # 0F: inc dword [0x500]      the count
+        0xBB, 0x00, 0x10,  # 14: mov bx, 0x1000        first segment
+        0x8E, 0xC3,  # 17: mov es, bx
+        0x31, 0xFF,  # 19: xor di, di
+        0xB9, 0x00, 0x80,  # 1B: mov cx, 0x8000        64 KiB in words
+        0xA1, 0x00, 0x05,  # 1E: mov ax, [0x500]
+        0xF3, 0xAB,  # 21: rep stosw             fill the segment
+        0x81, 0xC3, 0x00, 0x10,  # 23: add bx, 0x1000
+        0x81, 0xFB, 0x00, 0x90,  # 27: cmp bx, 0x9000
+        0x72, 0xEA,  # 2B: jb 17                 next segment
+        0xEB, 0xE0,  # 2D: jmp 0F                next sweep
+    ]
+)  # fmt: skip
+
 # At the reset vector, image offset 0xFFF0 (physical 0xFFFF0 / 0xFFFFFFF0):
 _RESET_VECTOR = bytes([0xEA, 0x00, 0x00, 0x00, 0xF0])  # jmp far F000:0000
 
 IMAGE_SIZE = 64 * 1024  # QEMU wants a firmware image in whole 64 KiB units
 
 
-def guestImage() -> bytes:
-    """The firmware image: the counting loop, and a jump to it at reset."""
+def guestImage(dirtying: bool = False) -> bytes:
+    """
+    The firmware image: the counting loop (``dirtying``: the loop that also
+    rewrites 512 KiB of RAM per count), and a jump to it at reset.
+    """
+    loop = _DIRTYING_LOOP if dirtying else _COUNTER_LOOP
     image = bytearray(b"\xff" * IMAGE_SIZE)
-    image[: len(_COUNTER_LOOP)] = _COUNTER_LOOP
+    image[: len(loop)] = loop
     image[0xFFF0 : 0xFFF0 + len(_RESET_VECTOR)] = _RESET_VECTOR
     return bytes(image)
 
 
-def writeGuestImage(path: str) -> None:
+def writeGuestImage(path: str, dirtying: bool = False) -> None:
     """Write the guest's firmware image (64 KiB) to ``path``."""
     with open(path, "wb") as f:
-        f.write(guestImage())
+        f.write(guestImage(dirtying))
 
 
 def qemuCommand(image: str, qmpSocket: str, incoming: bool = False) -> list[str]:

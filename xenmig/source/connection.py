@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,12 +21,13 @@ from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.errors import Busy
 from xenmig.interfaces import IDeviceKind
 from xenmig.limits import AnnouncedLimits, withDeadline
-from xenmig.plugins import deviceKinds
+from xenmig.plugins import LazyKinds
 from xenmig.pump import TokenBucket
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
 from xenmig.source.pacing import Slots, handshakeSlots
 from xenmig.source.resumable import ResumePolicy
 from xenmig.source.streamsender import StreamSender
+from xenmig.source.streamtls import StreamTLS
 from xenmig.source.threadedstream import StreamEndpoint, ThreadedStreamSender
 
 T = TypeVar("T")
@@ -58,8 +59,9 @@ class TargetConnection:
 
     @param tls: client TLS options (L{xenmig.tls.clientOptions}), or None for the
         development plaintext mode (loopback only).
-    @param sslContext: the same TLS settings as an C{ssl.SSLContext}
-        (L{xenmig.source.threadedstream.sslContext}): state streams are then
+    @param sslContext: the same TLS settings for streams sent from threads
+        (L{xenmig.source.threadedstream.sslContext}, or an
+        C{ssl.SSLContext}): state streams are then
         sent from threads (L{xenmig.source.threadedstream}), several times
         faster than through the reactor.  Without it, streams go through
         Twisted's TLS, unless in plaintext mode.
@@ -85,8 +87,8 @@ class TargetConnection:
         port: int = DEFAULT_PORT,
         tls: Any = None,
         timeouts: ClientTimeouts | None = None,
-        kinds: dict[str, IDeviceKind] | None = None,
-        sslContext: ssl.SSLContext | None = None,
+        kinds: Mapping[str, IDeviceKind] | None = None,
+        sslContext: StreamTLS | ssl.SSLContext | None = None,
         serverName: str | None = None,
         onRetry: Callable[[str], Any] | None = None,
         resume: bool = False,
@@ -97,7 +99,7 @@ class TargetConnection:
         self.port = port
         self.tls = tls
         self.timeouts = timeouts or ClientTimeouts()
-        self.kinds = kinds if kinds is not None else deviceKinds()
+        self.kinds = kinds if kinds is not None else LazyKinds()
         self.onRetry = onRetry
         #: Waits for load (BUSY answers, resets while connecting), by migration id.
         self.retries: Counter[str] = Counter()

@@ -72,6 +72,8 @@ class DeviceRun:
     rounds: list[int] | None = None
     #: Its own copy of the pre-copy convergence policy.
     policy: IConvergencePolicy | None = None
+    #: The handler's own figures of each pre-copy round (L{RoundResult.figures}).
+    roundFigures: list[dict[str, Any]] | None = None
     digest: ContentDigest | None = None
     started: float | None = None
     finished: float | None = None

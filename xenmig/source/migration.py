@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -27,7 +27,7 @@ from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
 from xenmig.source.controllink import ControlLink
 from xenmig.source.convergence import ConvergencePolicy, perDevice, proceed, timed
 from xenmig.source.device import DeviceRun, Sender, SourceContext
-from xenmig.source.pacing import Slots, commandSlots
+from xenmig.source.pacing import Slots, commandSlots, gatherOrCancel
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
 from xenmig.source.reopening import deviceReady, openDeviceStream
 from xenmig.source.report import migrationReport
@@ -228,14 +228,17 @@ class SourceMigration:
         self._moveTo(Phase.PRECOPY)
         policy = self.policy = policy or ConvergencePolicy()
         runs = [r for r in self.devices.values() if r.device.precopy]
-        await self._allOrAbort([self._precopy(r, perDevice(policy)) for r in runs])
+        # A device whose convergence pauses the VM (QEMU's RAM) goes last.
+        last = [r for r in runs if getattr(r.device, "precopyLast", False)]
+        for group in ([r for r in runs if r not in last], last):
+            await self._allOrAbort([self._precopy(r, perDevice(policy)) for r in group])
         self._moveTo(Phase.PRECOPIED)
         self._mark("precopied")
         return {r.name: list(r.rounds or []) for r in runs}
 
     async def _precopy(self, run: DeviceRun, policy: IConvergencePolicy) -> None:
         sender = await self._openStream(run)
-        run.rounds, run.policy = [], policy
+        run.rounds, run.policy, run.roundFigures = [], policy, []
         round = 0
         while True:
             started = self._monotonic()
@@ -247,6 +250,9 @@ class SourceMigration:
             )  # fmt: skip
             result = timed(result, self._monotonic() - started, sender.unsent)
             run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
+            run.roundFigures.append(dict(result.figures))
+            if result.figures.get("vm_stopped"):
+                self.paused()  # QEMU stopped the VM: the paused window began
             log.info(
                 "migration {migration_id}: {device} round {round} sent {sent} bytes",
                 migration_id=self.migrationId,
@@ -262,8 +268,9 @@ class SourceMigration:
     # -- the paused part -------------------------------------------------------------
 
     def paused(self) -> None:
-        """Note that the toolstack has just paused the VM (for the report)."""
-        self.pausedAt = self._monotonic()
+        """Note the VM's pause (for the report), unless a round saw QEMU stop it."""
+        if self.pausedAt is None:
+            self.pausedAt = self._monotonic()
 
     async def transfer(self) -> dict[str, ContentDigest]:
         """
@@ -400,7 +407,7 @@ class SourceMigration:
         """
         self._steps = [Deferred.fromCoroutine(step) for step in steps]
         try:
-            await _gather(self._steps)
+            await gatherOrCancel(self._steps)
         except BaseException as e:
             reason = await self._targetReason(e)
             await self._failed(reason or e)
@@ -478,18 +485,3 @@ class SourceMigration:
     def report(self) -> dict[str, Any]:
         """The JSON report: ids, per-device bytes and digests, phase durations."""
         return migrationReport(self)
-
-
-async def _gather(deferreds: list[Deferred[Any]]) -> list[Any]:
-    """Wait for steps in parallel; the first failure cancels the rest and is raised."""
-    if not deferreds:
-        return []
-    try:
-        return await gatherResults(deferreds, consumeErrors=True)
-    except BaseException as e:
-        for d in deferreds:
-            d.cancel()
-        inner = getattr(e, "subFailure", None)
-        if inner is not None:
-            inner.raiseException()
-        raise

@@ -1,4 +1,7 @@
-"""How a source paces itself within the limits its target announced at Prepare."""
+"""
+How a source paces itself within the limits its target announced at Prepare,
+and runs a migration's steps together.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 
 from xenmig.limits import AnnouncedLimits
 
@@ -77,3 +80,18 @@ class Slots:
         while self._waiting and self.held < self.size:
             self.held += 1
             self._waiting.popleft().callback(None)
+
+
+async def gatherOrCancel(deferreds: list[Deferred[Any]]) -> list[Any]:
+    """Wait for steps in parallel; the first failure cancels the rest and is raised."""
+    if not deferreds:
+        return []
+    try:
+        return await gatherResults(deferreds, consumeErrors=True)
+    except BaseException as e:
+        for d in deferreds:
+            d.cancel()
+        inner = getattr(e, "subFailure", None)
+        if inner is not None:
+            inner.raiseException()
+        raise

@@ -133,7 +133,7 @@ def deviceReport(run: DeviceRun) -> dict[str, Any]:
     seconds = None
     if run.started is not None and run.finished is not None:
         seconds = round(run.finished - run.started, 6)
-    return {
+    report = {
         "name": run.name,
         "kind": run.spec.kind,
         "bytes": run.bytesSent,
@@ -145,3 +145,6 @@ def deviceReport(run: DeviceRun) -> dict[str, Any]:
         "reconnections": run.resent[1],
         "resent_bytes": run.resent[0],
     }
+    if any(run.roundFigures or []):
+        report["round_figures"] = [dict(f) for f in run.roundFigures or []]
+    return report

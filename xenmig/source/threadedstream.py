@@ -12,21 +12,15 @@ command, the same records.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import os
 import queue
 import socket
 import ssl
 import struct
-import tempfile
-import termios
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.protocols import amp
@@ -36,7 +30,6 @@ from zope.interface import implementer
 from xenmig.amp_commands import StartStream
 from xenmig.errors import (
     WIRE_ERRORS,
-    NotAuthorized,
     PeerError,
     StreamError,
 )
@@ -50,172 +43,31 @@ from xenmig.records import (
 )
 from xenmig.source.backoff import NotConnected
 from xenmig.source.framing import RecordFraming
+from xenmig.source.streamchannel import StreamChannel, setSocketTimeout
+from xenmig.source.streamtls import StreamTLS
 
 _FINISH = object()
 _CODES = {code: error for error, code in WIRE_ERRORS.items()}
 _MAX_ANSWER = 65536
 
 
-class PinnedContext(ssl.SSLContext):
-    """An SSLContext that also carries the target's pinned fingerprints."""
-
-    pins: frozenset[str] = frozenset()
-
-
 def sslContext(
     identity: PrivateCertificate,
     authorities: Sequence[Certificate],
     pins: Sequence[str] = (),
-) -> ssl.SSLContext:
+) -> StreamTLS:
     """
-    A client context equivalent to L{xenmig.tls.clientOptions}: the daemon must
-    chain to ``authorities``, name the host in its subjectAltName, and be one of
-    ``pins`` (SHA-256 fingerprints) if any; this host presents ``identity``.
-    TLS 1.2 at least, forward-secret AEAD suites only.
+    The TLS settings of threaded streams, equivalent to
+    L{xenmig.tls.clientOptions}: the daemon must chain to ``authorities``, name
+    the host in its subjectAltName, and be one of ``pins`` (SHA-256
+    fingerprints) if any; this host presents ``identity``.  TLS 1.2 at least,
+    forward-secret AEAD suites only.  (An C{ssl.SSLContext} is accepted in its
+    place, with the standard library's slower TLS.)
     """
-    from xenmig.tls import CIPHERS, parsePin
-
-    context = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.pins = frozenset(parsePin(p) for p in pins)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(CIPHERS)
-    context.load_verify_locations(
-        cadata="".join(
-            a.original.to_cryptography()
-            .public_bytes(serialization.Encoding.PEM)
-            .decode()
-            for a in authorities
-        )
-    )
-    # load_cert_chain reads files only: a private file, removed at once.
-    with tempfile.TemporaryDirectory(prefix="xenmig-tls-") as directory:
-        path = os.path.join(directory, "identity.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_identityPEM(identity))
-        context.load_cert_chain(path)
-    return context
+    return StreamTLS(identity, authorities, pins)
 
 
-def _identityPEM(identity: PrivateCertificate) -> bytes:
-    certificate = identity.original.to_cryptography()
-    key = identity.privateKey.original.to_cryptography_key()
-    return certificate.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-#: TCP_ESTABLISHED and TCP_CLOSE_WAIT (Linux's ``tcp_states.h``).
-_OPEN_STATES = (1, 8)
-
-
-class _Channel:
-    """A blocking byte channel: plain TCP, or TLS through memory BIOs."""
-
-    def __init__(self, sock: socket.socket, tls: ssl.SSLObject | None = None) -> None:
-        self.sock = sock
-        self.tls = tls
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-
-    @classmethod
-    def open(cls, sock: socket.socket, endpoint: StreamEndpoint) -> _Channel:
-        """Wrap ``sock``; for TLS, run the handshake."""
-        if endpoint.context is None:
-            return cls(sock)
-        channel = cls(sock)
-        channel.tls = endpoint.context.wrap_bio(
-            channel.incoming, channel.outgoing, server_hostname=endpoint.serverName
-        )
-        channel._pump(channel.tls.do_handshake)
-        channel._checkPin(getattr(endpoint.context, "pins", frozenset()))
-        return channel
-
-    def _checkPin(self, pins: frozenset[str]) -> None:
-        """Refuse a target whose certificate is not pinned (when pins are given)."""
-        if not pins or self.tls is None:
-            return
-        der = self.tls.getpeercert(binary_form=True) or b""
-        fingerprint = hashlib.sha256(der).hexdigest()
-        if fingerprint not in pins:
-            raise NotAuthorized(
-                f"the target's certificate (sha256 {fingerprint}) is not the one "
-                f"pinned with --pin-sha256"
-            )
-
-    def _pump(self, operation: Any) -> Any:
-        """Run a TLS ``operation``, feeding the network to it until it completes."""
-        while True:
-            try:
-                result = operation()
-            except ssl.SSLWantReadError:
-                self._flush()
-                data = self.sock.recv(65536)
-                if not data:
-                    raise StreamError("the target closed the stream connection")
-                self.incoming.write(data)
-                continue
-            self._flush()
-            return result
-
-    def _flush(self) -> None:
-        if self.outgoing.pending:
-            self.sock.sendall(self.outgoing.read())
-
-    def send(self, parts: list[bytes]) -> None:
-        """Send ``parts``: encrypted together, one system call (TLS)."""
-        if self.tls is None:
-            for part in parts:
-                self.sock.sendall(part)
-            return
-        for part in parts:
-            self.tls.write(part)  # into the memory BIO: never blocks
-        self._flush()
-
-    def recv(self, length: int) -> bytes:
-        if self.tls is None:
-            return self.sock.recv(length)
-        tls = self.tls
-        return self._pump(lambda: tls.read(length))
-
-    def close(self) -> None:
-        """Close cleanly: TLS close_notify, then end the sending side."""
-        if self.tls is not None:
-            try:
-                self.tls.unwrap()
-            except ssl.SSLWantReadError:
-                pass  # the peer's close_notify is not waited for
-            self._flush()
-        self.sock.shutdown(socket.SHUT_WR)
-        self.sock.close()
-
-    def unacknowledged(self) -> int:
-        """
-        Bytes handed to the kernel that the peer has not acknowledged yet
-        (``SIOCOUTQ``; 0 once the socket is closed).  Safe from any thread.
-        """
-        try:
-            queued = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
-        except (OSError, ValueError):
-            return 0
-        return int(struct.unpack("i", queued)[0])
-
-    def connected(self) -> bool:
-        """Whether the TCP connection is still open (established, or half-closed)."""
-        try:
-            state = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
-        except OSError:
-            return False
-        return state in _OPEN_STATES
-
-    def abort(self) -> None:
-        """Unblock any system call on the socket at once (from another thread)."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+_Channel = StreamChannel  # the name it had here
 
 
 @dataclass(frozen=True)
@@ -224,7 +76,7 @@ class StreamEndpoint:
 
     host: str
     port: int
-    context: ssl.SSLContext | None  # None: the development plaintext mode
+    context: StreamTLS | ssl.SSLContext | None  # None: the development plaintext mode
     serverName: str
     timeout: float = 30.0
 
@@ -242,24 +94,34 @@ class StreamEndpoint:
             raw = socket.create_connection((self.host, self.port), self.timeout)
         except ConnectionError as e:
             raise NotConnected(e) from e
+        # OpenSSL on the socket needs it blocking: the kernel bounds each call.
+        kernelTimeout = not isinstance(self.context, ssl.SSLContext)
+        sock = raw
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if kernelTimeout:
+                raw.settimeout(None)
+                setSocketTimeout(raw, self.timeout)
             try:
-                channel = _Channel.open(raw, self)
+                channel = StreamChannel.open(raw, self.context, self.serverName)
             except ConnectionError as e:
                 raise NotConnected(e) from e
+            sock = channel.sock  # the standard library's TLS took over ``raw``
             box = amp.AmpBox(_command=StartStream.commandName, _ask=b"1", token=token)
             channel.send([box.serialize()])
             answer = _readBox(channel)
         except BaseException:
-            raw.close()
+            sock.close()
             raise
         if b"_error" in answer:
-            raw.close()
+            sock.close()
             code = answer.get(b"_error_code", b"")
             text = answer.get(b"_error_description", b"").decode("utf-8", "replace")
             raise _CODES.get(code, PeerError)(text or code.decode("ascii", "replace"))
-        raw.settimeout(None)
+        if kernelTimeout:
+            setSocketTimeout(sock, 0)
+        else:
+            sock.settimeout(None)
         return channel
 
 
@@ -355,8 +217,9 @@ class ThreadedStreamSender(RecordFraming):
             return
         self.reactor.callFromThread(self._opened, opened, None)
         try:
-            self._channel.send([encodeStreamHeader()])
+            self._channel.send([encodeStreamHeader()], flush=False)
             self._sendQueue(self._channel)
+            self._channel.send([], flush=True)  # the END record: out of the cork
             self._awaitAcknowledged(self._channel)
             self._channel.close()
             self.reactor.callFromThread(self._finished.callback, None)
@@ -376,7 +239,7 @@ class ThreadedStreamSender(RecordFraming):
                 raise StreamError("the stream was aborted")
             if self.bandwidth is not None:
                 self._pace(channel, sum(len(part) for part in item))
-            channel.send(item)
+            channel.send(item, flush=self._queue.empty())
             size = sum(len(part) for part in item)
             self.bytesSent += size  # read by the reactor's progress watch
             if self._room.remove(size):
@@ -417,6 +280,8 @@ class ThreadedStreamSender(RecordFraming):
         assert self.bandwidth is not None
         delay = self.bandwidth.take(count)
         self._pacing = delay > 0
+        if self._pacing:
+            channel.send([], flush=True)  # nothing held back while waiting
         try:
             while delay > 0:
                 step = min(delay, self.keepaliveInterval)

@@ -148,7 +148,7 @@ class Admission:
         if held >= self.config.maxSessions:
             raise Busy.at(
                 "--max-sessions",
-                f"this host already runs {held} migrations, its limit "
+                f"the target host already runs {held} migration(s), its limit "
                 f"(--max-sessions {self.config.maxSessions})",
                 RETRY_SESSIONS,
             )

@@ -123,12 +123,16 @@ def loadPolicy(
     path: str,
     allowedRoots: Sequence[FilePath],
     kinds: Iterable[str] = (),
+    settings: Iterable[str] = (),
 ) -> PeerPolicy:
     """
-    Blocking: read and check a peers file (TOML).
+    Blocking: read and check a peers file (TOML), or the ``[[peer]]`` tables of
+    the daemon's configuration file.
 
     @param allowedRoots: the daemon's roots; every peer's roots must lie inside.
     @param kinds: the installed device kinds (a peer naming another is logged).
+    @param settings: top-level keys to pass over (in a configuration file: the
+        daemon's options, read and checked by L{xenmig.target.configfile}).
     @raise ConfigurationError: naming the file, the entry and the problem.
     """
     try:
@@ -140,7 +144,7 @@ def loadPolicy(
         raise ConfigurationError(f"cannot read peers file {path}: {e.strerror}")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigurationError(f"peers file {path} is not valid TOML: {e}")
-    unknown = set(document) - {"peer"}
+    unknown = set(document) - {"peer"} - set(settings)
     if unknown:
         raise ConfigurationError(
             f"peers file {path}: unknown top-level key(s) "
@@ -289,10 +293,13 @@ class PolicySource:
         path: str | None,
         allowedRoots: Sequence[FilePath],
         kinds: Iterable[str] = (),
+        settings: Iterable[str] = (),
     ) -> None:
         self.path = path
         self.allowedRoots = tuple(allowedRoots)
         self.kinds = tuple(kinds)
+        #: With the peers in the configuration file: its other keys.
+        self.settings = frozenset(settings)
         self.policy = PeerPolicy.open()
         self._seen: tuple[int, int, int] | None = None
 
@@ -301,7 +308,9 @@ class PolicySource:
         if self.path is None:
             return self.policy
         stamp = self._statFile()
-        self.policy = loadPolicy(self.path, self.allowedRoots, self.kinds)
+        self.policy = loadPolicy(
+            self.path, self.allowedRoots, self.kinds, self.settings
+        )
         self._seen = stamp
         return self.policy
 
@@ -324,7 +333,7 @@ class PolicySource:
         stamp = None
         try:
             stamp = self._statFile()
-            policy = loadPolicy(self.path, self.allowedRoots, self.kinds)
+            policy = loadPolicy(self.path, self.allowedRoots, self.kinds, self.settings)
         except ConfigurationError as e:
             self._seen = stamp  # not tried again until it changes
             log.error(

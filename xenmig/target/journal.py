@@ -49,6 +49,7 @@ class Journal:
         self.directory = directory
         self._run = runInThread
         self._pending: dict[str, Deferred[None]] = {}
+        self._waiting: dict[str, _Write] = {}  # a write not started yet
         self._due: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -61,30 +62,46 @@ class Journal:
         return self.directory.child(migrationId + ".json")
 
     def write(self, migrationId: str, record: dict[str, Any]) -> Deferred[None]:
-        """Write ``record`` after any earlier write of the same session; durable."""
+        """
+        Write ``record`` after any earlier write of the same session; durable.
+
+        A record is the whole session: a write still waiting for its turn
+        writes the newer ``record`` instead (one fsync pair, not two), and
+        fires its callers' Deferreds and this one's together.
+        """
         data = _encode(record)
+        written: Deferred[None] = Deferred()
+        waiting = self._waiting.get(migrationId)
+        if waiting is not None:
+            waiting.data = data
+            waiting.callers.append(written)
+            return written
         # Each write has its own turn: a Deferred of ours that fires (with None,
         # never failing) once it is written, and that the next write waits on.
         previous = self._pending.get(migrationId)
         turn: Deferred[None] = Deferred()
         self._pending[migrationId] = turn
-        written: Deferred[None] = Deferred()
+        this = _Write(data, [written])
 
         def settle(result: object) -> None:
             if self._pending.get(migrationId) is turn:
                 del self._pending[migrationId]
             turn.callback(None)
-            if isinstance(result, Failure):
-                written.errback(result)
-            else:
-                written.callback(None)
+            for caller in this.callers:
+                if isinstance(result, Failure):
+                    caller.errback(result)
+                else:
+                    caller.callback(None)
 
         def write(_: object = None) -> None:
-            self._run(self._writeDue, migrationId, data).addBoth(settle)
+            if self._waiting.get(migrationId) is this:
+                del self._waiting[migrationId]
+            self._run(self._writeDue, migrationId, this.data).addBoth(settle)
 
         if previous is None:
             write()
         else:
+            self._waiting[migrationId] = this
             previous.addCallback(write)
         return written
 
@@ -191,6 +208,14 @@ class Journal:
                 error=str(e),
             )
         return record
+
+
+class _Write:
+    """A journal write: the record it writes, and the callers it answers."""
+
+    def __init__(self, data: bytes, callers: list[Deferred[None]]) -> None:
+        self.data = data
+        self.callers = callers
 
 
 def _encode(data: dict[str, Any]) -> bytes:

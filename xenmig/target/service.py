@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -22,6 +22,7 @@ from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
 from xenmig.target.authz import PolicySource
 from xenmig.target.core import MigrationTarget
+from xenmig.target.notify import SystemdNotifier
 
 log = Logger()
 
@@ -40,7 +41,9 @@ class TargetDaemon(service.MultiService):
     """
     The top service of ``twistd xenmig``: its children start in order, and a
     start-up error (L{ConfigurationError}) stops twistd with one clear line
-    (L{refuseToStart}).  Once they have all started it logs L{READY_LINE}.
+    (L{refuseToStart}).  Once they have all started it logs L{READY_LINE},
+    and tells the service manager (``READY=1``, when systemd runs it with
+    ``Type=notify``); at stop it tells it ``STOPPING=1``.
 
     @param twistd: twistd's own options (where it keeps the status pipe of a
         daemonized start), if twistd runs it.
@@ -54,11 +57,13 @@ class TargetDaemon(service.MultiService):
         address: str,
         twistd: MutableMapping[str, Any] | None,
         observer: ILogObserver | None = None,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         super().__init__()
         self.address = address
         self.twistd = twistd
         self.observer = observer
+        self.notifier = notifier or SystemdNotifier(None)
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd adds this service to its application, then starts logging
@@ -75,6 +80,11 @@ class TargetDaemon(service.MultiService):
         with self._startupErrors():
             super().startService()
         log.info(READY_LINE + ": listening on {address}", address=self.address)
+        self.notifier.ready(f"listening on {self.address}")
+
+    def stopService(self) -> Any:
+        self.notifier.stopping("stopping: aborting unfinished migrations")
+        return super().stopService()
 
     @contextmanager
     def _startupErrors(self) -> Iterator[None]:
@@ -196,23 +206,37 @@ class PolicyService(service.Service):
     """
     Keeps the peers file in force up to date: read again on SIGHUP, and when
     its modification time, size or inode changes (looked at every
-    L{PEERS_CHECK_INTERVAL} seconds), in the I/O thread pool.
+    L{PEERS_CHECK_INTERVAL} seconds), in the I/O thread pool.  A SIGHUP
+    (``systemctl reload``) is told to the service manager (``RELOADING=1``,
+    then ``READY=1``); without a peers file it reloads nothing, and says so.
+
+    @param settingsChanged: blocking, run at each SIGHUP: a line naming the
+        settings of the configuration file changed since the start (they
+        apply at the next start), or None.
     """
 
-    def __init__(self, source: PolicySource, reactor: Any, runInThread: Any) -> None:
+    def __init__(
+        self,
+        source: PolicySource,
+        reactor: Any,
+        runInThread: Any,
+        notifier: SystemdNotifier | None = None,
+        settingsChanged: Callable[[], str | None] | None = None,
+    ) -> None:
         self.source = source
         self.reactor = reactor
         self.runInThread = runInThread
+        self.notifier = notifier or SystemdNotifier(None)
+        self.settingsChanged = settingsChanged
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor
         self._previous: Any = None
 
     def startService(self) -> None:
         super().startService()
-        if self.source.path is None:
-            return
         self._previous = signal.signal(signal.SIGHUP, self._hangup)
-        self._loop.start(PEERS_CHECK_INTERVAL, now=False)
+        if self.source.path is not None:
+            self._loop.start(PEERS_CHECK_INTERVAL, now=False)
 
     def stopService(self) -> None:
         super().stopService()
@@ -223,13 +247,35 @@ class PolicyService(service.Service):
             self._previous = None
 
     def _hangup(self, signum: int, frame: Any) -> None:
-        log.info("SIGHUP: reading the peers file again")
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> Any:
-        return self.runInThread(self.source.reload).addErrback(
-            lambda f: log.failure("reading the peers file failed", f)
-        )
+        """What a SIGHUP does: read the peers again; a Deferred."""
+        if self.source.path is None:
+            log.info("SIGHUP: no peers file, nothing to read again")
+        else:
+            log.info(
+                "SIGHUP: reading the peers file {path} again", path=self.source.path
+            )
+        self.notifier.reloading("reading the peers again")
+
+        def reload() -> str:
+            loaded = self.source.path is None or self.source.reload()
+            changed = self.settingsChanged() if self.settingsChanged else None
+            if changed:
+                log.warn("{changed}", changed=changed)
+            if not loaded:
+                return "the peers file did not load: the previous peers stay in force"
+            return "peers read again" if self.source.path else "nothing to reload"
+
+        def done(status: str) -> None:
+            self.notifier.ready(status)
+
+        def failed(f: Any) -> None:
+            log.failure("reading the peers file failed", f)
+            self.notifier.ready("reading the peers failed")
+
+        return self.runInThread(reload).addCallbacks(done, failed)
 
     def check(self) -> Any:
         def reloadIfChanged() -> None:

@@ -30,7 +30,8 @@ FACT = Where.DESCRIPTION
 @dataclass(frozen=True)
 class DevmodelParams(DeviceParams):
     """
-    ``devmodel:NAME:qmp=PATH[,xen=1][,timeout=S][,release=quit|keep]
+    ``devmodel:NAME:qmp=PATH[,xen=1][,live=0][,downtime=MS][,timeout=S]
+    [,release=quit|keep]
     [,statedir=DIR]`` and either ``target-qmp=PATH[,target-log=PATH]`` (a QEMU
     waiting with ``-incoming defer``) or ``target-statefile=PATH``, and what the
     source adds at Prepare.
@@ -41,6 +42,10 @@ class DevmodelParams(DeviceParams):
     qmp: str = key("qmp", text, "", required=True, usage="qmp=PATH, QEMU's QMP socket")
     #: Device state only (``xen-save-devices-state``), for a Xen device model.
     xen: bool = key("xen", flag, False)
+    #: RAM moves while the VM runs (QEMU's pre-copy); ``live=0``: all when paused.
+    live: bool = key("live", flag, True)
+    #: QEMU's ``downtime-limit`` for the migration (ms); 0 leaves QEMU's own.
+    downtime: int = key("downtime", whole, 0)
     timeout: float = key("timeout", seconds(86400), STATE_TIMEOUT)
     #: ``quit`` (the default) or ``keep`` (the default with ``xen=1``).
     release: str = key("release", text, "")

@@ -9,10 +9,8 @@ import tempfile
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig.clients.qmp import QMPConnectionError
@@ -22,9 +20,10 @@ from xenmig.clients.qmpclient import (
     connectQMP,
     qmpSession,
 )
+from xenmig.devices.devmodel.live import CAPABILITY, LiveRAM, RoundFigures
 from xenmig.devices.devmodel.params import KIND, DevmodelParams
+from xenmig.devices.devmodel.reader import StateReader
 from xenmig.devices.sparse import sendFile
-from xenmig.digest import ContentHasher
 from xenmig.errors import (
     DeviceError,
 )
@@ -87,92 +86,22 @@ async def machineFacts(client: QMPClient) -> dict[str, Any]:
 # -- the source ----------------------------------------------------------------------
 
 
-class StateReader(Protocol):
-    """
-    Reads the migration stream QEMU writes into one end of a socketpair and
-    writes it on as DATA records, hashing it on the way.  While the writer holds
-    back (its Deferred is pending) the socket is not read, so QEMU blocks: memory
-    stays bounded whatever the size of the state.
-    """
-
-    transport: Any
-
-    def __init__(self, writer: IRecordWriter) -> None:
-        self.writer = writer
-        self.hasher = ContentHasher()
-        self.offset = 0
-        self.failure: Failure | None = None
-        self.ended = False
-        self._pending = 0
-        self._paused = False
-        self._waiters: list[Deferred[None]] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.failure is not None:
-            return
-        self.hasher.update(self.offset, data)
-        offset, self.offset = self.offset, self.offset + len(data)
-        self._pending += 1
-        self.writer.writeData(offset, data).addBoth(self._written)
-        if self._pending and not self._paused and not self.ended:
-            self._paused = True
-            self.transport.pauseProducing()
-
-    def _written(self, result: object) -> None:
-        self._pending -= 1
-        if isinstance(result, Failure):
-            if self.failure is None:
-                self.failure = result
-                if not self.ended:
-                    # Closing our end makes QEMU's write fail: its migration ends.
-                    self.transport.abortConnection()
-        elif self._pending == 0 and self._paused and not self.ended:
-            self._paused = False
-            self.transport.resumeProducing()
-        self._settle()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.ended = True
-        if self.failure is None and not reason.check(ConnectionDone):
-            self.failure = reason
-        self._settle()
-
-    def _settle(self) -> None:
-        if self.ended and self._pending == 0:
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                if self.failure is not None:
-                    waiter.errback(self.failure)
-                else:
-                    waiter.callback(None)
-
-    def whenDone(self) -> Deferred[None]:
-        """Fires once QEMU closed its end and the writer took every byte."""
-        d: Deferred[None] = Deferred(self._waiters.remove)
-        self._waiters.append(d)
-        self._settle()
-        return d
-
-    def abort(self) -> None:
-        """Stop reading (QEMU's next write fails)."""
-        if not self.ended and self.transport is not None:
-            self.transport.abortConnection()
-
-    def digest(self) -> ContentDigest:
-        return self.hasher.result()
-
-
 @implementer(ISourceDevice)
 class DevmodelSource:
     """
-    Takes a stopped QEMU's state out through QMP: ``migrate`` into a passed
-    socket read by the reactor (or, with ``xen=1``, ``xen-save-devices-state``
-    into a file), sent as the device's stream.  On abort QEMU stays stopped and
-    resumable; after the commit it is ended (``release=quit``) or left to the
-    toolstack (``release=keep``).
+    Takes QEMU's state out through QMP: ``migrate`` into a passed socket read
+    by the reactor, sent as the device's stream (or, with ``xen=1``,
+    ``xen-save-devices-state`` into a file).  By default the migration starts
+    in pre-copy, while the VM runs (L{LiveRAM}), and its RAM rounds run after
+    every other device's (``precopyLast``): QEMU stops the VM once its RAM
+    converged, which is the VM's one pause.  With ``live=0`` all of it is sent
+    in the paused window.  On abort QEMU's migration is cancelled and the VM
+    is as QEMU had it before; after the commit QEMU is ended (``release=quit``)
+    or left to the toolstack (``release=keep``).
     """
 
-    precopy = False
+    #: Pre-copy rounds run after those of every other device (see L{LiveRAM}).
+    precopyLast = True
 
     def __init__(self, spec: DeviceSpec, context: ISourceContext) -> None:
         self.spec = spec
@@ -184,9 +113,14 @@ class DevmodelSource:
         self.timeout = params.timeout
         self.releaseMode = params.releaseMode
         self.statedir = params.statedir or None
+        self.precopy = params.live and not params.xen
+        self.downtime = params.downtime
+        self.live: LiveRAM | None = None
+        self.liveStarting = False  # LiveRAM.start began (and may not have ended)
+        self.final: RoundFigures | None = None
         self.started = False
         self.stoppedHere = False  # xen=1: this handler stopped the device model
-        self._saving: Deferred[ContentDigest] | None = None
+        self._saving: Deferred[Any] | None = None
 
     def _session(self, work: Any, seconds: float = QMP_TIMEOUT) -> Deferred[Any]:
         what = f"devmodel device {self.name}: QEMU at {self.path}"
@@ -222,7 +156,7 @@ class DevmodelSource:
             params.update(facts)
             size = facts["memory"]
             params["max_size"] = size + size // 32 + 64 * 1024 * 1024
-        return DeviceDescription(KIND, self.name, size, params)
+        return DeviceDescription(KIND, self.name, size, params, self.precopy)
 
     def accepted(self, params: dict[str, Any]) -> None:
         log.debug(
@@ -232,12 +166,46 @@ class DevmodelSource:
         )
 
     def sendRound(self, writer: IRecordWriter, round: int) -> Deferred[RoundResult]:
-        return fail(DeviceError(f"devmodel device {self.name}: no pre-copy rounds"))
+        if not self.precopy:
+            return fail(DeviceError(f"devmodel device {self.name}: no pre-copy rounds"))
+        if (self.live is None) != (round == 0) or self._saving is not None:
+            return fail(
+                DeviceError(
+                    f"devmodel device {self.name}: pre-copy round {round} asked out "
+                    f"of order (round 0 starts QEMU's migration; one round at a time)"
+                )
+            )
+        self.started = True
+        self._saving = self._session(
+            lambda client: self._round(client, writer, round), self.timeout
+        )
+        return self._saving.addBoth(self._roundEnded)
+
+    def _roundEnded(self, result: object) -> object:
+        self._saving = None
+        return result
+
+    async def _round(
+        self, client: QMPClient, writer: IRecordWriter, round: int
+    ) -> RoundResult:
+        if self.live is None:
+            status = await client.queryStatus()
+            if status != "running":
+                log.info(
+                    "devmodel {device}: the VM is {status} at the start of pre-copy",
+                    device=self.name,
+                    status=status,
+                )
+            self.liveStarting = True
+            self.live = await LiveRAM.start(
+                self.context.reactor, self.name, client, writer, self.downtime
+            )
+        return await self.live.round(client, round)
 
     # the final state
 
     def sendFinal(self, writer: IRecordWriter) -> Deferred[ContentDigest]:
-        if self._saving is not None:
+        if self._saving is not None or self.final is not None:
             return fail(DeviceError(f"devmodel device {self.name}: already sent"))
         self.started = True
         self._saving = self._session(
@@ -255,7 +223,22 @@ class DevmodelSource:
                 f"is running; pause it (the toolstack's pause, or --domain-control) "
                 f"before its final state is sent"
             )
+        if self.live is not None:
+            return await self._finishLive(client, self.live)
         return await self._saveByMigrate(client, writer)
+
+    async def _finishLive(self, client: QMPClient, live: LiveRAM) -> ContentDigest:
+        self.final = figures = await live.finish(client)
+        digest = live.reader.digest()
+        log.info(
+            "devmodel {device}: QEMU sent {size} bytes of state, {final} of them "
+            "after the pre-copy rounds; QEMU's downtime {ms} ms",
+            device=self.name,
+            size=digest.size,
+            final=digest.size - live.mark,
+            ms=figures.downtime,
+        )
+        return digest
 
     async def _saveByMigrate(
         self, client: QMPClient, writer: IRecordWriter
@@ -318,12 +301,25 @@ class DevmodelSource:
         await self._session(self._settle, QMP_TIMEOUT * 3)
 
     async def _settle(self, client: QMPClient) -> None:
-        """Leave QEMU stopped and resumable: no migration under way."""
+        """
+        No migration under way: QEMU resumes a VM that it stopped itself for
+        its switch-over; one that the toolstack paused stays paused.
+        """
         info = await client.execute("query-migrate")
         if info.get("status") in ACTIVE:
             await client.execute("migrate_cancel")
             while (await client.execute("query-migrate")).get("status") in ACTIVE:
                 await _sleep(self.context.reactor, 0.05)
+        if self.live is not None:
+            self.live.reader.abort()
+            await self.live.restore(client)
+        elif self.liveStarting:
+            # Stopped while it started: at least QEMU must not wait at the next
+            # migration's switch-over (a best-effort cleanup).
+            await client.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": CAPABILITY, "state": False}]},
+            ).addErrback(lambda f: None)
         if self.stoppedHere:
             await client.cont()  # the device model runs as before (libxl does too)
             self.stoppedHere = False

@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from xenmig.clients.qmp import QEMUMigrationFailed, QMPConnectionError
 from xenmig.clients.qmpclient import QMPClient, connectQMP, qmpSession
+from xenmig.devices.devmodel.feed import IncomingFeed
 from xenmig.devices.devmodel.params import DevmodelParams
 from xenmig.devices.devmodel.source import (
     MODE_MIGRATE,
@@ -49,6 +50,8 @@ log = Logger()
 
 #: How much of the target QEMU's log a refusal quotes.
 LOG_TAIL = 4096
+#: Seconds between two looks at a QEMU finishing its load, in the paused window.
+LOAD_POLL = 0.01
 
 
 def _versionTuple(text: str) -> tuple[int, ...]:
@@ -64,11 +67,13 @@ def _versionTuple(text: str) -> tuple[int, ...]:
 @implementer(ITargetDevice, IInstallingDevice)
 class DevmodelTarget:
     """
-    Receives QEMU's state into staging and verifies its digest.  With
-    ``target-qmp`` it then feeds the verified state to a QEMU waiting with
-    ``-incoming defer`` (at finish: the device is READY only once QEMU has
-    loaded it, paused), which stays paused until the toolstack resumes it after
-    the commit.  With ``target-statefile`` it installs the file at the commit.
+    With ``target-qmp``, feeds QEMU's stream to a QEMU waiting with
+    ``-incoming defer`` as it arrives (L{IncomingFeed}), hashing it on the way;
+    at finish the digest must match and QEMU must have loaded the state, paused:
+    only then is the device READY.  QEMU stays paused until the toolstack
+    resumes it after the commit.  A Xen device model's state (``xen=1``) is
+    staged and verified whole before QEMU sees it.  With ``target-statefile``
+    the state is staged and installed at the commit.
     """
 
     requestMethods: frozenset[str] = frozenset()
@@ -94,7 +99,12 @@ class DevmodelTarget:
             self.destination = context.resolveDestination(params.targetStatefile)
         self.staged: StagedFile | None = None
         self.loaded = False  # QEMU took (or began to take) the state
-        self.loading: Deferred[None] | None = None
+        self.loading: Deferred[Any] | None = None
+        #: QEMU's stream goes to the waiting QEMU as it arrives.
+        self.feeding = self.qmpPath is not None and params.mode == MODE_MIGRATE
+        self.feed: IncomingFeed | None = None
+        self.starting: Deferred[None] | None = None
+        self.logStart = 0
 
     def _session(self, work: Any, seconds: float = QMP_TIMEOUT) -> Deferred[Any]:
         assert self.qmpPath is not None
@@ -114,6 +124,8 @@ class DevmodelTarget:
                 raise
             except DeviceError as e:
                 raise DeviceRefused(str(e))
+            if self.feeding:
+                return {"mode": "qmp"}
             path = self.context.stagingDir.child("devmodel.state")
             where = self.context.stagingDir.path
         else:
@@ -172,15 +184,57 @@ class DevmodelTarget:
     # receive and verify
 
     def receive(self, record: Record) -> Deferred[None] | None:
+        if self.feeding:
+            if isinstance(record, ZeroRecord):
+                return fail(
+                    StreamError(f"devmodel device {self.name}: a hole in QEMU's stream")
+                )
+            if isinstance(record, DataRecord):
+                return Deferred.fromCoroutine(self._feed(record))
+            return None
         if isinstance(record, DataRecord | ZeroRecord):
             assert self.staged is not None
             return self.staged.receive(record)
         return None
 
+    async def _feed(self, record: DataRecord) -> None:
+        if self.feed is None:
+            self.starting = Deferred.fromCoroutine(self._startIncoming())
+            await self.starting
+        assert self.feed is not None
+        if self.feed.offset + len(record.data) > self.maxSize:
+            raise StreamError(
+                f"devmodel device {self.name}: more than {self.maxSize} bytes of state"
+            )
+        try:
+            await self.feed.write(record.offset, record.data)
+        except StreamError:
+            raise
+        except DeviceError as e:
+            raise DeviceError(await self._refusal(e, self.logStart))
+
+    async def _startIncoming(self) -> None:
+        """Give the waiting QEMU one end of a socketpair: it loads as data comes."""
+        self.logStart = await self.context.runInThread(_size, self.logPath)
+        feed, theirs = IncomingFeed.open(self.context.reactor, self.name)
+        self.feed = feed
+        try:
+            self.loaded = True
+            fd = theirs.fileno()
+            await self._session(lambda client: client.startIncomingFromFD(fd))
+        finally:
+            theirs.close()  # QEMU holds its own
+        log.info(
+            "devmodel {device}: the target QEMU loads the state as it arrives",
+            device=self.name,
+        )
+
     def finish(self, end: EndRecord) -> Deferred[ContentDigest]:
         return Deferred.fromCoroutine(self._finish(end))
 
     async def _finish(self, end: EndRecord) -> ContentDigest:
+        if self.feeding:
+            return await self._finishFeed(end)
         assert self.staged is not None
         if not 0 < end.size <= self.maxSize:
             raise StreamError(
@@ -203,6 +257,46 @@ class DevmodelTarget:
             await self.loading
         return digest
 
+    async def _finishFeed(self, end: EndRecord) -> ContentDigest:
+        if self.feed is None:
+            raise StreamError(f"devmodel device {self.name}: the state was empty")
+        digest = self.feed.digest()
+        if (digest.size, digest.algorithm, digest.digest) != (
+            end.size,
+            end.algorithm,
+            end.digest,
+        ):
+            raise DigestMismatch(
+                f"devmodel device {self.name}: the state QEMU read does not match "
+                f"the source's digest; that QEMU will not run"
+            )
+        self.feed.close()
+        self.loading = self._session(self._awaitLoad, self.timeout)
+        try:
+            status = await self.loading
+        except DeviceError as e:
+            raise DeviceError(await self._refusal(e, self.logStart))
+        self._checkPaused(status)
+        return digest
+
+    async def _awaitLoad(self, client: QMPClient) -> str:
+        # The VM is paused meanwhile: look often (QMP answers in well under 1 ms).
+        client.pollInterval = LOAD_POLL
+        return await client.awaitIncoming()
+
+    def _checkPaused(self, status: str) -> None:
+        if status not in ("paused", "prelaunch"):
+            raise DeviceError(
+                f"devmodel device {self.name}: the target QEMU at {self.qmpPath} is "
+                f"'{status}' after loading the state: it must stay paused until the "
+                f"commit (start it with -S)"
+            )
+        log.info(
+            "devmodel {device}: the target QEMU loaded the state ({status})",
+            device=self.name,
+            status=status,
+        )
+
     async def _load(self) -> None:
         assert self.staged is not None
         logStart = await self.context.runInThread(_size, self.logPath)
@@ -218,17 +312,7 @@ class DevmodelTarget:
             raise DeviceError(await self._refusal(e, logStart))
         finally:
             os.close(fd)
-        if status not in ("paused", "prelaunch"):
-            raise DeviceError(
-                f"devmodel device {self.name}: the target QEMU at {self.qmpPath} is "
-                f"'{status}' after loading the state: it must stay paused until the "
-                f"commit (start it with -S)"
-            )
-        log.info(
-            "devmodel {device}: the target QEMU loaded the state ({status})",
-            device=self.name,
-            status=status,
-        )
+        self._checkPaused(status)
         await self.staged.discard()  # QEMU holds the state now
 
     async def _refusal(self, error: DeviceError, logStart: int) -> str:
@@ -274,6 +358,12 @@ class DevmodelTarget:
         return Deferred.fromCoroutine(self._abort())
 
     async def _abort(self) -> None:
+        if self.feed is not None:
+            self.feed.abort()  # QEMU's load fails: nothing more is coming
+        if self.starting is not None and not self.starting.called:
+            await whenFired(self.starting)
+        if self.feeding and self.loading is not None and not self.loading.called:
+            self.loading.cancel()  # a wait only: QEMU is quit below
         if self.loading is not None and not self.loading.called:
             # A load cannot be taken back: wait for it (it is bounded), then end it.
             await whenFired(self.loading)
