@@ -241,7 +241,9 @@ class Options(ConfigFileOptions, usage.Options):
             if self[name] < 1:
                 raise usage.UsageError(f"{self.named(name)} must be 1 or more")
         if not self["reconnect-grace"] >= 0:
-            raise usage.UsageError("--reconnect-grace must be 0 or more seconds")
+            raise usage.UsageError(
+                f"{self.named('reconnect-grace')} must be 0 or more seconds"
+            )
         interface = self["interface"]
         if interface.startswith("[") and interface.endswith("]"):
             self["interface"] = interface[1:-1]  # [2001:db8::1] as written elsewhere
