@@ -113,8 +113,7 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     )
     migrate.add_argument(
         "--no-resume",
-        dest="resume",
-        action="store_false",
+        action="store_true",
         help="abort on a broken connection instead of re-establishing it",
     )
     migrate.add_argument(
@@ -197,7 +196,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
         kinds=kinds,
         timeouts=timeouts,
         onRetry=display.phase,
-        resume=args.resume,
+        resume=not args.no_resume,
         resumePolicy=ResumePolicy(seconds=args.reconnect_timeout),
         **clientTLS(args),
     )
