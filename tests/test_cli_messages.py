@@ -18,6 +18,7 @@ from corrupting import CorruptingRelay
 from daemons import CLIENT, PKI, Daemon, MiB, denseFile
 
 from xenmig.clients.processes import freePort
+from xenmig.digest import hashFile
 
 
 def xenmig(*args: str) -> subprocess.CompletedProcess[str]:
@@ -211,7 +212,8 @@ def test_corrupted_handshake(certs: PKI, relay: Any, tmp_path: Path) -> None:
 def test_corrupted_stream_says_the_targets_reason(
     daemon: Daemon, certs: PKI, relay: Any, tmp_path: Path
 ) -> None:
-    """A byte flipped in a state stream: the target's reason, not "Broken pipe"."""
+    """A byte flipped in a state stream, without resuming: the target's reason,
+    not "Broken pipe"."""
     faulty = relay(1, "up", 200_000)  # connection 1: the device's stream
     result = migrate(
         f"127.0.0.1:{faulty.port}",
@@ -219,6 +221,7 @@ def test_corrupted_stream_says_the_targets_reason(
         "--server-name",
         "127.0.0.1",
         "--json",
+        "--no-resume",
         tmp=tmp_path,
         size=16 * MiB,
         to=daemon.dest / "corrupted.img",
@@ -234,6 +237,32 @@ def test_corrupted_stream_says_the_targets_reason(
     assert "Broken pipe" not in reason
     error = json.loads(result.stdout)["error"]
     assert error == {"code": "MIGRATION_ABORTED", "message": reason}
+
+
+def test_corrupted_stream_is_opened_again(
+    daemon: Daemon, certs: PKI, relay: Any, tmp_path: Path
+) -> None:
+    """A byte flipped in a state stream (TLS drops that connection): the stream is
+    opened again after the last record the target took, and the migration commits
+    with the digest of the source."""
+    faulty = relay(1, "up", 200_000)  # connection 1: the device's stream
+    destination = daemon.dest / "reopened.img"
+    result = migrate(
+        f"127.0.0.1:{faulty.port}",
+        *identity(certs),
+        "--server-name",
+        "127.0.0.1",
+        "--json",
+        tmp=tmp_path,
+        size=16 * MiB,
+        to=destination,
+    )
+    assert result.returncode == 0, result.stderr
+    assert faulty.flipped.is_set()
+    report = json.loads(result.stdout)
+    assert report["reconnections"]["streams"] == 1
+    assert "opening it again" in result.stderr
+    assert hashFile(str(destination)) == hashFile(str(tmp_path / "state.img"))
 
 
 # -- --json: an error object on every failure ----------------------------------------

@@ -105,7 +105,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, certs: PKI) -> Iterator[Dae
     """One daemon for the module; ``small`` is a second allowed root (for a tmpfs)."""
     root = tmp_path_factory.mktemp("daemon")
     (root / "small").mkdir()
-    running = Daemon(root, certs, "--allow-root", str(root / "small")).start()
+    # A source that is killed, or whose connections are cut for good, is waited
+    # for a second (not the default minute) before its migration aborts.
+    extra = ("--allow-root", str(root / "small"), "--reconnect-grace", "1")
+    running = Daemon(root, certs, *extra).start()
     yield running
     running.stop()
 
@@ -591,8 +594,9 @@ async def test_client_killed_mid_precopy(daemon: Daemon, tmp_path: Path) -> None
 async def test_connection_cut_in_final_round_resumes(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    """The connection cut in the final round (the VM paused) aborts both sides and
-    runs the resume command; the source image is as it was at the pause."""
+    """Without resuming, the connection cut in the final round (the VM paused)
+    aborts both sides and runs the resume command; the source image is as it
+    was at the pause."""
     image = sparseFile(tmp_path / "vm.img", 64 * MiB, [(0, 16 * MiB)])
     destination = daemon.dest / "cut.img"
     request, ack = tmp_path / "cut-request", tmp_path / "cut-ack"
@@ -608,7 +612,7 @@ async def test_connection_cut_in_final_round_resumes(
             request=str(request),
             ack=str(ack),
         )
-        client = migrate(daemon, *args, port=port)
+        client = migrate(daemon, *args, "--no-resume", port=port)  # the cut aborts
         await eventually(reactor, request.exists, timeout=30, what="the pause")
         relay.cutAt = relay.forwarded + 2 * MiB  # two MiB into the final round
         ack.touch()

@@ -154,6 +154,7 @@ def test_stalled_stream_aborts_naming_phase_and_device(
             bed.target.ipv4,
             "--stall-timeout",
             short if side == "source" else long,
+            "--no-resume",  # a stall aborts (resuming, the stream is reopened)
             "--migration-id",
             migrationId,
             "--domain",
@@ -210,6 +211,7 @@ def test_link_down_mid_transfer_aborts(network: Network, tmp_path: Path) -> None
                 *bed.certs.tlsArgs("source.test"),
                 "--stall-timeout",
                 "2",
+                "--no-resume",  # a stall aborts (resuming, the stream is reopened)
                 "--migration-id",
                 "linkdown",
                 "--domain",

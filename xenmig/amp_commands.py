@@ -68,6 +68,8 @@ class Prepare(amp.Command):
     device's offer (the refused ones carry the reason).  The answer also
     announces the target's connection limits (L{xenmig.limits.AnnouncedLimits};
     an older target leaves them out), within which the source paces itself.
+    A source that can resume asks for it (``resume``); a target that grants
+    it says so in its answer (an older one says nothing: no resumption).
     """
 
     commandName = b"xenmig-prepare"
@@ -76,21 +78,56 @@ class Prepare(amp.Command):
         (b"domain", amp.Unicode()),
         (b"protocol_version", amp.Integer()),
         (b"devices", amp.AmpList(_DEVICE)),
+        (b"resume", amp.Boolean(optional=True)),
     ]
     response = [
         (b"protocol_version", amp.Integer()),
         (b"offers", amp.AmpList(_OFFER)),
         (b"limits", JSON(optional=True)),
+        (b"resume", amp.Boolean(optional=True)),
     ]
     errors = WIRE_ERRORS
 
 
 class OpenStream(amp.Command):
-    """Ask for a one-time token to open the state stream of one device."""
+    """
+    Ask for a one-time token to open the state stream of one device.  In a
+    resumable session it also opens a stream again: the answer says how many
+    records the device has taken (``position``), and whether its END among
+    them (``ended``); the new stream goes on after them.
+    """
 
     commandName = b"xenmig-open-stream"
     arguments = [(b"migration_id", amp.Unicode()), (b"device", amp.Unicode())]
-    response = [(b"token", amp.String())]
+    response = [
+        (b"token", amp.String()),
+        (b"position", amp.Integer(optional=True)),
+        (b"ended", amp.Boolean(optional=True)),
+    ]
+    errors = WIRE_ERRORS
+
+
+class StreamPosition(amp.Command):
+    """
+    How many records of a device's stream the target has taken (resumable
+    sessions): the source may forget what it kept of them.
+    """
+
+    commandName = b"xenmig-stream-position"
+    arguments = [(b"migration_id", amp.Unicode()), (b"device", amp.Unicode())]
+    response = [(b"position", amp.Integer()), (b"ended", amp.Boolean())]
+    errors = WIRE_ERRORS
+
+
+class Reattach(amp.Command):
+    """
+    Take a resumable session over on this (new) control connection, after the
+    one that held it was lost: same peer identity only.  Answers its phase.
+    """
+
+    commandName = b"xenmig-reattach"
+    arguments = [(b"migration_id", amp.Unicode())]
+    response = [(b"phase", amp.Unicode())]
     errors = WIRE_ERRORS
 
 

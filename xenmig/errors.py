@@ -99,6 +99,13 @@ class StreamLost(StreamError):
     """This side's connection carrying a stream broke (the peer may know why)."""
 
 
+class StreamInterrupted(StreamError):
+    """
+    A resumable stream broke and waits to be opened again (OpenStream): the
+    device goes on from what the target has taken, nothing is lost yet.
+    """
+
+
 class StreamStalled(StreamError):
     """
     A state stream made no progress for longer than its progress time-out
@@ -183,6 +190,7 @@ _WIRE_CODES: dict[type[Exception], bytes] = {
     PathNotAllowed: b"PATH_NOT_ALLOWED",
     StreamError: b"STREAM_ERROR",
     DigestMismatch: b"DIGEST_MISMATCH",
+    StreamInterrupted: b"STREAM_INTERRUPTED",
     StreamStalled: b"STREAM_STALLED",
     BadToken: b"BAD_TOKEN",
     NotAuthorized: b"NOT_AUTHORIZED",

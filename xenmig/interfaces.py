@@ -380,7 +380,7 @@ class IReceivingSession(Interface):
     def streamLost(name, why):
         """
         The stream ended before its END record (closed, cut off, idle); ``why``
-        says how, for the reason the session aborts with.  @return: None.
+        says how: the session aborts, or (resumable) waits for it.  @return: None.
         """
 
     def deviceFailed(name, error):
@@ -493,7 +493,7 @@ class IMigrationTarget(Interface):
 
     def controlConnectionLost(peer, migrationIds):
         """
-        The control connection of ``peer`` that prepared ``migrationIds`` (or
-        is having them prepared) is gone: each that has not begun to commit
-        aborts.  @return: None.
+        The control connection of ``peer`` holding ``migrationIds`` (or having
+        them prepared) is gone: each that has not begun to commit aborts (or,
+        resumable, waits to be re-attached).  @return: None.
         """

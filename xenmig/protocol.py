@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, cast
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
@@ -23,6 +23,22 @@ from xenmig.responders import StatusResponders, guarded
 from xenmig.streamreceiver import StreamReceiver
 
 log = Logger()
+
+
+class ResumableTarget(Protocol):
+    """What the commands of resumable sessions need of the target core."""
+
+    def grantResume(self, peer: str, migrationId: str) -> bool: ...
+
+    async def openStreamAt(
+        self, peer: str, migrationId: str, device: str, fingerprint: str = ""
+    ) -> dict[str, Any]: ...
+
+    def streamPosition(self, peer: str, migrationId: str, device: str) -> dict: ...
+
+    def streamAttached(self, session: Any, device: str, receiver: Any) -> None: ...
+
+    def reattach(self, peer: str, migrationId: str, holder: set[str]) -> str: ...
 
 
 def _offerBox(offer: DeviceOffer) -> dict[str, Any]:
@@ -228,7 +244,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
             self.gate.closed(self._address, self._served)
         if self.tls and self.peer is None and self._handshaking:
             self._logHandshakeFailure(reason)
-        self.target.controlConnectionLost(self.peer, set(self.prepared))
+        self.target.controlConnectionLost(self.peer, self.prepared)
         super().connectionLost(reason)
 
     def _logHandshakeFailure(self, reason: Failure) -> None:
@@ -250,6 +266,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
         domain: str,
         protocol_version: int,
         devices: list[dict[str, Any]],
+        resume: bool = False,
     ) -> Deferred[dict[str, Any]]:
         preparing = self.target.prepare(
             self._peer(),
@@ -262,38 +279,59 @@ class ControlProtocol(StatusResponders, amp.AMP):
         # Admitted (a refusal would have raised): from now on the migration is
         # this connection's, and losing the connection abandons it.
         self.prepared.add(migration_id)
-        return Deferred.fromCoroutine(self._answerPrepare(migration_id, preparing))
+        answering = self._answerPrepare(migration_id, preparing, resume)
+        return Deferred.fromCoroutine(answering)
+
+    def _resuming(self) -> ResumableTarget:
+        return cast(ResumableTarget, self.target)
 
     async def _answerPrepare(
-        self, migrationId: str, preparing: Deferred[tuple[int, list[DeviceOffer]]]
+        self,
+        migrationId: str,
+        preparing: Deferred[tuple[int, list[DeviceOffer]]],
+        resume: bool = False,
     ) -> dict[str, Any]:
         try:
             version, offers = await preparing
         except BaseException:
             self.prepared.discard(migrationId)  # it opened no session
             raise
-        if not all(offer.accepted for offer in offers):
-            self.prepared.discard(migrationId)  # refused: the id may come again
-        return {
+        answer = {
             "protocol_version": version,
             "offers": [_offerBox(o) for o in offers],
             "limits": self.announcedLimits(),
         }
+        if not all(offer.accepted for offer in offers):
+            self.prepared.discard(migrationId)  # refused: the id may come again
+        elif resume:
+            answer["resume"] = self._resuming().grantResume(self._peer(), migrationId)
+        return answer
 
     @commands.OpenStream.responder
     @guarded
-    def openStream(self, migration_id: str, device: str) -> dict[str, Any]:
-        token = self.target.openStream(
+    async def openStream(self, migration_id: str, device: str) -> dict[str, Any]:
+        return await self._resuming().openStreamAt(
             self._peer(), migration_id, device, self.fingerprint
         )
-        return {"token": token}
+
+    @commands.StreamPosition.responder
+    @guarded
+    def streamPosition(self, migration_id: str, device: str) -> dict[str, Any]:
+        return self._resuming().streamPosition(self._peer(), migration_id, device)
+
+    @commands.Reattach.responder
+    @guarded
+    def reattach(self, migration_id: str) -> dict[str, Any]:
+        self.target.authorize(self._peer(), self.fingerprint)
+        phase = self._resuming().reattach(self._peer(), migration_id, self.prepared)
+        return {"phase": phase}
 
     @commands.StartStream.responder
     @guarded
     def startStream(self, token: bytes) -> StreamReceiver:
         session, device = self.target.claimToken(self._peer(), token, self.fingerprint)
         self._stopIdle()  # the stream has its own idle time-out
-        return StreamReceiver(
+        receiver = StreamReceiver(
             session,
             device,
             self.target.timeouts.idle,
@@ -301,6 +339,8 @@ class ControlProtocol(StatusResponders, amp.AMP):
             self.target.bandwidth,
             stallTimeout=self.target.timeouts.stall,
         )
+        self._resuming().streamAttached(session, device, receiver)
+        return receiver
 
     @commands.DeviceReady.responder
     @guarded

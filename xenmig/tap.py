@@ -131,6 +131,13 @@ class Options(ConfigFileOptions, usage.Options):
             "Seconds each device may take to install.",
             float,
         ],
+        [
+            "reconnect-grace",
+            None,
+            _TIMEOUTS.reconnect,
+            "Seconds a migration waits for a lost connection to come back (0: abort).",
+            float,
+        ],
         ["max-sessions", None, MAX_SESSIONS, "Concurrent migrations accepted.", int],
         ["io-threads", None, 8, "Threads for file I/O and hashing.", int],
         [
@@ -246,6 +253,10 @@ class Options(ConfigFileOptions, usage.Options):
         ):
             if self[name] < 1:
                 raise usage.UsageError(f"{self.named(name)} must be 1 or more")
+        if not self["reconnect-grace"] >= 0:
+            raise usage.UsageError(
+                f"{self.named('reconnect-grace')} must be 0 or more seconds"
+            )
         interface = self["interface"]
         if interface.startswith("[") and interface.endswith("]"):
             self["interface"] = interface[1:-1]  # [2001:db8::1] as written elsewhere
@@ -282,12 +293,6 @@ class Options(ConfigFileOptions, usage.Options):
             raise usage.UsageError(str(e))
 
 
-def _tlsVersions() -> dict[str, Any]:
-    from twisted.internet.ssl import TLSVersion
-
-    return {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
-
-
 TLS_VERSIONS = ("1.2", "1.3")
 
 
@@ -315,6 +320,7 @@ def _config(options: Options) -> TargetConfig:
         ready=options["ready-timeout"],
         token=options["token-timeout"],
         commit=options["commit-timeout"],
+        reconnect=options["reconnect-grace"],
     )
     try:
         installAs = InstallAs()
@@ -472,7 +478,10 @@ def _listen(
     else:
         identity = tls.loadIdentity(options["cert"], options["key"])
         authorities = tls.loadAuthority(options["ca"])
-        minimum = _tlsVersions()[options["tls-minimum"]]
+        from twisted.internet.ssl import TLSVersion
+
+        versions = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+        minimum = versions[options["tls-minimum"]]
         endpoint = tls.serverEndpoint(
             reactor,
             options["port"],

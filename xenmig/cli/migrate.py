@@ -112,6 +112,18 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         help="seconds to keep retrying while the target is busy (default 300)",
     )
     migrate.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="abort on a broken connection instead of re-establishing it",
+    )
+    migrate.add_argument(
+        "--reconnect-timeout",
+        type=positive(float),
+        default=60.0,
+        metavar="S",
+        help="seconds to keep re-establishing a broken connection (default 60)",
+    )
+    migrate.add_argument(
         "--stall-timeout",
         type=_seconds,
         default=60.0,
@@ -142,6 +154,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     from xenmig.source.connection import ClientTimeouts
     from xenmig.source.device import SourceContext
     from xenmig.source.migration import SourceMigration
+    from xenmig.source.resumable import ResumePolicy
 
     control = _domainControl(args, reactor)
     if control is not None and (args.pause_command or args.resume_command):
@@ -183,6 +196,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
         kinds=kinds,
         timeouts=timeouts,
         onRetry=display.phase,
+        resume=not args.no_resume,
+        resumePolicy=ResumePolicy(seconds=args.reconnect_timeout),
         **clientTLS(args),
     )
     migrationId = args.migration_id or uuid.uuid4().hex

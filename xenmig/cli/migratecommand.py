@@ -320,6 +320,13 @@ def summary(report: dict[str, Any]) -> str:
             f"({formatBytes(device['data_bytes'])} of data) in "
             f"{formatSeconds(seconds)}, {formatRate(rate)}, {device['digest']}"
         )
+    again = report.get("reconnections") or {}
+    if again.get("control") or again.get("streams"):
+        lines.append(
+            f"  survived {again.get('streams', 0)} broken stream(s) and "
+            f"{again.get('control', 0)} lost control connection(s); "
+            f"{formatBytes(again.get('resent_bytes', 0))} sent again"
+        )
     lines += [f"  installed {path}" for path in report["installed"]]
     return "\n".join(lines)
 

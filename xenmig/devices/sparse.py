@@ -194,12 +194,18 @@ async def _sendExtent(
             if offset < end
             else None
         )
-        for current, data, zero in pieces:
-            if zero:
-                await writer.writeZero(current, len(data))
-            else:
-                await writer.writeData(current, data)  # type: ignore[arg-type]
-                sent += len(data)
+        try:
+            for current, data, zero in pieces:
+                if zero:
+                    await writer.writeZero(current, len(data))
+                else:
+                    await writer.writeData(current, data)  # type: ignore[arg-type]
+                    sent += len(data)
+        except BaseException:
+            # The caller closes ``fd`` next: never under a read still running.
+            if reading is not None:
+                await reading.addErrback(lambda _: None)
+            raise
     return sent
 
 

@@ -25,6 +25,7 @@ from xenmig.plugins import LazyKinds
 from xenmig.pump import TokenBucket
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
 from xenmig.source.pacing import Slots, handshakeSlots
+from xenmig.source.resumable import ResumePolicy
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.streamtls import StreamTLS
 from xenmig.source.threadedstream import StreamEndpoint, ThreadedStreamSender
@@ -67,7 +68,12 @@ class TargetConnection:
     @param serverName: the name the daemon's certificate must carry (default:
         C{host}), for the threaded streams.
     @param onRetry: told, in one line, each time a step waits to be tried
-        again because the target is busy (a progress display).
+        again because the target is busy, or a broken connection is
+        re-established (a progress display).
+    @param resume: ask the target to keep each migration through broken
+        connections (streams reopened, the control connection re-attached),
+        tried again within ``resumePolicy``; an older target does not, and a
+        broken connection then aborts as it always did.
 
     It paces itself within the target's L{limits}, which the target
     announces at Prepare: at most L{handshakes} connections being opened at
@@ -85,6 +91,8 @@ class TargetConnection:
         sslContext: StreamTLS | ssl.SSLContext | None = None,
         serverName: str | None = None,
         onRetry: Callable[[str], Any] | None = None,
+        resume: bool = False,
+        resumePolicy: ResumePolicy | None = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -95,6 +103,8 @@ class TargetConnection:
         self.onRetry = onRetry
         #: Waits for load (BUSY answers, resets while connecting), by migration id.
         self.retries: Counter[str] = Counter()
+        self.resume = resume
+        self.resumePolicy = resumePolicy or ResumePolicy()
         #: What the target announced (an older one: AnnouncedLimits()).
         self.limits = AnnouncedLimits()
         self.handshakes = Slots(handshakeSlots(self.limits))
@@ -298,15 +308,17 @@ class TargetConnection:
         migrationId: str,
         sender: StreamSender | ThreadedStreamSender,
         slots: Slots | None = None,
-    ) -> None:
+    ) -> dict[str, Any]:
         """
         Open ``sender``'s stream: a token from the target (OpenStream on the
         control connection, one of a migration's command ``slots``), presented on a new
         connection (StartStream, one of L{handshakes}); tried again, with a
-        new token, while the target is busy.
+        new token, while the target is busy.  The answer to OpenStream: in a
+        resumable session, how many records the target has (``position``),
+        and whether END among them (``ended``: nothing is opened then).
         """
 
-        async def once() -> None:
+        async def once() -> dict[str, Any]:
             answer = await (slots or Slots(1)).run(
                 self.call,
                 control,
@@ -314,9 +326,11 @@ class TargetConnection:
                 migration_id=migrationId,
                 device=sender.device,
             )
-            await self._startStream(sender, answer["token"])
+            if not answer.get("ended"):
+                await self._startStream(sender, answer["token"])
+            return answer
 
-        await self.whileBusy(
+        return await self.whileBusy(
             once, f"the stream of {sender.device}", migrationId=migrationId
         )
 
@@ -386,6 +400,8 @@ class ControlClient(amp.AMP):
         self.tls = tls
         self.lost = False
         self.handshaken: Deferred[None] = Deferred()
+        #: Told when the connection is lost (a resumable migration reconnects).
+        self.onLost: Callable[[], Any] | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -399,6 +415,8 @@ class ControlClient(amp.AMP):
         self.lost = True
         self._up(reason)
         super().connectionLost(reason)
+        if self.onLost is not None:
+            self.onLost()
 
     def _up(self, failure: Failure | None) -> None:
         if self.handshaken.called:

@@ -13,8 +13,12 @@ from zope.interface import implementer
 from xenmig.errors import MigrationAborted
 from xenmig.interfaces import IConvergencePolicy, ISourceContext, ISourceDevice
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec
+from xenmig.source.resumable import ResumableStream
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
+
+#: What a device's stream is written through.
+Sender = StreamSender | ThreadedStreamSender | ResumableStream
 
 
 class PeerCalls(Protocol):
@@ -64,7 +68,7 @@ class DeviceRun:
     spec: DeviceSpec
     device: ISourceDevice
     description: DeviceDescription | None = None
-    sender: StreamSender | ThreadedStreamSender | None = None
+    sender: Sender | None = None
     rounds: list[int] | None = None
     #: Its own copy of the pre-copy convergence policy.
     policy: IConvergencePolicy | None = None
@@ -81,6 +85,14 @@ class DeviceRun:
     @property
     def bytesSent(self) -> int:
         return self.sender.bytesWritten if self.sender else 0
+
+    @property
+    def resent(self) -> tuple[int, int]:
+        """Its stream's bytes sent again after breaks, and the breaks survived."""
+        sender = self.sender
+        if isinstance(sender, ResumableStream):
+            return sender.resent, sender.reconnections
+        return 0, 0
 
     async def sendFinal(self) -> ContentDigest:
         """The final round on its open stream: the ROUND marker, the state, END."""

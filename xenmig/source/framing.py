@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -38,6 +39,8 @@ class RecordFraming:
         self.framedBytes = 0
         self._lost: Failure | None = None
         self._done = False
+        #: Told once when the stream breaks (a resumable stream opens it again).
+        self.onLost: Callable[[Failure], Any] | None = None
 
     def _send(self, parts: list[bytes]) -> Deferred[None]:
         """Send one framed record; a Deferred firing when more may be written."""
@@ -59,6 +62,8 @@ class RecordFraming:
             )
         )
         self._failWaiting(self._lost)
+        if self.onLost is not None:
+            self.onLost(self._lost)
         return self._lost
 
     def _write(self, parts: list[bytes]) -> Deferred[None]:
@@ -68,6 +73,10 @@ class RecordFraming:
             return fail(Failure(StreamError(f"device {self.device}: stream closed")))
         self.framedBytes += sum(len(part) for part in parts)
         return self._send(parts)
+
+    def writeRecord(self, parts: list[bytes]) -> Deferred[None]:
+        """Write one record already framed (a resumable stream's replay)."""
+        return self._write(parts)
 
     def writeData(self, offset: int, data: bytes) -> Deferred[None]:
         self.bytesWritten += len(data)

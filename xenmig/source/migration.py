@@ -24,14 +24,14 @@ from xenmig.interfaces import IConvergencePolicy
 from xenmig.model import ContentDigest, DeviceSpec, RoundResult
 from xenmig.pump import TokenBucket
 from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
+from xenmig.source.controllink import ControlLink
 from xenmig.source.convergence import ConvergencePolicy, perDevice, proceed, timed
-from xenmig.source.device import DeviceRun, SourceContext
+from xenmig.source.device import DeviceRun, Sender, SourceContext
 from xenmig.source.pacing import Slots, commandSlots, gatherOrCancel
 from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
+from xenmig.source.reopening import deviceReady, openDeviceStream
 from xenmig.source.report import migrationReport
-from xenmig.source.stall import watchControl, watchStream
-from xenmig.source.streamsender import StreamSender
-from xenmig.source.threadedstream import ThreadedStreamSender
+from xenmig.source.stall import watchStream
 
 if TYPE_CHECKING:
     from xenmig.source.connection import TargetConnection
@@ -72,12 +72,19 @@ class SourceMigration:
         self.installed: list[str] = []
         self.times: dict[str, float] = {}
         self.pausedAt: float | None = None
-        self.control: amp.AMP | None = None
+        #: The control connection, re-established if the target allows it.
+        notice = getattr(client, "onRetry", None)
+        self.link = ControlLink(client, migrationId, None, notice=notice)
         #: The share of the target's commands in flight this migration uses.
         self.commands = Slots(commandSlots(client.limits))
         self._preparing: Deferred[None] | None = None
         self._steps: list[Deferred[Any]] = []
         self._monotonic = monotonic
+
+    @property
+    def control(self) -> amp.AMP | None:
+        """The control connection the migration speaks on now."""
+        return self.link.protocol
 
     @property
     def retries(self) -> int:
@@ -143,7 +150,7 @@ class SourceMigration:
         try:
             await self._preparing  # an abort meanwhile cancels it
         except BaseException:
-            self.client.hangUp(self.control)
+            self.link.close()
             if self.phase is not Phase.ABORTED:
                 self._moveTo(Phase.ABORTED)
             raise
@@ -162,12 +169,17 @@ class SourceMigration:
             for r in self.devices.values()
             if r.description is not None
         ]
-        self.control, answer = await self.client.prepareRemote(
+        resume = getattr(self.client, "resume", False)
+        control, answer = await self.client.prepareRemote(
             migration_id=self.migrationId,
             domain=self.domain,
             protocol_version=commands.PROTOCOL_VERSION,
             devices=devices,
+            **({"resume": True} if resume else {}),
         )
+        # An older target, or one with --reconnect-grace 0, does not resume.
+        self.link.resumable = bool(answer.get("resume"))
+        self.link.hold(control)
         self.commands.resize(commandSlots(self.client.limits))
         refused = [o for o in answer["offers"] if not o["accepted"]]
         if refused:
@@ -195,17 +207,12 @@ class SourceMigration:
         )
         return d.addCallback(lambda answer: answer["payload"])
 
-    async def _openStream(self, run: DeviceRun) -> StreamSender | ThreadedStreamSender:
-        if run.sender is not None:
-            return run.sender
-        assert self.control is not None
-        # Kept at once, so that an abort stops it however far its opening got.
-        sender = run.sender = self.client.streamSender(run.name, self._bucket)
-        await self.client.openStream(
-            self.control, self.migrationId, sender, self.commands
-        )
-        run.started = self._monotonic()
-        return sender
+    async def _openStream(self, run: DeviceRun) -> Sender:
+        if run.sender is None:
+            await openDeviceStream(self, run)  # kept at once: an abort stops it
+            run.started = self._monotonic()
+        assert run.sender is not None
+        return run.sender
 
     # -- pre-copy ------------------------------------------------------------------
 
@@ -288,16 +295,7 @@ class SourceMigration:
         digest = await watchStream(
             self.client, run.name, sender, "the final transfer", run.sendFinal()
         )
-        assert self.control is not None
-        verification = f"verification of device {run.name}"
-        answer = await watchControl(
-            self.client, self.control, self.migrationId, f"the {verification}",
-            self.client.pacedCall(
-                self.commands, self.client.timeouts.ready, verification,
-                self.control, commands.DeviceReady,
-                migration_id=self.migrationId, device=run.name,
-            ),
-        )  # fmt: skip
+        answer = await deviceReady(self, run)
         theirs = ContentDigest(answer["size"], answer["algorithm"], answer["digest"])
         if theirs != digest:
             raise DigestMismatch(
@@ -327,12 +325,13 @@ class SourceMigration:
         self._require(Phase.COMMITTING)
         self._moveTo(Phase.COMMITTING)
         self._mark("commit")
-        assert self.control is not None
         try:
+            control = await self.link.current()
+            self.link.closing = True  # a lost answer is asked for, never re-sent
             answer = await self.client.callWithin(
                 self.client.timeouts.commit,
                 "commit",
-                self.control,
+                control,
                 commands.Commit,
                 migration_id=self.migrationId,
             )
@@ -370,7 +369,7 @@ class SourceMigration:
         raise stillInDoubt(self.migrationId, str(status["phase"]), error)
 
     async def _release(self) -> None:
-        self.client.hangUp(self.control)
+        self.link.close()
         await self._everyDevice("release")
 
     async def _everyDevice(self, step: str) -> None:
@@ -427,11 +426,11 @@ class SourceMigration:
         if not isinstance(error, StreamLost) or self.control is None:
             return None
         try:
-            answer = await self.client.callWithin(
+            answer = await self.link.call(
                 self.client.timeouts.abort,
                 "query",
-                self.control,
                 commands.QueryMigration,
+                within=self.client.timeouts.abort,
                 migration_id=self.migrationId,
             )
         except Exception:
@@ -455,11 +454,12 @@ class SourceMigration:
         # Abort first, so the target records this reason, not "stream cut off".
         if self.control is not None:
             try:
-                await self.client.callWithin(
+                await self.link.call(
                     self.client.timeouts.abort,
                     "abort",
-                    self.control,
                     commands.Abort,
+                    again=True,
+                    within=self.client.timeouts.abort,
                     migration_id=self.migrationId,
                     reason=self.reason[:2000],
                 )
@@ -473,7 +473,7 @@ class SourceMigration:
         for run in self.devices.values():
             if run.sender is not None:
                 run.sender.abort()
-        self.client.hangUp(self.control)
+        self.link.close()
         await self._everyDevice("rollback")
 
     # -- figures -----------------------------------------------------------------------

@@ -76,6 +76,21 @@ def migrationReport(migration: ReportedMigration) -> dict[str, Any]:
         "bandwidth_limit": migration.bandwidth,
         "downtime": downtimeReport(migration, paused),
         "devices": [deviceReport(run) for run in migration.devices.values()],
+        "reconnections": reconnections(migration),
+    }
+
+
+def reconnections(migration: ReportedMigration) -> dict[str, int]:
+    """
+    The broken connections a resumable migration survived: its control
+    connection's and its streams', and the stream bytes it sent again.
+    """
+    link = getattr(migration, "link", None)
+    runs = migration.devices.values()
+    return {
+        "control": getattr(link, "reconnections", 0),
+        "streams": sum(run.resent[1] for run in runs),
+        "resent_bytes": sum(run.resent[0] for run in runs),
     }
 
 
@@ -127,6 +142,8 @@ def deviceReport(run: DeviceRun) -> dict[str, Any]:
         "rounds": list(run.rounds or []),
         "digest": run.digest.hex if run.digest else None,
         "seconds": seconds,
+        "reconnections": run.resent[1],
+        "resent_bytes": run.resent[0],
     }
     if any(run.roundFigures or []):
         report["round_figures"] = [dict(f) for f in run.roundFigures or []]

@@ -29,6 +29,9 @@ class Timeouts:
     ready: float = 600.0
     token: float = 60.0
     commit: float = 300.0
+    #: How long a resumable session waits for a broken connection (its control
+    #: connection, a stream) to come back; 0: it aborts at once.
+    reconnect: float = 60.0
 
     def deadlines(self) -> dict[Phase, float]:
         return {

@@ -12,7 +12,13 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from xenmig.amp_commands import PROTOCOL_VERSION
-from xenmig.errors import Busy, NotAuthorized, UnknownDevice, XenmigError
+from xenmig.errors import (
+    Busy,
+    NotAuthorized,
+    StreamInterrupted,
+    UnknownDevice,
+    XenmigError,
+)
 from xenmig.interfaces import IDeviceKind, IMigrationTarget
 from xenmig.limits import ADMISSION_WAIT, bounded
 from xenmig.model import DeviceOffer
@@ -30,6 +36,7 @@ from xenmig.target.metrics import MigrationMetrics
 from xenmig.target.migrationrecord import MigrationRecord
 from xenmig.target.offers import checkVersion
 from xenmig.target.prepare import Admitted, Preparation
+from xenmig.target.resumption import ResumingTarget, Resumption
 from xenmig.target.session import FINAL, Phase, TargetSession
 from xenmig.target.staging import StagingArea
 from xenmig.target.summary import MigrationSummary
@@ -39,7 +46,7 @@ log = Logger()
 
 
 @implementer(IMigrationTarget)
-class MigrationTarget:
+class MigrationTarget(ResumingTarget):
     """
     Everything a target host knows about its migrations, behind one face: the
     AMP protocols call it with the peer's identity; it authorizes, admits,
@@ -78,6 +85,7 @@ class MigrationTarget:
             else None
         )
         self.tokens = StreamTokens(self.clock, config.timeouts.token)
+        self.resumption = Resumption(self.clock, config.timeouts.reconnect)
         self.gate = ResumeGate(self.clock, self.history.claim)
         self.commitHook = CommitHook(config.onCommit, runHook)
         self.commits: dict[str, SessionCommit] = {}
@@ -275,8 +283,15 @@ class MigrationTarget:
     # -- verification, commit, abort ------------------------------------------------
 
     def deviceReady(self, peer: str, migrationId: str, device: str) -> Deferred[Any]:
-        """A Deferred firing with the device's verified ContentDigest."""
-        return self.session(migrationId, peer).awaitReady(device)
+        """
+        A Deferred firing with the device's verified ContentDigest; failing
+        with StreamInterrupted while its stream waits to be opened again.
+        """
+        session = self.session(migrationId, peer)
+        why = self.resumption.interruption(session, device)
+        if why is not None and session.phase not in FINAL:
+            raise StreamInterrupted(f"migration {migrationId}: {why}")
+        return session.awaitReady(device)
 
     async def commit(self, peer: str, migrationId: str) -> list[str]:
         """
@@ -329,30 +344,6 @@ class MigrationTarget:
             for m in migrationIds
         )
 
-    def controlConnectionLost(
-        self, peer: str | None, migrationIds: Iterable[str]
-    ) -> None:
-        """
-        The control connection that prepared ``migrationIds`` is gone: each
-        that has not begun to commit aborts (its source learns the outcome
-        with QueryMigration on a new connection), and a Prepare of one still
-        being answered opens no session (or aborts the one it opens).
-        """
-        reason = "the source's control connection was lost"
-        for migrationId in migrationIds:
-            session = self.sessions.get(migrationId)
-            if session is None:
-                # Its Prepare is still being answered: it opens no session.
-                if self.admission.abandon(migrationId, reason):
-                    log.info(
-                        "migration {migration_id}: {reason} during its Prepare",
-                        migration_id=migrationId,
-                        reason=reason,
-                    )
-                continue
-            if session.phase not in FINAL and session.phase is not Phase.COMMITTING:
-                session.abort(reason)
-
     # -- status and the resume gate -------------------------------------------------
 
     def query(self, migrationId: str, viewer: str | None = None) -> dict[str, Any]:
@@ -389,6 +380,7 @@ class MigrationTarget:
         if session.phase in FINAL:
             # Its admission ends with it, whatever the journal makes of this.
             self.admission.release(session.migrationId)
+            self.resumption.forget(session.migrationId)
         d = self.history.changed(session, self.staging.paths(session.migrationId))
         if session.phase in FINAL:
 

@@ -19,6 +19,7 @@ from xenmig.errors import (
     MigrationAborted,
     PhaseTimeout,
     StreamError,
+    StreamStalled,
     UnknownDevice,
     XenmigError,
 )
@@ -103,6 +104,9 @@ class TargetDeviceSlot:
         self.streaming = False
         #: Its install completed, in a commit that has not ended yet.
         self.installed = False
+        #: Records its device took (END included); why its stream broke (resumable).
+        self.records = 0
+        self.interrupted: str | None = None
         self._clock = clock
         self._ready: list[Deferred[ContentDigest]] = []
 
@@ -190,6 +194,8 @@ class TargetSession:
         self._onChange = onChange
         self._aborting: Deferred[None] | None = None
         self._errorType: type[XenmigError] = MigrationAborted
+        #: Told of each broken stream, if resumable (it then waits to be reopened).
+        self.onInterrupted: Callable[[TargetSession, str, str], None] | None = None
         self._armDeadline()
 
     # -- the machine ---------------------------------------------------------------
@@ -260,6 +266,9 @@ class TargetSession:
         """A stream for device ``name`` opened."""
         self.checkActive()
         slot = self.device(name)
+        if slot.interrupted and slot.state is DeviceState.RECEIVING:
+            slot.interrupted, slot.streaming = None, True  # resumed
+            return
         if slot.streaming or slot.state is not DeviceState.ACCEPTED:
             raise StreamError(f"device {name} already had its stream")
         slot.streaming = True
@@ -274,6 +283,7 @@ class TargetSession:
         slot = self.device(name)
         if slot.state is not DeviceState.RECEIVING:
             raise StreamError(f"device {name} is {slot.state.value}, not receiving")
+        slot.records += 1
         data = getattr(record, "data", None)
         if data is not None:
             slot.bytesDone += len(data)
@@ -291,8 +301,8 @@ class TargetSession:
         slot = self.device(name)
         slot.moveTo(DeviceState.VERIFYING)
         slot.streaming = False
-        d = Deferred.fromCoroutine(self._verify(slot, end))
-        return d
+        slot.records += 1
+        return Deferred.fromCoroutine(self._verify(slot, end))
 
     async def _verify(self, slot: TargetDeviceSlot, end: EndRecord) -> None:
         try:
@@ -317,10 +327,8 @@ class TargetSession:
             self._moveTo(Phase.READY).addErrback(self._notJournalled)
 
     def _notJournalled(self, failure: Failure) -> None:
-        """
-        A phase before the commit could not be journalled: it stays due (the
-        commit writes its own record first, and a restart aborts it anyway).
-        """
+        """A phase before the commit could not be journalled: it stays due (the
+        commit writes its own record first, and a restart aborts it anyway)."""
         log.failure(
             "migration {migration_id}: {phase} is not journalled yet",
             failure,
@@ -334,12 +342,18 @@ class TargetSession:
         if slot is None or not slot.streaming or self.phase in FINAL:
             return
         slot.streaming = False
+        if self.onInterrupted is not None and self.phase is not Phase.COMMITTING:
+            slot.interrupted = f"the stream of device {name} {why}"
+            self.onInterrupted(self, name, slot.interrupted)
+            return
         self.abort(f"the stream of device {name} {why}")
 
     def deviceFailed(self, name: str, error: BaseException) -> None:
         """A device failed: abort the whole session with its reason."""
         if self.phase in FINAL or self.phase is Phase.COMMITTING:
             return
+        if isinstance(error, StreamStalled) and self.onInterrupted is not None:
+            return self.streamLost(name, f"made no progress ({error})")  # reopened
         reason = str(error) if isinstance(error, XenmigError) else repr(error)
         if name not in reason:
             reason = f"device {name}: {reason}"
