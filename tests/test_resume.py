@@ -126,10 +126,11 @@ async def test_stream_cut_three_times_commits_with_bounded_resend(
     each cut sends again at most the kept window plus one record."""
     daemon = await daemons().launch(reactor)
     proxy = proxies(daemon)
-    size = 96 * MiB
+    size = 1024 * MiB
     state = denseFile(tmp_path / "state.bin", size)
     destination = daemon.dest / "state.bin"
-    await steer(proxy, op="set", rate=80 * MiB, directions=["up"])
+    # bounded, so that each cut lands in the middle of the transfer
+    await steer(proxy, op="set", rate=256 * MiB, directions=["up"])
     client = clientThrough(daemon, proxy)
     migration = await client.prepare(
         "vm1", [DeviceSpec.parse(f"file:blob:path={state},target={destination}")]
