@@ -19,8 +19,38 @@ from xenmig.records import (
 )
 
 
+class RecordWriting:
+    """
+    The record-writing methods of L{IRecordWriter} over one ``_write(parts)``
+    (a framed record), counting the content's bytes: shared by the stream
+    senders (L{RecordFraming}) and L{xenmig.source.resumable.ResumableStream}.
+    """
+
+    bytesWritten: int
+    dataBytes: int
+
+    def _write(self, parts: list[bytes]) -> Deferred[None]:
+        raise NotImplementedError()
+
+    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
+        self.bytesWritten += len(data)
+        self.dataBytes += len(data)
+        return self._write(encodeData(offset, data))
+
+    def writeZero(self, offset: int, length: int) -> Deferred[None]:
+        self.bytesWritten += length
+        return self._write(encodeZero(offset, length))
+
+    def writeMetadata(self, metadata: dict[str, Any]) -> Deferred[None]:
+        return self._write(encodeMetadata(metadata))
+
+    def writeRound(self, round: int, final: bool) -> Deferred[None]:
+        """Mark the start of a round (a framework record)."""
+        return self._write(encodeRound(round, final))
+
+
 @implementer(IRecordWriter)
-class RecordFraming:
+class RecordFraming(RecordWriting):
     """
     The L{IRecordWriter} methods and the framework's records over one
     ``_send(parts)``, which each kind of stream sender provides: framing, the
@@ -77,19 +107,3 @@ class RecordFraming:
     def writeRecord(self, parts: list[bytes]) -> Deferred[None]:
         """Write one record already framed (a resumable stream's replay)."""
         return self._write(parts)
-
-    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
-        self.bytesWritten += len(data)
-        self.dataBytes += len(data)
-        return self._write(encodeData(offset, data))
-
-    def writeZero(self, offset: int, length: int) -> Deferred[None]:
-        self.bytesWritten += length
-        return self._write(encodeZero(offset, length))
-
-    def writeMetadata(self, metadata: dict[str, Any]) -> Deferred[None]:
-        return self._write(encodeMetadata(metadata))
-
-    def writeRound(self, round: int, final: bool) -> Deferred[None]:
-        """Mark the start of a round (a framework record)."""
-        return self._write(encodeRound(round, final))

@@ -25,13 +25,10 @@ from xenmig.errors import (
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
 from xenmig.records import (
-    encodeData,
     encodeEnd,
-    encodeMetadata,
-    encodeRound,
-    encodeZero,
 )
 from xenmig.source.backoff import Backoff, NotConnected
+from xenmig.source.framing import RecordWriting
 from xenmig.source.stall import streamProgress
 
 log = Logger()
@@ -99,7 +96,7 @@ class _Entry:
 
 
 @implementer(IRecordWriter)
-class ResumableStream:
+class ResumableStream(RecordWriting):
     """
     A device's records, written to one stream connection after another: each
     record is kept until the target says it has taken it (L{Asker}, asked
@@ -238,21 +235,6 @@ class ResumableStream:
             self._sender.abort()
 
     # -- IRecordWriter ---------------------------------------------------------------
-
-    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
-        self.bytesWritten += len(data)
-        self.dataBytes += len(data)
-        return self._write(encodeData(offset, data))
-
-    def writeZero(self, offset: int, length: int) -> Deferred[None]:
-        self.bytesWritten += length
-        return self._write(encodeZero(offset, length))
-
-    def writeMetadata(self, metadata: dict[str, Any]) -> Deferred[None]:
-        return self._write(encodeMetadata(metadata))
-
-    def writeRound(self, round: int, final: bool) -> Deferred[None]:
-        return self._write(encodeRound(round, final))
 
     def finish(self, digest: ContentDigest) -> Deferred[None]:
         """
