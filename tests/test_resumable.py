@@ -6,6 +6,8 @@ target session waits for a broken stream or control connection.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -282,6 +284,22 @@ def test_reopening_cuts_the_old_stream_and_answers_the_position() -> None:
     assert not clock.getDelayedCalls() or all(
         c.getTime() >= 1000 for c in clock.getDelayedCalls()
     )
+
+
+def test_a_finished_streams_receiver_is_not_kept() -> None:
+    """The resumption holds a stream's receiver only while something else does
+    (its connection): a finished stream's buffers are not kept until the
+    session ends (64 streams kept 80 MB more in the daemon before)."""
+    clock = Clock()
+    resumption = Resumption(clock, 5.0)
+    s = session(clock, resumption)
+    s.streamStarted("d")
+    receiver = Receiver(s)
+    gone = weakref.ref(receiver)
+    resumption.attached(s, "d", receiver)
+    del receiver
+    gc.collect()
+    assert gone() is None
 
 
 def test_control_lost_waits_then_aborts_and_reattach_cancels() -> None:

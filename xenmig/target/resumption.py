@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+from weakref import WeakValueDictionary
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -41,7 +42,11 @@ class Resumption:
         self.clock = clock
         self.grace = grace
         self._streams: dict[tuple[str, str], IDelayedCall] = {}
-        self._receivers: dict[tuple[str, str], Any] = {}
+        #: The receiver of each stream while its connection lives (held
+        #: weakly: a finished stream's buffers are not kept for the session).
+        self._receivers: WeakValueDictionary[tuple[str, str], Any] = (
+            WeakValueDictionary()
+        )
         self._settling: dict[tuple[str, str], list[Deferred[None]]] = {}
         self._detached: dict[str, IDelayedCall] = {}
         #: The migrations each control connection holds, by migration: the
