@@ -6,13 +6,14 @@ the fixtures more than one module uses.
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from daemons import PKI, Daemon  # noqa: E402
 from nethosts import network  # noqa: E402, F401  (namespaced hosts, for any test)
 
 from xenmig.testing import requirePrograms  # noqa: E402
@@ -53,3 +54,20 @@ def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)
         backing.unlink()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, certs: PKI) -> Iterator[Callable[..., Daemon]]:
+    """
+    Make daemons (not started) with extra options, with the module's ``certs``;
+    all are stopped afterwards.
+    """
+    made: list[Daemon] = []
+
+    def make(*extra: str) -> Daemon:
+        made.append(Daemon(tmp_path / f"daemon{len(made)}", certs, *extra))
+        return made[-1]
+
+    yield make
+    for daemon in made:
+        daemon.stop()

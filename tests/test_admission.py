@@ -600,20 +600,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture
-def daemons(tmp_path: Path, certs: PKI) -> Iterator[Callable[..., Daemon]]:
-    """Make daemons (not started) with extra options; all are stopped afterwards."""
-    made: list[Daemon] = []
-
-    def make(*extra: str) -> Daemon:
-        made.append(Daemon(tmp_path / f"daemon{len(made)}", certs, *extra))
-        return made[-1]
-
-    yield make
-    for daemon in made:
-        daemon.stop()
-
-
 def fileDevice(destination: Path) -> dict[str, Any]:
     return {
         "kind": "file",

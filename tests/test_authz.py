@@ -7,7 +7,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -347,19 +347,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     made = PKI(tmp_path_factory.mktemp("pki"))
     pki.issueHost(made.ca, "thief.test")
     return made
-
-
-@pytest.fixture
-def daemons(tmp_path: Path, certs: PKI) -> Iterator[Callable[..., Daemon]]:
-    made: list[Daemon] = []
-
-    def make(*extra: str) -> Daemon:
-        made.append(Daemon(tmp_path / f"daemon{len(made)}", certs, *extra))
-        return made[-1]
-
-    yield make
-    for daemon in made:
-        daemon.stop()
 
 
 def identityTLS(certs: PKI, name: str, pins: tuple[str, ...] = ()) -> Any:

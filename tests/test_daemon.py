@@ -10,7 +10,7 @@ import shlex
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +60,6 @@ EXTENTS = [(0, 4 * MiB), (20 * MiB, 28 * MiB), (63 * MiB, 64 * MiB)]
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def daemons(tmp_path: Path, certs: PKI) -> Iterator[Callable[..., Daemon]]:
-    """Make daemons (not started) with extra options; all are stopped afterwards."""
-    made: list[Daemon] = []
-
-    def make(*extra: str) -> Daemon:
-        made.append(Daemon(tmp_path / f"daemon{len(made)}", certs, *extra))
-        return made[-1]
-
-    yield make
-    for daemon in made:
-        daemon.stop()
 
 
 @pytest.fixture

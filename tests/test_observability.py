@@ -6,7 +6,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +41,6 @@ CHATTER_TEXTS = (
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def daemons(tmp_path: Path, certs: PKI) -> Iterator[Callable[..., Daemon]]:
-    made: list[Daemon] = []
-
-    def make(*extra: str) -> Daemon:
-        made.append(Daemon(tmp_path / f"daemon{len(made)}", certs, *extra))
-        return made[-1]
-
-    yield make
-    for daemon in made:
-        daemon.stop()
 
 
 async def migrate(daemon: Daemon, tmp_path: Path) -> str:

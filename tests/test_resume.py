@@ -49,19 +49,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture
-def daemons(tmp_path: Path, certs: PKI) -> Iterator[Callable[..., Daemon]]:
-    made: list[Daemon] = []
-
-    def make(*extra: str) -> Daemon:
-        made.append(Daemon(tmp_path / f"daemon{len(made)}", certs, *extra))
-        return made[-1]
-
-    yield make
-    for daemon in made:
-        daemon.stop()
-
-
 def freePort() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
