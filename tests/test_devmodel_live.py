@@ -316,26 +316,22 @@ async def test_incomingQEMUGoneDuringPreCopy(
     migration = SourceMigration(daemon.client(reactor), "gone", f"gone-{os.getpid()}")
     await migration.prepare([spec])
     precopy = Deferred.fromCoroutine(migration.precopy())
-    # As soon as RAM moves (the first pass of 128 MiB of random RAM takes
-    # longer than this), the incoming QEMU goes.
-    for _ in range(500):
+    # As soon as RAM moves and the incoming QEMU reads it (the first pass of
+    # 128 MiB of random RAM takes longer than this), the incoming QEMU goes.
+    for _ in range(1000):
         state = await queryMigrate(running)
-        if state.get("ram", {}).get("transferred", 0) > 0:
+        incoming = await queryMigrate(waiting)
+        if state.get("ram", {}).get("transferred", 0) and incoming.get("status") == (
+            "active"
+        ):
             break
         await deferLater(reactor, 0.01, lambda: None)
     assert state["status"] == "active", state  # RAM is moving
+    assert incoming["status"] == "active", incoming  # and the target QEMU reads it
     await waiting.observer.execute("quit")
     with pytest.raises(MigrationAborted) as caught:
         await precopy
-    # The target's own reason, whether QEMU went before or while it read.
-    message = str(caught.value)
-    assert "the target aborted: " in message and "device qemu: " in message
-    # Which words depends on the moment QEMU went: while it read the state, or
-    # on the QMP connection (its greeting, getfd, migrate-incoming).
-    clues = ("the target QEMU stopped reading the state", "(has QEMU exited?)")
-    assert any(clue in message for clue in clues) or "the target QEMU at " in message, (
-        message
-    )
+    assert "the target QEMU stopped reading the state" in str(caught.value)
     status = await daemon.status(reactor, migration.migrationId)
     assert status["phase"] == "ABORTED" and status["installed"] == []
     # No migration in progress: the cut stream failed it (or the abort cancelled it).
