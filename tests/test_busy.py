@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 from test_validation import Raw, prepareBox, send
 from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    fail,
+    gatherResults,
+    maybeDeferred,
+)
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -31,7 +37,7 @@ from xenmig.limits import (
 from xenmig.protocol import ControlProtocol
 from xenmig.source.backoff import Backoff, NotConnected, whileBusy
 from xenmig.source.connection import TargetConnection
-from xenmig.source.pacing import Slots, commandSlots, handshakeSlots
+from xenmig.source.pacing import Slots, commandSlots, gatherOrCancel, handshakeSlots
 from xenmig.target.config import MAX_DEVICES, MAX_SESSIONS, TargetConfig
 from xenmig.target.core import MigrationTarget
 from xenmig.testing import MemoryKind
@@ -435,3 +441,17 @@ def test_factoryStartSaysWhatDoesNotFit(
     said = [e.get("problem") or e.get("log_format", "") for e in events]
     assert any("--max-connections 64 is less than" in text for text in said)
     assert any("less than the {wanted}" in text for text in said)
+
+
+def test_gatherRaisesTheStepsOwnFailureAndCancelsTheRest() -> None:
+    """
+    The first failure is raised as itself, also when a step failed while
+    gathering steps of its own (nested FirstErrors); the others are cancelled.
+    """
+    own = gatherResults([fail(Busy("deep"))], consumeErrors=True)
+    cancelled: list[Deferred[None]] = []
+    other: Deferred[None] = Deferred(cancelled.append)
+    errors: list[Failure] = []
+    Deferred.fromCoroutine(gatherOrCancel([own, other])).addErrback(errors.append)
+    assert errors and errors[0].check(Busy) and str(errors[0].value) == "deep"
+    assert cancelled and other.called

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, FirstError
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -408,15 +408,12 @@ class SourceMigration:
         self._steps = [Deferred.fromCoroutine(step) for step in steps]
         try:
             await gatherOrCancel(self._steps)
-        except BaseException as failed:
-            e = failed
-            while isinstance(e, FirstError) and e.subFailure.value is not None:
-                e = e.subFailure.value  # from a handler's own parallel steps
+        except BaseException as e:
             reason = await self._targetReason(e)
             await self._failed(reason or e)
             if reason is not None:
                 raise reason from e
-            raise e
+            raise
 
     async def _targetReason(self, error: BaseException) -> MigrationAborted | None:
         """

@@ -9,7 +9,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.python.failure import Failure
 
 from xenmig.limits import AnnouncedLimits
 
@@ -83,7 +84,11 @@ class Slots:
 
 
 async def gatherOrCancel(deferreds: list[Deferred[Any]]) -> list[Any]:
-    """Wait for steps in parallel; the first failure cancels the rest and is raised."""
+    """
+    Wait for steps in parallel; the first failure cancels the rest and is
+    raised as itself: unwrapped from Twisted's FirstError, also when a step
+    failed with one of its own (a handler gathering steps of its own).
+    """
     if not deferreds:
         return []
     try:
@@ -91,7 +96,9 @@ async def gatherOrCancel(deferreds: list[Deferred[Any]]) -> list[Any]:
     except BaseException as e:
         for d in deferreds:
             d.cancel()
-        inner = getattr(e, "subFailure", None)
+        inner: Failure | None = getattr(e, "subFailure", None)
+        while inner is not None and isinstance(inner.value, FirstError):
+            inner = inner.value.subFailure
         if inner is not None:
             inner.raiseException()
         raise

@@ -183,18 +183,17 @@ class MigrationTarget(ResumingTarget):
             grant = self.authorize(peer, fingerprint)
             checkVersion(version)
             admitted = self.preparation.admit(grant, migrationId, domain, devices)
-        except Busy as e:
-            if e.limit != "--max-sessions" or not self.admission.canWait():
-                self._refused(migrationId, domain, peer, devices, str(e), started)
-                raise
-            # The host is full: wait in line for a place (first come, first
-            # served) rather than have every source retry on its own.
-            return Deferred.fromCoroutine(
-                self._prepareInLine(grant, migrationId, domain, devices, started, e)
-            )
         except Exception as e:
-            reason = str(e) if isinstance(e, XenmigError) else repr(e)
-            self._refused(migrationId, domain, peer, devices, reason, started)
+            if isinstance(e, Busy) and e.limit == "--max-sessions":
+                if self.admission.canWait():
+                    # The host is full: wait in line for a place (first come,
+                    # first served) rather than have every source retry alone.
+                    return Deferred.fromCoroutine(
+                        self._prepareInLine(
+                            grant, migrationId, domain, devices, started, e
+                        )
+                    )
+            self._refused(migrationId, domain, peer, devices, _reason(e), started)
             raise
         return Deferred.fromCoroutine(self._prepare(admitted, started))
 
@@ -213,8 +212,9 @@ class MigrationTarget(ResumingTarget):
             )
             admitted = self.preparation.admit(grant, migrationId, domain, devices)
         except Exception as e:
-            reason = str(e) if isinstance(e, XenmigError) else repr(e)
-            self._refused(migrationId, domain, grant.identity, devices, reason, started)
+            self._refused(
+                migrationId, domain, grant.identity, devices, _reason(e), started
+            )
             raise
         return await self._prepare(admitted, started)
 
@@ -484,3 +484,8 @@ class MigrationTarget(ResumingTarget):
             if pending
             else succeed(None)
         )
+
+
+def _reason(error: Exception) -> str:
+    """What a refusal says: a declared error's message, else the error's repr."""
+    return str(error) if isinstance(error, XenmigError) else repr(error)
