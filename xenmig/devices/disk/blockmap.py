@@ -14,6 +14,17 @@ from functools import cache
 
 import blake3
 
+from xenmig.devices.disk.leaves import (
+    LEAF_SIZE,
+    VALUE_SIZE,
+    LeafTables,
+    blockTable,
+    leafRuns,
+    leafValues,
+    readLeaves,
+    rootOf,
+    zeroTable,
+)
 from xenmig.devices.sparse import DataExtents
 from xenmig.errors import DeviceError
 from xenmig.model import ContentDigest
@@ -103,6 +114,8 @@ class BlockMap:
         self._digests = bytearray()
         self._zeroDigest = zeroDigest(blockSize)
         self._tailZeroDigest = self._zeroDigest
+        #: The leaf tables of blocks a round after the first sent whole.
+        self.leaves = LeafTables(blockSize)
         self.resize(size)
 
     def resize(self, size: int) -> None:
@@ -117,6 +130,7 @@ class BlockMap:
         for index in (oldCount - 1, self.count - 1):
             if 0 <= index < self.count:
                 self.record(index, UNKNOWN)
+            self.leaves.drop(index)
         self.size = size
         tail = size - (self.count - 1) * self.blockSize if self.count else 0
         self._tailZeroDigest = zeroDigest(tail)
@@ -185,6 +199,9 @@ class BlockScanner:
         self.maxSize = blocks.size if maxSize is None else maxSize
         self._modified = 0
         self._extents = DataExtents(fd)
+        #: Keep leaf tables (the target keeps them too): rounds after the first
+        #: read and send only the changed leaves of a block that has one.
+        self.leafy = False
 
     def currentSize(self) -> int:
         """Blocking: the image's size now."""
@@ -249,6 +266,7 @@ class BlockScanner:
         indices: Sequence[int],
         budget: int | None = None,
         within: list[tuple[int, int]] | None = None,
+        final: bool = True,
     ) -> list[BlockScan]:
         """
         Read the blocks ``indices`` (ascending), holes skipped, and record the
@@ -258,9 +276,12 @@ class BlockScanner:
             held to ``budget`` bytes (at least one block is scanned): fewer scans
             than ``indices`` are returned then.
         @param within: the only byte ranges (sorted) that may have changed since
-            the target got each block, if a dirty-block source says so: a changed
-            block's pieces are then cut to them (a block without a digest yet is
-            still sent whole).  The digest recorded is the whole block's.
+            the target got each block, if a dirty-block source says so: in the
+            ``final`` round a changed block's pieces are then cut to them (a
+            block without a digest yet is still sent whole).  With L{leafy}, a
+            block with a leaf table reads and sends only the leaves they touch
+            (in any round), and one without is read whole and gets a table if
+            it is sent whole.  The digest recorded is the whole block's.
         @raise DeviceError: if the image was resized or truncated.
         """
         self.checkSize(exact=False)
@@ -284,7 +305,7 @@ class BlockScanner:
                 inside = _clip(extents, cursor, blockStart, blockEnd)
             else:
                 inside = self._extents.within(blockStart, blockEnd)
-            scan = self._scanBlock(index, inside, within)
+            scan = self._scanBlock(index, inside, within, final)
             scans.append(scan)
             held += sum(len(p.data) for p in scan.pieces if p.data is not None)
             if budget is not None and held >= budget:
@@ -296,12 +317,20 @@ class BlockScanner:
         index: int,
         extents: list[tuple[int, int]],
         within: list[tuple[int, int]] | None = None,
+        final: bool = True,
     ) -> BlockScan:
         start, end = self.blocks.blockRange(index)
         length = end - start
         zero = self.blocks.zeroDigest(index)
+        leafy = self.leafy and within is not None and length == self.blocks.blockSize
+        table = self.blocks.leaves.get(index) if leafy else None
+        if table is not None and within is not None:
+            if self.blocks.digest(index) != UNKNOWN:
+                return self._scanLeaves(index, start, end, table, within)
         data: bytes | None = None
         digest = zero
+        if leafy:
+            table = bytearray(zeroTable(length))
         if extents:
             # A fresh buffer per block: a changed block's data goes to the writer
             # as it is, and the allocator recycles the unchanged ones' at once.
@@ -311,7 +340,10 @@ class BlockScanner:
                     f"{self.describe} ended at {start + len(data)} bytes, inside "
                     f"block {index}: it was truncated under the sender"
                 )
-            digest = blake3.blake3(data).digest()
+            if leafy:
+                table, digest = blockTable(data)
+            else:
+                digest = blake3.blake3(data).digest()
             if digest == zero:
                 data = None
         recorded = self.blocks.digest(index)
@@ -322,9 +354,40 @@ class BlockScanner:
             pieces: tuple[Piece, ...] = (Piece(start, length),)
         else:
             pieces = _pieces(start, data, extents)
-        if within is not None and recorded != UNKNOWN:
+        if final and within is not None and recorded != UNKNOWN:
             pieces = _cut(pieces, within, start, end)
+            self.blocks.leaves.drop(index)
+        elif table is not None:
+            # Sent whole after the first round: the target keeps a table too.
+            self.blocks.leaves.put(index, table)
+        else:
+            self.blocks.leaves.drop(index)
         return BlockScan(index, start, length, pieces)
+
+    def _scanLeaves(
+        self,
+        index: int,
+        start: int,
+        end: int,
+        table: bytearray,
+        within: list[tuple[int, int]],
+    ) -> BlockScan:
+        """A block with a leaf table: read, hash and send only the leaves named."""
+        first = bisect.bisect_right(within, (start, start)) - 1
+        runs = leafRuns(_clip(within, max(first, 0), start, end), start, end)
+        reads = readLeaves(self.fd, start, runs, self.describe)
+        new = bytearray(table)
+        for lo, hi, data in reads:
+            new[lo * VALUE_SIZE : hi * VALUE_SIZE] = leafValues(data, lo)
+        digest = rootOf(new) if reads else self.blocks.digest(index)
+        self.blocks.leaves.put(index, new)
+        if digest == self.blocks.digest(index):
+            return BlockScan(index, start, end - start, ())
+        self.blocks.record(index, digest)
+        pieces: list[Piece] = []
+        for lo, _, data in reads:
+            pieces += _holePieces(start + lo * LEAF_SIZE, data)
+        return BlockScan(index, start, end - start, tuple(pieces))
 
 
 def _cut(

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig.devices.disk.blockmap import BLOCK_SIZE, BlockMap, BlockScan, BlockScanner
+from xenmig.devices.disk.leaves import LEAF_SIZE, available
 from xenmig.devices.disk.params import KIND, DiskParams
 from xenmig.devices.disk.qemudirty import QEMUDirtyBitmap
 from xenmig.devices.disk.reflinkdirty import ReflinkSnapshots
@@ -219,6 +220,20 @@ class DiskSource:
         return st, info
 
     def accepted(self, params: dict[str, Any]) -> None:
+        # A target that keeps leaf tables says so (older ones say nothing): with
+        # a dirty-block source, rounds after the first then send changed leaves.
+        leafBlocks = params.get("leaf_blocks")
+        scanner = self._scanner
+        if (
+            scanner is not None
+            and self.dirty is not None
+            and available()
+            and params.get("leaf_size") == LEAF_SIZE
+            and isinstance(leafBlocks, int)
+            and leafBlocks > 0
+        ):
+            scanner.blocks.leaves.limit(leafBlocks)
+            scanner.leafy = scanner.blocks.leaves.most > 0
         log.debug(
             "disk {device} accepted by the target: {params}",
             device=self.spec.name,
@@ -301,12 +316,13 @@ class DiskSource:
 
         # In the final round the target takes the written parts of a block and
         # reads the rest back from its staging file; earlier rounds send changed
-        # blocks whole, so that no read-backs pile up for the paused window.
-        within = changed if final else None
+        # blocks whole, so that no read-backs pile up for the paused window,
+        # except the changed leaves of blocks whose leaf tables both sides keep.
+        within = changed if final or scanner.leafy else None
 
         def submit(indices: Sequence[int], next: bool = False) -> None:
             scan = self._threads.run(
-                scanner.scanBlocks, indices, self.batchBytes, within
+                scanner.scanBlocks, indices, self.batchBytes, within, final
             )
             if next:  # the rest of a batch that returned early comes first
                 pending.appendleft((scan, indices))
