@@ -25,6 +25,7 @@ from xenmig.devices.disk.reflinkdirty import ReflinkSnapshots
 from xenmig.errors import DeviceError
 from xenmig.interfaces import (
     IDirtyBlocks,
+    IQuiescedDirtyBlocks,
     IRecordWriter,
     ISourceContext,
     ISourceDevice,
@@ -247,6 +248,9 @@ class DiskSource:
         first = not self._baseline
         tally = await self._pass(writer, round, final=False)
         self._baseline = True
+        if self._tracking and IQuiescedDirtyBlocks.providedBy(self.dirty):
+            # While the VM runs: so that the paused window finds little to do.
+            await self.dirty.settle()
         # Until a round compares digests there is no measure of the rate of change:
         # the first full pass reports what it sent as the estimate.
         changed = tally.dataBytes + tally.zeroBytes
@@ -385,6 +389,8 @@ class DiskSource:
             return None
         if not self._tracking:
             return None
+        if final and IQuiescedDirtyBlocks.providedBy(dirty):
+            return await dirty.collectQuiesced()  # the VM is paused
         return await dirty.collect()
 
     def rollback(self) -> Deferred[None]:
