@@ -26,12 +26,13 @@ from zope.interface.verify import verifyObject
 from xenmig.devices.disk.reflinkdirty import (
     FIEMAP_EXTENT_UNWRITTEN,
     Extent,
+    IQuiescedDirtyBlocks,
     ReflinkSnapshots,
     changedRanges,
 )
 from xenmig.devices.disk.source import DiskSource
 from xenmig.errors import BadSpec, DeviceError
-from xenmig.interfaces import IDirtyBlocks, IQuiescedDirtyBlocks
+from xenmig.interfaces import IDirtyBlocks
 from xenmig.model import DeviceSpec
 from xenmig.source.convergence import FixedRounds
 

@@ -9,7 +9,6 @@ import bisect
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cache
 
 import blake3
@@ -25,6 +24,14 @@ from xenmig.devices.disk.leaves import (
     rootOf,
     zeroTable,
 )
+from xenmig.devices.disk.pieces import (
+    BlockScan,
+    Piece,
+    blockPieces,
+    clip,
+    cutTo,
+    holePieces,
+)
 from xenmig.devices.sparse import DataExtents
 from xenmig.errors import DeviceError
 from xenmig.model import ContentDigest
@@ -32,9 +39,6 @@ from xenmig.model import ContentDigest
 #: The unit of change detection: one digest (32 bytes) per block.
 BLOCK_SIZE = 1024 * 1024
 DIGEST_SIZE = 32
-_ZEROS = bytes(BLOCK_SIZE)
-#: The unit in which a hole written during a scan is split into data and zeros.
-PAGE = 4096
 #: The digest of a block whose content the target does not have yet.
 UNKNOWN = b"\xff" * DIGEST_SIZE
 #: The disk kind's content digest (see L{treeDigest}): the algorithm name starts so.
@@ -71,29 +75,6 @@ def treeDigest(size: int, blockSize: int, digests: bytes | bytearray) -> Content
 def zeroDigest(length: int) -> bytes:
     """The blake3 digest of ``length`` zero bytes (a hole of one block)."""
     return blake3.blake3(bytes(length)).digest()
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A range to send: ``data`` at ``offset``, or ``length`` zeros when it is None."""
-
-    offset: int
-    length: int
-    data: bytes | None = None
-
-
-@dataclass(frozen=True)
-class BlockScan:
-    """
-    One block as a scan saw it.
-
-    ``pieces`` is empty when the block did not change since its digest was recorded.
-    """
-
-    index: int
-    offset: int
-    length: int
-    pieces: tuple[Piece, ...]
 
 
 class BlockMap:
@@ -302,7 +283,7 @@ class BlockScanner:
             if contiguous:
                 while cursor < len(extents) and extents[cursor][1] <= blockStart:
                     cursor += 1
-                inside = _clip(extents, cursor, blockStart, blockEnd)
+                inside = clip(extents, cursor, blockStart, blockEnd)
             else:
                 inside = self._extents.within(blockStart, blockEnd)
             scan = self._scanBlock(index, inside, within, final)
@@ -322,7 +303,13 @@ class BlockScanner:
         start, end = self.blocks.blockRange(index)
         length = end - start
         zero = self.blocks.zeroDigest(index)
-        leafy = self.leafy and within is not None and length == self.blocks.blockSize
+        # Tables in the rounds before the final one, and with a dirty-block
+        # source: a full pass builds them, later ones use them.
+        leafy = (
+            self.leafy
+            and length == self.blocks.blockSize
+            and (within is not None or not final)
+        )
         table = self.blocks.leaves.get(index) if leafy else None
         if table is not None and within is not None:
             if self.blocks.digest(index) != UNKNOWN:
@@ -353,9 +340,9 @@ class BlockScanner:
         if data is None:
             pieces: tuple[Piece, ...] = (Piece(start, length),)
         else:
-            pieces = _pieces(start, data, extents)
+            pieces = blockPieces(start, data, extents)
         if final and within is not None and recorded != UNKNOWN:
-            pieces = _cut(pieces, within, start, end)
+            pieces = cutTo(pieces, within, start, end)
             self.blocks.leaves.drop(index)
         elif table is not None:
             # Sent whole after the first round: the target keeps a table too.
@@ -374,7 +361,7 @@ class BlockScanner:
     ) -> BlockScan:
         """A block with a leaf table: read, hash and send only the leaves named."""
         first = bisect.bisect_right(within, (start, start)) - 1
-        runs = leafRuns(_clip(within, max(first, 0), start, end), start, end)
+        runs = leafRuns(clip(within, max(first, 0), start, end), start, end)
         reads = readLeaves(self.fd, start, runs, self.describe)
         new = bytearray(table)
         for lo, hi, data in reads:
@@ -386,97 +373,8 @@ class BlockScanner:
         self.blocks.record(index, digest)
         pieces: list[Piece] = []
         for lo, _, data in reads:
-            pieces += _holePieces(start + lo * LEAF_SIZE, data)
+            pieces += holePieces(start + lo * LEAF_SIZE, data)
         return BlockScan(index, start, end - start, tuple(pieces))
-
-
-def _cut(
-    pieces: tuple[Piece, ...], ranges: list[tuple[int, int]], start: int, end: int
-) -> tuple[Piece, ...]:
-    """The parts of ``pieces`` (of the block ``[start, end)``) inside ``ranges``."""
-    first = bisect.bisect_right(ranges, (start, start)) - 1
-    inside = _clip(ranges, max(first, 0), start, end)
-    cut = []
-    for piece in pieces:
-        pieceEnd = piece.offset + piece.length
-        for rangeStart, rangeEnd in inside:
-            lo, hi = max(piece.offset, rangeStart), min(pieceEnd, rangeEnd)
-            if lo >= hi:
-                continue
-            if piece.data is None:
-                cut.append(Piece(lo, hi - lo))
-            else:
-                skip = lo - piece.offset
-                cut.append(Piece(lo, hi - lo, piece.data[skip : skip + hi - lo]))
-    return tuple(cut)
-
-
-def _clip(
-    extents: list[tuple[int, int]], cursor: int, start: int, end: int
-) -> list[tuple[int, int]]:
-    """The parts of ``extents`` (sorted, from ``cursor``) inside ``[start, end)``."""
-    inside = []
-    for extentStart, extentEnd in extents[cursor:]:
-        if extentStart >= end:
-            break
-        if extentEnd > start:
-            inside.append((max(extentStart, start), min(extentEnd, end)))
-    return inside
-
-
-def _pieces(
-    start: int, data: bytes, extents: list[tuple[int, int]]
-) -> tuple[Piece, ...]:
-    """
-    Split a block read whole into DATA pieces (its data extents) and zero pieces
-    (its holes), so the target allocates what the source allocates.
-
-    A hole that does not read as zeros (written between the extent walk and the
-    read) is sent as the pages that hold data: what is sent is always exactly
-    what was read, and the target allocates no more than the guest wrote.
-    """
-    pieces: list[Piece] = []
-    position = start
-    end = start + len(data)
-    for extentStart, extentEnd in [*extents, (end, end)]:
-        if extentStart > position:
-            pieces += _holePieces(
-                position, data[position - start : extentStart - start]
-            )
-        if extentEnd > extentStart:
-            pieces.append(
-                _piece(extentStart, data[extentStart - start : extentEnd - start])
-            )
-        position = max(position, extentEnd)
-    return tuple(pieces)
-
-
-def _holePieces(offset: int, chunk: bytes) -> list[Piece]:
-    """A hole as read: one zero piece, or, if written meanwhile, its pages."""
-    if chunk == bytes(len(chunk)):
-        return [Piece(offset, len(chunk))]
-    pieces: list[Piece] = []
-    runStart, runZero = 0, chunk[:PAGE] == _ZEROS[:PAGE]
-    for page in range(PAGE, len(chunk) + PAGE, PAGE):
-        zero = page < len(chunk) and chunk[page : page + PAGE] == _ZEROS[:PAGE]
-        if page < len(chunk) and zero == runZero:
-            continue
-        stop = min(page, len(chunk))
-        if runZero:
-            pieces.append(Piece(offset + runStart, stop - runStart))
-        else:
-            pieces.append(
-                Piece(offset + runStart, stop - runStart, chunk[runStart:stop])
-            )
-        runStart, runZero = stop, zero
-    return pieces
-
-
-def _piece(offset: int, chunk: bytes) -> Piece:
-    """A zero piece if ``chunk`` is all zeros (one memcmp), else a DATA piece."""
-    if chunk == (_ZEROS if len(chunk) == BLOCK_SIZE else bytes(len(chunk))):
-        return Piece(offset, len(chunk))
-    return Piece(offset, len(chunk), chunk)
 
 
 def hashImage(path: str, blockSize: int = BLOCK_SIZE) -> ContentDigest:

@@ -31,10 +31,14 @@ from xenmig.errors import DeviceError
 from xenmig.interfaces import ITargetContext
 from xenmig.model import ContentDigest
 from xenmig.pump import BatchPump
-from xenmig.records import DataRecord, RoundRecord, ZeroRecord
+from xenmig.records import DataRecord, MetadataRecord, RoundRecord, ZeroRecord
 
 #: Coverage mark of a block written in a way its digest does not follow.
 STALE = -1
+
+
+#: What the hashing pipeline takes: records, and marks between them.
+_Hashed = DataRecord | ZeroRecord | RoundRecord | MetadataRecord
 
 
 #: Threads that read back and hash the blocks not known from the records.
@@ -73,15 +77,24 @@ class BlockDigests:
         #: Leaf tables of blocks received whole after the first round.
         self.tables = LeafTables(blockSize)
         self._leafy = False
+        self._always = False  # the source uses leaf tables: from round 0 on
+        self._round = 0
         self._buffer = bytearray()
         self._rootless: set[int] = set()  # blocks whose table changed since
 
     def startRound(self, round: int) -> None:
         """The records that follow belong to ``round``."""
         self._close()
-        self._leafy = round >= 1 and self.tables.most > 0
+        self._round = round
+        self._leafy = (round >= 1 or self._always) and self.tables.most > 0
         if self._leafy and not self._buffer:
             self._buffer = bytearray(self.blockSize)
+
+    def keepLeaves(self) -> None:
+        """Keep leaf tables of the blocks received whole from now on, this round
+        too (the source keeps them from its first round)."""
+        self._always = True
+        self.startRound(self._round)
 
     def add(self, offset: int, length: int, data: bytes | None = None) -> None:
         """``length`` bytes at ``offset`` were written: ``data``, or zeros if None."""
@@ -241,7 +254,7 @@ class ImageStaging(StagedFile):
     ) -> None:
         super().__init__(context, path, size, maxSize=maxSize, hashing=False, **kwargs)
         self.blocks = BlockDigests(blockSize)
-        self._hashes: BatchPump[DataRecord | ZeroRecord | RoundRecord] = BatchPump(
+        self._hashes: BatchPump[_Hashed] = BatchPump(
             context.runInThread,
             self._hashBatch,
             _weight,
@@ -265,19 +278,28 @@ class ImageStaging(StagedFile):
 
     def startRound(self, round: int) -> None:
         """The records that follow belong to ``round`` (in order with them)."""
+        self._mark(RoundRecord(round, False))
+
+    def keepLeaves(self) -> None:
+        """The source uses leaf tables: keep them for the records that follow."""
+        self._mark(MetadataRecord({}))
+
+    def _mark(self, marker: RoundRecord | MetadataRecord) -> None:
         if self._hashes.failure is None:
-            waiting = self._hashes.put(RoundRecord(round, False))
+            waiting = self._hashes.put(marker)
             if waiting is not None:  # the records' own waits carry any failure
                 waiting.addErrback(lambda _: None)
 
-    def _hashBatch(self, batch: list[DataRecord | ZeroRecord | RoundRecord]) -> None:
+    def _hashBatch(self, batch: list[_Hashed]) -> None:
         for record in batch:
             if isinstance(record, DataRecord):
                 self.blocks.add(record.offset, len(record.data), record.data)
             elif isinstance(record, ZeroRecord):
                 self.blocks.add(record.offset, record.length)
-            else:
+            elif isinstance(record, RoundRecord):
                 self.blocks.startRound(record.round)
+            else:
+                self.blocks.keepLeaves()
 
     def writingFailed(self, failure: Failure) -> None:
         # Hashing stops with the writes: whoever waits on it must hear why.
@@ -367,8 +389,10 @@ class ImageStaging(StagedFile):
         await super().discard()
 
 
-def _weight(record: DataRecord | ZeroRecord | RoundRecord) -> int:
-    return 0 if isinstance(record, RoundRecord) else recordWeight(record)
+def _weight(record: _Hashed) -> int:
+    if isinstance(record, DataRecord | ZeroRecord):
+        return recordWeight(record)
+    return 0
 
 
 def _all(deferreds: list[Deferred[Any]]) -> Deferred[None]:

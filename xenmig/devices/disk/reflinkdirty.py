@@ -31,9 +31,38 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from xenmig.errors import DeviceError
-from xenmig.interfaces import IQuiescedDirtyBlocks
+from xenmig.interfaces import IDirtyBlocks
 
 log = Logger()
+
+
+class IQuiescedDirtyBlocks(IDirtyBlocks):
+    """
+    An L{IDirtyBlocks} that finds the last changes more cheaply once nothing
+    writes the image any more (the VM paused): the disk kind then calls
+    C{settle} after each pre-copy round and C{collectQuiesced} instead of the
+    final C{collect}.
+    """
+
+    def settle():
+        """
+        Prepare for a cheap C{collectQuiesced} while the writer still runs (for
+        instance, write back what was written so far), after a pre-copy round.
+
+        @return: a Deferred firing with None, or failing with
+            L{xenmig.errors.DeviceError}.
+        """
+
+    def collectQuiesced():
+        """
+        Like C{collect}, when nothing writes the image any more: the ranges
+        written since the previous C{collect}.  Recording may end with it: call
+        C{stop} next.
+
+        @return: a Deferred firing with a sorted list of ``(start, stop)`` byte
+            ranges, or failing with L{xenmig.errors.DeviceError}.
+        """
+
 
 FICLONE = 0x40049409
 FS_IOC_FIEMAP = 0xC020660B

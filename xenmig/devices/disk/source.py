@@ -21,11 +21,10 @@ from xenmig.devices.disk.blockmap import BLOCK_SIZE, BlockMap, BlockScan, BlockS
 from xenmig.devices.disk.leaves import LEAF_SIZE, available
 from xenmig.devices.disk.params import KIND, DiskParams
 from xenmig.devices.disk.qemudirty import QEMUDirtyBitmap
-from xenmig.devices.disk.reflinkdirty import ReflinkSnapshots
+from xenmig.devices.disk.reflinkdirty import IQuiescedDirtyBlocks, ReflinkSnapshots
 from xenmig.errors import DeviceError
 from xenmig.interfaces import (
     IDirtyBlocks,
-    IQuiescedDirtyBlocks,
     IRecordWriter,
     ISourceContext,
     ISourceDevice,
@@ -246,6 +245,10 @@ class DiskSource:
 
     async def _sendRound(self, writer: IRecordWriter, round: int) -> RoundResult:
         first = not self._baseline
+        scanner = self._scanner
+        if first and scanner is not None and scanner.leafy:
+            # The target offered leaf tables: both sides keep them from now on.
+            await writer.writeMetadata({"leaf_size": LEAF_SIZE})
         tally = await self._pass(writer, round, final=False)
         self._baseline = True
         if self._tracking and IQuiescedDirtyBlocks.providedBy(self.dirty):

@@ -185,8 +185,13 @@ class DiskTarget:
                 self.staged.flushInBackground()
             return None
         if isinstance(record, MetadataRecord):
-            # The source image's mode; newer sources may add more.
-            self.sourceMode = sourceMode(record)
+            # The source image's mode (final round); newer sources may add more.
+            if "mode" in record.metadata:
+                self.sourceMode = sourceMode(record)
+            if record.metadata.get("leaf_size") == LEAF_SIZE and self.staged:
+                # A source that uses the leaf tables offered at accept: keep
+                # them from its first round on.
+                self.staged.keepLeaves()
             return None
         raise StreamError(f"{self._name}: unexpected {type(record).__name__}")
 
