@@ -5,7 +5,7 @@ xenmig trees in one run: ``xenmig migrate --live`` of a dense image with
 places at a steady rate, against a one-pass copy of the same image.
 
     python bench/bench_scattered.py [--size-mib 1024] [--write-mib 4] [--runs 3]
-                                    [--trees before=/work/main,after=.]
+                                    [--trees before=/work/main,after=THIS_TREE]
                                     [--dir DIR] [--cache DIR] [--keep]
 
 For each tree (``NAME=PATH``: the xenmig code put first on ``PYTHONPATH`` of its
@@ -51,6 +51,7 @@ from benchlib import MiB, tmpfsOr
 DEFAULT_DIR = tmpfsOr("/dev/shm/xenmig-bench-scattered", "/tmp/xenmig-bench-scattered")
 DEFAULT_CACHE = tmpfsOr("/dev/shm/xenmig-bench-disk-cache", "/tmp/xenmig-bench-cache")
 GOAL = 0.05  # issue 16: paused window at most 5% of a full copy
+TREE = Path(__file__).resolve().parent.parent  # this xenmig
 
 #: The guest: rewrites random 4 KiB pages at RATE bytes/s until stopped.
 WRITER = """
@@ -155,7 +156,7 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--write-mib", type=float, default=4.0)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--trees", default=f"before=/work/main,after={Path.cwd()}")
+    parser.add_argument("--trees", default=f"before=/work/main,after={TREE}")
     parser.add_argument("--dir", default=DEFAULT_DIR)
     parser.add_argument("--cache", default=DEFAULT_CACHE)
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
