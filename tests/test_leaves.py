@@ -188,10 +188,13 @@ def scattered(path: Path, rng: random.Random, pages: int, blocks: int) -> int:
     return len(chosen)
 
 
-async def liveImage(space: Path, tmp_path: Path) -> tuple[Path, str, Any]:
+async def liveImage(
+    space: Path, tmp_path: Path, offer: bool = True, targetTables: int | None = None
+) -> tuple[Path, str, Any]:
     """A dense 32 MiB image on the XFS, prepared (reflink=1) and sent in three
     pre-copy rounds, a page written in every block before round 1, 40 pages
-    before round 2."""
+    before round 2.  Without ``offer`` the source does not hear of the target's
+    leaf tables (as from an older target); ``targetTables`` caps the target's."""
     rng = random.Random(5)
     image = space / "live.img"
     image.write_bytes(rng.randbytes(32 * MiB))
@@ -199,8 +202,17 @@ async def liveImage(space: Path, tmp_path: Path) -> tuple[Path, str, Any]:
     source = DiskSource(
         makeSpec(str(image), destination, reflink="1"), FakeSourceContext()
     )
+    if not offer:
+        accepted = source.accepted
+
+        def withoutLeaves(params: dict[str, Any]) -> None:
+            accepted({k: v for k, v in params.items() if not k.startswith("leaf_")})
+
+        source.accepted = withoutLeaves  # type: ignore[method-assign]
     migration = await prepare(tmp_path, str(image), destination, source=source)
-    assert source._scanner is not None and source._scanner.leafy
+    assert source._scanner is not None and source._scanner.leafy == offer
+    if targetTables is not None:
+        migration.target.staged.blocks.tables.most = targetTables
 
     def between(number: int) -> None:
         if number == 0:  # a little in every block
@@ -209,10 +221,30 @@ async def liveImage(space: Path, tmp_path: Path) -> tuple[Path, str, Any]:
         else:
             scattered(image, rng, 40, 32)
 
+    if not offer:  # pre-copy rounds send changed blocks whole, as they did
+        results = await migration.rounds(FixedRounds(2), between)
+        assert [r.bytesSent for r in results] == [32 * MiB, 32 * MiB]
+        return image, destination, migration
     results = await migration.rounds(FixedRounds(3), between)
     # Tables from round 0 on, both sides: later rounds send the written pages.
     assert [r.bytesSent for r in results] == [32 * MiB, 32 * PAGE, 40 * PAGE]
     return image, destination, migration
+
+
+class ReadBacks:
+    """The blocks the target reads back from its staged file to hash them."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.blocks: list[int] = []
+        original = ImageStaging._hashBlocks
+
+        def hashBlocks(
+            staging: Any, digests: Any, blocks: list[int], size: int
+        ) -> None:
+            self.blocks.extend(blocks)
+            original(staging, digests, blocks, size)
+
+        monkeypatch.setattr(ImageStaging, "_hashBlocks", hashBlocks)
 
 
 @pytest_twisted.ensureDeferred
@@ -224,24 +256,51 @@ async def test_final_round_costs_the_pages_written(
     written pages on the source, and the target updates its tables from them
     without reading anything back; the installed image is byte-identical."""
     image, destination, migration = await liveImage(space, tmp_path)
-    readBack: list[int] = []
-    original = ImageStaging._hashBlocks
-
-    def hashBlocks(self: Any, digests: Any, blocks: list[int], size: int) -> None:
-        readBack.extend(blocks)
-        original(self, digests, blocks, size)
-
-    monkeypatch.setattr(ImageStaging, "_hashBlocks", hashBlocks)
+    readBack = ReadBacks(monkeypatch)
     pages = scattered(image, random.Random(9), 60, 32)  # the last writes
     reads = Reads(monkeypatch)
     digest = await migration.final()
     final = migration.source.history[-1]
     assert (final.dataBytes, final.zeroBytes) == (pages * PAGE, 0)
     assert reads.bytes <= pages * PAGE + 64 * 1024  # the pages (and a header)
-    assert readBack == []
+    assert readBack.blocks == []
     assert digest == await treeOf(str(image))
     assert Path(destination).read_bytes() == image.read_bytes()
     assert await digestOf(destination) == await digestOf(str(image))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_source_that_keeps_no_tables(
+    space: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A source that did not hear the target's offer (as with an older target)
+    sends changed blocks whole before the final round, as before; the target
+    keeps tables of the blocks a later round sent whole, so the final round's
+    written pages (cut as before) need no reading back there either."""
+    image, destination, migration = await liveImage(space, tmp_path, offer=False)
+    readBack = ReadBacks(monkeypatch)
+    pages = scattered(image, random.Random(9), 60, 32)
+    digest = await migration.final()
+    assert migration.source.history[-1].dataBytes == pages * PAGE
+    assert readBack.blocks == []
+    assert digest == await treeOf(str(image))
+    assert Path(destination).read_bytes() == image.read_bytes()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pages_for_a_block_without_a_table_are_read_back(
+    space: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A target that keeps fewer tables than the source (out of its memory
+    budget) reads the blocks it has none of back from its staged file: the
+    digest and the image are still exact."""
+    image, destination, migration = await liveImage(space, tmp_path, targetTables=4)
+    readBack = ReadBacks(monkeypatch)
+    scattered(image, random.Random(9), 60, 32)
+    digest = await migration.final()
+    assert len(readBack.blocks) > 10
+    assert digest == await treeOf(str(image))
+    assert Path(destination).read_bytes() == image.read_bytes()
 
 
 class Tampering(PipeWriter):
