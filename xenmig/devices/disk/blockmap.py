@@ -309,6 +309,7 @@ class BlockScanner:
             self.leafy
             and length == self.blocks.blockSize
             and (within is not None or not final)
+            and self.blocks.leaves.room(index)
         )
         table = self.blocks.leaves.get(index) if leafy else None
         if table is not None and within is not None:

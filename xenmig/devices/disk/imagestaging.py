@@ -118,7 +118,7 @@ class BlockDigests:
                     position = stop
                     continue
                 self._current, self._hasher = index, None
-                if not self._leafy:
+                if not (self._leafy and self.tables.room(index)):
                     self._hasher = blake3.blake3()
             if self._hasher is None:
                 where = self._buffer

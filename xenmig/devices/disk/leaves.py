@@ -119,6 +119,10 @@ class LeafTables:
             return True
         return False
 
+    def room(self, index: int) -> bool:
+        """Whether a table for block ``index`` would be kept."""
+        return index in self._tables or len(self._tables) < self.most
+
     def drop(self, index: int) -> None:
         self._tables.pop(index, None)
 

@@ -188,7 +188,8 @@ class DiskTarget:
             # The source image's mode (final round); newer sources may add more.
             if "mode" in record.metadata:
                 self.sourceMode = sourceMode(record)
-            if record.metadata.get("leaf_size") == LEAF_SIZE and self.staged:
+            leaves = record.metadata.get("leaf_size") == LEAF_SIZE
+            if leaves and self.staged is not None:
                 # A source that uses the leaf tables offered at accept: keep
                 # them from its first round on.
                 self.staged.keepLeaves()
