@@ -20,7 +20,10 @@ own daemon and command line), interleaved run by run:
    stopped).  Printed: the paused window (the report's ``paused_window``: from
    the pause command's end to the commit's answer), its split into the final
    round with the target's verification (``durations.transfer``) and the commit,
-   the pre-copy rounds and the final round's data; and the paused window over
+   the pre-copy rounds and the final round's data; the CPU seconds each side
+   spent from the pause to the end (the daemon's from ``/proc``, read by the
+   pause command and after; the command line's from its rusage, less what
+   ``/proc`` said at the pause: its exit included); and the paused window over
    the full copy (issue 16's goal: at most 5%).
 
 Each copy's digest is checked against the image (at the pause, for the live
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
 import statistics
@@ -44,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from bench_bandwidth import PAUSE
 from bench_disk_e2e import denseImage, digest, mountXFS
 from benchlib import MiB, tmpfsOr
 
@@ -52,6 +55,22 @@ DEFAULT_DIR = tmpfsOr("/dev/shm/xenmig-bench-scattered", "/tmp/xenmig-bench-scat
 DEFAULT_CACHE = tmpfsOr("/dev/shm/xenmig-bench-disk-cache", "/tmp/xenmig-bench-cache")
 GOAL = 0.05  # issue 16: paused window at most 5% of a full copy
 TREE = Path(__file__).resolve().parent.parent  # this xenmig
+
+#: The pause command: stop the writer, wait until the kernel says it is, and
+#: record the CPU seconds of the command line (the shell's parent) and the daemon.
+PAUSE = """
+import json, os, sys, time
+writer, client, daemon, out = *map(int, sys.argv[1:4]), sys.argv[4]
+os.kill(writer, 19)  # SIGSTOP
+def stat(pid):
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+while stat(writer)[0] != "T":
+    time.sleep(0.001)
+tick = os.sysconf("SC_CLK_TCK")
+cpu = {n: (int(stat(p)[11]) + int(stat(p)[12])) / tick
+       for n, p in (("client", client), ("daemon", daemon))}
+open(out, "w").write(json.dumps(cpu))
+"""
 
 #: The guest: rewrites random 4 KiB pages at RATE bytes/s until stopped.
 WRITER = """
@@ -89,9 +108,13 @@ class Tree:
                 os.environ["PYTHONPATH"] = saved
         self.full: list[float] = []
         self.paused: list[float] = []
+        self.cpu: list[tuple[float, float]] = []  # (client, daemon) after the pause
         self.details: list[str] = []
 
-    def migrate(self, name: str, device: str, *options: str) -> dict[str, Any]:
+    def migrate(
+        self, name: str, device: str, *options: str
+    ) -> tuple[dict[str, Any], float]:
+        """One ``xenmig migrate --json``: its report, and its CPU seconds."""
         argv = [
             sys.executable,
             "-m",
@@ -103,15 +126,22 @@ class Tree:
             "--json",
             *options,
         ]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = subprocess.run(argv, capture_output=True, text=True, env=self.env)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = sum(
+            getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime")
+        )
         if result.returncode != 0:
             raise SystemExit(f"bench: {self.name}: migrate failed:\n{result.stderr}")
         report: dict[str, Any] = json.loads(result.stdout)
-        return report
+        return report, cpu
 
     def fullCopy(self, source: Path, expected: str, run: int) -> None:
         target = self.daemon.dest / f"full-{run}.img"
-        report = self.migrate(f"full-{run}", f"disk:d0:path={source},target={target}")
+        report, _ = self.migrate(
+            f"full-{run}", f"disk:d0:path={source},target={target}"
+        )
         if digest(target) != expected:
             raise SystemExit(f"bench: {self.name}: {target} differs from {source}")
         target.unlink()
@@ -122,8 +152,11 @@ class Tree:
         target = self.daemon.dest / f"live-{run}.img"
         try:
             time.sleep(0.5)
+            atPause = self.daemon.work / "at-pause.json"
             pause = shlex.join([sys.executable, "-c", PAUSE, str(writer.pid)])
-            report = self.migrate(
+            # The shell that runs the pause command is the command line's child.
+            pause += f' "$PPID" {self.daemon.process.pid} {shlex.quote(str(atPause))}'
+            report, cpu = self.migrate(
                 f"live-{run}",
                 f"disk:d0:path={image},target={target},reflink=1",
                 "--live",
@@ -138,6 +171,10 @@ class Tree:
         target.unlink()
         window = report["paused_window"]
         self.paused.append(window)
+        paused = json.loads(atPause.read_text())
+        client = cpu - paused["client"]
+        daemon = benchlib.cpuSeconds(self.daemon.process.pid) - paused["daemon"]
+        self.cpu.append((client, daemon))
         [disk] = report["devices"]
         durations = report["durations"]
         final = disk["data_bytes"] - sum(disk["rounds"])
@@ -146,7 +183,8 @@ class Tree:
             f"paused {window * 1000:5.0f} ms (final round + verify "
             f"{durations['transfer'] * 1000:4.0f} ms, commit "
             f"{durations['commit'] * 1000:3.0f} ms); rounds {rounds} MiB; "
-            f"final {final / MiB:.2f} MiB"
+            f"final {final / MiB:.2f} MiB; CPU after the pause: command line "
+            f"{client:.2f} s, daemon {daemon:.2f} s"
         )
         print(f"  {self.name:>8} live: {self.details[-1]}", flush=True)
 
@@ -197,7 +235,9 @@ def main() -> None:
                 f"  {tree.name:>8}: paused window {paused * 1000:.0f} ms "
                 f"(all: {', '.join(f'{p * 1000:.0f}' for p in tree.paused)}), "
                 f"full copy {full:.2f} s: {ratio:.1%} of a full copy "
-                f"[{verdict}: goal {GOAL:.0%}]"
+                f"[{verdict}: goal {GOAL:.0%}]; CPU after the pause: command line "
+                f"{statistics.median(c for c, _ in tree.cpu):.2f} s, daemon "
+                f"{statistics.median(d for _, d in tree.cpu):.2f} s"
             )
     finally:
         for tree in trees:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 #: The unit in which a hole written during a scan is split into data and zeros.
 PAGE = 4096
 _ZEROS = bytes(1024 * 1024)
+_ZERO_PAGE = bytes(PAGE)
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,15 @@ def blockPieces(
 
 def holePieces(offset: int, chunk: bytes) -> list[Piece]:
     """A hole as read: one zero piece, or, if written meanwhile, its pages."""
+    if len(chunk) == PAGE:  # one page (a leaf): no copies
+        zero = chunk == _ZERO_PAGE
+        return [Piece(offset, PAGE) if zero else Piece(offset, PAGE, chunk)]
     if chunk == bytes(len(chunk)):
         return [Piece(offset, len(chunk))]
     pieces: list[Piece] = []
-    runStart, runZero = 0, chunk[:PAGE] == _ZEROS[:PAGE]
+    runStart, runZero = 0, chunk[:PAGE] == _ZERO_PAGE
     for page in range(PAGE, len(chunk) + PAGE, PAGE):
-        zero = page < len(chunk) and chunk[page : page + PAGE] == _ZEROS[:PAGE]
+        zero = page < len(chunk) and chunk[page : page + PAGE] == _ZERO_PAGE
         if page < len(chunk) and zero == runZero:
             continue
         stop = min(page, len(chunk))
