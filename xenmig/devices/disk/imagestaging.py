@@ -7,6 +7,7 @@ from typing import Any
 
 import blake3
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
@@ -36,6 +37,8 @@ from xenmig.records import DataRecord, MetadataRecord, RoundRecord, ZeroRecord
 #: Coverage mark of a block written in a way its digest does not follow.
 STALE = -1
 
+
+log = Logger()
 
 #: What the hashing pipeline takes: records, and marks between them.
 _Hashed = DataRecord | ZeroRecord | RoundRecord | MetadataRecord
@@ -200,6 +203,11 @@ class BlockDigests:
         else:
             self._short[index] = covered
 
+    @property
+    def rootless(self) -> frozenset[int]:
+        """The blocks whose digests their leaf tables will give (at L{table})."""
+        return frozenset(self._rootless)
+
     def _roots(self) -> None:
         """The digests of the blocks whose leaf tables changed: their roots."""
         for index in sorted(self._rootless):
@@ -349,9 +357,18 @@ class ImageStaging(StagedFile):
         self.size = size
         if self._discarded:
             raise DeviceError("the staged image was discarded")
+        tables = len(self.blocks.rootless)
         digests, unknown = await self.onFile(self.blocks.table, size)
+        log.info(
+            "migration {migration_id}: {path}: {tables} block digests from leaf "
+            "tables, {blocks} blocks read back",
+            migration_id=self.context.migrationId,
+            path=self.path.path,
+            tables=tables,
+            blocks=len(unknown),
+        )
         # Blocks not known from the records (the written parts of a block that a
-        # final round sends) are read back, in parallel: this is the paused window.
+        # final round sends, without leaf tables) are read back, in parallel.
         parts = [unknown[i::READ_BACK_THREADS] for i in range(READ_BACK_THREADS)]
         await _all(
             [
