@@ -9,10 +9,6 @@ from twisted.protocols import amp
 
 from xenmig.errors import WIRE_ERRORS, ProtocolError
 
-#: The TCP port a daemon listens on, unless told otherwise.
-DEFAULT_PORT = 8002
-#: A daemon's state directory (journal, staging, its local control socket).
-DEFAULT_STATE_DIR = "/var/lib/xenmig"
 #: The control protocol version this side speaks.
 PROTOCOL_VERSION = 1
 #: Versions a target accepts: its own (and the previous one, once there is one).

@@ -20,6 +20,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.python.filepath import FilePath
 
 from xenmig.errors import ConfigurationError, NotAuthorized
+from xenmig.model import hostPort
 
 # Reading files blocks: do it at start-up or in the CLI, never inside a callback.
 
@@ -266,35 +267,3 @@ def _describeAddress(address: IAddress) -> str:
 
 
 # -- addresses as they are written ----------------------------------------------------
-
-
-def hostPort(host: str, port: int | str) -> str:
-    """
-    ``HOST:PORT`` as it is written everywhere: an IPv6 address in brackets
-    (``[2001:db8::1]:8002``), a name or an IPv4 address as it is; an empty
-    host (every address) is ``*``.
-    """
-    host = host or "*"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def splitHostPort(text: str) -> tuple[str, str]:
-    """
-    The host and the port of ``HOST:PORT`` or ``[IPv6]:PORT`` (the brackets
-    removed); the port is empty when there is none (``HOST``, ``[IPv6]``).
-
-    @raise ValueError: for an IPv6 address without brackets, or unbalanced ones.
-    """
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")) or ":" not in host:
-            raise ValueError(
-                f"{text!r}: write an IPv6 address in brackets, as [2001:db8::1]:8002"
-            )
-        return host, rest[1:]
-    if text.count(":") > 1:
-        raise ValueError(
-            f"{text!r}: write an IPv6 address in brackets, as [{text}] or [{text}]:8002"
-        )
-    host, _, port = text.partition(":")
-    return host, port

@@ -14,14 +14,13 @@ from twisted.logger import Logger
 from twisted.python import threadpool, usage
 from twisted.python.filepath import FilePath
 
-from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
 from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
 from xenmig.fs import InstallAs, parseMode, parseOwner
 from xenmig.limits import ConnectionLimits
+from xenmig.model import DEFAULT_PORT, DEFAULT_STATE_DIR, parseBandwidth
 from xenmig.plugins import deviceKinds
-from xenmig.pump import parseBandwidth
 from xenmig.target.authz import PolicySource
 from xenmig.target.config import MAX_DEVICES, MAX_SESSIONS, TargetConfig, Timeouts
 from xenmig.target.configfile import DAEMON_CONFIG, settingsChanged

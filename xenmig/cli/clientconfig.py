@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import attrs
-
-from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.cli.connection import parseTarget
 from xenmig.errors import ConfigurationError
+from xenmig.model import DEFAULT_PORT
 from xenmig.target.configfile import checkType, readTOML, resolvePath, unknownKey
 
 #: The system's client file, read first.
@@ -60,16 +59,16 @@ def clientFiles(environ: Mapping[str, str]) -> list[str]:
     return [SYSTEM_CLIENT_CONFIG, userConfig(environ)]
 
 
-@attrs.frozen
+@dataclass(frozen=True)
 class ClientSettings:
     """The defaults the client files give, checked: each key's value and file."""
 
     #: The files read, in order (those that exist, or the one named).
     read: tuple[str, ...] = ()
     #: Key -> its value as the option takes it (converted, paths absolute).
-    values: dict[str, Any] = attrs.field(factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
     #: Key -> the file that gave it.
-    sources: dict[str, str] = attrs.field(factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def settable(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:

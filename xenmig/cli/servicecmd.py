@@ -10,8 +10,8 @@ from importlib import resources
 from typing import Any
 
 from xenmig.cli.arguments import addVerbose
-from xenmig.cli.outcome import EXIT_OK, say
 from xenmig.errors import ConfigurationError
+from xenmig.toolstack.outcome import EXIT_OK, say
 
 UNIT = "xenmig.service"
 UNIT_DIR = "/etc/systemd/system"

@@ -51,9 +51,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import blockingCallFromThread
 
-from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.interfaces import IConvergencePolicy, IDeviceKind
-from xenmig.model import ContentDigest, DeviceSpec
+from xenmig.model import DEFAULT_PORT, ContentDigest, DeviceSpec
 from xenmig.source.client import MigrationClient
 from xenmig.source.connection import ClientTimeouts
 from xenmig.source.migration import SourceMigration

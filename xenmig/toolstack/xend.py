@@ -42,7 +42,6 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
 from xenmig.errors import (
     CommitInDoubt,
     DeviceRefused,
@@ -52,7 +51,7 @@ from xenmig.errors import (
     XenmigError,
 )
 from xenmig.interfaces import IConvergencePolicy
-from xenmig.model import DeviceSpec
+from xenmig.model import DEFAULT_PORT, DEFAULT_STATE_DIR, DeviceSpec
 
 log = Logger()
 
