@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PrivateKeyTypes,
     PublicKeyTypes,
 )
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL.crypto import X509
 from twisted.internet.interfaces import IAddress, ISSLTransport, ITransport
 from twisted.internet.ssl import PrivateCertificate
@@ -267,3 +267,30 @@ def _describeAddress(address: IAddress) -> str:
 
 
 # -- addresses as they are written ----------------------------------------------------
+
+
+def clientUseProblem(certificate: x509.Certificate) -> str | None:
+    """
+    Why ``certificate`` cannot authenticate a TLS client (its extended key
+    usage leaves out clientAuth, or its key usage digital signatures), or None.
+    """
+    extensions = certificate.extensions
+    try:
+        purposes = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        purposes = None
+    allowed = {
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+    }
+    if purposes is not None and not allowed.intersection(purposes):
+        return (
+            "its extended key usage leaves out TLS client authentication (clientAuth)"
+        )
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if not usage.digital_signature:
+        return "its key usage leaves out digital signatures"
+    return None

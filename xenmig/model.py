@@ -283,6 +283,14 @@ DEFAULT_PORT = 8002
 DEFAULT_STATE_DIR = "/var/lib/xenmig"
 #: The daemon's owner-only local socket, in its state directory.
 LOCAL_SOCKET = "control.sock"
+#: The version of the local socket's send exchange (``migrate --via-daemon``):
+#: the command line and the daemon speak the same one.
+SEND_PROTOCOL = 1
+#: Its AMP commands' names (see amp_commands.py), as the command line's
+#: standard-library codec writes them.
+SEND_MIGRATION = b"xenmig-send-migration"
+SEND_EVENT = b"xenmig-send-event"
+INTERRUPT_SEND = b"xenmig-interrupt-send"
 
 
 def hostPort(host: str, port: int | str) -> str:

@@ -39,6 +39,7 @@ from xenmig.target.service import (
     TargetService,
     ThreadPoolService,
 )
+from xenmig.toolstack.localsender import LocalSender
 from xenmig.tuning import tuneAllocator
 
 log = Logger()
@@ -421,9 +422,8 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     local = UNIXServerEndpoint(
         reactor, config.stateDir.child(LOCAL_SOCKET).path, mode=0o600, wantPID=False
     )
-    internet.StreamServerEndpointService(
-        local, LocalControlFactory(target)
-    ).setServiceParent(top)
+    factory = LocalControlFactory(target, LocalSender.forDaemon(options, reactor))
+    internet.StreamServerEndpointService(local, factory).setServiceParent(top)
     if config.maxBandwidth:
         log.info(
             "incoming streams limited to {rate} bytes/s in all",

@@ -40,10 +40,11 @@ NOT_DEFAULTS = frozenset(
         "device",
         "migration-id",
         "reason",
+        "no-via-daemon",
     }
 )
 #: Options whose values are paths (relative ones: to the file's directory).
-_PATH_METAVARS = ("FILE", "DIR")
+_PATH_METAVARS = ("FILE", "DIR", "STATE_DIR|SOCKET")
 
 
 def userConfig(environ: Mapping[str, str]) -> str:
@@ -138,6 +139,8 @@ def _convert(
     """``value`` as ``action`` would take it from the command line."""
     if action.nargs == 0:  # a flag: store_true
         return checkType(path, key, value, bool)
+    if action.nargs == "?" and isinstance(value, bool):  # true: the option alone
+        return action.const if value else None
     if isinstance(action, argparse._AppendAction):
         texts = checkType(path, key, value, list)
         return [_one(path, key, text, action, port) for text in texts]

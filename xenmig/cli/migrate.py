@@ -15,7 +15,11 @@ from xenmig.cli.arguments import (
 )
 from xenmig.cli.connection import addTargetOptions, clientTLS
 from xenmig.errors import BadSpec
-from xenmig.model import DeviceSpec
+from xenmig.model import DEFAULT_STATE_DIR, DeviceSpec
+
+#: ``--via-daemon``'s argument, a path (a client file's relative one is taken
+#: from the file's directory).
+VIA_DAEMON_METAVAR = "STATE_DIR|SOCKET"
 
 
 def parseDevice(text: str) -> DeviceSpec:
@@ -127,6 +131,23 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         metavar="S",
         help="seconds a state stream may make no progress during a pre-copy round "
         "or the final transfer before the migration aborts (default 60; 0: never)",
+    )
+    migrate.add_argument(
+        "--via-daemon",
+        nargs="?",
+        const=DEFAULT_STATE_DIR,
+        metavar=VIA_DAEMON_METAVAR,
+        help="let the local daemon send the migration, as this host (with its own "
+        "certificate): no start-up here; its state directory or socket (default "
+        f"{DEFAULT_STATE_DIR}); --ca, --cert, --key, --insecure-plaintext and "
+        "--verbose cannot apply",
+    )
+    migrate.add_argument(
+        "--no-via-daemon",
+        dest="via_daemon",
+        action="store_const",
+        const=None,
+        help="send from this process, whatever client.toml says of via-daemon",
     )
     migrate.set_defaults(main=main)
 
