@@ -224,7 +224,17 @@ class LocalSend:
             domain=args.domain,
             target=reached.where,
         )
-        return int(await self.command.run())
+        code = int(await self.command.run())
+        migration = self.command.migration
+        log.info(
+            "migration {migration_id} sent for the local socket's caller: "
+            "{phase} (exit status {code}) {reason}",
+            migration_id=migration.migrationId,
+            phase=str(getattr(migration.phase, "value", migration.phase)),
+            code=code,
+            reason=migration.reason,
+        )
+        return code
 
     def _refused(self, error: Exception) -> None:
         """A usage or configuration error, as ``xenmig migrate`` says it."""
