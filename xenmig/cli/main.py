@@ -46,6 +46,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
+class _Version(argparse.Action):
+    """``--version``: the version is read (through importlib.metadata) only then."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(
+            option_strings,
+            argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help=help,
+        )
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None):
+        print(f"xenmig {version()}")
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     """The whole ``xenmig`` command line."""
     top = _Parser(
@@ -62,10 +79,7 @@ def parser() -> argparse.ArgumentParser:
         "/etc/xenmig/client.toml, then $XDG_CONFIG_HOME/xenmig/client.toml)",
     )
     top.add_argument(
-        "--version",
-        action="version",
-        version=f"xenmig {version()}",
-        help="print xenmig's version and exit",
+        "--version", action=_Version, help="print xenmig's version and exit"
     )
     sub = top.add_subparsers(
         dest="command", required=True, parser_class=_Parser, metavar="COMMAND"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +37,8 @@ def readTOML(path: str, what: str) -> dict[str, Any]:
     @raise ConfigurationError: naming the file, if it is missing, unreadable
         or not TOML.
     """
+    import tomllib  # here: the command line's start-up need not pay for it
+
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
