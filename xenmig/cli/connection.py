@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 from typing import Any
 
 from xenmig.model import DEFAULT_PORT, DEFAULT_STATE_DIR, splitHostPort
@@ -109,6 +108,8 @@ def clientTLS(args: argparse.Namespace) -> dict[str, Any]:
 
 def _isLoopback(host: str) -> bool:
     try:
+        import ipaddress
+
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +53,8 @@ def readTOML(path: str, what: str) -> dict[str, Any]:
 
 def unknownKey(path: str, key: str, known: Iterable[str]) -> ConfigurationError:
     """The error for ``key``, unknown in ``path``: with the nearest known key."""
+    import difflib
+
     near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     return ConfigurationError(f"{path}: unknown key {key!r}{hint}")

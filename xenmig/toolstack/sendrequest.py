@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from xenmig.errors import BadSpec
-from xenmig.model import DeviceSpec, checkMigrationId
+from xenmig.model import MIN_BANDWIDTH, DeviceSpec, checkMigrationId
 
 _TEXT = (str, type(None))
 _NUMBER = (int, float, type(None))
@@ -41,6 +41,16 @@ CARRIED: dict[str, tuple[type, ...]] = {
     "stall_timeout": (int, float),
     "server_name": _TEXT,
     "pin_sha256": (list,),
+}
+#: The least value of each number the daemon takes (as the parser checks them).
+_LEAST = {
+    "max_rounds": 1,
+    "bandwidth": MIN_BANDWIDTH,
+    "max_downtime": 1e-9,
+    "command_timeout": 1e-9,
+    "busy_timeout": 1e-9,
+    "reconnect_timeout": 1e-9,
+    "stall_timeout": 0,
 }
 #: The request's own keys beside the options: whether the caller draws bars.
 BARS = "bars"
@@ -135,6 +145,10 @@ def requestArgs(options: Mapping[str, Any]) -> argparse.Namespace:
         raise BadSpec("--via-daemon: no --device given")
     if args.migration_id is not None:
         checkMigrationId(args.migration_id)
+    for name, least in _LEAST.items():
+        value = options[name]
+        if value is not None and not value >= least:
+            raise BadSpec(f"--via-daemon: the option {name} is below {least}")
     if not all(isinstance(pin, str) for pin in args.pin_sha256):
         raise BadSpec("--via-daemon: the option pin_sha256 is not a list of text")
     return args
