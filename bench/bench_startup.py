@@ -51,7 +51,7 @@ def timed(argv: list[str], daemon: benchlib.Daemon | None = None) -> dict[str, A
     wall = time.monotonic() - started
     if child.returncode != 0:
         raise SystemExit(f"bench: {argv[-1]!r} failed:\n{(out + err).decode()}")
-    figures = {"wall": wall, "cpu": _childCPU()}
+    figures: dict[str, Any] = {"wall": wall, "cpu": _childCPU()}
     if daemon is not None:
         figures["daemon_cpu"] = cpuSeconds(daemon.process.pid) - before
     figures["output"] = out
@@ -168,6 +168,7 @@ def main() -> None:
         )
         path = work / "small.bin"
         path.write_bytes(os.urandom(args.size_kib * 1024))
+        _childCPU()  # from here on: the commands' alone
         print(f"== {args.size_kib} KiB, load average {os.getloadavg()[0]:.2f}")
         rounds = [round_(target, source, path, run) for run in range(args.runs)]
         print(f"\nmedians of {len(rounds)} rounds:")

@@ -14,12 +14,11 @@ from twisted.logger import Logger
 from twisted.python import threadpool, usage
 from twisted.python.filepath import FilePath
 
-from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
 from xenmig.fs import InstallAs, parseMode, parseOwner
 from xenmig.limits import ConnectionLimits
-from xenmig.model import DEFAULT_PORT, DEFAULT_STATE_DIR, parseBandwidth
+from xenmig.model import DEFAULT_PORT, DEFAULT_STATE_DIR, hostPort, parseBandwidth
 from xenmig.plugins import deviceKinds
 from xenmig.target.authz import PolicySource
 from xenmig.target.config import MAX_DEVICES, MAX_SESSIONS, TargetConfig, Timeouts

@@ -18,9 +18,8 @@ from twisted.python import threadpool
 from twisted.python.components import Componentized
 from twisted.python.filepath import FilePath
 
-from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
-from xenmig.model import LOCAL_SOCKET
+from xenmig.model import LOCAL_SOCKET, hostPort
 from xenmig.target.authz import PolicySource
 from xenmig.target.core import MigrationTarget
 from xenmig.target.notify import SystemdNotifier

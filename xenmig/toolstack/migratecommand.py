@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 
-from xenmig.certificates import hostPort
 from xenmig.clients.processes import fireOnce
 from xenmig.errors import BadSpec, CommitInDoubt, MigrationAborted, XenmigError
+from xenmig.model import hostPort
 from xenmig.source.phase import FINAL
 from xenmig.toolstack.failures import Explained, diagnose
 from xenmig.toolstack.outcome import (
