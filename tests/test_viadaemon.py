@@ -32,6 +32,19 @@ from xenmig.toolstack.sendrequest import requestArgs
 HEAVY = ("twisted", "OpenSSL", "cryptography", "zope", "service_identity", "attr")
 
 
+#: Python's own list of what a process imports, on its stderr.
+IMPORTTIME = {"PYTHONPROFILEIMPORTTIME": "1"}
+
+
+def imported(stderr: str) -> set[str]:
+    """The top-level packages a run imported, from its ``-X importtime`` lines."""
+    return {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in stderr.splitlines()
+        if line.startswith("import time:")
+    }
+
+
 def xenmig(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "xenmig.cli.main", *args],
@@ -87,12 +100,13 @@ def test_migrates_a_file(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
     for via in (True, False):
         installed = target.dest / f"state-{via}.bin"
         device = f"file:blob:path={original},target={installed}"
-        done = xenmig(
-            *migrate(source, target, device, "--domain", f"vm-{via}", "--json", via=via)
-        )
+        how = migrate(source, target, device, "--domain", f"vm-{via}", via=via)
+        done = xenmig(*how, "--json", env={**os.environ, **IMPORTTIME})
         assert done.returncode == 0, done.stderr
         assert hashFile(installed) == hashFile(original)
         reports[via] = json.loads(done.stdout)
+        heavy = imported(done.stderr).intersection(HEAVY)
+        assert bool(heavy) != via, heavy  # in-process imports them, via never
     assert reports[True]["devices"][0]["digest"] == hashFile(original).hex
     assert shape(reports[True]) == shape(reports[False])
     assert reports[True]["installed"] == [str(target.dest / "state-True.bin")]
@@ -211,7 +225,7 @@ def test_missing_daemon_named_and_standard_library_only(tmp_path: Path) -> None:
         "--device",
         "file:b:path=/a,target=/b",
         "--json",
-        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+        env={**os.environ, **IMPORTTIME},
     )
     assert done.returncode == 2
     lines = [x for x in done.stderr.splitlines() if not x.startswith("import time:")]
@@ -222,13 +236,8 @@ def test_missing_daemon_named_and_standard_library_only(tmp_path: Path) -> None:
         f"through it)"
     ]
     assert json.loads(done.stdout)["error"]["code"] == "CONFIGURATION"
-    imported = {
-        line.split("|")[-1].strip().split(".")[0]
-        for line in done.stderr.splitlines()
-        if line.startswith("import time:")
-    }
-    assert "xenmig" in imported
-    assert not imported.intersection(HEAVY)
+    assert "xenmig" in imported(done.stderr)
+    assert not imported(done.stderr).intersection(HEAVY)
 
 
 @pytest_twisted.ensureDeferred
@@ -279,12 +288,11 @@ def test_request_with_unknown_option_is_refused() -> None:
         requestArgs({})
 
 
-def test_server_only_certificate_cannot_send(tmp_path: Path) -> None:
-    """A certificate for servers only is found unfit for a client, and said why."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def serverOnly(key: Any) -> x509.Certificate:
+    """A self-signed certificate for TLS servers only."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER)])
     now = datetime.datetime.now(datetime.UTC)
-    server = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -295,6 +303,97 @@ def test_server_only_certificate_cannot_send(tmp_path: Path) -> None:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .sign(key, hashes.SHA256())
     )
+
+
+def test_server_only_certificate_cannot_send(tmp_path: Path) -> None:
+    """A certificate for servers only is found unfit for a client, and said why."""
+    server = serverOnly(ec.generate_private_key(ec.SECP256R1()))
     assert "clientAuth" in (clientUseProblem(server) or "")
     issued = PKI(tmp_path).ca / f"{SERVER}.pem"
     assert clientUseProblem(x509.load_pem_x509_certificate(issued.read_bytes())) is None
+
+
+def test_bars_on_a_terminal(hosts: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    """On a terminal the command draws the daemon's progress as bars, to 100 %."""
+    import pty
+
+    source, target = hosts
+    original = tmp_path / "bars.bin"
+    original.write_bytes(os.urandom(64 * 1024))
+    device = f"file:blob:path={original},target={target.dest / 'bars.bin'}"
+    parent, child = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "xenmig.cli.main"]
+            + migrate(source, target, device, "--domain", "vm-bars"),
+            stderr=child,
+            stdout=subprocess.PIPE,
+            timeout=60,
+        )
+        os.close(child)
+        drawn = b""
+        while True:
+            try:
+                data = os.read(parent, 65536)
+            except OSError:  # the terminal's other end closed: all read
+                break
+            if not data:
+                break
+            drawn += data
+    finally:
+        os.close(parent)
+    assert done.returncode == 0
+    text = drawn.decode()
+    assert "blob [####################] 100% 64.0 KiB / 64.0 KiB" in text
+    assert "xenmig migrate: committed: the VM now belongs to the target" in text
+
+
+def test_client_file_key_and_its_override(tmp_path: Path) -> None:
+    """``via-daemon`` in client.toml makes it the default; --no-via-daemon undoes it."""
+    config = tmp_path / "client.toml"
+    config.write_text('via-daemon = "state"\nca = "ca.pem"\ncert = "c.pem"\n')
+    argv = ["--config", str(config), "migrate", "--target", "127.0.0.1:1"]
+    argv += ["--domain", "vm", "--device", "file:b:path=/a,target=/b"]
+    via = xenmig(*argv)  # the file's ca and cert are not refused: they are its
+    assert via.returncode == 2
+    assert f"no daemon socket at {tmp_path / 'state' / 'control.sock'}" in via.stderr
+    config.write_text("via-daemon = true\n")
+    assert "no daemon socket at /var/lib/xenmig/control.sock" in xenmig(*argv).stderr
+    inProcess = xenmig(*argv, "--no-via-daemon")
+    assert inProcess.returncode == 2
+    assert "--ca and --cert are required with --target" in inProcess.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_unfit_certificate_is_said_to_every_caller(tmp_path: Path) -> None:
+    """A daemon whose certificate cannot be a TLS client refuses to send, saying why."""
+    from cryptography.hazmat.primitives import serialization
+    from twisted.internet import reactor
+
+    from xenmig.toolstack.localsender import LocalSender
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert, keyFile = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(serverOnly(key).public_bytes(serialization.Encoding.PEM))
+    keyFile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ca = PKI(tmp_path / "pki").ca / "ca.pem"
+    sender = LocalSender.fromFiles(reactor, str(cert), str(keyFile), str(ca))
+    events: list[dict[str, Any]] = []
+    code = await sender.send({}, events.append).done
+    assert code == 2
+    assert events == [
+        {
+            "type": "error",
+            "code": "CONFIGURATION",
+            "message": f"--via-daemon: the daemon's certificate {cert} cannot "
+            f"authenticate a TLS client: its extended key usage leaves out TLS "
+            f"client authentication (clientAuth); issue one for both uses (xenmig "
+            f"pki issue does)",
+        }
+    ]
