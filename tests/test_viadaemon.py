@@ -22,8 +22,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from daemons import PKI, SERVER, Daemon
 from twisted.protocols import amp
 
+from xenmig.amp_commands import MAX_JSON
 from xenmig.certificates import clientUseProblem
-from xenmig.cli.viadaemon import encodeBox
+from xenmig.cli.viadaemon import MAX_OPTIONS, encodeBox
 from xenmig.digest import hashFile
 from xenmig.errors import BadSpec
 from xenmig.toolstack.sendrequest import requestArgs
@@ -278,6 +279,7 @@ def test_box_codec_is_amps() -> None:
     box[b"options"] = b"{}" * 100
     [parsed] = amp.parseString(encodeBox(box))
     assert dict(parsed) == box
+    assert MAX_OPTIONS == MAX_JSON  # what the daemon's JSON argument takes
 
 
 def test_request_with_unknown_option_is_refused() -> None:

@@ -38,12 +38,18 @@ from xenmig.toolstack.outcome import (
 from xenmig.toolstack.progress import ProgressDisplay, printOutcome
 from xenmig.toolstack.sendrequest import BARS, refused, requestOptions
 
+#: The longest options one SendMigration carries (the daemon's JSON limit).
+MAX_OPTIONS = 60 * 1024
 #: The ask key of the one SendMigration a connection carries.
 _ASK = b"1"
 
 
 class DaemonUnreachable(Exception):
     """No daemon on the socket, or one that cannot send: one line, exit 2."""
+
+
+class RequestTooLong(Exception):
+    """The options do not fit in one AMP value (65,535 bytes)."""
 
 
 # -- AMP boxes, with the standard library ---------------------------------------
@@ -165,12 +171,18 @@ class ViaDaemon:
         """Send the request, show what comes back; the exit status."""
         options = requestOptions(self.args, os.getcwd())
         options[BARS] = self.display.bars
+        encoded = json.dumps(options, separators=(",", ":")).encode()
+        if len(encoded) > MAX_OPTIONS:
+            raise RequestTooLong(
+                f"--via-daemon: the options take {len(encoded)} bytes, more than the "
+                f"{MAX_OPTIONS} one request carries: fewer or shorter --device"
+            )
         self.sock = sock = connect(self.path)
         request = {
             b"_command": SEND_MIGRATION,
             b"_ask": _ASK,
             b"protocol": str(SEND_PROTOCOL).encode(),
-            b"options": json.dumps(options, separators=(",", ":")).encode(),
+            b"options": encoded,
         }
         previous = {s: signal.signal(s, self._interrupt) for s in _SIGNALS}
         try:
@@ -282,5 +294,9 @@ def runViaDaemon(args: argparse.Namespace) -> int:
         return ViaDaemon(args, path).run()
     except DaemonUnreachable as e:
         return _fail(args, "CONFIGURATION", str(e), EXIT_USAGE)
+    except KeyboardInterrupt:  # before the daemon was asked: nothing started
+        return _fail(args, "INTERRUPTED", "interrupted on the source", EXIT_FAILED)
+    except RequestTooLong as e:
+        return _fail(args, "USAGE", str(e), EXIT_USAGE)
     except OSError as e:
         return _fail(args, "VIA_DAEMON", f"{path}: {e}", EXIT_FAILED)
