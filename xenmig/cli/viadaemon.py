@@ -48,6 +48,10 @@ class DaemonUnreachable(Exception):
     """No daemon on the socket, or one that cannot send: one line, exit 2."""
 
 
+class LeftEarly(Exception):
+    """A second SIGINT or SIGTERM: the command leaves without the daemon's answer."""
+
+
 class RequestTooLong(Exception):
     """The options do not fit in one AMP value (65,535 bytes)."""
 
@@ -194,16 +198,23 @@ class ViaDaemon:
                     return self._ended(int(box[b"exit_status"]))
                 elif box.get(b"_error") == _ASK:
                     return self._refused(box)
+        except LeftEarly:
+            return self._lost("the command left before the daemon's answer")
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
             sock.close()
-        return self._lost()
+        return self._lost(
+            f"the daemon at {self.path} closed the connection before the migration "
+            f"ended"
+        )
 
     def _interrupt(self, number: int, frame: Any) -> None:
         """Ctrl-C (SIGINT) or SIGTERM: the daemon aborts, as in-process."""
-        if self.interrupted or self.sock is None:
+        if self.sock is None:
             return
+        if self.interrupted:
+            raise LeftEarly()
         self.interrupted = True
         box = {b"_command": INTERRUPT_SEND}
         try:
@@ -260,13 +271,12 @@ class ViaDaemon:
             message = f"the daemon at {self.path}: {description}"
         return _fail(self.args, "VIA_DAEMON", message, EXIT_USAGE, code)
 
-    def _lost(self) -> int:
-        """The daemon went before answering: what became of the migration is unknown."""
+    def _lost(self, what: str) -> int:
+        """No answer from the daemon: what became of the migration is unknown here."""
         return _fail(
             self.args,
             "COMMIT_IN_DOUBT",
-            f"the daemon at {self.path} closed the connection before the migration "
-            f"ended: do NOT resume the VM here before asking the target with "
+            f"{what}: do NOT resume the VM here before asking the target with "
             f"'xenmig status' (the daemon's log says what happened)",
             EXIT_IN_DOUBT,
         )
