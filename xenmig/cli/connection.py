@@ -93,17 +93,12 @@ def clientTLS(args: argparse.Namespace) -> dict[str, Any]:
             "command line or in client.toml (see doc/cli.md); "
             "make them with 'xenmig pki'"
         )
-    from xenmig.source.threadedstream import sslContext
+    from xenmig.source.client import tlsArguments
 
     identity = tls.loadIdentity(args.cert, args.key)
     authorities = tls.loadAuthority(args.ca)
-    name = args.server_name or host
     pins = [tls.parsePin(pin) for pin in args.pin_sha256]
-    return {
-        "tls": tls.clientOptions(name, identity, authorities, pins),
-        "sslContext": sslContext(identity, authorities, pins),
-        "serverName": name,
-    }
+    return tlsArguments(args.server_name or host, identity, authorities, pins)
 
 
 def _isLoopback(host: str) -> bool:

@@ -168,15 +168,11 @@ class LocalSender:
     def tlsFor(self, args: argparse.Namespace) -> dict[str, Any]:
         """L{MigrationClient}'s TLS keyword arguments, as this host."""
         from xenmig import tls
-        from xenmig.source.threadedstream import sslContext
+        from xenmig.source.client import tlsArguments
 
         name = args.server_name or args.target[0]
         pins = [tls.parsePin(pin) for pin in args.pin_sha256]
-        return {
-            "tls": tls.clientOptions(name, self.identity, self.authorities, pins),
-            "sslContext": sslContext(self.identity, self.authorities, pins),
-            "serverName": name,
-        }
+        return tlsArguments(name, self.identity, self.authorities, pins)
 
 
 class LocalSend:
