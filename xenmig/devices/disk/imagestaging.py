@@ -117,7 +117,10 @@ class BlockDigests:
                     continue
                 if view is None and stop == start + self.blockSize:
                     self._set(index, self._hole, self.blockSize)
-                    self._keepTable(index, bytearray(zeroTable(self.blockSize)))
+                    if self._leafy:
+                        self._keepTable(index, bytearray(zeroTable(self.blockSize)))
+                    else:
+                        self.tables.drop(index)
                     position = stop
                     continue
                 self._current, self._hasher = index, None
