@@ -313,8 +313,11 @@ class DiskSource:
         scanner = self._scanner
         assert scanner is not None
         started = time.monotonic()
-        changed = await self._changedRanges(final)
+        # The pass's size and modification time first: in the final round, a
+        # write that lands while the changes are being found then fails the
+        # device (checkUntouched) instead of slipping past them.
         await self._threads.run(scanner.startPass)
+        changed = await self._changedRanges(final)
         batches = deque(_batches(scanner.blocks, changed, self.batchBlocks))
         scanned = sum(len(batch) for batch in batches)
         # Scans in flight, in offset order, with the blocks each was given.
