@@ -160,6 +160,7 @@ class BlockDigests:
             start = index * self.blockSize
             prefix = memoryview(self._buffer)[:covered]
             if not self._partial(index, start, start + covered, prefix, stale=False):
+                self.tables.drop(index)  # its leaves no longer say what it holds
                 self._set(index, blake3.blake3(prefix).digest(), covered)
 
     def _keepTable(self, index: int, table: bytearray) -> None:
