@@ -26,6 +26,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "little-endian hosts only (the install then goes on without this module)"
+#endif
+
+/* One build per instruction set on x86-64, chosen when the module loads. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
 #define LANES 16
 #define CHUNK 1024
 #define CHUNK_START 1
@@ -122,7 +133,7 @@ static inline __attribute__((always_inline)) void compress(
  * counter counting up from ``counter``) or parent nodes (stride 64, one block,
  * counter 0).  ``out`` may be ``input`` when each output lies before its input.
  */
-__attribute__((target_clones("avx512f", "avx2", "default"))) static void
+CLONES static void
 hash_many(const uint8_t *input, size_t stride, size_t blocks, size_t count,
           uint64_t counter, int counting, uint32_t flags, uint32_t start,
           uint32_t end, uint8_t *out)
