@@ -295,6 +295,13 @@ class SourceMigration:
         digest = await watchStream(
             self.client, run.name, sender, "the final transfer", run.sendFinal()
         )
+        log.debug(
+            "migration {migration_id}: {device}: final state sent ({size} bytes); "
+            "asking the target",
+            migration_id=self.migrationId,
+            device=run.name,
+            size=digest.size,
+        )
         answer = await deviceReady(self, run)
         theirs = ContentDigest(answer["size"], answer["algorithm"], answer["digest"])
         if theirs != digest:
@@ -304,6 +311,11 @@ class SourceMigration:
             )
         run.digest = digest
         run.finished = self._monotonic()
+        log.debug(
+            "migration {migration_id}: {device}: verified by the target",
+            migration_id=self.migrationId,
+            device=run.name,
+        )
 
     # -- the point of no return --------------------------------------------------------
 

@@ -148,6 +148,11 @@ class SessionCommit:
             await self._journal(Phase.COMMITTING)
         except Exception as e:
             await self._fail(f"the journal could not record the install of {name}: {e}")
+        log.debug(
+            "migration {migration_id}: installing {device}",
+            migration_id=self.session.migrationId,
+            device=name,
+        )
         try:
             installing = maybeDeferred(slot.device.commit)
             if self.bound:
@@ -181,6 +186,11 @@ class SessionCommit:
 
     def _journal(self, phase: Phase) -> Deferred[None]:
         """Journal the session as in ``phase``, with its installs."""
+        log.debug(
+            "migration {migration_id}: journalling {phase}",
+            migration_id=self.session.migrationId,
+            phase=phase.value,
+        )
         record = replace(
             self.host.recordOf(self.session),
             phase=phase,

@@ -434,6 +434,10 @@ class MigrationTarget(ResumingTarget):
     def _release(self, session: TargetSession) -> None:
         if session.phase is Phase.COMMITTED:
             record = self._recordOf(session)
+            log.debug(
+                "migration {migration_id}: released to the resume gate",
+                migration_id=session.migrationId,
+            )
             self.gate.committed(record.release())
             self._runHook(record)
         else:

@@ -189,10 +189,13 @@ class LiveRAM:
             figures = await self.query(client)
         if figures.status == "pre-switchover":
             await client.execute("migrate-continue", {"state": "pre-switchover"})
+            log.debug("devmodel {device}: migrate-continue", device=self.name)
         while figures.status != "completed":
             await deferLater(self.reactor, POLL, lambda: None)
             figures = await self.query(client)
+        log.debug("devmodel {device}: QEMU's migration completed", device=self.name)
         await self.reader.whenDone()
+        log.debug("devmodel {device}: QEMU's stream read to its end", device=self.name)
         await self.restore(client)
         return figures
 
