@@ -116,7 +116,7 @@ class Timeline:
         if window is None:
             return "  (no STOP on the source, or no RESUME on the target after it)"
         stop, resume, inside = window
-        lines = [f"  the VM paused {resume - stop:.3f} s (source STOP -> target RESUME)"]
+        lines = [f"  paused {resume - stop:.3f} s (source STOP -> target RESUME)"]
         previous = stop
         for when, side, what in inside:
             lines.append(
