@@ -18,7 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 #: Marks of the source's log worth showing (the rest is noise in the window).
 SOURCE_WORDS = (
@@ -46,6 +47,7 @@ class Timeline:
     def observeLog(self) -> None:
         """Record this process's xenmig log events (its source side)."""
 
+        @implementer(ILogObserver)
         def observer(event: dict[str, Any]) -> None:
             if not str(event.get("log_namespace", "")).startswith("xenmig"):
                 return

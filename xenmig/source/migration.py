@@ -254,11 +254,13 @@ class SourceMigration:
             if result.figures.get("vm_stopped"):
                 self.paused()  # QEMU stopped the VM: the paused window began
             log.info(
-                "migration {migration_id}: {device} round {round} sent {sent} bytes",
+                "migration {migration_id}: {device} round {round} sent {sent} bytes "
+                "({unsent} of them still queued)",
                 migration_id=self.migrationId,
                 device=run.name,
                 round=round,
                 sent=sender.bytesWritten - before,
+                unsent=result.unsent,
             )
             where = f"migration {self.migrationId}, device {run.name}"
             if not proceed(policy, round, result, where):
@@ -296,8 +298,7 @@ class SourceMigration:
             self.client, run.name, sender, "the final transfer", run.sendFinal()
         )
         log.debug(
-            "migration {migration_id}: {device}: final state sent ({size} bytes); "
-            "asking the target",
+            "migration {migration_id}: {device}: final state sent ({size} bytes)",
             migration_id=self.migrationId,
             device=run.name,
             size=digest.size,

@@ -424,9 +424,14 @@ class MigrationTarget(ResumingTarget):
         return self.history.recordOf(session, self.staging.paths(session.migrationId))
 
     def _finished(self, session: TargetSession) -> Deferred[None]:
-        """The session ended (its end is journalled or due): clean, release, hook."""
+        """The session ended (its end is journalled or due): release, hook, clean."""
         self._ended(MigrationSummary.ofSession(session))
         self.admission.release(session.migrationId)  # idempotent; a commit ends here
+        if session.phase is Phase.COMMITTED:
+            # What is left in staging is nobody's now (a restart removes it
+            # too): the toolstack need not wait for its removal to resume.
+            self._release(session)
+            return self.staging.remove(session.migrationId)
         d = self.staging.remove(session.migrationId)
         d.addCallback(lambda _: self._release(session))
         return d
