@@ -65,9 +65,14 @@ class PlacingTarget(MemoryTarget):
         super().__init__(description, context)
         self.destination = context.resolveDestination(description.params["at"])
 
+    #: The commit never returns (the daemon stops in the middle of it).
+    hang = False
+
     def commit(self) -> Deferred[list[str]]:
         if self.failCommit is not None:
             raise self.failCommit
+        if self.hang:
+            return Deferred()
         part = self.destination.siblingExtension(".part")
         part.setContent(bytes(self.data))
         os.rename(part.path, self.destination.path)
@@ -327,6 +332,29 @@ def test_aCrashWhileTheJournalIsFullReversesAtRestart(
     assert record["phase"] == "ABORTED"
     assert "the target daemon stopped during the commit" in record["reason"]
     assert host.installed() == []
+
+
+def test_aStopInTheMiddleOfTheCommitIsReversedAtRestart(host: Host) -> None:
+    """
+    The daemon stops while the second device installs: at restart what the
+    first installed is removed, and the second's destination, which its
+    install never reached, keeps what it held.
+    """
+    (host.dest / "b.img").write_text("someone's")
+    host.ready()
+    host.kind.targets[1].hang = True
+    pending = Deferred.fromCoroutine(host.target.commit(PEER, "m1"))
+    assert not pending.called
+    assert host.installed() == ["a.img", "b.img"]
+    record = host.journal()
+    assert record["phase"] == "COMMITTING"
+    assert [i["state"] for i in record["installs"]] == ["INSTALLING", "INSTALLING"]
+    host.start()  # the daemon again, on the same state directory
+    record = host.journal()
+    assert record["phase"] == "ABORTED"
+    assert host.installed() == ["b.img"]
+    assert (host.dest / "b.img").read_text() == "someone's"
+    assert [i["state"] for i in record["installs"]] == ["REVERSED", "REVERSED"]
 
 
 def test_anInstallFailureReversesWhatWasInstalled(host: Host) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,18 +23,21 @@ from test_devmodel import (  # the real-QEMU fixtures: guests, workdir, pair, pa
     workdir,
 )
 from test_sourcemigration import FakeClient, RoundsKind, RoundsSource, run
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor, task
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from xenmig.demo import testguest
+from xenmig.devices.devmodel.live import Nudges
 from xenmig.devices.devmodel.source import DevmodelSource
 from xenmig.errors import MigrationAborted
 from xenmig.interfaces import ISourceDevice
 from xenmig.model import DeviceSpec, RoundResult
+from xenmig.source.client import MigrationClient
 from xenmig.source.convergence import FixedRounds
 from xenmig.source.migration import SourceMigration
+from xenmig.source.threadedstream import ThreadedStreamSender
 from xenmig.testing import PipeWriter, requirePrograms
 from xenmig.toolstack.domains import QMPDomainControl
 
@@ -220,6 +224,69 @@ def test_xenModeHasNoPreCopy() -> None:
     assert not DevmodelSource(spec, None).precopy  # type: ignore[arg-type]
     spec = DeviceSpec.parse("devmodel:q:qmp=/s,live=0,target-qmp=t")
     assert not DevmodelSource(spec, None).precopy  # type: ignore[arg-type]
+
+
+# -- waits QEMU's events cut short, and a shallow queue, without QEMU ----------------
+
+
+class EventSource:
+    """What L{Nudges} uses of a QMP client: its event subscriptions."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, list[Any]] = {}
+
+    def onEvent(self, name: str, callback: Any) -> Any:
+        self.handlers.setdefault(name, []).append(callback)
+        return lambda: self.handlers[name].remove(callback)
+
+    def emit(self, name: str) -> None:
+        for callback in list(self.handlers.get(name, [])):
+            callback({"event": name, "data": {}})
+
+
+def test_aWaitEndsWithQEMUsEvent() -> None:
+    """A wait between two looks lasts its seconds, or until QEMU's next event."""
+    clock, client = task.Clock(), EventSource()
+    nudges = Nudges(clock, client)  # type: ignore[arg-type]
+    waited = Deferred.fromCoroutine(nudges.wait(1))
+    clock.advance(0.5)
+    assert not waited.called
+    clock.advance(0.5)
+    assert waited.called
+    waited = Deferred.fromCoroutine(nudges.wait(10))
+    client.emit("MIGRATION")
+    assert waited.called and not nudges.stopped
+    client.emit("STOP")  # between two waits: the next one ends at once
+    assert nudges.stopped
+    assert Deferred.fromCoroutine(nudges.wait(10)).called
+    waited = Deferred.fromCoroutine(nudges.wait(10))
+    waited.cancel()
+    waited.addErrback(lambda f: f.trap(CancelledError))
+    assert not clock.getDelayedCalls()
+    nudges.close()
+    assert all(not handlers for handlers in client.handlers.values())
+
+
+def test_QEMUsStreamKeepsLittleUnsent() -> None:
+    """
+    The devmodel's stream keeps at most 2 MiB waiting unsent (QEMU measures
+    its bandwidth by its writes); another device's, the sender's 16 MiB.
+    """
+    spec = DeviceSpec.parse("devmodel:q:qmp=/s,target-qmp=t")
+    queue = DevmodelSource(spec, None).streamQueue  # type: ignore[arg-type]
+    assert queue == 2 * 1024 * 1024
+    client = MigrationClient(
+        reactor, "127.0.0.1", 1, sslContext=ssl.create_default_context()
+    )
+    piece = bytes(256 * 1024)
+    for bound, writes in ((queue, 7), (None, 63)):
+        sender = client.streamSender("q", None, bound)
+        assert isinstance(sender, ThreadedStreamSender)
+        written = [sender.writeData(i * len(piece), piece) for i in range(writes + 1)]
+        # Each record is a little more than its data: the last write waits.
+        assert all(d.called for d in written[:writes]) and not written[-1].called
+        written[-1].addErrback(lambda f: None)
+        sender.abort()
 
 
 # -- the order of the rounds, without QEMU --------------------------------------------
