@@ -4,6 +4,7 @@ the same guest between two QEMUs on this host, measured in the same run.
 
     python bench/bench_wholevm.py [--memory-mib 512] [--dirty-mib 4]
                                   [--dirty-pause 0.2] [--runs 1] [--dir DIR]
+                                  [--downtime MS] [--timeline]
 
 The guest (``xenmig.demo.linuxguest``: Debian's kernel, a busybox initramfs,
 TCG, ext4 on virtio-blk, tpm-tis on a swtpm) appends fsynced records to its disk
@@ -96,6 +97,7 @@ async def withXenmig(reactor: Any, args: Any, work: Path, run: int) -> dict[str,
         return target
 
     vm.incoming = observedIncoming  # type: ignore[method-assign]
+    vm.downtime = args.downtime
     try:
         source = await vm.setUp()
         await source.says("SYNC", 120, count=50)
@@ -156,9 +158,10 @@ async def withQEMU(reactor: Any, args: Any, work: Path, run: int) -> dict[str, A
             await qmp.execute("migrate-incoming", {"uri": f"unix:{channel}"})
 
         async def migrate(qmp: Any) -> dict[str, Any]:
-            await qmp.execute(
-                "migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH}
-            )
+            limits = {"max-bandwidth": UNLIMITED_BANDWIDTH}
+            if args.downtime:
+                limits["downtime-limit"] = args.downtime
+            await qmp.execute("migrate-set-parameters", limits)
             await qmp.execute("migrate", {"uri": f"unix:{channel}"})
             while True:
                 info: dict[str, Any] = await qmp.execute("query-migrate")
@@ -197,6 +200,13 @@ async def main(reactor: Any) -> None:
     parser.add_argument("--dirty-pause", type=float, default=0.2)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--dir", default=None)
+    parser.add_argument(
+        "--downtime",
+        type=int,
+        default=0,
+        metavar="MS",
+        help="QEMU's downtime-limit for both migrations (default: QEMU's, 300)",
+    )
     parser.add_argument(
         "--timeline",
         action="store_true",

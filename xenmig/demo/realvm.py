@@ -264,6 +264,8 @@ class RealVM:
         self.source: LinuxQEMU | None = None
         self.guests: list[LinuxQEMU] = []
         self.children: list[ChildProcess] = []
+        #: QEMU's downtime-limit for the move, in ms (0: QEMU's own setting).
+        self.downtime = 0
 
     def inThread(self, function: Any, *args: Any) -> Deferred[Any]:
         pool = self.reactor.getThreadPool()
@@ -340,6 +342,7 @@ class RealVM:
             DeviceSpec.parse(
                 f"devmodel:qemu:qmp={source.qmpPath},target-qmp={target.qmpPath},"
                 f"target-log={target.logPath}"
+                + (f",downtime={self.downtime}" if self.downtime else "")
             ),
             DeviceSpec.parse(
                 f"disk:vda:path={self.image},target={self.targetImage(tag)},"

@@ -258,7 +258,7 @@ class DevmodelSource:
         then the stream's end: QEMU's monitor is free meanwhile, for the
         other devices' final rounds (a disk's dirty bitmap).
         """
-        await self._session(lambda client: self._switchOver(client, live))
+        await self._session(lambda c: self._switchOver(c, live), self.timeout)
         await live.reader.whenDone()
         log.debug("devmodel {device}: QEMU's stream read to its end", device=self.name)
         self.final = figures = await self._session(live.completed)
