@@ -249,18 +249,17 @@ class SourceMigration:
                 run.device.sendRound(sender, round),
             )  # fmt: skip
             result = timed(result, self._monotonic() - started, sender.unsent)
-            run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
+            sent = result.bytesSent or (sender.dataBytes if round == 0 else 0)
+            run.rounds.append(sent)
             run.roundFigures.append(dict(result.figures))
             if result.figures.get("vm_stopped"):
                 self.paused()  # QEMU stopped the VM: the paused window began
             log.info(
-                "migration {migration_id}: {device} round {round} sent {sent} bytes "
-                "({unsent} of them still queued)",
+                "migration {migration_id}: {device} round {round} sent {sent} bytes",
                 migration_id=self.migrationId,
                 device=run.name,
                 round=round,
                 sent=sender.bytesWritten - before,
-                unsent=result.unsent,
             )
             where = f"migration {self.migrationId}, device {run.name}"
             if not proceed(policy, round, result, where):

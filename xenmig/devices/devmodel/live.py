@@ -242,9 +242,11 @@ class LiveRAM:
         if figures.switching:
             log.info(
                 "devmodel {device}: QEMU's RAM converged in round {round}: QEMU "
-                "stopped the VM for its switch-over",
+                "stopped the VM for its switch-over ({unsent} bytes of its stream "
+                "still to send from here)",
                 device=self.name,
                 round=number,
+                unsent=getattr(self.reader.writer, "unsent", 0),
             )
             await self.switchOver(client, figures)
         remaining = 0 if figures.switching else figures.remaining
