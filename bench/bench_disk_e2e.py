@@ -50,6 +50,7 @@ dominate; the images are kept in the cache dir between runs (delete it after).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -487,7 +488,7 @@ class Bench:
             )
             for name, cipher in SCP_CIPHERS.items():
                 self.reference(
-                    name, lambda o, n=name, c=cipher: self.scp(n, o, c), dense
+                    name, functools.partial(self.scp, name, cipher=cipher), dense
                 )
             self.reference("dense: rsync", lambda o: ssh.rsync(dense, o), dense)
             report = self.xenmig("dense: xenmig", dense, run)
