@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
+from test_disk import PipeWriter, prepare, treeOf
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
@@ -34,6 +36,7 @@ from xenmig.records import (
     encodeRecord,
     encodeStreamHeader,
 )
+from xenmig.source.convergence import FixedRounds
 from xenmig.streamreceiver import StreamReceiver, alignedBlock
 from xenmig.testing import FakeTargetContext, SteppedThreads
 
@@ -283,3 +286,56 @@ def test_receivedStreamIsWrittenDirectly(tmp_path: Path) -> None:
     assert staging.directBytes == 2 * MiB
     Deferred.fromCoroutine(staging.discard())
     pool.runAll()
+
+
+def test_throughCacheStopsDirectWrites(tmp_path: Path) -> None:
+    """After throughCache, aligned records go through the page cache, intact."""
+    page = DIRECT_ALIGN
+    records = [DataRecord(i * page, aligned(os.urandom(page))) for i in range(4)]
+    staging, pool = staged(tmp_path, 4 * page)
+    staging.throughCache()
+    for record in records:
+        staging.receive(record)
+    finished = Deferred.fromCoroutine(staging.finish())
+    pool.runAll()
+    expected = contentOf(4 * page, records)
+    assert finished.result == hashBytes(expected)
+    assert Path(staging.path.path).read_bytes() == expected
+    assert staging.directBytes == 0
+
+
+# -- the disk kind: direct in one pass, through the cache when live ----------------
+
+
+class AlignedPipe(PipeWriter):
+    """A pipe whose DATA records arrive in page-aligned blocks, as from a stream."""
+
+    def writeData(self, offset: int, data: bytes) -> Deferred[None]:
+        return super().writeData(offset, aligned(bytes(data)))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("live", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_diskImageWrittenDirectlyOnlyInOnePass(
+    tmp_path: Path, live: bool
+) -> None:
+    """
+    A disk image sent in one pass is staged with direct I/O; one sent in live
+    rounds through the page cache (the final round reads blocks back from
+    it).  Both arrive intact.
+    """
+    if not directSupported(tmp_path):
+        pytest.skip(f"{tmp_path}'s filesystem has no O_DIRECT")
+    MiB = 1024 * KiB
+    image = str(tmp_path / "a.img")
+    with open(image, "wb") as f:
+        f.write(os.urandom(4 * MiB))
+    migration = await prepare(tmp_path, image)
+    migration.writer = AlignedPipe(migration.target)
+    if live:
+        await migration.rounds(FixedRounds(1))
+    digest = await migration.final()
+    assert digest == await treeOf(str(tmp_path / "dest" / "out.img"))
+    staging = migration.target.staged
+    assert staging is not None
+    assert staging.directBytes == (0 if live else 4 * MiB)

@@ -97,6 +97,8 @@ class StagedFile:
         self._direct: int | None = None  # the same file, opened with O_DIRECT
         #: Bytes written with direct I/O (the rest went through the page cache).
         self.directBytes = 0
+        #: Whether aligned data may still be written with direct I/O.
+        self.writeDirectly = True
         self._writes: BatchPump[DataRecord | ZeroRecord] = BatchPump(
             context.runInThread,
             self._writeBatch,
@@ -152,6 +154,15 @@ class StagedFile:
         self.bytesReceived += length
         return self._writes.put(record)
 
+    def throughCache(self) -> None:
+        """
+        Write everything from now on through the page cache: for an owner that
+        will read back what it wrote (an image received in several rounds
+        re-reads blocks that a later round rewrites in part), which the cache
+        then serves instead of the disk.
+        """
+        self.writeDirectly = False
+
     def writingFailed(self, failure: Failure) -> None:
         """
         Writing failed (no space, an I/O error); for subclasses that make callers
@@ -167,7 +178,11 @@ class StagedFile:
             for record in batch:
                 if isinstance(record, DataRecord):
                     data, offset = record.data, record.offset
-                    if self._direct is not None and directlyWritable(data, offset):
+                    if (
+                        self._direct is not None
+                        and self.writeDirectly
+                        and directlyWritable(data, offset)
+                    ):
                         if run and offset != end:
                             self._writeDirect(run, start)
                             run = []
