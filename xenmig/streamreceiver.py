@@ -19,9 +19,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from xenmig.certificates import hostPort
 from xenmig.errors import InternalError, StreamError, StreamStalled, XenmigError
 from xenmig.interfaces import IReceivingSession
+from xenmig.model import hostPort
 from xenmig.pump import TokenBucket
 from xenmig.records import EndRecord, Record, RecordParser, RoundRecord, encodeKeepalive
 from xenmig.tls import ALTERED, ALTERED_IN_TRANSIT, describeTLSError

@@ -17,10 +17,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig import amp_commands as commands
-from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.errors import Busy
 from xenmig.interfaces import IDeviceKind
 from xenmig.limits import AnnouncedLimits, withDeadline
+from xenmig.model import DEFAULT_PORT
 from xenmig.plugins import LazyKinds
 from xenmig.pump import TokenBucket
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
