@@ -30,7 +30,8 @@ _OPEN_STATES = (1, 8)
 class StreamChannel:
     """
     A blocking byte channel on a connected socket: plain TCP, OpenSSL's TLS
-    writing its records straight to the socket, or the standard library's.
+    on memory BIOs (what it encrypts is sent after each write, in writes of
+    up to about a megabyte: L{flushTo}), or the standard library's.
 
     What is sent is cut into writes of whole TLS records: small parts (a
     record's header, its padding) travel with the start or the end of the

@@ -1,5 +1,5 @@
 """
-The TLS of the threaded stream senders: OpenSSL through pyOpenSSL, on a blocking socket.
+The TLS of the threaded stream senders: OpenSSL through pyOpenSSL, on memory BIOs.
 
 The senders encrypt with the OpenSSL that ``cryptography`` bundles (the daemon's,
 faster at AES-GCM here than the system's that the standard library's ``ssl``
