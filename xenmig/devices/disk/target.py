@@ -174,6 +174,8 @@ class DiskTarget:
             return waiting.addErrback(self._namedFailure) if waiting else None
         if isinstance(record, RoundRecord):
             self.round, self.final = record.round, record.final
+            if not record.final and self.staged is not None:
+                self.staged.throughCache()  # live: rounds are read back in part
             if record.round > 0 and self.staged is not None:
                 self.staged.flushInBackground()
             return None
