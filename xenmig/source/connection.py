@@ -288,17 +288,23 @@ class TargetConnection:
     # -- the streams of a migration's devices -----------------------------------------
 
     def streamSender(
-        self, device: str, bandwidth: TokenBucket | None = None
+        self,
+        device: str,
+        bandwidth: TokenBucket | None = None,
+        queue: int | None = None,
     ) -> StreamSender | ThreadedStreamSender:
         """
         A sender for ``device``'s stream, not yet open: sent from a thread when
         the client has a stream endpoint, else through Twisted's TLS; paced by
-        ``bandwidth`` (shared by the migration's streams) if given.
+        ``bandwidth`` (shared by the migration's streams) if given.  ``queue``:
+        the most bytes that may wait to be sent before the device's writes
+        wait (the thread's default if None; Twisted's buffer is smaller still).
         """
         keepalive = self.timeouts.keepalive
         if self.streamEndpoint is not None:
+            marks = {"highWater": queue, "lowWater": queue // 2} if queue else {}
             return ThreadedStreamSender(
-                self.reactor, device, keepalive, bandwidth=bandwidth
+                self.reactor, device, keepalive, bandwidth=bandwidth, **marks
             )
         return StreamSender(device, self.reactor, keepalive, bandwidth)
 

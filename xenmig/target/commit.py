@@ -50,11 +50,12 @@ class CommitHost:
 class SessionCommit:
     """
     The commit of one READY session, write-ahead.  In the journal, in order:
-    COMMITTING with every device's install PLANNED (its destination and what
-    is there now), before anything is installed; each device INSTALLING
-    before its handler's C{commit} is called and INSTALLED after it returns;
-    then COMMITTED.  Only once COMMITTED is durable does the session become
-    COMMITTED and the commit answer (the VM is released after it).
+    COMMITTING with every device's install INSTALLING (its destination and
+    what is there now), before anything is installed; then, once every
+    handler's C{commit} has returned, COMMITTED with every install INSTALLED
+    (what it put there).  Two records, however many devices: the paused
+    window waits for each.  Only once COMMITTED is durable does the session
+    become COMMITTED and the commit answer (the VM is released after it).
 
     If a journal write or an install fails, what the begun installs put at
     their destinations is removed (L{xenmig.target.installs.reverse}), the
@@ -122,6 +123,11 @@ class SessionCommit:
         slots = list(session.devices.values())
         destinations = [(slot.name, _destinationOf(slot.device)) for slot in slots]
         self.installs = await self.host.runInThread(plan, destinations)
+        # One record ahead of every install: each may be under way from now on
+        # (a reversal removes from a destination only what differs from what
+        # was there before).  Their ends are recorded with COMMITTED.
+        for index in range(len(self.installs)):
+            self._move(index, InstallState.INSTALLING)
         try:
             await self._journal(Phase.COMMITTING)
         except Exception as e:
@@ -143,11 +149,11 @@ class SessionCommit:
 
     async def _install(self, index: int, slot: TargetDeviceSlot) -> None:
         name = slot.name
-        self._move(index, InstallState.INSTALLING)
-        try:
-            await self._journal(Phase.COMMITTING)
-        except Exception as e:
-            await self._fail(f"the journal could not record the install of {name}: {e}")
+        log.debug(
+            "migration {migration_id}: installing {device}",
+            migration_id=self.session.migrationId,
+            device=name,
+        )
         try:
             installing = maybeDeferred(slot.device.commit)
             if self.bound:
@@ -171,16 +177,17 @@ class SessionCommit:
                 pass  # reversal then goes by what was there before
         self._move(index, InstallState.INSTALLED, after)
         self.session.installedDevice(name, list(installed))
-        try:
-            await self._journal(Phase.COMMITTING)
-        except Exception as e:
-            await self._fail(f"the journal could not record the install of {name}: {e}")
 
     def _move(self, index: int, state: InstallState, after: Any = None) -> None:
         self.installs[index] = self.installs[index].moved(state, after)
 
     def _journal(self, phase: Phase) -> Deferred[None]:
         """Journal the session as in ``phase``, with its installs."""
+        log.debug(
+            "migration {migration_id}: journalling {phase}",
+            migration_id=self.session.migrationId,
+            phase=phase.value,
+        )
         record = replace(
             self.host.recordOf(self.session),
             phase=phase,

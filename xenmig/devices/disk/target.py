@@ -181,6 +181,8 @@ class DiskTarget:
             self.round, self.final = record.round, record.final
             if self.staged is not None:
                 self.staged.startRound(record.round)
+            if not record.final and self.staged is not None:
+                self.staged.throughCache()  # live: rounds are read back in part
             if record.round > 0 and self.staged is not None:
                 self.staged.flushInBackground()
             return None
