@@ -82,22 +82,27 @@ class BlockDigests:
         self._leafy = False
         self._always = False  # the source uses leaf tables: from round 0 on
         self._round = 0
+        self._final = False
         self._buffer = bytearray()
         self._rootless: set[int] = set()  # blocks whose table changed since
 
-    def startRound(self, round: int) -> None:
-        """The records that follow belong to ``round``."""
+    def startRound(self, round: int, final: bool = False) -> None:
+        """
+        The records that follow belong to ``round``.  The ``final`` round keeps
+        no new tables (none would be used), but its pieces still go into those
+        there are.
+        """
         self._close()
-        self._round = round
-        self._leafy = (round >= 1 or self._always) and self.tables.most > 0
-        if self._leafy and not self._buffer:
-            self._buffer = bytearray(self.blockSize)
+        self._round, self._final = round, final
+        self._leafy = (
+            not final and (round >= 1 or self._always) and self.tables.most > 0
+        )
 
     def keepLeaves(self) -> None:
         """Keep leaf tables of the blocks received whole from now on, this round
         too (the source keeps them from its first round)."""
         self._always = True
-        self.startRound(self._round)
+        self.startRound(self._round, self._final)
 
     def add(self, offset: int, length: int, data: bytes | None = None) -> None:
         """``length`` bytes at ``offset`` were written: ``data``, or zeros if None."""
@@ -124,7 +129,13 @@ class BlockDigests:
                     position = stop
                     continue
                 self._current, self._hasher = index, None
-                if not (self._leafy and self.tables.room(index)):
+                # Into the buffer, for the leaves: a block with a table (a piece
+                # from its start may be all that comes), or one to keep a table of.
+                tabled = self.tables.get(index) is not None
+                if tabled or (self._leafy and self.tables.room(index)):
+                    if not self._buffer:
+                        self._buffer = bytearray(self.blockSize)
+                else:
                     self._hasher = blake3.blake3()
             if self._hasher is None:
                 where = self._buffer
@@ -288,9 +299,9 @@ class ImageStaging(StagedFile):
             waiting = hashing if waiting is None else _all([waiting, hashing])
         return waiting
 
-    def startRound(self, round: int) -> None:
+    def startRound(self, round: int, final: bool = False) -> None:
         """The records that follow belong to ``round`` (in order with them)."""
-        self._mark(RoundRecord(round, False))
+        self._mark(RoundRecord(round, final))
 
     def keepLeaves(self) -> None:
         """The source uses leaf tables: keep them for the records that follow."""
@@ -309,7 +320,7 @@ class ImageStaging(StagedFile):
             elif isinstance(record, ZeroRecord):
                 self.blocks.add(record.offset, record.length)
             elif isinstance(record, RoundRecord):
-                self.blocks.startRound(record.round)
+                self.blocks.startRound(record.round, record.final)
             else:
                 self.blocks.keepLeaves()
 

@@ -180,7 +180,7 @@ class DiskTarget:
         if isinstance(record, RoundRecord):
             self.round, self.final = record.round, record.final
             if self.staged is not None:
-                self.staged.startRound(record.round)
+                self.staged.startRound(record.round, record.final)
             if not record.final and self.staged is not None:
                 self.staged.throughCache()  # live: rounds are read back in part
             if record.round > 0 and self.staged is not None:
