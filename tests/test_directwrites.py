@@ -6,6 +6,7 @@ from them with direct I/O: the bytes and the digests are those of the records.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,14 +210,29 @@ def test_mixedBatchWritesEveryRecordInOrder(tmp_path: Path) -> None:
     pool.runAll()
 
 
-def test_directRefusedFallsBackToTheCache(tmp_path: Path) -> None:
-    """Where no direct descriptor exists, aligned records go through the cache."""
+def _refuseDirect(staging: StagedFile) -> None:
+    """As on a filesystem without O_DIRECT: no direct descriptor."""
+    if staging._direct is not None:
+        os.close(staging._direct)
+        staging._direct = None
+
+
+@pytest.mark.parametrize(
+    "how",
+    [_refuseDirect, StagedFile.throughCache],
+    ids=["no-direct-descriptor", "throughCache"],
+)
+def test_alignedRecordsThroughTheCache(
+    tmp_path: Path, how: Callable[[StagedFile], None]
+) -> None:
+    """
+    Where no direct descriptor exists, or after throughCache, aligned records
+    go through the page cache, intact.
+    """
     page = DIRECT_ALIGN
     records = [DataRecord(i * page, aligned(os.urandom(page))) for i in range(4)]
     staging, pool = staged(tmp_path, 4 * page)
-    if staging._direct is not None:  # as on a filesystem without O_DIRECT
-        os.close(staging._direct)
-        staging._direct = None
+    how(staging)
     for record in records:
         staging.receive(record)
     finished = Deferred.fromCoroutine(staging.finish())
@@ -286,22 +302,6 @@ def test_receivedStreamIsWrittenDirectly(tmp_path: Path) -> None:
     assert staging.directBytes == 2 * MiB
     Deferred.fromCoroutine(staging.discard())
     pool.runAll()
-
-
-def test_throughCacheStopsDirectWrites(tmp_path: Path) -> None:
-    """After throughCache, aligned records go through the page cache, intact."""
-    page = DIRECT_ALIGN
-    records = [DataRecord(i * page, aligned(os.urandom(page))) for i in range(4)]
-    staging, pool = staged(tmp_path, 4 * page)
-    staging.throughCache()
-    for record in records:
-        staging.receive(record)
-    finished = Deferred.fromCoroutine(staging.finish())
-    pool.runAll()
-    expected = contentOf(4 * page, records)
-    assert finished.result == hashBytes(expected)
-    assert Path(staging.path.path).read_bytes() == expected
-    assert staging.directBytes == 0
 
 
 # -- the disk kind: direct in one pass, through the cache when live ----------------
