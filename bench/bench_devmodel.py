@@ -43,9 +43,10 @@ from xenmig.demo import testguest
 
 def qemu(image: str, qmp: str, ram: str, mib: int, incoming: bool) -> subprocess.Popen:
     command = testguest.qemuCommand(image, qmp, incoming) + [
-        "-m", str(mib),
+        "-m", testguest.tcgRAM(mib),
         "-object",
-        f"memory-backend-file,id=pc.ram,size={mib}M,mem-path={ram},share=off",
+        f"memory-backend-file,id=pc.ram,size={testguest.tcgRAM(mib)},mem-path={ram},"
+        "share=off",
         "-machine", "memory-backend=pc.ram",
     ]  # fmt: skip
     return subprocess.Popen(command, stderr=subprocess.DEVNULL)
@@ -189,6 +190,7 @@ def main() -> None:
     with open(ram, "wb") as f:
         for _ in range(args.ram_mib):
             f.write(os.urandom(1 << 20))
+        f.truncate(testguest.tcgRAMBytes(args.ram_mib))
     daemon = Daemon(work / "target")
     figures: dict[str, list[dict[str, Any]]] = {"qemu": [], "live": [], "paused": []}
     try:

@@ -258,9 +258,11 @@ def randomRAM(workdir: str) -> tuple[str, ...]:
     path = os.path.join(workdir, "ram.bin")
     with open(path, "wb") as f:
         f.write(os.urandom(16 * 1024 * 1024))
+        f.truncate(testguest.tcgRAMBytes(16))
     return (
         "-object",
-        f"memory-backend-file,id=pc.ram,size=16M,mem-path={path},share=off",
+        f"memory-backend-file,id=pc.ram,size={testguest.tcgRAM(16)},mem-path={path},"
+        "share=off",
         "-machine",
         "memory-backend=pc.ram",
     )

@@ -32,6 +32,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from xenmig.clients.processes import ChildProcess
 from xenmig.demo import linuxguest
 from xenmig.demo.observedguest import ObservedGuest, ScenarioFailed
+from xenmig.demo.testguest import tcgRAM
 from xenmig.errors import CommitInDoubt
 from xenmig.interfaces import IConvergencePolicy
 from xenmig.model import DeviceSpec, RoundResult
@@ -139,8 +140,9 @@ class LinuxQEMU(ObservedGuest):
 
     def command(self) -> list[str]:
         command = [
-            "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", str(self.memoryMiB),
-            "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+            "qemu-system-x86_64", "-machine", "pc,accel=tcg",
+            "-m", tcgRAM(self.memoryMiB), "-smp", "1", "-nodefaults",
+            "-no-user-config", "-display", "none",
             "-no-reboot", "-kernel", self.files["kernel"],
             "-initrd", self.files["initrd"],
             "-append", "console=ttyS0 quiet panic=-1",
