@@ -353,7 +353,7 @@ async def test_targetRefusedAtPrepare(guests: Guests, workdir: str) -> None:
     """A target QEMU that cannot take the state is refused before the VM pauses."""
     running = await guests.start("src")
     bigger = await guests.start("big", incoming=True, extra=("-m", "32"))
-    with pytest.raises(DeviceRefused, match="RAM, the source 16777216: start it"):
+    with pytest.raises(DeviceRefused, match="RAM, the source 16785408: start it"):
         await pair(workdir, running, **{"target-qmp": bigger.qmpPath})
     other = await guests.start("other")  # running, not -incoming defer
     with pytest.raises(DeviceRefused, match="is 'running', not waiting"):
