@@ -259,6 +259,10 @@ def randomRAM(workdir: str) -> tuple[str, ...]:
     with open(path, "wb") as f:
         f.write(os.urandom(16 * 1024 * 1024))
         f.truncate(testguest.tcgRAMBytes(16))
+        # The counter reads 0 until the guest's first store, not a random count
+        # that a test waiting for it to pass a value would take as counted.
+        f.seek(testguest.COUNTER_ADDRESS)
+        f.write(bytes(4))
     return (
         "-object",
         f"memory-backend-file,id=pc.ram,size={testguest.tcgRAM(16)},mem-path={path},"
