@@ -205,7 +205,10 @@ def host(tmp_path: Path) -> Host:
 
 
 def test_commitJournalsEachStepAhead(host: Host, disk: FaultyDisk) -> None:
-    """COMMITTING (all PLANNED), INSTALLING/INSTALLED per device, COMMITTED."""
+    """
+    Before each install, COMMITTING with it INSTALLING (those before INSTALLED,
+    those after PLANNED); then COMMITTED: one record per device, and one more.
+    """
     host.ready()
     seen: list[tuple[str, list[str]]] = []
     real = disk.real
@@ -219,11 +222,8 @@ def test_commitJournalsEachStepAhead(host: Host, disk: FaultyDisk) -> None:
     disk.real = spy
     assert host.commit() == [str(host.dest / "a.img"), str(host.dest / "b.img")]
     assert seen == [
-        ("COMMITTING", ["PLANNED", "PLANNED"]),
         ("COMMITTING", ["INSTALLING", "PLANNED"]),
-        ("COMMITTING", ["INSTALLED", "PLANNED"]),
         ("COMMITTING", ["INSTALLED", "INSTALLING"]),
-        ("COMMITTING", ["INSTALLED", "INSTALLED"]),
         ("COMMITTED", ["INSTALLED", "INSTALLED"]),
     ]
     record = host.journal()
@@ -233,7 +233,7 @@ def test_commitJournalsEachStepAhead(host: Host, disk: FaultyDisk) -> None:
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["one-write", "stays-full"])
-@pytest.mark.parametrize("which", range(1, 7))
+@pytest.mark.parametrize("which", range(1, 4))
 def test_aJournalFailureInTheCommitEndsItAborted(
     host: Host, disk: FaultyDisk, which: int, full: bool
 ) -> None:
@@ -320,7 +320,7 @@ def test_aCrashWhileTheJournalIsFullReversesAtRestart(
 ) -> None:
     """With the state directory still full, a restart reverses the commit."""
     host.ready()
-    disk.failAt = set(range(disk.writes + 4, disk.writes + 100))  # after a installs
+    disk.failAt = set(range(disk.writes + 2, disk.writes + 100))  # after a installs
     assert isinstance(failure(host.target.commit(PEER, "m1")), CommitFailed)
     assert host.journal()["phase"] == "COMMITTING"  # ABORTED could not be written
     assert host.installed() == []

@@ -50,11 +50,15 @@ class CommitHost:
 class SessionCommit:
     """
     The commit of one READY session, write-ahead.  In the journal, in order:
-    COMMITTING with every device's install PLANNED (its destination and what
-    is there now), before anything is installed; each device INSTALLING
-    before its handler's C{commit} is called and INSTALLED after it returns;
-    then COMMITTED.  Only once COMMITTED is durable does the session become
-    COMMITTED and the commit answer (the VM is released after it).
+    before each device's handler C{commit} is called, COMMITTING with that
+    device INSTALLING, the devices before it INSTALLED (with what each put at
+    its destination) and those after it PLANNED (every destination with what
+    is there before anything is installed); then COMMITTED, every device
+    INSTALLED.  One record per device and one more: a record that says a
+    device INSTALLED is the next step's, written before that step begins
+    (until then the device is INSTALLING, which a reversal handles as well).
+    Only once COMMITTED is durable does the session become COMMITTED and the
+    commit answer (the VM is released after it).
 
     If a journal write or an install fails, what the begun installs put at
     their destinations is removed (L{xenmig.target.installs.reverse}), the
@@ -121,11 +125,10 @@ class SessionCommit:
         session = self.session
         slots = list(session.devices.values())
         destinations = [(slot.name, _destinationOf(slot.device)) for slot in slots]
-        self.installs = await self.host.runInThread(plan, destinations)
-        try:
-            await self._journal(Phase.COMMITTING)
-        except Exception as e:
-            await self._fail(f"the journal could not record the commit: {e}")
+        if any(path for _, path in destinations):
+            self.installs = await self.host.runInThread(plan, destinations)
+        else:  # installs into components only: no path to look at
+            self.installs = plan(destinations)
         for index, slot in enumerate(slots):
             await self._install(index, slot)
         try:
@@ -147,7 +150,8 @@ class SessionCommit:
         try:
             await self._journal(Phase.COMMITTING)
         except Exception as e:
-            await self._fail(f"the journal could not record the install of {name}: {e}")
+            what = "the commit" if index == 0 else f"the install of {name}"
+            await self._fail(f"the journal could not record {what}: {e}")
         try:
             installing = maybeDeferred(slot.device.commit)
             if self.bound:
@@ -171,10 +175,7 @@ class SessionCommit:
                 pass  # reversal then goes by what was there before
         self._move(index, InstallState.INSTALLED, after)
         self.session.installedDevice(name, list(installed))
-        try:
-            await self._journal(Phase.COMMITTING)
-        except Exception as e:
-            await self._fail(f"the journal could not record the install of {name}: {e}")
+        # INSTALLED goes into the next record (the next INSTALLING, or COMMITTED).
 
     def _move(self, index: int, state: InstallState, after: Any = None) -> None:
         self.installs[index] = self.installs[index].moved(state, after)
