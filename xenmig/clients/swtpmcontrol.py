@@ -323,7 +323,7 @@ class SwtpmControl(ControlCommands):
             if not answered.called:
                 answered.errback(self._connectError(failure, name))
 
-        connecting = self._endpoint.connect(Factory.forProtocol(build))
+        connecting = self._endpoint.connect(_quiet(Factory.forProtocol(build)))
         connecting.addErrback(connectFailed)
         return answered.addTimeout(
             self.timeout, self.reactor, onTimeoutCancel=self._timedOut(name)
@@ -353,6 +353,12 @@ class SwtpmControl(ControlCommands):
             return result
 
         return timedOut
+
+
+def _quiet(factory: Factory) -> Factory:
+    """``factory``, without its "Starting factory" log lines (one per command)."""
+    factory.noisy = False
+    return factory
 
 
 class _SessionExchange(Protocol):
@@ -484,7 +490,7 @@ class ControlSession(ControlCommands):
         if self._protocol is not None and self._protocol.open:
             send(self._protocol)
         else:
-            factory = Factory.forProtocol(_SessionExchange)
+            factory = _quiet(Factory.forProtocol(_SessionExchange))
             connecting = self._control._endpoint.connect(factory)
             connecting.addCallbacks(send, connectFailed)
         return answered.addTimeout(

@@ -244,7 +244,8 @@ class _Write:
 
 
 def _encode(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, sort_keys=True, indent=1).encode()
+    # Compact: json's C encoder (an indent takes the pure-Python one).
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _writeRecord(path: FilePath, data: bytes) -> None:
