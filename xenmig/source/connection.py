@@ -203,10 +203,11 @@ class TargetConnection:
     ) -> dict[str, Any]:
         """One AMP call; past ``seconds`` it fails with PhaseTimeout naming ``what``."""
         d = protocol.callRemote(command, **kw)
-        answer = await bounded(d, seconds, self.reactor, what)
-        if isinstance(protocol, ControlClient) and not protocol.sessionKept:
-            self._keepSession(protocol)
-        return answer
+        try:
+            return await bounded(d, seconds, self.reactor, what)
+        finally:  # an answer (or an error) came: the session's tickets too
+            if isinstance(protocol, ControlClient) and not protocol.sessionKept:
+                self._keepSession(protocol)
 
     def _keepSession(self, protocol: ControlClient) -> None:
         """Keep the TLS session of a first answer's connection (L{SessionKeeper})."""
