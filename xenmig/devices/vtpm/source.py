@@ -76,10 +76,11 @@ def controlSocketInUse(path: str) -> bool:
     """
     try:
         with open("/proc/net/unix") as table:
-            lines = table.read().splitlines()[1:]
+            text = table.read()
     except OSError:
         return True
-    for line in lines:
+    # Only the lines naming ``path`` are parsed (a host has thousands of sockets).
+    for line in (each for each in text.splitlines()[1:] if path in each):
         fields = line.split(maxsplit=7)
         if len(fields) >= 8 and fields[7] == path and fields[5] == "03":
             return True
