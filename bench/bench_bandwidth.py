@@ -46,8 +46,7 @@ import benchlib
 from bench_disk_e2e import denseImage, digest
 from benchlib import XENMIG, MiB, tmpfsOr
 
-from xenmig.pump import parseBandwidth
-from xenmig.source.convergence import parseDuration
+from xenmig.model import parseBandwidth, parseDuration
 
 DEFAULT_DIR = tmpfsOr("/dev/shm/xenmig-bench-bw", "/tmp/xenmig-bench-bw")
 DEFAULT_CACHE = tmpfsOr("/dev/shm/xenmig-bench-bw-cache", "/tmp/xenmig-bench-bw-cache")

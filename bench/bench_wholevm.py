@@ -4,6 +4,7 @@ the same guest between two QEMUs on this host, measured in the same run.
 
     python bench/bench_wholevm.py [--memory-mib 512] [--dirty-mib 4]
                                   [--dirty-pause 0.2] [--runs 1] [--dir DIR]
+                                  [--downtime MS] [--timeline]
 
 The guest (``xenmig.demo.linuxguest``: Debian's kernel, a busybox initramfs,
 TCG, ext4 on virtio-blk, tpm-tis on a swtpm) appends fsynced records to its disk
@@ -22,6 +23,13 @@ and rewrites ``--dirty-mib`` MiB of RAM with random bytes, then sleeps
 
 The ratio xenmig's paused window / QEMU's downtime is the figure to watch.  The
 guest's dirty rate is measured inside it (MiB rewritten per second of its loop).
+
+Both are also measured end to end, on one clock: from QEMU's ``STOP`` event on
+the source to its ``RESUME`` event on the target (QEMU's own target is started without
+``-S``, so it runs as soon as it has loaded the state).
+``--timeline`` prints, for each xenmig run, every step of that window with its
+time since the source's ``STOP``: QEMU's events (run state and migration
+status) on both sides, the source's log and the daemon's (at debug level).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from typing import Any
 import benchlib
 from twisted.internet import defer, task
 from twisted.internet.task import deferLater
+from windowtimeline import Timeline
 
 MiB = 1024 * 1024
 
@@ -71,31 +80,53 @@ async def dirtied(reactor: Any, guest: Any, times: int = 10) -> None:
 async def withXenmig(reactor: Any, args: Any, work: Path, run: int) -> dict[str, Any]:
     from xenmig.demo.realvm import RealVM
 
-    daemon = benchlib.Daemon(work / f"xenmig-{run}")
+    daemon = benchlib.Daemon(
+        work / f"xenmig-{run}", options=["--log-format=json", "--log-level=debug"]
+    )
     home = tempfile.mkdtemp(prefix="xm-bench-")
     vm = RealVM(
         reactor, client(reactor, daemon), home, str(daemon.dest), str(daemon.state),
         f"bench-{run}", args.dirty_mib, args.dirty_pause, args.memory_mib,
     )  # fmt: skip
+    timeline = Timeline()
+    incoming = vm.incoming
+
+    async def observedIncoming(tag: str) -> Any:
+        target = await incoming(tag)
+        await timeline.observeQEMU(target, "target")
+        return target
+
+    vm.incoming = observedIncoming  # type: ignore[method-assign]
+    vm.downtime = args.downtime
     try:
         source = await vm.setUp()
         await source.says("SYNC", 120, count=50)
         await dirtied(reactor, source)
         rate = source.console.dirtyRate(args.dirty_mib)
+        await timeline.observeQEMU(source, "source")
+        timeline.observeLog()
         move = await vm.move("x")
         if not move.committed:
             raise SystemExit(f"bench: the migration failed: {move.reason}")
+        assert move.target is not None
+        await move.target.says("SYNC", 60, count=len(move.target.console.syncs) + 2)
+        timeline.close()
+        timeline.readDaemonLog(daemon.log, move.migrationId)
+        window = timeline.window()
         report = move.report
         return {
             "dirty_mib_per_s": rate,
             "total": report["durations"]["total"],
             "paused_window": report["paused_window"],
+            "stop_to_resume": window[1] - window[0] if window else None,
+            "timeline": timeline.render(),
             "devices": {
                 d["name"]: {"bytes": d.get("bytes"), "rounds": d.get("rounds")}
                 for d in report["devices"]
             },
         }
     finally:
+        timeline.close()
         await vm.tearDown()
         daemon.stop()
         shutil.rmtree(home, ignore_errors=True)
@@ -115,17 +146,22 @@ async def withQEMU(reactor: Any, args: Any, work: Path, run: int) -> dict[str, A
         await source.says("SYNC", 120, count=50)
         await dirtied(reactor, source)
         rate = source.console.dirtyRate(args.dirty_mib)
-        # The incoming QEMU on the same image (shared storage: QEMU hands it over).
-        target = await vm.startQEMU(home, "incoming", True, vm.sourceDisk)
+        # The incoming QEMU on the same image (shared storage: QEMU hands it over),
+        # without -S: it runs as soon as it has loaded the state, as QEMU's own
+        # switch-over does.
+        target = await vm.startQEMU(
+            home, "incoming", False, [*vm.sourceDisk, "-incoming", "defer"]
+        )
         channel = os.path.join(home, "migration.sock")
 
         async def incoming(qmp: Any) -> None:
             await qmp.execute("migrate-incoming", {"uri": f"unix:{channel}"})
 
         async def migrate(qmp: Any) -> dict[str, Any]:
-            await qmp.execute(
-                "migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH}
-            )
+            limits = {"max-bandwidth": UNLIMITED_BANDWIDTH}
+            if args.downtime:
+                limits["downtime-limit"] = args.downtime
+            await qmp.execute("migrate-set-parameters", limits)
             await qmp.execute("migrate", {"uri": f"unix:{channel}"})
             while True:
                 info: dict[str, Any] = await qmp.execute("query-migrate")
@@ -134,17 +170,21 @@ async def withQEMU(reactor: Any, args: Any, work: Path, run: int) -> dict[str, A
                 await deferLater(reactor, 0.05, lambda: None)
 
         await qmpSession(reactor, target.qmpPath, 10, incoming, "incoming")
+        began = time.time()
         info = await qmpSession(reactor, source.qmpPath, 600, migrate, "source")
         if info["status"] != "completed":
             raise SystemExit(f"bench: QEMU's migration {info['status']}: {info}")
-        # The incoming QEMU was started with -S, as a toolstack's is: resume it.
-        await qmpSession(reactor, target.qmpPath, 10, lambda q: q.cont(), "cont")
         await target.says("SYNC", 60, count=len(target.console.syncs) + 5)
+        stopped = source.first("STOP", began)
+        resumed = target.first("RESUME", began)
         ram = info["ram"]
         return {
             "dirty_mib_per_s": rate,
             "total": info["total-time"] / 1000,
             "downtime": info["downtime"] / 1000,
+            "stop_to_resume": (
+                resumed - stopped if stopped is not None and resumed else None
+            ),
             "ram_bytes": ram["transferred"],
             "dirty_passes": ram.get("dirty-sync-count"),
         }
@@ -160,6 +200,18 @@ async def main(reactor: Any) -> None:
     parser.add_argument("--dirty-pause", type=float, default=0.2)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--dir", default=None)
+    parser.add_argument(
+        "--downtime",
+        type=int,
+        default=0,
+        metavar="MS",
+        help="QEMU's downtime-limit for both migrations (default: QEMU's, 300)",
+    )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="print each xenmig run's paused window step by step",
+    )
     args = parser.parse_args()
     from xenmig.demo import linuxguest
 
@@ -173,23 +225,39 @@ async def main(reactor: Any) -> None:
             xenmig = await withXenmig(reactor, args, work, run)
             qemu = await withQEMU(reactor, args, work, run)
             ratio = xenmig["paused_window"] / max(qemu["downtime"], 1e-6)
+            timeline = xenmig.pop("timeline")
             results.append({"xenmig": xenmig, "qemu": qemu, "ratio": ratio})
             print(
                 f"run {run}: {args.memory_mib} MiB guest rewriting its RAM at "
                 f"{xenmig['dirty_mib_per_s']:.1f} / {qemu['dirty_mib_per_s']:.1f} "
                 f"MiB/s ({args.dirty_mib} MiB, then {args.dirty_pause:g} s)\n"
                 f"  xenmig: total {xenmig['total']:.2f} s, paused window "
-                f"{xenmig['paused_window']:.3f} s, devices {xenmig['devices']}\n"
+                f"{xenmig['paused_window']:.3f} s (STOP to RESUME "
+                f"{_seconds(xenmig['stop_to_resume'])}), devices {xenmig['devices']}\n"
                 f"  QEMU alone: total {qemu['total']:.2f} s, downtime "
-                f"{qemu['downtime']:.3f} s, RAM {qemu['ram_bytes'] / MiB:.1f} MiB in "
-                f"{qemu['dirty_passes']} passes\n"
-                f"  paused window / QEMU's downtime: {ratio:.1f}x "
+                f"{qemu['downtime']:.3f} s (STOP to RESUME "
+                f"{_seconds(qemu['stop_to_resume'])}), RAM "
+                f"{qemu['ram_bytes'] / MiB:.1f} MiB in {qemu['dirty_passes']} passes\n"
+                f"  paused window / QEMU's downtime: {ratio:.1f}x; STOP to RESUME: "
+                f"{_ratio(xenmig['stop_to_resume'], qemu['stop_to_resume'])} "
                 f"({time.monotonic() - started:.0f} s for the run)",
                 flush=True,
             )
+            if args.timeline:
+                print(timeline, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results))
+
+
+def _seconds(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.3f} s"
+
+
+def _ratio(ours: float | None, theirs: float | None) -> str:
+    if ours is None or not theirs:
+        return "unknown"
+    return f"{ours / theirs:.1f}x"
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ async def startPairs(reactor: Any, work: Path, dest: Path, count: int) -> list[P
 
 async def migrate(client: MigrationClient, pair: Pair) -> Outcome:
     """One migration of ``pair``'s TPM; its outcome, from the client's report."""
-    from xenmig.cli.failures import describeError
+    from xenmig.toolstack.failures import describeError
 
     migration = SourceMigration(client, f"vm-{pair.n}", os.urandom(16).hex())
     try:

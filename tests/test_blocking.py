@@ -22,19 +22,26 @@ SCRIPT = textwrap.dedent(
     from twisted.internet import reactor
     from xenmig import tls
     from xenmig.source.blocking import BlockingMigrationClient, shutdown
+    from xenmig.source.client import tlsArguments
     from xenmig.errors import DeviceRefused
     from xenmig.model import DeviceSpec
 
     pki, port, source, inside, outside = sys.argv[1:6]
-    options = tls.clientOptions(
+    arguments = tlsArguments(
         "127.0.0.1",
         tls.loadIdentity(f"{pki}/{CLIENT}.pem", f"{pki}/{CLIENT}.key"),
         tls.loadAuthority(f"{pki}/ca.pem"),
     )
+    options = arguments["tls"]
     results = {}
 
     def migrate():
-        client = BlockingMigrationClient("127.0.0.1", int(port), tls=options)
+        client = BlockingMigrationClient(
+            "127.0.0.1", int(port), **arguments, resume=True
+        )
+        # the state streams send from their own threads; a broken link reconnects
+        results["streams"] = client._client.streamEndpoint.serverName
+        results["resume"] = client._client.resume
         spec = DeviceSpec.parse(f"file:blob:path={source},target={inside}")
         migration = client.prepare("vm-blocking", [spec], "blocking-1")
         results["prepared"] = migration.phase
@@ -111,6 +118,8 @@ def test_blocking_client_migrates_from_a_thread(daemon: Daemon, tmp_path: Path) 
     results = json.loads(result.stdout)
     digest = hashFile(str(source))
     assert results["prepared"] == "PREPARED"
+    assert results["streams"] == "127.0.0.1"
+    assert results["resume"] is True
     assert results["digest"] == digest.hex
     assert results["installed"] == [str(inside)]
     assert results["report"]["phase"] == "COMMITTED"

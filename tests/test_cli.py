@@ -18,12 +18,18 @@ import pytest_twisted
 from daemons import PKI, Daemon, MiB, sparseFile
 from twisted.internet.task import Clock
 
-from xenmig.cli import connection, migratecommand
+from xenmig.cli import connection
 from xenmig.cli import main as cli
-from xenmig.cli.progress import ProgressDisplay, RateMeter, formatBytes, statusTable
 from xenmig.clients.processes import ProcessFailed, runShell
 from xenmig.digest import hashFile
 from xenmig.model import DeviceProgress, MigrationStatus
+from xenmig.toolstack import migratecommand
+from xenmig.toolstack.progress import (
+    ProgressDisplay,
+    RateMeter,
+    formatBytes,
+    statusTable,
+)
 
 
 def xenmig(*args: str, cwd: Path | None = None, timeout: float = 60) -> Any:

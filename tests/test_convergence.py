@@ -7,13 +7,12 @@ from zope.interface.verify import verifyObject
 
 from xenmig.errors import BadSpec
 from xenmig.interfaces import IConvergencePolicy
-from xenmig.model import RoundResult
+from xenmig.model import RoundResult, parseDuration
 from xenmig.source.convergence import (
     ConvergencePolicy,
     DowntimeNotMet,
     DowntimePolicy,
     FixedRounds,
-    parseDuration,
     parseSize,
     proceed,
     timed,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,18 +23,21 @@ from test_devmodel import (  # the real-QEMU fixtures: guests, workdir, pair, pa
     workdir,
 )
 from test_sourcemigration import FakeClient, RoundsKind, RoundsSource, run
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor, task
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from xenmig.demo import testguest
+from xenmig.devices.devmodel.live import Nudges
 from xenmig.devices.devmodel.source import DevmodelSource
 from xenmig.errors import MigrationAborted
 from xenmig.interfaces import ISourceDevice
 from xenmig.model import DeviceSpec, RoundResult
+from xenmig.source.client import MigrationClient
 from xenmig.source.convergence import FixedRounds
 from xenmig.source.migration import SourceMigration
+from xenmig.source.threadedstream import ThreadedStreamSender
 from xenmig.testing import PipeWriter, requirePrograms
 from xenmig.toolstack.domains import QMPDomainControl
 
@@ -50,6 +54,16 @@ def dirtying(workdir: str) -> str:
 async def queryMigrate(guest: Any) -> dict[str, Any]:
     result: dict[str, Any] = await guest.observer.execute("query-migrate")
     return result
+
+
+async def switchedOver(guest: Any) -> str:
+    """The migration's status once QEMU left ``pre-switchover`` (within 5 s)."""
+    for _ in range(500):
+        status = str((await queryMigrate(guest))["status"])
+        if status != "pre-switchover":
+            return status
+        await deferLater(reactor, 0.01, lambda: None)
+    return status
 
 
 @pytest.mark.parametrize("rewriting", [False, True], ids=["quiet", "rewriting"])
@@ -83,8 +97,11 @@ async def test_ramMovesWhileTheGuestRuns(
     # (it stops the guest with up to 20 ms of sending left).
     assert sent > 12 * 1024 * 1024
     assert results[-1].figures["ram_transferred"] > 12 * 1024 * 1024
-    # The incoming QEMU is loading already: nothing was staged whole first.
-    assert (await queryMigrate(waiting))["status"] == "active"
+    # The incoming QEMU is loading already, or has loaded all of it (QEMU went
+    # on with its switch-over as soon as it stopped the guest): before any END,
+    # so nothing was staged whole first.
+    assert (await queryMigrate(waiting))["status"] in ("active", "completed")
+    assert await switchedOver(running) in ("device", "completed")
     atPause = await pause(running)
     assert atPause > before
     digest = await device.sendFinal(writer)
@@ -149,7 +166,11 @@ async def test_abortDuringPreCopy(guests: Guests, workdir: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_abortAfterQEMUStoppedTheGuest(guests: Guests, workdir: str) -> None:
-    """QEMU stopped the guest for its switch-over; an abort has it run again."""
+    """
+    QEMU stopped the guest for its switch-over, and the round let it go on: an
+    abort before the toolstack's pause has the guest run again, and the
+    incoming QEMU, which may hold all of the state, never runs it.
+    """
     running = await guests.start("src")
     waiting = await guests.start("dst", incoming=True)
     device, receiver = await pair(workdir, running, **{"target-qmp": waiting.qmpPath})
@@ -157,11 +178,44 @@ async def test_abortAfterQEMUStoppedTheGuest(guests: Guests, workdir: str) -> No
     # A quiet guest: QEMU's RAM converged at once and QEMU stopped the guest.
     assert result.figures["qemu_status"] == "pre-switchover"
     assert result.remaining == 0
-    assert await running.status() == "finish-migrate"
+    # The round let the switch-over go on: QEMU sends the rest, VM stopped.
+    assert await switchedOver(running) in ("device", "completed")
+    assert await running.status() in ("finish-migrate", "postmigrate")
+    before = await running.readCounter()
     await device.rollback()
     await receiver.abort()
     assert await running.status() == "running"
-    assert (await queryMigrate(running))["status"] == "cancelled"
+    assert (await queryMigrate(running))["status"] in ("completed", "cancelled")
+    await running.countsPast(before)
+    assert await waiting.whenEnded()  # it held the state: quit, never run
+    assert waiting.first("RESUME") is None
+    # The source QEMU's migration settings are as they were.
+    capabilities = await running.observer.execute(  # type: ignore[union-attr]
+        "query-migrate-capabilities"
+    )
+    states = {c["capability"]: c["state"] for c in capabilities}
+    assert states["pause-before-switchover"] is False and states["events"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_abortAfterTheToolstacksPause(guests: Guests, workdir: str) -> None:
+    """
+    After the toolstack's pause the VM stays paused on an abort, whatever QEMU's
+    switch-over did: resuming it is the toolstack's step.
+    """
+    running = await guests.start("src")
+    waiting = await guests.start("dst", incoming=True)
+    device, receiver = await pair(workdir, running, **{"target-qmp": waiting.qmpPath})
+    writer = PipeWriter(receiver)
+    await device.sendRound(writer, 0)
+    atPause = await pause(running)
+    await device.sendFinal(writer)
+    await device.rollback()
+    await receiver.abort()
+    assert await running.status() == "postmigrate"
+    assert await running.readCounter() == atPause
+    await QMPDomainControl(reactor, running.qmpPath).resume()  # the toolstack's
+    await running.countsPast(atPause)
 
 
 def test_xenModeHasNoPreCopy() -> None:
@@ -170,6 +224,69 @@ def test_xenModeHasNoPreCopy() -> None:
     assert not DevmodelSource(spec, None).precopy  # type: ignore[arg-type]
     spec = DeviceSpec.parse("devmodel:q:qmp=/s,live=0,target-qmp=t")
     assert not DevmodelSource(spec, None).precopy  # type: ignore[arg-type]
+
+
+# -- waits QEMU's events cut short, and a shallow queue, without QEMU ----------------
+
+
+class EventSource:
+    """What L{Nudges} uses of a QMP client: its event subscriptions."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, list[Any]] = {}
+
+    def onEvent(self, name: str, callback: Any) -> Any:
+        self.handlers.setdefault(name, []).append(callback)
+        return lambda: self.handlers[name].remove(callback)
+
+    def emit(self, name: str) -> None:
+        for callback in list(self.handlers.get(name, [])):
+            callback({"event": name, "data": {}})
+
+
+def test_aWaitEndsWithQEMUsEvent() -> None:
+    """A wait between two looks lasts its seconds, or until QEMU's next event."""
+    clock, client = task.Clock(), EventSource()
+    nudges = Nudges(clock, client)  # type: ignore[arg-type]
+    waited = Deferred.fromCoroutine(nudges.wait(1))
+    clock.advance(0.5)
+    assert not waited.called
+    clock.advance(0.5)
+    assert waited.called
+    waited = Deferred.fromCoroutine(nudges.wait(10))
+    client.emit("MIGRATION")
+    assert waited.called and not nudges.stopped
+    client.emit("STOP")  # between two waits: the next one ends at once
+    assert nudges.stopped
+    assert Deferred.fromCoroutine(nudges.wait(10)).called
+    waited = Deferred.fromCoroutine(nudges.wait(10))
+    waited.cancel()
+    waited.addErrback(lambda f: f.trap(CancelledError))
+    assert not clock.getDelayedCalls()
+    nudges.close()
+    assert all(not handlers for handlers in client.handlers.values())
+
+
+def test_QEMUsStreamKeepsLittleUnsent() -> None:
+    """
+    The devmodel's stream keeps at most 2 MiB waiting unsent (QEMU measures
+    its bandwidth by its writes); another device's, the sender's 16 MiB.
+    """
+    spec = DeviceSpec.parse("devmodel:q:qmp=/s,target-qmp=t")
+    queue = DevmodelSource(spec, None).streamQueue  # type: ignore[arg-type]
+    assert queue == 2 * 1024 * 1024
+    client = MigrationClient(
+        reactor, "127.0.0.1", 1, sslContext=ssl.create_default_context()
+    )
+    piece = bytes(256 * 1024)
+    for bound, writes in ((queue, 7), (None, 63)):
+        sender = client.streamSender("q", None, bound)
+        assert isinstance(sender, ThreadedStreamSender)
+        written = [sender.writeData(i * len(piece), piece) for i in range(writes + 1)]
+        # Each record is a little more than its data: the last write waits.
+        assert all(d.called for d in written[:writes]) and not written[-1].called
+        written[-1].addErrback(lambda f: None)
+        sender.abort()
 
 
 # -- the order of the rounds, without QEMU --------------------------------------------
@@ -262,6 +379,8 @@ def test_cliShowsTheRAMRounds(daemon: Daemon, workdir: str) -> None:
         [qemu] = report["devices"]
         figures = qemu["round_figures"]
         assert len(figures) == len(qemu["rounds"]) >= 1
+        # A round's bytes are QEMU's stream up to the round's end (not what
+        # followed once the round let QEMU's switch-over go on).
         assert [f["stream_bytes"] for f in figures] == qemu["rounds"]
         assert all(f["ram_transferred"] > 0 for f in figures)
         assert {"ram_remaining", "dirty_pages_rate", "dirty_bytes_rate"} <= set(

@@ -19,7 +19,8 @@ from twisted.python.filepath import FilePath
 
 from xenmig.digest import hashBytes
 from xenmig.errors import StreamLost
-from xenmig.pump import MIN_BANDWIDTH, TokenBucket, paced, parseBandwidth
+from xenmig.model import parseBandwidth
+from xenmig.pump import MIN_BANDWIDTH, TokenBucket, paced
 from xenmig.records import encodeData, encodeEnd, encodeKeepalive, encodeStreamHeader
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender

@@ -29,7 +29,6 @@ from daemons import CLIENT, PKI, Daemon, MiB, denseFile, eventually, settled  # 
 from faultproxy import FaultProxy  # noqa: E402
 from nethosts import HostPKI, NetDaemon, Network, hostPort  # noqa: E402
 
-from xenmig.cli.migratecommand import summary  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
 from xenmig.errors import CommitInDoubt, MigrationAborted, StreamLost  # noqa: E402
 from xenmig.model import DeviceSpec  # noqa: E402
@@ -37,6 +36,7 @@ from xenmig.source.client import MigrationClient  # noqa: E402
 from xenmig.source.connection import ClientTimeouts  # noqa: E402
 from xenmig.source.convergence import ConvergencePolicy  # noqa: E402
 from xenmig.source.resumable import ResumePolicy  # noqa: E402
+from xenmig.toolstack.progress import summary  # noqa: E402
 
 #: The records a resumable stream keeps in these tests (the bound on what one
 #: break sends again is this plus one record: a 1 MiB DATA record's frame).

@@ -156,7 +156,9 @@ class FakeClient:
         answer = self._answer(commands.QueryMigration, {"migration_id": migrationId})
         return answer["status"]
 
-    def streamSender(self, device: str, bandwidth: Any = None) -> FakeSender:
+    def streamSender(
+        self, device: str, bandwidth: Any = None, queue: int | None = None
+    ) -> FakeSender:
         return FakeSender(device)
 
     async def openStream(

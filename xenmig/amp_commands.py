@@ -8,11 +8,8 @@ from typing import Any
 from twisted.protocols import amp
 
 from xenmig.errors import WIRE_ERRORS, ProtocolError
+from xenmig.model import INTERRUPT_SEND, SEND_EVENT, SEND_MIGRATION
 
-#: The TCP port a daemon listens on, unless told otherwise.
-DEFAULT_PORT = 8002
-#: A daemon's state directory (journal, staging, its local control socket).
-DEFAULT_STATE_DIR = "/var/lib/xenmig"
 #: The control protocol version this side speaks.
 PROTOCOL_VERSION = 1
 #: Versions a target accepts: its own (and the previous one, once there is one).
@@ -214,6 +211,37 @@ class AwaitRestored(amp.Command):
         (b"installed", amp.ListOf(amp.Unicode())),
     ]
     errors = WIRE_ERRORS
+
+
+class SendMigration(amp.Command):
+    """
+    Local socket only (``xenmig migrate --via-daemon``): the daemon sends a
+    migration as this host, on its caller's behalf, with ``migrate``'s
+    ``options``; meanwhile it calls SendEvent on the same connection (phases,
+    progress, messages, the report).  Answers the exit status ``xenmig
+    migrate`` would have; the connection lost interrupts the migration.
+    """
+
+    commandName = SEND_MIGRATION
+    arguments = [(b"protocol", amp.Integer()), (b"options", JSON())]
+    response = [(b"exit_status", amp.Integer())]
+    errors = WIRE_ERRORS
+
+
+class SendEvent(amp.Command):
+    """The daemon to its SendMigration caller: one event (no answer)."""
+
+    commandName = SEND_EVENT
+    arguments = [(b"event", JSON())]
+    requiresAnswer = False
+
+
+class InterruptSend(amp.Command):
+    """The SendMigration caller to the daemon: abort, as Ctrl-C does (no answer)."""
+
+    commandName = INTERRUPT_SEND
+    arguments = []  # type: ignore[var-annotated]
+    requiresAnswer = False
 
 
 class DeviceRequest(amp.Command):

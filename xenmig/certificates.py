@@ -13,13 +13,14 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PrivateKeyTypes,
     PublicKeyTypes,
 )
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL.crypto import X509
 from twisted.internet.interfaces import IAddress, ISSLTransport, ITransport
 from twisted.internet.ssl import PrivateCertificate
 from twisted.python.filepath import FilePath
 
 from xenmig.errors import ConfigurationError, NotAuthorized
+from xenmig.model import hostPort
 
 # Reading files blocks: do it at start-up or in the CLI, never inside a callback.
 
@@ -268,33 +269,28 @@ def _describeAddress(address: IAddress) -> str:
 # -- addresses as they are written ----------------------------------------------------
 
 
-def hostPort(host: str, port: int | str) -> str:
+def clientUseProblem(certificate: x509.Certificate) -> str | None:
     """
-    ``HOST:PORT`` as it is written everywhere: an IPv6 address in brackets
-    (``[2001:db8::1]:8002``), a name or an IPv4 address as it is; an empty
-    host (every address) is ``*``.
+    Why ``certificate`` cannot authenticate a TLS client (its extended key
+    usage leaves out clientAuth, or its key usage digital signatures), or None.
     """
-    host = host or "*"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def splitHostPort(text: str) -> tuple[str, str]:
-    """
-    The host and the port of ``HOST:PORT`` or ``[IPv6]:PORT`` (the brackets
-    removed); the port is empty when there is none (``HOST``, ``[IPv6]``).
-
-    @raise ValueError: for an IPv6 address without brackets, or unbalanced ones.
-    """
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")) or ":" not in host:
-            raise ValueError(
-                f"{text!r}: write an IPv6 address in brackets, as [2001:db8::1]:8002"
-            )
-        return host, rest[1:]
-    if text.count(":") > 1:
-        raise ValueError(
-            f"{text!r}: write an IPv6 address in brackets, as [{text}] or [{text}]:8002"
+    extensions = certificate.extensions
+    try:
+        purposes = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        purposes = None
+    allowed = {
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+    }
+    if purposes is not None and not allowed.intersection(purposes):
+        return (
+            "its extended key usage leaves out TLS client authentication (clientAuth)"
         )
-    host, _, port = text.partition(":")
-    return host, port
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if not usage.digital_signature:
+        return "its key usage leaves out digital signatures"
+    return None

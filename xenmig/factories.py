@@ -14,7 +14,7 @@ from xenmig.limits import (
     incoherence,
     openFilesWanted,
 )
-from xenmig.protocol import ControlProtocol, LocalControlProtocol
+from xenmig.protocol import ControlProtocol, LocalControlProtocol, LocalSending
 from xenmig.tuning import raiseOpenFiles
 
 log = Logger()
@@ -70,10 +70,14 @@ class ControlFactory(Factory):
 
 
 class LocalControlFactory(Factory):
-    """Builds the protocol of the owner-only local socket for the target toolstack."""
+    """
+    Builds the protocol of the owner-only local socket: for the target
+    toolstack, and for ``migrate --via-daemon`` through ``sender``.
+    """
 
-    def __init__(self, target: IMigrationTarget) -> None:
+    def __init__(self, target: IMigrationTarget, sender: LocalSending | None = None):
         self.target = target
+        self.sender = sender
 
     def buildProtocol(self, addr: Any) -> LocalControlProtocol:
-        return LocalControlProtocol(self.target)
+        return LocalControlProtocol(self.target, self.sender)

@@ -1,4 +1,9 @@
-"""Frozen value objects: device specifications, descriptions, offers, progress."""
+"""
+Frozen value objects: device specifications, descriptions, offers, progress;
+and the textual forms every room shares (addresses, rates, durations).
+
+Standard library only: the command line's parser imports it.
+"""
 
 from __future__ import annotations
 
@@ -268,3 +273,106 @@ class ContentDigest:
     def hex(self) -> str:
         """The digest as ``algorithm:hexdigits``, as reports show it."""
         return f"{self.algorithm}:{self.digest.hex()}"
+
+
+# -- the textual forms every room shares -----------------------------------------------
+
+#: The TCP port a daemon listens on, unless told otherwise.
+DEFAULT_PORT = 8002
+#: A daemon's state directory (journal, staging, its local control socket).
+DEFAULT_STATE_DIR = "/var/lib/xenmig"
+#: The daemon's owner-only local socket, in its state directory.
+LOCAL_SOCKET = "control.sock"
+#: The version of the local socket's send exchange (``migrate --via-daemon``):
+#: the command line and the daemon speak the same one.
+SEND_PROTOCOL = 1
+#: Its AMP commands' names (see amp_commands.py), as the command line's
+#: standard-library codec writes them.
+SEND_MIGRATION = b"xenmig-send-migration"
+SEND_EVENT = b"xenmig-send-event"
+INTERRUPT_SEND = b"xenmig-interrupt-send"
+
+
+def hostPort(host: str, port: int | str) -> str:
+    """
+    ``HOST:PORT`` as it is written everywhere: an IPv6 address in brackets
+    (``[2001:db8::1]:8002``), a name or an IPv4 address as it is; an empty
+    host (every address) is ``*``.
+    """
+    host = host or "*"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def splitHostPort(text: str) -> tuple[str, str]:
+    """
+    The host and the port of ``HOST:PORT`` or ``[IPv6]:PORT`` (the brackets
+    removed); the port is empty when there is none (``HOST``, ``[IPv6]``).
+
+    @raise ValueError: for an IPv6 address without brackets, or unbalanced ones.
+    """
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")) or ":" not in host:
+            raise ValueError(
+                f"{text!r}: write an IPv6 address in brackets, as [2001:db8::1]:8002"
+            )
+        return host, rest[1:]
+    if text.count(":") > 1:
+        raise ValueError(
+            f"{text!r}: write an IPv6 address in brackets, as [{text}] or [{text}]:8002"
+        )
+    host, _, port = text.partition(":")
+    return host, port
+
+
+#: The lowest bandwidth accepted (bytes per second): slower streams would sit
+#: silent for longer than the time-outs allow between records.
+MIN_BANDWIDTH = 64 * 1024
+_RATE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_RATE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)(?:i?b)?(?:/s)?$", re.IGNORECASE)
+
+
+def parseBandwidth(text: str) -> int:
+    """
+    A bandwidth in bytes per second: ``"500M"`` -> 524288000 (K, M, G in powers
+    of 1024; a trailing ``B``, ``iB`` or ``/s`` is allowed; a plain number is
+    bytes per second).
+
+    @raise ValueError: saying what is wrong with ``text``.
+    """
+    match = _RATE.match(text.strip())
+    if match is None:
+        raise ValueError(
+            f"bandwidth {text!r} is not a number of bytes per second with an "
+            f"optional K, M or G suffix (e.g. 500M)"
+        )
+    number, unit = match.groups()
+    rate = int(float(number) * _RATE_UNITS[unit.lower()])
+    if rate < MIN_BANDWIDTH:
+        raise ValueError(
+            f"bandwidth {text!r} is below the lowest accepted, "
+            f"{MIN_BANDWIDTH // 1024}K bytes per second"
+        )
+    return rate
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)$", re.IGNORECASE)
+
+
+def parseDuration(text: str) -> float:
+    """
+    A duration with its unit, in seconds: ``"300ms"`` -> 0.3, ``"2s"`` -> 2.0.
+
+    @raise ValueError: saying what is wrong with ``text``.
+    """
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise ValueError(
+            f"duration {text!r} is not a number with the unit ms or s "
+            f"(e.g. 300ms or 0.5s)"
+        )
+    number, unit = match.groups()
+    seconds = float(number) / (1000 if unit.lower() == "ms" else 1)
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be more than zero")
+    return seconds

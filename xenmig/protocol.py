@@ -15,10 +15,10 @@ from zope.interface import implementer
 from xenmig import amp_commands as commands
 from xenmig import tls as _tls
 from xenmig.certificates import peerFingerprint, peerIdentity
-from xenmig.errors import Busy, NotAuthorized
+from xenmig.errors import Busy, ConfigurationError, NotAuthorized
 from xenmig.interfaces import IMigrationTarget
 from xenmig.limits import MAX_BOX_BYTES, ConnectionGate, ConnectionLimits, bounded
-from xenmig.model import DeviceOffer
+from xenmig.model import SEND_PROTOCOL, DeviceOffer
 from xenmig.responders import StatusResponders, guarded
 from xenmig.streamreceiver import StreamReceiver
 
@@ -39,6 +39,14 @@ class ResumableTarget(Protocol):
     def streamAttached(self, session: Any, device: str, receiver: Any) -> None: ...
 
     def reattach(self, peer: str, migrationId: str, holder: set[str]) -> str: ...
+
+
+class LocalSending(Protocol):
+    """What the local socket needs of the daemon's sender (``--via-daemon``)."""
+
+    def send(self, options: dict[str, Any], emit: Any) -> Any:
+        """Start a migration; an object with ``done`` (a Deferred of the exit
+        status) and ``interrupt()``."""
 
 
 def _offerBox(offer: DeviceOffer) -> dict[str, Any]:
@@ -374,11 +382,52 @@ class ControlProtocol(StatusResponders, amp.AMP):
 
 
 class LocalControlProtocol(StatusResponders, amp.AMP):
-    """The owner-only local socket: the target toolstack's view of the daemon."""
+    """
+    The owner-only local socket: the target toolstack's view of the daemon,
+    and the source's sender (``xenmig migrate --via-daemon``).
+    """
 
-    def __init__(self, target: IMigrationTarget) -> None:
+    def __init__(
+        self, target: IMigrationTarget, sender: LocalSending | None = None
+    ) -> None:
         super().__init__()
         self.target = target
+        self.sender = sender
+        self.sending: Any = None
+        self.lost = False
+
+    @commands.SendMigration.responder
+    @guarded
+    async def sendMigration(self, protocol: int, options: dict) -> dict[str, Any]:
+        if protocol != SEND_PROTOCOL:
+            raise ConfigurationError(
+                f"--via-daemon: the command line speaks version {protocol} of the "
+                f"send exchange, this daemon {SEND_PROTOCOL}: use the same xenmig"
+            )
+        if self.sender is None:
+            raise ConfigurationError("--via-daemon: this daemon sends no migrations")
+        if self.sending is not None:
+            raise ConfigurationError("--via-daemon: one migration per connection")
+        self.sending = self.sender.send(options, self._emit)
+        return {"exit_status": await self.sending.done}
+
+    @commands.InterruptSend.responder
+    def interruptSend(self) -> dict[str, Any]:
+        if self.sending is not None:
+            self.sending.interrupt()
+        return {}
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        """One event to the caller of SendMigration, while it is there."""
+        if not self.lost:
+            self.callRemote(commands.SendEvent, event=event)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """The caller of SendMigration gone (killed, say): abort its migration."""
+        self.lost = True
+        if self.sending is not None:
+            self.sending.interrupt()
+        super().connectionLost(reason)
 
     @commands.AwaitRestored.responder
     @guarded

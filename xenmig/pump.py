@@ -3,7 +3,6 @@ and the token bucket that paces streams to a bandwidth."""
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections import deque
@@ -13,6 +12,8 @@ from typing import Any, Generic, TypeVar
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
+
+from xenmig.model import MIN_BANDWIDTH
 
 Item = TypeVar("Item")
 
@@ -264,34 +265,3 @@ def paced(
     waiter: Deferred[None] = Deferred(cancel)
     call.append(clock.callLater(delay, waiter.callback, None))
     return waiter
-
-
-#: The lowest bandwidth accepted (bytes per second): slower streams would sit
-#: silent for longer than the time-outs allow between records.
-MIN_BANDWIDTH = 64 * 1024
-_RATE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-_RATE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)(?:i?b)?(?:/s)?$", re.IGNORECASE)
-
-
-def parseBandwidth(text: str) -> int:
-    """
-    A bandwidth in bytes per second: ``"500M"`` -> 524288000 (K, M, G in powers
-    of 1024; a trailing ``B``, ``iB`` or ``/s`` is allowed; a plain number is
-    bytes per second).
-
-    @raise ValueError: saying what is wrong with ``text``.
-    """
-    match = _RATE.match(text.strip())
-    if match is None:
-        raise ValueError(
-            f"bandwidth {text!r} is not a number of bytes per second with an "
-            f"optional K, M or G suffix (e.g. 500M)"
-        )
-    number, unit = match.groups()
-    rate = int(float(number) * _RATE_UNITS[unit.lower()])
-    if rate < MIN_BANDWIDTH:
-        raise ValueError(
-            f"bandwidth {text!r} is below the lowest accepted, "
-            f"{MIN_BANDWIDTH // 1024}K bytes per second"
-        )
-    return rate

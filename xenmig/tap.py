@@ -14,14 +14,12 @@ from twisted.logger import Logger
 from twisted.python import threadpool, usage
 from twisted.python.filepath import FilePath
 
-from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
-from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
 from xenmig.factories import ControlFactory, LocalControlFactory
 from xenmig.fs import InstallAs, parseMode, parseOwner
 from xenmig.limits import ConnectionLimits
+from xenmig.model import DEFAULT_PORT, DEFAULT_STATE_DIR, hostPort, parseBandwidth
 from xenmig.plugins import deviceKinds
-from xenmig.pump import parseBandwidth
 from xenmig.target.authz import PolicySource
 from xenmig.target.config import MAX_DEVICES, MAX_SESSIONS, TargetConfig, Timeouts
 from xenmig.target.configfile import DAEMON_CONFIG, settingsChanged
@@ -40,6 +38,7 @@ from xenmig.target.service import (
     TargetService,
     ThreadPoolService,
 )
+from xenmig.toolstack.localsender import LocalSender
 from xenmig.tuning import tuneAllocator
 
 log = Logger()
@@ -422,9 +421,8 @@ def _makeService(options: Options, reactor: Any) -> service.MultiService:
     local = UNIXServerEndpoint(
         reactor, config.stateDir.child(LOCAL_SOCKET).path, mode=0o600, wantPID=False
     )
-    internet.StreamServerEndpointService(
-        local, LocalControlFactory(target)
-    ).setServiceParent(top)
+    factory = LocalControlFactory(target, LocalSender.forDaemon(options, reactor))
+    internet.StreamServerEndpointService(local, factory).setServiceParent(top)
     if config.maxBandwidth:
         log.info(
             "incoming streams limited to {rate} bytes/s in all",

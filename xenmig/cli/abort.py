@@ -10,10 +10,9 @@ from xenmig.cli.connection import (
     addStateDirOption,
     addTargetOptions,
     daemonFor,
-    reach,
 )
-from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, say
 from xenmig.errors import ConfigurationError
+from xenmig.toolstack.outcome import EXIT_FAILED, EXIT_OK, reach, say
 
 
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:
@@ -40,7 +39,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     except ConfigurationError:
         raise
     except Exception as e:
-        from xenmig.cli.failures import diagnose
+        from xenmig.toolstack.failures import diagnose
 
         explained = await diagnose(reactor, e, reach(args))
         say(args, f"migration {args.migration_id}: {explained.message}")

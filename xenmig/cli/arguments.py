@@ -35,7 +35,7 @@ def positive(kind: type) -> Any:
 
 def bandwidth(text: str) -> int:
     """A bandwidth argument (``500M``: bytes per second, K/M/G in powers of 1024)."""
-    from xenmig.pump import parseBandwidth
+    from xenmig.model import parseBandwidth
 
     try:
         return parseBandwidth(text)
@@ -45,7 +45,7 @@ def bandwidth(text: str) -> int:
 
 def duration(text: str) -> float:
     """A duration argument with its unit (``300ms``, ``2s``), in seconds."""
-    from xenmig.source.convergence import parseDuration
+    from xenmig.model import parseDuration
 
     try:
         return parseDuration(text)

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from xenmig.cli.arguments import addVerbose, parseMigrationId, positive
 from xenmig.cli.connection import addStateDirOption
-from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, UsageError, say
 from xenmig.errors import ConfigurationError, XenmigError
+from xenmig.toolstack.outcome import EXIT_FAILED, EXIT_OK, UsageError, say
 
 if TYPE_CHECKING:
-    from xenmig.cli.failures import Explained
+    from xenmig.toolstack.failures import Explained
 
 
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:
@@ -102,7 +102,7 @@ def _whyNotRestored(error: BaseException, stateDir: str) -> Explained:
     """Why the wait ended without a VM, and, if the daemon went away, what to do."""
     from twisted.internet.error import ConnectionClosed
 
-    from xenmig.cli.failures import Explained, explain
+    from xenmig.toolstack.failures import Explained, explain
 
     if isinstance(error, ConnectionClosed):
         return Explained(

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import attrs
-
-from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.cli.connection import parseTarget
 from xenmig.errors import ConfigurationError
+from xenmig.model import DEFAULT_PORT
 from xenmig.target.configfile import checkType, readTOML, resolvePath, unknownKey
 
 #: The system's client file, read first.
@@ -41,10 +40,11 @@ NOT_DEFAULTS = frozenset(
         "device",
         "migration-id",
         "reason",
+        "no-via-daemon",
     }
 )
 #: Options whose values are paths (relative ones: to the file's directory).
-_PATH_METAVARS = ("FILE", "DIR")
+_PATH_METAVARS = ("FILE", "DIR", "STATE_DIR|SOCKET")
 
 
 def userConfig(environ: Mapping[str, str]) -> str:
@@ -60,16 +60,16 @@ def clientFiles(environ: Mapping[str, str]) -> list[str]:
     return [SYSTEM_CLIENT_CONFIG, userConfig(environ)]
 
 
-@attrs.frozen
+@dataclass(frozen=True)
 class ClientSettings:
     """The defaults the client files give, checked: each key's value and file."""
 
     #: The files read, in order (those that exist, or the one named).
     read: tuple[str, ...] = ()
     #: Key -> its value as the option takes it (converted, paths absolute).
-    values: dict[str, Any] = attrs.field(factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
     #: Key -> the file that gave it.
-    sources: dict[str, str] = attrs.field(factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def settable(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
@@ -139,6 +139,8 @@ def _convert(
     """``value`` as ``action`` would take it from the command line."""
     if action.nargs == 0:  # a flag: store_true
         return checkType(path, key, value, bool)
+    if action.nargs == "?" and isinstance(value, bool):  # true: the option alone
+        return action.const if value else None
     if isinstance(action, argparse._AppendAction):
         texts = checkType(path, key, value, list)
         return [_one(path, key, text, action, port) for text in texts]

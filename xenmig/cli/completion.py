@@ -6,14 +6,14 @@ import argparse
 from typing import Any
 
 from xenmig.cli.arguments import addVerbose
-from xenmig.cli.outcome import EXIT_OK, UsageError
+from xenmig.toolstack.outcome import EXIT_OK, UsageError
 
 SHELLS = ("bash", "zsh", "tcsh")
 
 #: What shtab completes an argument with, by the argument's metavar.
 _FILES = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
 _DIRECTORIES = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/", "tcsh": "d"}
-_PATHS = {"FILE": _FILES, "DIR": _DIRECTORIES}
+_PATHS = {"FILE": _FILES, "DIR": _DIRECTORIES, "STATE_DIR|SOCKET": _FILES}
 
 
 def register(

@@ -8,8 +8,8 @@ import os
 from typing import Any
 
 from xenmig.cli.arguments import addVerbose
-from xenmig.cli.outcome import EXIT_OK
 from xenmig.errors import ConfigurationError
+from xenmig.toolstack.outcome import EXIT_OK
 
 DAEMON, CLIENT = "daemon", "client"
 
@@ -112,8 +112,8 @@ def checkClient(command: argparse.ArgumentParser, path: str | None) -> dict[str,
 
     @raise ConfigurationError: naming the file and the key.
     """
-    from xenmig.amp_commands import DEFAULT_PORT
     from xenmig.cli.clientconfig import PORT, configured, settable
+    from xenmig.model import DEFAULT_PORT
 
     settings = configured(command, path, os.environ)
     values = {PORT: DEFAULT_PORT}

@@ -3,30 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import os
 from typing import Any
 
-import attrs
-
-from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
-from xenmig.certificates import hostPort, splitHostPort
-from xenmig.cli.outcome import UsageError, say
-
-
-@attrs.frozen
-class Reach:
-    """How a subcommand reached (or tried to reach) its daemon, for its messages."""
-
-    #: ``HOST:PORT`` of ``--target``, or the local daemon's socket.
-    where: str
-    #: Whether it is ``--target`` (TCP, TLS unless plaintext), not the local socket.
-    remote: bool = False
-    plaintext: bool = False
-    #: ``--server-name``, if given; ``--ca`` and ``--cert`` as given.
-    serverName: str | None = None
-    ca: str | None = None
-    cert: str | None = None
+from xenmig.model import DEFAULT_PORT, DEFAULT_STATE_DIR, splitHostPort
+from xenmig.toolstack.outcome import UsageError, say
 
 
 def parseTarget(text: str, defaultPort: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -113,21 +93,18 @@ def clientTLS(args: argparse.Namespace) -> dict[str, Any]:
             "command line or in client.toml (see doc/cli.md); "
             "make them with 'xenmig pki'"
         )
-    from xenmig.source.threadedstream import sslContext
+    from xenmig.source.client import tlsArguments
 
     identity = tls.loadIdentity(args.cert, args.key)
     authorities = tls.loadAuthority(args.ca)
-    name = args.server_name or host
     pins = [tls.parsePin(pin) for pin in args.pin_sha256]
-    return {
-        "tls": tls.clientOptions(name, identity, authorities, pins),
-        "sslContext": sslContext(identity, authorities, pins),
-        "serverName": name,
-    }
+    return tlsArguments(args.server_name or host, identity, authorities, pins)
 
 
 def _isLoopback(host: str) -> bool:
     try:
+        import ipaddress
+
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
@@ -148,24 +125,3 @@ def daemonFor(reactor: Any, args: argparse.Namespace) -> Any:
     if args.target is not None:
         return remoteClient(reactor, args)
     return LocalControl(reactor, args.state_dir)
-
-
-def where(args: argparse.Namespace) -> str:
-    """Where the daemon is: ``HOST:PORT``, or its local socket."""
-    if args.target is not None:
-        return hostPort(*args.target)
-    return os.path.join(args.state_dir, "control.sock")
-
-
-def reach(args: argparse.Namespace) -> Reach:
-    """What the command line says about reaching the daemon (see L{Reach})."""
-    if getattr(args, "target", None) is None:
-        return Reach(where(args))
-    return Reach(
-        where(args),
-        remote=True,
-        plaintext=getattr(args, "insecure_plaintext", False),
-        serverName=getattr(args, "server_name", None),
-        ca=getattr(args, "ca", None),
-        cert=getattr(args, "cert", None),
-    )

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from xenmig.cli.arguments import addVerbose
-from xenmig.cli.outcome import EXIT_OK
+from xenmig.toolstack.outcome import EXIT_OK
 
 
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:

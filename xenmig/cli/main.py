@@ -4,7 +4,9 @@ The ``xenmig`` console script: the parser, the entry point and the logging.
 The subcommands are migrate, status, abort, await, pki, kinds, demo,
 config, service, completion and manpage.  Each lives in a module of its own
 that adds its options to the parser (``register``) and runs it
-(``main(reactor, args)``), importing what it needs only then.  Their defaults
+(``main(reactor, args)``), importing what it needs only then: the parser and
+this module import the standard library alone, and ``migrate --via-daemon``
+runs without Twisted (L{xenmig.cli.viadaemon}).  Their defaults
 come from the client files first (L{xenmig.cli.clientconfig}).
 
 Exit statuses: 0 success (a committed migration); 1 the migration aborted (the
@@ -19,17 +21,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from twisted.internet.task import react
-from twisted.logger import (
-    FilteringLogObserver,
-    ILogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
-from zope.interface import provider
-
 from xenmig import version
 from xenmig.cli import (
     abort,
@@ -40,13 +31,12 @@ from xenmig.cli import (
     kinds,
     manpage,
     migrate,
-    pki,
+    pkiargs,
     servicecmd,
     status,
 )
-from xenmig.cli.outcome import EXIT_USAGE, UsageError, printJSONError, say
 from xenmig.errors import BadSpec, ConfigurationError
-from xenmig.tuning import tuneAllocator
+from xenmig.toolstack.outcome import EXIT_USAGE, UsageError, printJSONError, say
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +44,23 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: error: {message}")
+
+
+class _Version(argparse.Action):
+    """``--version``: the version is read (through importlib.metadata) only then."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(
+            option_strings,
+            argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help=help,
+        )
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None):
+        print(f"xenmig {version()}")
+        parser.exit()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,10 +79,7 @@ def parser() -> argparse.ArgumentParser:
         "/etc/xenmig/client.toml, then $XDG_CONFIG_HOME/xenmig/client.toml)",
     )
     top.add_argument(
-        "--version",
-        action="version",
-        version=f"xenmig {version()}",
-        help="print xenmig's version and exit",
+        "--version", action=_Version, help="print xenmig's version and exit"
     )
     sub = top.add_subparsers(
         dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
@@ -86,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
     awaitcmd.register(sub)
     # ``xenmig pki`` runs its own command line (xenmig.cli.pki.main), which
     # L{run} hands it before this parser sees it: here it is only described.
-    pki.register(sub)
+    pkiargs.register(sub)
     kinds.register(sub)
     democmd.register(sub)
     configcmd.register(sub, top)
@@ -100,11 +104,13 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``xenmig`` console script."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["pki"]:
+        from xenmig.cli import pki
+
         sys.exit(pki.main(arguments[1:]))
     try:
         args = _parse(arguments)
     except ConfigurationError as e:
-        from xenmig.cli.failures import errorCode
+        from xenmig.toolstack.failures import errorCode
 
         print(f"xenmig: error: {e}", file=sys.stderr)
         if "--json" in arguments:
@@ -115,6 +121,14 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
         if "--json" in arguments:
             printJSONError("USAGE", str(e).split(": error: ", 1)[-1], EXIT_USAGE)
         sys.exit(EXIT_USAGE)
+    if getattr(args, "via_daemon", None) is not None:
+        from xenmig.cli.viadaemon import runViaDaemon
+
+        sys.exit(runViaDaemon(args))
+    from twisted.internet.task import react
+
+    from xenmig.tuning import tuneAllocator
+
     startLogging(args.verbose)
     tuneAllocator()
     react(_entry, (args,))
@@ -141,6 +155,20 @@ def _parse(arguments: list[str]) -> argparse.Namespace:
 
 def startLogging(verbose: bool) -> None:
     """The CLI's only log observer: text events on stderr, or nothing at all."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        ILogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+    from zope.interface import provider
+
+    @provider(ILogObserver)
+    def discard(event: dict[str, Any]) -> None:
+        """Without --verbose the command line logs nothing."""
+
     if verbose:
         observer = FilteringLogObserver(
             textFileLogObserver(sys.stderr),
@@ -149,13 +177,8 @@ def startLogging(verbose: bool) -> None:
         globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     else:
         globalLogBeginner.beginLoggingTo(
-            [_discard], discardBuffer=True, redirectStandardIO=False
+            [discard], discardBuffer=True, redirectStandardIO=False
         )
-
-
-@provider(ILogObserver)
-def _discard(event: dict[str, Any]) -> None:
-    """Without --verbose the command line logs nothing."""
 
 
 async def _entry(reactor: Any, args: argparse.Namespace) -> NoReturn:
@@ -165,7 +188,7 @@ async def _entry(reactor: Any, args: argparse.Namespace) -> NoReturn:
     except (UsageError, ConfigurationError, BadSpec) as e:
         say(args, f"error: {e}")
         if getattr(args, "json", False):
-            from xenmig.cli.failures import errorCode
+            from xenmig.toolstack.failures import errorCode
 
             kind = "USAGE" if isinstance(e, UsageError) else errorCode(e)
             printJSONError(kind, str(e), EXIT_USAGE)

@@ -9,7 +9,7 @@ from typing import Any
 
 from xenmig import version
 from xenmig.cli.arguments import addVerbose
-from xenmig.cli.outcome import EXIT_OK
+from xenmig.toolstack.outcome import EXIT_OK
 
 #: Each page: its file name, and the section directory it goes in.
 PAGES = {"xenmig": "xenmig.1", "twistd-xenmig": "twistd-xenmig.8"}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import uuid
-from dataclasses import replace
 from typing import Any
 
 from xenmig.cli.arguments import (
@@ -16,9 +14,12 @@ from xenmig.cli.arguments import (
     positive,
 )
 from xenmig.cli.connection import addTargetOptions, clientTLS
-from xenmig.cli.outcome import UsageError
 from xenmig.errors import BadSpec
-from xenmig.model import DeviceSpec
+from xenmig.model import DEFAULT_STATE_DIR, DeviceSpec
+
+#: ``--via-daemon``'s argument, a path (a client file's relative one is taken
+#: from the file's directory).
+VIA_DAEMON_METAVAR = "STATE_DIR|SOCKET"
 
 
 def parseDevice(text: str) -> DeviceSpec:
@@ -131,6 +132,23 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         help="seconds a state stream may make no progress during a pre-copy round "
         "or the final transfer before the migration aborts (default 60; 0: never)",
     )
+    migrate.add_argument(
+        "--via-daemon",
+        nargs="?",
+        const=DEFAULT_STATE_DIR,
+        metavar=VIA_DAEMON_METAVAR,
+        help="let the local daemon send the migration, as this host (with its own "
+        "certificate): no start-up here; its state directory or socket (default "
+        f"{DEFAULT_STATE_DIR}); --ca, --cert, --key, --insecure-plaintext and "
+        "--verbose cannot apply",
+    )
+    migrate.add_argument(
+        "--no-via-daemon",
+        dest="via_daemon",
+        action="store_const",
+        const=None,
+        help="send from this process, whatever client.toml says of via-daemon",
+    )
     migrate.set_defaults(main=main)
 
 
@@ -147,95 +165,10 @@ def _seconds(text: str) -> float:
 
 async def main(reactor: Any, args: argparse.Namespace) -> int:
     """Check the arguments, then run a L{MigrateCommand}; its exit status."""
-    from xenmig.cli.migratecommand import MigrateCommand
-    from xenmig.cli.progress import ProgressDisplay
-    from xenmig.plugins import LazyKinds
-    from xenmig.source.client import MigrationClient
-    from xenmig.source.connection import ClientTimeouts
-    from xenmig.source.device import SourceContext
-    from xenmig.source.migration import SourceMigration
-    from xenmig.source.resumable import ResumePolicy
+    from xenmig.toolstack.migratesetup import buildCommand
+    from xenmig.toolstack.progress import ProgressDisplay
 
-    control = _domainControl(args, reactor)
-    if control is not None and (args.pause_command or args.resume_command):
-        raise UsageError("give --domain-control or the pause and resume commands")
-    if (
-        args.live
-        and control is None
-        and not (args.pause_command and args.resume_command)
-    ):
-        raise UsageError(
-            "--live needs --pause-command and --resume-command (or --domain-control)"
-        )
-    if not args.live and (args.pause_command or args.resume_command):
-        raise UsageError("--pause-command and --resume-command need --live")
-    kinds = LazyKinds()
-    for spec in args.device:
-        if spec.kind not in kinds:
-            known = ", ".join(sorted(kinds)) or "none"
-            raise UsageError(
-                f"device {spec.name}: no device kind {spec.kind!r} here "
-                f"(known: {known})"
-            )
-    for spec in args.device:  # the kind's own checks (it raises BadSpec)
-        kinds[spec.kind].source(spec, SourceContext(None, reactor, spec.name))
-    names = [spec.name for spec in args.device]
-    if len(set(names)) != len(names):
-        raise UsageError("two --device options have the same NAME")
-    policy = _policy(args)
-    host, port = args.target
     bars = sys.stderr.isatty()
     display = ProgressDisplay(reactor, sys.stderr, bars, prefix="xenmig migrate")
-    timeouts = ClientTimeouts(stall=args.stall_timeout)
-    if args.busy_timeout is not None:
-        timeouts = replace(timeouts, busy=args.busy_timeout)
-    client = MigrationClient(
-        reactor,
-        host,
-        port,
-        kinds=kinds,
-        timeouts=timeouts,
-        onRetry=display.phase,
-        resume=not args.no_resume,
-        resumePolicy=ResumePolicy(seconds=args.reconnect_timeout),
-        **clientTLS(args),
-    )
-    migrationId = args.migration_id or uuid.uuid4().hex
-    migration = SourceMigration(
-        client, args.domain, migrationId, bandwidth=args.bandwidth
-    )
-    command = MigrateCommand(reactor, migration, args, display, policy, control)
+    command = buildCommand(reactor, args, lambda: clientTLS(args), display)
     return await command.run()
-
-
-def _domainControl(args: argparse.Namespace, reactor: Any) -> Any:
-    """The IDomainControl of ``--domain-control`` (None for none or absent)."""
-    if not args.domain_control:
-        return None
-    from xenmig.toolstack.domains import parseDomainControl
-
-    return parseDomainControl(args.domain_control, reactor, args.domain)
-
-
-def _policy(args: argparse.Namespace) -> Any:
-    from xenmig.source.convergence import ConvergencePolicy, DowntimePolicy
-
-    if args.downtime_fallback and args.max_downtime is None:
-        raise UsageError("--downtime-fallback needs --max-downtime")
-    if args.max_downtime is not None:
-        if not args.live:
-            raise UsageError("--max-downtime needs --live (it ends pre-copy)")
-        if args.convergence:
-            raise UsageError("give --convergence or --max-downtime, not both")
-        return DowntimePolicy(
-            args.max_downtime,
-            maxRounds=args.max_rounds or 10,
-            fallback=args.downtime_fallback or "abort",
-        )
-    if args.convergence and args.max_rounds:
-        raise UsageError("give --convergence or --max-rounds, not both")
-    if args.convergence:
-        return ConvergencePolicy.parse(args.convergence)
-    if args.max_rounds:
-        return ConvergencePolicy(maxRounds=args.max_rounds)
-    return None

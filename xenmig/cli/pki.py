@@ -9,7 +9,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,6 +23,7 @@ from xenmig.certificates import (
     keyMatches,
     privateKeyPEM,
 )
+from xenmig.cli.pkiargs import IDENTITY_SUFFIX, addCommands
 from xenmig.errors import ConfigurationError
 
 # These functions do blocking file I/O: they are for the ``xenmig pki`` command
@@ -31,7 +31,6 @@ from xenmig.errors import ConfigurationError
 
 CA_CERTIFICATE = "ca.pem"
 CA_KEY = "ca.key"
-IDENTITY_SUFFIX = ".identity.pem"
 
 #: New certificates are valid from a little before now, so that a peer whose
 #: clock is slightly behind accepts them at once.
@@ -316,48 +315,6 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="xenmig pki", description="Make xenmig's TLS certificates.")
     addCommands(parser)
     return parser
-
-
-def register(subcommands: argparse._SubParsersAction[Any]) -> None:
-    """
-    List ``pki`` and its commands on the ``xenmig`` command line (for its help,
-    man page and completion); L{xenmig.cli.main.run} hands ``xenmig pki ...``
-    to L{main} before that parser sees it.
-    """
-    pki = subcommands.add_parser(
-        "pki",
-        help="make the CA and host certificates",
-        description="Make xenmig's TLS certificates.",
-    )
-    addCommands(pki)
-    pki.set_defaults(main=None)
-
-
-def addCommands(parser: argparse.ArgumentParser) -> None:
-    """``init-ca`` and ``issue``, with their options."""
-    commands = parser.add_subparsers(
-        dest="pki_command", metavar="init-ca|issue", required=True
-    )
-    ca = commands.add_parser("init-ca", help="create a certificate authority")
-    ca.add_argument("--dir", required=True, help="directory for ca.pem and ca.key")
-    ca.add_argument("--name", default="xenmig CA", help="the CA's common name")
-    ca.add_argument(
-        "--days", type=int, default=3650, help="lifetime in days (default 3650)"
-    )
-    issue = commands.add_parser("issue", help="issue a host certificate")
-    issue.add_argument("--dir", required=True, help="directory holding the CA")
-    issue.add_argument("--host", required=True, help="the host's DNS name")
-    issue.add_argument(
-        "--ip", action="append", default=[], help="an address of the host (repeat)"
-    )
-    issue.add_argument(
-        "--days", type=int, default=825, help="lifetime in days (default 825)"
-    )
-    issue.add_argument(
-        "--combined",
-        action="store_true",
-        help=f"also write <host>{IDENTITY_SUFFIX} holding certificate and key",
-    )
 
 
 def _run(args: argparse.Namespace) -> list[str]:

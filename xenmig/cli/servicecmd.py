@@ -6,12 +6,11 @@ import argparse
 import os
 import shutil
 import sys
-from importlib import resources
 from typing import Any
 
 from xenmig.cli.arguments import addVerbose
-from xenmig.cli.outcome import EXIT_OK, say
 from xenmig.errors import ConfigurationError
+from xenmig.toolstack.outcome import EXIT_OK, say
 
 UNIT = "xenmig.service"
 UNIT_DIR = "/etc/systemd/system"
@@ -23,6 +22,8 @@ SHIPPED_PATHS = "ReadWritePaths=/var/lib/xenmig"
 
 def shippedUnit() -> str:
     """The unit as the package ships it (``xenmig/data/xenmig.service``)."""
+    from importlib import resources
+
     return resources.files("xenmig").joinpath("data", UNIT).read_text()
 
 

@@ -11,11 +11,16 @@ from xenmig.cli.connection import (
     addStateDirOption,
     addTargetOptions,
     daemonFor,
+)
+from xenmig.errors import ConfigurationError
+from xenmig.toolstack.outcome import (
+    EXIT_FAILED,
+    EXIT_OK,
+    printJSONError,
     reach,
+    say,
     where,
 )
-from xenmig.cli.outcome import EXIT_FAILED, EXIT_OK, printJSONError, say
-from xenmig.errors import ConfigurationError
 
 
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:
@@ -40,8 +45,8 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
 
 async def main(reactor: Any, args: argparse.Namespace) -> int:
     """Ask the daemon (``--target``, else the local one); print what it answers."""
-    from xenmig.cli.progress import statusDetail, statusTable
     from xenmig.model import MigrationStatus
+    from xenmig.toolstack.progress import statusDetail, statusTable
 
     daemon = daemonFor(reactor, args)
     try:
@@ -52,7 +57,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> int:
     except ConfigurationError:
         raise
     except Exception as e:
-        from xenmig.cli.failures import diagnose
+        from xenmig.toolstack.failures import diagnose
 
         explained = await diagnose(reactor, e, reach(args))
         # A remote daemon is named in the message; the local one by its socket.

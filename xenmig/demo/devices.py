@@ -16,10 +16,10 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
-from xenmig.cli.progress import formatBytes
 from xenmig.demo.hosts import Leg
 from xenmig.digest import hashFile
 from xenmig.model import DeviceSpec
+from xenmig.toolstack.progress import formatBytes
 
 
 class DemoRun(Protocol):

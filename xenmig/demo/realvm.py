@@ -264,6 +264,8 @@ class RealVM:
         self.source: LinuxQEMU | None = None
         self.guests: list[LinuxQEMU] = []
         self.children: list[ChildProcess] = []
+        #: QEMU's downtime-limit for the move, in ms (0: QEMU's own setting).
+        self.downtime = 0
 
     def inThread(self, function: Any, *args: Any) -> Deferred[Any]:
         pool = self.reactor.getThreadPool()
@@ -340,6 +342,7 @@ class RealVM:
             DeviceSpec.parse(
                 f"devmodel:qemu:qmp={source.qmpPath},target-qmp={target.qmpPath},"
                 f"target-log={target.logPath}"
+                + (f",downtime={self.downtime}" if self.downtime else "")
             ),
             DeviceSpec.parse(
                 f"disk:vda:path={self.image},target={self.targetImage(tag)},"
@@ -369,7 +372,7 @@ class RealVM:
         move.pcrBefore = (await source.says("PCR16", 30))[-1]
         control = QMPDomainControl(self.reactor, source.qmpPath)
         awaiter: ChildProcess | None = None
-        paused = False
+        drained: Deferred[int] | None = None
         try:
             await migration.prepare(self.specs(target, tag))
             awaiter = self._awaitOnTarget(migration.migrationId, target)
@@ -377,10 +380,8 @@ class RealVM:
                 policy or ConvergencePolicy(maxRounds=3, threshold=0)
             )
             await control.pause()
-            paused = True
             migration.paused()
-            await deferLater(self.reactor, 0.3, lambda: None)  # the console drains
-            move.syncAtPause = max(source.console.syncs, default=0)
+            drained = self._lastSync(source)
             await migration.transfer()
             if beforeCommit is not None:
                 await beforeCommit(target)
@@ -390,14 +391,30 @@ class RealVM:
             raise  # never resume here when the target may run the VM
         except Exception as e:
             move.reason = migration.reason or str(e)
-            if paused:
+            if drained is not None:
+                move.syncAtPause = await drained  # before the guest says more
                 await control.resume()  # the source toolstack resumes its VM
         else:
             await control.release()
+        if drained is not None and move.committed:
+            move.syncAtPause = await drained
         move.report = migration.report()
         if awaiter is not None:
             move.awaited = await self._awaited(awaiter)
         return move
+
+    def _lastSync(self, source: LinuxQEMU) -> Deferred[int]:
+        """
+        The last record the paused guest said it fsynced, once its console had
+        0.3 s to bring in what the guest said before the pause.  The paused
+        guest says nothing new, so this waits beside the migration, not in its
+        paused window.
+        """
+
+        def last() -> int:
+            return max(source.console.syncs, default=0)
+
+        return deferLater(self.reactor, 0.3, last)
 
     def _awaitOnTarget(self, migrationId: str, target: LinuxQEMU) -> ChildProcess:
         """The target toolstack: ``xenmig await --resume`` through QMP."""

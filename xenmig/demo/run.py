@@ -21,18 +21,18 @@ from typing import Any, TextIO
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
-from xenmig.cli.progress import (
+from xenmig.demo.devices import DemoDevice, DemoFailed, demoDevices
+from xenmig.demo.hosts import DemoHost, Leg, makeHosts
+from xenmig.model import MigrationStatus
+from xenmig.plugins import deviceKinds
+from xenmig.source.migration import SourceMigration
+from xenmig.toolstack.progress import (
     ProgressDisplay,
     formatBytes,
     formatRate,
     formatSeconds,
     statusTable,
 )
-from xenmig.demo.devices import DemoDevice, DemoFailed, demoDevices
-from xenmig.demo.hosts import DemoHost, Leg, makeHosts
-from xenmig.model import MigrationStatus
-from xenmig.plugins import deviceKinds
-from xenmig.source.migration import SourceMigration
 
 DOMAIN = "demo-vm"
 

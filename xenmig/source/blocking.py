@@ -4,11 +4,12 @@ A blocking client for toolstacks that are not Twisted (xend, scripts, threads).
 Usage, from any thread but the reactor's::
 
     from xenmig.source.blocking import BlockingMigrationClient
+    from xenmig.source.client import tlsArguments
     from xenmig import tls
 
-    options = tls.clientOptions("hostb", tls.loadIdentity(cert, key),
-                                tls.loadAuthority(ca))
-    with BlockingMigrationClient("hostb", 8002, tls=options) as client:
+    options = tlsArguments("hostb", tls.loadIdentity(cert, key),
+                           tls.loadAuthority(ca))
+    with BlockingMigrationClient("hostb", 8002, **options, resume=True) as client:
         migration = client.prepare("vm1", [DeviceSpec.parse("file:blob:...")])
         migration.precopy()          # optional, VM running
         pauseTheVM()
@@ -51,9 +52,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import blockingCallFromThread
 
-from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.interfaces import IConvergencePolicy, IDeviceKind
-from xenmig.model import ContentDigest, DeviceSpec
+from xenmig.model import DEFAULT_PORT, ContentDigest, DeviceSpec
 from xenmig.source.client import MigrationClient
 from xenmig.source.connection import ClientTimeouts
 from xenmig.source.migration import SourceMigration
@@ -236,10 +236,19 @@ class BlockingMigrationClient:
         tls: Any = None,
         timeouts: ClientTimeouts | None = None,
         kinds: dict[str, IDeviceKind] | None = None,
+        **options: Any,
     ) -> None:
+        """
+        The arguments of L{MigrationClient}; give the TLS ones with
+        L{xenmig.source.client.tlsArguments} so that state streams send from
+        their own threads, and ``resume=True`` to reconnect a broken link.
+        ``onRetry``, if given, is called in the reactor's thread.
+        """
         self._thread = _THREAD
         reactor = self._thread.start()
-        self._client = MigrationClient(reactor, host, port, tls, timeouts, kinds)
+        self._client = MigrationClient(
+            reactor, host, port, tls, timeouts, kinds, **options
+        )
 
     def __enter__(self) -> BlockingMigrationClient:
         return self

@@ -17,10 +17,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig import amp_commands as commands
-from xenmig.amp_commands import DEFAULT_PORT
 from xenmig.errors import Busy
 from xenmig.interfaces import IDeviceKind
 from xenmig.limits import AnnouncedLimits, withDeadline
+from xenmig.model import DEFAULT_PORT
 from xenmig.plugins import LazyKinds
 from xenmig.pump import TokenBucket
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
@@ -300,17 +300,23 @@ class TargetConnection:
     # -- the streams of a migration's devices -----------------------------------------
 
     def streamSender(
-        self, device: str, bandwidth: TokenBucket | None = None
+        self,
+        device: str,
+        bandwidth: TokenBucket | None = None,
+        queue: int | None = None,
     ) -> StreamSender | ThreadedStreamSender:
         """
         A sender for ``device``'s stream, not yet open: sent from a thread when
         the client has a stream endpoint, else through Twisted's TLS; paced by
-        ``bandwidth`` (shared by the migration's streams) if given.
+        ``bandwidth`` (shared by the migration's streams) if given.  ``queue``:
+        the most bytes that may wait to be sent before the device's writes
+        wait (the thread's default if None; Twisted's buffer is smaller still).
         """
         keepalive = self.timeouts.keepalive
         if self.streamEndpoint is not None:
+            marks = {"highWater": queue, "lowWater": queue // 2} if queue else {}
             return ThreadedStreamSender(
-                self.reactor, device, keepalive, bandwidth=bandwidth
+                self.reactor, device, keepalive, bandwidth=bandwidth, **marks
             )
         return StreamSender(device, self.reactor, keepalive, bandwidth)
 

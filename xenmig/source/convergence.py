@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,28 +223,6 @@ def _estimate(
 
 def _rate(rate: float | None) -> str:
     return "an unknown rate" if rate is None else f"{rate / MiB:.1f} MiB/s"
-
-
-_DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)$", re.IGNORECASE)
-
-
-def parseDuration(text: str) -> float:
-    """
-    A duration with its unit, in seconds: ``"300ms"`` -> 0.3, ``"2s"`` -> 2.0.
-
-    @raise ValueError: saying what is wrong with ``text``.
-    """
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise ValueError(
-            f"duration {text!r} is not a number with the unit ms or s "
-            f"(e.g. 300ms or 0.5s)"
-        )
-    number, unit = match.groups()
-    seconds = float(number) / (1000 if unit.lower() == "ms" else 1)
-    if seconds <= 0:
-        raise ValueError(f"duration {text!r} must be more than zero")
-    return seconds
 
 
 def formatDuration(seconds: float) -> str:

@@ -249,7 +249,8 @@ class SourceMigration:
                 run.device.sendRound(sender, round),
             )  # fmt: skip
             result = timed(result, self._monotonic() - started, sender.unsent)
-            run.rounds.append(sender.dataBytes if round == 0 else result.bytesSent)
+            sent = result.bytesSent or (sender.dataBytes if round == 0 else 0)
+            run.rounds.append(sent)
             run.roundFigures.append(dict(result.figures))
             if result.figures.get("vm_stopped"):
                 self.paused()  # QEMU stopped the VM: the paused window began
@@ -295,6 +296,12 @@ class SourceMigration:
         digest = await watchStream(
             self.client, run.name, sender, "the final transfer", run.sendFinal()
         )
+        log.debug(
+            "migration {migration_id}: {device}: final state sent ({size} bytes)",
+            migration_id=self.migrationId,
+            device=run.name,
+            size=digest.size,
+        )
         answer = await deviceReady(self, run)
         theirs = ContentDigest(answer["size"], answer["algorithm"], answer["digest"])
         if theirs != digest:
@@ -304,6 +311,11 @@ class SourceMigration:
             )
         run.digest = digest
         run.finished = self._monotonic()
+        log.debug(
+            "migration {migration_id}: {device}: verified by the target",
+            migration_id=self.migrationId,
+            device=run.name,
+        )
 
     # -- the point of no return --------------------------------------------------------
 

@@ -34,19 +34,27 @@ async def openDeviceStream(migration: Resuming, run: DeviceRun) -> None:
     that an abort stops it however far its opening got): resumable if the
     target granted it, else one connection as before.
     """
+    # A device whose source paces itself by how fast its writes go (QEMU's
+    # estimate of its bandwidth) keeps little waiting unsent: what waits is
+    # sent in the paused window, unknown to that estimate.
+    queue = getattr(run.device, "streamQueue", None)
     if migration.link.resumable:
-        resumable = run.sender = resumableStream(migration, run.name)
+        resumable = run.sender = resumableStream(migration, run.name, queue)
         await resumable.open()
         return
     control = migration.link.protocol
     assert control is not None
-    plain = run.sender = migration.client.streamSender(run.name, migration._bucket)
+    plain = run.sender = migration.client.streamSender(
+        run.name, migration._bucket, queue
+    )
     await migration.client.openStream(
         control, migration.migrationId, plain, migration.commands
     )
 
 
-def resumableStream(migration: Resuming, device: str) -> ResumableStream:
+def resumableStream(
+    migration: Resuming, device: str, queue: int | None = None
+) -> ResumableStream:
     """
     A L{ResumableStream} for ``device``: each opening asks the target for a
     token and how many records it has (OpenStream on the live control
@@ -58,7 +66,7 @@ def resumableStream(migration: Resuming, device: str) -> ResumableStream:
     migrationId = migration.migrationId
 
     async def opener() -> tuple[RawStream | None, int]:
-        sender = client.streamSender(device, migration._bucket)
+        sender = client.streamSender(device, migration._bucket, queue)
         protocol = await link.current()
         try:
             answer = await client.openStream(protocol, migrationId, sender, slots)

@@ -90,7 +90,7 @@ def watchStream(
     ``timeouts.stall``; the stall names the device, ``during`` (the phase) and
     the target.
     """
-    from xenmig.certificates import hostPort
+    from xenmig.model import hostPort
 
     seconds = connection.timeouts.stall
 
@@ -125,8 +125,8 @@ def watchControl(
     progress (``work`` reports the migration's own failures).
     """
     from xenmig.amp_commands import QueryMigration
-    from xenmig.certificates import hostPort
     from xenmig.errors import PhaseTimeout
+    from xenmig.model import hostPort
 
     seconds = connection.timeouts.stall
     inner: Deferred[T] = ensureDeferred(work)

@@ -50,15 +50,12 @@ class CommitHost:
 class SessionCommit:
     """
     The commit of one READY session, write-ahead.  In the journal, in order:
-    before each device's handler C{commit} is called, COMMITTING with that
-    device INSTALLING, the devices before it INSTALLED (with what each put at
-    its destination) and those after it PLANNED (every destination with what
-    is there before anything is installed); then COMMITTED, every device
-    INSTALLED.  One record per device and one more: a record that says a
-    device INSTALLED is the next step's, written before that step begins
-    (until then the device is INSTALLING, which a reversal handles as well).
-    Only once COMMITTED is durable does the session become COMMITTED and the
-    commit answer (the VM is released after it).
+    COMMITTING with every device's install INSTALLING (its destination and
+    what is there now), before anything is installed; then, once every
+    handler's C{commit} has returned, COMMITTED with every install INSTALLED
+    (what it put there).  Two records, however many devices: the paused
+    window waits for each.  Only once COMMITTED is durable does the session
+    become COMMITTED and the commit answer (the VM is released after it).
 
     If a journal write or an install fails, what the begun installs put at
     their destinations is removed (L{xenmig.target.installs.reverse}), the
@@ -129,6 +126,15 @@ class SessionCommit:
             self.installs = await self.host.runInThread(plan, destinations)
         else:  # installs into components only: no path to look at
             self.installs = plan(destinations)
+        # One record ahead of every install: each may be under way from now on
+        # (a reversal removes from a destination only what differs from what
+        # was there before).  Their ends are recorded with COMMITTED.
+        for index in range(len(self.installs)):
+            self._move(index, InstallState.INSTALLING)
+        try:
+            await self._journal(Phase.COMMITTING)
+        except Exception as e:
+            await self._fail(f"the journal could not record the commit: {e}")
         for index, slot in enumerate(slots):
             await self._install(index, slot)
         try:
@@ -146,12 +152,11 @@ class SessionCommit:
 
     async def _install(self, index: int, slot: TargetDeviceSlot) -> None:
         name = slot.name
-        self._move(index, InstallState.INSTALLING)
-        try:
-            await self._journal(Phase.COMMITTING)
-        except Exception as e:
-            what = "the commit" if index == 0 else f"the install of {name}"
-            await self._fail(f"the journal could not record {what}: {e}")
+        log.debug(
+            "migration {migration_id}: installing {device}",
+            migration_id=self.session.migrationId,
+            device=name,
+        )
         try:
             installing = maybeDeferred(slot.device.commit)
             if self.bound:
@@ -175,13 +180,17 @@ class SessionCommit:
                 pass  # reversal then goes by what was there before
         self._move(index, InstallState.INSTALLED, after)
         self.session.installedDevice(name, list(installed))
-        # INSTALLED goes into the next record (the next INSTALLING, or COMMITTED).
 
     def _move(self, index: int, state: InstallState, after: Any = None) -> None:
         self.installs[index] = self.installs[index].moved(state, after)
 
     def _journal(self, phase: Phase) -> Deferred[None]:
         """Journal the session as in ``phase``, with its installs."""
+        log.debug(
+            "migration {migration_id}: journalling {phase}",
+            migration_id=self.session.migrationId,
+            phase=phase.value,
+        )
         record = replace(
             self.host.recordOf(self.session),
             phase=phase,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import difflib
 import os
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +36,8 @@ def readTOML(path: str, what: str) -> dict[str, Any]:
     @raise ConfigurationError: naming the file, if it is missing, unreadable
         or not TOML.
     """
+    import tomllib  # here: the command line's start-up need not pay for it
+
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -53,6 +53,8 @@ def readTOML(path: str, what: str) -> dict[str, Any]:
 
 def unknownKey(path: str, key: str, known: Iterable[str]) -> ConfigurationError:
     """The error for ``key``, unknown in ``path``: with the nearest known key."""
+    import difflib
+
     near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     return ConfigurationError(f"{path}: unknown key {key!r}{hint}")

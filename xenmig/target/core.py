@@ -424,9 +424,14 @@ class MigrationTarget(ResumingTarget):
         return self.history.recordOf(session, self.staging.paths(session.migrationId))
 
     def _finished(self, session: TargetSession) -> Deferred[None]:
-        """The session ended (its end is journalled or due): clean, release, hook."""
+        """The session ended (its end is journalled or due): release, hook, clean."""
         self._ended(MigrationSummary.ofSession(session))
         self.admission.release(session.migrationId)  # idempotent; a commit ends here
+        if session.phase is Phase.COMMITTED:
+            # What is left in staging is nobody's now (a restart removes it
+            # too): the toolstack need not wait for its removal to resume.
+            self._release(session)
+            return self.staging.remove(session.migrationId)
         d = self.staging.remove(session.migrationId)
         d.addCallback(lambda _: self._release(session))
         return d
@@ -434,6 +439,10 @@ class MigrationTarget(ResumingTarget):
     def _release(self, session: TargetSession) -> None:
         if session.phase is Phase.COMMITTED:
             record = self._recordOf(session)
+            log.debug(
+                "migration {migration_id}: released to the resume gate",
+                migration_id=session.migrationId,
+            )
             self.gate.committed(record.release())
             self._runHook(record)
         else:

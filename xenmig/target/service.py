@@ -18,8 +18,8 @@ from twisted.python import threadpool
 from twisted.python.components import Componentized
 from twisted.python.filepath import FilePath
 
-from xenmig.certificates import hostPort
 from xenmig.errors import ConfigurationError
+from xenmig.model import LOCAL_SOCKET, hostPort
 from xenmig.target.authz import PolicySource
 from xenmig.target.core import MigrationTarget
 from xenmig.target.notify import SystemdNotifier
@@ -33,8 +33,6 @@ EXPIRY_CHECK_INTERVAL = 24 * 3600.0
 #: What the daemon logs, first on its line, once every service has started:
 #: it listens, has recovered its journal, and answers.
 READY_LINE = "xenmig daemon ready"
-#: The local socket's name in the state directory.
-LOCAL_SOCKET = "control.sock"
 
 
 class TargetDaemon(service.MultiService):

@@ -12,6 +12,7 @@ from twisted.protocols import amp
 from xenmig import amp_commands as commands
 from xenmig.errors import ConfigurationError
 from xenmig.limits import withDeadline
+from xenmig.model import LOCAL_SOCKET
 
 
 class LocalControl:
@@ -22,7 +23,7 @@ class LocalControl:
 
     def __init__(self, reactor: Any, stateDir: str, timeout: float = 30.0) -> None:
         self.reactor = reactor
-        self.path = os.path.join(os.path.abspath(stateDir), "control.sock")
+        self.path = os.path.join(os.path.abspath(stateDir), LOCAL_SOCKET)
         self.timeout = timeout
 
     async def connect(self) -> amp.AMP:

@@ -42,7 +42,6 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from xenmig.amp_commands import DEFAULT_PORT, DEFAULT_STATE_DIR
 from xenmig.errors import (
     CommitInDoubt,
     DeviceRefused,
@@ -52,7 +51,7 @@ from xenmig.errors import (
     XenmigError,
 )
 from xenmig.interfaces import IConvergencePolicy
-from xenmig.model import DeviceSpec
+from xenmig.model import DEFAULT_PORT, DEFAULT_STATE_DIR, DeviceSpec
 
 log = Logger()
 
@@ -333,21 +332,29 @@ class XendMigrationHooks:
 
 
 def tlsConnector(
-    ca: str, cert: str, key: str | None = None, port: int = DEFAULT_PORT
+    ca: str,
+    cert: str,
+    key: str | None = None,
+    port: int = DEFAULT_PORT,
+    resume: bool = True,
 ) -> Callable[[str], Any]:
     """
     A ``connect`` for L{XendMigrationHooks}: a blocking client for a host name
     over mutual TLS, with this host's certificate (the files are read now).
+    Its state streams send from their own threads; with ``resume`` (the
+    default, as with the command line) a broken link is reconnected within
+    the client's grace instead of ending the migration.
     """
     from xenmig import tls
     from xenmig.source.blocking import BlockingMigrationClient
+    from xenmig.source.client import tlsArguments
 
     identity = tls.loadIdentity(cert, key)
     authorities = tls.loadAuthority(ca)
 
     def connect(host: str) -> BlockingMigrationClient:
-        options = tls.clientOptions(host, identity, authorities)
-        return BlockingMigrationClient(host, port, tls=options)
+        arguments = tlsArguments(host, identity, authorities)
+        return BlockingMigrationClient(host, port, **arguments, resume=resume)
 
     return connect
 

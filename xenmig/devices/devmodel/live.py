@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -22,9 +23,65 @@ log = Logger()
 SWITCHING = frozenset({"pre-switchover", "device", "completed"})
 #: ``query-migrate`` statuses of a migration that ended without completing.
 FAILED = frozenset({"failed", "cancelled"})
-#: Seconds between two ``query-migrate`` while a round or the switch-over runs.
+#: Seconds between two ``query-migrate`` while a round or the switch-over runs,
+#: unless one of QEMU's L{EVENTS} comes first.
 POLL = 0.01
 CAPABILITY = "pause-before-switchover"
+#: The capabilities a live migration turns on (and puts back afterwards): QEMU
+#: waits, VM stopped, before it sends the device state; it says when its
+#: migration's status changes.
+CAPABILITIES = (CAPABILITY, "events")
+#: QEMU's events that end a wait between two looks at its migration: the VM
+#: stopped, the migration's status changed, a pass over dirty memory began.
+EVENTS = ("STOP", "MIGRATION", "MIGRATION_PASS")
+
+
+class Nudges:
+    """
+    The waits between two looks at QEMU's migration, on one QMP connection:
+    each lasts at most its seconds, and ends as soon as QEMU sends one of
+    L{EVENTS} (or has sent one since the last wait).  So QEMU's stop of the VM
+    is seen within a QMP round trip, not a polling interval.
+    """
+
+    def __init__(self, reactor: Any, client: QMPClient) -> None:
+        self.reactor = reactor
+        self.seen = False
+        #: QEMU said it stopped the VM (its switch-over follows within moments).
+        self.stopped = False
+        self._waiting: Deferred[None] | None = None
+        self._unsubscribe = [client.onEvent(name, self._event) for name in EVENTS]
+
+    def _event(self, event: Any) -> None:
+        self.seen = True
+        if isinstance(event, dict) and event.get("event") == "STOP":
+            self.stopped = True
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None and not waiting.called:
+            waiting.callback(None)
+
+    async def wait(self, seconds: float) -> None:
+        """Wait ``seconds``, or until QEMU's next event; cancellable."""
+        if not self.seen:
+            timer = None
+
+            def cancel(d: Deferred[None]) -> None:
+                if timer is not None and timer.active():
+                    timer.cancel()
+
+            waiting: Deferred[None] = Deferred(cancel)
+            self._waiting = waiting
+            timer = self.reactor.callLater(seconds, self._event, None)
+            try:
+                await waiting
+            finally:
+                if timer.active():
+                    timer.cancel()
+        self.seen = False
+
+    def close(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
 
 
 @dataclass
@@ -76,11 +133,14 @@ class LiveRAM:
     """
     One QEMU migration that runs through xenmig's pre-copy: started at round 0
     (``pause-before-switchover`` on, so QEMU waits at ``pre-switchover`` before
-    it sends the device state), relayed into the device's stream by a
-    L{StateReader} that lives across the rounds, and finished in the paused
-    window (``migrate-continue``).  A round lasts one pass of QEMU over the
-    guest's dirty memory (``dirty-sync-count`` advances) or until QEMU stops
-    the VM for its switch-over.
+    it sends the device state; ``events`` on, so it says when its status
+    changes), relayed into the device's stream by a L{StateReader} that lives
+    across the rounds.  A round lasts one pass of QEMU over the guest's dirty
+    memory (``dirty-sync-count`` advances) or until QEMU stops the VM for its
+    switch-over.  QEMU's stop is the VM's pause: the round that sees it lets
+    the switch-over go on at once (``migrate-continue``), so QEMU sends the
+    last dirty RAM and the device state while the toolstack's pause and the
+    other devices' final rounds follow; L{finish} waits for the stream's end.
     """
 
     reactor: Any
@@ -91,6 +151,8 @@ class LiveRAM:
     #: The stream's offset where the last round ended (what followed is the next).
     mark: int = 0
     rounds: list[RoundFigures] = field(default_factory=list)
+    #: This side had QEMU go on with the switch-over it paused the VM for.
+    continued: bool = False
 
     @classmethod
     async def start(
@@ -102,21 +164,20 @@ class LiveRAM:
         downtime: int = 0,
     ) -> LiveRAM:
         """
-        Turn on the capability, set ``downtime-limit`` (ms, unless 0), pass QEMU
-        a socket, start ``migrate``.
+        Turn on the capabilities, set ``downtime-limit`` (ms, unless 0), pass
+        QEMU a socket, start ``migrate``.
         """
         caps = await client.execute("query-migrate-capabilities")
         params = await client.execute("query-migrate-parameters")
-        saved = {
-            CAPABILITY: any(
-                c.get("capability") == CAPABILITY and c.get("state") for c in caps
-            ),
-            "max-bandwidth": params.get("max-bandwidth"),
-            "downtime-limit": params.get("downtime-limit"),
+        saved: dict[str, Any] = {
+            name: any(c.get("capability") == name and c.get("state") for c in caps)
+            for name in CAPABILITIES
         }
+        saved["max-bandwidth"] = params.get("max-bandwidth")
+        saved["downtime-limit"] = params.get("downtime-limit")
         await client.execute(
             "migrate-set-capabilities",
-            {"capabilities": [{"capability": CAPABILITY, "state": True}]},
+            {"capabilities": [{"capability": c, "state": True} for c in CAPABILITIES]},
         )
         if downtime:
             await client.execute("migrate-set-parameters", {"downtime-limit": downtime})
@@ -153,57 +214,88 @@ class LiveRAM:
         )
 
     async def round(self, client: QMPClient, number: int) -> RoundResult:
-        """Relay until QEMU finished one more pass, or stopped the VM."""
-        start = await self.query(client)
-        # QEMU syncs its dirty bitmap once at the start (count 1), then after
-        # each pass over what is dirty.
-        passes = max(start.syncs, 1)
-        figures = start
-        while not figures.switching and (
-            figures.status != "active" or figures.syncs <= passes
-        ):
-            await deferLater(self.reactor, POLL, lambda: None)
-            if self.reader.failure is not None:
-                self.reader.failure.raiseException()
-            figures = await self.query(client)
+        """
+        Relay until QEMU finished one more pass, or stopped the VM: then let
+        its switch-over go on (the VM's pause has begun).
+        """
+        nudges = Nudges(self.reactor, client)
+        try:
+            start = await self.query(client)
+            # QEMU syncs its dirty bitmap once at the start (count 1), then after
+            # each pass over what is dirty.
+            passes = max(start.syncs, 1)
+            figures = start
+            while not figures.switching:
+                # A pass ended; but once QEMU stopped the VM (its last sync
+                # comes with the stop), this round waits for the switch-over.
+                if figures.status == "active" and figures.syncs > passes:
+                    if not nudges.stopped:
+                        break
+                await nudges.wait(POLL)
+                if self.reader.failure is not None:
+                    self.reader.failure.raiseException()
+                figures = await self.query(client)
+        finally:
+            nudges.close()
         sent, self.mark = self.reader.offset - self.mark, self.reader.offset
         self.rounds.append(figures)
         if figures.switching:
             log.info(
                 "devmodel {device}: QEMU's RAM converged in round {round}: QEMU "
-                "stopped the VM for its switch-over",
+                "stopped the VM for its switch-over ({unsent} bytes of its stream "
+                "still to send from here)",
                 device=self.name,
                 round=number,
+                unsent=getattr(self.reader.writer, "unsent", 0),
             )
+            await self.switchOver(client, figures)
         remaining = 0 if figures.switching else figures.remaining
         return RoundResult(sent, remaining, figures=figures.asReport(sent))
 
-    async def finish(self, client: QMPClient) -> RoundFigures:
+    async def switchOver(self, client: QMPClient, figures: RoundFigures) -> None:
+        """QEMU waits at ``pre-switchover``, VM stopped: let it send the rest."""
+        if figures.status != "pre-switchover" or self.continued:
+            return
+        await client.execute("migrate-continue", {"state": "pre-switchover"})
+        self.continued = True
+        log.debug("devmodel {device}: migrate-continue", device=self.name)
+
+    async def converge(self, client: QMPClient) -> None:
         """
-        With the VM paused: wait for ``pre-switchover`` (QEMU sends the last
-        dirty RAM first), ``migrate-continue``, wait for ``completed``.
+        With the VM paused by the toolstack: wait until QEMU stopped for its
+        switch-over (it sends what is dirty first), and let it go on.
+        """
+        nudges = Nudges(self.reactor, client)
+        try:
+            figures = await self.query(client)
+            while figures.status not in SWITCHING:
+                await nudges.wait(POLL)
+                figures = await self.query(client)
+        finally:
+            nudges.close()
+        await self.switchOver(client, figures)
+
+    async def completed(self, client: QMPClient) -> RoundFigures:
+        """
+        Once QEMU closed the stream (L{StateReader.whenDone}): its migration
+        completed (or raise how it failed); the source's settings put back.
         """
         figures = await self.query(client)
-        while figures.status not in SWITCHING:
+        while figures.status != "completed":  # QEMU closes it right after
             await deferLater(self.reactor, POLL, lambda: None)
             figures = await self.query(client)
-        if figures.status == "pre-switchover":
-            await client.execute("migrate-continue", {"state": "pre-switchover"})
-        while figures.status != "completed":
-            await deferLater(self.reactor, POLL, lambda: None)
-            figures = await self.query(client)
-        await self.reader.whenDone()
+        log.debug("devmodel {device}: QEMU's migration completed", device=self.name)
         await self.restore(client)
         return figures
 
     async def restore(self, client: QMPClient) -> None:
-        """Put back the capability and bandwidth the source QEMU had (best effort)."""
+        """Put back the capabilities and settings the source QEMU had (best effort)."""
         try:
             await client.execute(
                 "migrate-set-capabilities",
                 {
                     "capabilities": [
-                        {"capability": CAPABILITY, "state": self.saved[CAPABILITY]}
+                        {"capability": c, "state": self.saved[c]} for c in CAPABILITIES
                     ]
                 },
             )

@@ -11,9 +11,10 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from xenmig.clients.qmp import QMPConnectionError
+from xenmig.clients.qmp import QMPConnectionError, QMPTimeout
 from xenmig.clients.qmpclient import (
     UNLIMITED_BANDWIDTH,
     QMPClient,
@@ -50,6 +51,8 @@ QMP_TIMEOUT = 10.0
 #: A Xen device model's state (device state only) is some tens of KiB.
 XEN_ESTIMATE = 64 * 1024
 XEN_MAX = 64 * 1024 * 1024
+#: The bytes of QEMU's stream that may wait unsent (``streamQueue``).
+STREAM_QUEUE = 2 * 1024 * 1024
 #: Run states in which QEMU has no state to give.
 NO_STATE = frozenset({"inmigrate", "shutdown", "internal-error", "guest-panicked"})
 #: ``query-migrate`` statuses of a migration still under way.
@@ -102,6 +105,10 @@ class DevmodelSource:
 
     #: Pre-copy rounds run after those of every other device (see L{LiveRAM}).
     precopyLast = True
+    #: At most this many bytes of QEMU's stream wait unsent on this side: QEMU
+    #: decides when to stop the VM by how fast it writes, and what waits here
+    #: when it stops is sent in the paused window, unknown to its estimate.
+    streamQueue = STREAM_QUEUE
 
     def __init__(self, spec: DeviceSpec, context: ISourceContext) -> None:
         self.spec = spec
@@ -119,6 +126,7 @@ class DevmodelSource:
         self.liveStarting = False  # LiveRAM.start began (and may not have ended)
         self.final: RoundFigures | None = None
         self.started = False
+        self.finalAsked = False  # sendFinal was called: the toolstack paused the VM
         self.stoppedHere = False  # xen=1: this handler stopped the device model
         self._saving: Deferred[Any] | None = None
 
@@ -205,30 +213,55 @@ class DevmodelSource:
     # the final state
 
     def sendFinal(self, writer: IRecordWriter) -> Deferred[ContentDigest]:
-        if self._saving is not None or self.final is not None:
+        if self._saving is not None or self.final is not None or self.finalAsked:
             return fail(DeviceError(f"devmodel device {self.name}: already sent"))
-        self.started = True
-        self._saving = self._session(
-            lambda client: self._save(client, writer), self.timeout
-        )
+        self.started = self.finalAsked = True
+        if self.live is not None:
+            live = self.live
+            self._saving = Deferred.fromCoroutine(self._finishLive(live))
+            what = f"devmodel device {self.name}: QEMU at {self.path}"
+            self._saving.addTimeout(
+                self.timeout,
+                self.context.reactor,
+                onTimeoutCancel=lambda _, seconds: Failure(
+                    QMPTimeout(f"{what} did not send its state within {seconds:g} s")
+                ),
+            )
+        else:
+            self._saving = self._session(
+                lambda client: self._save(client, writer), self.timeout
+            )
         return self._saving
 
     async def _save(self, client: QMPClient, writer: IRecordWriter) -> ContentDigest:
         status = await client.queryStatus()
         if self.xen:
             return await self._saveXen(client, writer, status)
+        self._refuseRunning(status)
+        return await self._saveByMigrate(client, writer)
+
+    def _refuseRunning(self, status: str) -> None:
         if status == "running":
             raise DeviceError(
                 f"devmodel device {self.name}: the VM of the QEMU at {self.path} "
                 f"is running; pause it (the toolstack's pause, or --domain-control) "
                 f"before its final state is sent"
             )
-        if self.live is not None:
-            return await self._finishLive(client, self.live)
-        return await self._saveByMigrate(client, writer)
 
-    async def _finishLive(self, client: QMPClient, live: LiveRAM) -> ContentDigest:
-        self.final = figures = await live.finish(client)
+    async def _switchOver(self, client: QMPClient, live: LiveRAM) -> None:
+        self._refuseRunning(await client.queryStatus())
+        await live.converge(client)
+
+    async def _finishLive(self, live: LiveRAM) -> ContentDigest:
+        """
+        QEMU's switch-over (if the last round did not let it go on already),
+        then the stream's end: QEMU's monitor is free meanwhile, for the
+        other devices' final rounds (a disk's dirty bitmap).
+        """
+        await self._session(lambda c: self._switchOver(c, live), self.timeout)
+        await live.reader.whenDone()
+        log.debug("devmodel {device}: QEMU's stream read to its end", device=self.name)
+        self.final = figures = await self._session(live.completed)
         digest = live.reader.digest()
         log.info(
             "devmodel {device}: QEMU sent {size} bytes of state, {final} of them "
@@ -323,11 +356,20 @@ class DevmodelSource:
         if self.stoppedHere:
             await client.cont()  # the device model runs as before (libxl does too)
             self.stoppedHere = False
+        elif self._wentOnAlone() and await client.queryStatus() != "running":
+            # Its switch-over went on in pre-copy, before the toolstack paused
+            # the VM: the VM runs on, as QEMU restarts one whose switch-over
+            # is cancelled.  After the toolstack's pause, resuming is its own.
+            await client.cont()
         log.info(
             "devmodel {device}: rolled back; QEMU is {status}",
             device=self.name,
             status=await client.queryStatus(),
         )
+
+    def _wentOnAlone(self) -> bool:
+        """This handler let QEMU's switch-over go on before the final was asked."""
+        return self.live is not None and self.live.continued and not self.finalAsked
 
     def release(self) -> Deferred[None]:
         if self.releaseMode == "keep":

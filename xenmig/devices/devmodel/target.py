@@ -271,6 +271,10 @@ class DevmodelTarget:
                 f"the source's digest; that QEMU will not run"
             )
         self.feed.close()
+        log.debug(
+            "devmodel {device}: the stream's digest matches; awaiting QEMU's load",
+            device=self.name,
+        )
         self.loading = self._session(self._awaitLoad, self.timeout)
         try:
             status = await self.loading
@@ -343,6 +347,7 @@ class DevmodelTarget:
             return [self.destination.path]
         if not self.loaded:
             raise CommitFailed(f"devmodel device {self.name}: commit before finish")
+        log.debug("devmodel {device}: commit: is QEMU paused?", device=self.name)
         try:
             status = await self._session(lambda client: client.queryStatus())
         except DeviceError as e:

@@ -159,12 +159,14 @@ class IncomingDisk:
 
         @raise CommitFailed: with QEMU's words; the placeholder stays.
         """
+        log.debug("disk {device}: attaching {path}", device=self.name, path=path)
         try:
             await self._session(lambda client: self._attach(client, path, format))
         except CommitFailed:
             raise
         except DeviceError as e:
             raise CommitFailed(f"{self.what}: {e}")
+        log.debug("disk {device}: attached {path}", device=self.name, path=path)
 
     async def _attach(self, client: QMPClient, path: str, format: str) -> None:
         status = (await client.execute("query-status"))["status"]

@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 
-from xenmig.certificates import hostPort
-from xenmig.cli.connection import reach
-from xenmig.cli.failures import Explained, diagnose
-from xenmig.cli.outcome import EXIT_FAILED, EXIT_IN_DOUBT, EXIT_OK, EXIT_USAGE, say
-from xenmig.cli.progress import ProgressDisplay, formatBytes, formatRate, formatSeconds
 from xenmig.clients.processes import fireOnce
 from xenmig.errors import BadSpec, CommitInDoubt, MigrationAborted, XenmigError
+from xenmig.model import hostPort
 from xenmig.source.phase import FINAL
+from xenmig.toolstack.failures import Explained, diagnose
+from xenmig.toolstack.outcome import (
+    EXIT_FAILED,
+    EXIT_IN_DOUBT,
+    EXIT_OK,
+    EXIT_USAGE,
+    Reach,
+    reach,
+)
+from xenmig.toolstack.progress import (
+    ProgressDisplay,
+    downtimeLine,
+    formatBytes,
+    formatRate,
+    formatSeconds,
+    printOutcome,
+    ramRound,
+)
 
 if TYPE_CHECKING:
     from xenmig.source.migration import SourceMigration
@@ -24,6 +37,26 @@ if TYPE_CHECKING:
 
 class PauseFailed(XenmigError):
     """The toolstack's pause command failed or did not finish in time."""
+
+
+class TerminalConsole:
+    """
+    Where a L{MigrateCommand} speaks to its operator: one-line messages and
+    the pause and resume commands' output on stderr, the outcome on stdout.
+    (The daemon's local sender forwards the same to ``--via-daemon``.)
+    """
+
+    def __init__(self, command: str = "migrate") -> None:
+        self.command = command
+        self.echo: Any = sys.stderr
+
+    def say(self, message: str) -> None:
+        """One line for the operator, named after the subcommand."""
+        print(f"xenmig {self.command}: {message}", file=sys.stderr, flush=True)
+
+    def outcome(self, json: bool, code: int, report: dict[str, Any]) -> None:
+        """The report as JSON (``json``), else a committed migration's summary."""
+        printOutcome(json, code, report, sys.stdout)
 
 
 class MigrateCommand:
@@ -40,6 +73,8 @@ class MigrateCommand:
         display: ProgressDisplay,
         policy: Any = None,
         control: Any = None,
+        console: Any = None,
+        reached: Reach | None = None,
     ) -> None:
         self.reactor = reactor
         self.migration = migration
@@ -49,24 +84,27 @@ class MigrateCommand:
         self.control = control  # an IDomainControl, or None
         self.released: bool | None = None
         self.target = hostPort(*args.target)
-        self.reach = reach(args)
+        self.reach = reached or reach(args)
+        #: A L{TerminalConsole}, or what forwards the same elsewhere.
+        self.console = console or TerminalConsole(args.command)
         #: Why the migration did not commit (for --json), once it is known.
         self.error: Explained | None = None
         self.pause: dict[str, Any] | None = None
         self.resumed: bool | None = None
         self.interrupted = False
+        self.shuttingDown = False
         self.done: Deferred[None] = Deferred()
 
     async def run(self) -> int:
         """Migrate; print the outcome; the exit status."""
         trigger = self.reactor.addSystemEventTrigger(
-            "before", "shutdown", self._interrupt
+            "before", "shutdown", self._shutdown
         )
         try:
             code = await self._run()
         finally:
             self.display.stop()
-            if not self.interrupted:
+            if not self.shuttingDown:
                 self.reactor.removeSystemEventTrigger(trigger)
         self._output(code)
         self.done.callback(None)
@@ -147,7 +185,7 @@ class MigrateCommand:
             status: int | None = 0
         else:
             child = await runShell(
-                self.reactor, command, self.args.command_timeout, echo=sys.stderr
+                self.reactor, command, self.args.command_timeout, echo=self.console.echo
             )
             status = child.status
         self.pause["status"] = status
@@ -171,9 +209,8 @@ class MigrateCommand:
     def _inDoubt(self, error: CommitInDoubt) -> int:
         self.display.stop()
         self.error = Explained("COMMIT_IN_DOUBT", str(error))
-        say(self.args, f"COMMIT IN DOUBT: {error}")
-        say(
-            self.args,
+        self.console.say(f"COMMIT IN DOUBT: {error}")
+        self.console.say(
             f"do NOT resume the VM here: it may already run on the target; ask "
             f"with 'xenmig status {self.migration.migrationId} --target "
             f"{self.target} --ca ... --cert ...' (COMMITTED: destroy it here; "
@@ -201,22 +238,22 @@ class MigrateCommand:
         if not (explained.verbatim and migration.reason):
             migration.reason = explained.message
         self.error = Explained(explained.code, migration.reason)
-        say(self.args, f"migration {migration.migrationId} aborted: {migration.reason}")
+        self.console.say(
+            f"migration {migration.migrationId} aborted: {migration.reason}"
+        )
         if notCommitted:
-            say(
-                self.args,
+            self.console.say(
                 "the target did not commit: it removed what it had installed and "
                 "will never release the VM there",
             )
         if self.pause is not None:
             await self._resumeVM()
         elif self.args.live:
-            say(self.args, "the VM was not paused: it keeps running here")
+            self.console.say("the VM was not paused: it keeps running here")
         elif notCommitted:
-            say(self.args, "the VM may be resumed here")
+            self.console.say("the VM may be resumed here")
         else:
-            say(
-                self.args,
+            self.console.say(
                 "nothing was installed on the target; the VM may be resumed here",
             )
         if isinstance(error, BadSpec) and not contacted:
@@ -229,24 +266,26 @@ class MigrateCommand:
         command = self.args.resume_command
         if self.control is not None:
             command = self.control.description
-        say(self.args, f"resuming the VM here: {command}")
+        self.console.say(f"resuming the VM here: {command}")
         try:
             if self.control is not None:
                 await self.control.resume()
                 status: Any = 0
             else:
                 child = await runShell(
-                    self.reactor, command, self.args.command_timeout, echo=sys.stderr
+                    self.reactor,
+                    command,
+                    self.args.command_timeout,
+                    echo=self.console.echo,
                 )
                 status = child.status
         except (ProcessFailed, XenmigError) as e:
             status = str(e)
         self.resumed = status == 0
         if self.resumed:
-            say(self.args, "the VM was resumed here")
+            self.console.say("the VM was resumed here")
         else:
-            say(
-                self.args,
+            self.console.say(
                 f"THE RESUME COMMAND FAILED ({status}): resume the VM here by hand "
                 f"(the target did not commit and will not release it)",
             )
@@ -260,10 +299,20 @@ class MigrateCommand:
             self.display.phase(f"released the VM here ({self.control.description})")
         except XenmigError as e:
             self.released = False
-            say(self.args, f"the VM runs on the target; releasing it here failed: {e}")
+            self.console.say(
+                f"the VM runs on the target; releasing it here failed: {e}"
+            )
 
-    def _interrupt(self) -> Deferred[None] | None:
-        """Before the reactor stops (SIGINT, SIGTERM): abort unless committing."""
+    def _shutdown(self) -> Deferred[None] | None:
+        """Before the reactor stops (SIGINT, SIGTERM): L{interrupt}."""
+        self.shuttingDown = True
+        return self.interrupt()
+
+    def interrupt(self) -> Deferred[None] | None:
+        """
+        Abort unless committing (as SIGINT does); a Deferred that fires once
+        the command has ended (or after the commit's time-out), None if it has.
+        """
         if self.done.called:
             return None
         self.interrupted = True
@@ -294,61 +343,4 @@ class MigrateCommand:
         return report
 
     def _output(self, code: int) -> None:
-        if self.args.json:
-            print(json.dumps(self.report(code), indent=2), flush=True)
-        elif code == EXIT_OK:
-            print(summary(self.report(code)), flush=True)
-
-
-def summary(report: dict[str, Any]) -> str:
-    """A committed migration in a few lines: devices, bytes, time, rate, digest."""
-    durations = report["durations"]
-    lines = [
-        f"committed migration {report['migration_id']} of {report['domain']} to "
-        f"{report.get('target', 'the target')} in {formatSeconds(durations['total'])}"
-        f" (paused window {formatSeconds(report['paused_window'])})"
-    ]
-    if report.get("downtime"):
-        lines.append("  " + downtimeLine(report["downtime"]))
-    if report.get("bandwidth_limit"):
-        lines.append(f"  bandwidth limit {formatRate(report['bandwidth_limit'])}")
-    for device in report["devices"]:
-        seconds = device["seconds"] or 0.0
-        rate = device["bytes"] / seconds if seconds else 0.0
-        lines.append(
-            f"  {device['kind']}:{device['name']}  {formatBytes(device['bytes'])} "
-            f"({formatBytes(device['data_bytes'])} of data) in "
-            f"{formatSeconds(seconds)}, {formatRate(rate)}, {device['digest']}"
-        )
-    again = report.get("reconnections") or {}
-    if again.get("control") or again.get("streams"):
-        lines.append(
-            f"  survived {again.get('streams', 0)} broken stream(s) and "
-            f"{again.get('control', 0)} lost control connection(s); "
-            f"{formatBytes(again.get('resent_bytes', 0))} sent again"
-        )
-    lines += [f"  installed {path}" for path in report["installed"]]
-    return "\n".join(lines)
-
-
-def ramRound(name: str, number: int, figure: dict[str, Any]) -> str:
-    """One RAM pre-copy round for the display: sent, left, the guest's dirty rate."""
-    return (
-        f"  {name} RAM round {number}: {formatBytes(figure['stream_bytes'])} sent, "
-        f"{formatBytes(figure['ram_remaining'])} left, guest dirtying "
-        f"{formatRate(figure['dirty_bytes_rate'])}"
-        + (" (QEMU stopped the VM)" if figure.get("vm_stopped") else "")
-    )
-
-
-def downtimeLine(downtime: dict[str, Any]) -> str:
-    """The maximum downtime, the final round's estimate and, once known, the window."""
-    line = (
-        f"final round estimated at {formatSeconds(downtime['estimate'])} "
-        f"(max downtime {formatSeconds(downtime['limit'])})"
-    )
-    if downtime["exceeded"]:
-        line += ": over it after the last round allowed, paused anyway"
-    if downtime["paused_window"] is not None:
-        line += f"; paused window {formatSeconds(downtime['paused_window'])}"
-    return line
+        self.console.outcome(self.args.json, code, self.report(code))

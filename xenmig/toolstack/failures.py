@@ -12,9 +12,8 @@ from service_identity import VerificationError
 from twisted.internet import error as net
 from twisted.python.filepath import FilePath
 
-from xenmig.certificates import splitHostPort
-from xenmig.cli.connection import Reach
 from xenmig.errors import WIRE_ERRORS, PhaseTimeout, XenmigError
+from xenmig.model import splitHostPort
 from xenmig.tls import (
     ALTERED,
     ALTERED_IN_TRANSIT,
@@ -22,6 +21,7 @@ from xenmig.tls import (
     describeTLSError,
     recentRefusals,
 )
+from xenmig.toolstack.outcome import Reach
 
 
 @attrs.frozen
@@ -66,7 +66,7 @@ async def diagnose(
     """
     spokeTLS = None
     if reach.remote and reach.plaintext and not answered and _isLost(error):
-        from xenmig.cli.probe import speaksTLS
+        from xenmig.toolstack.probe import speaksTLS
 
         host, port = _hostPort(reach)
         spokeTLS = await speaksTLS(reactor, host, int(port))

@@ -1,14 +1,19 @@
-"""What the operator sees: progress bars or phase lines, sizes, rates, status tables."""
+"""
+What the operator sees: progress bars or phase lines, sizes, rates, a
+migration's summary, status tables.
+
+Standard library only (Twisted's LoopingCall is imported when the bars
+start): ``xenmig migrate --via-daemon`` draws with it.
+"""
 
 from __future__ import annotations
 
+import json as _json
 import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
-
-from twisted.internet.task import LoopingCall
 
 from xenmig.model import DeviceProgress, MigrationStatus
 
@@ -109,7 +114,7 @@ class ProgressDisplay:
         self._before: dict[str, int] = {}
         self._continued = ""
         self._drawn = 0
-        self._loop: LoopingCall | None = None
+        self._loop: Any = None
 
     def phase(self, message: str) -> None:
         """Print one line about the migration (above the bars, if any)."""
@@ -126,15 +131,24 @@ class ProgressDisplay:
         one) shows what it sends from now on, labelled ``continued``, without
         a size or an ETA: how much is left to send is not known.
         """
+        self.follow(source, continued)
+        if not self.bars or self._loop is not None:
+            return
+        from twisted.internet.task import LoopingCall
+
+        self._loop = LoopingCall(self.redraw)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=True)
+
+    def follow(self, source: Callable[[], Snapshot], continued: str = "") -> None:
+        """
+        Show ``source`` from now on (as L{start} does), redrawn by whoever calls
+        L{redraw}: the command line following a daemon's progress events.
+        """
         self.source = source
         self._meters = {}
         self._before = {name: done for name, done, _ in source()}
         self._continued = continued or "since then"
-        if not self.bars or self._loop is not None:
-            return
-        self._loop = LoopingCall(self.redraw)
-        self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=True)
 
     def stop(self) -> None:
         """Draw the bars a last time and leave them on the screen."""
@@ -142,6 +156,10 @@ class ProgressDisplay:
             return
         self._loop.stop()
         self._loop = None
+        self.leave()
+
+    def leave(self) -> None:
+        """Draw the bars a last time and leave them above what comes next."""
         self.redraw()
         self._drawn = 0
 
@@ -215,6 +233,75 @@ def _layout(rows: list[tuple[str, float | None, str]], width: int) -> list[str]:
             drawn = f"[{'#' * filled}{'.' * (bar - filled)}] "
         lines.append(f"  {name.ljust(names)} {drawn}{text}"[:room])
     return lines
+
+
+# -- a migration's report ----------------------------------------------------------
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A committed migration in a few lines: devices, bytes, time, rate, digest."""
+    durations = report["durations"]
+    lines = [
+        f"committed migration {report['migration_id']} of {report['domain']} to "
+        f"{report.get('target', 'the target')} in {formatSeconds(durations['total'])}"
+        f" (paused window {formatSeconds(report['paused_window'])})"
+    ]
+    if report.get("downtime"):
+        lines.append("  " + downtimeLine(report["downtime"]))
+    if report.get("bandwidth_limit"):
+        lines.append(f"  bandwidth limit {formatRate(report['bandwidth_limit'])}")
+    for device in report["devices"]:
+        seconds = device["seconds"] or 0.0
+        rate = device["bytes"] / seconds if seconds else 0.0
+        lines.append(
+            f"  {device['kind']}:{device['name']}  {formatBytes(device['bytes'])} "
+            f"({formatBytes(device['data_bytes'])} of data) in "
+            f"{formatSeconds(seconds)}, {formatRate(rate)}, {device['digest']}"
+        )
+    again = report.get("reconnections") or {}
+    if again.get("control") or again.get("streams"):
+        lines.append(
+            f"  survived {again.get('streams', 0)} broken stream(s) and "
+            f"{again.get('control', 0)} lost control connection(s); "
+            f"{formatBytes(again.get('resent_bytes', 0))} sent again"
+        )
+    lines += [f"  installed {path}" for path in report["installed"]]
+    return "\n".join(lines)
+
+
+def ramRound(name: str, number: int, figure: dict[str, Any]) -> str:
+    """One RAM pre-copy round for the display: sent, left, the guest's dirty rate."""
+    return (
+        f"  {name} RAM round {number}: {formatBytes(figure['stream_bytes'])} sent, "
+        f"{formatBytes(figure['ram_remaining'])} left, guest dirtying "
+        f"{formatRate(figure['dirty_bytes_rate'])}"
+        + (" (QEMU stopped the VM)" if figure.get("vm_stopped") else "")
+    )
+
+
+def downtimeLine(downtime: dict[str, Any]) -> str:
+    """The maximum downtime, the final round's estimate and, once known, the window."""
+    line = (
+        f"final round estimated at {formatSeconds(downtime['estimate'])} "
+        f"(max downtime {formatSeconds(downtime['limit'])})"
+    )
+    if downtime["exceeded"]:
+        line += ": over it after the last round allowed, paused anyway"
+    if downtime["paused_window"] is not None:
+        line += f"; paused window {formatSeconds(downtime['paused_window'])}"
+    return line
+
+
+def printOutcome(json: bool, code: int, report: dict[str, Any], out: TextIO) -> None:
+    """
+    What ``xenmig migrate`` prints on stdout at its end: the report as JSON
+    (``json``), else a committed migration's summary (nothing otherwise).
+    """
+    if json:
+        out.write(_json.dumps(report, indent=2) + "\n")
+    elif code == 0:
+        out.write(summary(report) + "\n")
+    out.flush()
 
 
 # -- status tables ---------------------------------------------------------------------
