@@ -16,6 +16,13 @@ from xenmig.digest import ContentHasher
 from xenmig.errors import DeviceError, StreamError
 from xenmig.model import ContentDigest
 
+#: Bytes the reactor may hold for QEMU before the stream's receiver waits, and
+#: the most one write to QEMU's socket hands over: Twisted's 64 KiB and 128 KiB
+#: meant a pause and a resume of the stream for nearly every record.
+WRITE_BUFFER = 2 * 1024 * 1024
+#: The kernel's buffer of the socket QEMU reads (larger: fewer wake-ups of QEMU).
+SOCKET_BUFFER = 1024 * 1024
+
 
 @implementer(IPushProducer)
 class IncomingFeed(Protocol):
@@ -41,6 +48,7 @@ class IncomingFeed(Protocol):
     def open(cls, reactor: Any, name: str) -> tuple[IncomingFeed, socket.socket]:
         """A feed and the socket end to pass to QEMU (the caller closes it)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         feed = cls(name)
         try:
             reactor.adoptStreamConnection(
@@ -51,6 +59,8 @@ class IncomingFeed(Protocol):
         return feed, theirs
 
     def connectionMade(self) -> None:
+        self.transport.bufferSize = WRITE_BUFFER
+        self.transport.SEND_LIMIT = WRITE_BUFFER
         self.transport.registerProducer(self, True)
 
     # IPushProducer: the transport says when its buffer is too full.

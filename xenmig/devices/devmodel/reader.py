@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from xenmig.digest import ContentHasher
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
+
+#: The most bytes of QEMU's stream one read takes (one DATA record): Twisted's
+#: 64 KiB meant a read, a record and a thread hop per 64 KiB.
+READ_SIZE = 1024 * 1024
 
 
 class StateReader(Protocol):
@@ -33,6 +38,24 @@ class StateReader(Protocol):
         self._pending = 0
         self._paused = False
         self._waiters: list[Deferred[None]] = []
+
+    @classmethod
+    def open(
+        cls, reactor: Any, writer: IRecordWriter
+    ) -> tuple[StateReader, socket.socket]:
+        """A reader and the socket end to pass to QEMU (the caller closes it)."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader = cls(writer)
+        try:
+            reactor.adoptStreamConnection(
+                mine.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: reader)
+            )
+        finally:
+            mine.close()  # the reactor holds its own duplicate
+        return reader, theirs
+
+    def connectionMade(self) -> None:
+        self.transport.bufferSize = READ_SIZE
 
     def dataReceived(self, data: bytes) -> None:
         if self.failure is not None:
