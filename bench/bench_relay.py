@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from bench_devmodel import Monitor, end, qemu
 from benchlib import Daemon, cpuSeconds
@@ -174,7 +173,8 @@ def main() -> None:
     )
     for code in daemons:
         rate = statistics.median(f["rate"] for f in figures[code])
-        cpu = statistics.median(f["daemon_cpu"] + f["client_cpu"] for f in figures[code])
+        runs = figures[code]
+        cpu = statistics.median(f["daemon_cpu"] + f["client_cpu"] for f in runs)
         print(
             f"  {code or 'xenmig'}: {rate:.0f} MB/s ({rate / reference:.2f}x QEMU's), "
             f"{cpu:.2f} s CPU (daemon + client)"
