@@ -17,6 +17,9 @@ from xenmig.model import ContentDigest
 #: The most bytes of QEMU's stream one read takes (one DATA record): Twisted's
 #: 64 KiB meant a read, a record and a thread hop per 64 KiB.
 READ_SIZE = 1024 * 1024
+#: The kernel's buffer of QEMU's end of the socket: the most its writes put
+#: ahead of the reader (they count as sent in QEMU's estimate of its rate).
+SOCKET_BUFFER = 512 * 1024
 
 
 class StateReader(Protocol):
@@ -47,9 +50,13 @@ class StateReader(Protocol):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         reader = cls(writer)
         try:
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             reactor.adoptStreamConnection(
                 mine.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: reader)
             )
+        except BaseException:
+            theirs.close()
+            raise
         finally:
             mine.close()  # the reactor holds its own duplicate
         return reader, theirs
