@@ -11,10 +11,14 @@ for the run.  The reference, measured in the same run: QEMU's own migration of
 the same paused VM between two QEMUs over a unix socket (its bytes over its
 ``total-time``).
 
+With ``--live`` the VM runs and its RAM moves in pre-copy (``downtime=50``):
+the rate is then that of the rounds and the final state together (a guest
+that rewrites 512 KiB adds little to its RAM), while TCG keeps a core busy.
+
 ``--code DIR`` (repeatable) runs the xenmig of each DIR in turn, round by round
 (an A/B comparison: e.g. ``--code /work/main --code .``)::
 
-    python bench/bench_relay.py [--ram-mib 512] [--runs 2] [--code DIR]...
+    python bench/bench_relay.py [--ram-mib 512] [--runs 2] [--live] [--code DIR]...
 
 Prints each run's figures, then the medians and their ratios to QEMU's own.
 """
@@ -42,9 +46,9 @@ MB = 1e6
 
 
 def viaXenmig(
-    daemon: Daemon, work: Path, image: str, ram: str, mib: int
+    daemon: Daemon, work: Path, image: str, ram: str, mib: int, live: bool
 ) -> dict[str, float]:
-    """One ``xenmig migrate`` of the paused VM's whole stream; rate and CPU."""
+    """One ``xenmig migrate`` of the VM's whole stream; rate and CPU."""
     source, target = str(work / "src.qmp"), str(daemon.dest / "dst.qmp")
     for path in (source, target):
         if os.path.exists(path):
@@ -69,7 +73,8 @@ def viaXenmig(
                 "--domain",
                 "bench-vm",
                 "--device",
-                f"devmodel:qemu:qmp={source},target-qmp={target},live=0",
+                f"devmodel:qemu:qmp={source},target-qmp={target},"
+                + ("downtime=50" if live else "live=0"),
                 "--domain-control",
                 f"qmp:{source}",
                 "--live",
@@ -127,6 +132,11 @@ def main() -> None:
     parser.add_argument("--ram-mib", type=int, default=512)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument(
+        "--live",
+        action="store_true",
+        help="RAM in pre-copy while the guest runs (downtime=50), not paused",
+    )
+    parser.add_argument(
         "--code",
         action="append",
         help="a tree whose xenmig to run (repeatable; default: the installed one)",
@@ -154,7 +164,7 @@ def main() -> None:
             for code, daemon in daemons.items():
                 if code:
                     os.environ["PYTHONPATH"] = code
-                f = viaXenmig(daemon, work, image, ram, args.ram_mib)
+                f = viaXenmig(daemon, work, image, ram, args.ram_mib, args.live)
                 figures[code].append(f)
                 line.append(
                     f"{code or 'xenmig'} {f['rate']:.0f} MB/s "
@@ -167,8 +177,9 @@ def main() -> None:
             daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
     reference = statistics.median(f["rate"] for f in figures["qemu"])
+    state = "running" if args.live else "paused"
     print(
-        f"{args.ram_mib} MiB paused VM, medians of {args.runs} "
+        f"{args.ram_mib} MiB {state} VM, medians of {args.runs} "
         f"(load average {os.getloadavg()[0]:.1f}): QEMU alone {reference:.0f} MB/s"
     )
     for code in daemons:
