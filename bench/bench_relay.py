@@ -147,9 +147,9 @@ def main() -> None:
     image = str(work / "guest.rom")
     testguest.writeGuestImage(image, dirtying=True)
     ram = str(work / "ram.bin")
-    with open(ram, "wb") as f:
+    with open(ram, "wb") as out:
         for _ in range(args.ram_mib):
-            f.write(os.urandom(1 << 20))
+            out.write(os.urandom(1 << 20))
     daemons: dict[str, Daemon] = {}
     figures: dict[str, list[dict[str, float]]] = {"qemu": []}
     try:
