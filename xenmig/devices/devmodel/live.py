@@ -231,13 +231,15 @@ class LiveRAM:
         sent, self.mark = self.reader.offset - self.mark, self.reader.offset
         self.rounds.append(figures)
         if figures.switching:
+            unread = self.reader.waiting()
             log.info(
                 "devmodel {device}: QEMU's RAM converged in round {round}: QEMU "
                 "stopped the VM for its switch-over ({unsent} bytes of its stream "
-                "still to send from here)",
+                "still to send from here, {unread} of them still to read)",
                 device=self.name,
                 round=number,
-                unsent=getattr(self.reader.writer, "unsent", 0),
+                unsent=getattr(self.reader.writer, "unsent", 0) + unread,
+                unread=unread,
             )
             await self.switchOver(client, figures)
         remaining = 0 if figures.switching else figures.remaining

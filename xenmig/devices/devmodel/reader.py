@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -17,8 +20,9 @@ from xenmig.model import ContentDigest
 #: The most bytes of QEMU's stream one read takes (one DATA record): Twisted's
 #: 64 KiB meant a read, a record and a thread hop per 64 KiB.
 READ_SIZE = 1024 * 1024
-#: The kernel's buffer of QEMU's end of the socket: the most its writes put
-#: ahead of the reader (they count as sent in QEMU's estimate of its rate).
+#: The send buffer asked for QEMU's end of the socket (Linux doubles it: 1 MiB),
+#: the most its writes put ahead of the reader (they count as sent in QEMU's
+#: estimate of its rate); Linux's default holds some 220 KiB.
 SOCKET_BUFFER = 512 * 1024
 
 
@@ -102,6 +106,16 @@ class StateReader(Protocol):
                     waiter.errback(self.failure)
                 else:
                     waiter.callback(None)
+
+    def waiting(self) -> int:
+        """Bytes QEMU wrote that this reader has not read yet (0 if unknown)."""
+        try:
+            fd = self.transport.fileno()
+            answer = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+        except (AttributeError, OSError, ValueError):
+            return 0  # no socket (any more)
+        (count,) = struct.unpack("i", answer)
+        return int(count)
 
     def whenDone(self) -> Deferred[None]:
         """Fires once QEMU closed its end and the writer took every byte."""
