@@ -52,7 +52,11 @@ def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         yield mountpoint
     finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
+        # a process a failed test left behind may still hold a file there: detach
+        # the mount lazily then, so no mount outlives the session (the loop device
+        # goes with it)
+        if subprocess.run(["umount", str(mountpoint)]).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
         backing.unlink()
 
 

@@ -26,6 +26,7 @@ from zope.interface.verify import verifyObject
 from xenmig.devices.disk.reflinkdirty import (
     FIEMAP_EXTENT_UNWRITTEN,
     Extent,
+    IQuiescedDirtyBlocks,
     ReflinkSnapshots,
     changedRanges,
 )
@@ -61,7 +62,8 @@ def image(path: Path, data: int, size: int) -> Path:
 
 def test_changed_ranges_compare_mappings() -> None:
     """Same blocks: unchanged, even when cut into other extents; other blocks, a
-    hole on one side, an unwritten extent written, unreliable extents: changed."""
+    hole on one side, an unwritten extent written, unreliable extents: changed;
+    an unwritten extent and a hole (both read as zeros): unchanged."""
     K = 4096
     before = [
         Extent(0, 1000 * K, 10 * K, 0),
@@ -86,10 +88,9 @@ def test_changed_ranges_compare_mappings() -> None:
         (30 * K, 35 * K),
         (40 * K, 44 * K),
     ]
-    assert changedRanges(before, before[:2], 50 * K) == [
-        (30 * K, 35 * K),
-        (40 * K, 44 * K),
-    ]
+    assert changedRanges(before, before[:2], 50 * K) == [(40 * K, 44 * K)]
+    preallocated = Extent(20 * K, 7000 * K, 5 * K, FIEMAP_EXTENT_UNWRITTEN)
+    assert changedRanges(before[:2], [*before[:2], preallocated], 50 * K) == []
     assert changedRanges([], [], 50 * K) == []
 
 
@@ -126,6 +127,35 @@ async def test_collect_reports_each_intervals_writes(space: Path) -> None:
     snapshots = [p for p in os.listdir(space) if p.endswith(".snap")]
     assert len(snapshots) == 1 and snapshots[0].startswith(".a.img.xenmig-")
     await dirty.stop()
+    await dirty.stop()
+    assert os.listdir(space) == ["a.img"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_collect_quiesced_needs_no_snapshot(space: Path) -> None:
+    """Once nothing writes the image, its own map (written back first) against
+    the last snapshot's gives the last interval's writes, exactly, without a new
+    snapshot; the filesystem's preallocations around them are not writes."""
+    path = image(space / "a.img", 16 * MiB, 64 * MiB)
+    dirty = ReflinkSnapshots(str(path), deferToThread)
+    verifyObject(IQuiescedDirtyBlocks, dirty)
+    with pytest.raises(DeviceError, match="not recording"):
+        await dirty.settle()
+    await dirty.start()
+    for block in range(12):  # scattered writes, written back before a round
+        pwrite(str(path), os.urandom(4096), block * MiB + 8192)
+    await dirty.settle()
+    assert len(await dirty.collect()) == 12
+    snapshots = {p for p in os.listdir(space) if p.endswith(".snap")}
+    pwrite(str(path), b"x" * 4096, 3 * MiB + 8192)  # again, not written back
+    pwrite(str(path), b"y" * 8192, 20 * MiB)  # into a hole
+    pwrite(str(path), bytes(MiB), 2 * MiB)  # zeros over data
+    assert await dirty.collectQuiesced() == [
+        (2 * MiB, 3 * MiB),
+        (3 * MiB + 8192, 3 * MiB + 12288),
+        (20 * MiB, 20 * MiB + 8192),
+    ]
+    assert {p for p in os.listdir(space) if p.endswith(".snap")} == snapshots
     await dirty.stop()
     assert os.listdir(space) == ["a.img"]
 

@@ -17,11 +17,14 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from xenmig import tls
+from xenmig.cli import pki
 from xenmig.digest import hashBytes
 from xenmig.errors import StreamError, StreamLost
 from xenmig.records import encodeData, encodeKeepalive
-from xenmig.source.streamchannel import RECORD, StreamChannel
+from xenmig.source.streamchannel import RECORD, StreamChannel, setSocketTimeout
 from xenmig.source.streamsender import StreamSender
+from xenmig.source.streamtls import StreamTLS
 from xenmig.source.threadedstream import StreamEndpoint, ThreadedStreamSender
 
 MiB = 1024 * 1024
@@ -181,3 +184,52 @@ def test_channelSendsWholeTLSRecords() -> None:
     # A flushed send leaves nothing behind: the KEEPALIVE goes out at once.
     channel.send(encodeKeepalive())
     assert channel.writes[-1] == b"".join(encodeKeepalive())
+
+
+# -- the TLS of threaded streams, on memory BIOs ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def streamTLS(tmp_path_factory: pytest.TempPathFactory) -> StreamTLS:
+    ca = tmp_path_factory.mktemp("pki")
+    pki.initCA(ca)
+    pki.issueHost(ca, "target.test", ["127.0.0.1"])
+    pki.issueHost(ca, "source.test")
+    identity = tls.loadIdentity(ca / "source.test.pem", ca / "source.test.key")
+    return StreamTLS(identity, tls.loadAuthority(ca / "ca.pem"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "error", "message"),
+    [
+        ("silent", TimeoutError, "the TLS handshake timed out"),
+        ("closes", StreamError, "the target closed the stream connection"),
+    ],
+)
+def test_threadedHandshakeSaysWhyItEnded(
+    streamTLS: StreamTLS, peer: str, error: type[Exception], message: str
+) -> None:
+    """A target that never answers the handshake, or hangs up, is named as such."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        accepted.append(connection)
+        if peer == "closes":
+            connection.recv(65536)  # the ClientHello
+            connection.close()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        with socket.create_connection(listener.getsockname(), 10) as sock:
+            sock.settimeout(None)
+            setSocketTimeout(sock, 0.3)  # as StreamEndpoint.connect bounds it
+            with pytest.raises(error, match=message):
+                streamTLS.handshake(sock, "127.0.0.1")
+    finally:
+        server.join()
+        for connection in accepted:
+            connection.close()
+        listener.close()

@@ -41,3 +41,25 @@ def test_fewerPageFaults():
     plain, tuned = faults("plain"), faults("tuned")
     assert plain > 200 * 100  # hundreds of faults per MiB without the tuning
     assert tuned * 10 < plain
+
+
+FREEZE = """
+import gc
+from xenmig.tuning import tuneAllocator
+class Marker:
+    pass
+imported = Marker()
+imported.me = imported  # in a cycle: only a collection could free it
+tuneAllocator()
+later = Marker()
+print(gc.get_freeze_count() > 0, any(o is imported for o in gc.get_objects()),
+      any(o is later for o in gc.get_objects()))
+"""
+
+
+def test_importedObjectsLeaveTheCollectorsSight():
+    """What was alive at the tuning is no longer walked; what comes later still is."""
+    out = subprocess.run(
+        [sys.executable, "-c", FREEZE], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["True", "False", "True"]

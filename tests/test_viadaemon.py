@@ -186,9 +186,12 @@ def test_cli_gone_or_interrupted_aborts_both_sides(
         time.sleep(0.1)
     assert json.loads(status.stdout)["phase"] == "ABORTED"
     assert not installed.exists()
-    assert f"migration {mid} sent for the local socket's caller: ABORTED" in (
-        source.logPath.read_text()
-    )
+    # the source daemon logs its side's end once the target has answered the abort
+    said = f"migration {mid} sent for the local socket's caller: ABORTED"
+    deadline = time.monotonic() + 15
+    while said not in source.logPath.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert said in source.logPath.read_text()
 
 
 def test_unsupported_option_is_refused(tmp_path: Path) -> None:

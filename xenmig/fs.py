@@ -61,6 +61,43 @@ def startWriteback(fd: int, offset: int, length: int) -> None:
         )
 
 
+#: What direct I/O asks of a write's offset, length and memory here (a page:
+#: at least any logical block size).
+DIRECT_ALIGN = 4096
+
+
+def openDirect(path: str) -> int | None:
+    """
+    Blocking: ``path`` opened again for writing with ``O_DIRECT`` (writes that
+    go to the disk without a copy into the page cache), or None where the
+    filesystem does not offer it.
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def directlyWritable(data: bytes | memoryview, offset: int) -> bool:
+    """
+    Whether ``data`` may be written at ``offset`` with direct I/O: offset,
+    length and memory aligned to L{DIRECT_ALIGN} (only a writable buffer's
+    address can be asked here: read-only ones are written through the cache).
+    """
+    if offset % DIRECT_ALIGN or len(data) % DIRECT_ALIGN or not data:
+        return False
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(data))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return address % DIRECT_ALIGN == 0
+
+
 def fsyncDirectory(path: str) -> None:
     """Blocking: make a rename or unlink in directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

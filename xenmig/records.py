@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,9 @@ HEADER_SIZE = _STREAM_HEADER.size
 RECORD_HEADER_SIZE = _RECORD_HEADER.size
 #: The default largest record body a receiver accepts.
 DEFAULT_MAX_BODY = 8 * 1024 * 1024 + 8
+#: A DATA record whose data is at least this large is assembled in a block of
+#: its own when the parser is given an allocator (L{RecordParser}).
+BLOCK_MINIMUM = 64 * 1024
 #: The largest metadata record, which a receiver must hold and parse at once.
 MAX_METADATA = 60 * 1024
 
@@ -225,21 +229,66 @@ class RecordParser:
     It holds at most one record (``maxBody`` bytes) beyond what it was fed, whatever
     the length of the stream.  Chunks are kept as they arrive and joined once per
     completed record, so a large record costs one copy, not one per chunk.
+
+    Given ``allocate`` (a function returning a writable buffer of a given
+    size, e.g. page-aligned for direct I/O), the data of a large DATA record
+    (at least L{BLOCK_MINIMUM} bytes) is instead assembled in a block of its
+    own, once its header and offset are parsed: L{feed} copies what arrives
+    into it, or the caller reads straight into L{blockSpace} and says how much
+    with L{blockFilled} (no copy at all).
     """
 
-    def __init__(self, maxBody: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(
+        self,
+        maxBody: int = DEFAULT_MAX_BODY,
+        allocate: Callable[[int], memoryview] | None = None,
+    ) -> None:
         self.maxBody = maxBody
+        self.allocate = allocate
         self.version: int | None = None
         self.options = 0
         self.bytesParsed = 0
         self._chunks: list[bytes | memoryview] = []
         self._size = 0
         self._needed = HEADER_SIZE  # bytes required before parsing can progress
+        # The DATA record being assembled in a block: its data (and padding),
+        # the bytes of it filled so far, its offset, the length of its data.
+        self._block: memoryview | None = None
+        self._filled = 0
+        self._blockOffset = 0
+        self._blockData = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet parsed into a record."""
-        return self._size
+        return self._size + (self._filled if self._block is not None else 0)
+
+    def blockSpace(self) -> memoryview | None:
+        """
+        Where the rest of the DATA record being assembled goes (write into it,
+        then call L{blockFilled}), or None when no record is being assembled.
+        """
+        if self._block is None:
+            return None
+        return self._block[self._filled :]
+
+    def blockFilled(self, count: int) -> list[Record]:
+        """
+        ``count`` more bytes were written at the start of L{blockSpace}; the
+        record they complete, if they do.
+        """
+        assert self._block is not None and count <= len(self._block) - self._filled
+        self._filled += count
+        self.bytesParsed += count
+        if self._filled < len(self._block):
+            return []
+        return [self._takeBlock()]
+
+    def _takeBlock(self) -> DataRecord:
+        assert self._block is not None
+        record = DataRecord(self._blockOffset, self._block[: self._blockData])  # type: ignore[arg-type]
+        self._block = None
+        return record
 
     def feed(self, data: bytes | memoryview) -> list[Record]:
         """
@@ -248,6 +297,18 @@ class RecordParser:
         @raise StreamError: for a malformed header or record.
         @raise VersionMismatch: for a stream version this side does not accept.
         """
+        if self._block is None:
+            return self._feed(data)
+        space = self.blockSpace()
+        assert space is not None
+        count = min(len(space), len(data))
+        space[:count] = data[:count]
+        records = self.blockFilled(count)
+        if count < len(data):
+            records.extend(self._feed(memoryview(data)[count:]))
+        return records
+
+    def _feed(self, data: bytes | memoryview) -> list[Record]:
         if self.version is None and self._size + len(data) < HEADER_SIZE:
             prefix = b"".join(self._chunks) + data
             if not MAGIC.startswith(prefix[: len(MAGIC)]):
@@ -272,7 +333,11 @@ class RecordParser:
             self._checkLength(recordType, length)
             total = RECORD_HEADER_SIZE + length + (-length % 8)
             if available < total:
-                self._needed = total
+                if self._startBlock(recordType, length, view[cursor:]):
+                    cursor = len(buffer)
+                    self._needed = RECORD_HEADER_SIZE
+                else:
+                    self._needed = total
                 break
             start = cursor + RECORD_HEADER_SIZE
             record = _decodeBody(recordType, view[start : start + length])
@@ -285,6 +350,26 @@ class RecordParser:
         self._chunks = [rest] if rest else []
         self._size = len(rest)
         return records
+
+    def _startBlock(self, recordType: int, length: int, part: memoryview) -> bool:
+        """
+        Assemble the DATA record that ``part`` (what arrived of it) starts in a
+        block of its own, if it is large and its offset has arrived.
+        """
+        head = RECORD_HEADER_SIZE + 8
+        if (
+            self.allocate is None
+            or recordType != TYPE_DATA
+            or length - 8 < BLOCK_MINIMUM
+            or len(part) < head
+        ):
+            return False
+        self._blockOffset = _U64.unpack_from(part, RECORD_HEADER_SIZE)[0]
+        self._blockData = length - 8
+        self._block = self.allocate(length - 8 + (-length % 8))
+        self._filled = len(part) - head
+        self._block[: self._filled] = part[head:]
+        return True
 
     def _checkLength(self, recordType: int, length: int) -> None:
         if length > self.maxBody:

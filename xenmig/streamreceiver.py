@@ -39,6 +39,22 @@ _RECORD_SLACK = 16384 + 512
 #: record viewing a larger buffer would keep all of it).
 _MOST = 256 * 1024
 _allocate = _ffi.new_allocator(should_clear_after_alloc=False)
+#: The alignment of the blocks DATA records are assembled in: a page, what
+#: direct I/O asks of memory (L{xenmig.devices.staging.StagedFile}).
+_ALIGN = 4096
+#: After a DATA record read straight into its block, the next plain read is
+#: this small: it holds the next record's header, and little of its data is
+#: then copied into that record's block.
+_AFTER_BLOCK = 4096
+
+
+def alignedBlock(size: int) -> memoryview:
+    """A writable, page-aligned buffer of ``size`` bytes (not cleared)."""
+    raw = _allocate("char[]", size + _ALIGN)
+    skip = -int(_ffi.cast("uintptr_t", raw)) % _ALIGN
+    return memoryview(_ffi.buffer(raw, size + _ALIGN))[skip : skip + size]  # type: ignore[arg-type]
+
+
 #: A KEEPALIVE record as it arrives: the source says it has nothing to send.
 _KEEPALIVE = b"".join(encodeKeepalive())
 #: More bytes than this at once are not KEEPALIVE records only (they come alone).
@@ -81,7 +97,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self.charge = charge
         self.device = device
         self.idleTimeout = idleTimeout
-        self.parser = RecordParser()
+        self.parser = RecordParser(allocate=alignedBlock)
         self.ended = False
         self.transport: Any = None
         self.callLater = session.clock.callLater  # type: ignore[method-assign,assignment]
@@ -102,7 +118,7 @@ class StreamReceiver(Protocol, TimeoutMixin):
         if hasattr(tcp, "bufferSize"):
             tcp.bufferSize = READ_SIZE
         if isinstance(self.transport, TLSMemoryBIOProtocol):
-            BulkTLSReader(self.transport).install()
+            BulkTLSReader(self.transport, self).install()
 
     def dataReceived(self, data: bytes) -> None:
         if self.bandwidth is not None and not self.ended:
@@ -129,6 +145,33 @@ class StreamReceiver(Protocol, TimeoutMixin):
         self._progressed(data, records)
         self._records.extend(records)
         self._drain()
+
+    def blockSpace(self) -> memoryview | None:
+        """
+        Where the bulk reader may write the rest of the DATA record being
+        assembled (then calling L{blockFilled}), or None: hand bytes to
+        L{dataReceived}.  Not while a bandwidth limit counts each read.
+        """
+        if self.bandwidth is not None or self.ended:
+            return None
+        return self.parser.blockSpace()
+
+    def blockFilled(self, count: int) -> None:
+        """``count`` bytes of the stream were written at the start of L{blockSpace}."""
+        self.resetTimeout()
+        self._received += count
+        try:
+            if self.charge is not None:
+                self.charge(count)
+        except XenmigError as e:
+            self._fail(e)
+            return
+        records = self.parser.blockFilled(count)
+        if self._waiting is None and self._throttled is None:
+            self._expectProgress()
+        if records:
+            self._records.extend(records)
+            self._drain()
 
     def _throttle(self, delay: float) -> None:
         """In debt: stop reading for ``delay`` seconds (until all held is paid)."""
@@ -321,18 +364,23 @@ class BulkTLSReader:
     """
     Reads a TLS connection's plaintext in large buffers (a socket read's
     worth, up to 256 KiB each), not Twisted's string per 16 KiB record:
-    OpenSSL decrypts each record straight into the buffer (no copy into a new
+    OpenSSL copies each record's plaintext straight into the buffer (no new
     string), and the protocol gets one call per buffer instead of one per
-    record.  It replaces the
-    receiving half of a L{TLSMemoryBIOProtocol} whose handshake is done; the
-    errors are handled as Twisted's own loop handles them.
+    record.  While the protocol assembles a large DATA record in a block of
+    its own (its C{blockSpace}), the rest of that record is read straight
+    into the block (C{blockFilled}): its data is copied once, by OpenSSL.  It
+    replaces the receiving half of a L{TLSMemoryBIOProtocol} whose handshake
+    is done; the errors are handled as Twisted's own loop handles them.
 
     The protocol gets a C{memoryview} of a buffer that is never reused: it
     may keep views of it (the parser's zero-copy DATA records).
     """
 
-    def __init__(self, tls: TLSMemoryBIOProtocol) -> None:
+    def __init__(self, tls: TLSMemoryBIOProtocol, blocks: Any = None) -> None:
         self.tls: Any = tls
+        #: What assembles DATA records in blocks (C{blockSpace}), if anything:
+        #: the protocol the plaintext reaches, possibly through another.
+        self.blocks = blocks
         self.connection: SSL.Connection = tls._tlsConnection
         self._arrived = 0
         self._original = tls.dataReceived
@@ -353,25 +401,50 @@ class BulkTLSReader:
     def flush(self) -> None:
         """Deliver every record the BIO holds, then send what TLS has to say."""
         tls, ssl = self.tls, self.connection._ssl
+        protocol, blocks = tls.wrappedProtocol, self.blocks
+        blockSpace = blocks.blockSpace if blocks is not None else None
+        small = False  # the last read went into a block
         while not tls._lostTLSConnection:
-            size = min(self._arrived + _RECORD_SLACK + _lib.SSL_pending(ssl), _MOST)
-            self._arrived = max(0, self._arrived - size)
-            buffer = _allocate("char[]", size)
-            filled, result = 0, 1
-            while filled < size:
-                result = _lib.SSL_read(ssl, buffer + filled, size - filled)
-                if result <= 0:
-                    break
-                filled += result
-            if filled and not tls._aborted:
-                tls.wrappedProtocol.dataReceived(
-                    memoryview(_ffi.buffer(buffer, filled))  # type: ignore[arg-type]
-                )
+            space = blockSpace() if blockSpace is not None else None
+            if space is not None and not tls._aborted:
+                result, filled = self._readInto(ssl, space)
+                if filled:
+                    blocks.blockFilled(filled)
+                small = True
+            else:
+                size = min(self._arrived + _RECORD_SLACK + _lib.SSL_pending(ssl), _MOST)
+                if small:
+                    size = min(size, _AFTER_BLOCK)
+                small = False
+                self._arrived = max(0, self._arrived - size)
+                buffer = _allocate("char[]", size)
+                result, filled = self._read(ssl, buffer, size)
+                if filled and not tls._aborted:
+                    protocol.dataReceived(
+                        memoryview(_ffi.buffer(buffer, filled))  # type: ignore[arg-type]
+                    )
             if result > 0:
                 continue  # the buffer filled up: read on
             self._stopped(result)
             break
         tls._flushSendBIO()
+
+    def _readInto(self, ssl: Any, space: memoryview) -> tuple[int, int]:
+        """SSL_read into ``space``, a block's free part."""
+        self._arrived = max(0, self._arrived - len(space))
+        with _ffi.from_buffer(space, require_writable=True) as pointer:
+            return self._read(ssl, pointer, len(space))
+
+    @staticmethod
+    def _read(ssl: Any, buffer: Any, size: int) -> tuple[int, int]:
+        """SSL_read into ``buffer`` until ``size`` bytes or a stop: (result, filled)."""
+        filled, result = 0, 1
+        while filled < size:
+            result = _lib.SSL_read(ssl, buffer + filled, size - filled)
+            if result <= 0:
+                break
+            filled += result
+        return result, filled
 
     def _stopped(self, result: int) -> None:
         """Handle what stopped SSL_read (its ``result``), as Twisted does."""

@@ -26,7 +26,9 @@ from xenmig.fs import (
     InstallAs,
     checkOwner,
     describeHolders,
+    directlyWritable,
     holdersOf,
+    openDirect,
     parseMode,
     parseOwner,
     punchHole,
@@ -58,6 +60,12 @@ class StagedFile:
     known at the end (``finish(size)`` cuts the file to it).  Subclasses may use
     ``fd`` (opened read-write), ``failure`` and ``drained()``.
 
+    Data aligned for it (what the stream receiver assembles: page-aligned
+    blocks of whole pages at page offsets) is written with direct I/O where the
+    filesystem offers it: to the disk from the record's memory, without a copy
+    into the page cache and without filling it with the whole file; the rest
+    (a short last record, unaligned data) through the cache.
+
     ``finish`` takes the digest and fsyncs only once every queued record is
     written (L{drained}), and ``discard`` closes the file only once every
     thread-pool call on it has returned (L{onFile}): a descriptor closed under
@@ -86,6 +94,11 @@ class StagedFile:
         self.hasher = ContentHasher()
         self.bytesReceived = 0
         self._fd: int | None = None
+        self._direct: int | None = None  # the same file, opened with O_DIRECT
+        #: Bytes written with direct I/O (the rest went through the page cache).
+        self.directBytes = 0
+        #: Whether aligned data may still be written with direct I/O.
+        self.writeDirectly = True
         self._writes: BatchPump[DataRecord | ZeroRecord] = BatchPump(
             context.runInThread,
             self._writeBatch,
@@ -121,6 +134,11 @@ class StagedFile:
             self.path.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
         )
         os.ftruncate(fd, self.size)
+        try:
+            self._direct = openDirect(self.path.path)
+        except OSError:
+            os.close(fd)
+            raise
         return fd
 
     def receive(self, record: DataRecord | ZeroRecord) -> Deferred[None] | None:
@@ -136,6 +154,15 @@ class StagedFile:
         self.bytesReceived += length
         return self._writes.put(record)
 
+    def throughCache(self) -> None:
+        """
+        Write everything from now on through the page cache: for an owner that
+        will read back what it wrote (an image received in several rounds
+        re-reads blocks that a later round rewrites in part), which the cache
+        then serves instead of the disk.
+        """
+        self.writeDirectly = False
+
     def writingFailed(self, failure: Failure) -> None:
         """
         Writing failed (no space, an I/O error); for subclasses that make callers
@@ -145,25 +172,76 @@ class StagedFile:
     def _writeBatch(self, batch: list[DataRecord | ZeroRecord]) -> None:
         fd = self._fd
         assert fd is not None
+        run: list[bytes] = []  # contiguous data written directly, not yet written
+        start = end = 0
         try:
             for record in batch:
                 if isinstance(record, DataRecord):
-                    self._pwriteAll(fd, record.data, record.offset)
+                    data, offset = record.data, record.offset
+                    if (
+                        self._direct is not None
+                        and self.writeDirectly
+                        and directlyWritable(data, offset)
+                    ):
+                        if run and offset != end:
+                            self._writeDirect(run, start)
+                            run = []
+                        if not run:
+                            start = offset
+                        run.append(data)
+                        end = offset + len(data)
+                    else:
+                        if run:
+                            self._writeDirect(run, start)
+                            run = []
+                        self._pwriteAll(fd, data, offset)
                     if self.hashing:
-                        self.hasher.update(record.offset, record.data)
-                    end = record.offset + len(record.data)
+                        self.hasher.update(offset, data)
+                    stop = offset + len(data)
                 else:
+                    if run:
+                        self._writeDirect(run, start)
+                        run = []
                     if record.offset < self._written:
                         punchHole(fd, record.offset, record.length)
                     if self.hashing:
                         self.hasher.zeros(record.offset, record.length)
-                    end = record.offset + record.length
-                self._written = max(self._written, end)
+                    stop = record.offset + record.length
+                self._written = max(self._written, stop)
+            if run:
+                self._writeDirect(run, start)
             if self._written - self._writeback >= WRITEBACK_STEP:
                 startWriteback(fd, self._writeback, self._written - self._writeback)
                 self._writeback = self._written
         except OSError as e:
             raise DeviceError(self._describeError(e))
+
+    def _writeDirect(self, parts: list[bytes], offset: int) -> None:
+        """
+        Write contiguous ``parts`` at ``offset`` with direct I/O, or through
+        the cache if the filesystem refuses it after all.
+        """
+        direct = self._direct
+        assert direct is not None and self._fd is not None
+        views = [memoryview(part) for part in parts]
+        try:
+            while views:
+                written = os.pwritev(direct, views, offset)
+                offset += written
+                self.directBytes += written
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views and written:
+                    views[0] = views[0][written:]
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._direct = None
+            os.close(direct)
+            for view in views:
+                self._pwriteAll(self._fd, view, offset)  # type: ignore[arg-type]
+                offset += len(view)
 
     @staticmethod
     def _pwriteAll(fd: int, data: bytes, offset: int) -> None:
@@ -274,6 +352,9 @@ class StagedFile:
             pass
 
     def _close(self) -> None:
+        if self._direct is not None:
+            os.close(self._direct)
+            self._direct = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from OpenSSL import SSL
 
 from xenmig.errors import NotAuthorized
-from xenmig.source.streamtls import StreamTLS, raiseSysCall
+from xenmig.source.streamtls import StreamTLS, fill, flushTo, raiseSysCall
 
 #: The largest payload of a TLS record: the sender writes whole records.
 RECORD = 16384
@@ -30,7 +30,8 @@ _OPEN_STATES = (1, 8)
 class StreamChannel:
     """
     A blocking byte channel on a connected socket: plain TCP, OpenSSL's TLS
-    writing its records straight to the socket, or the standard library's.
+    on memory BIOs (what it encrypts is sent after each write, in writes of
+    up to about a megabyte: L{flushTo}), or the standard library's.
 
     What is sent is cut into writes of whole TLS records: small parts (a
     record's header, its padding) travel with the start or the end of the
@@ -122,17 +123,25 @@ class StreamChannel:
     def _write(self, data: bytes | memoryview) -> None:
         if isinstance(self.tls, SSL.Connection):
             try:
-                self.tls.sendall(data)
+                self.tls.sendall(data)  # into the memory BIO: encrypted there
             except SSL.SysCallError as e:
                 raiseSysCall(e)
+            self._flushTLS()
         else:
             self.sock.sendall(data)
+
+    def _flushTLS(self) -> None:
+        assert isinstance(self.tls, SSL.Connection)
+        try:
+            flushTo(self.tls, self.sock)
+        except BlockingIOError:
+            raise TimeoutError("the target did not take the stream in time") from None
 
     def recv(self, length: int) -> bytes:
         """Blocking: up to ``length`` bytes; b"" at the end of the stream."""
         try:
             if isinstance(self.tls, SSL.Connection):
-                return self.tls.recv(length)
+                return self._recvTLS(self.tls, length)
             return self.sock.recv(length)
         except (SSL.WantReadError, SSL.WantWriteError, ssl.SSLWantReadError):
             raise TimeoutError("the target did not answer in time") from None
@@ -145,6 +154,15 @@ class StreamChannel:
                 return b""
             raiseSysCall(e)
 
+    def _recvTLS(self, tls: SSL.Connection, length: int) -> bytes:
+        while True:
+            try:
+                return tls.recv(length)
+            except SSL.WantReadError:
+                self._flushTLS()  # what OpenSSL has to say first (key updates)
+                if not fill(tls, self.sock):
+                    return b""
+
     def close(self) -> None:
         """
         Close cleanly: flush, then TLS close_notify and the end of the sending
@@ -156,6 +174,7 @@ class StreamChannel:
         try:
             if isinstance(self.tls, SSL.Connection):
                 self.tls.shutdown()  # the peer's close_notify is not waited for
+                flushTo(self.tls, self.sock)
             elif isinstance(self.tls, ssl.SSLSocket):
                 self.tls.setblocking(False)
                 try:

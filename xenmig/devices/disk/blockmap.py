@@ -9,11 +9,29 @@ import bisect
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cache
 
 import blake3
 
+from xenmig.devices.disk.leaves import (
+    LEAF_SIZE,
+    VALUE_SIZE,
+    LeafTables,
+    blockTable,
+    leafRuns,
+    leafValues,
+    readLeaves,
+    rootOf,
+    zeroTable,
+)
+from xenmig.devices.disk.pieces import (
+    BlockScan,
+    Piece,
+    blockPieces,
+    clip,
+    cutTo,
+    holePieces,
+)
 from xenmig.devices.sparse import DataExtents
 from xenmig.errors import DeviceError
 from xenmig.model import ContentDigest
@@ -21,9 +39,6 @@ from xenmig.model import ContentDigest
 #: The unit of change detection: one digest (32 bytes) per block.
 BLOCK_SIZE = 1024 * 1024
 DIGEST_SIZE = 32
-_ZEROS = bytes(BLOCK_SIZE)
-#: The unit in which a hole written during a scan is split into data and zeros.
-PAGE = 4096
 #: The digest of a block whose content the target does not have yet.
 UNKNOWN = b"\xff" * DIGEST_SIZE
 #: The disk kind's content digest (see L{treeDigest}): the algorithm name starts so.
@@ -62,29 +77,6 @@ def zeroDigest(length: int) -> bytes:
     return blake3.blake3(bytes(length)).digest()
 
 
-@dataclass(frozen=True)
-class Piece:
-    """A range to send: ``data`` at ``offset``, or ``length`` zeros when it is None."""
-
-    offset: int
-    length: int
-    data: bytes | None = None
-
-
-@dataclass(frozen=True)
-class BlockScan:
-    """
-    One block as a scan saw it.
-
-    ``pieces`` is empty when the block did not change since its digest was recorded.
-    """
-
-    index: int
-    offset: int
-    length: int
-    pieces: tuple[Piece, ...]
-
-
 class BlockMap:
     """
     The digest of every block of an image, as last sent to the target.
@@ -103,6 +95,8 @@ class BlockMap:
         self._digests = bytearray()
         self._zeroDigest = zeroDigest(blockSize)
         self._tailZeroDigest = self._zeroDigest
+        #: The leaf tables of blocks a round after the first sent whole.
+        self.leaves = LeafTables(blockSize)
         self.resize(size)
 
     def resize(self, size: int) -> None:
@@ -117,6 +111,7 @@ class BlockMap:
         for index in (oldCount - 1, self.count - 1):
             if 0 <= index < self.count:
                 self.record(index, UNKNOWN)
+            self.leaves.drop(index)
         self.size = size
         tail = size - (self.count - 1) * self.blockSize if self.count else 0
         self._tailZeroDigest = zeroDigest(tail)
@@ -185,6 +180,9 @@ class BlockScanner:
         self.maxSize = blocks.size if maxSize is None else maxSize
         self._modified = 0
         self._extents = DataExtents(fd)
+        #: Keep leaf tables (the target keeps them too): rounds after the first
+        #: read and send only the changed leaves of a block that has one.
+        self.leafy = False
 
     def currentSize(self) -> int:
         """Blocking: the image's size now."""
@@ -249,6 +247,7 @@ class BlockScanner:
         indices: Sequence[int],
         budget: int | None = None,
         within: list[tuple[int, int]] | None = None,
+        final: bool = True,
     ) -> list[BlockScan]:
         """
         Read the blocks ``indices`` (ascending), holes skipped, and record the
@@ -258,9 +257,12 @@ class BlockScanner:
             held to ``budget`` bytes (at least one block is scanned): fewer scans
             than ``indices`` are returned then.
         @param within: the only byte ranges (sorted) that may have changed since
-            the target got each block, if a dirty-block source says so: a changed
-            block's pieces are then cut to them (a block without a digest yet is
-            still sent whole).  The digest recorded is the whole block's.
+            the target got each block, if a dirty-block source says so: in the
+            ``final`` round a changed block's pieces are then cut to them (a
+            block without a digest yet is still sent whole).  With L{leafy}, a
+            block with a leaf table reads and sends only the leaves they touch
+            (in any round), and one without is read whole and gets a table if
+            it is sent whole.  The digest recorded is the whole block's.
         @raise DeviceError: if the image was resized or truncated.
         """
         self.checkSize(exact=False)
@@ -281,10 +283,10 @@ class BlockScanner:
             if contiguous:
                 while cursor < len(extents) and extents[cursor][1] <= blockStart:
                     cursor += 1
-                inside = _clip(extents, cursor, blockStart, blockEnd)
+                inside = clip(extents, cursor, blockStart, blockEnd)
             else:
                 inside = self._extents.within(blockStart, blockEnd)
-            scan = self._scanBlock(index, inside, within)
+            scan = self._scanBlock(index, inside, within, final)
             scans.append(scan)
             held += sum(len(p.data) for p in scan.pieces if p.data is not None)
             if budget is not None and held >= budget:
@@ -296,12 +298,27 @@ class BlockScanner:
         index: int,
         extents: list[tuple[int, int]],
         within: list[tuple[int, int]] | None = None,
+        final: bool = True,
     ) -> BlockScan:
         start, end = self.blocks.blockRange(index)
         length = end - start
         zero = self.blocks.zeroDigest(index)
+        # Tables in the rounds before the final one, and with a dirty-block
+        # source: a full pass builds them, later ones use them.
+        leafy = (
+            self.leafy
+            and length == self.blocks.blockSize
+            and (within is not None or not final)
+            and self.blocks.leaves.room(index)
+        )
+        table = self.blocks.leaves.get(index) if leafy else None
+        if table is not None and within is not None:
+            if self.blocks.digest(index) != UNKNOWN:
+                return self._scanLeaves(index, start, end, table, within)
         data: bytes | None = None
         digest = zero
+        if leafy:
+            table = bytearray(zeroTable(length))
         if extents:
             # A fresh buffer per block: a changed block's data goes to the writer
             # as it is, and the allocator recycles the unchanged ones' at once.
@@ -311,7 +328,10 @@ class BlockScanner:
                     f"{self.describe} ended at {start + len(data)} bytes, inside "
                     f"block {index}: it was truncated under the sender"
                 )
-            digest = blake3.blake3(data).digest()
+            if leafy:
+                table, digest = blockTable(data)
+            else:
+                digest = blake3.blake3(data).digest()
             if digest == zero:
                 data = None
         recorded = self.blocks.digest(index)
@@ -321,99 +341,41 @@ class BlockScanner:
         if data is None:
             pieces: tuple[Piece, ...] = (Piece(start, length),)
         else:
-            pieces = _pieces(start, data, extents)
-        if within is not None and recorded != UNKNOWN:
-            pieces = _cut(pieces, within, start, end)
+            pieces = blockPieces(start, data, extents)
+        if final and within is not None and recorded != UNKNOWN:
+            pieces = cutTo(pieces, within, start, end)
+            self.blocks.leaves.drop(index)
+        elif table is not None:
+            # Sent whole after the first round: the target keeps a table too.
+            self.blocks.leaves.put(index, table)
+        else:
+            self.blocks.leaves.drop(index)
         return BlockScan(index, start, length, pieces)
 
-
-def _cut(
-    pieces: tuple[Piece, ...], ranges: list[tuple[int, int]], start: int, end: int
-) -> tuple[Piece, ...]:
-    """The parts of ``pieces`` (of the block ``[start, end)``) inside ``ranges``."""
-    first = bisect.bisect_right(ranges, (start, start)) - 1
-    inside = _clip(ranges, max(first, 0), start, end)
-    cut = []
-    for piece in pieces:
-        pieceEnd = piece.offset + piece.length
-        for rangeStart, rangeEnd in inside:
-            lo, hi = max(piece.offset, rangeStart), min(pieceEnd, rangeEnd)
-            if lo >= hi:
-                continue
-            if piece.data is None:
-                cut.append(Piece(lo, hi - lo))
-            else:
-                skip = lo - piece.offset
-                cut.append(Piece(lo, hi - lo, piece.data[skip : skip + hi - lo]))
-    return tuple(cut)
-
-
-def _clip(
-    extents: list[tuple[int, int]], cursor: int, start: int, end: int
-) -> list[tuple[int, int]]:
-    """The parts of ``extents`` (sorted, from ``cursor``) inside ``[start, end)``."""
-    inside = []
-    for extentStart, extentEnd in extents[cursor:]:
-        if extentStart >= end:
-            break
-        if extentEnd > start:
-            inside.append((max(extentStart, start), min(extentEnd, end)))
-    return inside
-
-
-def _pieces(
-    start: int, data: bytes, extents: list[tuple[int, int]]
-) -> tuple[Piece, ...]:
-    """
-    Split a block read whole into DATA pieces (its data extents) and zero pieces
-    (its holes), so the target allocates what the source allocates.
-
-    A hole that does not read as zeros (written between the extent walk and the
-    read) is sent as the pages that hold data: what is sent is always exactly
-    what was read, and the target allocates no more than the guest wrote.
-    """
-    pieces: list[Piece] = []
-    position = start
-    end = start + len(data)
-    for extentStart, extentEnd in [*extents, (end, end)]:
-        if extentStart > position:
-            pieces += _holePieces(
-                position, data[position - start : extentStart - start]
-            )
-        if extentEnd > extentStart:
-            pieces.append(
-                _piece(extentStart, data[extentStart - start : extentEnd - start])
-            )
-        position = max(position, extentEnd)
-    return tuple(pieces)
-
-
-def _holePieces(offset: int, chunk: bytes) -> list[Piece]:
-    """A hole as read: one zero piece, or, if written meanwhile, its pages."""
-    if chunk == bytes(len(chunk)):
-        return [Piece(offset, len(chunk))]
-    pieces: list[Piece] = []
-    runStart, runZero = 0, chunk[:PAGE] == _ZEROS[:PAGE]
-    for page in range(PAGE, len(chunk) + PAGE, PAGE):
-        zero = page < len(chunk) and chunk[page : page + PAGE] == _ZEROS[:PAGE]
-        if page < len(chunk) and zero == runZero:
-            continue
-        stop = min(page, len(chunk))
-        if runZero:
-            pieces.append(Piece(offset + runStart, stop - runStart))
-        else:
-            pieces.append(
-                Piece(offset + runStart, stop - runStart, chunk[runStart:stop])
-            )
-        runStart, runZero = stop, zero
-    return pieces
-
-
-def _piece(offset: int, chunk: bytes) -> Piece:
-    """A zero piece if ``chunk`` is all zeros (one memcmp), else a DATA piece."""
-    if chunk == (_ZEROS if len(chunk) == BLOCK_SIZE else bytes(len(chunk))):
-        return Piece(offset, len(chunk))
-    return Piece(offset, len(chunk), chunk)
+    def _scanLeaves(
+        self,
+        index: int,
+        start: int,
+        end: int,
+        table: bytearray,
+        within: list[tuple[int, int]],
+    ) -> BlockScan:
+        """A block with a leaf table: read, hash and send only the leaves named."""
+        first = bisect.bisect_right(within, (start, start)) - 1
+        runs = leafRuns(clip(within, max(first, 0), start, end), start, end)
+        reads = readLeaves(self.fd, start, runs, self.describe)
+        new = bytearray(table)
+        for lo, hi, data in reads:
+            new[lo * VALUE_SIZE : hi * VALUE_SIZE] = leafValues(data, lo)
+        digest = rootOf(new) if reads else self.blocks.digest(index)
+        self.blocks.leaves.put(index, new)
+        if digest == self.blocks.digest(index):
+            return BlockScan(index, start, end - start, ())
+        self.blocks.record(index, digest)
+        pieces: list[Piece] = []
+        for lo, _, data in reads:
+            pieces += holePieces(start + lo * LEAF_SIZE, data)
+        return BlockScan(index, start, end - start, tuple(pieces))
 
 
 def hashImage(path: str, blockSize: int = BLOCK_SIZE) -> ContentDigest:

@@ -24,8 +24,7 @@ import os
 import struct
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -35,6 +34,35 @@ from xenmig.errors import DeviceError
 from xenmig.interfaces import IDirtyBlocks
 
 log = Logger()
+
+
+class IQuiescedDirtyBlocks(IDirtyBlocks):
+    """
+    An L{IDirtyBlocks} that finds the last changes more cheaply once nothing
+    writes the image any more (the VM paused): the disk kind then calls
+    C{settle} after each pre-copy round and C{collectQuiesced} instead of the
+    final C{collect}.
+    """
+
+    def settle():
+        """
+        Prepare for a cheap C{collectQuiesced} while the writer still runs (for
+        instance, write back what was written so far), after a pre-copy round.
+
+        @return: a Deferred firing with None, or failing with
+            L{xenmig.errors.DeviceError}.
+        """
+
+    def collectQuiesced():
+        """
+        Like C{collect}, when nothing writes the image any more: the ranges
+        written since the previous C{collect}.  Recording may end with it: call
+        C{stop} next.
+
+        @return: a Deferred firing with a sorted list of ``(start, stop)`` byte
+            ranges, or failing with L{xenmig.errors.DeviceError}.
+        """
+
 
 FICLONE = 0x40049409
 FS_IOC_FIEMAP = 0xC020660B
@@ -49,9 +77,11 @@ _EXTENT = struct.Struct("=QQQ16xI12x")  # logical, physical, length, flags
 EXTENTS_PER_CALL = 1024
 
 
-@dataclass(frozen=True)
-class Extent:
-    """One mapped range of a file: ``length`` bytes at ``logical`` on ``physical``."""
+class Extent(NamedTuple):
+    """
+    One mapped range of a file: ``length`` bytes at ``logical`` on ``physical``
+    (a tuple: a fragmented image's map has tens of thousands, compared as sets).
+    """
 
     logical: int
     physical: int
@@ -73,11 +103,8 @@ def fileExtents(fd: int) -> list[Extent]:
         _HEADER.pack_into(buffer, 0, position, remaining, 0, 0, EXTENTS_PER_CALL, 0)
         fcntl.ioctl(fd, FS_IOC_FIEMAP, buffer)
         mapped = _HEADER.unpack_from(buffer)[3]
-        for index in range(mapped):
-            logical, physical, length, flags = _EXTENT.unpack_from(
-                buffer, _HEADER.size + index * _EXTENT.size
-            )
-            extents.append(Extent(logical, physical, length, flags))
+        answer = memoryview(buffer)[_HEADER.size : _HEADER.size + mapped * _EXTENT.size]
+        extents += map(Extent._make, _EXTENT.iter_unpack(answer))
         # A full answer may have more after it; anything less is the whole rest.
         if mapped < EXTENTS_PER_CALL or extents[-1].flags & FIEMAP_EXTENT_LAST:
             return extents
@@ -94,11 +121,14 @@ def changedRanges(
 
     Extents the two maps have in common (most of them, between two rounds) are
     set aside first: the ranges they cover are unchanged, and the comparison
-    costs what changed, not the size of a fragmented image's map.
+    costs what changed, not the size of a fragmented image's map.  Unwritten
+    (preallocated) extents read as zeros, as holes do, and count as holes: an
+    image written back carries the filesystem's preallocations, which no
+    snapshot of it does.
     """
     common = set(before) & set(after)
-    before = [e for e in before if e not in common]
-    after = [e for e in after if e not in common]
+    before = [e for e in before if e not in common and _written(e)]
+    after = [e for e in after if e not in common and _written(e)]
     cuts = {0, size}
     for extent in (*before, *after):
         cuts.update(p for p in (extent.logical, extent.end) if 0 < p < size)
@@ -120,6 +150,10 @@ def changedRanges(
     return changed
 
 
+def _written(extent: Extent) -> bool:
+    return not extent.flags & FIEMAP_EXTENT_UNWRITTEN
+
+
 def _same(old: Extent | None, new: Extent | None, at: int) -> bool:
     if old is None or new is None:
         return old is None and new is None
@@ -130,10 +164,18 @@ def _same(old: Extent | None, new: Extent | None, at: int) -> bool:
     return old.physical + (at - old.logical) == new.physical + (at - new.logical)
 
 
-@implementer(IDirtyBlocks)
+@implementer(IQuiescedDirtyBlocks)
 class ReflinkSnapshots:
     """
     The ranges of the image at ``path`` written between snapshots.
+
+    Once the VM is paused, the last interval needs no snapshot: the image no
+    longer changes, so C{collectQuiesced} writes it back and compares its own
+    map with the last snapshot's (kept from the previous C{collect}).  A
+    snapshot of a fragmented image costs in proportion to its extents (tens of
+    thousands after a few seconds of scattered writes: a fraction of a second
+    here), the write-back in proportion to what changed, which C{settle} keeps
+    small by writing back each pre-copy round's writes as the round ends.
 
     @param runInThread: runs a blocking call in a thread pool; a Deferred.
     """
@@ -147,6 +189,7 @@ class ReflinkSnapshots:
         self._base = os.path.join(directory, f".{name}.xenmig-{uuid.uuid4().hex[:12]}")
         self._generation = 0
         self._current = ""
+        self._currentMap: list[Extent] | None = None  # the snapshot's, once read
         self._stopped = False
 
     # -- IDirtyBlocks ---------------------------------------------------------------
@@ -159,6 +202,14 @@ class ReflinkSnapshots:
 
     def stop(self) -> Deferred[None]:
         return self.runInThread(self._stop)
+
+    # -- IQuiescedDirtyBlocks -------------------------------------------------------
+
+    def settle(self) -> Deferred[None]:
+        return self.runInThread(self._settle)
+
+    def collectQuiesced(self) -> Deferred[list[tuple[int, int]]]:
+        return self.runInThread(self._collectQuiesced)
 
     # -- blocking steps -------------------------------------------------------------
 
@@ -173,18 +224,49 @@ class ReflinkSnapshots:
             raise DeviceError(f"{self.description}: not recording")
         following = self._snapshot()
         try:
-            before, after = _mapping(self._current), _mapping(following)
+            before = self._currentMap or _mapping(self._current)
+            after = _mapping(following)
             size = max(os.stat(self._current).st_size, os.stat(following).st_size)
         except BaseException:
             _remove(following)
             raise
         _remove(self._current)
-        self._current = following
+        self._current, self._currentMap = following, after
+        return changedRanges(before, after, size)
+
+    def _settle(self) -> None:
+        """Write back what was written so far (the image opened read-only)."""
+        if not self._current or self._stopped:
+            raise DeviceError(f"{self.description}: not recording")
+        fd = _open(self.path, os.O_RDONLY, self.description)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _collectQuiesced(self) -> list[tuple[int, int]]:
+        """
+        The ranges written since the last snapshot, the image no longer
+        written: once written back (an image's map shows a copy-on-write only
+        after it), its map against the snapshot's.
+        """
+        if not self._current or self._stopped:
+            raise DeviceError(f"{self.description}: not recording")
+        fd = _open(self.path, os.O_RDONLY, self.description)
+        try:
+            os.fsync(fd)
+            after = fileExtents(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        before = self._currentMap or _mapping(self._current)
+        size = max(size, os.stat(self._current).st_size)
         return changedRanges(before, after, size)
 
     def _stop(self) -> None:
         self._stopped = True
         current, self._current = self._current, ""
+        self._currentMap = None
         if current:
             _remove(current)
 

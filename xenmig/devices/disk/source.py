@@ -18,9 +18,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from xenmig.devices.disk.blockmap import BLOCK_SIZE, BlockMap, BlockScan, BlockScanner
+from xenmig.devices.disk.leaves import LEAF_SIZE, available
 from xenmig.devices.disk.params import KIND, DiskParams
 from xenmig.devices.disk.qemudirty import QEMUDirtyBitmap
-from xenmig.devices.disk.reflinkdirty import ReflinkSnapshots
+from xenmig.devices.disk.reflinkdirty import IQuiescedDirtyBlocks, ReflinkSnapshots
 from xenmig.errors import DeviceError
 from xenmig.interfaces import (
     IDirtyBlocks,
@@ -219,6 +220,20 @@ class DiskSource:
         return st, info
 
     def accepted(self, params: dict[str, Any]) -> None:
+        # A target that keeps leaf tables says so (older ones say nothing): with
+        # a dirty-block source, rounds after the first then send changed leaves.
+        leafBlocks = params.get("leaf_blocks")
+        scanner = self._scanner
+        if (
+            scanner is not None
+            and self.dirty is not None
+            and available()
+            and params.get("leaf_size") == LEAF_SIZE
+            and isinstance(leafBlocks, int)
+            and leafBlocks > 0
+        ):
+            scanner.blocks.leaves.limit(leafBlocks)
+            scanner.leafy = scanner.blocks.leaves.most > 0
         log.debug(
             "disk {device} accepted by the target: {params}",
             device=self.spec.name,
@@ -230,8 +245,15 @@ class DiskSource:
 
     async def _sendRound(self, writer: IRecordWriter, round: int) -> RoundResult:
         first = not self._baseline
+        scanner = self._scanner
+        if first and scanner is not None and scanner.leafy:
+            # The target offered leaf tables: both sides keep them from now on.
+            await writer.writeMetadata({"leaf_size": LEAF_SIZE})
         tally = await self._pass(writer, round, final=False)
         self._baseline = True
+        if self._tracking and IQuiescedDirtyBlocks.providedBy(self.dirty):
+            # While the VM runs: so that the paused window finds little to do.
+            await self.dirty.settle()
         # Until a round compares digests there is no measure of the rate of change:
         # the first full pass reports what it sent as the estimate.
         changed = tally.dataBytes + tally.zeroBytes
@@ -291,8 +313,11 @@ class DiskSource:
         scanner = self._scanner
         assert scanner is not None
         started = time.monotonic()
-        changed = await self._changedRanges(final)
+        # The pass's size and modification time first: in the final round, a
+        # write that lands while the changes are being found then fails the
+        # device (checkUntouched) instead of slipping past them.
         await self._threads.run(scanner.startPass)
+        changed = await self._changedRanges(final)
         batches = deque(_batches(scanner.blocks, changed, self.batchBlocks))
         scanned = sum(len(batch) for batch in batches)
         # Scans in flight, in offset order, with the blocks each was given.
@@ -301,12 +326,13 @@ class DiskSource:
 
         # In the final round the target takes the written parts of a block and
         # reads the rest back from its staging file; earlier rounds send changed
-        # blocks whole, so that no read-backs pile up for the paused window.
-        within = changed if final else None
+        # blocks whole, so that no read-backs pile up for the paused window,
+        # except the changed leaves of blocks whose leaf tables both sides keep.
+        within = changed if final or scanner.leafy else None
 
         def submit(indices: Sequence[int], next: bool = False) -> None:
             scan = self._threads.run(
-                scanner.scanBlocks, indices, self.batchBytes, within
+                scanner.scanBlocks, indices, self.batchBytes, within, final
             )
             if next:  # the rest of a batch that returned early comes first
                 pending.appendleft((scan, indices))
@@ -369,6 +395,8 @@ class DiskSource:
             return None
         if not self._tracking:
             return None
+        if final and IQuiescedDirtyBlocks.providedBy(dirty):
+            return await dirty.collectQuiesced()  # the VM is paused
         return await dirty.collect()
 
     def rollback(self) -> Deferred[None]:

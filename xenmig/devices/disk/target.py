@@ -17,6 +17,7 @@ from zope.interface import implementer
 from xenmig.devices.disk.attach import IncomingDisk
 from xenmig.devices.disk.blockmap import treeAlgorithm
 from xenmig.devices.disk.imagestaging import ImageStaging
+from xenmig.devices.disk.leaves import LEAF_SIZE
 from xenmig.devices.disk.params import DiskParams
 from xenmig.devices.staging import installAsFor, refuseIfHeld, sourceMode
 from xenmig.errors import (
@@ -147,7 +148,11 @@ class DiskTarget:
                 f"{e.strerror}"
             )
         self.destination, self.staged = destination, staged
-        return {"destination": destination.path, "free": free}
+        answer: dict[str, Any] = {"destination": destination.path, "free": free}
+        tables = staged.blocks.tables.most
+        if tables:  # changed leaves welcome (older targets do not say so)
+            answer.update(leaf_size=LEAF_SIZE, leaf_blocks=tables)
+        return answer
 
     async def _checkBacking(self, directory: str) -> None:
         backing = self.params.backing
@@ -174,12 +179,22 @@ class DiskTarget:
             return waiting.addErrback(self._namedFailure) if waiting else None
         if isinstance(record, RoundRecord):
             self.round, self.final = record.round, record.final
+            if self.staged is not None:
+                self.staged.startRound(record.round, record.final)
+            if not record.final and self.staged is not None:
+                self.staged.throughCache()  # live: rounds are read back in part
             if record.round > 0 and self.staged is not None:
                 self.staged.flushInBackground()
             return None
         if isinstance(record, MetadataRecord):
-            # The source image's mode; newer sources may add more.
-            self.sourceMode = sourceMode(record)
+            # The source image's mode (final round); newer sources may add more.
+            if "mode" in record.metadata:
+                self.sourceMode = sourceMode(record)
+            leaves = record.metadata.get("leaf_size") == LEAF_SIZE
+            if leaves and self.staged is not None:
+                # A source that uses the leaf tables offered at accept: keep
+                # them from its first round on.
+                self.staged.keepLeaves()
             return None
         raise StreamError(f"{self._name}: unexpected {type(record).__name__}")
 
