@@ -16,7 +16,7 @@ the rate is then that of the rounds and the final state together (a guest
 that rewrites 512 KiB adds little to its RAM), while TCG keeps a core busy.
 
 ``--code DIR`` (repeatable) runs the xenmig of each DIR in turn, round by round
-(an A/B comparison: e.g. ``--code /work/main --code .``)::
+(an A/B comparison: e.g. ``--code ../xenmig-before --code .``)::
 
     python bench/bench_relay.py [--ram-mib 512] [--runs 2] [--live] [--code DIR]...
 
