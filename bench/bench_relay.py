@@ -32,12 +32,11 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_devmodel import Monitor, end, qemu
+from bench_devmodel import Monitor, migrateCommand, twoQEMUs, writeRAM
 from benchlib import Daemon, cpuSeconds
 
 from xenmig.demo import testguest
@@ -50,36 +49,15 @@ def viaXenmig(
 ) -> dict[str, float]:
     """One ``xenmig migrate`` of the VM's whole stream; rate and CPU."""
     source, target = str(work / "src.qmp"), str(daemon.dest / "dst.qmp")
-    for path in (source, target):
-        if os.path.exists(path):
-            os.unlink(path)
-    processes = [
-        qemu(image, source, ram, mib, False),
-        qemu(image, target, ram, mib, True),
-    ]
-    try:
+    device = "downtime=50" if live else "live=0"
+    with twoQEMUs(image, source, target, ram, mib):
         Monitor(source).close()
         Monitor(target).close()
         time.sleep(0.3)
         daemonCPU = cpuSeconds(daemon.process.pid)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "xenmig.cli.main",
-                "migrate",
-                *daemon.clientOptions(),
-                "--domain",
-                "bench-vm",
-                "--device",
-                f"devmodel:qemu:qmp={source},target-qmp={target},"
-                + ("downtime=50" if live else "live=0"),
-                "--domain-control",
-                f"qmp:{source}",
-                "--live",
-                "--json",
-            ],  # fmt: skip
+            migrateCommand(daemon, source, target, device),
             capture_output=True,
             text=True,
             timeout=600,
@@ -95,22 +73,13 @@ def viaXenmig(
             "client_cpu": (after.ru_utime + after.ru_stime)
             - (before.ru_utime + before.ru_stime),
         }
-    finally:
-        end(*processes)
 
 
 def viaQEMU(work: Path, image: str, ram: str, mib: int) -> dict[str, float]:
     """QEMU's own migration of the paused VM over a unix socket; its rate."""
     source, target = str(work / "qa.qmp"), str(work / "qb.qmp")
     channel = str(work / "migration.sock")
-    for path in (source, target, channel):
-        if os.path.exists(path):
-            os.unlink(path)
-    processes = [
-        qemu(image, source, ram, mib, False),
-        qemu(image, target, ram, mib, True),
-    ]
-    try:
+    with twoQEMUs(image, source, target, ram, mib, channel):
         a, b = Monitor(source), Monitor(target)
         b.execute("migrate-incoming", uri=f"unix:{channel}")
         time.sleep(0.3)
@@ -123,8 +92,6 @@ def viaQEMU(work: Path, image: str, ram: str, mib: int) -> dict[str, float]:
             time.sleep(0.01)
         total = info["ram"]["transferred"]
         return {"rate": total / (info["total-time"] / 1000) / MB, "bytes": total}
-    finally:
-        end(*processes)
 
 
 def main() -> None:
@@ -147,9 +114,7 @@ def main() -> None:
     image = str(work / "guest.rom")
     testguest.writeGuestImage(image, dirtying=True)
     ram = str(work / "ram.bin")
-    with open(ram, "wb") as out:
-        for _ in range(args.ram_mib):
-            out.write(os.urandom(1 << 20))
+    writeRAM(ram, args.ram_mib)
     daemons: dict[str, Daemon] = {}
     figures: dict[str, list[dict[str, float]]] = {"qemu": []}
     try:
