@@ -33,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +95,27 @@ def end(*processes: subprocess.Popen) -> None:
         process.wait()
 
 
-def viaXenmig(
-    daemon: Daemon, work: Path, image: str, ram: str, mib: int, device: str
-) -> dict[str, Any]:
-    """One ``xenmig migrate --live`` run; the report's figures."""
-    source, target = str(work / "src.qmp"), str(daemon.dest / "dst.qmp")
-    for path in (source, target):
+def writeRAM(path: str, mib: int) -> None:
+    """
+    The guest's RAM: ``mib`` MiB of random bytes (no page is all zeros), and the
+    8 KiB more of L{testguest.tcgRAM}.
+    """
+    with open(path, "wb") as out:
+        for _ in range(mib):
+            out.write(os.urandom(1 << 20))
+        out.write(os.urandom(testguest.tcgRAMBytes(mib) - mib * (1 << 20)))
+
+
+@contextmanager
+def twoQEMUs(
+    image: str, source: str, target: str, ram: str, mib: int, *stale: str
+) -> Iterator[None]:
+    """
+    The guest's QEMU (QMP at ``source``) and an incoming one (QMP at
+    ``target``), after removing what a last run left at those paths and
+    ``stale``; both killed at the end.
+    """
+    for path in (source, target, *stale):
         if os.path.exists(path):
             os.unlink(path)
     processes = [
@@ -106,25 +123,41 @@ def viaXenmig(
         qemu(image, target, ram, mib, True),
     ]
     try:
+        yield
+    finally:
+        end(*processes)
+
+
+def migrateCommand(daemon: Daemon, source: str, target: str, device: str) -> list[str]:
+    """``xenmig migrate --live --json`` of the guest's devmodel, ``device`` its keys."""
+    return [
+        sys.executable,
+        "-m",
+        "xenmig.cli.main",
+        "migrate",
+        *daemon.clientOptions(),
+        "--domain",
+        "bench-vm",
+        "--device",
+        f"devmodel:qemu:qmp={source},target-qmp={target},{device}",
+        "--domain-control",
+        f"qmp:{source}",
+        "--live",
+        "--json",
+    ]  # fmt: skip
+
+
+def viaXenmig(
+    daemon: Daemon, work: Path, image: str, ram: str, mib: int, device: str
+) -> dict[str, Any]:
+    """One ``xenmig migrate --live`` run; the report's figures."""
+    source, target = str(work / "src.qmp"), str(daemon.dest / "dst.qmp")
+    with twoQEMUs(image, source, target, ram, mib):
         Monitor(source).close()
         Monitor(target).close()
         time.sleep(0.5)  # the guest runs and counts
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "xenmig.cli.main",
-                "migrate",
-                *daemon.clientOptions(),
-                "--domain",
-                "bench-vm",
-                "--device",
-                f"devmodel:qemu:qmp={source},target-qmp={target},{device}",
-                "--domain-control",
-                f"qmp:{source}",
-                "--live",
-                "--json",
-            ],  # fmt: skip
+            migrateCommand(daemon, source, target, device),
             capture_output=True,
             text=True,
             timeout=600,
@@ -139,22 +172,13 @@ def viaXenmig(
             "rounds": qemuDevice["rounds"],
             "final": qemuDevice["data_bytes"] - sum(qemuDevice["rounds"]),
         }
-    finally:
-        end(*processes)
 
 
 def viaQEMU(work: Path, image: str, ram: str, mib: int, downtime: int) -> dict:
     """QEMU's own live migration over a unix socket; its downtime."""
     source, target = str(work / "qa.qmp"), str(work / "qb.qmp")
     channel = str(work / "migration.sock")
-    for path in (source, target, channel):
-        if os.path.exists(path):
-            os.unlink(path)
-    processes = [
-        qemu(image, source, ram, mib, False),
-        qemu(image, target, ram, mib, True),
-    ]
-    try:
+    with twoQEMUs(image, source, target, ram, mib, channel):
         a, b = Monitor(source), Monitor(target)
         b.execute("migrate-incoming", uri=f"unix:{channel}")
         time.sleep(0.5)
@@ -173,8 +197,6 @@ def viaQEMU(work: Path, image: str, ram: str, mib: int, downtime: int) -> dict:
             "total": time.monotonic() - started,
             "bytes": info["ram"]["transferred"],
         }
-    finally:
-        end(*processes)
 
 
 def main() -> None:
@@ -187,10 +209,7 @@ def main() -> None:
     image = str(work / "guest.rom")
     testguest.writeGuestImage(image, dirtying=True)
     ram = str(work / "ram.bin")
-    with open(ram, "wb") as f:
-        for _ in range(args.ram_mib):
-            f.write(os.urandom(1 << 20))
-        f.truncate(testguest.tcgRAMBytes(args.ram_mib))
+    writeRAM(ram, args.ram_mib)
     daemon = Daemon(work / "target")
     figures: dict[str, list[dict[str, Any]]] = {"qemu": [], "live": [], "paused": []}
     try:

@@ -5,7 +5,7 @@ xenmig trees in one run: ``xenmig migrate --live`` of a dense image with
 places at a steady rate, against a one-pass copy of the same image.
 
     python bench/bench_scattered.py [--size-mib 1024] [--write-mib 4] [--runs 3]
-                                    [--trees before=/work/main,after=THIS_TREE]
+                                    [--trees NAME=DIR,NAME=DIR]
                                     [--dir DIR] [--cache DIR] [--keep]
 
 For each tree (``NAME=PATH``: the xenmig code put first on ``PYTHONPATH`` of its
@@ -194,7 +194,11 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--write-mib", type=float, default=4.0)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--trees", default=f"before=/work/main,after={TREE}")
+    parser.add_argument(
+        "--trees",
+        default=f"this={TREE}",
+        help="NAME=DIR,... xenmig trees to compare round by round (default: this one)",
+    )
     parser.add_argument("--dir", default=DEFAULT_DIR)
     parser.add_argument("--cache", default=DEFAULT_CACHE)
     parser.add_argument("--keep", action="store_true", help="keep the work dir")

@@ -132,11 +132,12 @@ async def test_ramMovesWhileTheGuestRuns(
 
 
 class SlowWriter(PipeWriter):
-    """Holds every write a moment: a stream slower than QEMU."""
+    """Holds every write a moment (its bytes at 12 MB/s): a stream slower than QEMU."""
 
     def writeData(self, offset: int, data: bytes) -> Deferred[None]:
         written = super().writeData(offset, data)
-        return written.addCallback(lambda _: deferLater(reactor, 0.005, lambda: None))
+        delay = len(data) / 12e6
+        return written.addCallback(lambda _: deferLater(reactor, delay, lambda: None))
 
 
 @pytest_twisted.ensureDeferred

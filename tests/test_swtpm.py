@@ -31,6 +31,7 @@ from xenmig.clients.swtpm import (
     AnswerParser,
     StateBlob,
     SwtpmBusy,
+    SwtpmCommandFailed,
     SwtpmNotInstalled,
     SwtpmNotRunning,
     SwtpmStartFailed,
@@ -406,3 +407,55 @@ def test_tcpControlAddress():
     assert resultOf(d) == 0x7FFF
     with pytest.raises(ValueError):
         SwtpmControl(clock, "tcp:nohost")
+
+
+class CountingEndpoint:
+    """An endpoint that counts the connections made through it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.connections = 0
+
+    def connect(self, factory: Any) -> Deferred:
+        self.connections += 1
+        return self.inner.connect(factory)
+
+
+@pytest_twisted.ensureDeferred
+async def test_anOperationTakesOneConnection(swtpms):
+    """All blobs out, and STOP, SET and INIT in: one control connection each."""
+    source = await swtpms("source")
+    await tpm2(source, "tpm2_pcrextend", f"16:sha256={PCR_VALUE}")
+    expected = await tpm2(source, "tpm2_pcrread", "sha256:16")
+    target = await swtpms("target", running=False)
+    counted = [CountingEndpoint(s.control._endpoint) for s in (source, target)]
+    source.control._endpoint, target.control._endpoint = counted
+    blobs = await source.control.getStateBlobs()
+    async with target.control.session() as session:
+        assert await session.getCapability() and await session.getConfig() == 0
+        with pytest.raises(SwtpmNotRunning):
+            await session.getEstablished()  # an error answer keeps the connection
+        await session.loadStateBlobs(blobs)
+    assert [c.connections for c in counted] == [1, 1]
+    assert await tpm2(target, "tpm2_pcrread", "sha256:16") == expected
+    startup = await tpmCommand(reactor, target.serverPath, TPM2_STARTUP_CLEAR)
+    assert responseCode(startup) == TPM_RC_INITIALIZE
+
+
+@pytest_twisted.ensureDeferred
+async def test_aFailedSetDropsTheSessionsConnection(swtpms):
+    """
+    A SET refused by a running TPM (its body unread) ends the connection; the
+    session's next command opens a new one, and the TPM is as it was.
+    """
+    source = await swtpms("source")
+    before = await tpm2(source, "tpm2_pcrread", "sha256:16,23")
+    blobs = await source.control.getStateBlobs()
+    counting = CountingEndpoint(source.control._endpoint)
+    source.control._endpoint = counting
+    async with source.control.session() as session:
+        with pytest.raises(SwtpmCommandFailed, match="the TPM is running"):
+            await session.setStateBlob(blobs[0])
+        assert (await session.getStateBlob(BLOB_PERMANENT)).data == blobs[0].data
+    assert counting.connections == 2
+    assert await tpm2(source, "tpm2_pcrread", "sha256:16,23") == before

@@ -517,9 +517,11 @@ async def test_corrupted_in_transit(hosts: Hosts, host: Host, peer: Host):
 
 class FlipProxy(Protocol):
     """
-    One connection of a control-socket proxy: forwards a control command to the
-    real swtpm and its answer back, flipping one byte of a GET_STATEBLOB answer
-    for the volatile blob (as if the source host's memory or socket damaged it).
+    One connection of a control-socket proxy: forwards control commands to the
+    real swtpm and their answers back, flipping one byte of a GET_STATEBLOB
+    answer for the volatile blob (as if the source host's memory or socket
+    damaged it).  The commands of an operation share a connection, one at a
+    time: bytes from the client after an answer begin the next command.
     """
 
     transport: Any
@@ -540,6 +542,8 @@ class FlipProxy(Protocol):
         self.transport.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.answered:  # the previous command was answered: a new one
+            self.request, self.answered = b"", 0
         self.request += data
         self.upstream.transport.write(data)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 from OpenSSL.crypto import X509
 from service_identity import VerificationError
 from service_identity.cryptography import (
@@ -135,12 +136,15 @@ def serverOptions(
     when both can; forward-secret AEAD cipher suites only.  Why a peer's
     certificate was refused is kept for L{handshakeRefusal}.
     """
-    return _ServerOptions(
+    options = _ServerOptions(
         trustRoot=_trustRoot(authorities),
         raiseMinimumTo=minimum,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+        enableSessionTickets=True,  # see SessionKeeper
         **_ownCertificate(identity),
     )
+    options.getContext().set_timeout(SESSION_LIFETIME)
+    return options
 
 
 def clientOptions(
@@ -273,6 +277,35 @@ def handshakeRefusal(transport: Any) -> str | None:
     return _refusals.get(transport)
 
 
+#: Seconds a session ticket resumes: within them a peer is known by the
+#: certificate it proved at its full handshake (see L{SessionKeeper}).
+SESSION_LIFETIME = 600
+
+
+class SessionKeeper:
+    """
+    The TLS 1.3 session a client resumes on its next connections to a daemon:
+    why that keeps mutual authentication is in doc/security.md.
+    """
+
+    def __init__(self) -> None:
+        self.session: SSL.Session | None = None
+        #: Connections that resumed (for tests and figures).
+        self.resumed = 0
+
+    def offer(self, connection: SSL.Connection) -> None:
+        """Before ``connection``'s handshake: resume the kept session, if any."""
+        if self.session is not None:
+            connection.set_session(self.session)
+
+    def keep(self, connection: SSL.Connection) -> None:
+        """After an answer on ``connection`` (its tickets read): keep its session."""
+        if _lib.SSL_session_reused(connection._ssl):  # type: ignore[attr-defined]
+            self.resumed += 1
+        else:
+            self.session = connection.get_session()
+
+
 class _ServerOptions(CertificateOptions):
     """CertificateOptions that remember why a peer's certificate was refused."""
 
@@ -313,6 +346,7 @@ class _CheckedClientOptions:
         trusted: str = "",
     ) -> None:
         self.inner = inner
+        self.sessions = SessionKeeper()
         self.hostname = hostname
         self.pins = frozenset(pins)
         self.trusted = trusted
@@ -327,6 +361,7 @@ class _CheckedClientOptions:
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
             self._callback(tlsProtocol),
         )
+        self.sessions.offer(connection)
         return connection
 
     def _callback(self, tlsProtocol: Any) -> Callable[..., bool]:

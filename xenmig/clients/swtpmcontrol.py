@@ -1,11 +1,11 @@
-"""The client of swtpm's control channel: one connection per command, with deadlines."""
+"""The client of swtpm's control channel: a connection per command or per operation."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import (
     ConnectError,
@@ -105,23 +105,19 @@ def controlEndpoint(
     return UNIXClientEndpoint(reactor, address, timeout=timeout)
 
 
-class SwtpmControl:
+class ControlCommands:
     """
-    The control channel of one swtpm, spoken asynchronously.
-
-    swtpm serves one control client at a time and a held connection blocks every
-    other one, so each operation opens its own connection and closes it after the
-    answer.  Every operation has a deadline of ``timeout`` seconds on ``reactor``.
+    The control commands of one swtpm, each sent through L{call} (which the
+    subclasses define: a connection per command, or one for an operation).
+    Every command has a deadline of L{timeout} seconds on L{reactor}.
     """
 
-    def __init__(self, reactor: Any, address: str, timeout: float = DEFAULT_TIMEOUT):
-        self.reactor = reactor
-        self.address = address
-        self.timeout = timeout
-        self._endpoint = controlEndpoint(reactor, address, timeout)
+    reactor: Any
+    address: str
+    timeout: float
 
-    def __repr__(self) -> str:
-        return f"<SwtpmControl {self.address}>"
+    def call(self, command: int, fields: bytes = b"") -> Deferred[ControlAnswer]:
+        raise NotImplementedError
 
     # Each public method returns a Deferred; cancelling it closes the connection.
 
@@ -261,6 +257,42 @@ class SwtpmControl:
             )
         return SwtpmCommandFailed(base, command, result)
 
+
+class SwtpmControl(ControlCommands):
+    """
+    The control channel of one swtpm, spoken asynchronously.
+
+    swtpm serves one control client at a time and a held connection blocks every
+    other one, so each operation opens its own connection and closes it after
+    its last answer: a single command by itself, the commands of one operation
+    (all blobs out, or STOP, SET and INIT in) on one L{session}.  Every command
+    has a deadline of ``timeout`` seconds on ``reactor``.
+    """
+
+    def __init__(self, reactor: Any, address: str, timeout: float = DEFAULT_TIMEOUT):
+        self.reactor = reactor
+        self.address = address
+        self.timeout = timeout
+        self._endpoint = controlEndpoint(reactor, address, timeout)
+
+    def __repr__(self) -> str:
+        return f"<SwtpmControl {self.address}>"
+
+    def session(self) -> ControlSession:
+        """
+        The commands of one operation on one connection, opened at its first
+        command and closed when it ends (``async with control.session() as s``).
+        """
+        return ControlSession(self)
+
+    async def _getStateBlobs(self, decrypt: bool) -> list[StateBlob]:
+        async with self.session() as session:
+            return await session._getStateBlobs(decrypt)
+
+    async def _loadStateBlobs(self, blobs: Sequence[StateBlob], initFlags: int) -> None:
+        async with self.session() as session:
+            await session._loadStateBlobs(blobs, initFlags)
+
     def call(self, command: int, fields: bytes = b"") -> Deferred[ControlAnswer]:
         """
         Send one raw command on a new connection.
@@ -291,7 +323,7 @@ class SwtpmControl:
             if not answered.called:
                 answered.errback(self._connectError(failure, name))
 
-        connecting = self._endpoint.connect(Factory.forProtocol(build))
+        connecting = self._endpoint.connect(_quiet(Factory.forProtocol(build)))
         connecting.addErrback(connectFailed)
         return answered.addTimeout(
             self.timeout, self.reactor, onTimeoutCancel=self._timedOut(name)
@@ -321,3 +353,146 @@ class SwtpmControl:
             return result
 
         return timedOut
+
+
+def _quiet(factory: Factory) -> Factory:
+    """``factory``, without its "Starting factory" log lines (one per command)."""
+    factory.noisy = False
+    return factory
+
+
+class _SessionExchange(Protocol):
+    """One connection carrying commands one after the other."""
+
+    transport: Any
+
+    def __init__(self) -> None:
+        self.open = False
+        self.pending: tuple[AnswerParser, Deferred[ControlAnswer]] | None = None
+
+    def connectionMade(self) -> None:
+        self.open = True
+
+    def exchange(
+        self, request: bytes, parser: AnswerParser, answered: Deferred[ControlAnswer]
+    ) -> None:
+        self.pending = (parser, answered)
+        self.transport.write(request)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.pending is None:
+            self.transport.abortConnection()  # nothing was asked
+            return
+        parser, answered = self.pending
+        if answered.called:
+            self.pending = None
+            return
+        try:
+            answer = parser.feed(data)
+        except SwtpmError as e:
+            self.pending = None
+            self.transport.abortConnection()
+            answered.errback(e)
+            return
+        if answer is not None:
+            self.pending = None
+            answered.callback(answer)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        self.open = False
+        pending, self.pending = self.pending, None
+        if pending is not None and not pending[1].called:
+            pending[1].errback(
+                SwtpmProtocolError(
+                    f"the connection closed before the answer ({reason})"
+                )
+            )
+
+
+class ControlSession(ControlCommands):
+    """
+    The commands of one operation on one control connection (see
+    L{SwtpmControl.session}), one at a time.  A command that fails, times out
+    or is cancelled drops the connection (after an unread SET body swtpm would
+    parse the rest as commands); the next command opens a new one.
+    """
+
+    def __init__(self, control: SwtpmControl) -> None:
+        self.reactor = control.reactor
+        self.address = control.address
+        self.timeout = control.timeout
+        self._control = control
+        self._protocol: _SessionExchange | None = None
+        self._busy = False
+
+    def __repr__(self) -> str:
+        return f"<ControlSession {self.address}>"
+
+    async def __aenter__(self) -> ControlSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the operation: close its connection."""
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.loseConnection()
+
+    def _drop(self) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abortConnection()
+
+    def call(self, command: int, fields: bytes = b"") -> Deferred[ControlAnswer]:
+        """
+        Send one raw command on the operation's connection (opened if need be).
+
+        @return: as L{SwtpmControl.call}.
+        """
+        name = commandName(command)
+        if self._busy:
+            return fail(SwtpmProtocolError(f"{name}: another command is under way"))
+        self._busy = True
+        request = encodeRequest(command, fields)
+        connecting: Deferred[Any] | None = None
+
+        def cancel(_: Deferred) -> None:
+            if connecting is not None and not connecting.called:
+                connecting.cancel()
+            self._drop()
+
+        answered: Deferred[ControlAnswer] = Deferred(cancel)
+
+        def send(protocol: _SessionExchange) -> None:
+            if answered.called:
+                protocol.transport.abortConnection()
+                return
+            self._protocol = protocol
+            protocol.exchange(request, AnswerParser(command), answered)
+
+        def connectFailed(failure: Failure) -> None:
+            if failure.check(CancelledError, ConnectingCancelledError):
+                return  # cancelled by our canceller: the Deferred fails by itself
+            if not answered.called:
+                answered.errback(self._control._connectError(failure, name))
+
+        def done(result: Any) -> Any:
+            self._busy = False
+            if isinstance(result, Failure) or (
+                result.result != TPM_SUCCESS and command == CMD_SET_STATEBLOB
+            ):
+                self._drop()
+            return result
+
+        answered.addBoth(done)
+        if self._protocol is not None and self._protocol.open:
+            send(self._protocol)
+        else:
+            factory = _quiet(Factory.forProtocol(_SessionExchange))
+            connecting = self._control._endpoint.connect(factory)
+            connecting.addCallbacks(send, connectFailed)
+        return answered.addTimeout(
+            self.timeout, self.reactor, onTimeoutCancel=self._control._timedOut(name)
+        )

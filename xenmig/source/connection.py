@@ -203,7 +203,19 @@ class TargetConnection:
     ) -> dict[str, Any]:
         """One AMP call; past ``seconds`` it fails with PhaseTimeout naming ``what``."""
         d = protocol.callRemote(command, **kw)
-        return await bounded(d, seconds, self.reactor, what)
+        try:
+            return await bounded(d, seconds, self.reactor, what)
+        finally:  # an answer (or an error) came: the session's tickets too
+            if isinstance(protocol, ControlClient) and not protocol.sessionKept:
+                self._keepSession(protocol)
+
+    def _keepSession(self, protocol: ControlClient) -> None:
+        """Keep the TLS session of a first answer's connection (L{SessionKeeper})."""
+        protocol.sessionKept = True
+        sessions = getattr(self.tls, "sessions", None)
+        handle = getattr(protocol.transport, "getHandle", None)
+        if sessions is not None and handle is not None:
+            sessions.keep(handle())
 
     def hangUp(self, protocol: amp.AMP | None, abort: bool = False) -> None:
         """Close an AMP connection, unless it is gone (AMP then drops its transport)."""
@@ -405,6 +417,8 @@ class ControlClient(amp.AMP):
         super().__init__()
         self.tls = tls
         self.lost = False
+        #: Whether its TLS session was looked at for the next connections.
+        self.sessionKept = not tls
         self.handshaken: Deferred[None] = Deferred()
         #: Told when the connection is lost (a resumable migration reconnects).
         self.onLost: Callable[[], Any] | None = None

@@ -35,6 +35,7 @@ from xenmig.errors import StreamError
 from xenmig.tls import (
     CIPHERS,
     MINIMUM_TLS,
+    SessionKeeper,
     _CheckedClientOptions,
     _ownCertificate,
     _trustRoot,
@@ -82,6 +83,8 @@ class StreamTLS:
         self.context.clear_mode(SSL.MODE_RELEASE_BUFFERS)
         self.pins = frozenset(parsePin(pin) for pin in pins)
         self.trusted = describeAuthorities(authorities)
+        #: The session the next streams resume (kept after a StartStream answer).
+        self.sessions = SessionKeeper()
 
     def handshake(self, sock: socket.socket, serverName: str) -> SSL.Connection:
         """
@@ -110,6 +113,7 @@ class StreamTLS:
         if not _isAddress(serverName):
             connection.set_tlsext_host_name(serverName.encode("idna"))
         connection.set_connect_state()
+        self.sessions.offer(connection)
         try:
             while True:
                 try:

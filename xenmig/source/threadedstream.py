@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.protocols import amp
@@ -118,6 +119,9 @@ class StreamEndpoint:
             code = answer.get(b"_error_code", b"")
             text = answer.get(b"_error_description", b"").decode("utf-8", "replace")
             raise _CODES.get(code, PeerError)(text or code.decode("ascii", "replace"))
+        tls = channel.tls  # its session tickets came before the answer
+        if isinstance(self.context, StreamTLS) and isinstance(tls, SSL.Connection):
+            self.context.sessions.keep(tls)
         if kernelTimeout:
             setSocketTimeout(sock, 0)
         else:

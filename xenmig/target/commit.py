@@ -122,7 +122,10 @@ class SessionCommit:
         session = self.session
         slots = list(session.devices.values())
         destinations = [(slot.name, _destinationOf(slot.device)) for slot in slots]
-        self.installs = await self.host.runInThread(plan, destinations)
+        if any(path for _, path in destinations):
+            self.installs = await self.host.runInThread(plan, destinations)
+        else:  # installs into components only: no path to look at
+            self.installs = plan(destinations)
         # One record ahead of every install: each may be under way from now on
         # (a reversal removes from a destination only what differs from what
         # was there before).  Their ends are recorded with COMMITTED.

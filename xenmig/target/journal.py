@@ -39,6 +39,12 @@ class Journal:
     write succeeds, no file is older than what the daemon last decided; a
     caller that takes a failure as "not recorded" writes the record of what it
     decided instead (which replaces the failed one).
+
+    Writes are committed in groups: one batch at a time goes to the thread
+    pool; the writes asked for meanwhile (of any session) wait and go together
+    in the next one, each session's newest record only, and the batch shares
+    one fsync of the directory (each file still has its own before its
+    rename).  No write is answered before its batch is durable.
     """
 
     def __init__(
@@ -48,8 +54,9 @@ class Journal:
     ) -> None:
         self.directory = directory
         self._run = runInThread
-        self._pending: dict[str, Deferred[None]] = {}
-        self._waiting: dict[str, _Write] = {}  # a write not started yet
+        self._queued: dict[str, _Write] = {}  # the next batch, by session
+        self._writing: dict[str, _Write] = {}  # the batch under way
+        self._flushing = False
         self._due: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -65,64 +72,80 @@ class Journal:
         """
         Write ``record`` after any earlier write of the same session; durable.
 
-        A record is the whole session: a write still waiting for its turn
-        writes the newer ``record`` instead (one fsync pair, not two), and
-        fires its callers' Deferreds and this one's together.
+        A record is the whole session: a write still waiting for its batch
+        writes the newer ``record`` instead (one write, not two), and fires
+        its callers' Deferreds and this one's together.
         """
-        data = _encode(record)
         written: Deferred[None] = Deferred()
-        waiting = self._waiting.get(migrationId)
+        waiting = self._queued.get(migrationId)
         if waiting is not None:
-            waiting.data = data
+            waiting.data = _encode(record)
             waiting.callers.append(written)
-            return written
-        # Each write has its own turn: a Deferred of ours that fires (with None,
-        # never failing) once it is written, and that the next write waits on.
-        previous = self._pending.get(migrationId)
-        turn: Deferred[None] = Deferred()
-        self._pending[migrationId] = turn
-        this = _Write(data, [written])
-
-        def settle(result: object) -> None:
-            if self._pending.get(migrationId) is turn:
-                del self._pending[migrationId]
-            turn.callback(None)
-            for caller in this.callers:
-                if isinstance(result, Failure):
-                    caller.errback(result)
-                else:
-                    caller.callback(None)
-
-        def write(_: object = None) -> None:
-            if self._waiting.get(migrationId) is this:
-                del self._waiting[migrationId]
-            self._run(self._writeDue, migrationId, this.data).addBoth(settle)
-
-        if previous is None:
-            write()
         else:
-            self._waiting[migrationId] = this
-            previous.addCallback(write)
+            self._queued[migrationId] = _Write(_encode(record), [written])
+        if not self._flushing:
+            self._flush()
         return written
 
-    def _writeDue(self, migrationId: str, data: bytes) -> None:
-        """
-        Blocking: make ``data`` the due record of ``migrationId``, then write
-        every due record, this one last.
+    def _flush(self) -> None:
+        """Send the queued writes to the thread pool as one batch."""
+        batch, self._queued = self._queued, {}
+        self._writing, self._flushing = batch, True
+        records = {m: w.data for m, w in batch.items()}
 
-        @raise JournalUnavailable: if one cannot be written (it stays due).
+        def settle(result: object) -> None:
+            self._writing, self._flushing = {}, False
+            for write in batch.values():
+                for caller in write.callers:
+                    if isinstance(result, Failure):
+                        caller.errback(result)
+                    else:
+                        caller.callback(None)
+            if self._queued and not self._flushing:
+                self._flush()
+
+        self._run(self._writeRecords, records).addBoth(settle)
+
+    def _writeDue(self, migrationId: str, data: bytes) -> None:
+        """Blocking: L{_writeRecords} of one record."""
+        self._writeRecords({migrationId: data})
+
+    def _writeRecords(self, records: dict[str, bytes]) -> None:
+        """
+        Blocking: make ``records`` the due records of their sessions, then
+        write every due record, these last, and fsync the directory once.
+
+        @raise JournalUnavailable: if one cannot be written (it stays due, and
+            so do those after it).
         """
         with self._lock:
-            self._due[migrationId] = data
-            for other in [m for m in self._due if m != migrationId] + [migrationId]:
+            self._due.update(records)
+            order = [m for m in self._due if m not in records] + list(records)
+            written: list[str] = []
+            error: JournalUnavailable | None = None
+            for migrationId in order:
                 try:
-                    _writeRecord(self.path(other), self._due[other])
+                    _writeRecord(self.path(migrationId), self._due[migrationId])
                 except OSError as e:
-                    raise JournalUnavailable(
-                        f"the state directory {self.directory.dirname()} cannot "
-                        f"record migration {other}: {e.strerror or e}"
-                    ) from e
-                del self._due[other]
+                    error = self._unavailable(migrationId, e)
+                    break
+                written.append(migrationId)
+            if written:
+                try:
+                    fsyncDirectory(self.directory.path)
+                except OSError as e:
+                    error = error or self._unavailable(written[-1], e)
+                    written = []
+            for migrationId in written:
+                del self._due[migrationId]
+            if error is not None:
+                raise error
+
+    def _unavailable(self, migrationId: str, e: OSError) -> JournalUnavailable:
+        return JournalUnavailable(
+            f"the state directory {self.directory.dirname()} cannot record "
+            f"migration {migrationId}: {e.strerror or e}"
+        )
 
     def withdraw(self, migrationId: str) -> Deferred[None]:
         """
@@ -130,16 +153,18 @@ class Journal:
         way: a record that may never land (the Prepare it was for was refused
         because it could not be written).  What did land stays.
         """
-        previous = self._pending.get(migrationId)
+        write = self._queued.get(migrationId) or self._writing.get(migrationId)
 
         def drop(_: object = None) -> None:
             with self._lock:
                 self._due.pop(migrationId, None)
 
-        if previous is None:
+        if write is None:
             drop()
             return succeed(None)
-        return previous.addCallback(drop)
+        after: Deferred[None] = Deferred()
+        write.callers.append(after)
+        return after.addBoth(drop)
 
     @property
     def due(self) -> list[str]:
@@ -219,15 +244,17 @@ class _Write:
 
 
 def _encode(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, sort_keys=True, indent=1).encode()
+    # Compact: json's C encoder (an indent takes the pure-Python one).
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _writeRecord(path: FilePath, data: bytes) -> None:
     """
-    Blocking: replace one journal file durably (write a temporary file, fsync,
-    rename, fsync the directory), making its directory if need be.  On an
-    error before the rename the temporary file is removed and the record is
-    as it was.
+    Blocking: replace one journal file (write a temporary file, fsync,
+    rename), making its directory if need be; durable once the directory is
+    fsynced (L{Journal._writeRecords} does, once for its batch).  On an error
+    before the rename the temporary file is removed and the record is as it
+    was.
     """
     os.makedirs(path.dirname(), mode=0o700, exist_ok=True)
     temporary = path.siblingExtension(".tmp")
@@ -244,7 +271,6 @@ def _writeRecord(path: FilePath, data: bytes) -> None:
         _unlinkQuietly(temporary.path)
         raise
     os.replace(temporary.path, path.path)
-    fsyncDirectory(path.dirname())
 
 
 def _unlinkQuietly(path: str) -> None:

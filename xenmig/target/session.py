@@ -211,7 +211,7 @@ class TargetSession:
                 f"migration {self.migrationId} cannot go from {self.phase.value} "
                 f"to {phase.value}"
             )
-        log.info(
+        log.debug(  # the summary line times the phases; an abort is a warning
             "migration {migration_id}: {old} -> {new}",
             migration_id=self.migrationId,
             old=self.phase.value,

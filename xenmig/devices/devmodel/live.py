@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -181,14 +179,7 @@ class LiveRAM:
         )
         if downtime:
             await client.execute("migrate-set-parameters", {"downtime-limit": downtime})
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        reader = StateReader(writer)
-        try:
-            reactor.adoptStreamConnection(
-                mine.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: reader)
-            )
-        finally:
-            mine.close()  # the reactor holds its own duplicate
+        reader, theirs = StateReader.open(reactor, writer)
         live = cls(reactor, name, reader, saved)
         try:
             await client.migrateStart(theirs.fileno(), UNLIMITED_BANDWIDTH)
@@ -240,13 +231,15 @@ class LiveRAM:
         sent, self.mark = self.reader.offset - self.mark, self.reader.offset
         self.rounds.append(figures)
         if figures.switching:
+            unread = self.reader.waiting()
             log.info(
                 "devmodel {device}: QEMU's RAM converged in round {round}: QEMU "
                 "stopped the VM for its switch-over ({unsent} bytes of its stream "
-                "still to send from here)",
+                "still to send from here, {unread} of them still to read)",
                 device=self.name,
                 round=number,
-                unsent=getattr(self.reader.writer, "unsent", 0),
+                unsent=getattr(self.reader.writer, "unsent", 0) + unread,
+                unread=unread,
             )
             await self.switchOver(client, figures)
         remaining = 0 if figures.switching else figures.remaining

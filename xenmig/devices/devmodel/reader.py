@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import fcntl
+import socket
+import struct
+import termios
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from xenmig.digest import ContentHasher
 from xenmig.interfaces import IRecordWriter
 from xenmig.model import ContentDigest
+
+#: The most bytes of QEMU's stream one read takes (one DATA record): Twisted's
+#: 64 KiB meant a read, a record and a thread hop per 64 KiB.
+READ_SIZE = 1024 * 1024
+#: The send buffer asked for QEMU's end of the socket (Linux doubles it: 1 MiB),
+#: the most its writes put ahead of the reader (they count as sent in QEMU's
+#: estimate of its rate); Linux's default holds some 220 KiB.
+SOCKET_BUFFER = 512 * 1024
 
 
 class StateReader(Protocol):
@@ -33,6 +45,28 @@ class StateReader(Protocol):
         self._pending = 0
         self._paused = False
         self._waiters: list[Deferred[None]] = []
+
+    @classmethod
+    def open(
+        cls, reactor: Any, writer: IRecordWriter
+    ) -> tuple[StateReader, socket.socket]:
+        """A reader and the socket end to pass to QEMU (the caller closes it)."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader = cls(writer)
+        try:
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            reactor.adoptStreamConnection(
+                mine.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: reader)
+            )
+        except BaseException:
+            theirs.close()
+            raise
+        finally:
+            mine.close()  # the reactor holds its own duplicate
+        return reader, theirs
+
+    def connectionMade(self) -> None:
+        self.transport.bufferSize = READ_SIZE
 
     def dataReceived(self, data: bytes) -> None:
         if self.failure is not None:
@@ -72,6 +106,16 @@ class StateReader(Protocol):
                     waiter.errback(self.failure)
                 else:
                     waiter.callback(None)
+
+    def waiting(self) -> int:
+        """Bytes QEMU wrote that this reader has not read yet (0 if unknown)."""
+        try:
+            fd = self.transport.fileno()
+            answer = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+        except (AttributeError, OSError, ValueError):
+            return 0  # no socket (any more)
+        (count,) = struct.unpack("i", answer)
+        return int(count)
 
     def whenDone(self) -> Deferred[None]:
         """Fires once QEMU closed its end and the writer took every byte."""

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -276,14 +274,7 @@ class DevmodelSource:
     async def _saveByMigrate(
         self, client: QMPClient, writer: IRecordWriter
     ) -> ContentDigest:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        reader = StateReader(writer)
-        try:
-            self.context.reactor.adoptStreamConnection(
-                mine.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: reader)
-            )
-        finally:
-            mine.close()  # the reactor holds its own duplicate
+        reader, theirs = StateReader.open(self.context.reactor, writer)
         try:
             try:
                 info = await client.migrateToFD(theirs.fileno(), UNLIMITED_BANDWIDTH)

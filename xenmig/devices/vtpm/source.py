@@ -76,10 +76,11 @@ def controlSocketInUse(path: str) -> bool:
     """
     try:
         with open("/proc/net/unix") as table:
-            lines = table.read().splitlines()[1:]
+            text = table.read()
     except OSError:
         return True
-    for line in lines:
+    # Only the lines naming ``path`` are parsed (a host has thousands of sockets).
+    for line in (each for each in text.splitlines()[1:] if path in each):
         fields = line.split(maxsplit=7)
         if len(fields) >= 8 and fields[7] == path and fields[5] == "03":
             return True
@@ -145,16 +146,17 @@ class VTPMSource:
         if await self.context.runInThread(controlSocketInUse, address):
             await self._refuseIfQEMU()
         try:
-            caps = await self.control.getCapability()
-            missing = CAPS_FOR_MIGRATION & ~caps
-            if missing:
-                raise DeviceError(
-                    f"vtpm device {name}: the swtpm at {self.control.address} lacks "
-                    f"the state-blob control commands (capabilities 0x{caps:x}): "
-                    f"upgrade swtpm"
-                )
-            config = await self.control.getConfig()
-            await self.control.getEstablished()  # SwtpmNotRunning if stopped
+            async with self.control.session() as control:  # one connection
+                caps = await control.getCapability()
+                missing = CAPS_FOR_MIGRATION & ~caps
+                if missing:
+                    raise DeviceError(
+                        f"vtpm device {name}: the swtpm at {control.address} lacks "
+                        f"the state-blob control commands (capabilities 0x{caps:x}): "
+                        f"upgrade swtpm"
+                    )
+                config = await control.getConfig()
+                await control.getEstablished()  # SwtpmNotRunning if stopped
         except (SwtpmBusy, SwtpmNotRunning):
             # A QEMU that attached since keeps it busy, or (a moment after it
             # attached, before its reset) lets a TPM not yet running answer:

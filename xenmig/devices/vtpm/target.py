@@ -31,7 +31,7 @@ from xenmig.clients.swtpm import (
     SwtpmError,
     SwtpmNotRunning,
 )
-from xenmig.clients.swtpmcontrol import SwtpmControl
+from xenmig.clients.swtpmcontrol import ControlCommands, SwtpmControl
 from xenmig.clients.swtpmprocess import KeyOption, SwtpmProcess, swtpmFeatures
 from xenmig.destinations import openResolvedDirectory
 from xenmig.devices.vtpm.params import VTPMParams
@@ -118,7 +118,8 @@ class VTPMTarget:
     async def _accept(self) -> dict[str, Any]:
         try:
             if self.control is not None:
-                return await self._acceptControl(self.control)
+                async with self.control.session() as control:  # one connection
+                    return await self._acceptControl(control)
             return await self._acceptStateDir()
         except SwtpmError as e:
             raise DeviceRefused(str(namedError(self.name, e)))
@@ -137,7 +138,7 @@ class VTPMTarget:
                 f"(swtpm --key, or target-key=FILE), or target-allow-unencrypted=1"
             )
 
-    async def _acceptControl(self, control: SwtpmControl) -> dict[str, Any]:
+    async def _acceptControl(self, control: ControlCommands) -> dict[str, Any]:
         caps = await control.getCapability()
         if CAPS_FOR_MIGRATION & ~caps:
             raise DeviceRefused(
@@ -153,7 +154,7 @@ class VTPMTarget:
         )
         return {"mode": "ctrl"}
 
-    async def _checkNotRunning(self, control: SwtpmControl) -> None:
+    async def _checkNotRunning(self, control: ControlCommands) -> None:
         try:
             await control.getEstablished()
         except SwtpmNotRunning:
@@ -205,15 +206,17 @@ class VTPMTarget:
         blobs, digest = self.receiver.finish(end)
         try:
             if self.control is not None:
-                await self.control.getCapability()  # still there, and free
-                await self._checkNotRunning(self.control)
                 # STOP and SET now, INIT at commit: swtpm checks each blob as it
                 # is set (keys, integrity), so a bad one fails before the point of
-                # no return; it writes nothing to disk before INIT.
-                await self.control.stop()
-                for blob in blobs:
-                    if blob.data:
-                        await self.control.setStateBlob(blob)
+                # no return; it writes nothing to disk before INIT.  One
+                # connection for the whole step.
+                async with self.control.session() as control:
+                    await control.getCapability()  # still there, and free
+                    await self._checkNotRunning(control)
+                    await control.stop()
+                    for blob in blobs:
+                        if blob.data:
+                            await control.setStateBlob(blob)
             else:
                 await self._materialise(blobs)
         except SwtpmError as e:
