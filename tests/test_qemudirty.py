@@ -422,3 +422,29 @@ def test_viewRefusedOtherwiseFails() -> None:
     d.addErrback(failures.append)
     assert qmp.calls == ["blockdev-del"]
     assert failures and failures[0].check(QMPError)
+
+
+def test_viewInUseToTheEndIsLeftForLater() -> None:
+    """
+    A view QEMU counts in use through every retry does not fail the round,
+    whose ranges were read: it is removed later, once QEMU lets it go.
+    """
+    from twisted.internet.task import Clock
+
+    from xenmig.devices.disk.qemudirty import VIEW_DELETE_ATTEMPTS
+
+    clock = Clock()
+    bitmap = QEMUDirtyBitmap(clock, "/q.sock", "/img")
+    qmp = BusyViewQMP(busy=VIEW_DELETE_ATTEMPTS + 1)
+    d = Deferred.fromCoroutine(bitmap._deleteView(qmp, "view"))  # type: ignore[arg-type]
+    while clock.getDelayedCalls():
+        clock.advance(1)
+    assert d.called and d.result is None
+    assert qmp.calls == ["blockdev-del"] * VIEW_DELETE_ATTEMPTS
+    # still in use at the next round's start: kept for the one after
+    d = Deferred.fromCoroutine(bitmap._deleteStrayViews(qmp))  # type: ignore[arg-type]
+    assert d.called and bitmap._strayViews == ["view"]
+    # let go: removed
+    d = Deferred.fromCoroutine(bitmap._deleteStrayViews(qmp))  # type: ignore[arg-type]
+    assert d.called and bitmap._strayViews == []
+    assert qmp.calls == ["blockdev-del"] * (VIEW_DELETE_ATTEMPTS + 2)

@@ -107,6 +107,8 @@ class QEMUDirtyBitmap:
         self._serverKey = os.path.realpath(qmpPath)
         self._sharing = False
         self._stopped = False
+        #: Views QEMU still counted in use after every retry: removed later.
+        self._strayViews: list[str] = []
 
     # -- IDirtyBlocks ---------------------------------------------------------------
 
@@ -139,6 +141,8 @@ class QEMUDirtyBitmap:
     async def _collect(self, qmp: QMPClient) -> list[tuple[int, int]]:
         if not self._active or self._stopped:
             raise DeviceError(f"{self.description}: not recording")
+        if self._strayViews:
+            await self._deleteStrayViews(qmp)
         done, following = self._active, self._nextName()
         await qmp.execute(
             "transaction",
@@ -258,21 +262,42 @@ class QEMUDirtyBitmap:
         """
         Remove the view node.  QEMU may still count it in use for a moment after
         its export went (seen on a loaded machine): then it is asked again, a few
-        times, within the session's time-out.
+        times.  A view still in use after that is no reason to fail the round,
+        whose ranges were read: it only holds a copy of a bitmap no one reads
+        again, and is removed at the next round or at L{stop}.
         """
         for attempt in range(VIEW_DELETE_ATTEMPTS):
             try:
                 await qmp.execute("blockdev-del", {"node-name": view})
                 return
             except QMPError as e:
-                if "in use" not in e.desc or attempt + 1 == VIEW_DELETE_ATTEMPTS:
+                if "in use" not in e.desc:
                     raise
+                if attempt + 1 == VIEW_DELETE_ATTEMPTS:
+                    log.warn(
+                        "{what}: {view} still in use; removed later",
+                        what=self.description,
+                        view=view,
+                    )
+                    self._strayViews.append(view)
+                    return
                 log.debug(
                     "{what}: {view} still in use; again",
                     what=self.description,
                     view=view,
                 )
                 await deferLater(self.reactor, 0.02 * (attempt + 1), lambda: None)
+
+    async def _deleteStrayViews(self, qmp: QMPClient) -> None:
+        """Remove the views an earlier round left in use, those QEMU now lets go."""
+        for view in list(self._strayViews):
+            try:
+                await qmp.execute("blockdev-del", {"node-name": view})
+            except QMPError as e:
+                if "in use" in e.desc:
+                    continue
+                # gone already, or refused for good: nothing more to do
+            self._strayViews.remove(view)
 
     async def _dropExport(self, qmp: QMPClient, export: str) -> None:
         """Remove an export and wait until QEMU has (its bitmap is busy till then)."""
@@ -336,6 +361,7 @@ class QEMUDirtyBitmap:
                     self._forgetServer()
 
     async def _cleanUp(self, qmp: QMPClient, bitmap: str, leaving: bool) -> None:
+        await self._deleteStrayViews(qmp)
         if bitmap:
             await _quietly(
                 qmp.execute(
