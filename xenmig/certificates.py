@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import os
 from typing import cast
@@ -231,7 +232,7 @@ def peerIdentity(transport: ITransport) -> str:
         # The host alone: a peer's control and stream connections differ in port.
         address = transport.getPeer()
         return "plaintext:" + str(getattr(address, "host", None) or repr(address))
-    return certificateIdentity(_peerCertificate(ISSLTransport(transport)))
+    return _identityOf(_peerCertificateDER(ISSLTransport(transport)))
 
 
 def peerFingerprint(transport: ITransport) -> str:
@@ -244,18 +245,31 @@ def peerFingerprint(transport: ITransport) -> str:
     """
     if not ISSLTransport.providedBy(transport):
         return ""
-    return certificateFingerprint(_peerCertificate(ISSLTransport(transport)))
+    return hashlib.sha256(_peerCertificateDER(ISSLTransport(transport))).hexdigest()
 
 
-def _peerCertificate(transport: ISSLTransport) -> x509.Certificate:
-    """The peer's certificate, as a C{cryptography} object."""
+def _peerCertificateDER(transport: ISSLTransport) -> bytes:
+    """The DER form of the peer's certificate."""
     certificate = cast("X509 | None", transport.getPeerCertificate())
     if certificate is None:
         raise NotAuthorized(
             f"the peer at {_describeAddress(transport.getPeer())} presented no"
             " certificate (or the TLS handshake is not complete)"
         )
-    return certificate.to_cryptography()
+    return certificate.to_cryptography().public_bytes(serialization.Encoding.DER)
+
+
+@functools.lru_cache(maxsize=256)
+def _identityOf(der: bytes) -> str:
+    """
+    L{certificateIdentity} of the certificate whose DER form is C{der}.
+
+    Remembered for the few peers a daemon sees (a pure function of the bytes,
+    so every connection still gets the same answer; a certificate that names
+    no host raises every time, as a raised error is not remembered): parsing
+    the extensions on every connection costs CPU under many migrations.
+    """
+    return certificateIdentity(x509.load_der_x509_certificate(der))
 
 
 def _describeAddress(address: IAddress) -> str:

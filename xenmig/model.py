@@ -16,6 +16,8 @@ from xenmig.errors import BadSpec
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _KEY = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+#: A control character (below 32, or DEL) in a parameter's value.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Parameter values: printable, no control characters, bounded.
 MAX_VALUE = 4096
 #: Integers (sizes, offsets, parameter values) fit in a signed 64-bit off_t.
@@ -71,7 +73,7 @@ def checkParams(what: str, params: dict[str, Any]) -> dict[str, Any]:
             continue
         if not isinstance(value, str):
             raise BadSpec(f"{what}: parameter {key} must be a string or a number")
-        if len(value) > MAX_VALUE or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        if len(value) > MAX_VALUE or _CONTROL.search(value):
             raise BadSpec(f"{what}: parameter {key} has a bad value")
     return params
 

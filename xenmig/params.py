@@ -117,13 +117,8 @@ class DeviceParams:
 
     @classmethod
     def _parse(cls: type[P], what: str, given: Mapping[str, Any], where: Where) -> P:
-        known = {n: k for n, k in cls.keys().items() if k.where & where}
+        known, fields = _keyTable(cls, where)
         refuseUnknown(what, given, known)
-        fields = {
-            f.metadata["key"].name: f.name
-            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-            if "key" in f.metadata
-        }
         values: dict[str, Any] = {}
         for name, spec in known.items():
             if name in given:
@@ -143,13 +138,39 @@ class DeviceParams:
         """
 
 
+KeyTable = tuple[Mapping[str, Key], Mapping[str, str]]
+_keyTables: dict[tuple[type, Where], KeyTable] = {}
+
+
+def _keyTable(cls: type[DeviceParams], where: Where) -> KeyTable:
+    """
+    The keys of ``cls`` that may be written at ``where``, by parameter name,
+    and the record's field of each parameter name: fixed for a class, so made
+    once rather than at every parse (a spec and a description per device).
+    """
+    table = _keyTables.get((cls, where))
+    if table is None:
+        known = {n: k for n, k in cls.keys().items() if k.where & where}
+        fields = {
+            f.metadata["key"].name: f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if "key" in f.metadata
+        }
+        table = _keyTables[(cls, where)] = (known, fields)
+    return table
+
+
 def refuseUnknown(what: str, given: Iterable[str], known: Iterable[str]) -> None:
     """
     @raise BadSpec: if ``given`` has parameter names not in ``known``, naming
         ``what`` (e.g. ``"vtpm device tpm0"``), each unknown name with the
         nearest known one, and all the known ones.
     """
-    known = sorted(set(known))
+    knownSet = set(known)
+    given = list(given)
+    if knownSet.issuperset(given):
+        return
+    known = sorted(knownSet)
     unknown = sorted(set(given) - set(known))
     if not unknown:
         return

@@ -60,26 +60,15 @@ class MigrationRecord:
         The record of ``session`` as it is now: its status, with ``staging`` if
         given, and the journal's own facts of ``base`` (its previous record).
         """
-        status = session.status()
-        if base is None:
-            record = cls.ofStatus(status)
-        else:
-            record = replace(base, **_statusFields(cls.ofStatus(status)))
-        return record if staging is None else replace(record, staging=tuple(staging))
+        # One construction per phase change (a journal write): no intermediate records.
+        fields = _statusFields(session.status())
+        if staging is not None:
+            fields["staging"] = tuple(staging)
+        return cls(**fields) if base is None else replace(base, **fields)
 
     @classmethod
     def ofStatus(cls, status: MigrationStatus) -> MigrationRecord:
-        return cls(
-            migrationId=status.migrationId,
-            domain=status.domain,
-            phase=Phase(status.phase),
-            peer=status.peer,
-            reason=status.reason,
-            started=status.started,
-            updated=status.updated,
-            devices=status.devices,
-            installed=status.installed,
-        )
+        return cls(**_statusFields(status))
 
     @classmethod
     def refusal(
@@ -250,18 +239,18 @@ class MigrationRecord:
         )
 
 
-def _statusFields(record: MigrationRecord) -> dict[str, Any]:
-    """The fields of ``record`` that come from a session's status."""
+def _statusFields(status: MigrationStatus) -> dict[str, Any]:
+    """The fields of a record that come from a session's status."""
     return {
-        "migrationId": record.migrationId,
-        "domain": record.domain,
-        "phase": record.phase,
-        "peer": record.peer,
-        "reason": record.reason,
-        "started": record.started,
-        "updated": record.updated,
-        "devices": record.devices,
-        "installed": record.installed,
+        "migrationId": status.migrationId,
+        "domain": status.domain,
+        "phase": Phase(status.phase),
+        "peer": status.peer,
+        "reason": status.reason,
+        "started": status.started,
+        "updated": status.updated,
+        "devices": status.devices,
+        "installed": status.installed,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from typing import Any
@@ -75,15 +76,22 @@ def controlSocketInUse(path: str) -> bool:
     cannot be read.  Only then is it worth asking ``ss`` who holds it.
     """
     try:
-        with open("/proc/net/unix") as table:
+        with open("/proc/net/unix", "rb") as table:
             text = table.read()
     except OSError:
         return True
-    # Only the lines naming ``path`` are parsed (a host has thousands of sockets).
-    for line in (each for each in text.splitlines()[1:] if path in each):
-        fields = line.split(maxsplit=7)
-        if len(fields) >= 8 and fields[7] == path and fields[5] == "03":
+    # The kernel writes names as raw bytes; only the lines naming ``path`` are
+    # split (a host has thousands of sockets, and this runs per migration).
+    name = os.fsencode(path)
+    found = text.find(name)
+    while found != -1:
+        start = text.rfind(b"\n", 0, found) + 1
+        end = text.find(b"\n", found)
+        end = len(text) if end == -1 else end
+        fields = text[start:end].split(maxsplit=7)
+        if len(fields) >= 8 and fields[7] == name and fields[5] == b"03":
             return True
+        found = text.find(name, end)
     return False
 
 
