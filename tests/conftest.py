@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +59,17 @@ def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         if subprocess.run(["umount", str(mountpoint)]).returncode != 0:
             subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
         backing.unlink()
+
+
+@pytest.fixture
+def space(xfs: Path, request: Any) -> Iterator[Path]:
+    """A directory of its own on the XFS, emptied afterwards."""
+    directory = xfs / request.node.name
+    directory.mkdir()
+    yield directory
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.unlink()
 
 
 @pytest.fixture

@@ -853,6 +853,30 @@ def test_data_extents_ask_once_per_extent(tmp_path: Any, monkeypatch: Any) -> No
     assert len(calls) == 2
 
 
+def assertDigestsAreTheModels(
+    digests: BlockDigests,
+    model: bytearray,
+    size: int,
+    blockSize: int,
+    irregular: bool,
+) -> None:
+    """
+    The block digests, with the blocks they could not tell (none unless the
+    writes were ``irregular``) hashed from ``model`` as the target reads them
+    back, are the digests of ``model``.
+    """
+    table, unknown = digests.table(size)
+    assert irregular or unknown == []
+    for index in unknown:
+        chunk = bytes(model[index * blockSize : (index + 1) * blockSize])
+        table[index * 32 : (index + 1) * 32] = blake3.blake3(chunk).digest()
+    want = b"".join(
+        blake3.blake3(bytes(model[start : start + blockSize])).digest()
+        for start in range(0, size, blockSize)
+    )
+    assert treeDigest(size, blockSize, table) == treeDigest(size, blockSize, want)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_block_digests_follow_any_records(seed: int) -> None:
     """Whatever records arrive (whole blocks in order, from a block's middle,
@@ -891,16 +915,8 @@ def test_block_digests_follow_any_records(seed: int) -> None:
                 rng.randrange(1, min(3 * blockSize, size - offset) + 1),
                 rng.random() < 0.4,
             )
-    table, unknown = digests.table(size)
-    assert irregular or unknown == []  # whole blocks in order: nothing to read
-    for index in unknown:
-        chunk = bytes(model[index * blockSize : (index + 1) * blockSize])
-        table[index * 32 : (index + 1) * 32] = blake3.blake3(chunk).digest()
-    want = b"".join(
-        blake3.blake3(bytes(model[start : start + blockSize])).digest()
-        for start in range(0, size, blockSize)
-    )
-    assert treeDigest(size, blockSize, table) == treeDigest(size, blockSize, want)
+    # whole blocks in order: nothing to read
+    assertDigestsAreTheModels(digests, model, size, blockSize, irregular)
 
 
 def test_block_digests_of_whole_passes_need_no_reading() -> None:

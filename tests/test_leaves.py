@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest_twisted
 from test_disk import (
     FakeSourceContext,
     PipeWriter,
+    assertDigestsAreTheModels,
     digestOf,
     makeSpec,
     prepare,
@@ -28,7 +28,6 @@ from test_disk import (
 from twisted.internet.defer import succeed
 
 from xenmig.devices.disk import leaves
-from xenmig.devices.disk.blockmap import treeDigest
 from xenmig.devices.disk.imagestaging import BlockDigests, ImageStaging
 from xenmig.devices.disk.source import DiskSource
 from xenmig.records import EndRecord
@@ -46,17 +45,6 @@ def leafhash() -> Any:
             pytest.fail("xenmig.devices.disk._leafhash is not built")
         pytest.skip("xenmig.devices.disk._leafhash is not built (pip install -e .)")
     return leaves.leafhash
-
-
-@pytest.fixture
-def space(xfs: Path, request: Any) -> Iterator[Path]:
-    """A directory of its own on the XFS, emptied afterwards."""
-    directory = xfs / request.node.name
-    directory.mkdir()
-    yield directory
-    for path in directory.rglob("*"):
-        if path.is_file():
-            path.unlink()
 
 
 # -- the tree -------------------------------------------------------------------------
@@ -153,16 +141,7 @@ def test_block_digests_with_leaf_tables(seed: int) -> None:
             if rng.random() < 0.5:  # from a tabled block's start
                 offset = rng.choice(tabled) * blockSize
             write(offset, rng.randrange(1, min(PAGE, size - offset) + 1), False)
-    table, unknown = digests.table(size)
-    assert irregular or unknown == []
-    for index in unknown:
-        chunk = bytes(model[index * blockSize : (index + 1) * blockSize])
-        table[index * 32 : (index + 1) * 32] = blake3.blake3(chunk).digest()
-    want = b"".join(
-        blake3.blake3(bytes(model[start : start + blockSize])).digest()
-        for start in range(0, size, blockSize)
-    )
-    assert treeDigest(size, blockSize, table) == treeDigest(size, blockSize, want)
+    assertDigestsAreTheModels(digests, model, size, blockSize, irregular)
 
 
 def test_a_piece_that_is_not_whole_leaves_retires_the_table() -> None:

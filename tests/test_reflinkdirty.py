@@ -6,9 +6,7 @@ Reflink snapshots as the disk kind's source of changed blocks, on a real XFS
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -37,17 +35,6 @@ from xenmig.model import DeviceSpec
 from xenmig.source.convergence import FixedRounds
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def space(xfs: Path, request: Any) -> Iterator[Path]:
-    """A directory of its own on the XFS, emptied afterwards."""
-    directory = xfs / request.node.name
-    directory.mkdir()
-    yield directory
-    for path in directory.rglob("*"):
-        if path.is_file():
-            path.unlink()
 
 
 def image(path: Path, data: int, size: int) -> Path:
