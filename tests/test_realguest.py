@@ -17,10 +17,11 @@ import pytest
 import pytest_twisted
 from daemons import PKI, Daemon, settled
 from twisted.internet import reactor
+from twisted.internet.testing import StringTransport
 
 from xenmig.demo import linuxguest, realchecks
 from xenmig.demo.realchecks import runsOn
-from xenmig.demo.realvm import KillDuringPrecopy, LinuxQEMU, RealVM
+from xenmig.demo.realvm import Console, KillDuringPrecopy, LinuxQEMU, RealVM
 
 
 def requireGuest() -> None:
@@ -140,3 +141,29 @@ async def test_incomingQEMUKilledBeforeCommit(daemon: Daemon, home: str) -> None
         assert not os.path.exists(vm.targetImage("gone"))
     finally:
         await vm.tearDown()
+
+
+@pytest.mark.parametrize(
+    "source, target, spanned",
+    [
+        ([b"XM SYNC 66\nXM SY", b"NC 67\n"], [b"\nXM SYNC 68\n"], None),
+        ([b"XM SYNC 67\nXM SYNC 6"], [b"8\nXM SYNC 69\n"], 68),
+        ([b"XM SYNC 67\n", b"XM SYN"], [b"C 68\r\nXM SYNC 69\n"], 68),
+        ([b"XM SYNC 67\n"], [b"XM SYNC 68\n"], None),
+        ([b"XM SYNC 67\nXM DIR"], [b"TY 4\nXM SYNC 68\n"], None),
+    ],
+)
+def test_aLineSaidAcrossTheMove(
+    source: list[bytes], target: list[bytes], spanned: int | None
+) -> None:
+    """
+    A record's line the guest began on the source's console and ended on the
+    target's (the VM paused in the middle of it) is found, whole; and only that.
+    """
+    consoles = Console(), Console()
+    for console, chunks in zip(consoles, (source, target), strict=True):
+        console.makeConnection(StringTransport())
+        for chunk in chunks:
+            console.dataReceived(chunk)
+    assert consoles[0].continuedOn(consoles[1]) == spanned
+    assert consoles[0].syncs[-1] == 67

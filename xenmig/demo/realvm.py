@@ -59,13 +59,33 @@ class Console(LineOnlyReceiver):
         self.lines: list[str] = []
         self.syncs: list[int] = []
         self.closed = False
+        #: What came after the last end of line (a line the guest had begun).
+        self.partial = b""
+        #: The first line, whatever it says (the end of a line begun elsewhere).
+        self.first: str | None = None
         #: The last lines, whatever they say (a kernel's last words).
         self.tail: deque[str] = deque(maxlen=30)
         #: When the guest said it rewrote its RAM (``time.monotonic()``).
         self.dirtied: list[float] = []
 
+    def dataReceived(self, data: bytes) -> None:
+        _, ended, rest = data.rpartition(self.delimiter)
+        self.partial = rest if ended else self.partial + rest
+        super().dataReceived(data)
+
+    def continuedOn(self, other: Console) -> int | None:
+        """
+        The record whose ``XM SYNC`` line the guest began here and ended on
+        ``other``'s console (the VM paused in the middle of it), if any.
+        """
+        joined = (self.partial.decode(errors="replace") + (other.first or "")).strip()
+        number = re.fullmatch(r"XM SYNC (\d+)", joined[joined.find("XM ") :])
+        return int(number[1]) if self.partial and number else None
+
     def lineReceived(self, line: bytes) -> None:
         text = line.decode(errors="replace").strip()
+        if self.first is None:
+            self.first = text
         self.tail.append(text)
         at = text.find("XM ")
         if at < 0:
