@@ -300,10 +300,15 @@ class QEMUDirtyBitmap:
             self._strayViews.remove(view)
 
     async def _dropExport(self, qmp: QMPClient, export: str) -> None:
-        """Remove an export and wait until QEMU has (its bitmap is busy till then)."""
+        """
+        Remove an export and wait until QEMU has (its bitmap is busy till then).
+        Its one client, ours, has read what it needed and hung up, but QEMU may
+        not have seen that yet: the export goes "hard", dropping what it still
+        counts as connected, instead of refusing as "still in use".
+        """
         deleted = qmp.waitEvent("BLOCK_EXPORT_DELETED", self.timeout)
         try:
-            await qmp.execute("block-export-del", {"id": export})
+            await qmp.execute("block-export-del", {"id": export, "mode": "hard"})
         except BaseException:
             deleted.addErrback(lambda _: None)
             deleted.cancel()
