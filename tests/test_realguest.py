@@ -20,8 +20,9 @@ from twisted.internet import reactor
 from twisted.internet.testing import StringTransport
 
 from xenmig.demo import linuxguest, realchecks
+from xenmig.demo.console import Console
 from xenmig.demo.realchecks import runsOn
-from xenmig.demo.realvm import Console, KillDuringPrecopy, LinuxQEMU, RealVM
+from xenmig.demo.realvm import KillDuringPrecopy, LinuxQEMU, RealVM
 
 
 def requireGuest() -> None:
