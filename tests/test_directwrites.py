@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from test_disk import PipeWriter, prepare, treeOf
+from test_stagingrace import contentOf
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
@@ -48,19 +49,6 @@ def encoded(records: list[Any]) -> bytes:
     return encodeStreamHeader() + b"".join(
         b"".join(encodeRecord(record)) for record in records
     )
-
-
-def contentOf(size: int, records: list[DataRecord | ZeroRecord]) -> bytes:
-    """What the records make of ``size`` bytes, applied in order."""
-    content = bytearray(size)
-    for record in records:
-        if isinstance(record, DataRecord):
-            content[record.offset : record.offset + len(record.data)] = record.data
-        else:
-            content[record.offset : record.offset + record.length] = bytes(
-                record.length
-            )
-    return bytes(content)
 
 
 def aligned(data: bytes) -> memoryview:

@@ -48,9 +48,12 @@ class Console(LineOnlyReceiver):
         The record whose ``XM SYNC`` line the guest began here and ended on
         ``other``'s console (the VM paused in the middle of it), if any.
         """
+        if not self.partial:
+            return None
         joined = (self.partial.decode(errors="replace") + (other.first or "")).strip()
-        number = re.fullmatch(r"XM SYNC (\d+)", joined[joined.find("XM ") :])
-        return int(number[1]) if self.partial and number else None
+        at = joined.find("XM ")
+        number = re.fullmatch(r"XM SYNC (\d+)", joined[at:]) if at >= 0 else None
+        return int(number[1]) if number else None
 
     def lineReceived(self, line: bytes) -> None:
         text = line.decode(errors="replace").strip()
