@@ -15,8 +15,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from daemons import PKI, Daemon  # noqa: E402
+from faultproxy import FaultProxy  # noqa: E402
 from nethosts import network  # noqa: E402, F401  (namespaced hosts, for any test)
 
+from xenmig.clients.processes import freePort  # noqa: E402
 from xenmig.testing import requirePrograms  # noqa: E402
 
 MiB = 1024 * 1024
@@ -87,3 +89,28 @@ def daemons(tmp_path: Path, certs: PKI) -> Iterator[Callable[..., Daemon]]:
     yield make
     for daemon in made:
         daemon.stop()
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[Callable[[Daemon], FaultProxy]]:
+    """Fault proxies on 127.0.0.1 in front of daemons; all stopped afterwards."""
+    started: list[FaultProxy] = []
+
+    def start(daemon: Daemon) -> FaultProxy:
+        listen = f"127.0.0.1:{freePort()}"
+        control = str(tmp_path / f"proxy{len(started)}.sock")
+        here = os.path.join(os.path.dirname(__file__), "faultproxy.py")
+        process = subprocess.Popen(
+            [sys.executable, here, "--listen", listen, "--connect",
+             f"127.0.0.1:{daemon.port}", "--control", control],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert "ready" in line, line + process.stdout.read()
+        started.append(FaultProxy(process, listen, control))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.stop()

@@ -256,7 +256,8 @@ async def test_streamsBeyondMaxConnectionsWaitTheirTurn(
             for n, path in enumerate(files)
         ]
         lines: list[str] = []
-        client = daemon.client(reactor, onRetry=lines.append)
+        # Each small file on a stream connection of its own (not inline).
+        client = daemon.client(reactor, onRetry=lines.append, inline=False)
         migration = await client.prepare("vm-conn", specs)
         await migration.transfer()
         await migration.commit()

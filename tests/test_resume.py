@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,37 +46,6 @@ RECORD = MiB + 64
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI(tmp_path_factory.mktemp("pki"))
-
-
-def freePort() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture
-def proxies(tmp_path: Path) -> Iterator[Callable[[Daemon], FaultProxy]]:
-    """Fault proxies on 127.0.0.1 in front of daemons; all stopped afterwards."""
-    started: list[FaultProxy] = []
-
-    def start(daemon: Daemon) -> FaultProxy:
-        listen = f"127.0.0.1:{freePort()}"
-        control = str(tmp_path / f"proxy{len(started)}.sock")
-        here = os.path.join(os.path.dirname(__file__), "faultproxy.py")
-        process = subprocess.Popen(
-            [sys.executable, here, "--listen", listen, "--connect",
-             f"127.0.0.1:{daemon.port}", "--control", control],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert "ready" in line, line + process.stdout.read()
-        started.append(FaultProxy(process, listen, control))
-        return started[-1]
-
-    yield start
-    for proxy in started:
-        proxy.stop()
 
 
 def clientThrough(

@@ -49,7 +49,7 @@ async def test_laterConnectionsResumeAsTheSamePeer(
     of the daemon the old ticket is refused and a full handshake serves.
     """
     daemon = await peers(daemons(), "source.test").launch(reactor)
-    client = daemon.client(reactor)
+    client = daemon.client(reactor, inline=False)  # the file on a stream connection
     controls, streams = client.tls.sessions, client.streamEndpoint.context.sessions
     source = denseFile(tmp_path / "source.bin", 4096)
     for n in range(2):

@@ -66,7 +66,9 @@ class Prepare(amp.Command):
     announces the target's connection limits (L{xenmig.limits.AnnouncedLimits};
     an older target leaves them out), within which the source paces itself.
     A source that can resume asks for it (``resume``); a target that grants
-    it says so in its answer (an older one says nothing: no resumption).
+    it says so in its answer (an older one says nothing: no resumption).  A
+    target that takes small states on the control connection (StreamRecords)
+    says up to what size (``inline``: a device's description's size).
     """
 
     commandName = b"xenmig-prepare"
@@ -82,6 +84,7 @@ class Prepare(amp.Command):
         (b"offers", amp.AmpList(_OFFER)),
         (b"limits", JSON(optional=True)),
         (b"resume", amp.Boolean(optional=True)),
+        (b"inline", amp.Integer(optional=True)),
     ]
     errors = WIRE_ERRORS
 
@@ -101,6 +104,27 @@ class OpenStream(amp.Command):
         (b"position", amp.Integer(optional=True)),
         (b"ended", amp.Boolean(optional=True)),
     ]
+    errors = WIRE_ERRORS
+
+
+class StreamRecords(amp.Command):
+    """
+    Part of a small device's stream, on the control connection instead of a
+    stream connection of its own (the target offered it at Prepare:
+    ``inline``): the bytes a stream connection carries after StartStream,
+    from byte ``offset`` of the stream.  Answered once its records are handed
+    to the device: how many bytes of the stream the target has taken.  Asked
+    again with the same offset (its answer was lost), it takes nothing twice.
+    """
+
+    commandName = b"xenmig-stream-records"
+    arguments = [
+        (b"migration_id", amp.Unicode()),
+        (b"device", amp.Unicode()),
+        (b"offset", amp.Integer()),
+        (b"data", amp.String()),
+    ]
+    response = [(b"taken", amp.Integer())]
     errors = WIRE_ERRORS
 
 

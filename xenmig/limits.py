@@ -19,6 +19,11 @@ log = Logger()
 #: and their length prefixes): a little over one 64 KiB value, with room for
 #: the other arguments of the largest command.
 MAX_BOX_BYTES = 192 * 1024
+#: The largest device (by its description's size) whose stream a target
+#: offers to take on the control connection (StreamRecords), and the most
+#: bytes of a stream one StreamRecords carries (an AMP value holds 65,535).
+INLINE_OFFER = 256 * 1024
+INLINE_CHUNK = 60 * 1024
 #: Commands of one control connection being answered at once: a migration of
 #: the documented 64 devices (--max-devices) holds at most one OpenStream or
 #: DeviceReady per device, with as many again for its handlers' requests,

@@ -17,7 +17,13 @@ from xenmig import tls as _tls
 from xenmig.certificates import peerFingerprint, peerIdentity
 from xenmig.errors import Busy, ConfigurationError, NotAuthorized
 from xenmig.interfaces import IMigrationTarget
-from xenmig.limits import MAX_BOX_BYTES, ConnectionGate, ConnectionLimits, bounded
+from xenmig.limits import (
+    INLINE_OFFER,
+    MAX_BOX_BYTES,
+    ConnectionGate,
+    ConnectionLimits,
+    bounded,
+)
 from xenmig.model import SEND_PROTOCOL, DeviceOffer
 from xenmig.responders import StatusResponders, guarded
 from xenmig.streamreceiver import StreamReceiver
@@ -26,7 +32,7 @@ log = Logger()
 
 
 class ResumableTarget(Protocol):
-    """What the commands of resumable sessions need of the target core."""
+    """What the commands of streams and resumable sessions need of the target core."""
 
     def grantResume(self, peer: str, migrationId: str) -> bool: ...
 
@@ -39,6 +45,16 @@ class ResumableTarget(Protocol):
     def streamAttached(self, session: Any, device: str, receiver: Any) -> None: ...
 
     def reattach(self, peer: str, migrationId: str, holder: set[str]) -> str: ...
+
+    async def streamRecords(
+        self,
+        peer: str,
+        migrationId: str,
+        device: str,
+        offset: int,
+        data: bytes,
+        fingerprint: str = "",
+    ) -> int: ...
 
 
 class LocalSending(Protocol):
@@ -308,6 +324,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
             "protocol_version": version,
             "offers": [_offerBox(o) for o in offers],
             "limits": self.announcedLimits(),
+            "inline": INLINE_OFFER,
         }
         if not all(offer.accepted for offer in offers):
             self.prepared.discard(migrationId)  # refused: the id may come again
@@ -321,6 +338,16 @@ class ControlProtocol(StatusResponders, amp.AMP):
         return await self._resuming().openStreamAt(
             self._peer(), migration_id, device, self.fingerprint
         )
+
+    @commands.StreamRecords.responder
+    @guarded
+    async def streamRecords(
+        self, migration_id: str, device: str, offset: int, data: bytes
+    ) -> dict[str, Any]:
+        taken = await self._resuming().streamRecords(
+            self._peer(), migration_id, device, offset, data, self.fingerprint
+        )
+        return {"taken": taken}
 
     @commands.StreamPosition.responder
     @guarded

@@ -74,6 +74,10 @@ class TargetConnection:
         connections (streams reopened, the control connection re-attached),
         tried again within ``resumePolicy``; an older target does not, and a
         broken connection then aborts as it always did.
+    @param inline: send the stream of a small device (no pre-copy, at most
+        the size the target offers at Prepare: a vTPM's, a small file's) on
+        the control connection (StreamRecords), saving a connection and its
+        handshake per device; an older target offers nothing.
 
     It paces itself within the target's L{limits}, which the target
     announces at Prepare: at most L{handshakes} connections being opened at
@@ -93,8 +97,10 @@ class TargetConnection:
         onRetry: Callable[[str], Any] | None = None,
         resume: bool = False,
         resumePolicy: ResumePolicy | None = None,
+        inline: bool = True,
     ) -> None:
         self.reactor = reactor
+        self.inline = inline
         self.host = host
         self.port = port
         self.tls = tls

@@ -59,6 +59,8 @@ class ControlLink:
         self.resumable = resumable
         self.retries = retries or ResumePolicy()
         self.reconnections = 0
+        #: The largest device whose stream the target takes on this connection.
+        self.inline = 0
         self.protocol: amp.AMP | None = None
         #: No more re-establishing (the commit began, or the migration ended).
         self.closing = False
@@ -66,6 +68,15 @@ class ControlLink:
         self._reconnecting: list[Deferred[None]] | None = None
         if protocol is not None:
             self.hold(protocol)
+
+    def granted(self, answer: dict[str, Any]) -> None:
+        """
+        What the target's answer to Prepare grants: resumption (an older
+        target, or one with --reconnect-grace 0, does not resume), and small
+        devices' streams on this connection (L{inline}: up to what size).
+        """
+        self.resumable = bool(answer.get("resume"))
+        self.inline = int(answer.get("inline") or 0)
 
     def hold(self, protocol: amp.AMP) -> None:
         """Speak on ``protocol`` from now on."""

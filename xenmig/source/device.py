@@ -13,12 +13,13 @@ from zope.interface import implementer
 from xenmig.errors import MigrationAborted
 from xenmig.interfaces import IConvergencePolicy, ISourceContext, ISourceDevice
 from xenmig.model import ContentDigest, DeviceDescription, DeviceSpec
+from xenmig.source.inlinestream import InlineStream
 from xenmig.source.resumable import ResumableStream
 from xenmig.source.streamsender import StreamSender
 from xenmig.source.threadedstream import ThreadedStreamSender
 
 #: What a device's stream is written through.
-Sender = StreamSender | ThreadedStreamSender | ResumableStream
+Sender = StreamSender | ThreadedStreamSender | ResumableStream | InlineStream
 
 
 class PeerCalls(Protocol):

@@ -177,8 +177,7 @@ class SourceMigration:
             devices=devices,
             **({"resume": True} if resume else {}),
         )
-        # An older target, or one with --reconnect-grace 0, does not resume.
-        self.link.resumable = bool(answer.get("resume"))
+        self.link.granted(answer)
         self.link.hold(control)
         self.commands.resize(commandSlots(self.client.limits))
         refused = [o for o in answer["offers"] if not o["accepted"]]

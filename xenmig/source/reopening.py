@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
 from xenmig import amp_commands as commands
 from xenmig.errors import StreamInterrupted, StreamStalled
 from xenmig.pump import TokenBucket
 from xenmig.source.controllink import ControlLink
 from xenmig.source.device import DeviceRun
+from xenmig.source.inlinestream import InlineStream, Send
 from xenmig.source.pacing import Slots
 from xenmig.source.resumable import RawStream, ResumableStream, ResumePolicy
 from xenmig.source.stall import watchControl
@@ -38,6 +42,9 @@ async def openDeviceStream(migration: Resuming, run: DeviceRun) -> None:
     # estimate of its bandwidth) keeps little waiting unsent: what waits is
     # sent in the paused window, unknown to that estimate.
     queue = getattr(run.device, "streamQueue", None)
+    if inlined(migration, run):
+        run.sender = InlineStream(run.name, inlineSender(migration, run.name))
+        return
     if migration.link.resumable:
         resumable = run.sender = resumableStream(migration, run.name, queue)
         await resumable.open()
@@ -50,6 +57,44 @@ async def openDeviceStream(migration: Resuming, run: DeviceRun) -> None:
     await migration.client.openStream(
         control, migration.migrationId, plain, migration.commands
     )
+
+
+def inlined(migration: Resuming, run: DeviceRun) -> bool:
+    """
+    Whether ``run``'s stream goes on the control connection: a small device
+    without pre-copy, if the client allows it and the target offered it.
+    """
+    size = run.description.size if run.description is not None else -1
+    allowed = getattr(migration.client, "inline", False)
+    return allowed and not run.device.precopy and 0 <= size <= migration.link.inline
+
+
+def inlineSender(migration: Resuming, device: str) -> Send:
+    """
+    How an L{InlineStream} of ``device`` sends: StreamRecords on the live
+    control connection (one of the migration's command slots), asked again
+    on a new one in a resumable session; paced by the bandwidth limit.
+    """
+    client, link, bucket = migration.client, migration.link, migration._bucket
+
+    async def send(offset: int, data: bytes) -> int:
+        delay = bucket.take(len(data)) if bucket is not None else 0.0
+        if delay > 0:
+            await deferLater(client.reactor, delay, lambda: None)
+        answer = await link.call(
+            client.timeouts.call,
+            f"sending the state of {device}",
+            commands.StreamRecords,
+            migration.commands,
+            again=True,
+            migration_id=migration.migrationId,
+            device=device,
+            offset=offset,
+            data=data,
+        )
+        return int(answer["taken"])
+
+    return lambda offset, data: Deferred.fromCoroutine(send(offset, data))
 
 
 def resumableStream(

@@ -31,6 +31,7 @@ from xenmig.target.context import TargetContext
 from xenmig.target.gate import Release, ResumeGate
 from xenmig.target.history import MigrationHistory
 from xenmig.target.hooks import CommitHook, HookRunner
+from xenmig.target.inline import InlineTarget
 from xenmig.target.journal import Journal
 from xenmig.target.metrics import MigrationMetrics
 from xenmig.target.migrationrecord import MigrationRecord
@@ -46,7 +47,7 @@ log = Logger()
 
 
 @implementer(IMigrationTarget)
-class MigrationTarget(ResumingTarget):
+class MigrationTarget(ResumingTarget, InlineTarget):
     """
     Everything a target host knows about its migrations, behind one face: the
     AMP protocols call it with the peer's identity; it authorizes, admits,
@@ -174,10 +175,7 @@ class MigrationTarget(ResumingTarget):
         devices: list[dict[str, Any]],
         fingerprint: str = "",
     ) -> Deferred[tuple[int, list[DeviceOffer]]]:
-        """
-        Admit a Prepare at once, then open a session if every device is
-        accepted (otherwise refuse them all).  See L{IMigrationTarget.prepare}.
-        """
+        """Admit a Prepare at once; open a session if every device is accepted."""
         started = self.clock.seconds()
         try:
             grant = self.authorize(peer, fingerprint)

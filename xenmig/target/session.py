@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -31,58 +31,25 @@ from xenmig.model import (
     MigrationStatus,
 )
 from xenmig.records import EndRecord, Record, RoundRecord
+from xenmig.target.phases import (
+    DEVICE_TRANSITIONS,
+    FINAL,
+    TRANSITIONS,
+    DeviceState,
+    Phase,
+)
+
+__all__ = [
+    "DEVICE_TRANSITIONS",
+    "FINAL",
+    "TRANSITIONS",
+    "DeviceState",
+    "Phase",
+    "TargetDeviceSlot",
+    "TargetSession",
+]
 
 log = Logger()
-
-
-class Phase(enum.Enum):
-    """The phases of a migration on the target."""
-
-    PREPARED = "PREPARED"
-    RECEIVING = "RECEIVING"
-    READY = "READY"
-    COMMITTING = "COMMITTING"
-    COMMITTED = "COMMITTED"
-    ABORTED = "ABORTED"
-
-
-#: The one transition table: every phase and where it may go.
-TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    Phase.PREPARED: frozenset({Phase.RECEIVING, Phase.ABORTED}),
-    Phase.RECEIVING: frozenset({Phase.READY, Phase.ABORTED}),
-    Phase.READY: frozenset({Phase.COMMITTING, Phase.ABORTED}),
-    Phase.COMMITTING: frozenset({Phase.COMMITTED, Phase.ABORTED}),
-    Phase.COMMITTED: frozenset(),
-    Phase.ABORTED: frozenset(),
-}
-
-#: Phases after which nothing more happens.
-FINAL = frozenset({Phase.COMMITTED, Phase.ABORTED})
-
-
-class DeviceState(enum.Enum):
-    """The states of one device's transfer on the target."""
-
-    ACCEPTED = "ACCEPTED"
-    RECEIVING = "RECEIVING"
-    VERIFYING = "VERIFYING"
-    READY = "READY"
-    COMMITTED = "COMMITTED"
-    ABORTED = "ABORTED"
-    #: Its handler refused it at Prepare: the session never opened, so this
-    #: state appears only in the record of the refused Prepare.
-    REFUSED = "REFUSED"
-
-
-DEVICE_TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
-    DeviceState.ACCEPTED: frozenset({DeviceState.RECEIVING, DeviceState.ABORTED}),
-    DeviceState.RECEIVING: frozenset({DeviceState.VERIFYING, DeviceState.ABORTED}),
-    DeviceState.VERIFYING: frozenset({DeviceState.READY, DeviceState.ABORTED}),
-    DeviceState.READY: frozenset({DeviceState.COMMITTED, DeviceState.ABORTED}),
-    DeviceState.COMMITTED: frozenset(),
-    DeviceState.ABORTED: frozenset(),
-    DeviceState.REFUSED: frozenset(),
-}
 
 
 class TargetDeviceSlot:
@@ -107,6 +74,8 @@ class TargetDeviceSlot:
         #: Records its device took (END included); why its stream broke (resumable).
         self.records = 0
         self.interrupted: str | None = None
+        #: Its stream, when it comes on the control connection (L{InlineStream}).
+        self.inline: Any = None
         self._clock = clock
         self._ready: list[Deferred[ContentDigest]] = []
 
