@@ -58,6 +58,7 @@ class FakeSender:
         self.cut = False
         self.aborted = False
         self.held: list[list[bytes]] = []  # written, not yet on the wire
+        self.bytesWritten = 0
 
     def writeRecord(self, parts: list[bytes]) -> Deferred[None]:
         if self.cut:
@@ -353,3 +354,49 @@ def test_the_old_connection_lost_after_reattach_means_nothing() -> None:
     assert resumption.held("m", new)
     resumption.forget("m")
     assert not clock.getDelayedCalls()
+
+
+def test_a_stall_while_reopening_says_which_step_waits() -> None:
+    """
+    A reopening that never finishes (here the target never answers with a
+    new connection) leaves the stream without progress: the stall the
+    migration's watch reports names the attempt and the step it waits in.
+    """
+    from types import SimpleNamespace
+
+    from xenmig.errors import StreamStalled
+    from xenmig.source.stall import watchStream
+
+    target, clock = FakeTarget(), Clock()
+    hanging: Deferred[tuple[Any, int]] = Deferred()
+    writer, senders = stream(target, clock, initial=0.5, maximum=0.5)
+    run(writer.open())
+    target.refuse = [ConnectionRefusedError("refused")]
+    opener = writer._open
+
+    async def slowOpener() -> tuple[Any, int]:
+        if not target.refuse:
+            writer.step("asking for a token (OpenStream), then connecting")
+            return await hanging
+        return await opener()
+
+    writer._open = slowOpener
+    connection = SimpleNamespace(
+        timeouts=SimpleNamespace(stall=10.0), host="target.test", port=8002,
+        reactor=clock,
+    )  # fmt: skip
+    senders[0].breaks()  # the first attempt is refused, the second hangs
+    assert writer.reopening is not None
+    assert writer.reopening.endswith("s after attempt 1 (refused)")  # jittered
+    watched = watchStream(
+        connection, "d", writer, "pre-copy round 0", writer.writeData(0, b"x")
+    )
+    clock.pump([0.5] * 30)
+    failure = watched.result
+    watched.addErrback(lambda _: None)
+    assert isinstance(failure.value, StreamStalled), failure
+    assert str(failure.value) == (
+        "device d: no progress for 10 s during pre-copy round 0 (stream to target "
+        "target.test:8002; it was being opened again: attempt 2: asking for a "
+        "token (OpenStream), then connecting)"
+    )

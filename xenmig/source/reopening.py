@@ -112,7 +112,9 @@ def resumableStream(
 
     async def opener() -> tuple[RawStream | None, int]:
         sender = client.streamSender(device, migration._bucket, queue)
+        stream.step("waiting for the control connection")
         protocol = await link.current()
+        stream.step("asking for a token (OpenStream), then connecting")
         try:
             answer = await client.openStream(protocol, migrationId, sender, slots)
         except BaseException:
@@ -134,7 +136,7 @@ def resumableStream(
         return int(answer["position"])
 
     retries = getattr(client, "resumePolicy", None) or ResumePolicy()
-    return ResumableStream(
+    stream = ResumableStream(
         device,
         client.reactor,
         opener,
@@ -144,6 +146,7 @@ def resumableStream(
         notice=client.onRetry,
         stall=getattr(client.timeouts, "stall", 0.0),
     )
+    return stream
 
 
 async def deviceReady(migration: Resuming, run: DeviceRun) -> dict[str, Any]:

@@ -152,6 +152,10 @@ class ResumableStream(RecordWriting):
             self._watch = LoopingCall(self._checkStall)
             self._watch.clock = clock
         self._stallSeen: tuple[int, Any] = (-1, None)
+        #: What opening the stream again is doing now, if it is under way
+        #: (a stall's message says it).
+        self.reopening: str | None = None
+        self._attempt = 0
 
     # -- opening ---------------------------------------------------------------------
 
@@ -371,7 +375,7 @@ class ResumableStream(RecordWriting):
         while True:
             attempts += 1
             try:
-                await self._openAndReplay()
+                await self._openAndReplay(attempts)
                 if error is not None:
                     self.reconnections += 1
                 return
@@ -391,14 +395,23 @@ class ResumableStream(RecordWriting):
                     f"the stream of {self.device} could not be opened again ({e}): "
                     f"trying again in {delay:.1f} s"
                 )
+                self.reopening = f"waiting {delay:.1f} s after attempt {attempts} ({e})"
                 await deferLater(self.clock, delay, lambda: None)
+            finally:
+                self.reopening = None
 
     def _tell(self, line: str) -> None:
         log.info("{line}", line=line)
         if self._notice is not None:
             self._notice(line)
 
-    async def _openAndReplay(self) -> None:
+    def step(self, what: str) -> None:
+        """Say what opening the stream (again) is doing now (L{reopening})."""
+        self.reopening = f"attempt {self._attempt}: {what}"
+
+    async def _openAndReplay(self, attempt: int = 1) -> None:
+        self._attempt = attempt
+        self.step("opening")
         sender, taken = await self._open()
         if taken < self._taken or (self._kept and self._kept[0].number > taken):
             since = max(self._taken, self._kept[0].number if self._kept else 0)
@@ -415,6 +428,7 @@ class ResumableStream(RecordWriting):
         handed = self._handed
         index = 0
         while index < len(self._kept):  # written meanwhile: sent too, in order
+            self.step(f"sending record {index + 1} of the {len(self._kept)} kept")
             entry = self._kept[index]
             if entry.number < handed:
                 self.resent += entry.size

@@ -96,9 +96,12 @@ def watchStream(
 
     def stalled() -> StreamStalled:
         where = hostPort(connection.host, connection.port)
+        reopening = getattr(sender, "reopening", None)
         return StreamStalled(
             f"device {device}: no progress for {seconds:g} s during {during}"
-            f" (stream to target {where})"
+            f" (stream to target {where}"
+            + (f"; it was being opened again: {reopening}" if reopening else "")
+            + ")"
         )
 
     return ensureDeferred(
