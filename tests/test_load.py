@@ -22,8 +22,10 @@ from twisted.internet.threads import deferToThread
 
 from xenmig import amp_commands as commands
 from xenmig.errors import Busy
+from xenmig.limits import INLINE_OFFER
 from xenmig.model import DeviceSpec
 from xenmig.source.connection import ClientTimeouts
+from xenmig.source.inlinestream import InlineStream
 
 #: Bounds on each test's own waiting (they take a fraction of this).
 BOUND = 120.0
@@ -81,10 +83,14 @@ def collectLines(process: subprocess.Popen[str], into: list[str]) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_sixtyFourDevicesCommit(certs: PKI, tmp_path: Path) -> None:
-    """A migration of 64 devices (the documented --max-devices) commits by default."""
+    """
+    A migration of 64 devices (the documented --max-devices) commits by default,
+    each on a stream connection of its own (too large to ride the control
+    connection), opened within the handshakes the target announced.
+    """
     daemon = await Daemon(tmp_path / "daemon", certs).launch(reactor)
     try:
-        files = smallFiles(tmp_path / "src", 64)
+        files = smallFiles(tmp_path / "src", 64, INLINE_OFFER + 4096)
         specs = [
             DeviceSpec.parse(f"file:d{n}:path={path},target=d{n}.bin")
             for n, path in enumerate(files)
@@ -95,6 +101,8 @@ async def test_sixtyFourDevicesCommit(certs: PKI, tmp_path: Path) -> None:
         assert client.limits.handshakesPerAddress == 64
         assert client.handshakes.size == 4
         await migration.transfer()
+        runs = migration.devices.values()
+        assert not any(isinstance(run.sender, InlineStream) for run in runs)
         assert len(await migration.commit()) == 64
         print(f"64 devices: committed in {time.monotonic() - started:.2f} s")
         for n, path in enumerate(files):
