@@ -12,7 +12,11 @@ daemon: the vTPM alone migrated by the client API (as host A) into a real
 
 ::
 
-    python bench/bench_vtpm.py [--rounds 20] [--only handler|daemon]
+    python bench/bench_vtpm.py [--rounds 20] [--only handler|daemon] [--keep]
+
+``--keep``: the client keeps each committed migration's control connection for
+the next (``MigrationClient(keepConnections=...)``), as a toolstack that stays
+up would; without it every migration opens its own.
 
 The goal of issue 3: the daemon figure "well under 100 ms".
 """
@@ -117,6 +121,7 @@ async def main(reactor: Any, argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--only", choices=("handler", "daemon"))
+    parser.add_argument("--keep", action="store_true", help="keep connections")
     options = parser.parse_args(argv)
     if shutil.which("swtpm") is None:
         sys.exit("bench_vtpm needs swtpm (apt-get install swtpm)")
@@ -134,7 +139,7 @@ async def main(reactor: Any, argv: list[str]) -> None:
             finally:
                 await source.stop()
         if options.only in (None, "daemon"):
-            await benchDaemon(reactor, work, options.rounds)
+            await benchDaemon(reactor, work, options.rounds, options.keep)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -218,8 +223,9 @@ async def daemonRound(
     return result
 
 
-async def benchDaemon(reactor: Any, work: str, rounds: int) -> None:
+async def benchDaemon(reactor: Any, work: str, rounds: int, keep: bool) -> None:
     daemon, client, root = await startDaemon(reactor, work)
+    client.idle.seconds = 30.0 if keep else 0.0
     try:
         for mode in ("ctrl", "statedir"):
             await daemonRound(reactor, client, work, root, mode, -1)  # warm-up
@@ -228,7 +234,8 @@ async def benchDaemon(reactor: Any, work: str, rounds: int) -> None:
                 for n in range(rounds)
             ]
             print(
-                f"through a running daemon, mutual TLS on loopback, target-{mode}: "
+                f"through a running daemon, mutual TLS on loopback, target-{mode}"
+                f"{', connection kept' if keep else ''}: "
                 f"{rounds} rounds, milliseconds (median / min / max)"
             )
             for key in (*DAEMON_PHASES, "paused", "total"):
@@ -241,6 +248,7 @@ async def benchDaemon(reactor: Any, work: str, rounds: int) -> None:
             verdict = "met" if median < GOAL_MS else "MISSED"
             print(f"  goal: Prepare to Commit under {GOAL_MS} ms (median): {verdict}")
     finally:
+        client.closeIdle()
         await daemon.stop()
 
 

@@ -31,6 +31,7 @@ from xenmig.limits import AnnouncedLimits
 from xenmig.model import DeviceDescription, DeviceSpec, RoundResult
 from xenmig.source.connection import ClientTimeouts
 from xenmig.source.convergence import FixedRounds
+from xenmig.source.idlepool import IdleConnections
 from xenmig.source.migration import SourceMigration
 from xenmig.source.phase import FINAL, TRANSITIONS, Phase, leadingTo
 from xenmig.testing import MemoryKind, MemorySource
@@ -92,6 +93,7 @@ class FakeClient:
         self.retries: Counter[str] = Counter()
         self.kinds = kinds
         self.sent: list[tuple[bytes, dict[str, Any]]] = []
+        self.idle = IdleConnections(self.reactor, 0, self.hangUp)  # keeps none
         self.answers: dict[type, Answer] = {
             commands.Prepare: self._offers,
             commands.OpenStream: lambda kw: {"token": b"token"},

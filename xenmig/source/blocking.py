@@ -254,7 +254,12 @@ class BlockingMigrationClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pass
+        self.close()
+
+    def close(self) -> None:
+        """Hang up the control connections kept for later migrations (if any)."""
+        if len(self._client.idle):
+            self._thread.call(self._client.closeIdle)
 
     def prepare(
         self,

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.protocols import amp
@@ -24,6 +25,7 @@ from xenmig.model import DEFAULT_PORT
 from xenmig.plugins import LazyKinds
 from xenmig.pump import TokenBucket
 from xenmig.source.backoff import CONNECTING_FAILURES, NotConnected, whileBusy
+from xenmig.source.idlepool import IdleConnections
 from xenmig.source.pacing import Slots, handshakeSlots
 from xenmig.source.resumable import ResumePolicy
 from xenmig.source.streamsender import StreamSender
@@ -78,6 +80,10 @@ class TargetConnection:
         the size the target offers at Prepare: a vTPM's, a small file's) on
         the control connection (StreamRecords), saving a connection and its
         handshake per device; an older target offers nothing.
+    @param keepConnections: keep the control connection of a migration that
+        committed open for this many seconds, for the next Prepare to the same
+        daemon (L{xenmig.source.idlepool}); 0: close it.  Call L{closeIdle}
+        before dropping the client.
 
     It paces itself within the target's L{limits}, which the target
     announces at Prepare: at most L{handshakes} connections being opened at
@@ -98,9 +104,11 @@ class TargetConnection:
         resume: bool = False,
         resumePolicy: ResumePolicy | None = None,
         inline: bool = True,
+        keepConnections: float = 0.0,
     ) -> None:
         self.reactor = reactor
         self.inline = inline
+        self.idle = IdleConnections(reactor, keepConnections, self.hangUp)
         self.host = host
         self.port = port
         self.tls = tls
@@ -223,6 +231,10 @@ class TargetConnection:
         if sessions is not None and handle is not None:
             sessions.keep(handle())
 
+    def closeIdle(self) -> None:
+        """Hang up the control connections kept for the next migrations."""
+        self.idle.close()
+
     def hangUp(self, protocol: amp.AMP | None, abort: bool = False) -> None:
         """Close an AMP connection, unless it is gone (AMP then drops its transport)."""
         transport: Any = protocol.transport if protocol is not None else None
@@ -242,14 +254,22 @@ class TargetConnection:
         client now paces itself within.
         """
 
-        control: ControlClient | None = None
+        control: ControlClient | None = self.idle.take()
+        kept = control is not None
 
         async def once() -> tuple[amp.AMP, dict[str, Any]]:
-            nonlocal control
+            nonlocal control, kept
             if control is None or control.lost:  # closed after BUSY: a new one
-                control = await self.connectOrRetry()
+                control, kept = await self.connectOrRetry(), False
             try:
                 return control, await self.call(control, commands.Prepare, **kw)
+            except ConnectionClosed as e:
+                self.hangUp(control)
+                control = None
+                if kept:  # a kept connection that had gone: a new one
+                    kept = False
+                    raise NotConnected(e) from e
+                raise
             except Busy as e:
                 # The target did nothing: the connection serves the next
                 # attempt, unless the target is closing it (--max-connections).

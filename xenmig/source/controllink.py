@@ -84,10 +84,17 @@ class ControlLink:
         if self.resumable and hasattr(protocol, "onLost"):
             protocol.onLost = lambda: self._lost(protocol)
 
-    def close(self) -> None:
-        """Hang up for good."""
+    def close(self, committed: bool = False) -> None:
+        """
+        Hang up for good; or, once the migration ``committed``, give the
+        connection back to the client, which may keep it for its next one.
+        """
         self.closing = True
-        self.client.hangUp(self.protocol)
+        if committed:
+            self.client.idle.keep(self.protocol)
+            self.protocol = None
+        else:
+            self.client.hangUp(self.protocol)
 
     def _lost(self, protocol: amp.AMP) -> None:
         if protocol is not self.protocol or self.closing:

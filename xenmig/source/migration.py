@@ -346,16 +346,16 @@ class SourceMigration:
                 commands.Commit,
                 migration_id=self.migrationId,
             )
-            installed = installedIn(answer)
+            installed, answered = installedIn(answer), True
         except (CommitFailed, MigrationAborted) as e:
             await self._failed(e)
             raise
         except Exception as e:
-            installed = await self._resolveDoubt(e)
+            installed, answered = await self._resolveDoubt(e), False
         self._moveTo(Phase.COMMITTED)
         self._mark("committed")
         self.installed = installed
-        await self._release()
+        await self._release(answered)
         return installed
 
     async def _resolveDoubt(self, error: BaseException) -> list[str]:
@@ -379,8 +379,8 @@ class SourceMigration:
         self._moveTo(Phase.IN_DOUBT)
         raise stillInDoubt(self.migrationId, str(status["phase"]), error)
 
-    async def _release(self) -> None:
-        self.link.close()
+    async def _release(self, answered: bool) -> None:
+        self.link.close(committed=answered)  # kept for the next, if answered
         await self._everyDevice("release")
 
     async def _everyDevice(self, step: str) -> None:
