@@ -402,3 +402,27 @@ async def test_unfit_certificate_is_said_to_every_caller(tmp_path: Path) -> None
             f"pki issue does)",
         }
     ]
+
+
+def test_the_daemon_keeps_its_connection_for_the_next(
+    hosts: tuple[Daemon, Daemon], proxies: Any, tmp_path: Path
+) -> None:
+    """
+    Two migrations sent by the daemon to one target, a moment apart: the
+    second rides the control connection the first left open (the state
+    inline on it too), so the target sees one connection for both.
+    """
+    source, target = hosts
+    proxy = proxies(target)
+    original = tmp_path / "state.bin"
+    original.write_bytes(os.urandom(4096))
+    for n in range(2):
+        installed = target.dest / f"kept-{n}.bin"
+        done = xenmig(
+            "migrate", "--via-daemon", str(source.stateDir), "--target", proxy.listen,
+            "--device", f"file:blob:path={original},target={installed}",
+            "--domain", f"vm-kept-{n}",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert hashFile(installed) == hashFile(original)
+    assert proxy.stats()["connections"] == 1

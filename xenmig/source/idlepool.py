@@ -31,13 +31,13 @@ class IdleConnections:
         self,
         clock: IReactorTime,
         seconds: float,
-        hangUp: Callable[[Any], None],
+        hangUp: Callable[[Any], None] | None = None,
         uses: int = USES,
     ) -> None:
         self.clock = clock
         self.seconds = seconds
         self.uses = uses
-        self._hangUp = hangUp
+        self._hangUp = hangUp or _loseConnection
         self._kept: list[tuple[Any, IDelayedCall]] = []
         #: Migrations each kept or taken connection has served (by connection).
         self._served: dict[int, int] = {}
@@ -83,3 +83,9 @@ class IdleConnections:
         self._kept = [(p, e) for p, e in self._kept if p is not protocol]
         self._served.pop(id(protocol), None)
         self._hangUp(protocol)
+
+
+def _loseConnection(protocol: Any) -> None:
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        transport.loseConnection()

@@ -99,6 +99,11 @@ class ForwardedConsole:
             self.emit({"type": "report", "text": text})
 
 
+#: Seconds the daemon keeps a committed migration's connection to its target
+#: for the next one it sends there (the target closes idle ones after 300 s).
+KEEP = 30.0
+
+
 class LocalSender:
     """
     Sends migrations for the local socket's callers as this host: the client
@@ -121,6 +126,9 @@ class LocalSender:
         self.authorities = authorities
         self.cert, self.ca = files
         self.problem = problem
+        #: The control connections its migrations left open, by target and
+        #: the TLS checks they passed (address, port, server name, pins).
+        self.kept: dict[tuple[Any, ...], Any] = {}
 
     @classmethod
     def forDaemon(cls, options: Any, reactor: Any) -> LocalSender:
@@ -164,6 +172,20 @@ class LocalSender:
         run = LocalSend(self, options, emit)
         run.done = Deferred.fromCoroutine(run.run())
         return run
+
+    def keptFor(self, args: argparse.Namespace) -> Any:
+        """
+        The control connections kept (L{KEEP} seconds) to ``args``'s target
+        by earlier migrations that passed the same TLS checks: the next
+        migration there opens none.
+        """
+        from xenmig.source.idlepool import IdleConnections
+
+        host, port = args.target
+        key = (host, port, args.server_name, tuple(sorted(args.pin_sha256)))
+        if key not in self.kept:
+            self.kept[key] = IdleConnections(self.reactor, KEEP)
+        return self.kept[key]
 
     def tlsFor(self, args: argparse.Namespace) -> dict[str, Any]:
         """L{MigrationClient}'s TLS keyword arguments, as this host."""
@@ -209,6 +231,7 @@ class LocalSend:
                 ForwardedDisplay(reactor, self.emit, bars),
                 ForwardedConsole(self.emit),
                 reached,
+                sender.keptFor(args),
             )
         except (UsageError, ConfigurationError, BadSpec) as e:
             self._refused(e)

@@ -22,11 +22,14 @@ def buildCommand(
     display: Any,
     console: Any = None,
     reached: Reach | None = None,
+    idle: Any = None,
 ) -> Any:
     """
     Check ``migrate``'s options, then make its L{MigrateCommand} (to ``run``):
     ``tls()`` gives the client's TLS keyword arguments, ``display`` shows the
-    progress, ``console`` speaks to the operator (see L{MigrateCommand}).
+    progress, ``console`` speaks to the operator (see L{MigrateCommand});
+    ``idle``, the control connections kept to this target by earlier
+    migrations (L{xenmig.source.idlepool.IdleConnections}), if any.
 
     @raise UsageError, BadSpec, ConfigurationError: one line naming the option.
     """
@@ -80,6 +83,8 @@ def buildCommand(
         resumePolicy=ResumePolicy(seconds=args.reconnect_timeout),
         **tls(),
     )
+    if idle is not None:
+        client.idle = idle
     migrationId = args.migration_id or uuid.uuid4().hex
     migration = SourceMigration(
         client, args.domain, migrationId, bandwidth=args.bandwidth
