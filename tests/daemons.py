@@ -358,16 +358,20 @@ class Daemon:
 
     # -- talking to it ---------------------------------------------------------------
 
-    def client(self, reactor: Any, tlsOptions: Any = None, **kw: Any) -> Any:
+    def client(
+        self, reactor: Any, tlsOptions: Any = None, port: int | None = None, **kw: Any
+    ) -> Any:
         """
         A MigrationClient for this daemon, as ``source.test`` by default, with
-        threaded streams (as the command line) unless other options are given.
+        threaded streams (as the command line) unless other options are given;
+        reaching it on ``port`` (a fault proxy's) if given.
         """
         if tlsOptions is None:
             tlsOptions = self.pki.clientTLS()
             kw.setdefault("sslContext", self.pki.clientSSL())
             kw.setdefault("serverName", "127.0.0.1")
-        return MigrationClient(reactor, "127.0.0.1", self.port, tls=tlsOptions, **kw)
+        port = port or self.port
+        return MigrationClient(reactor, "127.0.0.1", port, tls=tlsOptions, **kw)
 
     async def local(self, reactor: Any, command: type, **kw: Any) -> dict[str, Any]:
         """One AMP call on the daemon's local (owner-only) socket."""
@@ -426,6 +430,17 @@ def _tree(root: Path) -> list[str]:
 
 
 # -- state files -----------------------------------------------------------------------
+
+
+async def migrateFile(
+    client: Any, source: Path, target: Path | str, domain: str = "vm1"
+) -> Any:
+    """One ``file`` device ``blob`` migrated: prepared, sent, committed."""
+    spec = DeviceSpec.parse(f"file:blob:path={source},target={target}")
+    migration = await client.prepare(domain, [spec])
+    await migration.transfer()
+    await migration.commit()
+    return migration
 
 
 def denseFile(path: Path, size: int) -> Path:

@@ -393,6 +393,11 @@ class FaultProxy:
         self.listen = listen
         self.controlPath = control
 
+    @property
+    def port(self) -> int:
+        """The port it accepts on."""
+        return int(self.listen.rsplit(":", 1)[1])
+
     @classmethod
     def start(cls, network: Any, listen: str, connect: str, control: str) -> FaultProxy:
         """Run a proxy in ``network``'s router, wait until it is ready."""

@@ -20,7 +20,7 @@ from twisted.internet.threads import deferToThread
 sys.path.insert(0, os.path.dirname(__file__))
 
 import test_protocol  # noqa: E402
-from daemons import PKI, Daemon, denseFile, settled  # noqa: E402
+from daemons import PKI, Daemon, denseFile, migrateFile, settled  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 from test_protocol import call, connect, device, openStream  # noqa: E402
 
@@ -28,13 +28,11 @@ from xenmig import amp_commands as commands  # noqa: E402
 from xenmig.digest import hashBytes, hashFile  # noqa: E402
 from xenmig.errors import MigrationAborted, StreamError  # noqa: E402
 from xenmig.limits import INLINE_CHUNK, INLINE_OFFER  # noqa: E402
-from xenmig.model import DeviceSpec  # noqa: E402
 from xenmig.records import (  # noqa: E402
     encodeData,
     encodeEnd,
     encodeStreamHeader,
 )
-from xenmig.source.client import MigrationClient  # noqa: E402
 from xenmig.source.connection import ClientTimeouts  # noqa: E402
 from xenmig.source.inlinestream import InlineStream  # noqa: E402
 from xenmig.source.resumable import ResumePolicy  # noqa: E402
@@ -190,26 +188,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI(tmp_path_factory.mktemp("pki"))
 
 
-def clientThrough(daemon: Daemon, proxy: FaultProxy, **kw: Any) -> MigrationClient:
-    """A client of ``daemon`` reaching it through ``proxy``."""
-    return MigrationClient(
-        reactor,
-        "127.0.0.1",
-        int(proxy.listen.rsplit(":", 1)[1]),
-        tls=daemon.pki.clientTLS(),
-        sslContext=daemon.pki.clientSSL(),
-        serverName="127.0.0.1",
-        timeouts=ClientTimeouts(connect=5.0, call=10.0, commit=10.0),
-        **kw,
-    )
-
-
-async def migrateFile(client: MigrationClient, image: Path, destination: Path) -> Any:
-    spec = DeviceSpec.parse(f"file:f0:path={image},target={destination}")
-    migration = await client.prepare("vm1", [spec])
-    await migration.transfer()
-    await migration.commit()
-    return migration
+#: Time-outs for a loaded machine, the same for every client here.
+TIMEOUTS = ClientTimeouts(connect=5.0, call=10.0, commit=10.0)
 
 
 @pytest.mark.parametrize(
@@ -239,11 +219,11 @@ async def test_connections_a_migration_opens(
     proxy = proxies(daemon)
     image = denseFile(tmp_path / "vm.state", size)
     destination = daemon.dest / "vm.state"
-    client = clientThrough(daemon, proxy, inline=inline)
+    client = daemon.client(reactor, port=proxy.port, timeouts=TIMEOUTS, inline=inline)
     migration = await migrateFile(client, image, destination)
 
     assert hashFile(str(destination)) == hashFile(str(image))
-    sender = migration.devices["f0"].sender
+    sender = migration.devices["blob"].sender
     assert isinstance(sender, InlineStream) is (connections == 1)
     stats = await deferToThread(proxy.stats)
     assert stats["connections"] == connections
@@ -269,11 +249,13 @@ async def test_control_connection_cut_mid_state(
     # bit pieces) needs three connections.
     await deferToThread(proxy.call, op="set", reset_after=100 * 1024, directions=["up"])
     policy = ResumePolicy(seconds=20, initial=0.05, maximum=0.2)
-    client = clientThrough(daemon, proxy, resume=True, resumePolicy=policy)
+    client = daemon.client(
+        reactor, port=proxy.port, timeouts=TIMEOUTS, resume=True, resumePolicy=policy
+    )
     migration = await migrateFile(client, image, destination)
 
     assert hashFile(str(destination)) == hashFile(str(image))
-    assert isinstance(migration.devices["f0"].sender, InlineStream)
+    assert isinstance(migration.devices["blob"].sender, InlineStream)
     stats = await deferToThread(proxy.stats)
     assert stats["resets"] >= 2
     assert migration.report()["reconnections"]["control"] >= 2

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from daemons import PKI, Daemon, denseFile, settled  # noqa: E402
+from daemons import PKI, Daemon, denseFile, migrateFile, settled  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 
 from xenmig import amp_commands as commands  # noqa: E402
@@ -122,25 +122,14 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI(tmp_path_factory.mktemp("pki"))
 
 
-def clientThrough(daemon: Daemon, proxy: FaultProxy, **kw: Any) -> MigrationClient:
-    return MigrationClient(
-        reactor,
-        "127.0.0.1",
-        int(proxy.listen.rsplit(":", 1)[1]),
-        tls=daemon.pki.clientTLS(),
-        sslContext=daemon.pki.clientSSL(),
-        serverName="127.0.0.1",
-        timeouts=ClientTimeouts(connect=5.0, call=10.0, commit=10.0),
-        **kw,
+#: Time-outs for a loaded machine, the same for every client here.
+TIMEOUTS = ClientTimeouts(connect=5.0, call=10.0, commit=10.0)
+
+
+def clientThrough(daemon: Daemon, proxy: FaultProxy, keep: float) -> Any:
+    return daemon.client(
+        reactor, port=proxy.port, timeouts=TIMEOUTS, keepConnections=keep
     )
-
-
-async def migrate(client: MigrationClient, source: Path, target: Path, vm: str) -> Any:
-    spec = DeviceSpec.parse(f"file:f0:path={source},target={target}")
-    migration = await client.prepare(vm, [spec])
-    await migration.transfer()
-    await migration.commit()
-    return migration
 
 
 @pytest.mark.parametrize(("keep", "connections"), [(30.0, 1), (0.0, 3)])
@@ -160,10 +149,10 @@ async def test_later_migrations_reuse_the_connection(
     daemon = await daemons().launch(reactor)
     proxy = proxies(daemon)
     source = denseFile(tmp_path / "state.bin", 64 * 1024)
-    client = clientThrough(daemon, proxy, keepConnections=keep)
+    client = clientThrough(daemon, proxy, keep)
     for n in range(3):
         target = daemon.dest / f"state{n}.bin"
-        migration = await migrate(client, source, target, f"vm{n}")
+        migration = await migrateFile(client, source, target, f"vm{n}")
         assert hashFile(str(target)) == hashFile(str(source))
         status = await client.query(migration.migrationId)
         assert status["phase"] == "COMMITTED"
@@ -185,12 +174,12 @@ async def test_an_aborted_migrations_connection_is_not_kept(
     daemon = await daemons().launch(reactor)
     proxy = proxies(daemon)
     source = denseFile(tmp_path / "state.bin", 4096)
-    client = clientThrough(daemon, proxy, keepConnections=30)
+    client = clientThrough(daemon, proxy, 30)
     spec = DeviceSpec.parse(f"file:f0:path={source},target=aborted.bin")
     aborted = await client.prepare("vm-a", [spec])
     await aborted.abort("the toolstack changed its mind")
     assert len(client.idle) == 0
-    await migrate(client, source, daemon.dest / "kept.bin", "vm-b")
+    await migrateFile(client, source, daemon.dest / "kept.bin", "vm-b")
     with pytest.raises(MigrationAborted, match="changed its mind"):
         await aborted.commit()
     assert not (daemon.dest / "aborted.bin").exists()
@@ -210,11 +199,11 @@ async def test_a_daemon_restarted_meanwhile_costs_a_new_connection(
     daemon = await daemons().launch(reactor)
     source = denseFile(tmp_path / "state.bin", 4096)
     client = daemon.client(reactor, keepConnections=30)
-    await migrate(client, source, daemon.dest / "one.bin", "vm1")
+    await migrateFile(client, source, daemon.dest / "one.bin", "vm1")
     assert len(client.idle) == 1
     daemon.stop()
     await daemon.launch(reactor)
-    await migrate(client, source, daemon.dest / "two.bin", "vm2")
+    await migrateFile(client, source, daemon.dest / "two.bin", "vm2")
     assert (daemon.dest / "two.bin").read_bytes() == source.read_bytes()
     client.closeIdle()
     await settled(reactor)

@@ -54,16 +54,9 @@ def clientThrough(
 ) -> MigrationClient:
     """A resumable client of ``daemon`` that reaches it through ``proxy``."""
     kw.setdefault("timeouts", ClientTimeouts(connect=1.0, call=5.0, commit=5.0))
-    return MigrationClient(
-        reactor,
-        "127.0.0.1",
-        int(proxy.listen.rsplit(":", 1)[1]),
-        tls=daemon.pki.clientTLS(),
-        sslContext=daemon.pki.clientSSL(),
-        serverName="127.0.0.1",
-        resume=True,
-        resumePolicy=ResumePolicy(seconds=seconds, maximum=1.0, window=WINDOW),
-        **kw,
+    policy = ResumePolicy(seconds=seconds, maximum=1.0, window=WINDOW)
+    return daemon.client(
+        reactor, port=proxy.port, resume=True, resumePolicy=policy, **kw
     )
 
 

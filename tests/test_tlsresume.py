@@ -9,11 +9,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from tests.daemons import PKI, Daemon, denseFile, settled
+from tests.daemons import PKI, Daemon, denseFile, migrateFile, settled
 from xenmig.cli import pki
 from xenmig.digest import hashFile
 from xenmig.errors import NotAuthorized
-from xenmig.model import DeviceSpec
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +27,6 @@ def peers(daemon: Daemon, identity: str) -> Daemon:
     path.write_text(f"[[peer]]\nidentity = '{identity}'\n")
     daemon.extra += ["--peers", str(path)]
     return daemon
-
-
-async def migrate(client: object, source: Path, target: str, vm: str) -> object:
-    spec = DeviceSpec.parse(f"file:blob:path={source},target={target}")
-    migration = await client.prepare(vm, [spec])  # type: ignore[attr-defined]
-    await migration.transfer()
-    await migration.commit()
-    return migration
 
 
 @pytest_twisted.ensureDeferred
@@ -53,7 +44,7 @@ async def test_laterConnectionsResumeAsTheSamePeer(
     controls, streams = client.tls.sessions, client.streamEndpoint.context.sessions
     source = denseFile(tmp_path / "source.bin", 4096)
     for n in range(2):
-        migration = await migrate(client, source, f"x{n}.bin", f"vm{n}")
+        migration = await migrateFile(client, source, f"x{n}.bin", f"vm{n}")
         assert hashFile(str(daemon.dest / f"x{n}.bin")) == hashFile(str(source))
         status = await client.query(migration.migrationId)  # type: ignore[attr-defined]
         assert status["peer"] == "source.test" and status["phase"] == "COMMITTED"
@@ -61,9 +52,9 @@ async def test_laterConnectionsResumeAsTheSamePeer(
     assert controls.resumed == 3 and streams.resumed == 1
     daemon.stop()
     await daemon.launch(reactor)
-    await migrate(client, source, "x2.bin", "vm2")
+    await migrateFile(client, source, "x2.bin", "vm2")
     assert controls.resumed == 3 and streams.resumed == 1  # full handshakes
-    await migrate(client, source, "x3.bin", "vm3")
+    await migrateFile(client, source, "x3.bin", "vm3")
     assert controls.resumed == 4 and streams.resumed == 2
     await settled(reactor)
 
