@@ -224,6 +224,8 @@ SCRIPT = textwrap.dedent(
             [hooks.migrate(c, True, "127.0.0.1", step, "vm-xend") for c in ("a", "b")]
         )
     results["installed"] = hooks.commit("vm-xend")
+    client = connect("127.0.0.1")
+    results["kept"] = [client is connect("127.0.0.1"), len(client._client.idle)]
     results["report"] = hooks.report("vm-xend")
     results["restored"] = awaitRestored(
         "vm-xend", stateDir, 30, results["report"]["migration_id"]
@@ -276,6 +278,8 @@ def test_xendSequenceThroughADaemon(daemon: Daemon, tmp_path: Path) -> None:
     assert hashFile(str(daemon.dest / "a")) == hashFile(str(first))
     assert results["refused"] == -1
     assert "outside the allowed roots" in results["reason"]
+    # One client per host, keeping the committed migration's connection.
+    assert results["kept"] == [True, 1]
 
 
 # -- the example of doc/toolstacks.md ------------------------------------------------

@@ -337,13 +337,16 @@ def tlsConnector(
     key: str | None = None,
     port: int = DEFAULT_PORT,
     resume: bool = True,
+    keep: float = 30.0,
 ) -> Callable[[str], Any]:
     """
     A ``connect`` for L{XendMigrationHooks}: a blocking client for a host name
     over mutual TLS, with this host's certificate (the files are read now).
     Its state streams send from their own threads; with ``resume`` (the
     default, as with the command line) a broken link is reconnected within
-    the client's grace instead of ending the migration.
+    the client's grace instead of ending the migration.  One client per host,
+    made at its first migration: it keeps a committed migration's control
+    connection ``keep`` seconds for the next one there (0: none).
     """
     from xenmig import tls
     from xenmig.source.blocking import BlockingMigrationClient
@@ -352,9 +355,17 @@ def tlsConnector(
     identity = tls.loadIdentity(cert, key)
     authorities = tls.loadAuthority(ca)
 
+    clients: dict[str, BlockingMigrationClient] = {}
+    lock = threading.Lock()
+
     def connect(host: str) -> BlockingMigrationClient:
-        arguments = tlsArguments(host, identity, authorities)
-        return BlockingMigrationClient(host, port, **arguments, resume=resume)
+        with lock:
+            if host not in clients:
+                arguments = tlsArguments(host, identity, authorities)
+                clients[host] = BlockingMigrationClient(
+                    host, port, **arguments, resume=resume, keepConnections=keep
+                )
+            return clients[host]
 
     return connect
 
