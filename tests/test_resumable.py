@@ -287,6 +287,56 @@ def test_reopening_cuts_the_old_stream_and_answers_the_position() -> None:
     )
 
 
+def test_a_stream_whose_receiver_is_gone_is_reopened_at_once() -> None:
+    """
+    A stream still marked streaming whose receiver nobody holds any more (its
+    connection went without a word) is taken as lost when it is opened
+    again, instead of waiting the settle time-out for a word that cannot
+    come (each OpenStream then waited 30 s: 60 s for two, a source's stall).
+    """
+    clock = Clock()
+    resumption = Resumption(clock, 5.0)
+    s = session(clock, resumption)
+    s.streamStarted("d")
+    resumption.attached(s, "d", Receiver(s))  # held by nothing: collected
+    gc.collect()
+    s.recordReceived("d", DataRecord(0, b"ab"))
+    position, ended = run(resumption.reopen(s, "d"))
+    assert (position, ended) == (1, False)
+    s.streamStarted("d")  # the new stream
+    assert s.devices["d"].streaming and s.phase is Phase.RECEIVING
+
+
+def test_a_stream_that_will_not_let_go_says_why() -> None:
+    """The old stream's receiver still busy after the settle time-out: the
+    OpenStream fails naming what it waits for."""
+    from xenmig.errors import PhaseTimeout
+    from xenmig.target.resumption import SETTLE_TIMEOUT
+
+    class Busy(Receiver):
+        def abortConnection(self) -> None:
+            self.cut = True  # its device still takes a record: no word yet
+
+        def holding(self) -> str:
+            return "its device has not finished taking a record"
+
+    clock = Clock()
+    resumption = Resumption(clock, 5.0)
+    s = session(clock, resumption)
+    s.streamStarted("d")
+    receiver = Busy(s)
+    resumption.attached(s, "d", receiver)
+    reopening = Deferred.fromCoroutine(resumption.reopen(s, "d"))
+    clock.advance(SETTLE_TIMEOUT)
+    with pytest.raises(PhaseTimeout) as caught:
+        run(reopening)
+    assert str(caught.value) == (
+        f"the old stream of device d did not let go within {SETTLE_TIMEOUT:g} s: "
+        "its device has not finished taking a record"
+    )
+    assert receiver.cut
+
+
 def test_a_finished_streams_receiver_is_not_kept() -> None:
     """The resumption holds a stream's receiver only while something else does
     (its connection): a finished stream's buffers are not kept until the

@@ -78,13 +78,16 @@ def test_target_keepalive_suspends_the_stall(target, clock) -> None:  # noqa: F8
 
 
 def test_target_paused_device_suspends_the_stall(target, clock, kind) -> None:  # noqa: F811
-    """While the device holds the stream, its slowness is not a stall."""
+    """While the device holds the stream, its slowness is not a stall (and
+    what holds the stream is said, for a reopening that waits on it)."""
     protocol, transport, session = receiver(target)
+    assert protocol.holding() == "its connection has not closed"
     kind.targets[0].hold = Deferred()
     protocol.dataReceived(encodeStreamHeader() + b"".join(encodeData(0, b"a" * 10)))
     assert transport.producerState == "paused"
     clock.advance(10)
     assert session.phase is Phase.RECEIVING
+    assert protocol.holding() == "its device has not finished taking a record"
     hold, kind.targets[0].hold = kind.targets[0].hold, None
     hold.callback(None)
     clock.advance(3.1)

@@ -251,6 +251,16 @@ class StreamReceiver(Protocol, TimeoutMixin):
             )
         )
 
+    def holding(self) -> str:
+        """What keeps this stream from ending now, for a message ("": nothing)."""
+        if self._waiting is not None:
+            return "its device has not finished taking a record"
+        if self._held or self._throttled is not None:
+            return "it waits out the daemon's bandwidth limit"
+        if self._gone is None:
+            return "its connection has not closed"
+        return ""
+
     # -- records -----------------------------------------------------------------------
 
     def _drain(self) -> None:

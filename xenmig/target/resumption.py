@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from xenmig.errors import InvalidTransition, StreamInterrupted
+from xenmig.errors import InvalidTransition, PhaseTimeout, StreamInterrupted
 from xenmig.limits import withDeadline
 from xenmig.target.session import FINAL, DeviceState, Phase, TargetSession
 
@@ -108,7 +108,11 @@ class Resumption:
             self._settling.setdefault(key, []).append(settled)
             receiver = self._receivers.get(key)
             transport = getattr(receiver, "transport", None)
-            if transport is not None:
+            if receiver is None:
+                # Nothing is left to hand its records over or to say it ended
+                # (only its connection held it): it ended, unheard.
+                session.streamLost(name, "was lost (nothing holds its connection)")
+            elif transport is not None:
                 log.info(
                     "migration {migration_id}: the stream of {device} is opened "
                     "again: its old connection is cut",
@@ -116,13 +120,17 @@ class Resumption:
                     device=name,
                 )
                 transport.abortConnection()
-            await withDeadline(
-                settled,
-                SETTLE_TIMEOUT,
-                self.clock,
-                f"the old stream of device {name} did not let go within "
-                f"{SETTLE_TIMEOUT:g} s",
-            )
+            try:
+                await withDeadline(
+                    settled,
+                    SETTLE_TIMEOUT,
+                    self.clock,
+                    f"the old stream of device {name} did not let go within "
+                    f"{SETTLE_TIMEOUT:g} s",
+                )
+            except PhaseTimeout as e:
+                holding = getattr(receiver, "holding", lambda: "")()
+                raise PhaseTimeout(f"{e}: {holding}" if holding else str(e)) from e
             session.checkActive()
         self._cancel(self._streams.pop(key, None))
         ended = slot.state not in (DeviceState.ACCEPTED, DeviceState.RECEIVING)
