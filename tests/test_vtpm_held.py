@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,19 @@ def listening(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
     other.close()
 
 
+@contextmanager
+def accepted(path: str, server: socket.socket) -> Iterator[None]:
+    """A connection to ``path`` that ``server`` accepted, open while inside."""
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    peer, _ = server.accept()
+    try:
+        yield
+    finally:
+        peer.close()
+        client.close()
+
+
 def test_freeSocketIsNotInUse(listening: tuple[str, socket.socket]) -> None:
     path, _ = listening
     held = socket.socket(socket.AF_UNIX)
@@ -39,14 +53,8 @@ def test_freeSocketIsNotInUse(listening: tuple[str, socket.socket]) -> None:
 
 def test_acceptedConnectionIsInUse(listening: tuple[str, socket.socket]) -> None:
     path, server = listening
-    client = socket.socket(socket.AF_UNIX)
-    client.connect(path)
-    accepted, _ = server.accept()
-    try:
+    with accepted(path, server):
         assert controlSocketInUse(path) is True
-    finally:
-        accepted.close()
-        client.close()
     assert controlSocketInUse(path) is False
 
 
@@ -55,11 +63,8 @@ def test_undecodableNameIsFound(tmp_path: Path) -> None:
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen(1)
-    client = socket.socket(socket.AF_UNIX)
-    client.connect(path)
-    accepted, _ = server.accept()
     try:
-        assert controlSocketInUse(path) is True
+        with accepted(path, server):
+            assert controlSocketInUse(path) is True
     finally:
-        for each in (accepted, client, server):
-            each.close()
+        server.close()

@@ -445,6 +445,8 @@ class ControlClient(amp.AMP):
         self.lost = False
         #: Whether its TLS session was looked at for the next connections.
         self.sessionKept = not tls
+        #: The committed migrations it served (L{xenmig.source.idlepool}).
+        self.served = 0
         self.handshaken: Deferred[None] = Deferred()
         #: Told when the connection is lost (a resumable migration reconnects).
         self.onLost: Callable[[], Any] | None = None

@@ -8,7 +8,8 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 #: How many migrations one kept connection serves before it is closed (the
-#: daemon remembers on each connection the migrations it prepared).
+#: daemon remembers on each connection the migrations it prepared; the
+#: connection counts them in its ``served``).
 USES = 100
 
 
@@ -39,20 +40,21 @@ class IdleConnections:
         self.uses = uses
         self._hangUp = hangUp or _loseConnection
         self._kept: list[tuple[Any, IDelayedCall]] = []
-        #: Migrations each kept or taken connection has served (by connection).
-        self._served: dict[int, int] = {}
 
     def keep(self, protocol: Any) -> None:
         """A committed migration's connection: keep it, or hang it up."""
         if protocol is None:
             return
-        served = self._served.pop(id(protocol), 0) + 1
-        if self.seconds <= 0 or getattr(protocol, "lost", True) or served >= self.uses:
+        protocol.served = getattr(protocol, "served", 0) + 1
+        if (
+            self.seconds <= 0
+            or getattr(protocol, "lost", True)
+            or protocol.served >= self.uses
+        ):
             self._hangUp(protocol)
             return
         if hasattr(protocol, "onLost"):
             protocol.onLost = None  # its migration's reconnecting is over
-        self._served[id(protocol)] = served
         expiry = self.clock.callLater(self.seconds, self._expire, protocol)
         self._kept.append((protocol, expiry))
 
@@ -64,7 +66,6 @@ class IdleConnections:
                 expiry.cancel()
             if not getattr(protocol, "lost", True):
                 return protocol
-            self._served.pop(id(protocol), None)
         return None
 
     def close(self) -> None:
@@ -73,7 +74,6 @@ class IdleConnections:
             protocol, expiry = self._kept.pop()
             if expiry.active():
                 expiry.cancel()
-            self._served.pop(id(protocol), None)
             self._hangUp(protocol)
 
     def __len__(self) -> int:
@@ -81,7 +81,6 @@ class IdleConnections:
 
     def _expire(self, protocol: Any) -> None:
         self._kept = [(p, e) for p, e in self._kept if p is not protocol]
-        self._served.pop(id(protocol), None)
         self._hangUp(protocol)
 
 

@@ -83,7 +83,7 @@ class InlineStream(RecordFraming):
                     self._pending.insert(0, piece)
                     self._pendingBytes += len(piece)
                     if self._lost is None and not self._aborted:
-                        self._lose(str(Failure().getErrorMessage()))
+                        self._lose(Failure().getErrorMessage())
                     raise
                 if taken != self.bytesSent + len(piece):
                     raise StreamError(
