@@ -120,12 +120,17 @@ async def test_ramMovesWhileTheGuestRuns(
     await receiver.commit()
     await QMPDomainControl(reactor, waiting.qmpPath).resume()
     await waiting.countsPast(loaded)
-    # The source QEMU's migration settings are as they were.
+    # The source QEMU's migration settings are as they were: put back after
+    # its final state was sent, outside the paused window (within 5 s).
     observer: Any = running.observer
-    capabilities = await observer.execute("query-migrate-capabilities")
-    states = {c["capability"]: c["state"] for c in capabilities}
+    for _ in range(500):
+        capabilities = await observer.execute("query-migrate-capabilities")
+        states = {c["capability"]: c["state"] for c in capabilities}
+        parameters = await observer.execute("query-migrate-parameters")
+        if not states["pause-before-switchover"]:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
     assert states["pause-before-switchover"] is False
-    parameters = await observer.execute("query-migrate-parameters")
     assert parameters["downtime-limit"] == 300  # QEMU's default, put back
     await device.release()
     assert await running.whenEnded()

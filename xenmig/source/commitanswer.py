@@ -1,4 +1,4 @@
-"""What the source makes of a commit's answer: definite, or asked of the target."""
+"""What the source makes of the target's word: a commit's answer, an abort's reason."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
-from xenmig.errors import CommitInDoubt, ProtocolError
+from xenmig import amp_commands as commands
+from xenmig.errors import CommitInDoubt, ProtocolError, StreamLost
 
 log = Logger()
 
@@ -67,3 +68,28 @@ def stillInDoubt(migrationId: str, phase: str, error: BaseException) -> CommitIn
         f"sent ({str(error) or repr(error)}); ask again with 'xenmig status "
         f"{migrationId}'"
     )
+
+
+async def targetReason(link: Any, seconds: float, error: BaseException) -> str | None:
+    """
+    When a stream broke (``error``), the target usually aborted first (no
+    space, a bad record): its reason, asked on the control connection of
+    ``link`` within ``seconds``, so that the error names it and not
+    "connection reset".  None if it has none to give.
+    """
+    if not isinstance(error, StreamLost) or link.protocol is None:
+        return None
+    try:
+        answer = await link.call(
+            seconds,
+            "query",
+            commands.QueryMigration,
+            within=seconds,
+            migration_id=link.migrationId,
+        )
+    except Exception:
+        return None
+    status = answer["status"]
+    if status.get("phase") != "ABORTED" or not status.get("reason"):
+        return None
+    return str(status["reason"])

@@ -18,12 +18,17 @@ from xenmig.errors import (
     DigestMismatch,
     InvalidTransition,
     MigrationAborted,
-    StreamLost,
 )
 from xenmig.interfaces import IConvergencePolicy
 from xenmig.model import ContentDigest, DeviceSpec, RoundResult
 from xenmig.pump import TokenBucket
-from xenmig.source.commitanswer import askTarget, installedIn, stillInDoubt
+from xenmig.source.collector import CollectorHold
+from xenmig.source.commitanswer import (
+    askTarget,
+    installedIn,
+    stillInDoubt,
+    targetReason,
+)
 from xenmig.source.controllink import ControlLink
 from xenmig.source.convergence import ConvergencePolicy, perDevice, proceed, timed
 from xenmig.source.device import DeviceRun, Sender, SourceContext
@@ -80,6 +85,8 @@ class SourceMigration:
         self._preparing: Deferred[None] | None = None
         self._steps: list[Deferred[Any]] = []
         self._monotonic = monotonic
+        #: Keeps the garbage collector from stopping the process in the paused window.
+        self.collector = CollectorHold(client.reactor)
 
     @property
     def control(self) -> amp.AMP | None:
@@ -112,6 +119,8 @@ class SourceMigration:
         self.phase = phase
         if phase in (Phase.ABORTED, Phase.IN_DOUBT):
             self._mark("ended")  # a committed migration's end is its "committed"
+        if phase in (Phase.COMMITTED, Phase.ABORTED, Phase.IN_DOUBT):
+            self.collector.release()  # the paused window is over
 
     def _require(self, step: Phase) -> None:
         """
@@ -271,6 +280,7 @@ class SourceMigration:
         """Note the VM's pause (for the report), unless a round saw QEMU stop it."""
         if self.pausedAt is None:
             self.pausedAt = self._monotonic()
+        self.collector.hold()
 
     async def transfer(self) -> dict[str, ContentDigest]:
         """
@@ -420,34 +430,16 @@ class SourceMigration:
         try:
             await gatherOrCancel(self._steps)
         except BaseException as e:
-            reason = await self._targetReason(e)
+            why = await targetReason(self.link, self.client.timeouts.abort, e)
+            reason = None
+            if why is not None:
+                self.reason = f"the target aborted: {why}"
+                message = f"migration {self.migrationId}: {self.reason}"
+                reason = MigrationAborted(message)
             await self._failed(reason or e)
             if reason is not None:
                 raise reason from e
             raise
-
-    async def _targetReason(self, error: BaseException) -> MigrationAborted | None:
-        """
-        When a stream broke, the target usually aborted first (no space, a bad
-        record): ask it, so the error names its reason, not "connection reset".
-        """
-        if not isinstance(error, StreamLost) or self.control is None:
-            return None
-        try:
-            answer = await self.link.call(
-                self.client.timeouts.abort,
-                "query",
-                commands.QueryMigration,
-                within=self.client.timeouts.abort,
-                migration_id=self.migrationId,
-            )
-        except Exception:
-            return None
-        status = answer["status"]
-        if status.get("phase") != "ABORTED" or not status.get("reason"):
-            return None
-        self.reason = f"the target aborted: {status['reason']}"
-        return MigrationAborted(f"migration {self.migrationId}: {self.reason}")
 
     async def _failed(self, error: BaseException) -> None:
         """Abort: tell the target, drop the streams, roll back every device."""

@@ -271,14 +271,14 @@ class LiveRAM:
     async def completed(self, client: QMPClient) -> RoundFigures:
         """
         Once QEMU closed the stream (L{StateReader.whenDone}): its migration
-        completed (or raise how it failed); the source's settings put back.
+        completed (or raise how it failed).  The source's settings are put
+        back after (L{restore}), outside the paused window.
         """
         figures = await self.query(client)
         while figures.status != "completed":  # QEMU closes it right after
             await deferLater(self.reactor, POLL, lambda: None)
             figures = await self.query(client)
         log.debug("devmodel {device}: QEMU's migration completed", device=self.name)
-        await self.restore(client)
         return figures
 
     async def restore(self, client: QMPClient) -> None:

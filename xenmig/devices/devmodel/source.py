@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -127,6 +127,7 @@ class DevmodelSource:
         self.finalAsked = False  # sendFinal was called: the toolstack paused the VM
         self.stoppedHere = False  # xen=1: this handler stopped the device model
         self._saving: Deferred[Any] | None = None
+        self._restoring: Deferred[None] | None = None
 
     def _session(self, work: Any, seconds: float = QMP_TIMEOUT) -> Deferred[Any]:
         what = f"devmodel device {self.name}: QEMU at {self.path}"
@@ -260,6 +261,10 @@ class DevmodelSource:
         await live.reader.whenDone()
         log.debug("devmodel {device}: QEMU's stream read to its end", device=self.name)
         self.final = figures = await self._session(live.completed)
+        # QEMU's own settings go back while the target verifies: not in the
+        # paused window's path (release and rollback wait for it).
+        self._restoring = self._session(live.restore)
+        self._restoring.addErrback(self._notRestored)
         digest = live.reader.digest()
         log.info(
             "devmodel {device}: QEMU sent {size} bytes of state, {final} of them "
@@ -317,7 +322,16 @@ class DevmodelSource:
     def rollback(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._rollback())
 
+    def _notRestored(self, failure: Failure) -> None:
+        log.warn(
+            "devmodel {device}: could not put QEMU's migration settings back: {why}",
+            device=self.name,
+            why=failure.getErrorMessage(),
+        )
+
     async def _rollback(self) -> None:
+        if self._restoring is not None:
+            await self._restoring  # _settle puts them back again: no harm
         if self._saving is not None and not self._saving.called:
             await whenFired(self._saving, cancel=True)  # a migrate gets migrate_cancel
         if not self.started:
@@ -363,9 +377,13 @@ class DevmodelSource:
         return self.live is not None and self.live.continued and not self.finalAsked
 
     def release(self) -> Deferred[None]:
-        if self.releaseMode == "keep":
-            return succeed(None)
-        return Deferred.fromCoroutine(self._quit())
+        return Deferred.fromCoroutine(self._release())
+
+    async def _release(self) -> None:
+        if self._restoring is not None:
+            await self._restoring
+        if self.releaseMode != "keep":
+            await self._quit()
 
     async def _quit(self) -> None:
         reactor = self.context.reactor
