@@ -112,6 +112,107 @@ def test_offered_at_prepare_and_taken_in_pieces(target: Any, kind: Any) -> None:
     assert status["devices"][0]["bytes_done"] == len(STATE)
 
 
+def streamRecords(pump: Any, client: Any, offset: int, data: bytes) -> list[Any]:
+    """One StreamRecords, pumped; its answer (or failure) in a list once it comes."""
+    answers: list[Any] = []
+    client.callRemote(
+        commands.StreamRecords,
+        migration_id="m1",
+        device="dev",
+        offset=offset,
+        data=data,
+    ).addBoth(answers.append)
+    pump.flush()
+    return answers
+
+
+def test_the_last_piece_brings_the_verification(target: Any, kind: Any) -> None:
+    """
+    The answer to the piece that holds END carries the device's verified
+    digest, as DeviceReady's (asked again, the same): the source needs no
+    DeviceReady round trip, and the commit follows.
+    """
+    server, client, pump = connect(target)
+    prepare(pump, client)
+    stream = streamBytes()
+    last = len(stream) - 100
+    for offset in range(0, last, INLINE_CHUNK):
+        piece = stream[offset : min(offset + INLINE_CHUNK, last)]
+        assert records(pump, client, offset, piece) == offset + len(piece)
+    answer = call(
+        pump, client, commands.StreamRecords, migration_id="m1", device="dev",
+        offset=last, data=stream[last:],
+    )  # fmt: skip
+    expected = hashBytes(STATE)
+    assert answer["taken"] == len(stream)
+    assert (answer["size"], answer["algorithm"], answer["digest"]) == (
+        expected.size, expected.algorithm, expected.digest,
+    )  # fmt: skip
+    again = call(
+        pump, client, commands.StreamRecords, migration_id="m1", device="dev",
+        offset=last, data=stream[last:],
+    )  # fmt: skip
+    assert again == answer
+    call(pump, client, commands.Commit, migration_id="m1")
+    assert bytes(kind.targets[0].data) == STATE
+
+
+def test_a_slow_verification_is_asked_for_as_before(
+    clock: Any, target: Any, kind: Any
+) -> None:
+    """A device that takes longer than a moment to verify: the last piece is
+    answered without a digest, and DeviceReady waits for it as always."""
+    from twisted.internet.defer import Deferred
+
+    from xenmig.target.inline import VERIFY_WAIT
+
+    server, client, pump = connect(target)
+    prepare(pump, client)
+    verifying: Deferred[Any] = Deferred()
+    kind.targets[0].finish = lambda end: verifying
+    stream = streamBytes()
+    start = len(stream) - INLINE_CHUNK
+    assert sendFrom(pump, client, 0, stream[:start]) == start
+    answers = streamRecords(pump, client, start, stream[start:])
+    assert answers == []
+    clock.advance(VERIFY_WAIT)
+    pump.flush()
+    assert answers[0]["taken"] == len(stream) and answers[0]["digest"] is None
+    ready: list[Any] = []
+    client.callRemote(commands.DeviceReady, migration_id="m1", device="dev").addBoth(
+        ready.append
+    )
+    pump.flush()
+    assert ready == []
+    verifying.callback(hashBytes(STATE))
+    pump.flush()
+    assert ready[0]["digest"] == hashBytes(STATE).digest
+
+
+def test_a_mismatch_fails_the_last_piece(target: Any, kind: Any) -> None:
+    """State that does not match its END's digest: the last piece's answer
+    is the mismatch, naming the device, and the session aborts."""
+    from xenmig.errors import DigestMismatch
+
+    server, client, pump = connect(target)
+    prepare(pump, client)
+    digest = hashBytes(b"other" + STATE[5:])
+    stream = b"".join(
+        [
+            encodeStreamHeader(),
+            *encodeData(0, STATE),
+            *encodeEnd(digest.size, digest.algorithm, digest.digest),
+        ]
+    )
+    start = len(stream) - INLINE_CHUNK
+    assert sendFrom(pump, client, 0, stream[:start]) == start
+    answers = streamRecords(pump, client, start, stream[start:])
+    assert len(answers) == 1 and answers[0].check(DigestMismatch)
+    assert "device dev" in answers[0].getErrorMessage()
+    status = call(pump, client, commands.QueryMigration, migration_id="m1")["status"]
+    assert status["phase"] == "ABORTED"
+
+
 def test_a_gap_is_refused_and_nothing_taken(target: Any, kind: Any) -> None:
     """A piece beyond what was taken is refused by name; the stream goes on."""
     server, client, pump = connect(target)
@@ -209,12 +310,24 @@ async def test_connections_a_migration_opens(
     size: int,
     inline: bool,
     connections: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """
     A file migration through a daemon commits the same bytes either way: a
     small device's state on the control connection (one connection in all,
-    unless the client says no), a larger one on a stream of its own.
+    unless the client says no, and no DeviceReady: its last piece's answer
+    brought the verification), a larger one on a stream of its own.
     """
+    from xenmig.source import migration as sourcemigration
+
+    asked: list[str] = []
+
+    def deviceReady(migration: Any, run: Any) -> Any:
+        asked.append(run.name)
+        return original(migration, run)
+
+    original = sourcemigration.deviceReady
+    monkeypatch.setattr(sourcemigration, "deviceReady", deviceReady)
     daemon = await daemons().launch(reactor)
     proxy = proxies(daemon)
     image = denseFile(tmp_path / "vm.state", size)
@@ -225,6 +338,7 @@ async def test_connections_a_migration_opens(
     assert hashFile(str(destination)) == hashFile(str(image))
     sender = migration.devices["blob"].sender
     assert isinstance(sender, InlineStream) is (connections == 1)
+    assert asked == ([] if connections == 1 else ["blob"])
     stats = await deferToThread(proxy.stats)
     assert stats["connections"] == connections
     await settled(reactor)
@@ -297,6 +411,7 @@ def test_the_daemons_bandwidth_paces_pieces(
         clock.advance(0.1)
         pump.flush()
         waited += 0.1
-    assert answers[-1] == {"taken": len(stream)}
+    assert answers[-1]["taken"] == len(stream)
+    assert answers[-1]["digest"] == hashBytes(STATE).digest
     # 64 KiB/s with 64 KiB of burst: the 16 KiB past it wait about a quarter second
     assert 0.1 <= waited <= 1.0, waited

@@ -115,6 +115,8 @@ class StreamRecords(amp.Command):
     from byte ``offset`` of the stream.  Answered once its records are handed
     to the device: how many bytes of the stream the target has taken.  Asked
     again with the same offset (its answer was lost), it takes nothing twice.
+    Once the stream's END is taken, the answer also carries the device's
+    verified digest, as DeviceReady's, if it verified within a moment.
     """
 
     commandName = b"xenmig-stream-records"
@@ -124,7 +126,12 @@ class StreamRecords(amp.Command):
         (b"offset", amp.Integer()),
         (b"data", amp.String()),
     ]
-    response = [(b"taken", amp.Integer())]
+    response = [
+        (b"taken", amp.Integer()),
+        (b"size", amp.Integer(optional=True)),
+        (b"algorithm", amp.Unicode(optional=True)),
+        (b"digest", amp.String(optional=True)),
+    ]
     errors = WIRE_ERRORS
 
 

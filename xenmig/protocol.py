@@ -54,7 +54,7 @@ class ResumableTarget(Protocol):
         offset: int,
         data: bytes,
         fingerprint: str = "",
-    ) -> int: ...
+    ) -> tuple[int, Any]: ...
 
 
 class LocalSending(Protocol):
@@ -344,10 +344,17 @@ class ControlProtocol(StatusResponders, amp.AMP):
     async def streamRecords(
         self, migration_id: str, device: str, offset: int, data: bytes
     ) -> dict[str, Any]:
-        taken = await self._resuming().streamRecords(
+        taken, digest = await self._resuming().streamRecords(
             self._peer(), migration_id, device, offset, data, self.fingerprint
         )
-        return {"taken": taken}
+        if digest is None:
+            return {"taken": taken}
+        return {
+            "taken": taken,
+            "size": digest.size,
+            "algorithm": digest.algorithm,
+            "digest": digest.digest,
+        }
 
     @commands.StreamPosition.responder
     @guarded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.python.failure import Failure
@@ -16,8 +17,9 @@ from xenmig.records import encodeEnd, encodeStreamHeader
 from xenmig.source.framing import RecordFraming
 
 #: Sends the bytes of the stream at an offset (one StreamRecords); a Deferred
-#: of how many bytes of the stream the target has taken.
-Send = Callable[[int, bytes], Deferred[int]]
+#: of the answer: how many bytes of the stream the target has taken
+#: (``taken``), and, once END is, maybe the device's verified digest.
+Send = Callable[[int, bytes], Deferred[dict[str, Any]]]
 
 
 @implementer(IRecordWriter)
@@ -44,6 +46,9 @@ class InlineStream(RecordFraming):
         self._pendingBytes = len(self._pending[0])
         #: Bytes of the stream the target has taken.
         self.bytesSent = 0
+        #: The target's answer with the device's verified digest (size,
+        #: algorithm, digest: DeviceReady's), if its last piece's brought it.
+        self.verified: dict[str, Any] | None = None
         self._lock = DeferredLock()
         self._aborted = False
 
@@ -78,7 +83,8 @@ class InlineStream(RecordFraming):
                 self._pending = [rest] if rest else []
                 self._pendingBytes = len(rest)
                 try:
-                    taken = await self._send_(self.bytesSent, piece)
+                    answer = await self._send_(self.bytesSent, piece)
+                    taken = int(answer["taken"])
                 except BaseException:
                     self._pending.insert(0, piece)
                     self._pendingBytes += len(piece)
@@ -91,6 +97,8 @@ class InlineStream(RecordFraming):
                         f"{self.device}, not {self.bytesSent + len(piece)}"
                     )
                 self.bytesSent = taken
+                if answer.get("digest") is not None:
+                    self.verified = answer
         finally:
             self._lock.release()
 

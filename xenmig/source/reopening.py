@@ -77,7 +77,7 @@ def inlineSender(migration: Resuming, device: str) -> Send:
     """
     client, link, bucket = migration.client, migration.link, migration._bucket
 
-    async def send(offset: int, data: bytes) -> int:
+    async def send(offset: int, data: bytes) -> dict[str, Any]:
         delay = bucket.take(len(data)) if bucket is not None else 0.0
         if delay > 0:
             await deferLater(client.reactor, delay, lambda: None)
@@ -92,7 +92,7 @@ def inlineSender(migration: Resuming, device: str) -> Send:
             offset=offset,
             data=data,
         )
-        return int(answer["taken"])
+        return answer
 
     return lambda offset, data: Deferred.fromCoroutine(send(offset, data))
 

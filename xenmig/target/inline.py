@@ -19,13 +19,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import CancelledError, DeferredLock
 from twisted.internet.task import deferLater
 
 from xenmig.errors import StreamError, XenmigError
+from xenmig.model import ContentDigest
 from xenmig.pump import TokenBucket
 from xenmig.records import EndRecord, RecordParser
 from xenmig.target.session import TargetSession
+
+#: How long the answer to the piece holding END waits for the device's
+#: verification (seconds): a vTPM's takes milliseconds, and its digest in the
+#: answer spares the source its DeviceReady round trip.
+VERIFY_WAIT = 1.0
 
 
 class InlineStream:
@@ -133,8 +139,11 @@ class InlineTarget:
         offset: int,
         data: bytes,
         fingerprint: str = "",
-    ) -> int:
-        """See L{InlineStream.feed}: the bytes of the stream taken."""
+    ) -> tuple[int, ContentDigest | None]:
+        """
+        See L{InlineStream.feed}: the bytes of the stream taken; and, once its
+        END is taken, the device's verified digest (L{verifiedSoon}).
+        """
         self.authorize(peer, fingerprint)
         session = self.session(migrationId, peer)
         session.checkActive()
@@ -149,4 +158,27 @@ class InlineTarget:
             slot.inline = InlineStream(
                 session, device, self.chargeStream(migrationId), self.bandwidth
             )
-        return await slot.inline.feed(offset, data)
+        taken = await slot.inline.feed(offset, data)
+        if not slot.inline.ended:
+            return taken, None
+        return taken, await verifiedSoon(session, device)
+
+
+async def verifiedSoon(
+    session: TargetSession, device: str, seconds: float = VERIFY_WAIT
+) -> ContentDigest | None:
+    """
+    The digest ``device`` verified to, if it does within ``seconds`` (else
+    None: the source asks DeviceReady, as after a stream connection).
+
+    @raise XenmigError: the session aborted meanwhile (a digest mismatch...).
+    """
+    ready = session.awaitReady(device)
+    timer = session.clock.callLater(seconds, ready.cancel)
+    try:
+        return await ready
+    except CancelledError:
+        return None
+    finally:
+        if timer.active():
+            timer.cancel()
