@@ -29,7 +29,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from xenmig.demo import testguest
-from xenmig.devices.devmodel.live import Nudges
+from xenmig.devices.devmodel.live import FIRST_SHARE, Nudges
 from xenmig.devices.devmodel.source import DevmodelSource
 from xenmig.errors import MigrationAborted
 from xenmig.interfaces import ISourceDevice
@@ -87,11 +87,19 @@ async def test_ramMovesWhileTheGuestRuns(
     assert device.precopy
     before = await running.countsPast(3)
     writer = PipeWriter(receiver)
-    results = []
+    observer: Any = running.observer
+    results, limits, expected = [], [], 20 // FIRST_SHARE
     while not results or (results[-1].remaining and len(results) < 5):
         result = await device.sendRound(writer, len(results))
         assert result.figures["stream_bytes"] == result.bytesSent
         results.append(result)
+        # QEMU's downtime-limit began at a share of the 20 ms and doubled after
+        # each pass that did not converge, up to the 20 ms.
+        if result.remaining:
+            expected = min(20, expected * 2)
+        parameters = await observer.execute("query-migrate-parameters")
+        limits.append(parameters["downtime-limit"])
+        assert limits[-1] == expected == device.live.limit, limits
     sent = sum(r.bytesSent for r in results)
     # QEMU sent most of the 16 MiB of random RAM while the guest ran and counted
     # (it stops the guest with up to 20 ms of sending left).
@@ -122,7 +130,6 @@ async def test_ramMovesWhileTheGuestRuns(
     await waiting.countsPast(loaded)
     # The source QEMU's migration settings are as they were: put back after
     # its final state was sent, outside the paused window (within 5 s).
-    observer: Any = running.observer
     for _ in range(500):
         capabilities = await observer.execute("query-migrate-capabilities")
         states = {c["capability"]: c["state"] for c in capabilities}
@@ -143,6 +150,39 @@ class SlowWriter(PipeWriter):
         written = super().writeData(offset, data)
         delay = len(data) / 12e6
         return written.addCallback(lambda _: deferLater(reactor, delay, lambda: None))
+
+
+@pytest_twisted.ensureDeferred
+async def test_passesThatDoNotConvergeRaiseTheLimit(
+    guests: Guests, workdir: str
+) -> None:
+    """
+    QEMU's downtime-limit begins at a share of the device's ``downtime`` and
+    doubles after each pass that did not converge, up to it: here a stream
+    slower than the guest's rewriting, so no pass converges; an abort then
+    puts QEMU's own limit back.
+    """
+    image = dirtying(workdir)
+    running = await guests.start("src", image=image, extra=randomRAM(workdir))
+    waiting = await guests.start("dst", incoming=True, image=image)
+    device, receiver = await pair(
+        workdir, running, **{"target-qmp": waiting.qmpPath, "downtime": "20"}
+    )
+    writer = SlowWriter(receiver)
+    observer: Any = running.observer
+    limits = []
+    for number in range(4):
+        result = await device.sendRound(writer, number)
+        assert result.remaining > 0, f"round {number} converged"
+        parameters = await observer.execute("query-migrate-parameters")
+        limits.append(parameters["downtime-limit"])
+    assert 20 // FIRST_SHARE == 2
+    assert limits == [4, 8, 16, 20]
+    await device.rollback()
+    await receiver.abort()
+    assert await running.status() == "running"
+    parameters = await observer.execute("query-migrate-parameters")
+    assert parameters["downtime-limit"] == 300
 
 
 @pytest_twisted.ensureDeferred

@@ -32,6 +32,14 @@ CAPABILITIES = (CAPABILITY, "events")
 #: QEMU's events that end a wait between two looks at its migration: the VM
 #: stopped, the migration's status changed, a pass over dirty memory began.
 EVENTS = ("STOP", "MIGRATION", "MIGRATION_PASS")
+#: QEMU's ``downtime-limit`` starts at this share of the one the migration may
+#: use (the device's ``downtime=``, else QEMU's own) and doubles after each
+#: pass that did not converge, up to it.  QEMU decides when to stop the VM by
+#: the rate it measures, which through the relay is a fraction of a local
+#: socket's: with the whole limit at once it stops after its first pass with
+#: tens of MB left, sent in the pause; with a share, it sends them in one more
+#: pass while the guest runs and stops with about a MB.
+FIRST_SHARE = 8
 
 
 class Nudges:
@@ -151,6 +159,9 @@ class LiveRAM:
     rounds: list[RoundFigures] = field(default_factory=list)
     #: This side had QEMU go on with the switch-over it paused the VM for.
     continued: bool = False
+    #: QEMU's ``downtime-limit`` now, and the most it is raised to (ms).
+    limit: int = 0
+    cap: int = 0
 
     @classmethod
     async def start(
@@ -162,8 +173,9 @@ class LiveRAM:
         downtime: int = 0,
     ) -> LiveRAM:
         """
-        Turn on the capabilities, set ``downtime-limit`` (ms, unless 0), pass
-        QEMU a socket, start ``migrate``.
+        Turn on the capabilities, set ``downtime-limit`` to a share of
+        ``downtime`` (ms; 0: of QEMU's own), pass QEMU a socket, start
+        ``migrate``.
         """
         caps = await client.execute("query-migrate-capabilities")
         params = await client.execute("query-migrate-parameters")
@@ -177,10 +189,12 @@ class LiveRAM:
             "migrate-set-capabilities",
             {"capabilities": [{"capability": c, "state": True} for c in CAPABILITIES]},
         )
-        if downtime:
-            await client.execute("migrate-set-parameters", {"downtime-limit": downtime})
+        cap = downtime or int(saved["downtime-limit"] or 0)
+        limit = max(1, cap // FIRST_SHARE) if cap else 0
+        if limit:
+            await client.execute("migrate-set-parameters", {"downtime-limit": limit})
         reader, theirs = StateReader.open(reactor, writer)
-        live = cls(reactor, name, reader, saved)
+        live = cls(reactor, name, reader, saved, limit=limit, cap=cap)
         try:
             await client.migrateStart(theirs.fileno(), UNLIMITED_BANDWIDTH)
         except BaseException:
@@ -221,6 +235,7 @@ class LiveRAM:
                 # comes with the stop), this round waits for the switch-over.
                 if figures.status == "active" and figures.syncs > passes:
                     if not nudges.stopped:
+                        await self.raiseLimit(client)
                         break
                 await nudges.wait(POLL)
                 if self.reader.failure is not None:
@@ -244,6 +259,18 @@ class LiveRAM:
             await self.switchOver(client, figures)
         remaining = 0 if figures.switching else figures.remaining
         return RoundResult(sent, remaining, figures=figures.asReport(sent))
+
+    async def raiseLimit(self, client: QMPClient) -> None:
+        """A pass did not converge: double QEMU's ``downtime-limit``, up to L{cap}."""
+        if not self.limit or self.limit >= self.cap:
+            return
+        self.limit = min(self.cap, self.limit * 2)
+        await client.execute("migrate-set-parameters", {"downtime-limit": self.limit})
+        log.debug(
+            "devmodel {device}: QEMU's downtime-limit now {ms} ms",
+            device=self.name,
+            ms=self.limit,
+        )
 
     async def switchOver(self, client: QMPClient, figures: RoundFigures) -> None:
         """QEMU waits at ``pre-switchover``, VM stopped: let it send the rest."""
