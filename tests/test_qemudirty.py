@@ -142,6 +142,36 @@ async def test_collect_reports_the_writes_of_each_interval(tmp_path: Any) -> Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_refused_step_of_a_batch_leaves_the_recording_whole(
+    tmp_path: Any,
+) -> None:
+    """
+    The commands of a round go to QEMU together: one refused (the view's node
+    name taken) fails the collect naming QEMU's words, the interval's bitmap
+    is removed with nothing exported, and the next interval's keeps recording:
+    a later collect reports what was written since.
+    """
+    image = rawImage(tmp_path)
+    async with qemuWith(tmp_path, image) as (guest, qmpPath):
+        dirty = QEMUDirtyBitmap(reactor, qmpPath, image)
+        await dirty.start()
+        taken = f"{dirty._active}-view"
+        await guest.qmp.execute(
+            "blockdev-add", {"driver": "null-co", "node-name": taken, "size": MiB}
+        )
+        await write(guest.qmp, MiB, 4096)
+        with pytest.raises(DeviceError, match=taken):
+            await dirty.collect()
+        assert len(await bitmapsOf(guest.qmp)) == 1  # the next interval's
+        assert await guest.qmp.execute("query-block-exports") == []
+        await write(guest.qmp, 5 * MiB, 4096)
+        assert await dirty.collect() == [(5 * MiB, 5 * MiB + K64)]
+        await dirty.stop()
+        assert await bitmapsOf(guest.qmp) == []
+        await guest.qmp.execute("blockdev-del", {"node-name": taken})
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_disks_of_one_qemu_share_its_nbd_server(tmp_path: Any) -> None:
     """A VM's two disks: their bitmaps collect at once through QEMU's one NBD
     server, which runs until the last of them stops."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import errno
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IReactorTime
@@ -264,3 +264,27 @@ def qmpSession(
 
     d = Deferred.fromCoroutine(run())
     return d.addTimeout(seconds, reactor, onTimeoutCancel=timedOut)
+
+
+async def executeAll(
+    qmp: QMPClient, commands: Sequence[tuple[str, JSONObject]]
+) -> list[Any]:
+    """
+    Send ``commands`` at once: QEMU runs a connection's commands one after
+    another, in order, so they cost one round trip, not one each.  Their
+    answers in order, a refused command's L{QMPError} in its place (those
+    after it still ran); anything else (the connection lost) is raised.
+    """
+    answers = await DeferredList(
+        [qmp.execute(command, arguments) for command, arguments in commands],
+        consumeErrors=True,
+    )
+    results: list[Any] = []
+    for ok, answer in answers:
+        if ok:
+            results.append(answer)
+        elif answer.check(QMPError):
+            results.append(answer.value)
+        else:
+            answer.raiseException()
+    return results

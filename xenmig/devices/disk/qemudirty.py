@@ -15,11 +15,14 @@ client at a time, and the devmodel kind and the domain control need it too.
  1. ``transaction``: add the next bitmap and disable the current one at once,
     so that every write lands in exactly one of them;
  2. copy the disabled bitmap onto a new empty node of the image's size (a
-    ``null-co`` "view", see L{QEMUDirtyBitmap._copyToView}) and remove it;
- 3. export the view's bitmap over NBD from QEMU's own server, on a unix socket
-    in a private directory (``nbd-server-start``, ``block-export-add``), and
-    read the dirty ranges with ``NBD_CMD_BLOCK_STATUS`` (L{xenmig.clients.nbd});
- 4. remove the export and the view.
+    ``null-co`` "view", see L{QEMUDirtyBitmap._exportView}) and export the
+    view's bitmap over NBD from QEMU's own server, on a unix socket in a
+    private directory (``nbd-server-start``, ``block-export-add``);
+ 3. read the dirty ranges with ``NBD_CMD_BLOCK_STATUS`` (L{xenmig.clients.nbd});
+ 4. remove the export and the disabled bitmap, then the view.
+
+Commands that need not wait for each other go together (L{executeAll}): four
+round trips to QEMU's monitor a round, where one command at a time took ten.
 
 The first bitmap is added before the first full pass reads the image: writes
 during that pass are in it.  L{QEMUDirtyBitmap.stop} removes what is left and
@@ -43,7 +46,7 @@ from zope.interface import implementer
 
 from xenmig.clients.nbd import connectBlockStatus
 from xenmig.clients.qmp import JSONObject, QMPConnectionError, QMPError
-from xenmig.clients.qmpclient import QMPClient, qmpSession
+from xenmig.clients.qmpclient import QMPClient, executeAll, qmpSession
 from xenmig.errors import DeviceError
 from xenmig.interfaces import IDirtyBlocks
 
@@ -144,52 +147,53 @@ class QEMUDirtyBitmap:
         if self._strayViews:
             await self._deleteStrayViews(qmp)
         done, following = self._active, self._nextName()
-        await qmp.execute(
-            "transaction",
-            {
-                "actions": [
+        # The swap, and the size a view needs, in one round trip.
+        swap, nodes = await executeAll(
+            qmp,
+            [
+                (
+                    "transaction",
                     {
-                        "type": "block-dirty-bitmap-add",
-                        "data": self._bitmap(self.node, following),
+                        "actions": [
+                            {
+                                "type": "block-dirty-bitmap-add",
+                                "data": self._bitmap(self.node, following),
+                            },
+                            {
+                                "type": "block-dirty-bitmap-disable",
+                                "data": {"node": self.node, "name": done},
+                            },
+                        ]
                     },
-                    {
-                        "type": "block-dirty-bitmap-disable",
-                        "data": {"node": self.node, "name": done},
-                    },
-                ]
-            },
+                ),
+                ("query-named-block-nodes", {"flat": True}),
+            ],
         )
+        if isinstance(swap, QMPError):
+            raise swap
         self._active = following
         try:
-            view = await self._copyToView(qmp, done)
-        finally:
+            socket = await self._server(qmp)
+            view = await self._exportView(qmp, done, self._sizeIn(nodes))
+        except BaseException:
             await qmp.execute(
                 "block-dirty-bitmap-remove", {"node": self.node, "name": done}
             )
+            raise
         try:
-            socket = await self._server(qmp)
-            await qmp.execute(
-                "block-export-add",
-                {
-                    "type": "nbd",
-                    "id": view,
-                    "node-name": view,
-                    "name": view,
-                    "writable": False,
-                    "bitmaps": [view],
-                },
-            )
             try:
                 return await self._read(socket, view)
             finally:
-                await self._dropExport(qmp, view)
+                await self._dropExport(qmp, view, done)
         finally:
             await self._deleteView(qmp, view)
 
-    async def _copyToView(self, qmp: QMPClient, bitmap: str) -> str:
+    async def _exportView(self, qmp: QMPClient, bitmap: str, size: int) -> str:
         """
-        Copy ``bitmap`` into a new, empty node of the image's size (a ``null-co``
-        node, the "view"), as a bitmap named like the node; return the name.
+        Copy ``bitmap`` into a new, empty node of the image's ``size`` (a
+        ``null-co`` node, the "view"), as a bitmap named like the node, and
+        export that over NBD; return the name.  One round trip: QEMU runs a
+        connection's commands in order.
 
         The image's own node cannot be exported: an NBD export forbids resizing
         its node, and a qcow2 driver keeps the right to grow its file.  Nothing
@@ -198,42 +202,77 @@ class QEMUDirtyBitmap:
         """
         view = f"{bitmap}-view"
         for _ in range(5):
-            size = await self._nodeSize(qmp)
-            await qmp.execute(
-                "blockdev-add",
-                {"driver": "null-co", "node-name": view, "size": size},
+            added, *rest = await executeAll(
+                qmp,
+                [
+                    (
+                        "blockdev-add",
+                        {"driver": "null-co", "node-name": view, "size": size},
+                    ),
+                    (
+                        "block-dirty-bitmap-add",
+                        {**self._bitmap(view, view), "disabled": True},
+                    ),
+                    (
+                        "block-dirty-bitmap-merge",
+                        {
+                            "node": view,
+                            "target": view,
+                            "bitmaps": [{"node": self.node, "name": bitmap}],
+                        },
+                    ),
+                    (
+                        "block-export-add",
+                        {
+                            "type": "nbd",
+                            "id": view,
+                            "node-name": view,
+                            "name": view,
+                            "writable": False,
+                            "bitmaps": [view],
+                        },
+                    ),
+                ],
             )
-            try:
-                await qmp.execute(
-                    "block-dirty-bitmap-add",
-                    {**self._bitmap(view, view), "disabled": True},
-                )
-                await qmp.execute(
-                    "block-dirty-bitmap-merge",
-                    {
-                        "node": view,
-                        "target": view,
-                        "bitmaps": [{"node": self.node, "name": bitmap}],
-                    },
-                )
+            if isinstance(added, QMPError):  # what followed did nothing of ours
+                bitmapAdded, _, exported = rest
+                if not isinstance(exported, QMPError):
+                    await self._dropExport(qmp, view)
+                if not isinstance(bitmapAdded, QMPError):
+                    await _quietly(
+                        qmp.execute(
+                            "block-dirty-bitmap-remove", {"node": view, "name": view}
+                        )
+                    )
+                raise added
+            refused = [answer for answer in rest if isinstance(answer, QMPError)]
+            if not refused:
                 return view
-            except QMPError:
-                await qmp.execute("blockdev-del", {"node-name": view})
-                if await self._nodeSize(qmp) == size:
-                    raise
+            if not isinstance(rest[-1], QMPError):  # exported an empty copy
+                await self._dropExport(qmp, view)
+            await qmp.execute("blockdev-del", {"node-name": view})
+            grown = await self._nodeSize(qmp)
+            if grown == size:
+                raise refused[0]
+            size = grown
         raise DeviceError(
             f"{self.description}: the image kept growing while its dirty bitmap "
             "was copied"
         )
 
-    async def _nodeSize(self, qmp: QMPClient) -> int:
-        nodes: list[JSONObject] = await qmp.execute(
-            "query-named-block-nodes", {"flat": True}
-        )
+    def _sizeIn(self, nodes: Any) -> int:
+        """The image node's size, from ``query-named-block-nodes``' answer."""
+        if isinstance(nodes, QMPError):
+            raise nodes
         for node in nodes:
             if node.get("node-name") == self.node:
                 return int(node["image"]["virtual-size"])
         raise DeviceError(f"{self.description}: node {self.node} is gone from QEMU")
+
+    async def _nodeSize(self, qmp: QMPClient) -> int:
+        return self._sizeIn(
+            await qmp.execute("query-named-block-nodes", {"flat": True})
+        )
 
     def _bitmap(self, node: str, name: str) -> JSONObject:
         return {
@@ -299,21 +338,35 @@ class QEMUDirtyBitmap:
                 # gone already, or refused for good: nothing more to do
             self._strayViews.remove(view)
 
-    async def _dropExport(self, qmp: QMPClient, export: str) -> None:
+    async def _dropExport(self, qmp: QMPClient, export: str, bitmap: str = "") -> None:
         """
-        Remove an export and wait until QEMU has (its bitmap is busy till then).
-        Its one client, ours, has read what it needed and hung up, but QEMU may
-        not have seen that yet: the export goes "hard", dropping what it still
-        counts as connected, instead of refusing as "still in use".
+        Remove an export (and the image's disabled ``bitmap``, if named, in
+        the same round trip) and wait until QEMU has removed the export (its
+        bitmap is busy till then).  Its one client, ours, has read what it
+        needed and hung up, but QEMU may not have seen that yet: the export
+        goes "hard", dropping what it still counts as connected, instead of
+        refusing as "still in use".
         """
         deleted = qmp.waitEvent("BLOCK_EXPORT_DELETED", self.timeout)
+        commands: list[tuple[str, JSONObject]] = [
+            ("block-export-del", {"id": export, "mode": "hard"})
+        ]
+        if bitmap:
+            commands.append(
+                ("block-dirty-bitmap-remove", {"node": self.node, "name": bitmap})
+            )
         try:
-            await qmp.execute("block-export-del", {"id": export, "mode": "hard"})
+            dropped, *removed = await executeAll(qmp, commands)
+            if isinstance(dropped, QMPError):
+                raise dropped
         except BaseException:
             deleted.addErrback(lambda _: None)
             deleted.cancel()
             raise
         await deleted
+        for answer in removed:
+            if isinstance(answer, QMPError):
+                raise answer
 
     async def _server(self, qmp: QMPClient) -> str:
         """
