@@ -148,6 +148,28 @@ async def test_attachedAtCommit(tmp_path: Any, format: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_aRefusedAttachKeepsThePlaceholder(tmp_path: Any) -> None:
+    """
+    QEMU refuses to open the installed image at the commit (here its node
+    name is taken): the commit fails with QEMU's words, the guest's node
+    still has its placeholder, and nothing of the attempt stays in QEMU.
+    """
+    root = FilePath(str(tmp_path))
+    async with incomingQEMU(root, placeholder()) as (qmp, qmpPath):
+        pair, destination, _ = await staged(tmp_path, root, qmpPath)
+        await run(pair)
+        incoming = pair[1].incoming
+        taken = {"driver": "null-co", "node-name": incoming.imageNode, "size": MiB}
+        await qmp.execute("blockdev-add", taken)
+        before = await nodeFiles(qmp)
+        with pytest.raises(CommitFailed, match=incoming.imageNode):
+            await pair[1].commit()
+        assert not incoming.attached
+        assert await nodeFiles(qmp) == before
+        assert "null-co" in before["disk0"] and "ph" in before
+
+
+@pytest_twisted.ensureDeferred
 async def test_abortLeavesThePlaceholder(tmp_path: Any) -> None:
     """An abort after the transfer attaches nothing and installs nothing."""
     root = FilePath(str(tmp_path))

@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from xenmig.clients.qmp import QMPError
-from xenmig.clients.qmpclient import QMPClient, qmpSession
+from xenmig.clients.qmpclient import QMPClient, executeAll, qmpSession
 from xenmig.errors import CommitFailed, DeviceError, DeviceRefused
 
 log = Logger()
@@ -179,30 +179,35 @@ class IncomingDisk:
         await client.execute(
             "blockdev-add", self._options(self.imageNode, path, format)
         )
-        try:
-            await client.execute(
-                "blockdev-reopen",
-                {
-                    "options": [
-                        {
-                            "driver": "raw",
-                            "node-name": self.node,
-                            "file": self.imageNode,
-                        }
-                    ]
-                },
-            )
-        except QMPError:
+        # The switch and the placeholder's removal in one round trip (QEMU runs
+        # them in order): a placeholder still in use, the switch refused, stays.
+        reopened, dropped = await executeAll(
+            client,
+            [
+                (
+                    "blockdev-reopen",
+                    {
+                        "options": [
+                            {
+                                "driver": "raw",
+                                "node-name": self.node,
+                                "file": self.imageNode,
+                            }
+                        ]
+                    },
+                ),
+                ("blockdev-del", {"node-name": placeholder}),
+            ],
+        )
+        if isinstance(reopened, QMPError):
             await client.execute("blockdev-del", {"node-name": self.imageNode})
-            raise
+            raise reopened
         self.attached = True
-        try:
-            await client.execute("blockdev-del", {"node-name": placeholder})
-        except QMPError as e:  # an implicit child goes by itself
+        if isinstance(dropped, QMPError):  # an implicit child goes by itself
             log.info(
                 "disk {device}: placeholder left: {error}",
                 device=self.name,
-                error=str(e),
+                error=str(dropped),
             )
 
     @staticmethod
