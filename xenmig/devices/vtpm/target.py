@@ -209,9 +209,9 @@ class VTPMTarget:
                 # STOP and SET now, INIT at commit: swtpm checks each blob as it
                 # is set (keys, integrity), so a bad one fails before the point of
                 # no return; it writes nothing to disk before INIT.  One
-                # connection for the whole step.
+                # connection for the whole step: its first command finds the
+                # swtpm still there and free, as at Prepare.
                 async with self.control.session() as control:
-                    await control.getCapability()  # still there, and free
                     await self._checkNotRunning(control)
                     await control.stop()
                     for blob in blobs:
