@@ -232,6 +232,30 @@ async def test_commitFailsWhenTheQEMUIsGone(tmp_path: Any) -> None:
         await pair[1].commit()
 
 
+@pytest_twisted.ensureDeferred
+async def test_aQEMUGoneBeforeTheEndFailsTheCommitNotTheTransfer(
+    tmp_path: Any,
+) -> None:
+    """
+    The incoming QEMU went away during the transfer (it refused the state, say):
+    the disk does not fail its verification for it, which would hide the reason
+    its devmodel device gives in QEMU's own words; the commit fails, naming the
+    QEMU (the session's commit then reverses the install).
+    """
+    root = FilePath(str(tmp_path))
+    async with incomingQEMU(root, placeholder()) as (qmp, qmpPath):
+        pair, destination, _ = await staged(tmp_path, root, qmpPath)
+        source, target = pair
+        await target.accept()
+        await qmp.quit()
+    writer = PipeWriter(target)
+    digest = await source.sendFinal(writer)
+    assert await writer.finish(digest) == digest
+    await source.release()
+    with pytest.raises(CommitFailed, match="node 'disk0' of the QEMU at"):
+        await target.commit()
+
+
 @pytest.mark.parametrize(
     ("keys", "mode"), [({}, 0o640), ({"target-mode": "0604"}, 0o604)]
 )

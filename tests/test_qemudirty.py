@@ -172,6 +172,45 @@ async def test_a_refused_step_of_a_batch_leaves_the_recording_whole(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_collect_cancelled_mid_batch_leaves_nothing(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A collect cancelled (its migration aborted) while QEMU runs the batch that
+    makes the view: QEMU made it all the same, and the collect removes it, its
+    export and the interval's bitmap before its session ends; recording goes
+    on in the next bitmap.
+    """
+    from twisted.internet.defer import CancelledError
+
+    from xenmig.devices.disk import bitmapviews
+
+    async def cutOff(qmp: QMPClient, commands: Any) -> Any:
+        answers = await qemudirty.executeAll(qmp, commands)
+        if any(name == "block-export-add" for name, _ in commands):
+            raise CancelledError()  # the answers came, the caller had gone
+        return answers
+
+    image = rawImage(tmp_path)
+    async with qemuWith(tmp_path, image) as (guest, qmpPath):
+        dirty = QEMUDirtyBitmap(reactor, qmpPath, image)
+        await dirty.start()
+        monkeypatch.setattr(bitmapviews, "executeAll", cutOff)
+        await write(guest.qmp, MiB, 4096)
+        with pytest.raises(CancelledError):
+            await dirty.collect()
+        assert len(await bitmapsOf(guest.qmp)) == 1  # the next interval's
+        assert await guest.qmp.execute("query-block-exports") == []
+        nodes = await guest.qmp.execute("query-named-block-nodes", {"flat": True})
+        assert not [n for n in nodes if n["node-name"].endswith("-view")]
+        monkeypatch.undo()
+        await write(guest.qmp, 5 * MiB, 4096)
+        assert await dirty.collect() == [(5 * MiB, 5 * MiB + K64)]
+        await dirty.stop()
+        assert await bitmapsOf(guest.qmp) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_disks_of_one_qemu_share_its_nbd_server(tmp_path: Any) -> None:
     """A VM's two disks: their bitmaps collect at once through QEMU's one NBD
     server, which runs until the last of them stops."""
@@ -461,7 +500,7 @@ def test_viewInUseToTheEndIsLeftForLater() -> None:
     """
     from twisted.internet.task import Clock
 
-    from xenmig.devices.disk.qemudirty import VIEW_DELETE_ATTEMPTS
+    from xenmig.devices.disk.bitmapviews import VIEW_DELETE_ATTEMPTS
 
     clock = Clock()
     bitmap = QEMUDirtyBitmap(clock, "/q.sock", "/img")

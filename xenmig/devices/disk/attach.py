@@ -134,6 +134,12 @@ class IncomingDisk:
         """
         try:
             user = qemuUser(self.qmpPath)
+        except (ConnectionRefusedError, FileNotFoundError) as e:
+            # The QEMU has gone since Prepare.  Its devmodel device says why,
+            # in QEMU's own words, if it has one; the commit's attach fails
+            # anyway.  Failing here first would hide that reason behind this one.
+            log.info("{what}: gone ({error}); not checked", what=self.what, error=e)
+            return
         except OSError as e:
             raise DeviceError(f"{self.what}: cannot tell who runs it: {e.strerror}")
         if user is None or user[0] == 0:

@@ -39,25 +39,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from xenmig.clients.nbd import connectBlockStatus
 from xenmig.clients.qmp import JSONObject, QMPConnectionError, QMPError
 from xenmig.clients.qmpclient import QMPClient, executeAll, qmpSession
+from xenmig.devices.disk.bitmapviews import BitmapViews, quietly
 from xenmig.errors import DeviceError
 from xenmig.interfaces import IDirtyBlocks
-
-#: How often removing the bitmap's view node is tried while QEMU says it is in use.
-VIEW_DELETE_ATTEMPTS = 20
 
 log = Logger()
 T = TypeVar("T")
 
-#: Bit 0 of a ``qemu:dirty-bitmap:`` context's status: the range is dirty.
-DIRTY = 1
 #: Drivers of protocol nodes that hold an image file.
 PROTOCOL_DRIVERS = frozenset({"file", "host_device"})
 
@@ -75,7 +69,7 @@ _servers: dict[str, _SharedServer] = {}
 
 
 @implementer(IDirtyBlocks)
-class QEMUDirtyBitmap:
+class QEMUDirtyBitmap(BitmapViews):
     """
     The writes QEMU makes to the image at ``path``, from its QMP socket.
 
@@ -172,10 +166,13 @@ class QEMUDirtyBitmap:
         if isinstance(swap, QMPError):
             raise swap
         self._active = following
+        view = f"{done}-view"
         try:
             socket = await self._server(qmp)
-            view = await self._exportView(qmp, done, self._sizeIn(nodes))
-        except BaseException:
+            await self._exportView(qmp, done, view, self._sizeIn(nodes))
+        except BaseException as e:
+            if isinstance(e, CancelledError):  # QEMU may have run the batch
+                await self._abandon(qmp, view)
             await qmp.execute(
                 "block-dirty-bitmap-remove", {"node": self.node, "name": done}
             )
@@ -187,186 +184,6 @@ class QEMUDirtyBitmap:
                 await self._dropExport(qmp, view, done)
         finally:
             await self._deleteView(qmp, view)
-
-    async def _exportView(self, qmp: QMPClient, bitmap: str, size: int) -> str:
-        """
-        Copy ``bitmap`` into a new, empty node of the image's ``size`` (a
-        ``null-co`` node, the "view"), as a bitmap named like the node, and
-        export that over NBD; return the name.  One round trip: QEMU runs a
-        connection's commands in order.
-
-        The image's own node cannot be exported: an NBD export forbids resizing
-        its node, and a qcow2 driver keeps the right to grow its file.  Nothing
-        uses the view, so its export conflicts with nothing.  A qcow2 file may
-        grow between reading its size and the copy: then it is tried again.
-        """
-        view = f"{bitmap}-view"
-        for _ in range(5):
-            added, *rest = await executeAll(
-                qmp,
-                [
-                    (
-                        "blockdev-add",
-                        {"driver": "null-co", "node-name": view, "size": size},
-                    ),
-                    (
-                        "block-dirty-bitmap-add",
-                        {**self._bitmap(view, view), "disabled": True},
-                    ),
-                    (
-                        "block-dirty-bitmap-merge",
-                        {
-                            "node": view,
-                            "target": view,
-                            "bitmaps": [{"node": self.node, "name": bitmap}],
-                        },
-                    ),
-                    (
-                        "block-export-add",
-                        {
-                            "type": "nbd",
-                            "id": view,
-                            "node-name": view,
-                            "name": view,
-                            "writable": False,
-                            "bitmaps": [view],
-                        },
-                    ),
-                ],
-            )
-            if isinstance(added, QMPError):  # what followed did nothing of ours
-                bitmapAdded, _, exported = rest
-                if not isinstance(exported, QMPError):
-                    await self._dropExport(qmp, view)
-                if not isinstance(bitmapAdded, QMPError):
-                    await _quietly(
-                        qmp.execute(
-                            "block-dirty-bitmap-remove", {"node": view, "name": view}
-                        )
-                    )
-                raise added
-            refused = [answer for answer in rest if isinstance(answer, QMPError)]
-            if not refused:
-                return view
-            if not isinstance(rest[-1], QMPError):  # exported an empty copy
-                await self._dropExport(qmp, view)
-            await qmp.execute("blockdev-del", {"node-name": view})
-            grown = await self._nodeSize(qmp)
-            if grown == size:
-                raise refused[0]
-            size = grown
-        raise DeviceError(
-            f"{self.description}: the image kept growing while its dirty bitmap "
-            "was copied"
-        )
-
-    def _sizeIn(self, nodes: Any) -> int:
-        """The image node's size, from ``query-named-block-nodes``' answer."""
-        if isinstance(nodes, QMPError):
-            raise nodes
-        for node in nodes:
-            if node.get("node-name") == self.node:
-                return int(node["image"]["virtual-size"])
-        raise DeviceError(f"{self.description}: node {self.node} is gone from QEMU")
-
-    async def _nodeSize(self, qmp: QMPClient) -> int:
-        return self._sizeIn(
-            await qmp.execute("query-named-block-nodes", {"flat": True})
-        )
-
-    def _bitmap(self, node: str, name: str) -> JSONObject:
-        return {
-            "node": node,
-            "name": name,
-            "granularity": self.granularity,
-            "persistent": False,
-        }
-
-    async def _read(self, socket: str, export: str) -> list[tuple[int, int]]:
-        client = await connectBlockStatus(
-            self.reactor,
-            socket,
-            export,
-            f"qemu:dirty-bitmap:{export}",
-            self.timeout,
-        )
-        ranges: list[tuple[int, int]] = []
-        try:
-            await client.marked(DIRTY, lambda start, stop: ranges.append((start, stop)))
-        finally:
-            client.close()
-        return ranges
-
-    async def _deleteView(self, qmp: QMPClient, view: str) -> None:
-        """
-        Remove the view node.  QEMU may still count it in use for a moment after
-        its export went (seen on a loaded machine): then it is asked again, a few
-        times.  A view still in use after that is no reason to fail the round,
-        whose ranges were read: it only holds a copy of a bitmap no one reads
-        again, and is removed at the next round or at L{stop}.
-        """
-        for attempt in range(VIEW_DELETE_ATTEMPTS):
-            try:
-                await qmp.execute("blockdev-del", {"node-name": view})
-                return
-            except QMPError as e:
-                if "in use" not in e.desc:
-                    raise
-                if attempt + 1 == VIEW_DELETE_ATTEMPTS:
-                    log.warn(
-                        "{what}: {view} still in use; removed later",
-                        what=self.description,
-                        view=view,
-                    )
-                    self._strayViews.append(view)
-                    return
-                log.debug(
-                    "{what}: {view} still in use; again",
-                    what=self.description,
-                    view=view,
-                )
-                await deferLater(self.reactor, 0.02 * (attempt + 1), lambda: None)
-
-    async def _deleteStrayViews(self, qmp: QMPClient) -> None:
-        """Remove the views an earlier round left in use, those QEMU now lets go."""
-        for view in list(self._strayViews):
-            try:
-                await qmp.execute("blockdev-del", {"node-name": view})
-            except QMPError as e:
-                if "in use" in e.desc:
-                    continue
-                # gone already, or refused for good: nothing more to do
-            self._strayViews.remove(view)
-
-    async def _dropExport(self, qmp: QMPClient, export: str, bitmap: str = "") -> None:
-        """
-        Remove an export (and the image's disabled ``bitmap``, if named, in
-        the same round trip) and wait until QEMU has removed the export (its
-        bitmap is busy till then).  Its one client, ours, has read what it
-        needed and hung up, but QEMU may not have seen that yet: the export
-        goes "hard", dropping what it still counts as connected, instead of
-        refusing as "still in use".
-        """
-        deleted = qmp.waitEvent("BLOCK_EXPORT_DELETED", self.timeout)
-        commands: list[tuple[str, JSONObject]] = [
-            ("block-export-del", {"id": export, "mode": "hard"})
-        ]
-        if bitmap:
-            commands.append(
-                ("block-dirty-bitmap-remove", {"node": self.node, "name": bitmap})
-            )
-        try:
-            dropped, *removed = await executeAll(qmp, commands)
-            if isinstance(dropped, QMPError):
-                raise dropped
-        except BaseException:
-            deleted.addErrback(lambda _: None)
-            deleted.cancel()
-            raise
-        await deleted
-        for answer in removed:
-            if isinstance(answer, QMPError):
-                raise answer
 
     async def _server(self, qmp: QMPClient) -> str:
         """
@@ -421,7 +238,7 @@ class QEMUDirtyBitmap:
     async def _cleanUp(self, qmp: QMPClient, bitmap: str, leaving: bool) -> None:
         await self._deleteStrayViews(qmp)
         if bitmap:
-            await _quietly(
+            await quietly(
                 qmp.execute(
                     "block-dirty-bitmap-remove", {"node": self.node, "name": bitmap}
                 )
@@ -431,7 +248,7 @@ class QEMUDirtyBitmap:
         shared = _servers.get(self._serverKey)
         if leaving and shared is not None and shared.users == 0:
             if shared.directory:
-                await _quietly(qmp.execute("nbd-server-stop"))
+                await quietly(qmp.execute("nbd-server-stop"))
             self._forgetServer()
 
     def _forgetServer(self) -> None:
@@ -491,10 +308,3 @@ class QEMUDirtyBitmap:
         return qmpSession(
             self.reactor, self.qmpPath, self.timeout, named, self.description
         )
-
-
-async def _quietly(d: Deferred[Any]) -> None:
-    try:
-        await d
-    except QMPError as e:
-        log.debug("ignored while cleaning up: {e}", e=e)
