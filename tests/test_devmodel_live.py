@@ -8,7 +8,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
@@ -24,12 +24,12 @@ from test_devmodel import (  # the real-QEMU fixtures: guests, workdir, pair, pa
 )
 from test_sourcemigration import FakeClient, RoundsKind, RoundsSource, run
 from twisted.internet import reactor, task
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from xenmig.demo import testguest
-from xenmig.devices.devmodel.live import FIRST_SHARE, Nudges
+from xenmig.devices.devmodel.live import FIRST_SHARE, LiveRAM, Nudges
 from xenmig.devices.devmodel.source import DevmodelSource
 from xenmig.errors import MigrationAborted
 from xenmig.interfaces import ISourceDevice
@@ -152,15 +152,29 @@ class SlowWriter(PipeWriter):
         return written.addCallback(lambda _: deferLater(reactor, delay, lambda: None))
 
 
+def test_theLimitDoublesUpToItsCap() -> None:
+    """Each pass that did not converge doubles QEMU's limit, never past the cap."""
+    sent: list[Any] = []
+
+    class Monitor:
+        def execute(self, command: str, arguments: Any = None) -> Deferred[Any]:
+            sent.append((command, arguments))
+            return succeed({})
+
+    live = LiveRAM(reactor, "qemu", cast(Any, None), limit=20 // FIRST_SHARE, cap=20)
+    for _ in range(6):
+        assert Deferred.fromCoroutine(live.raiseLimit(Monitor())).called
+    assert [a["downtime-limit"] for _, a in sent] == [4, 8, 16, 20]
+    assert {c for c, _ in sent} == {"migrate-set-parameters"} and live.limit == 20
+
+
 @pytest_twisted.ensureDeferred
-async def test_passesThatDoNotConvergeRaiseTheLimit(
-    guests: Guests, workdir: str
-) -> None:
+async def test_qemuGetsAShareOfTheLimitThenMore(guests: Guests, workdir: str) -> None:
     """
-    QEMU's downtime-limit begins at a share of the device's ``downtime`` and
-    doubles after each pass that did not converge, up to it: here a stream
-    slower than the guest's rewriting, so no pass converges; an abort then
-    puts QEMU's own limit back.
+    QEMU's own ``query-migrate-parameters`` while the first pass runs: an
+    eighth of the device's ``downtime``; after each round, doubled if its pass
+    did not converge (QEMU did not stop the guest), as L{LiveRAM} says.  An
+    abort then puts QEMU's own limit back, and the guest runs.
     """
     image = dirtying(workdir)
     running = await guests.start("src", image=image, extra=randomRAM(workdir))
@@ -170,14 +184,22 @@ async def test_passesThatDoNotConvergeRaiseTheLimit(
     )
     writer = SlowWriter(receiver)
     observer: Any = running.observer
-    limits = []
-    for number in range(4):
-        result = await device.sendRound(writer, number)
-        assert result.remaining > 0, f"round {number} converged"
+    first = device.sendRound(writer, 0)
+    while device.live is None:  # started: QEMU has its limit before it migrates
+        await deferLater(reactor, 0.01, lambda: None)
+    parameters = await observer.execute("query-migrate-parameters")
+    if not first.called:  # its first pass still runs
+        assert parameters["downtime-limit"] == 20 // FIRST_SHARE == 2
+    results, expected = [await first], 2
+    while True:
+        stopped = results[-1].figures["vm_stopped"]
+        if not stopped:  # the round ended with a pass that did not converge
+            expected = min(20, expected * 2)
         parameters = await observer.execute("query-migrate-parameters")
-        limits.append(parameters["downtime-limit"])
-    assert 20 // FIRST_SHARE == 2
-    assert limits == [4, 8, 16, 20]
+        assert parameters["downtime-limit"] == expected == device.live.limit
+        if stopped or len(results) == 4:
+            break
+        results.append(await device.sendRound(writer, len(results)))
     await device.rollback()
     await receiver.abort()
     assert await running.status() == "running"

@@ -112,9 +112,11 @@ def test_offered_at_prepare_and_taken_in_pieces(target: Any, kind: Any) -> None:
     assert status["devices"][0]["bytes_done"] == len(STATE)
 
 
-def streamRecords(pump: Any, client: Any, offset: int, data: bytes) -> list[Any]:
-    """One StreamRecords, pumped; its answer (or failure) in a list once it comes."""
-    answers: list[Any] = []
+def streamRecords(
+    pump: Any, client: Any, offset: int, data: bytes, answers: list[Any] | None = None
+) -> list[Any]:
+    """One StreamRecords, pumped; its answer (or failure) in ``answers``, once."""
+    answers = [] if answers is None else answers
     client.callRemote(
         commands.StreamRecords,
         migration_id="m1",
@@ -397,14 +399,7 @@ def test_the_daemons_bandwidth_paces_pieces(
     answers: list[Any] = []
     for start in range(0, len(stream), INLINE_CHUNK):
         piece = stream[start : start + INLINE_CHUNK]
-        client.callRemote(
-            commands.StreamRecords,
-            migration_id="m1",
-            device="dev",
-            offset=start,
-            data=piece,
-        ).addBoth(answers.append)
-        pump.flush()
+        streamRecords(pump, client, start, piece, answers)
     assert len(answers) == 1  # the first piece was within the burst
     waited = 0.0
     while len(answers) < 2 and waited < 5:

@@ -358,6 +358,10 @@ class DevmodelSource:
                 "migrate-set-capabilities",
                 {"capabilities": [{"capability": CAPABILITY, "state": False}]},
             ).addErrback(lambda f: None)
+        # A migration that completed meanwhile leaves its run state a moment
+        # later (finish-migrate, then postmigrate): QEMU refuses cont till then.
+        while await client.queryStatus() == "finish-migrate":
+            await _sleep(self.context.reactor, 0.01)
         if self.stoppedHere:
             await client.cont()  # the device model runs as before (libxl does too)
             self.stoppedHere = False
