@@ -85,6 +85,7 @@ class SourceMigration:
         self.commands = Slots(commandSlots(client.limits))
         self._preparing: Deferred[None] | None = None
         self._steps: list[Deferred[Any]] = []
+        self._aborting: Deferred[None] | None = None
         self._monotonic = monotonic
         #: Keeps the garbage collector from stopping the process in the paused window.
         self.collector = CollectorHold(client.reactor)
@@ -445,9 +446,15 @@ class SourceMigration:
             raise
 
     async def _failed(self, error: BaseException) -> None:
-        """Abort: tell the target, drop the streams, roll back every device."""
-        if self.phase is Phase.ABORTED:
-            return
+        """Abort (once: a later caller waits for that abort to have ended)."""
+        if self._aborting is None:
+            if self.phase is Phase.ABORTED:
+                return  # it ended without one (its Prepare was refused)
+            self._aborting = Deferred.fromCoroutine(self._abortNow(error))
+        await self._aborting
+
+    async def _abortNow(self, error: BaseException) -> None:
+        """Tell the target, drop the streams, roll back every device."""
         self._moveTo(Phase.ABORTED)
         # A Prepare, or steps, still waiting (for a busy target, say) stop now.
         for step in [self._preparing, *self._steps]:

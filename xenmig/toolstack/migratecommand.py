@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from xenmig.clients.processes import fireOnce
 from xenmig.errors import BadSpec, CommitInDoubt, MigrationAborted, XenmigError
 from xenmig.model import hostPort
-from xenmig.source.phase import FINAL
+from xenmig.source.phase import FINAL, Phase
 from xenmig.toolstack.failures import Explained, diagnose
 from xenmig.toolstack.outcome import (
     EXIT_FAILED,
@@ -231,7 +231,9 @@ class MigrateCommand:
         else:
             answered = "prepared" in migration.times
             explained = await diagnose(self.reactor, error, self.reach, answered)
-        if migration.phase not in FINAL:
+        if migration.phase not in FINAL or migration.phase is Phase.ABORTED:
+            # Aborted already (an interrupt, say): its Abort may still be on
+            # its way to the target; the command ends once it has arrived.
             await migration.abort(explained.message)
         # An error in its own words leaves the reason the migration recorded
         # (the target's own, when it aborted first); an explained one replaces it.
