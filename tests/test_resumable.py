@@ -268,13 +268,19 @@ def test_a_broken_stream_waits_for_the_grace_then_aborts() -> None:
     assert "was not opened again within 5 s" in s.reason
 
 
-def test_reopening_cuts_the_old_stream_and_answers_the_position() -> None:
-    """Opening a stream that is still connected cuts it first, and answers how
-    many records the device took; the new stream then goes on."""
+def streaming() -> tuple[Clock, Resumption, TargetSession]:
+    """A resumable session whose device ``d`` has its stream open."""
     clock = Clock()
     resumption = Resumption(clock, 5.0)
     s = session(clock, resumption)
     s.streamStarted("d")
+    return clock, resumption, s
+
+
+def test_reopening_cuts_the_old_stream_and_answers_the_position() -> None:
+    """Opening a stream that is still connected cuts it first, and answers how
+    many records the device took; the new stream then goes on."""
+    clock, resumption, s = streaming()
     receiver = Receiver(s)
     resumption.attached(s, "d", receiver)
     s.recordReceived("d", DataRecord(0, b"ab"))
@@ -294,10 +300,7 @@ def test_a_stream_whose_receiver_is_gone_is_reopened_at_once() -> None:
     again, instead of waiting the settle time-out for a word that cannot
     come (each OpenStream then waited 30 s: 60 s for two, a source's stall).
     """
-    clock = Clock()
-    resumption = Resumption(clock, 5.0)
-    s = session(clock, resumption)
-    s.streamStarted("d")
+    clock, resumption, s = streaming()
     resumption.attached(s, "d", Receiver(s))  # held by nothing: collected
     gc.collect()
     s.recordReceived("d", DataRecord(0, b"ab"))
@@ -320,10 +323,7 @@ def test_a_stream_that_will_not_let_go_says_why() -> None:
         def holding(self) -> str:
             return "its device has not finished taking a record"
 
-    clock = Clock()
-    resumption = Resumption(clock, 5.0)
-    s = session(clock, resumption)
-    s.streamStarted("d")
+    clock, resumption, s = streaming()
     receiver = Busy(s)
     resumption.attached(s, "d", receiver)
     reopening = Deferred.fromCoroutine(resumption.reopen(s, "d"))
@@ -341,10 +341,7 @@ def test_a_finished_streams_receiver_is_not_kept() -> None:
     """The resumption holds a stream's receiver only while something else does
     (its connection): a finished stream's buffers are not kept until the
     session ends (64 streams kept 80 MB more in the daemon before)."""
-    clock = Clock()
-    resumption = Resumption(clock, 5.0)
-    s = session(clock, resumption)
-    s.streamStarted("d")
+    clock, resumption, s = streaming()
     receiver = Receiver(s)
     gone = weakref.ref(receiver)
     resumption.attached(s, "d", receiver)

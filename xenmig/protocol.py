@@ -349,12 +349,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
         )
         if digest is None:
             return {"taken": taken}
-        return {
-            "taken": taken,
-            "size": digest.size,
-            "algorithm": digest.algorithm,
-            "digest": digest.digest,
-        }
+        return {"taken": taken, **_digestAnswer(digest)}
 
     @commands.StreamPosition.responder
     @guarded
@@ -388,11 +383,7 @@ class ControlProtocol(StatusResponders, amp.AMP):
     @guarded
     async def deviceReady(self, migration_id: str, device: str) -> dict[str, Any]:
         digest = await self.target.deviceReady(self._peer(), migration_id, device)
-        return {
-            "size": digest.size,
-            "algorithm": digest.algorithm,
-            "digest": digest.digest,
-        }
+        return _digestAnswer(digest)
 
     @commands.Commit.responder
     @guarded
@@ -482,3 +473,8 @@ class LocalControlProtocol(StatusResponders, amp.AMP):
     @guarded
     async def abort(self, migration_id: str, reason: str) -> dict[str, Any]:
         return {"phase": await self.target.abort(None, migration_id, reason)}
+
+
+def _digestAnswer(digest: Any) -> dict[str, Any]:
+    """A verified ContentDigest as DeviceReady (and StreamRecords) answer it."""
+    return {"size": digest.size, "algorithm": digest.algorithm, "digest": digest.digest}

@@ -34,7 +34,7 @@ from xenmig.source.convergence import ConvergencePolicy, perDevice, proceed, tim
 from xenmig.source.device import DeviceRun, Sender, SourceContext
 from xenmig.source.inlinestream import InlineStream
 from xenmig.source.pacing import Slots, commandSlots, gatherOrCancel
-from xenmig.source.phase import TRANSITIONS, Phase, leadingTo
+from xenmig.source.phase import FINAL, TRANSITIONS, Phase, leadingTo
 from xenmig.source.reopening import deviceReady, openDeviceStream
 from xenmig.source.report import migrationReport
 from xenmig.source.stall import watchStream
@@ -121,7 +121,7 @@ class SourceMigration:
         self.phase = phase
         if phase in (Phase.ABORTED, Phase.IN_DOUBT):
             self._mark("ended")  # a committed migration's end is its "committed"
-        if phase in (Phase.COMMITTED, Phase.ABORTED, Phase.IN_DOUBT):
+        if phase in FINAL:
             self.collector.release()  # the paused window is over
 
     def _require(self, step: Phase) -> None:
