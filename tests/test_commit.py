@@ -46,7 +46,7 @@ from xenmig.target import journal as journalfile
 from xenmig.target.config import TargetConfig, Timeouts
 from xenmig.target.core import MigrationTarget
 from xenmig.target.installs import Install, InstallState, identityOf
-from xenmig.target.journal import Journal
+from xenmig.target.journal import NOTE_DELAY, Journal
 from xenmig.target.session import Phase
 from xenmig.testing import MemoryKind, MemoryTarget
 
@@ -234,6 +234,36 @@ def test_commitJournalsEachStepAhead(host: Host, disk: FaultyDisk) -> None:
     assert record["installs"][0]["after"] == list(identityOf(str(host.dest / "a.img")))
 
 
+def test_onlyPreparedAndTheCommitWaitForTheDisk(host: Host, disk: FaultyDisk) -> None:
+    """
+    RECEIVING and READY recover as PREPARED does, so they are only noted: a
+    migration that commits within NOTE_DELAY writes PREPARED, COMMITTING and
+    COMMITTED; one that waits has READY on disk once NOTE_DELAY has passed.
+    """
+    written: list[tuple[str, str]] = []
+    real = disk.real
+
+    def spy(path: FilePath, data: bytes) -> None:
+        record = json.loads(data)
+        written.append((record["migration_id"], record["phase"]))
+        real(path, data)
+
+    disk.real = spy
+    host.ready("m1", ("a",))
+    host.commit("m1")
+    assert written == [("m1", "PREPARED"), ("m1", "COMMITTING"), ("m1", "COMMITTED")]
+    del written[:]
+    host.ready("m2", ("b",))
+    assert written == [("m2", "PREPARED")] and host.journal("m2")["phase"] == "PREPARED"
+    host.clock.advance(NOTE_DELAY)
+    assert written == [("m2", "PREPARED"), ("m2", "READY")]
+    assert host.journal("m2")["phase"] == "READY"
+    host.start()  # a restart finds it unfinished, as it would have PREPARED
+    assert host.target.query("m2")["reason"] == (
+        "the target daemon restarted while the migration was READY"
+    )
+
+
 @pytest.mark.parametrize("full", [False, True], ids=["one-write", "stays-full"])
 @pytest.mark.parametrize("which", range(1, 3))
 def test_aJournalFailureInTheCommitEndsItAborted(
@@ -310,7 +340,7 @@ def test_anAbortTheJournalCannotRecordStillEnds(
     assert session.phase is Phase.ABORTED
     assert failures and failures[0].check(MigrationAborted)
     assert not host.target.hasActiveWork(["m1"])
-    assert host.journal()["phase"] == "READY"
+    assert host.journal()["phase"] == "PREPARED"  # READY was only noted
     disk.full = False
     host.ready("m2", ("a",))
     assert host.journal()["phase"] == "ABORTED"

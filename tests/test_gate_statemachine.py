@@ -1118,6 +1118,17 @@ class TargetMachine(RuleBasedStateMachine):
         journal = self.world.journal()
         for mid, data in self.target.journal._due.items():
             journal[mid] = json.loads(data)
+        # A noted change (RECEIVING, READY) is written within a second: until
+        # then the file holds a phase that a restart treats the same way.
+        unfinished = {"PREPARED", "RECEIVING", "READY"}
+        for mid, data in self.target.journal._noted.items():
+            noted, before = json.loads(data), journal.get(mid, {}).get("phase")
+            check(
+                noted["phase"] in unfinished - {"PREPARED"} and before in unfinished,
+                JournalDisagrees,
+                f"{mid}: {noted['phase']} is only noted, over {before} on disk",
+            )
+            journal[mid] = noted
         answers = {s["migration_id"]: s for s in self.target.list(200)}
         for mid in sorted(set(journal) | set(answers)):
             onDisk, answer = journal.get(mid, {}), answers.get(mid, {})

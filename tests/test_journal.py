@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet import task
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from xenmig.errors import JournalUnavailable
 from xenmig.target import journal as journalfile
-from xenmig.target.journal import Journal
+from xenmig.target.journal import NOTE_DELAY, Journal
 from xenmig.testing import SteppedThreads
 
 
@@ -140,3 +141,81 @@ def test_aFailedRecordFailsItsBatchAndStaysDue(
     assert later == [None] and journal.due == []
     assert onDisk(tmp_path) == {"m0": "PREPARED", "m1": "PREPARED", "m2": "PREPARED",
                                 "m3": "PREPARED"}  # fmt: skip
+
+
+# -- noted records: the phases that recover as the record before them -----------------
+
+
+def test_aNotedRecordIsWrittenWithinTheDelay(tmp_path: Path) -> None:
+    """
+    A noted record waits for nothing and nobody waits for it: it is written in
+    one batch once NOTE_DELAY has passed, with every other session's noted then.
+    """
+    threads, clock = SteppedThreads(), task.Clock()
+    journal = Journal(FilePath(str(tmp_path)), threads, clock)
+    outcomes(journal.write("m1", record("m1", "PREPARED")))
+    threads.run()
+    journal.note("m1", record("m1", "RECEIVING"))
+    journal.note("m2", record("m2", "READY"))
+    journal.note("m1", record("m1", "READY"))  # the newest of a session only
+    clock.advance(NOTE_DELAY * 0.9)
+    assert threads.names == [] and onDisk(tmp_path) == {"m1": "PREPARED"}
+    clock.advance(NOTE_DELAY * 0.1)
+    assert threads.names == ["_writeRecords"]
+    threads.run()
+    assert onDisk(tmp_path) == {"m1": "READY", "m2": "READY"}
+    assert not threads.waiting and not clock.getDelayedCalls()
+
+
+def test_aWriteOfTheSessionCarriesItsNotedRecord(
+    tmp_path: Path, fsyncs: list[str]
+) -> None:
+    """
+    A write of a session before its noted record is due replaces it: the noted
+    record is never written, and the timer goes once nothing else is noted.
+    """
+    threads, clock = SteppedThreads(), task.Clock()
+    journal = Journal(FilePath(str(tmp_path)), threads, clock)
+    journal.note("m1", record("m1", "READY"))
+    journal.note("m2", record("m2", "RECEIVING"))
+    committing = outcomes(journal.write("m1", record("m1", "COMMITTING")))
+    threads.run()
+    assert committing == [None] and onDisk(tmp_path) == {"m1": "COMMITTING"}
+    assert len(clock.getDelayedCalls()) == 1  # m2's is still to come
+    outcomes(journal.withdraw("m2"))
+    assert not clock.getDelayedCalls()
+    clock.advance(NOTE_DELAY)
+    assert threads.names == [] and onDisk(tmp_path) == {"m1": "COMMITTING"}
+    assert fsyncs == [str(tmp_path)]
+
+
+def test_aNotedRecordThatFailsStaysDue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full directory at the timer: logged, and due for the next write."""
+    threads, clock = SteppedThreads(), task.Clock()
+    journal = Journal(FilePath(str(tmp_path)), threads, clock)
+    real = journalfile._writeRecord
+
+    def full(path: FilePath, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(journalfile, "_writeRecord", full)
+    journal.note("m1", record("m1", "RECEIVING"))
+    clock.advance(NOTE_DELAY)
+    threads.run()
+    assert journal.due == ["m1"] and onDisk(tmp_path) == {}
+    monkeypatch.setattr(journalfile, "_writeRecord", real)
+    outcomes(journal.write("m2", record("m2", "PREPARED")))
+    threads.run()
+    assert journal.due == []
+    assert onDisk(tmp_path) == {"m1": "RECEIVING", "m2": "PREPARED"}
+
+
+def test_withoutAClockANotedRecordIsWrittenAtOnce(tmp_path: Path) -> None:
+    threads = SteppedThreads()
+    journal = Journal(FilePath(str(tmp_path)), threads)
+    journal.note("m1", record("m1", "RECEIVING"))
+    assert threads.names == ["_writeRecords"]
+    threads.run()
+    assert onDisk(tmp_path) == {"m1": "RECEIVING"}

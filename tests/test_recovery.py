@@ -30,6 +30,7 @@ from xenmig.devices.file import FileKind  # noqa: E402
 from xenmig.digest import hashFile  # noqa: E402
 from xenmig.errors import CommitInDoubt, StreamError  # noqa: E402
 from xenmig.model import DeviceSpec  # noqa: E402
+from xenmig.target.journal import NOTE_DELAY  # noqa: E402
 
 
 @pytest.fixture
@@ -58,12 +59,19 @@ async def test_daemon_killed_mid_transfer(daemon: Daemon, tmp_path: Path) -> Non
     """A daemon SIGKILLed mid-transfer restarts with nothing staged or installed."""
     source = denseFile(tmp_path / "source.bin", 32 * MiB)
     destination = daemon.dest / "vm5.bin"
-    client = daemon.client(reactor, kinds=slowKinds(0.05))
+    client = daemon.client(reactor, kinds=slowKinds(0.1))
     migration = await client.prepare("vm5", [fileSpec(source, destination)])
     mid = migration.migrationId
     transfer = Deferred.fromCoroutine(migration.transfer())
     await daemon.waitBytes(reactor, mid, 2 * MiB)
     assert daemon.leftovers(), "the transfer should be staging data"
+    # RECEIVING is only noted: on disk within NOTE_DELAY, not at once.
+    await eventually(
+        reactor,
+        lambda: daemon.journal(mid)["phase"] == "RECEIVING",
+        timeout=NOTE_DELAY + 2,
+        what="RECEIVING on disk",
+    )
 
     assert daemon.kill() == -9
     with pytest.raises(StreamError, match="the stream of device blob was lost"):

@@ -76,7 +76,7 @@ class MigrationTarget(ResumingTarget, InlineTarget):
         self.runInThread = runInThread
         self.policies = policy or PolicySource(None, config.roots)
         self.staging = StagingArea(config.stateDir.child("staging"), runInThread)
-        self.journal = Journal(config.stateDir.child("sessions"), runInThread)
+        self.journal = Journal(config.stateDir.child("sessions"), runInThread, reactor)
         self.history = MigrationHistory(self.journal)
         self.admission = Admission(config)
         #: What every incoming stream takes its bytes from, if limited.
@@ -374,19 +374,20 @@ class MigrationTarget(ResumingTarget, InlineTarget):
         A phase change before the commit: journal it.  An abort ends the
         session (clean, tell the gate) even if the journal cannot record it:
         ABORTED stays due there, and a restart aborts an unfinished record.
+        RECEIVING and READY recover as PREPARED does: they are only noted.
         """
-        if session.phase in FINAL:
-            # Its admission ends with it, whatever the journal makes of this.
-            self.admission.release(session.migrationId)
-            self.resumption.forget(session.migrationId)
-        d = self.history.changed(session, self.staging.paths(session.migrationId))
-        if session.phase in FINAL:
+        paths = self.staging.paths(session.migrationId)
+        if session.phase not in FINAL:
+            self.history.noted(session, paths)
+            return succeed(None)
+        # Its admission ends with it, whatever the journal makes of this.
+        self.admission.release(session.migrationId)
+        self.resumption.forget(session.migrationId)
 
-            def finish(result: object) -> Deferred[Any]:
-                return self._finished(session).addCallback(lambda _: result)
+        def finish(result: object) -> Deferred[Any]:
+            return self._finished(session).addCallback(lambda _: result)
 
-            d.addBoth(finish)
-        return d
+        return self.history.changed(session, paths).addBoth(finish)
 
     def _refused(
         self,

@@ -72,6 +72,15 @@ class MigrationHistory:
         """
         return self.write(self.recordOf(session, staging))
 
+    def noted(self, session: TargetSession, staging: Sequence[str]) -> None:
+        """
+        Note the session as it is now (see L{Journal.note}): a change that
+        recovery treats as it treats the record before it.
+        """
+        record = self.recordOf(session, staging)
+        self._journalled[record.migrationId] = record
+        self.journal.note(record.migrationId, record.toJSON())
+
     def recordOf(
         self, session: TargetSession, staging: Sequence[str] | None = None
     ) -> MigrationRecord:

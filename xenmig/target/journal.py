@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -23,6 +24,10 @@ log = Logger()
 
 #: How many finished sessions the journal keeps for ``xenmig status``.
 KEEP_FINISHED = 200
+
+#: Seconds within which a noted record (L{Journal.note}) is written, unless a
+#: write of its session comes first.
+NOTE_DELAY = 1.0
 
 
 class Journal:
@@ -45,15 +50,25 @@ class Journal:
     in the next one, each session's newest record only, and the batch shares
     one fsync of the directory (each file still has its own before its
     rename).  No write is answered before its batch is durable.
+
+    A change that recovery treats as it treats the session's last record
+    (RECEIVING and READY recover as PREPARED does) is only I{noted}: written
+    within L{NOTE_DELAY} seconds on ``clock``, unless a write of the session
+    comes first and carries it.  A short migration (a vTPM's) then writes
+    neither, and its commit's records do not queue behind them.
     """
 
     def __init__(
         self,
         directory: FilePath,
         runInThread: Callable[..., Deferred[Any]],
+        clock: IReactorTime | None = None,
     ) -> None:
         self.directory = directory
         self._run = runInThread
+        self._clock = clock
+        self._noted: dict[str, bytes] = {}  # written by the timer, if still due
+        self._timer: IDelayedCall | None = None
         self._queued: dict[str, _Write] = {}  # the next batch, by session
         self._writing: dict[str, _Write] = {}  # the batch under way
         self._flushing = False
@@ -76,14 +91,54 @@ class Journal:
         writes the newer ``record`` instead (one write, not two), and fires
         its callers' Deferreds and this one's together.
         """
+        self._forget(migrationId)  # this record is newer
+        return self._enqueue(migrationId, _encode(record))
+
+    def note(self, migrationId: str, record: dict[str, Any]) -> None:
+        """
+        Write ``record`` within L{NOTE_DELAY} seconds, unless a L{write} of the
+        same session comes first: a change that a crash before it is durable
+        loses nothing of (recovery treats the older record alike).  Nobody
+        waits for it; a failure is logged and the record stays due.  Without
+        a clock it is written at once.
+        """
+        if self._clock is None:
+            self._enqueue(migrationId, _encode(record)).addErrback(
+                _notWritten, migrationId
+            )
+            return
+        self._noted[migrationId] = _encode(record)
+        if self._timer is None:
+            self._timer = self._clock.callLater(NOTE_DELAY, self._writeNoted)
+
+    def _forget(self, migrationId: str) -> None:
+        """Drop the noted record of ``migrationId`` (the timer with the last)."""
+        if self._noted.pop(migrationId, None) is not None and not self._noted:
+            assert self._timer is not None
+            self._timer.cancel()
+            self._timer = None
+
+    def _writeNoted(self) -> None:
+        self._timer = None
+        noted, self._noted = self._noted, {}
+        for migrationId, data in noted.items():  # one batch, if none is under way
+            self._enqueue(migrationId, data, flush=False).addErrback(
+                _notWritten, migrationId
+            )
+        if not self._flushing:
+            self._flush()
+
+    def _enqueue(
+        self, migrationId: str, data: bytes, flush: bool = True
+    ) -> Deferred[None]:
         written: Deferred[None] = Deferred()
         waiting = self._queued.get(migrationId)
         if waiting is not None:
-            waiting.data = _encode(record)
+            waiting.data = data
             waiting.callers.append(written)
         else:
-            self._queued[migrationId] = _Write(_encode(record), [written])
-        if not self._flushing:
+            self._queued[migrationId] = _Write(data, [written])
+        if flush and not self._flushing:
             self._flush()
         return written
 
@@ -153,6 +208,7 @@ class Journal:
         way: a record that may never land (the Prepare it was for was refused
         because it could not be written).  What did land stays.
         """
+        self._forget(migrationId)
         write = self._queued.get(migrationId) or self._writing.get(migrationId)
 
         def drop(_: object = None) -> None:
@@ -241,6 +297,14 @@ class _Write:
     def __init__(self, data: bytes, callers: list[Deferred[None]]) -> None:
         self.data = data
         self.callers = callers
+
+
+def _notWritten(failure: Failure, migrationId: str) -> None:
+    log.failure(
+        "migration {migration_id}: a noted record is not journalled yet",
+        failure,
+        migration_id=migrationId,
+    )
 
 
 def _encode(data: dict[str, Any]) -> bytes:
