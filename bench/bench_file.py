@@ -37,7 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from benchlib import SSHD, XENMIG, MiB, cpuSeconds, peakRSS, plainCopy, tmpfsOr
+from benchlib import (
+    DENSE_CACHE,
+    SSHD,
+    XENMIG,
+    MiB,
+    cpuSeconds,
+    peakRSS,
+    plainCopy,
+    sourceFile,
+    tmpfsOr,
+)
 
 HERE = Path(__file__).resolve()
 GOAL_RSS = 150 * 1000 * 1000
@@ -46,29 +56,9 @@ GOAL_RATIO = 0.40
 DEFAULT_DIR = tmpfsOr("/dev/shm/xenmig-bench", "/tmp/xenmig-bench")
 #: A disk filesystem, where both copies pay for their fsync.
 DISK_DIR = "/var/tmp/xenmig-bench"
-DEFAULT_CACHE = tmpfsOr("/dev/shm/xenmig-bench-cache", "/tmp/xenmig-bench-cache")
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def sourceFile(cache: Path, size: int) -> Path:
-    """The dense random file of ``size`` bytes, made once and then reused."""
-    path = cache / f"dense-{size // MiB}MiB.bin"
-    if path.exists() and path.stat().st_size == size:
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    need = size + 64 * MiB
-    if shutil.disk_usage(cache).free < need:
-        raise SystemExit(f"bench: {cache} has less than {need // MiB} MiB free")
-    print(f"making {path} ({size // MiB} MiB of random data) ...", flush=True)
-    partial = path.with_suffix(".part")
-    with open(partial, "wb") as f:
-        for _ in range(size // (8 * MiB)):
-            f.write(os.urandom(8 * MiB))
-        f.write(os.urandom(size % (8 * MiB)))
-    partial.rename(path)
-    return path
 
 
 def minorFaults(pid: int) -> int:
@@ -320,7 +310,7 @@ def main() -> None:
         help="where copies are written (repeatable; default: tmpfs, then a disk "
         "filesystem, each measured on its own)",
     )
-    parser.add_argument("--cache", default=DEFAULT_CACHE, help="the source file")
+    parser.add_argument("--cache", default=DENSE_CACHE, help="the source file")
     parser.add_argument(
         "--profile", action="store_true", help="cProfile daemon and client"
     )

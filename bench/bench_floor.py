@@ -36,27 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import blake3
-from benchlib import tmpfsOr
+from benchlib import DENSE_CACHE, MiB, sourceFile
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-MiB = 1024 * 1024
 GiB = 1024 * MiB
 RECORD = 16 * 1024
 #: Issue 16: CPU seconds per GiB, with digests and fsync kept.
 GOALS = {"sender": 0.75, "receiver": 0.9}
-DEFAULT_CACHE = tmpfsOr("/dev/shm/xenmig-bench-cache", "/tmp/xenmig-bench-cache")
-
-
-def sourceFile(cache: Path) -> Path:
-    """A dense random GiB, made once (as ``bench_file.py`` makes its own)."""
-    path = cache / "dense-1024MiB.bin"
-    if path.exists() and path.stat().st_size == GiB:
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        for _ in range(GiB // MiB):
-            f.write(os.urandom(MiB))
-    return path
 
 
 def cpuOf(step: Callable[[], None]) -> float:
@@ -184,9 +170,9 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--dir", default=None, help="where the write goes")
-    parser.add_argument("--cache", default=DEFAULT_CACHE, help="the source file")
+    parser.add_argument("--cache", default=DENSE_CACHE, help="the source file")
     args = parser.parse_args(argv)
-    source = sourceFile(Path(args.cache))
+    source = sourceFile(Path(args.cache), GiB)
     directory = Path(args.dir or tempfile.mkdtemp(prefix="xm-floor-", dir="/dev/shm"))
     directory.mkdir(parents=True, exist_ok=True)
     try:

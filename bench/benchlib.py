@@ -1,5 +1,6 @@
 """
-What the end-to-end benchmarks share: where they work, a throwaway ``twistd
+What the end-to-end benchmarks share: where they work, the dense source file
+they copy, a throwaway ``twistd
 xenmig`` daemon, the ``xenmig`` command line, a process's figures from
 ``/proc``, running swtpms, an sshd of their own for ``scp`` and ``rsync``, and
 the plain-socket copy they measure against.
@@ -14,6 +15,7 @@ import json
 import os
 import pstats
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +36,29 @@ XENMIG = [sys.executable, "-m", "xenmig.cli.main"]
 def tmpfsOr(path: str, fallback: str) -> str:
     """``path`` if its parent exists (``/dev/shm``, RAM), else ``fallback``."""
     return path if os.path.isdir(os.path.dirname(path)) else fallback
+
+
+#: Where the dense random source file is kept between runs (RAM: ``rm -r`` it).
+DENSE_CACHE = tmpfsOr("/dev/shm/xenmig-bench-cache", "/tmp/xenmig-bench-cache")
+
+
+def sourceFile(cache: Path, size: int) -> Path:
+    """The dense random file of ``size`` bytes, made once and then reused."""
+    path = cache / f"dense-{size // MiB}MiB.bin"
+    if path.exists() and path.stat().st_size == size:
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    need = size + 64 * MiB
+    if shutil.disk_usage(cache).free < need:
+        raise SystemExit(f"bench: {cache} has less than {need // MiB} MiB free")
+    print(f"making {path} ({size // MiB} MiB of random data) ...", flush=True)
+    partial = path.with_suffix(".part")
+    with open(partial, "wb") as f:
+        for _ in range(size // (8 * MiB)):
+            f.write(os.urandom(8 * MiB))
+        f.write(os.urandom(size % (8 * MiB)))
+    partial.rename(path)
+    return path
 
 
 def fsyncPath(path: str | Path) -> None:
