@@ -584,7 +584,7 @@ def test_recoveryReversesOnlyWhatTheCommitPutThere(tmp_path: Path) -> None:
         ),
         Install("e", str(outside), None, None, InstallState.INSTALLING),
     ]
-    journal = Journal(FilePath(str(tmp_path / "sessions")), maybeDeferred)
+    journal = Journal(FilePath(str(tmp_path / "sessions")), maybeDeferred, task.Clock())
     journal.write(
         "m1",
         {

@@ -58,7 +58,7 @@ def test_writesMadeDuringABatchGoTogetherInTheNext(
     the directory, and none is answered before its batch is durable.
     """
     threads = SteppedThreads()
-    journal = Journal(FilePath(str(tmp_path)), threads)
+    journal = Journal(FilePath(str(tmp_path)), threads, task.Clock())
     first = outcomes(journal.write("m0", record("m0", "PREPARED")))
     assert threads.names == ["_writeRecords"]
     later = [
@@ -90,7 +90,7 @@ def test_aGroupCommittedJournalSurvivesACrash(tmp_path: Path) -> None:
     journal finds every answered record, and aborts each unfinished one.
     """
     threads = SteppedThreads()
-    journal = Journal(FilePath(str(tmp_path)), threads)
+    journal = Journal(FilePath(str(tmp_path)), threads, task.Clock())
     answered = [
         outcomes(journal.write("m1", record("m1", "PREPARED"))),
         outcomes(journal.write("m2", record("m2", "PREPARED"))),
@@ -100,7 +100,7 @@ def test_aGroupCommittedJournalSurvivesACrash(tmp_path: Path) -> None:
     assert answered == [[None], [None]]
     lost = outcomes(journal.write("m1", record("m1", "READY")))
     assert threads.crash() and lost == []  # killed before its batch ran
-    restarted = Journal(FilePath(str(tmp_path)), SteppedThreads())
+    restarted = Journal(FilePath(str(tmp_path)), SteppedThreads(), task.Clock())
     records = {r.migrationId: r for r in restarted.recoverRecords(now=100.0)}
     assert sorted(records) == ["m1", "m2"]
     assert all(r.phase.value == "ABORTED" for r in records.values())
@@ -115,7 +115,7 @@ def test_aFailedRecordFailsItsBatchAndStaysDue(
     older on disk than what was decided) and is written first by the next.
     """
     threads = SteppedThreads()
-    journal = Journal(FilePath(str(tmp_path)), threads)
+    journal = Journal(FilePath(str(tmp_path)), threads, task.Clock())
     outcomes(journal.write("m0", record("m0", "PREPARED")))
     waiting = [
         outcomes(journal.write("m1", record("m1", "PREPARED"))),
@@ -210,12 +210,3 @@ def test_aNotedRecordThatFailsStaysDue(
     threads.run()
     assert journal.due == []
     assert onDisk(tmp_path) == {"m1": "RECEIVING", "m2": "PREPARED"}
-
-
-def test_withoutAClockANotedRecordIsWrittenAtOnce(tmp_path: Path) -> None:
-    threads = SteppedThreads()
-    journal = Journal(FilePath(str(tmp_path)), threads)
-    journal.note("m1", record("m1", "RECEIVING"))
-    assert threads.names == ["_writeRecords"]
-    threads.run()
-    assert onDisk(tmp_path) == {"m1": "RECEIVING"}

@@ -159,7 +159,7 @@ def test_commitFailureAborts():
 
 def test_journalWriteAndRecover(tmp_path):
     """Recovery aborts unfinished sessions, removes their staging, keeps committed."""
-    journal = Journal(FilePath(str(tmp_path / "sessions")), sync)
+    journal = Journal(FilePath(str(tmp_path / "sessions")), sync, task.Clock())
     staging = tmp_path / "staging" / "m-open"
     staging.mkdir(parents=True)
     (staging / "dev.part").write_bytes(b"half")
@@ -179,7 +179,9 @@ def test_journalWriteAndRecover(tmp_path):
         "m-done",
         {"migration_id": "m-done", "phase": "COMMITTED", "staging": [], "started": 2},
     )
-    records = Journal(FilePath(str(tmp_path / "sessions")), sync).recover(now=10)
+    records = Journal(FilePath(str(tmp_path / "sessions")), sync, task.Clock()).recover(
+        now=10
+    )
     byId = {r["migration_id"]: r for r in records}
     assert byId["m-open"]["phase"] == "ABORTED"
     assert "restarted while the migration was RECEIVING" in byId["m-open"]["reason"]
@@ -199,7 +201,7 @@ def test_journalWritesTheNewestOfWaitingRecords(tmp_path):
         started.append((args, done, lambda: function(*args)))
         return done
 
-    journal = Journal(FilePath(str(tmp_path / "sessions")), held)
+    journal = Journal(FilePath(str(tmp_path / "sessions")), held, task.Clock())
     first = journal.write("m1", {"migration_id": "m1", "phase": "RECEIVING"})
     second = journal.write("m1", {"migration_id": "m1", "phase": "READY"})
     third = journal.write("m1", {"migration_id": "m1", "phase": "COMMITTING"})
@@ -222,7 +224,7 @@ def test_corruptJournalRemoved(tmp_path):
     directory = tmp_path / "sessions"
     directory.mkdir()
     (directory / "bad.json").write_text("{not json")
-    assert Journal(FilePath(str(directory)), sync).recover(now=1) == []
+    assert Journal(FilePath(str(directory)), sync, task.Clock()).recover(now=1) == []
     assert not (directory / "bad.json").exists()
 
 
@@ -230,7 +232,7 @@ def test_targetRecoverCleansStaging(tmp_path):
     """A restarted target removes every staging directory and reports old sessions."""
     state = tmp_path / "state"
     (state / "staging" / "orphan").mkdir(parents=True)
-    journal = Journal(FilePath(str(state / "sessions")), sync)
+    journal = Journal(FilePath(str(state / "sessions")), sync, task.Clock())
     journal.write("m9", {"migration_id": "m9", "phase": "READY", "started": 1})
     target = MigrationTarget(task.Clock(), TargetConfig(FilePath(str(state))), {}, sync)
     target.recover()

@@ -62,7 +62,7 @@ class Journal:
         self,
         directory: FilePath,
         runInThread: Callable[..., Deferred[Any]],
-        clock: IReactorTime | None = None,
+        clock: IReactorTime,
     ) -> None:
         self.directory = directory
         self._run = runInThread
@@ -99,14 +99,8 @@ class Journal:
         Write ``record`` within L{NOTE_DELAY} seconds, unless a L{write} of the
         same session comes first: a change that a crash before it is durable
         loses nothing of (recovery treats the older record alike).  Nobody
-        waits for it; a failure is logged and the record stays due.  Without
-        a clock it is written at once.
+        waits for it; a failure is logged and the record stays due.
         """
-        if self._clock is None:
-            self._enqueue(migrationId, _encode(record)).addErrback(
-                _notWritten, migrationId
-            )
-            return
         self._noted[migrationId] = _encode(record)
         if self._timer is None:
             self._timer = self._clock.callLater(NOTE_DELAY, self._writeNoted)
