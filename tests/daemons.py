@@ -41,6 +41,7 @@ from xenmig.interfaces import IDeviceKind, IRecordWriter
 from xenmig.model import ContentDigest, DeviceSpec
 from xenmig.source.client import MigrationClient
 from xenmig.source.threadedstream import sslContext
+from xenmig.target.recordfiles import readRecords
 
 SERVER = "target.test"
 CLIENT = "source.test"
@@ -345,11 +346,15 @@ class Daemon:
 
     def journal(self, migrationId: str) -> dict[str, Any]:
         """The session's journal record, as on disk."""
-        path = self.stateDir / "sessions" / f"{migrationId}.json"
-        return json.loads(path.read_text())
+        return json.loads(readRecords(str(self.stateDir / "sessions"))[migrationId])
 
     def journals(self) -> list[str]:
-        return sorted(p.name for p in (self.stateDir / "sessions").glob("*"))
+        """The sessions journalled, by the names of their files."""
+        return sorted(
+            p.name
+            for p in (self.stateDir / "sessions").glob("*")
+            if not p.name.startswith(".spare-")
+        )
 
     def leftovers(self) -> list[str]:
         """Everything staged: under ``STATE_DIR/staging`` and ``*.part`` in ``dest``."""

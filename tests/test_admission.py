@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ from xenmig.streamreceiver import StreamReceiver
 from xenmig.target.authz import PolicySource
 from xenmig.target.config import TargetConfig
 from xenmig.target.core import MigrationTarget
+from xenmig.target.recordfiles import SPARES
 from xenmig.target.session import Phase
 from xenmig.testing import MemoryKind, MemoryTarget
 
@@ -395,7 +397,7 @@ def cancelled(host: Host) -> None:
 
 def journalFailed(host: Host) -> None:
     sessions = host.state / "sessions"
-    sessions.rmdir()
+    shutil.rmtree(sessions)  # its spare files too
     sessions.write_text("not a directory")
     d = host.prepare("m1", "vm1", "a", "b")
     host.kind.allowAll()
@@ -470,7 +472,7 @@ def test_releasedOnEveryPath(tmp_path: Path, path: Any) -> None:
 def test_journalUnavailableKeepsNothing(host: Host) -> None:
     """A Prepare the journal cannot record is refused as such; nothing stays."""
     sessions = host.state / "sessions"
-    sessions.rmdir()
+    shutil.rmtree(sessions)  # its spare files too
     sessions.write_text("not a directory")
     d = host.prepare("m1", "vm1", "a", "b")
     host.kind.allowAll()
@@ -708,21 +710,35 @@ def fill(directory: Path) -> Path:
 async def test_fullStateDirectory(
     smallStateDir: Path, daemons: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    """A Prepare a full state directory cannot journal leaves no session behind."""
+    """
+    A full state directory admits as many new sessions as the journal has
+    spare files made ahead; a Prepare after those cannot be journalled and
+    leaves no session behind.
+    """
     daemon = await daemons().launch(reactor)
     assert daemon.stateDir == smallStateDir
     filler = fill(smallStateDir)
     source = tmp_path / "source.bin"
     source.write_bytes(os.urandom(4096))
     spec = DeviceSpec.parse(f"file:blob:path={source},target={daemon.dest}/vm1.bin")
+    reserved = []
+    for n in range(SPARES):
+        other = DeviceSpec.parse(
+            f"file:blob:path={source},target={daemon.dest}/reserved{n}.bin"
+        )
+        reserved.append(
+            await daemon.client(reactor).prepare(f"vm-r{n}", [other], f"reserved{n}")
+        )
 
     with pytest.raises(JournalUnavailable, match="could not record it") as caught:
         await daemon.client(reactor).prepare("vm1", [spec], "full1")
     assert "No space left on device" in str(caught.value)
-    assert await live(daemon) == []
+    assert sorted(await live(daemon)) == sorted(f"reserved{n}" for n in range(SPARES))
     with pytest.raises(UnknownMigration):
         await daemon.status(reactor, "full1")
-    assert daemon.journals() == []
+    assert "full1.journal" not in daemon.journals()
+    for migration in reserved:
+        await migration.abort("done")
     assert daemon.leftovers() == []
     assert list(daemon.dest.iterdir()) == []
 

@@ -11,7 +11,7 @@ import errno
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,11 @@ from xenmig.model import DeviceDescription
 from xenmig.protocol import ControlProtocol
 from xenmig.records import DataRecord, EndRecord
 from xenmig.source.phase import Phase as SourcePhase
-from xenmig.target import journal as journalfile
 from xenmig.target.config import TargetConfig, Timeouts
 from xenmig.target.core import MigrationTarget
 from xenmig.target.installs import Install, InstallState, identityOf
 from xenmig.target.journal import NOTE_DELAY, Journal
+from xenmig.target.recordfiles import SPARES, RecordFiles, readRecords
 from xenmig.target.session import Phase
 from xenmig.testing import MemoryKind, MemoryTarget
 
@@ -93,23 +93,23 @@ class FaultyDisk:
     """The journal's writer, failing on cue as a full (or broken) state directory."""
 
     def __init__(self) -> None:
-        self.real = journalfile._writeRecord
+        self.real: Callable[[RecordFiles, str, bytes], bool] = RecordFiles.write
         self.writes = 0
         self.failAt: set[int] = set()
         self.full = False
         self.errno = errno.ENOSPC
 
-    def __call__(self, path: FilePath, data: bytes) -> None:
+    def __call__(self, files: RecordFiles, migrationId: str, data: bytes) -> bool:
         self.writes += 1
         if self.full or self.writes in self.failAt:
             raise OSError(self.errno, os.strerror(self.errno))
-        self.real(path, data)
+        return self.real(files, migrationId, data)
 
 
 @pytest.fixture
 def disk(monkeypatch: pytest.MonkeyPatch) -> FaultyDisk:
     faulty = FaultyDisk()
-    monkeypatch.setattr(journalfile, "_writeRecord", faulty)
+    monkeypatch.setattr(RecordFiles, "write", lambda files, *args: faulty(files, *args))
     return faulty
 
 
@@ -155,12 +155,7 @@ class Host:
 
     def ready(self, mid: str = "m1", names: tuple[str, ...] = ("a", "b")) -> Any:
         """Prepare ``mid`` of vm1 and deliver every device: READY."""
-        devices = [
-            {"kind": "placing", "name": n, "size": 3, "precopy": False, "params": {}}
-            for n in names
-        ]
-        for device in devices:
-            device["params"] = {"at": f"{device['name']}.img"}
+        devices = [placing(name) for name in names]
         result(self.target.prepare(PEER, mid, "vm1", 1, devices))
         session = self.target.sessions[mid]
         for name in names:
@@ -175,7 +170,7 @@ class Host:
         return result(self.target.commit(PEER, mid))
 
     def journal(self, mid: str = "m1") -> dict[str, Any]:
-        return json.loads((self.state / "sessions" / f"{mid}.json").read_text())
+        return json.loads(readRecords(str(self.state / "sessions"))[mid])
 
     def installed(self) -> list[str]:
         return sorted(p.name for p in self.dest.iterdir())
@@ -215,11 +210,11 @@ def test_commitJournalsEachStepAhead(host: Host, disk: FaultyDisk) -> None:
     seen: list[tuple[str, list[str]]] = []
     real = disk.real
 
-    def spy(path: FilePath, data: bytes) -> None:
+    def spy(files: RecordFiles, mid: str, data: bytes) -> bool:
         record = json.loads(data)
         states = [i["state"] for i in record.get("installs", [])]
         seen.append((record["phase"], states))
-        real(path, data)
+        return real(files, mid, data)
 
     disk.real = spy
     assert host.commit() == [str(host.dest / "a.img"), str(host.dest / "b.img")]
@@ -243,10 +238,10 @@ def test_onlyPreparedAndTheCommitWaitForTheDisk(host: Host, disk: FaultyDisk) ->
     written: list[tuple[str, str]] = []
     real = disk.real
 
-    def spy(path: FilePath, data: bytes) -> None:
+    def spy(files: RecordFiles, mid: str, data: bytes) -> bool:
         record = json.loads(data)
         written.append((record["migration_id"], record["phase"]))
-        real(path, data)
+        return real(files, mid, data)
 
     disk.real = spy
     host.ready("m1", ("a",))
@@ -765,33 +760,85 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def test_aFullStateDirectoryBetweenReadyAndCommit(
-    tmp_path: Path, smallStateDir: Path
-) -> None:
-    """A really full state directory: COMMIT_FAILED, ABORTED, the domain free."""
-    host = Host(tmp_path, smallStateDir)
-    session = host.ready()
-    filler = fill(smallStateDir)
-    error = failure(host.target.commit(PEER, "m1"))
-    assert isinstance(error, CommitFailed)
-    assert "No space left on device" in str(error)
-    assert session.phase is Phase.ABORTED and host.installed() == []
-    assert not list((smallStateDir / "sessions").glob("*.tmp"))
-    filler.unlink()
-    host.ready("m2", ("a",))
-    assert host.commit("m2") == [str(host.dest / "a.img")]
-    host.start()
-    assert host.target.query("m1")["phase"] == "ABORTED"
-    assert host.target.query("m2")["phase"] == "COMMITTED"
-
-
-def test_theCommandLineWhenTheStateDirectoryFills(
+def test_aStateDirectoryThatFillsAfterPrepareStillRecordsTheCommit(
     tmp_path: Path, smallStateDir: Path
 ) -> None:
     """
-    A daemon whose state directory fills while the VM is paused: ``xenmig
-    migrate`` says the target did not commit, resumes the VM, exits 1; the
-    target says ABORTED, and once there is space the same migration commits.
+    A session's records are written in its own blocks, made before its Prepare
+    was answered: a state directory that fills up between READY and Commit
+    still records the commit, which survives a restart.  New sessions take the
+    spare files made ahead; once they are gone, a Prepare is refused with the
+    disk's error, and nothing of it is kept.
+    """
+    host = Host(tmp_path, smallStateDir)
+    host.ready()
+    filler = fill(smallStateDir)
+    assert host.commit("m1") == [str(host.dest / "a.img"), str(host.dest / "b.img")]
+    spares = host.target.journal.files.spares
+    assert spares == SPARES - 1  # m1 took one; more are made once half are gone
+    for n in range(spares):
+        result(host.target.prepare(PEER, f"s{n}", f"vm-s{n}", 1, [placing("s")]))
+    error = failure(host.target.prepare(PEER, "late", "vm-late", 1, [placing("s")]))
+    assert isinstance(error, JournalUnavailable)
+    assert "No space left on device" in str(error)
+    assert "late" not in host.target.sessions
+    assert not list((smallStateDir / "sessions").glob("*.tmp"))
+    filler.unlink()
+    host.start()
+    assert host.target.query("m1")["phase"] == "COMMITTED"
+    assert [host.target.query(f"s{n}")["phase"] for n in range(spares)] == [
+        "ABORTED"
+    ] * spares
+    assert host.target.journal.files.spares == SPARES  # made again at start-up
+
+
+def test_aStateDirectoryGoneReadOnlyFailsTheCommit(
+    tmp_path: Path, smallStateDir: Path
+) -> None:
+    """
+    A state directory that cannot be written at all (remounted read-only, as
+    ext4 does on an I/O error): COMMIT_FAILED, ABORTED, nothing installed;
+    writable again, a restart aborts the session and the same VM commits.
+    """
+    host = Host(tmp_path, smallStateDir)
+    session = host.ready()
+    remount(smallStateDir, "ro")
+    try:
+        error = failure(host.target.commit(PEER, "m1"))
+    finally:
+        remount(smallStateDir, "rw")
+    assert isinstance(error, CommitFailed)
+    assert "Read-only file system" in str(error)
+    assert session.phase is Phase.ABORTED and host.installed() == []
+    host.start()
+    assert host.target.query("m1")["phase"] == "ABORTED"
+    host.ready("m2", ("a",))
+    assert host.commit("m2") == [str(host.dest / "a.img")]
+    assert host.journal("m1")["phase"] == "ABORTED"
+
+
+def placing(name: str) -> dict[str, Any]:
+    return {
+        "kind": "placing",
+        "name": name,
+        "size": 3,
+        "precopy": False,
+        "params": {"at": f"{name}.img"},
+    }
+
+
+def remount(mountpoint: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(mountpoint)], check=True)
+
+
+def test_theCommandLineWhenTheStateDirectoryFails(
+    tmp_path: Path, smallStateDir: Path
+) -> None:
+    """
+    A daemon whose state directory goes read-only while the VM is paused:
+    ``xenmig migrate`` says the target did not commit, resumes the VM, exits
+    1; the target says ABORTED, and once it is writable again the same
+    migration commits.
     """
     from daemons import PKI, Daemon
     from test_cli import fileDevice, sourceFile, tlsArgs, xenmig
@@ -799,7 +846,7 @@ def test_theCommandLineWhenTheStateDirectoryFills(
     daemon = Daemon(tmp_path / "daemon", PKI(tmp_path / "pki")).start()
     try:
         source, destination = sourceFile(tmp_path), daemon.dest / "vm.img"
-        filler, resumed = smallStateDir / "filler", tmp_path / "resumed"
+        resumed = tmp_path / "resumed"
         migrate = [
             "migrate",
             *tlsArgs(daemon),
@@ -813,12 +860,13 @@ def test_theCommandLineWhenTheStateDirectoryFills(
             *migrate,
             "--live",
             "--pause-command",
-            f"dd if=/dev/zero of={filler} bs=4k 2>/dev/null; true",
+            f"mount -o remount,ro {smallStateDir}",
             "--resume-command",
             f"touch {resumed}",
         )
         assert result.returncode == 1, result.stderr
         assert "did not commit: the journal could not record" in result.stderr
+        assert "Read-only file system" in result.stderr
         assert "the target did not commit: it removed what it had" in result.stderr
         assert resumed.exists() and not destination.exists()
         mid = json.loads(result.stdout)["migration_id"]
@@ -828,10 +876,11 @@ def test_theCommandLineWhenTheStateDirectoryFills(
             text=True,
         )
         assert "ABORTED" in status.stdout, status.stdout + status.stderr
-        filler.unlink()
+        remount(smallStateDir, "rw")
         again = xenmig(*migrate)
         assert again.returncode == 0, again.stderr
         assert destination.read_bytes() == source.read_bytes()
         assert daemon.journal(mid)["phase"] == "ABORTED"
     finally:
+        remount(smallStateDir, "rw")
         daemon.stop()

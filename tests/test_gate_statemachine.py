@@ -57,10 +57,10 @@ from xenmig.digest import hashBytes
 from xenmig.errors import CommitFailed, InternalError, XenmigError
 from xenmig.records import encodeData, encodeEnd, encodeStreamHeader
 from xenmig.streamreceiver import StreamReceiver
-from xenmig.target import journal as journalfiles
 from xenmig.target.config import TargetConfig, Timeouts
 from xenmig.target.core import MigrationTarget
 from xenmig.target.gate import Release
+from xenmig.target.recordfiles import RecordFiles, readRecords
 from xenmig.target.session import Phase
 from xenmig.testing import MemoryKind, SteppedThreads
 
@@ -298,8 +298,12 @@ class World:
         #: How many more journal file writes find the state directory full: a
         #: fault inside the journal's thread call, as a full disk's would be.
         self.fullFor = 0
-        self._writeJournalFile = journalfiles._writeRecord
-        journalfiles._writeRecord = self.writeJournalFile
+        self._writeJournalFile = RecordFiles.write
+
+        def write(files: RecordFiles, mid: str, data: bytes) -> bool:
+            return self.writeJournalFile(files, mid, data)
+
+        RecordFiles.write = write  # type: ignore[method-assign]
 
     def runHook(self, command: str, env: dict[str, str], migrationId: str) -> Any:
         self.hookRuns[env["XENMIG_MIGRATION_ID"]] += 1
@@ -308,22 +312,17 @@ class World:
     def destination(self, migrationId: str, device: str) -> Path:
         return self.root / destinationName(migrationId, device)
 
-    def writeJournalFile(self, path: Any, data: bytes) -> None:
+    def writeJournalFile(self, files: RecordFiles, mid: str, data: bytes) -> bool:
         """The journal's file writes, failing while the directory is full."""
         if self.fullFor:
             self.fullFor -= 1
             raise noSpace()
-        self._writeJournalFile(path, data)
+        return self._writeJournalFile(files, mid, data)
 
     def journal(self) -> dict[str, dict[str, Any]]:
         """The journal's records on disk, by migration id."""
-        directory = self.stateDir / "sessions"
-        if not directory.is_dir():
-            return {}
-        return {
-            path.stem: json.loads(path.read_bytes())
-            for path in directory.glob("*.json")
-        }
+        records = readRecords(str(self.stateDir / "sessions"))
+        return {mid: json.loads(data) for mid, data in records.items()}
 
     def closeDescriptors(self) -> None:
         """Close what a crashed target held open here, as its process's end would."""
@@ -336,7 +335,7 @@ class World:
                 os.close(int(name))
 
     def remove(self) -> None:
-        journalfiles._writeRecord = self._writeJournalFile
+        RecordFiles.write = self._writeJournalFile  # type: ignore[method-assign]
         self.closeDescriptors()
         shutil.rmtree(self.base, ignore_errors=True)
 

@@ -16,6 +16,7 @@ from twisted.python.filepath import FilePath
 from xenmig.errors import JournalUnavailable
 from xenmig.target import journal as journalfile
 from xenmig.target.journal import NOTE_DELAY, Journal
+from xenmig.target.recordfiles import RecordFiles, readRecords
 from xenmig.testing import SteppedThreads
 
 
@@ -31,7 +32,8 @@ def outcomes(d: Any) -> list[Any]:
 
 def onDisk(directory: Path) -> dict[str, str]:
     return {
-        p.stem: json.loads(p.read_text())["phase"] for p in directory.glob("*.json")
+        mid: json.loads(data)["phase"]
+        for mid, data in readRecords(str(directory)).items()
     }
 
 
@@ -122,20 +124,20 @@ def test_aFailedRecordFailsItsBatchAndStaysDue(
         outcomes(journal.write("m2", record("m2", "PREPARED"))),
     ]
     threads.run()
-    real = journalfile._writeRecord
+    real = RecordFiles.write
 
-    def full(path: FilePath, data: bytes) -> None:
-        if path.basename() == "m2.json":
+    def full(files: RecordFiles, migrationId: str, data: bytes) -> bool:
+        if migrationId == "m2":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(path, data)
+        return real(files, migrationId, data)
 
-    monkeypatch.setattr(journalfile, "_writeRecord", full)
+    monkeypatch.setattr(RecordFiles, "write", full)
     threads.run()
     for seen in waiting:
         assert isinstance(seen[0], Failure) and seen[0].check(JournalUnavailable)
         assert "cannot record migration m2: No space left" in str(seen[0].value)
     assert journal.due == ["m2"]
-    monkeypatch.setattr(journalfile, "_writeRecord", real)
+    monkeypatch.setattr(RecordFiles, "write", real)
     later = outcomes(journal.write("m3", record("m3", "PREPARED")))
     threads.run()
     assert later == [None] and journal.due == []
@@ -195,17 +197,17 @@ def test_aNotedRecordThatFailsStaysDue(
     """A full directory at the timer: logged, and due for the next write."""
     threads, clock = SteppedThreads(), task.Clock()
     journal = Journal(FilePath(str(tmp_path)), threads, clock)
-    real = journalfile._writeRecord
+    real = RecordFiles.write
 
-    def full(path: FilePath, data: bytes) -> None:
+    def full(files: RecordFiles, migrationId: str, data: bytes) -> bool:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(journalfile, "_writeRecord", full)
+    monkeypatch.setattr(RecordFiles, "write", full)
     journal.note("m1", record("m1", "RECEIVING"))
     clock.advance(NOTE_DELAY)
     threads.run()
     assert journal.due == ["m1"] and onDisk(tmp_path) == {}
-    monkeypatch.setattr(journalfile, "_writeRecord", real)
+    monkeypatch.setattr(RecordFiles, "write", real)
     outcomes(journal.write("m2", record("m2", "PREPARED")))
     threads.run()
     assert journal.due == []

@@ -38,6 +38,7 @@ from xenmig.records import (
 from xenmig.streamreceiver import StreamReceiver
 from xenmig.target.config import TargetConfig, Timeouts
 from xenmig.target.core import MigrationTarget
+from xenmig.target.recordfiles import readRecords
 from xenmig.target.session import Phase
 from xenmig.testing import MemoryKind
 
@@ -578,6 +579,6 @@ def test_claimAfterRefusalJournalsTheCommit(target, tmp_path):
     sendState(sender, streamPump)
     call(pump, client, commands.Commit, migration_id="m1")
     assert restored.result.migrationId == "m1"
-    journal = json.loads((tmp_path / "sessions" / "m1.json").read_text())
+    journal = json.loads(readRecords(str(tmp_path / "sessions"))["m1"])
     assert (journal["phase"], journal["claimed"]) == ("COMMITTED", True)
     assert "refused" not in journal

@@ -17,6 +17,7 @@ from xenmig.target.config import TargetConfig
 from xenmig.target.core import MigrationTarget
 from xenmig.target.journal import Journal
 from xenmig.target.migrationrecord import MigrationRecord
+from xenmig.target.recordfiles import readRecords
 from xenmig.target.session import (
     DEVICE_TRANSITIONS,
     TRANSITIONS,
@@ -188,7 +189,7 @@ def test_journalWriteAndRecover(tmp_path):
     assert byId["m-open"]["devices"][0]["state"] == "ABORTED"
     assert byId["m-done"]["phase"] == "COMMITTED"
     assert not staging.exists() and not external.exists()
-    onDisk = json.loads((tmp_path / "sessions" / "m-open.json").read_text())
+    onDisk = json.loads(readRecords(str(tmp_path / "sessions"))["m-open"])
     assert onDisk["phase"] == "ABORTED"
 
 
@@ -215,7 +216,7 @@ def test_journalWritesTheNewestOfWaitingRecords(tmp_path):
     run()
     done.callback(None)
     assert second.called and third.called
-    onDisk = json.loads((tmp_path / "sessions" / "m1.json").read_text())
+    onDisk = json.loads(readRecords(str(tmp_path / "sessions"))["m1"])
     assert onDisk["phase"] == "COMMITTING"
 
 

@@ -18,6 +18,7 @@ from xenmig.errors import JournalUnavailable
 from xenmig.fs import fsyncDirectory, removeTree
 from xenmig.target.installs import reverse
 from xenmig.target.migrationrecord import MigrationRecord
+from xenmig.target.recordfiles import RecordFiles
 from xenmig.target.session import Phase
 
 log = Logger()
@@ -29,16 +30,20 @@ KEEP_FINISHED = 200
 #: write of its session comes first.
 NOTE_DELAY = 1.0
 
+#: Seconds before the journal tries again to make spare files, after a failure.
+SPARES_RETRY = 60.0
+
 
 class Journal:
     """
-    One small JSON file per session under ``STATE_DIR/sessions``, rewritten
-    atomically at each phase change: the JSON of its L{MigrationRecord}.  Each
-    record also lists the session's staging paths, so that a restarted daemon
-    removes whatever an unfinished session left.
+    One small file per session under ``STATE_DIR/sessions``, its record
+    rewritten at each phase change: the JSON of its L{MigrationRecord}, in
+    place, one ``fdatasync`` each (L{xenmig.target.recordfiles}).  Each record
+    also lists the session's staging paths, so that a restarted daemon removes
+    whatever an unfinished session left.
 
     A write either replaces the record durably or fails with
-    L{JournalUnavailable} leaving the file as it was.  A record that failed
+    L{JournalUnavailable} leaving the record as it was.  A record that failed
     stays due: every later write (of any session) first writes every due
     record, the newest of each session, and fails if it cannot.  So once any
     write succeeds, no file is older than what the daemon last decided; a
@@ -47,9 +52,10 @@ class Journal:
 
     Writes are committed in groups: one batch at a time goes to the thread
     pool; the writes asked for meanwhile (of any session) wait and go together
-    in the next one, each session's newest record only, and the batch shares
-    one fsync of the directory (each file still has its own before its
-    rename).  No write is answered before its batch is durable.
+    in the next one, each session's newest record only; the files a batch
+    makes new share one fsync of the directory.  No write is answered before
+    its batch is durable.  Between batches, spare files for new sessions are
+    made in another thread call.
 
     A change that recovery treats as it treats the session's last record
     (RECEIVING and READY recover as PREPARED does) is only I{noted}: written
@@ -65,6 +71,7 @@ class Journal:
         clock: IReactorTime,
     ) -> None:
         self.directory = directory
+        self.files = RecordFiles(directory.path)
         self._run = runInThread
         self._clock = clock
         self._noted: dict[str, bytes] = {}  # written by the timer, if still due
@@ -74,14 +81,13 @@ class Journal:
         self._flushing = False
         self._due: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._replenishing = False
+        self._sparesRetryAt = 0.0
 
     def create(self) -> None:
         """Blocking, at start-up: make the directory, owner-only."""
         self.directory.makedirs(ignoreExistingDirectory=True)
         os.chmod(self.directory.path, 0o700)
-
-    def path(self, migrationId: str) -> FilePath:
-        return self.directory.child(migrationId + ".json")
 
     def write(self, migrationId: str, record: dict[str, Any]) -> Deferred[None]:
         """
@@ -152,8 +158,30 @@ class Journal:
                         caller.callback(None)
             if self._queued and not self._flushing:
                 self._flush()
+            self._replenish()
 
         self._run(self._writeRecords, records).addBoth(settle)
+
+    def _replenish(self) -> None:
+        """Make spare files in a thread call once half are taken (one at a time)."""
+        if self._replenishing or not self.files.wantsSpares:
+            return
+        if self._clock.seconds() < self._sparesRetryAt:
+            return
+        self._replenishing = True
+
+        def done(result: object) -> None:
+            self._replenishing = False
+            if isinstance(result, Failure):
+                self._sparesRetryAt = self._clock.seconds() + SPARES_RETRY
+                log.warn(
+                    "the journal cannot make spare files ({error}): until it can, "
+                    "each new session's first record makes its file",
+                    error=getattr(result.value, "strerror", None)
+                    or result.getErrorMessage(),
+                )
+
+        self._run(self.files.makeSpares).addBoth(done)
 
     def _writeDue(self, migrationId: str, data: bytes) -> None:
         """Blocking: L{_writeRecords} of one record."""
@@ -162,7 +190,8 @@ class Journal:
     def _writeRecords(self, records: dict[str, bytes]) -> None:
         """
         Blocking: make ``records`` the due records of their sessions, then
-        write every due record, these last, and fsync the directory once.
+        write every due record, these last, and fsync the directory once if
+        any made a new file.
 
         @raise JournalUnavailable: if one cannot be written (it stays due, and
             so do those after it).
@@ -171,20 +200,23 @@ class Journal:
             self._due.update(records)
             order = [m for m in self._due if m not in records] + list(records)
             written: list[str] = []
+            made: list[str] = []  # durable once the directory is fsynced
             error: JournalUnavailable | None = None
             for migrationId in order:
                 try:
-                    _writeRecord(self.path(migrationId), self._due[migrationId])
+                    new = self.files.write(migrationId, self._due[migrationId])
                 except OSError as e:
                     error = self._unavailable(migrationId, e)
                     break
-                written.append(migrationId)
-            if written:
+                (made if new else written).append(migrationId)
+            if made:
                 try:
                     fsyncDirectory(self.directory.path)
+                    written += made
                 except OSError as e:
-                    error = error or self._unavailable(written[-1], e)
-                    written = []
+                    error = error or self._unavailable(made[-1], e)
+                    for migrationId in made:  # made again by the next write
+                        self.files.forget(migrationId)
             for migrationId in written:
                 del self._due[migrationId]
             if error is not None:
@@ -223,16 +255,30 @@ class Journal:
             return sorted(self._due)
 
     def load(self) -> list[MigrationRecord]:
-        """Blocking, at start-up: every readable session record, oldest first."""
+        """
+        Blocking, at start-up: every readable session record, oldest first
+        (an unreadable file is logged and removed); then spare files are made.
+        """
         self.create()
+        entries, unreadable = self.files.load()
+        for name in unreadable:
+            log.warn("journal {path} is unreadable; removed", path=name)
         records = []
-        for child in sorted(self.directory.globChildren("*.json")):
+        for migrationId, data in entries:
             try:
-                records.append(MigrationRecord.fromJSON(json.loads(child.getContent())))
-            except (OSError, ValueError, KeyError, TypeError):
-                log.warn("journal {path} is unreadable; removed", path=child.path)
-                child.remove()
+                records.append(MigrationRecord.fromJSON(json.loads(data)))
+            except (ValueError, KeyError, TypeError):
+                log.warn("journal of {id} is unreadable; removed", id=migrationId)
+                self.files.remove(migrationId)
         records.sort(key=lambda r: r.started)
+        try:
+            self.files.makeSpares()
+        except OSError as e:
+            log.warn(
+                "the journal cannot make spare files ({error}): until it can, each "
+                "new session's first record makes its file",
+                error=e.strerror or str(e),
+            )
         return records
 
     def recoverRecords(
@@ -247,7 +293,7 @@ class Journal:
         """
         records = [self._recovered(record, now, roots) for record in self.load()]
         for record in records[:-KEEP_FINISHED]:
-            self.path(record.migrationId).remove()
+            self.files.remove(record.migrationId)
         return records[-KEEP_FINISHED:]
 
     def recover(
@@ -304,35 +350,3 @@ def _notWritten(failure: Failure, migrationId: str) -> None:
 def _encode(data: dict[str, Any]) -> bytes:
     # Compact: json's C encoder (an indent takes the pure-Python one).
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _writeRecord(path: FilePath, data: bytes) -> None:
-    """
-    Blocking: replace one journal file (write a temporary file, fsync,
-    rename), making its directory if need be; durable once the directory is
-    fsynced (L{Journal._writeRecords} does, once for its batch).  On an error
-    before the rename the temporary file is removed and the record is as it
-    was.
-    """
-    os.makedirs(path.dirname(), mode=0o700, exist_ok=True)
-    temporary = path.siblingExtension(".tmp")
-    try:
-        fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        _unlinkQuietly(temporary.path)
-        raise
-    os.replace(temporary.path, path.path)
-
-
-def _unlinkQuietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
