@@ -18,6 +18,11 @@ daemon: the vTPM alone migrated by the client API (as host A) into a real
 the next (``MigrationClient(keepConnections=...)``), as a toolstack that stays
 up would; without it every migration opens its own.
 
+``--tmpfs-reference DIR``: a second daemon keeps its state directory (its
+journal and staging) in ``DIR``, a tmpfs such as ``/dev/shm``, and the
+migrations alternate between the two daemons, so that both see the same
+machine: what the daemon's disk costs, measured in the same run.
+
 The goal of issue 3: the daemon figure "well under 100 ms".
 """
 
@@ -122,6 +127,11 @@ async def main(reactor: Any, argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--only", choices=("handler", "daemon"))
     parser.add_argument("--keep", action="store_true", help="keep connections")
+    parser.add_argument(
+        "--tmpfs-reference",
+        metavar="DIR",
+        help="alternate with a daemon whose state directory is in DIR (a tmpfs)",
+    )
     options = parser.parse_args(argv)
     if shutil.which("swtpm") is None:
         sys.exit("bench_vtpm needs swtpm (apt-get install swtpm)")
@@ -139,7 +149,9 @@ async def main(reactor: Any, argv: list[str]) -> None:
             finally:
                 await source.stop()
         if options.only in (None, "daemon"):
-            await benchDaemon(reactor, work, options.rounds, options.keep)
+            await benchDaemon(
+                reactor, work, options.rounds, options.keep, options.tmpfs_reference
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -151,18 +163,24 @@ DAEMON_PHASES = ("prepare", "transfer", "commit")
 GOAL_MS = 100
 
 
-async def startDaemon(reactor: Any, work: str) -> tuple[Daemon, MigrationClient, str]:
-    """A CA, hosts a and b, b's daemon; (that daemon, a client as a, b's root)."""
+async def startDaemon(
+    reactor: Any, work: str, state: str, name: str = "hostb"
+) -> tuple[Daemon, MigrationClient, str]:
+    """
+    B's daemon, its state directory ``state`` (the CA and the hosts a and b
+    made first if need be): (that daemon, a client as a, b's root).
+    """
     ca = os.path.join(work, "pki")
-    pki.initCA(ca)
-    for name in ("hosta.test", "hostb.test"):
-        pki.issueHost(ca, name, ["127.0.0.1"])
-    root = os.path.join(work, "hostb-vm")
+    if not os.path.exists(ca):
+        pki.initCA(ca)
+        for host in ("hosta.test", "hostb.test"):
+            pki.issueHost(ca, host, ["127.0.0.1"])
+    root = os.path.join(work, f"{name}-vm")
     os.mkdir(root)
     port = freePort()
     options = [
         "--port", str(port), "--interface", "127.0.0.1",
-        "--state-dir", os.path.join(work, "hostb-state"),
+        "--state-dir", state,
         "--ca", os.path.join(ca, pki.CA_CERTIFICATE),
         "--cert", os.path.join(ca, "hostb.test.pem"),
         "--key", os.path.join(ca, "hostb.test.key"),
@@ -181,8 +199,8 @@ async def startDaemon(reactor: Any, work: str) -> tuple[Daemon, MigrationClient,
         sslContext=sslContext(identity, authorities),
         serverName="127.0.0.1",
     )
-    log = os.path.join(work, "hostb-daemon.log")
-    daemon = Daemon(reactor, "daemon of hostb.test", options, log)
+    log = os.path.join(work, f"{name}-daemon.log")
+    daemon = Daemon(reactor, f"daemon of hostb.test ({name})", options, log)
     await daemon.start(lambda: client.listMigrations(1))
     return daemon, client, root
 
@@ -223,33 +241,66 @@ async def daemonRound(
     return result
 
 
-async def benchDaemon(reactor: Any, work: str, rounds: int, keep: bool) -> None:
-    daemon, client, root = await startDaemon(reactor, work)
-    client.idle.seconds = 30.0 if keep else 0.0
+async def benchDaemon(
+    reactor: Any, work: str, rounds: int, keep: bool, reference: str | None = None
+) -> None:
+    """
+    ``rounds`` migrations per target mode through a daemon whose state is in
+    ``work``; with a ``reference`` directory, alternating with a second
+    daemon whose state is there.
+    """
+    states = {"state on disk": os.path.join(work, "hostb-state")}
+    if reference is not None:
+        states["state on tmpfs"] = tempfile.mkdtemp(prefix="xm-bench-", dir=reference)
+    daemons = [
+        await startDaemon(reactor, work, state, f"hostb{index}")
+        for index, state in enumerate(states.values())
+    ]
     try:
         for mode in ("ctrl", "statedir"):
-            await daemonRound(reactor, client, work, root, mode, -1)  # warm-up
-            results = [
-                await daemonRound(reactor, client, work, root, mode, n)
-                for n in range(rounds)
-            ]
-            print(
-                f"through a running daemon, mutual TLS on loopback, target-{mode}"
-                f"{', connection kept' if keep else ''}: "
-                f"{rounds} rounds, milliseconds (median / min / max)"
-            )
-            for key in (*DAEMON_PHASES, "paused", "total"):
-                values = [r[key] for r in results]
-                print(
-                    f"  {key:>10}: {statistics.median(values):8.2f} / "
-                    f"{min(values):8.2f} / {max(values):8.2f}"
+            results: list[list[dict[str, float]]] = [[] for _ in daemons]
+            for n in range(-1, rounds):  # a warm-up first
+                for index, (_, client, root) in enumerate(daemons):
+                    client.idle.seconds = 30.0 if keep else 0.0
+                    name = n * len(daemons) + index
+                    result = await daemonRound(reactor, client, work, root, mode, name)
+                    if n >= 0:
+                        results[index].append(result)
+            for where, values in zip(states, results, strict=True):
+                reportDaemon(mode, where if reference else "", keep, values)
+            if reference is not None:
+                disk, tmpfs = (
+                    statistics.median(r["total"] for r in values) for values in results
                 )
-            median = statistics.median(r["total"] for r in results)
-            verdict = "met" if median < GOAL_MS else "MISSED"
-            print(f"  goal: Prepare to Commit under {GOAL_MS} ms (median): {verdict}")
+                print(
+                    f"  the state directory's disk: {disk - tmpfs:+.2f} ms, "
+                    f"{disk / tmpfs:.2f}x the tmpfs reference (alternating)"
+                )
     finally:
-        client.closeIdle()
-        await daemon.stop()
+        for daemon, client, _ in daemons:
+            client.closeIdle()
+            await daemon.stop()
+        for state in list(states.values())[1:]:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def reportDaemon(
+    mode: str, where: str, keep: bool, results: list[dict[str, float]]
+) -> None:
+    print(
+        f"through a running daemon, mutual TLS on loopback, target-{mode}"
+        f"{', connection kept' if keep else ''}{', ' + where if where else ''}: "
+        f"{len(results)} rounds, milliseconds (median / min / max)"
+    )
+    for key in (*DAEMON_PHASES, "paused", "total"):
+        values = [r[key] for r in results]
+        print(
+            f"  {key:>10}: {statistics.median(values):8.2f} / "
+            f"{min(values):8.2f} / {max(values):8.2f}"
+        )
+    median = statistics.median(r["total"] for r in results)
+    verdict = "met" if median < GOAL_MS else "MISSED"
+    print(f"  goal: Prepare to Commit under {GOAL_MS} ms (median): {verdict}")
 
 
 if __name__ == "__main__":
