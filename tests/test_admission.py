@@ -103,8 +103,10 @@ class Threads:
     def __init__(self) -> None:
         self.holding = False
         self.queued: list[tuple[Deferred[Any], Callable[[], Any]]] = []
+        self.names: list[str] = []  # of every function called, in order
 
     def __call__(self, function: Any, *args: Any, **kw: Any) -> Deferred[Any]:
+        self.names.append(function.__name__)
         if not self.holding:
             return maybeDeferred(function, *args, **kw)
         d: Deferred[Any] = Deferred()
@@ -223,6 +225,31 @@ def test_fakesProvideInterfaces() -> None:
     assert verifyObject(IDeviceKind, kind)
     description = DeviceDescription("memory", "dev", 1)
     assert verifyObject(ITargetDevice, kind.target(description, None))
+
+
+def test_aStagelessDeviceGetsNoStagingDirectory(host: Host) -> None:
+    """
+    A device that provides IStagelessDevice is accepted without a staging
+    directory, and a session of such devices ends without a thread call to
+    remove one; a device beside it that stages gets its own, as before.
+    """
+    host.prepare("m1", "vm1", stageless=True)
+    host.kind.allowAll()
+    assert host.staged() == [] and "_makePrivateDir" not in host.threads.names
+    host.transfer("m1")
+    assert host.commit("m1") == ["memory:dev"]
+    assert "_removeAll" not in host.threads.names
+
+    devices = [
+        {"kind": "memory", "name": name, "size": 1, "precopy": False, "params": p}
+        for name, p in (("a", {"stageless": True}), ("b", {}))
+    ]
+    host.target.prepare(PEER, "m2", "vm2", 1, devices)
+    host.kind.allowAll()
+    assert [p.name for p in (host.state / "staging" / "m2").iterdir()] == ["b"]
+    resultOf(maybeDeferred(host.target.abort, PEER, "m2", "done"))
+    assert host.staged() == [] and host.threads.names.count("_removeAll") == 1
+    host.settled()
 
 
 # -- one migration per domain and per id -----------------------------------------------

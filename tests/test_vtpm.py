@@ -55,6 +55,7 @@ from xenmig.interfaces import (
     IRecordWriter,
     ISourceContext,
     ISourceDevice,
+    IStagelessDevice,
     ITargetContext,
     ITargetDevice,
 )
@@ -387,7 +388,10 @@ async def test_migrateIntoTargetSwtpm(host, contexts):
     expected = await populate(source, host.work)
     target = await host.swtpm("dst", running=False)
     spec = f"vtpm:tpm0:ctrl={source.ctrlPath},target-ctrl={target.ctrlPath}"
-    _, _, installed = await migrate(spec, contexts)
+    staging = contexts[1].stagingDir
+    staging.remove()  # stageless: the framework makes it no staging directory
+    _, device, installed = await migrate(spec, contexts)
+    assert IStagelessDevice.providedBy(device) and not staging.exists()
     assert installed == [f"vtpm tpm0 resumed in swtpm at {target.ctrlPath}"]
     await assertResumed(target, host.work, expected)
     await source.whenEnded()  # release() shut the source swtpm down
@@ -402,6 +406,7 @@ async def test_migrateIntoStateDir(host, contexts):
     destination = os.path.join(host.work, "vm1-tpm")
     spec = f"vtpm:tpm0:ctrl={source.ctrlPath},target-statedir={destination}"
     src, target, records, end = await send(spec, contexts)
+    assert not IStagelessDevice.providedBy(target)  # it stages the new directory
     await deliver(target, records, end)
     assert not os.path.exists(destination)  # it appears only at commit
     assert await target.commit() == [destination]

@@ -85,7 +85,6 @@ class ISourceDevice(Interface):
     def accepted(params):
         """
         Learn that the target accepted the device, with the target's parameters.
-
         @param params: the dict the target handler's C{accept} fired with.
         @return: None.
         """
@@ -118,9 +117,8 @@ class ISourceDevice(Interface):
     def release():
         """
         Let go of the source component after the target committed (stop the swtpm,
-        hand the VM back to the toolstack for destruction).
-
-        @return: a Deferred firing with None.
+        hand the VM back to the toolstack for destruction).  @return: a Deferred
+        firing with None.
         """
 
 
@@ -166,7 +164,6 @@ class ITargetDevice(Interface):
     def commit():
         """
         Install the staged state: atomic rename, load into the component.
-
         @return: a Deferred firing with a list of str naming what was installed.
         """
 
@@ -207,6 +204,16 @@ class IInstallingDevice(Interface):
     )
 
 
+class IStagelessDevice(Interface):
+    """
+    A target device that stages nothing (optional, beside L{ITargetDevice}): it
+    puts the state straight into a running component.  The framework then makes
+    no C{stagingDir} for it, which saves its Prepare a thread hand-off and two
+    directories.  Provided by an instance (C{zope.interface.alsoProvides}) where
+    it depends on the device's parameters.
+    """
+
+
 class ISourceContext(Interface):
     """What the framework gives a source device."""
 
@@ -234,8 +241,8 @@ class ITargetContext(Interface):
     domain = Attribute("str: the VM's name.")
     peer = Attribute("str: the identity of the source host (from its certificate).")
     stagingDir = Attribute(
-        "FilePath: a directory private to this device for staged state; removed by "
-        "the framework after commit or abort."
+        "FilePath: a directory private to this device for staged state, made before "
+        "C{accept} (unless L{IStagelessDevice}); removed after commit or abort."
     )
     installAs = Attribute("xenmig.fs.InstallAs: the daemon's owner and mode of images.")
 
@@ -295,17 +302,13 @@ class IDomainControl(Interface):
     def resume():
         """
         Let the VM's virtual CPUs run again (on the source after an abort, on the
-        target after the commit).
-
-        @return: a Deferred firing with None once the VM runs.
+        target after the commit).  @return: a Deferred firing with None once it runs.
         """
 
     def release():
         """
         Let go of the VM after a commit elsewhere: destroy it, or end its QEMU.
-        A VM that is already gone counts as released.
-
-        @return: a Deferred firing with None.
+        A VM that is already gone counts as released.  @return: a Deferred (None).
         """
 
 
@@ -343,9 +346,7 @@ class IDirtyBlocks(Interface):
     def stop():
         """
         Stop recording and leave nothing behind in the hypervisor.  Never fails;
-        idempotent.
-
-        @return: a Deferred firing with None.
+        idempotent.  @return: a Deferred firing with None.
         """
 
 

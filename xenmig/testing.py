@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from xenmig.destinations import resolveDestination
 from xenmig.fs import InstallAs
@@ -28,6 +28,7 @@ from xenmig.interfaces import (
     IRecordWriter,
     ISourceContext,
     ISourceDevice,
+    IStagelessDevice,
     ITargetContext,
     ITargetDevice,
 )
@@ -317,6 +318,8 @@ class MemoryTarget:
         self.committed = False
         self.aborted = False
         self.refuse: str | None = description.params.get("refuse")
+        if description.params.get("stageless"):
+            alsoProvides(self, IStagelessDevice)
 
     def accept(self) -> Deferred[dict[str, Any]]:
         if self.refuse:

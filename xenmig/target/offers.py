@@ -10,7 +10,7 @@ from twisted.logger import Logger
 
 from xenmig.amp_commands import ACCEPTED_PROTOCOL_VERSIONS, PROTOCOL_VERSION
 from xenmig.errors import BadSpec, JournalUnavailable, VersionMismatch, XenmigError
-from xenmig.interfaces import IDeviceKind, ITargetDevice
+from xenmig.interfaces import IDeviceKind, IStagelessDevice, ITargetDevice
 from xenmig.model import DeviceDescription, DeviceOffer
 from xenmig.target.context import TargetContext
 
@@ -52,7 +52,8 @@ async def offerDevices(
 ) -> list[DeviceOffer]:
     """
     Offer each device to its kind's target handler, in its own staging
-    directory (``makeDir``); each handler that accepts is appended to
+    directory (``makeDir``, unless it is an L{IStagelessDevice}); each
+    handler that accepts is appended to
     ``accepted`` as soon as it does, so that a caller can abort it whatever
     happens next.  The offers, one per device, in order.
 
@@ -79,18 +80,12 @@ async def _offer(
 ) -> DeviceOffer:
     name = description.name
     try:
-        await makeDir(context)
-    except OSError as e:
-        raise JournalUnavailable(
-            f"migration {context.migrationId}: the target could not make the "
-            f"staging directory of device {name} ({e}); nothing was kept: check "
-            f"its state directory (space, permissions) and prepare again"
-        ) from e
-    try:
         device = kind.target(description, context)
+        if not IStagelessDevice.providedBy(device):
+            await _makeStagingDir(makeDir, context, name)
         params = await device.accept()
-    except CancelledError:
-        raise  # the Prepare was cancelled: not this handler's failure
+    except (CancelledError, JournalUnavailable):
+        raise  # the Prepare was cancelled, or the state directory failed
     except XenmigError as e:
         reason = str(e) if f"device {name}" in str(e) else f"device {name}: {e}"
         return DeviceOffer(name, False, reason)
@@ -104,6 +99,22 @@ async def _offer(
         return DeviceOffer(name, False, reason)
     accepted.append(device)
     return DeviceOffer(name, True, "", params or {})
+
+
+async def _makeStagingDir(
+    makeDir: Callable[[TargetContext], Deferred[None]],
+    context: TargetContext,
+    name: str,
+) -> None:
+    """@raise JournalUnavailable: if the device's staging directory cannot be made."""
+    try:
+        await makeDir(context)
+    except OSError as e:
+        raise JournalUnavailable(
+            f"migration {context.migrationId}: the target could not make the "
+            f"staging directory of device {name} ({e}); nothing was kept: check "
+            f"its state directory (space, permissions) and prepare again"
+        ) from e
 
 
 async def abortAccepted(migrationId: str, accepted: Sequence[ITargetDevice]) -> None:

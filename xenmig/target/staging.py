@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.filepath import FilePath
 
 from xenmig.fs import removeTree
@@ -26,6 +26,7 @@ class StagingArea:
         self.root = root
         self.runInThread = runInThread
         self._contexts: dict[str, list[TargetContext]] = {}
+        self._made: set[str] = set()  # migrations with a directory made
 
     def create(self) -> None:
         """Blocking, at start-up: make the staging root, owner-only."""
@@ -43,6 +44,7 @@ class StagingArea:
 
     def makeDeviceDir(self, context: TargetContext) -> Deferred[None]:
         """Make the private staging directory of one device (it must not exist)."""
+        self._made.add(context.migrationId)
         return self.runInThread(
             _makePrivateDir, self.root.path, context.stagingDir.path
         )
@@ -53,10 +55,17 @@ class StagingArea:
         return [self.root.child(migrationId).path] + _external(contexts)
 
     def remove(self, migrationId: str) -> Deferred[None]:
-        """Remove all staging of ``migrationId``, and forget its contexts."""
-        paths = self.paths(migrationId)
-        self._contexts.pop(migrationId, None)
-        return self.runInThread(_removeAll, paths)
+        """
+        Remove all staging of ``migrationId``, and forget its contexts; at
+        once if it made none (its devices stage nothing).
+        """
+        external = _external(self._contexts.pop(migrationId, []))
+        if migrationId not in self._made and not external:
+            return succeed(None)
+        self._made.discard(migrationId)
+        return self.runInThread(
+            _removeAll, [self.root.child(migrationId).path, *external]
+        )
 
 
 def _makePrivateDir(root: str, path: str) -> None:

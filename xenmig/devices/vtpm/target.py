@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from xenmig.clients.swtpm import (
     BLOB_NAMES,
@@ -51,6 +51,7 @@ from xenmig.errors import (
 from xenmig.fs import fsyncDirectory
 from xenmig.interfaces import (
     IInstallingDevice,
+    IStagelessDevice,
     ITargetContext,
     ITargetDevice,
 )
@@ -94,6 +95,7 @@ class VTPMTarget:
         if params.targetCtrl:
             socket = context.resolveDestination(params.targetCtrl).path
             self.control = SwtpmControl(context.reactor, socket, params.targetTimeout)
+            alsoProvides(self, IStagelessDevice)  # the blobs go into that swtpm
         else:
             self.destination = context.resolveDestination(params.targetStatedir)
             mode, form = params.targetKeyMode, params.targetKeyFormat
