@@ -55,6 +55,7 @@ from xenmig.devices.file import fileKind
 from xenmig.devices.staging import StagedFile
 from xenmig.digest import hashBytes
 from xenmig.errors import CommitFailed, InternalError, XenmigError
+from xenmig.interfaces import IStagelessDevice
 from xenmig.records import encodeData, encodeEnd, encodeStreamHeader
 from xenmig.streamreceiver import StreamReceiver
 from xenmig.target.config import TargetConfig, Timeouts
@@ -196,6 +197,7 @@ class Device:
     name: str
     data: bytes
     refuse: bool = False
+    stageless: bool = False  # a memory device that stages nothing
 
     def description(self, migrationId: str) -> dict[str, Any]:
         params: dict[str, Any] = {}
@@ -203,6 +205,8 @@ class Device:
             params["target"] = destinationName(migrationId, self.name)
         if self.refuse:
             params["refuse"] = "this host will not take it"
+        if self.stageless:
+            params["stageless"] = True
         return {
             "kind": self.kind,
             "name": self.name,
@@ -236,8 +240,11 @@ class Told:
 
 @st.composite
 def deviceLists(draw: st.DrawFn) -> list[tuple[str, int]]:
-    """One or two devices: (kind, size); ``refusing`` is a memory device refused."""
-    kinds = st.sampled_from(["memory", "file", "memory", "file", "refusing"])
+    """
+    One or two devices: (kind, size); ``refusing`` is a memory device refused,
+    ``stageless`` one that stages nothing (no staging directory).
+    """
+    kinds = st.sampled_from(["memory", "file", "stageless", "file", "refusing"])
     return draw(
         st.lists(st.tuples(kinds, st.integers(1, 3000)), min_size=1, max_size=2)
     )
@@ -248,8 +255,11 @@ def makeDevices(migrationId: str, drawn: list[tuple[str, int]]) -> list[Device]:
     for n, (kind, size) in enumerate(drawn):
         name = f"d{n}"
         data = (f"{migrationId}/{name};".encode() * size)[:size]
-        refuse = kind == "refusing"
-        devices.append(Device("memory" if refuse else kind, name, data, refuse))
+        refuse, stageless = kind == "refusing", kind == "stageless"
+        memory = refuse or stageless
+        devices.append(
+            Device("memory" if memory else kind, name, data, refuse, stageless)
+        )
     return devices
 
 
@@ -1079,14 +1089,14 @@ class TargetMachine(RuleBasedStateMachine):
     def runningMigrationsKeepTheirStaging(self) -> None:
         staging = self.world.stateDir / "staging"
         for mid, session in self.target.sessions.items():
-            if (
-                session.phase.value not in FINAL
-                and session.phase is not Phase.COMMITTING
-            ):
+            if session.phase.value in FINAL or session.phase is Phase.COMMITTING:
+                continue
+            for name, slot in session.devices.items():  # each that stages
                 check(
-                    (staging / mid).is_dir(),
+                    IStagelessDevice.providedBy(slot.device)
+                    or (staging / mid / name).is_dir(),
                     StagingLost,
-                    f"{mid} is {session.phase.value} and its staging is gone",
+                    f"{mid} is {session.phase.value} and the staging of {name} is gone",
                 )
 
     @precondition(lambda self: self.quiet)
