@@ -8,6 +8,7 @@ import tempfile
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -347,7 +348,7 @@ class DevmodelSource:
         if info.get("status") in ACTIVE:
             await client.execute("migrate_cancel")
             while (await client.execute("query-migrate")).get("status") in ACTIVE:
-                await _sleep(self.context.reactor, 0.05)
+                await deferLater(self.context.reactor, 0.05)
         if self.live is not None:
             self.live.reader.abort()
             await self.live.restore(client)
@@ -361,7 +362,7 @@ class DevmodelSource:
         # A migration that completed meanwhile leaves its run state a moment
         # later (finish-migrate, then postmigrate): QEMU refuses cont till then.
         while await client.queryStatus() == "finish-migrate":
-            await _sleep(self.context.reactor, 0.01)
+            await deferLater(self.context.reactor, 0.01)
         if self.stoppedHere:
             await client.cont()  # the device model runs as before (libxl does too)
             self.stoppedHere = False
@@ -418,9 +419,3 @@ async def whenFired(d: Deferred[Any], cancel: bool = False) -> None:
     if cancel:
         d.cancel()
     await waiter
-
-
-async def _sleep(reactor: Any, seconds: float) -> None:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    await d
