@@ -256,12 +256,13 @@ async def benchDaemon(
         await startDaemon(reactor, work, state, f"hostb{index}")
         for index, state in enumerate(states.values())
     ]
+    for _, client, _ in daemons:
+        client.idle.seconds = 30.0 if keep else 0.0
     try:
         for mode in ("ctrl", "statedir"):
             results: list[list[dict[str, float]]] = [[] for _ in daemons]
             for n in range(-1, rounds):  # a warm-up first
                 for index, (_, client, root) in enumerate(daemons):
-                    client.idle.seconds = 30.0 if keep else 0.0
                     name = n * len(daemons) + index
                     result = await daemonRound(reactor, client, work, root, mode, name)
                     if n >= 0:

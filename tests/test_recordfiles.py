@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_journal import onDisk
 from twisted.internet import task
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.filepath import FilePath
@@ -22,7 +23,6 @@ from xenmig.target.recordfiles import (
     RecordFiles,
     decode,
     encode,
-    readRecords,
 )
 from xenmig.testing import SteppedThreads
 
@@ -31,13 +31,6 @@ def record(mid: str, phase: str, padding: int = 0) -> bytes:
     return json.dumps(
         {"migration_id": mid, "phase": phase, "x": "." * padding}
     ).encode()
-
-
-def phases(directory: Path) -> dict[str, str]:
-    return {
-        mid: json.loads(data)["phase"]
-        for mid, data in readRecords(str(directory)).items()
-    }
 
 
 def regions(path: Path) -> list[int | None]:
@@ -100,7 +93,7 @@ def test_aRecordIsRewrittenInPlaceWithOneDataSync(
     for seq, phase in enumerate(("COMMITTING", "COMMITTED"), start=1):
         assert files.write("m1", record("m1", phase)) is False
         assert syncs.take() == ["fdatasync"]
-        assert phases(tmp_path) == {"m1": phase} and seq in regions(path)
+        assert onDisk(tmp_path) == {"m1": phase} and seq in regions(path)
     assert (path.stat().st_ino, path.stat().st_size) == (inode, size)
     assert regions(path) == [2, 1]  # the regions take turns
     assert path.read_bytes().startswith(b"xenmig-journal m1 2 ")  # cat shows it
@@ -119,11 +112,11 @@ def test_aTornWriteLeavesTheRecordBefore(files: RecordFiles, tmp_path: Path) -> 
     torn = encode("m1", 2, record("m1", "COMMITTED"))
     with open(path, "r+b") as f:  # half of seq 2, into region 0 where it goes
         f.write(torn[: len(torn) // 2])
-    assert phases(tmp_path) == {"m1": "COMMITTING"}
+    assert onDisk(tmp_path) == {"m1": "COMMITTING"}
     data = bytearray(path.read_bytes())
     data[REGION + 60] ^= 0x01  # a bit of seq 1's record
     path.write_bytes(bytes(data))
-    assert phases(tmp_path) == {}  # neither region is valid now
+    assert onDisk(tmp_path) == {}  # neither region is valid now
     data[REGION + 60] ^= 0x01
     path.write_bytes(bytes(data))
 
@@ -132,7 +125,7 @@ def test_aTornWriteLeavesTheRecordBefore(files: RecordFiles, tmp_path: Path) -> 
     assert [mid for mid, _ in records] == ["m1"] and unreadable == []
     assert json.loads(records[0][1])["phase"] == "COMMITTING"
     assert restarted.write("m1", record("m1", "ABORTED")) is False
-    assert phases(tmp_path) == {"m1": "ABORTED"} and regions(path) == [2, 1]
+    assert onDisk(tmp_path) == {"m1": "ABORTED"} and regions(path) == [2, 1]
 
 
 def test_aRecordStillUnderItsSparesNameIsFound(
@@ -156,7 +149,7 @@ def test_aRecordStillUnderItsSparesNameIsFound(
     restarted.makeSpares()
     assert restarted.spares == SPARES
     assert restarted.write("m1", record("m1", "ABORTED")) is False
-    assert phases(tmp_path) == {"m1": "ABORTED"}
+    assert onDisk(tmp_path) == {"m1": "ABORTED"}
 
 
 def test_withoutASpareANewFileHasRoomForTheRecordToDouble(
@@ -179,7 +172,7 @@ def test_withoutASpareANewFileHasRoomForTheRecordToDouble(
     assert size >= 4 * len(large) and size % REGION == 0
     assert files.write("big", record("big", "COMMITTING", padding=3 * REGION)) is False
     assert files.write("big", record("big", "COMMITTED", padding=9 * REGION)) is True
-    assert phases(tmp_path) == {"big": "COMMITTED", "m1": "PREPARED"}
+    assert onDisk(tmp_path) == {"big": "COMMITTED", "m1": "PREPARED"}
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -198,7 +191,7 @@ def test_startUpReadsOldFilesAndRemovesWhatItCannotRead(tmp_path: Path) -> None:
     assert unreadable == [str(tmp_path / "bad.journal"), str(tmp_path / "bad.json")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.journal"]
     assert files.write("old", record("old", "ABORTED")) is False
-    assert phases(tmp_path) == {"old": "ABORTED"}
+    assert onDisk(tmp_path) == {"old": "ABORTED"}
 
 
 def test_sparesAreTakenOnceWhileMadeInAnotherThread(tmp_path: Path) -> None:
@@ -220,7 +213,7 @@ def test_sparesAreTakenOnceWhileMadeInAnotherThread(tmp_path: Path) -> None:
     finally:
         stop.set()
         maker.join()
-    assert phases(tmp_path) == {f"m{n}": "COMMITTED" for n in range(60)}
+    assert onDisk(tmp_path) == {f"m{n}": "COMMITTED" for n in range(60)}
     inodes = {(tmp_path / f"m{n}.journal").stat().st_ino for n in range(60)}
     assert len(inodes) == 60
 
@@ -268,4 +261,4 @@ def test_theJournalMakesSparesAgainOnceHalfAreGone(
     clock.advance(SPARES_RETRY)
     prepare("retried")
     assert threads.names == ["full"]
-    assert len(phases(tmp_path)) == SPARES + 2
+    assert len(onDisk(tmp_path)) == SPARES + 2

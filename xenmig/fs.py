@@ -107,8 +107,12 @@ def fsyncDirectory(path: str) -> None:
         os.close(fd)
 
 
-def writeAtomically(path: FilePath, data: bytes) -> None:
-    """Blocking: replace ``path`` with ``data`` durably (write, fsync, rename)."""
+def writeAtomically(path: FilePath, data: bytes, syncDirectory: bool = True) -> None:
+    """
+    Blocking: replace ``path`` with ``data`` durably (write, fsync, rename,
+    fsync the directory).  ``syncDirectory=False`` leaves that last fsync to
+    a caller that makes several files in the directory and fsyncs it once.
+    """
     temporary = path.siblingExtension(".tmp")
     fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -121,12 +125,14 @@ def writeAtomically(path: FilePath, data: bytes) -> None:
             os.close(fd)
         os.replace(temporary.path, path.path)
     except OSError:
-        _unlinkQuietly(temporary.path)  # a full disk keeps no half-written file
+        unlinkQuietly(temporary.path)  # a full disk keeps no half-written file
         raise
-    fsyncDirectory(path.dirname())
+    if syncDirectory:
+        fsyncDirectory(path.dirname())
 
 
-def _unlinkQuietly(path: str) -> None:
+def unlinkQuietly(path: str) -> None:
+    """Blocking: remove the file ``path`` if it can be, and say nothing if not."""
     try:
         os.unlink(path)
     except OSError:

@@ -174,12 +174,7 @@ class Journal:
             self._replenishing = False
             if isinstance(result, Failure):
                 self._sparesRetryAt = self._clock.seconds() + SPARES_RETRY
-                log.warn(
-                    "the journal cannot make spare files ({error}): until it can, "
-                    "each new session's first record makes its file",
-                    error=getattr(result.value, "strerror", None)
-                    or result.getErrorMessage(),
-                )
+                _noSpares(result.value)
 
         self._run(self.files.makeSpares).addBoth(done)
 
@@ -274,11 +269,7 @@ class Journal:
         try:
             self.files.makeSpares()
         except OSError as e:
-            log.warn(
-                "the journal cannot make spare files ({error}): until it can, each "
-                "new session's first record makes its file",
-                error=e.strerror or str(e),
-            )
+            _noSpares(e)
         return records
 
     def recoverRecords(
@@ -344,6 +335,14 @@ def _notWritten(failure: Failure, migrationId: str) -> None:
         "migration {migration_id}: a noted record is not journalled yet",
         failure,
         migration_id=migrationId,
+    )
+
+
+def _noSpares(error: object) -> None:
+    log.warn(
+        "the journal cannot make spare files ({error}): until it can, each new "
+        "session's first record makes its file",
+        error=getattr(error, "strerror", None) or str(error),
     )
 
 

@@ -47,7 +47,9 @@ import threading
 import zlib
 from dataclasses import dataclass
 
-from xenmig.fs import fsyncDirectory
+from twisted.python.filepath import FilePath
+
+from xenmig.fs import fsyncDirectory, unlinkQuietly, writeAtomically
 
 #: The size of each of a file's two regions, unless a record needs more.
 REGION = 4096
@@ -221,7 +223,7 @@ class RecordFiles:
             except FileNotFoundError:
                 continue  # removed from under the journal
             except OSError:
-                _unlinkQuietly(spare)  # never used again: it may hold this record
+                unlinkQuietly(spare)  # never used again: it may hold this record
                 raise
             self._files[migrationId] = _File(self.path(migrationId), seq, REGION)
             return False
@@ -237,7 +239,7 @@ class RecordFiles:
     def remove(self, migrationId: str) -> None:
         """Remove the session's file (a record that is no longer kept)."""
         self._files.pop(migrationId, None)
-        _unlinkQuietly(self.path(migrationId))
+        unlinkQuietly(self.path(migrationId))
 
     def _takeSpare(self) -> str | None:
         with self._lock:
@@ -279,7 +281,7 @@ class RecordFiles:
         chosen: dict[str, tuple[str, Entry]] = {}
         for name in sorted(os.listdir(self.directory)):
             if name.endswith(".tmp"):  # an interrupted replace
-                _unlinkQuietly(os.path.join(self.directory, name))
+                unlinkQuietly(os.path.join(self.directory, name))
         for name, entry in _scan(self.directory):
             path = os.path.join(self.directory, name)
             if entry is None:
@@ -288,20 +290,20 @@ class RecordFiles:
                         self._spares.append(path)
                     continue
                 unreadable.append(path)
-                _unlinkQuietly(path)
+                unlinkQuietly(path)
                 continue
             before = chosen.get(entry.migrationId)
             if before is not None and before[1].seq >= entry.seq:
-                _unlinkQuietly(path)  # an older copy (a rename not yet durable)
+                unlinkQuietly(path)  # an older copy (a rename not yet durable)
                 continue
             if before is not None:
-                _unlinkQuietly(os.path.join(self.directory, before[0]))
+                unlinkQuietly(os.path.join(self.directory, before[0]))
             chosen[entry.migrationId] = (name, entry)
         for migrationId, (name, entry) in chosen.items():
             path = os.path.join(self.directory, name)
             if name.endswith(_LEGACY):
                 self.write(migrationId, entry.record)
-                _unlinkQuietly(path)
+                unlinkQuietly(path)
                 continue
             if path != self.path(migrationId):
                 os.replace(path, self.path(migrationId))
@@ -315,9 +317,12 @@ class RecordFiles:
 
 def _writeRegion(path: str, offset: int, entry: bytes, region: int) -> None:
     """Blocking: write ``entry`` padded to ``region`` at ``offset``; fdatasync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_WRONLY)
     try:
-        _writeAll(fd, entry.ljust(region, b"\0"), offset)
+        view = memoryview(entry.ljust(region, b"\0"))
+        while view:  # a short write (a disk filling up) is not the end
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
         os.fdatasync(fd)
     finally:
         os.close(fd)
@@ -326,35 +331,8 @@ def _writeRegion(path: str, offset: int, entry: bytes, region: int) -> None:
 def _replaceFile(path: str, offset: int, entry: bytes, size: int) -> None:
     """
     Blocking: replace ``path`` with a file of ``size`` zeros holding ``entry``
-    at ``offset`` (written, fsynced, renamed); durable once the directory is
-    fsynced.  On an error the temporary file is removed and ``path`` is as it was.
+    at ``offset`` (L{writeAtomically}); durable once the directory is fsynced.
     """
-    temporary = path + ".tmp"
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        fd = os.open(temporary, flags, 0o600)
-        try:
-            data = bytearray(size)
-            data[offset : offset + len(entry)] = entry
-            _writeAll(fd, bytes(data), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except OSError:
-        _unlinkQuietly(temporary)
-        raise
-
-
-def _writeAll(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:  # a short write (a disk filling up) is not the end
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _unlinkQuietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    data = bytearray(size)
+    data[offset : offset + len(entry)] = entry
+    writeAtomically(FilePath(path), bytes(data), syncDirectory=False)
