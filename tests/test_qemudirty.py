@@ -211,6 +211,40 @@ async def test_a_collect_cancelled_mid_batch_leaves_nothing(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stop_during_a_collect_leaves_nothing(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A stop (the migration rolled back) while a collect's swap is in QEMU: the
+    collect ends with the next interval's bitmap recording and the NBD server
+    taken, and the stop, whose session QEMU serves after it, removes both.
+    """
+    stopping: list[Any] = []
+    real = qemudirty.executeAll
+
+    async def stopMeanwhile(qmp: QMPClient, commands: Any) -> Any:
+        if not stopping and commands[0][0] == "transaction":
+            stopping.append(dirty.stop())  # while QEMU runs the swap
+        return await real(qmp, commands)
+
+    image = rawImage(tmp_path)
+    async with qemuWith(tmp_path, image) as (guest, qmpPath):
+        dirty = QEMUDirtyBitmap(reactor, qmpPath, image)
+        await dirty.start()
+        await write(guest.qmp, MiB, 4096)
+        monkeypatch.setattr(qemudirty, "executeAll", stopMeanwhile)
+        assert await dirty.collect() == [(MiB, MiB + K64)]
+        await stopping[0]
+        assert await bitmapsOf(guest.qmp) == []
+        assert qemudirty._servers == {}
+        # Our NBD server is stopped: another can start.
+        await guest.qmp.execute(
+            "nbd-server-start",
+            {"addr": {"type": "unix", "data": {"path": str(tmp_path / "n.sock")}}},
+        )
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_disks_of_one_qemu_share_its_nbd_server(tmp_path: Any) -> None:
     """A VM's two disks: their bitmaps collect at once through QEMU's one NBD
     server, which runs until the last of them stops."""

@@ -217,26 +217,27 @@ class QEMUDirtyBitmap(BitmapViews):
         if self._stopped:
             return
         self._stopped = True
-        active, self._active = self._active, ""
-        leaving, self._sharing = self._sharing, False
-        if leaving:
-            _servers[self._serverKey].users -= 1
-        if active or leaving:
-            try:
-                await self._session(lambda qmp: self._cleanUp(qmp, active, leaving))
-            except QMPConnectionError as e:
-                # QEMU has exited (as a released source VM's does): nothing of
-                # ours is left in it.
-                log.info("{what}: nothing to clean up: {e}", what=self.description, e=e)
-                if leaving:
-                    self._forgetServer()
-            except Exception as e:
-                log.warn("{what}: could not clean up: {e}", what=self.description, e=e)
-                if leaving:
-                    self._forgetServer()
+        if not self._generation:
+            return  # no bitmap was ever asked of QEMU
+        # What to remove is decided inside the clean-up's own QMP session:
+        # QEMU serves one session at a time, so a start or collect under way
+        # now ends first, and may add a bitmap or take the NBD server.
+        try:
+            await self._session(self._cleanUp)
+        except QMPConnectionError as e:
+            # QEMU has exited (as a released source VM's does): nothing of
+            # ours is left in it.
+            log.info("{what}: nothing to clean up: {e}", what=self.description, e=e)
+            if self._leaveServer():
+                self._forgetServer()
+        except Exception as e:
+            log.warn("{what}: could not clean up: {e}", what=self.description, e=e)
+            if self._leaveServer():
+                self._forgetServer()
 
-    async def _cleanUp(self, qmp: QMPClient, bitmap: str, leaving: bool) -> None:
+    async def _cleanUp(self, qmp: QMPClient) -> None:
         await self._deleteStrayViews(qmp)
+        bitmap, self._active = self._active, ""
         if bitmap:
             await quietly(
                 qmp.execute(
@@ -246,10 +247,17 @@ class QEMUDirtyBitmap(BitmapViews):
         # Checked inside this QMP session, which QEMU runs alone: another
         # bitmap that took the server meanwhile keeps it running.
         shared = _servers.get(self._serverKey)
-        if leaving and shared is not None and shared.users == 0:
+        if self._leaveServer() and shared is not None and shared.users == 0:
             if shared.directory:
                 await quietly(qmp.execute("nbd-server-stop"))
             self._forgetServer()
+
+    def _leaveServer(self) -> bool:
+        """Stop counting as a user of the shared NBD server; whether this was one."""
+        leaving, self._sharing = self._sharing, False
+        if leaving:
+            _servers[self._serverKey].users -= 1
+        return leaving
 
     def _forgetServer(self) -> None:
         """Drop the shared server's record once nobody uses it."""
